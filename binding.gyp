@@ -1,0 +1,21 @@
+{
+  "targets": [
+    {
+      "target_name": "mqtap",
+      "sources": [
+        "native/addon.cc",
+        "native/errors.cc",
+        "native/tun.cc",
+        "native/link.cc",
+        "native/rtnl.cc",
+        "native/sys.cc"
+      ],
+      "include_dirs": ["<!(node -p \"require('node-addon-api').include_dir\")"],
+      "defines": ["NAPI_VERSION=8", "NAPI_CPP_EXCEPTIONS", "_GNU_SOURCE"],
+      "cflags!": ["-fno-exceptions"],
+      "cflags_cc!": ["-fno-exceptions", "-std=gnu++17"],
+      "cflags": ["-Wall", "-Wextra", "-Werror", "-fvisibility=hidden"],
+      "cflags_cc": ["-std=c++17", "-fexceptions", "-Wall", "-Wextra", "-Werror", "-fvisibility=hidden", "-fvisibility-inlines-hidden"]
+    }
+  ]
+}

@@ -1,0 +1,208 @@
+/**
+ * One error class for everything mqtap throws.
+ *
+ * The native addon constructs MqtapError itself (the class is registered with
+ * it at load time, as better-sqlite3 does), passing the raw errno, the libc
+ * call and the step (`op`, e.g. 'TUNSETQUEUE').  This module turns that into
+ * Node's usual `code` ('EBUSY'), a readable message and a `hint` a person can
+ * act on.  The library adds context (device name, queue index) on the way out.
+ */
+import { getSystemErrorMap } from 'node:util';
+
+/** What the addon passes when a syscall fails. */
+export interface NativeErrorProps {
+  op: string;
+  syscall: string;
+  errno: number;
+  detail?: string;
+}
+
+/** Everything an MqtapError may carry. */
+export interface MqtapErrorInit {
+  /** The step that failed, e.g. 'TUNSETIFF', 'TUNSETQUEUE', 'VALIDATE'. */
+  op: string;
+  /** Node-style code: an errno name ('EBUSY') or an ERR_* code for checks done in JS. */
+  code?: string;
+  /** Positive errno, when a syscall failed. */
+  errno?: number;
+  /** The libc call that failed ('ioctl', 'open', 'netlink'). */
+  syscall?: string;
+  message?: string;
+  hint?: string;
+  /** Extra text from the failing call: a path, a name, the kernel's extack message. */
+  detail?: string;
+  ifname?: string;
+  queue?: number;
+  cause?: unknown;
+}
+
+/** Codes used for failures detected in JavaScript, before or instead of a syscall. */
+export const ErrorCodes = {
+  /** A bad argument (name, count, MAC, ...).  Nothing was changed. */
+  INVALID_ARG: 'ERR_INVALID_ARG',
+  /** The object (tap, queue) is closed. */
+  CLOSED: 'ERR_CLOSED',
+  /** The kernel lacks a feature the caller asked for. */
+  UNSUPPORTED: 'ERR_UNSUPPORTED',
+  /** A multi-step change failed and could not be fully undone; see `state`. */
+  PARTIAL: 'ERR_PARTIAL_STATE',
+} as const;
+
+const systemErrors: Map<number, [string, string]> = getSystemErrorMap();
+
+/** errno number -> ['EBUSY', 'resource busy or locked'] (libuv's wording). */
+export function errnoName(errno: number): string {
+  return systemErrors.get(-errno)?.[0] ?? `errno ${errno}`;
+}
+
+function errnoText(errno: number): string {
+  return systemErrors.get(-errno)?.[1] ?? 'unknown error';
+}
+
+type HintFn = (e: MqtapError) => string | undefined;
+
+const PRIV = 'run as root or give the process CAP_NET_ADMIN (e.g. `sudo`, or `setcap cap_net_admin+ep` on the binary)';
+
+/** Hints keyed by 'OP:CODE', then by 'CODE'.  Library code may override with context. */
+const HINTS: Record<string, HintFn> = {
+  'TUN_OPEN:ENOENT': () =>
+    '/dev/net/tun does not exist: load the tun driver (`modprobe tun`); in a container, pass the device in (e.g. `--device /dev/net/tun`)',
+  'TUN_OPEN:ENODEV': () => 'the tun driver is not available in this kernel: load it with `modprobe tun`',
+  'TUN_OPEN:ENXIO': () => 'the tun driver is not available in this kernel: load it with `modprobe tun`',
+  'TUN_OPEN:EACCES': () => `no permission to open /dev/net/tun: ${PRIV}, and check the device node's mode (ls -l /dev/net/tun)`,
+  'TUN_OPEN:EPERM': () => `no permission to open /dev/net/tun: ${PRIV}`,
+  'TUN_OPEN:EMFILE': () => 'this process is out of file descriptors: raise the limit (`ulimit -n`) or open fewer queues',
+  'TUN_OPEN:ENFILE': () => 'the system is out of file descriptors (fs.file-max)',
+  'TUNSETIFF:EPERM': () =>
+    `creating a tap needs CAP_NET_ADMIN; attaching to an existing tap needs CAP_NET_ADMIN or being its owner/group: ${PRIV}, or create the tap with \`mqtap create NAME --owner USER\``,
+  'TUNSETIFF:E2BIG': () => 'a tap has at most 256 queues (enabled + disabled): close queues or use fewer',
+  'TUNSETIFF:EBUSY': () => 'the name is taken by a device that cannot take another queue: pick another name or delete that device',
+  'TUNSETIFF:EINVAL': () =>
+    'the name is taken by a device that is not a multi-queue tap: pick another name, or delete it (`mqtap delete NAME` / `ip link del NAME`) and create it with `mqtap create NAME --queues N`',
+  'TUNSETIFF:ENFILE': () => 'the name template has no free number left: delete unused devices or choose another template',
+  'TUNSETQUEUE:EINVAL': () => 'the queue is already in that state, or the tap is not multi-queue',
+  'TUNSETQUEUE:EPERM': () => `enabling a queue needs CAP_NET_ADMIN or being the tap's owner/group: ${PRIV}`,
+  'TUNSETQUEUE:E2BIG': () => 'the tap already has 256 queues enabled',
+  'TUNSETPERSIST:EPERM': () => `changing persistence needs CAP_NET_ADMIN: ${PRIV}`,
+  'TUNSETOWNER:EPERM': () => `changing the owner needs CAP_NET_ADMIN: ${PRIV}`,
+  'TUNSETGROUP:EPERM': () => `changing the group needs CAP_NET_ADMIN: ${PRIV}`,
+  'TUNSETVNETHDRSZ:EINVAL': () => 'the virtio-net header size must be at least 10 (10 or 12 are the useful values)',
+  'TUNSETOFFLOAD:EINVAL': () => 'this kernel does not accept that offload combination (TSO needs CSUM; USO needs Linux 6.2+)',
+  'SIOCSIFMTU:EINVAL': () => 'the MTU is out of range for a tap (68..65521)',
+  'SIOCSIFHWADDR:EADDRNOTAVAIL': () => 'the MAC must be a unicast address (first octet even) and not all zeros',
+  'SIOCSIFHWADDR:EBUSY': () => 'the MAC of a running device cannot be changed here: bring it down first',
+  'RTM_DELLINK:EOPNOTSUPP': () => 'this device cannot be deleted over rtnetlink',
+  'SETNS:EINVAL': () => 'that file is not a network namespace',
+  'NS_OPEN:ENOENT': () => 'no such network namespace: list them with `ip netns list`',
+  EBADFD: () => 'the fd is not attached to a tap: the device was deleted, or the fd is a fresh /dev/net/tun fd',
+  EBADF: () => 'the fd is not open: the queue was closed (or the number was never an fd)',
+  ENOTTY: () => 'the fd is not a /dev/net/tun fd',
+  EPERM: () => PRIV,
+  EACCES: () => PRIV,
+  ENODEV: (e) => (e.ifname ? `there is no network device named ${e.ifname}: list taps with \`mqtap show\`` : undefined),
+};
+
+interface Fields {
+  op: string;
+  code: string;
+  errno: number | undefined;
+  syscall: string | undefined;
+  detail: string | undefined;
+  ifname: string | undefined;
+  queue: number | undefined;
+}
+
+function describe(f: Fields): string {
+  const where = [f.ifname, f.queue !== undefined ? `queue ${f.queue}` : undefined].filter(Boolean).join(' ');
+  const detail = f.detail && f.detail !== f.ifname ? ` ${f.detail}` : '';
+  const what =
+    f.errno !== undefined ? `${f.op}${detail} failed: ${f.code} (${errnoText(f.errno)})` : `${f.op}${detail} failed: ${f.code}`;
+  return where ? `${where}: ${what}` : what;
+}
+
+export class MqtapError extends Error {
+  override name = 'MqtapError';
+  code: string;
+  errno: number | undefined;
+  syscall: string | undefined;
+  op: string;
+  hint: string | undefined;
+  detail: string | undefined;
+  ifname: string | undefined;
+  queue: number | undefined;
+
+  constructor(init: MqtapErrorInit | NativeErrorProps) {
+    const i = init as MqtapErrorInit;
+    const f: Fields = {
+      op: i.op,
+      code: i.code ?? (i.errno !== undefined ? errnoName(i.errno) : 'ERR_MQTAP'),
+      errno: i.errno,
+      syscall: i.syscall,
+      detail: i.detail,
+      ifname: i.ifname,
+      queue: i.queue,
+    };
+    super(i.message ?? describe(f), i.cause !== undefined ? { cause: i.cause } : undefined);
+    this.op = f.op;
+    this.code = f.code;
+    this.errno = f.errno;
+    this.syscall = f.syscall;
+    this.detail = f.detail;
+    this.ifname = f.ifname;
+    this.queue = f.queue;
+    this.hint = i.hint ?? defaultHint(this);
+  }
+
+  /** True for errors caused by the caller's input, found before any change was made. */
+  get isUsageError(): boolean {
+    return this.code === ErrorCodes.INVALID_ARG;
+  }
+
+  /** Replaces the message (and the first line of the stack with it). */
+  setMessage(message: string): void {
+    if (this.stack?.startsWith(`${this.name}: ${this.message}`)) {
+      this.stack = `${this.name}: ${message}${this.stack.slice(this.name.length + 2 + this.message.length)}`;
+    }
+    this.message = message;
+  }
+
+  /** Plain data for logs and `--json` output. */
+  toJSON(): Record<string, unknown> {
+    return {
+      name: this.name,
+      message: this.message,
+      code: this.code,
+      errno: this.errno,
+      syscall: this.syscall,
+      op: this.op,
+      hint: this.hint,
+      ifname: this.ifname,
+      queue: this.queue,
+    };
+  }
+}
+
+function defaultHint(e: MqtapError): string | undefined {
+  return (HINTS[`${e.op}:${e.code}`] ?? HINTS[e.code])?.(e);
+}
+
+/**
+ * Adds context to an error thrown by a lower layer and returns it (so callers
+ * can `throw withContext(err, {...})`).  Non-mqtap errors pass through.
+ */
+export function withContext<T>(err: T, ctx: { ifname?: string; queue?: number; hint?: string }): T {
+  if (err instanceof MqtapError) {
+    const rebuild = err.message === describe(err);
+    if (ctx.ifname !== undefined && err.ifname === undefined) err.ifname = ctx.ifname;
+    if (ctx.queue !== undefined && err.queue === undefined) err.queue = ctx.queue;
+    if (ctx.hint !== undefined) err.hint = ctx.hint;
+    else if (err.hint === undefined) err.hint = defaultHint(err);
+    if (rebuild) err.setMessage(describe(err));
+  }
+  return err;
+}
+
+/** A validation failure: thrown before any syscall, so nothing needs undoing. */
+export function invalidArg(message: string, hint?: string): MqtapError {
+  return new MqtapError({ op: 'VALIDATE', code: ErrorCodes.INVALID_ARG, message, ...(hint !== undefined ? { hint } : {}) });
+}

@@ -1,0 +1,26 @@
+/**
+ * mqtap: Linux multi-queue tap (and vhost-net) backend for Node.js.
+ *
+ * @example
+ *   import { openTap } from 'mqtap';
+ *   using tap = openTap({ name: 'mqt%d', queues: 4 });
+ *   tap.setActiveQueues(2);
+ */
+export { MqtapError, ErrorCodes, errnoName, type MqtapErrorInit } from './errors';
+export { openTap, deleteTap, offloadFlags, Tap, TapQueue, type OpenTapOptions, type Offloads, type QueueState, type QueueStates, type ExistingPolicy } from './tap';
+export { getLink, getTap, listLinks, listTaps, isTapLink, type LinkInfo, type TapLinkInfo, type TunInfo, type OperState, type LookupOptions } from './links';
+export { probeTun, decodeTunFeatures, type TunFeatures, type TunProbe } from './probe';
+export { withNetns, isolateNetns, netnsPath, type IsolatedNetns } from './netns';
+export { silentLogger, stderrLogger, type Logger } from './log';
+export {
+  MAX_QUEUES,
+  MAX_IFNAME_BYTES,
+  MIN_MTU,
+  MAX_MTU,
+  VNET_HDR_SIZES,
+  validateIfName,
+  parseMac,
+  formatMac,
+  type VnetHdrSize,
+} from './validate';
+export { native as _native, K as constants, type NativeConstants } from './native';

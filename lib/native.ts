@@ -1,0 +1,133 @@
+/**
+ * The typed face of the native addon (native/*.cc).  Nothing outside lib/
+ * imports the addon directly; every function here is one syscall (or one
+ * rtnetlink exchange) with no policy.  See docs/architecture.md.
+ */
+import bindings from 'bindings';
+import { MqtapError, type NativeErrorProps } from './errors';
+
+/** Kernel constants read from the kernel headers when the addon was built. */
+export interface NativeConstants {
+  readonly IFF_TUN: number;
+  readonly IFF_TAP: number;
+  readonly IFF_NAPI: number;
+  readonly IFF_NAPI_FRAGS: number;
+  readonly IFF_NO_CARRIER: number;
+  readonly IFF_NO_PI: number;
+  readonly IFF_ONE_QUEUE: number;
+  readonly IFF_VNET_HDR: number;
+  readonly IFF_TUN_EXCL: number;
+  readonly IFF_MULTI_QUEUE: number;
+  readonly IFF_ATTACH_QUEUE: number;
+  readonly IFF_DETACH_QUEUE: number;
+  readonly IFF_PERSIST: number;
+  readonly IFF_NOFILTER: number;
+  readonly TUN_F_CSUM: number;
+  readonly TUN_F_TSO4: number;
+  readonly TUN_F_TSO6: number;
+  readonly TUN_F_TSO_ECN: number;
+  readonly TUN_F_UFO: number;
+  /** Absent when the headers predate Linux 6.2. */
+  readonly TUN_F_USO4?: number;
+  readonly TUN_F_USO6?: number;
+  readonly IFNAMSIZ: number;
+  readonly IFF_UP: number;
+  readonly IFF_RUNNING: number;
+  readonly ARPHRD_ETHER: number;
+  readonly IF_OPER_UNKNOWN: number;
+  readonly IF_OPER_NOTPRESENT: number;
+  readonly IF_OPER_DOWN: number;
+  readonly IF_OPER_LOWERLAYERDOWN: number;
+  readonly IF_OPER_TESTING: number;
+  readonly IF_OPER_DORMANT: number;
+  readonly IF_OPER_UP: number;
+  readonly CLONE_NEWNET: number;
+  readonly FD_CLOEXEC: number;
+  readonly O_NONBLOCK: number;
+}
+
+/** IFLA_TUN_* attributes as the kernel reports them (raw values). */
+export interface RawTunInfo {
+  owner?: number;
+  group?: number;
+  type?: number;
+  pi?: boolean;
+  vnetHdr?: boolean;
+  persist?: boolean;
+  multiQueue?: boolean;
+  numQueues?: number;
+  numDisabledQueues?: number;
+}
+
+/** One RTM_NEWLINK message, decoded. */
+export interface RawLink {
+  index: number;
+  flags: number;
+  type: number;
+  name?: string;
+  mtu?: number;
+  txqlen?: number;
+  operstate?: number;
+  numTxQueues?: number;
+  numRxQueues?: number;
+  address?: string;
+  kind?: string;
+  tun?: RawTunInfo;
+}
+
+export interface NativeBinding {
+  readonly constants: NativeConstants;
+  setErrorClass(ctor: new (props: NativeErrorProps) => Error): void;
+  // /dev/net/tun
+  tunOpen(path?: string): number;
+  tunSetIff(fd: number, name: string, flags: number): string;
+  tunGetIff(fd: number): { name: string; flags: number };
+  tunSetQueue(fd: number, flags: number): void;
+  tunGetFeatures(fd: number): number;
+  tunSetPersist(fd: number, on: boolean): void;
+  tunSetOwner(fd: number, uid: number): void;
+  tunSetGroup(fd: number, gid: number): void;
+  tunSetVnetHdrSz(fd: number, size: number): void;
+  tunGetVnetHdrSz(fd: number): number;
+  tunSetOffload(fd: number, flags: number): void;
+  tunSetCarrier(fd: number, on: boolean): void;
+  // link settings (SIOCxIF*)
+  ifSetMtu(name: string, mtu: number): void;
+  ifSetMac(name: string, mac: Buffer): void;
+  ifGetFlags(name: string): number;
+  ifSetFlags(name: string, flags: number): void;
+  ifNameToIndex(name: string): number;
+  // rtnetlink
+  rtnlGetLinks(name?: string): RawLink[];
+  rtnlDelLink(index: number): void;
+  // process
+  close(fd: number): void;
+  setNonBlocking(fd: number, on: boolean): void;
+  getFdFlags(fd: number): number;
+  getFlFlags(fd: number): number;
+  openNs(path: string): number;
+  setns(fd: number, nstype: number): void;
+  unshare(flags: number): void;
+  gettid(): number;
+}
+
+function load(): NativeBinding {
+  let binding: NativeBinding;
+  try {
+    binding = bindings('mqtap') as NativeBinding;
+  } catch (cause) {
+    throw new MqtapError({
+      op: 'LOAD_ADDON',
+      code: 'EADDON',
+      message: `cannot load the mqtap native addon: ${(cause as Error).message}`,
+      hint: 'build it with `npm install` (or `npm run build:native`); it needs python3, make and a C++ compiler',
+      cause,
+    });
+  }
+  binding.setErrorClass(MqtapError);
+  return binding;
+}
+
+/** The loaded addon.  Loaded once, on first import of lib/. */
+export const native: NativeBinding = load();
+export const K: NativeConstants = native.constants;

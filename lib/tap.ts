@@ -1,0 +1,601 @@
+/**
+ * Multi-queue taps: open N queues of one device, enable/disable them, add
+ * more, and close them, all or nothing.
+ *
+ * Ownership: every fd belongs to exactly one TapQueue from the moment open(2)
+ * returns it.  An operation that fails part-way closes what it opened (and so
+ * removes a device it created) before it throws.  A closed queue keeps its
+ * index, reports fd -1 and is never passed to a syscall again: fd numbers are
+ * reused by the kernel at once.
+ *
+ * Queue indices are the library's and stay stable.  The kernel's own slot
+ * numbers are not: detaching a queue moves the kernel's last queue into the
+ * freed slot, so nothing here relies on kernel slot order.
+ */
+import { ErrorCodes, MqtapError, invalidArg, withContext } from './errors';
+import { getLink, isTapLink, type LinkInfo, type TapLinkInfo } from './links';
+import { silentLogger, type Logger } from './log';
+import { K, native } from './native';
+import { withNetns } from './netns';
+import {
+  MAX_QUEUES,
+  isTemplate,
+  parseMac,
+  rejectUnknownKeys,
+  validateBoolean,
+  validateId,
+  validateIfName,
+  validateInt,
+  validateMtu,
+  validateOneOf,
+  validateQueueCount,
+  validateVnetHdrSize,
+  type VnetHdrSize,
+} from './validate';
+
+export type QueueState = 'enabled' | 'disabled' | 'closed';
+export type ExistingPolicy = 'forbid' | 'allow' | 'require';
+
+/** Offloads the reader of the tap accepts (TUNSETOFFLOAD); need `vnetHdr`. */
+export interface Offloads {
+  csum?: boolean;
+  tso4?: boolean;
+  tso6?: boolean;
+  tsoEcn?: boolean;
+  uso4?: boolean;
+  uso6?: boolean;
+}
+
+export interface OpenTapOptions {
+  /** Interface name ('tap0') or kernel template ('mqt%d'). */
+  name: string;
+  /** Number of queues to open, 1..256.  Default 1. */
+  queues?: number;
+  /** Open with IFF_VNET_HDR (frames carry a virtio-net header).  Default true. */
+  vnetHdr?: boolean;
+  /** virtio-net header size: 10, 12 or 20.  Default: leave the device's (10 on a new tap). */
+  vnetHdrSize?: VnetHdrSize;
+  /** Keep the device after the last queue closes.  Default: leave as is (false on a new tap). */
+  persist?: boolean;
+  /** uid allowed to attach queues without CAP_NET_ADMIN. */
+  owner?: number;
+  /** gid allowed to attach queues without CAP_NET_ADMIN. */
+  group?: number;
+  mtu?: number;
+  /** Ethernet address, e.g. '52:54:00:12:34:56'. */
+  mac?: string;
+  /** Bring the link up (true) or down (false).  Default: leave as is. */
+  up?: boolean;
+  offloads?: Offloads;
+  /**
+   * What to do when a device with this name exists.  'allow' (default):
+   * attach to it if it is a multi-queue tap, else create it.  'forbid':
+   * always create (fails if the name is taken).  'require': only attach to an
+   * existing persistent multi-queue tap (e.g. one made by `ip tuntap add ...
+   * multi_queue` or `mqtap create`).
+   */
+  existing?: ExistingPolicy;
+  /** Network namespace (name under /run/netns, or a path) to open the tap in. */
+  netns?: string;
+  /** The tun device node.  Default '/dev/net/tun'. */
+  devicePath?: string;
+  logger?: Logger;
+}
+
+const OPEN_KEYS = [
+  'name', 'queues', 'vnetHdr', 'vnetHdrSize', 'persist', 'owner', 'group', 'mtu', 'mac', 'up', 'offloads', 'existing', 'netns', 'devicePath', 'logger',
+] as const;
+const OFFLOAD_KEYS = ['csum', 'tso4', 'tso6', 'tsoEcn', 'uso4', 'uso6'] as const;
+
+/** Validated options: everything checked before the first syscall. */
+interface Plan {
+  name: string;
+  queues: number;
+  vnetHdr: boolean;
+  vnetHdrSize: VnetHdrSize | undefined;
+  persist: boolean | undefined;
+  owner: number | undefined;
+  group: number | undefined;
+  mtu: number | undefined;
+  mac: Buffer | undefined;
+  up: boolean | undefined;
+  offloads: number | undefined;
+  existing: ExistingPolicy;
+  netns: string | undefined;
+  devicePath: string;
+  logger: Logger;
+}
+
+/** TUN_F_* flags for an Offloads object; validated (TSO/USO need CSUM). */
+export function offloadFlags(o: Offloads): number {
+  if (typeof o !== 'object' || o === null) throw invalidArg('offloads must be an object such as { csum: true, tso4: true }');
+  rejectUnknownKeys(o, OFFLOAD_KEYS, 'offloads');
+  for (const k of OFFLOAD_KEYS) if (o[k] !== undefined) validateBoolean(o[k], `offloads.${k}`);
+  const needsCsum = o.tso4 || o.tso6 || o.tsoEcn || o.uso4 || o.uso6;
+  if (needsCsum && !o.csum) throw invalidArg('offloads: TSO/USO need csum: true as well', 'the kernel refuses segmentation offloads without checksum offload');
+  if (o.tsoEcn && !(o.tso4 || o.tso6)) throw invalidArg('offloads: tsoEcn needs tso4 or tso6');
+  let flags = 0;
+  if (o.csum) flags |= K.TUN_F_CSUM;
+  if (o.tso4) flags |= K.TUN_F_TSO4;
+  if (o.tso6) flags |= K.TUN_F_TSO6;
+  if (o.tsoEcn) flags |= K.TUN_F_TSO_ECN;
+  for (const [key, bit] of [['uso4', K.TUN_F_USO4], ['uso6', K.TUN_F_USO6]] as const) {
+    if (!o[key]) continue;
+    if (bit === undefined)
+      throw new MqtapError({ op: 'VALIDATE', code: ErrorCodes.UNSUPPORTED, message: `offloads.${key}: this build of mqtap has no ${key.toUpperCase()} (kernel headers older than Linux 6.2)` });
+    flags |= bit;
+  }
+  return flags;
+}
+
+function plan(opts: OpenTapOptions): Plan {
+  if (typeof opts !== 'object' || opts === null) throw invalidArg('openTap(options): options must be an object with at least { name }');
+  rejectUnknownKeys(opts, OPEN_KEYS, 'openTap');
+  const name = validateIfName(opts.name, 'name', { template: true });
+  const existing = opts.existing === undefined ? 'allow' : validateOneOf(opts.existing, 'existing', ['forbid', 'allow', 'require'] as const);
+  if (existing === 'require' && isTemplate(name)) throw invalidArg(`existing: 'require' needs a device name, not the template "${name}"`);
+  const vnetHdr = opts.vnetHdr === undefined ? true : validateBoolean(opts.vnetHdr, 'vnetHdr');
+  const vnetHdrSize = opts.vnetHdrSize === undefined ? undefined : validateVnetHdrSize(opts.vnetHdrSize);
+  const offloads = opts.offloads === undefined ? undefined : offloadFlags(opts.offloads);
+  if (!vnetHdr && vnetHdrSize !== undefined) throw invalidArg('vnetHdrSize needs vnetHdr: true');
+  if (!vnetHdr && offloads) throw invalidArg('offloads need vnetHdr: true', 'without a virtio-net header the kernel cannot describe offloaded frames');
+  if (opts.devicePath !== undefined && (typeof opts.devicePath !== 'string' || !opts.devicePath.startsWith('/')))
+    throw invalidArg('devicePath must be an absolute path');
+  if (opts.netns !== undefined && typeof opts.netns !== 'string') throw invalidArg('netns must be a namespace name or path');
+  return {
+    name,
+    queues: opts.queues === undefined ? 1 : validateQueueCount(opts.queues),
+    vnetHdr,
+    vnetHdrSize,
+    persist: opts.persist === undefined ? undefined : validateBoolean(opts.persist, 'persist'),
+    owner: opts.owner === undefined ? undefined : validateId(opts.owner, 'owner'),
+    group: opts.group === undefined ? undefined : validateId(opts.group, 'group'),
+    mtu: opts.mtu === undefined ? undefined : validateMtu(opts.mtu),
+    mac: opts.mac === undefined ? undefined : parseMac(opts.mac),
+    up: opts.up === undefined ? undefined : validateBoolean(opts.up, 'up'),
+    offloads,
+    existing,
+    netns: opts.netns,
+    devicePath: opts.devicePath ?? '/dev/net/tun',
+    logger: opts.logger ?? silentLogger,
+  };
+}
+
+/** Explains a failed TUNSETIFF by looking at what owns the name now. */
+function explainSetIff(err: unknown, name: string): unknown {
+  if (!(err instanceof MqtapError) || (err.code !== 'EINVAL' && err.code !== 'EBUSY')) return err;
+  let link: LinkInfo | undefined;
+  try {
+    link = isTemplate(name) ? undefined : getLink(name);
+  } catch {
+    return err;
+  }
+  if (!link) return err;
+  const recreate = `delete it (\`mqtap delete ${name}\` or \`ip link del ${name}\`) and re-create it with \`mqtap create ${name} --queues N\``;
+  if (!isTapLink(link)) {
+    err.hint = `"${name}" is taken by ${link.kind ? `a ${link.kind} device` : 'a device that is not a tap'}: pick another name`;
+  } else if (link.tun.type !== 'tap') {
+    err.hint = `"${name}" is a tun (layer 3) device, not a tap: pick another name or ${recreate}`;
+  } else if (!link.tun.multiQueue) {
+    err.hint = `"${name}" is a single-queue tap (made without multi_queue): ${recreate} (or \`ip tuntap add ${name} mode tap multi_queue\`)`;
+  } else if (link.tun.pi) {
+    err.hint = `"${name}" was made with a packet-information header (no IFF_NO_PI): ${recreate}`;
+  }
+  return err;
+}
+
+/** One queue of a tap: an fd from /dev/net/tun attached to the device. */
+export class TapQueue {
+  readonly index: number;
+  #fd: number;
+  #state: QueueState;
+  readonly #tap: Tap;
+
+  /** @internal */
+  constructor(tap: Tap, index: number, fd: number, state: 'enabled' | 'disabled') {
+    this.#tap = tap;
+    this.index = index;
+    this.#fd = fd;
+    this.#state = state;
+  }
+
+  /** The queue's fd, or -1 once closed. */
+  get fd(): number {
+    return this.#fd;
+  }
+
+  get state(): QueueState {
+    return this.#state;
+  }
+
+  get tap(): Tap {
+    return this.#tap;
+  }
+
+  #live(what: string): number {
+    if (this.#state === 'closed')
+      throw new MqtapError({ op: what, code: ErrorCodes.CLOSED, ifname: this.#tap.name, queue: this.index, message: `${this.#tap.name} queue ${this.index} is closed`, hint: 'open a new queue with tap.addQueue()' });
+    return this.#fd;
+  }
+
+  /** Attaches the queue (TUNSETQUEUE IFF_ATTACH_QUEUE).  No-op when enabled. */
+  enable(): void {
+    const fd = this.#live('TUNSETQUEUE');
+    if (this.#state === 'enabled') return;
+    this.#setQueue(fd, K.IFF_ATTACH_QUEUE, 'enabled');
+  }
+
+  /**
+   * Detaches the queue (TUNSETQUEUE IFF_DETACH_QUEUE): the kernel stops
+   * steering frames to it; the fd and the device stay.  No-op when disabled.
+   * Refuses to disable the tap's last enabled queue (use setActiveQueues or
+   * close).
+   */
+  disable(): void {
+    const fd = this.#live('TUNSETQUEUE');
+    if (this.#state === 'disabled') return;
+    if (this.#tap.activeQueueCount() <= 1)
+      throw invalidArg(`${this.#tap.name} queue ${this.index} is the last enabled queue; a tap needs at least one`, 'enable another queue first, or close the tap');
+    this.#setQueue(fd, K.IFF_DETACH_QUEUE, 'disabled');
+  }
+
+  /** @internal one TUNSETQUEUE, state updated only on success. */
+  #setQueue(fd: number, flag: number, next: 'enabled' | 'disabled'): void {
+    try {
+      native.tunSetQueue(fd, flag);
+    } catch (err) {
+      throw withContext(err, { ifname: this.#tap.name, queue: this.index });
+    }
+    this.#state = next;
+    this.#tap.logger.debug({ ifname: this.#tap.name, queue: this.index, state: next }, 'queue state');
+  }
+
+  /** @internal used by Tap.setActiveQueues: no last-queue check. */
+  _set(next: 'enabled' | 'disabled'): void {
+    const fd = this.#live('TUNSETQUEUE');
+    if (this.#state === next) return;
+    this.#setQueue(fd, next === 'enabled' ? K.IFF_ATTACH_QUEUE : K.IFF_DETACH_QUEUE, next);
+  }
+
+  /**
+   * Closes the fd.  Harmless when already closed.  Closing the last open
+   * queue of a non-persistent tap removes the device.
+   */
+  close(): void {
+    if (this.#state === 'closed') return;
+    const fd = this.#fd;
+    this.#fd = -1;
+    this.#state = 'closed';
+    native.close(fd);
+    this.#tap.logger.debug({ ifname: this.#tap.name, queue: this.index, fd }, 'queue closed');
+  }
+
+  [Symbol.dispose](): void {
+    this.close();
+  }
+
+  toJSON(): { index: number; fd: number; state: QueueState } {
+    return { index: this.index, fd: this.#fd, state: this.#state };
+  }
+}
+
+/** Per-queue states, for error reports. */
+export type QueueStates = Array<{ index: number; state: QueueState }>;
+
+/** A multi-queue tap opened by this process. */
+export class Tap {
+  /** The device name (a template is resolved to the kernel's choice). */
+  readonly name: string;
+  /** True when this process created the device (it did not exist before). */
+  readonly created: boolean;
+  readonly vnetHdr: boolean;
+  readonly netns: string | undefined;
+  /** @internal */
+  readonly logger: Logger;
+  readonly #queues: TapQueue[] = [];
+  readonly #flags: number;
+  readonly #devicePath: string;
+
+  /** @internal use openTap(). */
+  constructor(init: { name: string; created: boolean; vnetHdr: boolean; flags: number; devicePath: string; netns: string | undefined; logger: Logger }) {
+    this.name = init.name;
+    this.created = init.created;
+    this.vnetHdr = init.vnetHdr;
+    this.#flags = init.flags;
+    this.#devicePath = init.devicePath;
+    this.netns = init.netns;
+    this.logger = init.logger;
+  }
+
+  /** Every queue this Tap opened, by index (closed ones included: indices are stable). */
+  get queues(): readonly TapQueue[] {
+    return this.#queues;
+  }
+
+  /** Queues that are not closed, by index. */
+  openQueues(): TapQueue[] {
+    return this.#queues.filter((q) => q.state !== 'closed');
+  }
+
+  /** Number of enabled queues. */
+  activeQueueCount(): number {
+    return this.#queues.filter((q) => q.state === 'enabled').length;
+  }
+
+  /** True once every queue is closed. */
+  get closed(): boolean {
+    return this.#queues.every((q) => q.state === 'closed');
+  }
+
+  /** Fds of the open queues, by index. */
+  fds(): number[] {
+    return this.openQueues().map((q) => q.fd);
+  }
+
+  /** @internal opens one more fd and attaches it; closes it again on failure. */
+  _attachNew(excl: boolean, name = this.name): { fd: number; name: string } {
+    const fd = native.tunOpen(this.#devicePath);
+    try {
+      return { fd, name: native.tunSetIff(fd, name, this.#flags | (excl ? K.IFF_TUN_EXCL : 0)) };
+    } catch (err) {
+      native.close(fd);
+      throw err;
+    }
+  }
+
+  /** @internal */
+  _push(fd: number, state: 'enabled' | 'disabled'): TapQueue {
+    const q = new TapQueue(this, this.#queues.length, fd, state);
+    this.#queues.push(q);
+    return q;
+  }
+
+  /**
+   * Opens one more queue of this device (index = queues.length).  Enabled
+   * unless `{ enabled: false }`.
+   */
+  addQueue(opts: { enabled?: boolean } = {}): TapQueue {
+    const enabled = opts.enabled === undefined ? true : validateBoolean(opts.enabled, 'enabled');
+    if (this.closed) throw new MqtapError({ op: 'TUNSETIFF', code: ErrorCodes.CLOSED, ifname: this.name, message: `${this.name} is closed`, hint: 'open it again with openTap()' });
+    if (this.#queues.length >= MAX_QUEUES * 4)
+      throw invalidArg(`${this.name}: this Tap has opened ${this.#queues.length} queues; close the Tap and open a new one`);
+    const index = this.#queues.length;
+    const q = withNetns(this.netns, () => {
+      let fd: number;
+      try {
+        fd = this._attachNew(false).fd;
+      } catch (err) {
+        throw withContext(explainSetIff(err, this.name), { ifname: this.name, queue: index });
+      }
+      const queue = this._push(fd, 'enabled');
+      if (!enabled) {
+        try {
+          queue._set('disabled');
+        } catch (err) {
+          queue.close();
+          throw err;
+        }
+      }
+      return queue;
+    });
+    this.logger.info({ ifname: this.name, queue: index, fd: q.fd, state: q.state }, 'queue added');
+    return q;
+  }
+
+  /**
+   * Makes queues 0..k-1 (of the open queues, by index) enabled and the rest
+   * disabled, like virtio-net's VQ_PAIRS_SET.  Enables before it disables so
+   * the device never has zero enabled queues.  On failure every step already
+   * taken is undone and the error says so; if undoing fails too, the error
+   * has code ERR_PARTIAL_STATE and `state` lists every queue's actual state.
+   */
+  setActiveQueues(k: number): void {
+    const open = this.openQueues();
+    if (open.length === 0) throw new MqtapError({ op: 'SET_ACTIVE', code: ErrorCodes.CLOSED, ifname: this.name, message: `${this.name} is closed` });
+    validateInt(k, 'active queues', 1, open.length, `${this.name} has ${open.length} open queue(s)`);
+    const toEnable = open.slice(0, k).filter((q) => q.state === 'disabled');
+    const toDisable = open.slice(k).filter((q) => q.state === 'enabled').reverse();
+    const steps: Array<{ q: TapQueue; to: 'enabled' | 'disabled' }> = [
+      ...toEnable.map((q) => ({ q, to: 'enabled' as const })),
+      ...toDisable.map((q) => ({ q, to: 'disabled' as const })),
+    ];
+    const done: typeof steps = [];
+    try {
+      for (const s of steps) {
+        s.q._set(s.to);
+        done.push(s);
+      }
+    } catch (err) {
+      const undoFailures: string[] = [];
+      for (const s of done.reverse()) {
+        try {
+          s.q._set(s.to === 'enabled' ? 'disabled' : 'enabled');
+        } catch (undoErr) {
+          undoFailures.push(`queue ${s.q.index}: ${(undoErr as Error).message}`);
+        }
+      }
+      const e = withContext(err, { ifname: this.name });
+      const state = this.#queues.map((q) => ({ index: q.index, state: q.state }));
+      if (undoFailures.length === 0) {
+        if (e instanceof MqtapError) e.setMessage(`setActiveQueues(${k}): ${e.message}; previous state restored`);
+        throw e;
+      }
+      const summary = state.map((s) => `${s.index}=${s.state}`).join(' ');
+      const partial = new MqtapError({
+        op: 'SET_ACTIVE',
+        code: ErrorCodes.PARTIAL,
+        ifname: this.name,
+        message: `setActiveQueues(${k}) on ${this.name} failed (${(err as Error).message}) and could not be undone (${undoFailures.join('; ')}); queues now: ${summary}`,
+        hint: 'inspect with `mqtap show`, then call setActiveQueues again or close the tap',
+        cause: err,
+      });
+      (partial as MqtapError & { state: QueueStates }).state = state;
+      throw partial;
+    }
+    this.logger.info({ ifname: this.name, active: k, enabled: toEnable.map((q) => q.index), disabled: toDisable.map((q) => q.index) }, 'active queues set');
+  }
+
+  /** The kernel's current view of this device (rtnetlink). */
+  info(): TapLinkInfo | undefined {
+    const link = getLink(this.name, this.netns !== undefined ? { netns: this.netns } : {});
+    return isTapLink(link) ? link : undefined;
+  }
+
+  /**
+   * Closes every queue (last index first).  Harmless when already closed.  A
+   * non-persistent device disappears with its last queue; a persistent one
+   * stays (delete it with deleteTap()).
+   */
+  close(): void {
+    let first: unknown;
+    for (const q of [...this.#queues].reverse()) {
+      try {
+        q.close();
+      } catch (err) {
+        first ??= err;
+      }
+    }
+    this.logger.info({ ifname: this.name }, 'tap closed');
+    if (first) throw first;
+  }
+
+  [Symbol.dispose](): void {
+    this.close();
+  }
+
+  toJSON(): { name: string; created: boolean; vnetHdr: boolean; queues: ReturnType<TapQueue['toJSON']>[] } {
+    return { name: this.name, created: this.created, vnetHdr: this.vnetHdr, queues: this.#queues.map((q) => q.toJSON()) };
+  }
+}
+
+function checkExisting(p: Plan): LinkInfo | undefined {
+  if (isTemplate(p.name)) return undefined;
+  const link = getLink(p.name);
+  if (!link) {
+    if (p.existing === 'require')
+      throw new MqtapError({
+        op: 'LOOKUP',
+        code: 'ENODEV',
+        errno: 19,
+        ifname: p.name,
+        message: `no tap named ${p.name} exists (existing: 'require')`,
+        hint: `create it first: \`mqtap create ${p.name} --queues N\` or \`ip tuntap add ${p.name} mode tap multi_queue vnet_hdr\``,
+      });
+    return undefined;
+  }
+  if (p.existing === 'forbid')
+    throw new MqtapError({
+      op: 'LOOKUP',
+      code: 'EEXIST',
+      errno: 17,
+      ifname: p.name,
+      message: `a device named ${p.name} already exists (existing: 'forbid')`,
+      hint: `pick another name, use a template such as "mqt%d", or delete it with \`mqtap delete ${p.name}\``,
+    });
+  if (!(isTapLink(link) && link.tun.multiQueue && link.tun.type === 'tap' && !link.tun.pi)) {
+    // Refuse before TUNSETIFF: the kernel would answer EINVAL/EBUSY, less clearly.
+    const e = new MqtapError({ op: 'LOOKUP', code: 'EINVAL', errno: 22, ifname: p.name, message: `${p.name} exists but is not a multi-queue tap` });
+    throw explainSetIff(e, p.name);
+  }
+  return link;
+}
+
+function applySettings(tap: Tap, fd0: number, p: Plan, created: boolean): void {
+  const step = (what: string, fn: () => void): void => {
+    try {
+      fn();
+    } catch (err) {
+      throw withContext(err, { ifname: tap.name });
+    }
+    p.logger.debug({ ifname: tap.name, step: what }, 'tap setting applied');
+  };
+  if (p.vnetHdrSize !== undefined) step('vnetHdrSize', () => native.tunSetVnetHdrSz(fd0, p.vnetHdrSize!));
+  if (p.offloads !== undefined) step('offloads', () => native.tunSetOffload(fd0, p.offloads!));
+  if (p.owner !== undefined) step('owner', () => native.tunSetOwner(fd0, p.owner!));
+  if (p.group !== undefined) step('group', () => native.tunSetGroup(fd0, p.group!));
+  if (p.mtu !== undefined) step('mtu', () => native.ifSetMtu(tap.name, p.mtu!));
+  if (p.mac !== undefined) step('mac', () => native.ifSetMac(tap.name, p.mac!));
+  if (p.up !== undefined) {
+    step('up', () => {
+      const flags = native.ifGetFlags(tap.name);
+      const want = p.up ? flags | K.IFF_UP : flags & ~K.IFF_UP;
+      if (want !== flags) native.ifSetFlags(tap.name, want);
+    });
+  }
+  // Persistence last: until here, closing the fds removes a device we created.
+  if (p.persist !== undefined && (p.persist || !created)) step('persist', () => native.tunSetPersist(fd0, p.persist!));
+}
+
+/**
+ * Opens `queues` queues of the multi-queue tap `name` (creating it unless
+ * `existing: 'require'`), applies the settings and returns the Tap.
+ *
+ * All or nothing: if any step fails, every fd opened so far is closed, a
+ * device this call created is gone, and the error names the queue and the
+ * step (`err.queue`, `err.op`).
+ */
+export function openTap(opts: OpenTapOptions): Tap {
+  const p = plan(opts);
+  const flags = K.IFF_TAP | K.IFF_NO_PI | K.IFF_MULTI_QUEUE | (p.vnetHdr ? K.IFF_VNET_HDR : 0);
+  return withNetns(p.netns, () => {
+    const existing = checkExisting(p);
+    if (existing && isTapLink(existing) && existing.tun.vnetHdr !== p.vnetHdr)
+      p.logger.warn({ ifname: p.name, deviceVnetHdr: existing.tun.vnetHdr, vnetHdr: p.vnetHdr }, 'attaching changes the device-wide vnet_hdr flag for every queue');
+    let tap: Tap | undefined;
+    let queue = 0;
+    try {
+      const probe = native.tunOpen(p.devicePath);
+      let first: { fd: number; name: string };
+      try {
+        const features = native.tunGetFeatures(probe);
+        if (!(features & K.IFF_MULTI_QUEUE))
+          throw new MqtapError({ op: 'TUNGETFEATURES', code: ErrorCodes.UNSUPPORTED, message: 'this kernel has no multi-queue tap support (IFF_MULTI_QUEUE)', hint: 'multi-queue taps need Linux 3.8 or later' });
+        first = { fd: probe, name: native.tunSetIff(probe, p.name, flags | (existing ? 0 : K.IFF_TUN_EXCL)) };
+      } catch (err) {
+        native.close(probe);
+        throw err;
+      }
+      tap = new Tap({ name: first.name, created: !existing, vnetHdr: p.vnetHdr, flags, devicePath: p.devicePath, netns: p.netns, logger: p.logger });
+      tap._push(first.fd, 'enabled');
+      for (queue = 1; queue < p.queues; queue++) tap._push(tap._attachNew(false).fd, 'enabled');
+      queue = -1;
+      applySettings(tap, first.fd, p, !existing);
+    } catch (err) {
+      if (tap) {
+        try {
+          tap.close();
+        } catch {
+          /* closing our own fds cannot fail but for EBADF; the first error is the one to report */
+        }
+      }
+      const e = queue >= 0 ? withContext(explainSetIff(err, tap?.name ?? p.name), { ifname: tap?.name ?? p.name, queue }) : err;
+      if (e instanceof MqtapError && e.code === 'EBUSY' && !existing && queue === 0 && !isTemplate(p.name) && getLink(p.name))
+        e.hint = `a device named ${p.name} appeared while opening; retry, or use existing: 'allow'`;
+      p.logger.error({ ifname: p.name, queue, err: e }, 'openTap failed; everything opened was closed');
+      throw e;
+    }
+    p.logger.info({ ifname: tap.name, queues: p.queues, created: tap.created, fds: tap.fds() }, 'tap opened');
+    return tap;
+  });
+}
+
+/**
+ * Deletes a tun/tap device by name (RTM_DELLINK), persistent or not.  Refuses
+ * devices that are not tun/tap.  Queues still open elsewhere stop working.
+ */
+export function deleteTap(name: string, opts: { netns?: string; logger?: Logger } = {}): void {
+  validateIfName(name);
+  withNetns(opts.netns, () => {
+    const link = getLink(name);
+    if (!link)
+      throw new MqtapError({ op: 'LOOKUP', code: 'ENODEV', errno: 19, ifname: name, message: `no device named ${name}`, hint: 'list taps with `mqtap show`' });
+    if (!isTapLink(link))
+      throw new MqtapError({ op: 'LOOKUP', code: 'EINVAL', errno: 22, ifname: name, message: `${name} is a ${link.kind ?? 'non-tun'} device, not a tap; mqtap deletes only tun/tap devices` });
+    try {
+      native.rtnlDelLink(link.index);
+    } catch (err) {
+      throw withContext(err, { ifname: name });
+    }
+  });
+  (opts.logger ?? silentLogger).info({ ifname: name }, 'tap deleted');
+}

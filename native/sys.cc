@@ -1,0 +1,99 @@
+// Process-level syscalls the library needs around queue fds: close, file
+// status flags, and network namespaces (a daemon creates taps inside a VM's
+// or pod's namespace; tests create their own throw-away namespace).
+//
+// Network namespaces are per thread.  All of the addon's calls run on the
+// JS thread, so after setns()/unshare() on it every socket and tap created by
+// this addon lands in that namespace; libuv's worker threads are unaffected.
+#include <fcntl.h>
+#include <sched.h>
+#include <unistd.h>
+
+#include "common.h"
+
+namespace mqtap {
+namespace {
+
+// close(2).  Linux releases the descriptor even when close reports EINTR, so
+// EINTR is success here; EBADF means the library lost track of an fd.
+Napi::Value Close(const Napi::CallbackInfo& info) {
+  int fd = ArgFd(info, 0);
+  if (close(fd) < 0 && errno != EINTR) ThrowSys(info.Env(), "CLOSE", "close", errno);
+  return info.Env().Undefined();
+}
+
+// O_NONBLOCK on or off (F_GETFL + F_SETFL).
+Napi::Value SetNonBlocking(const Napi::CallbackInfo& info) {
+  int fd = ArgFd(info, 0);
+  bool on = ArgBool(info, 1);
+  int flags = fcntl(fd, F_GETFL);
+  if (flags < 0) ThrowSys(info.Env(), "SET_NONBLOCK", "fcntl", errno);
+  int want = on ? (flags | O_NONBLOCK) : (flags & ~O_NONBLOCK);
+  if (want != flags && fcntl(fd, F_SETFL, want) < 0) ThrowSys(info.Env(), "SET_NONBLOCK", "fcntl", errno);
+  return info.Env().Undefined();
+}
+
+// F_GETFD: the descriptor flags (FD_CLOEXEC).
+Napi::Value GetFdFlags(const Napi::CallbackInfo& info) {
+  int fd = ArgFd(info, 0);
+  int flags = fcntl(fd, F_GETFD);
+  if (flags < 0) ThrowSys(info.Env(), "F_GETFD", "fcntl", errno);
+  return Napi::Number::New(info.Env(), flags);
+}
+
+// F_GETFL: the file status flags (O_NONBLOCK, access mode).
+Napi::Value GetFlFlags(const Napi::CallbackInfo& info) {
+  int fd = ArgFd(info, 0);
+  int flags = fcntl(fd, F_GETFL);
+  if (flags < 0) ThrowSys(info.Env(), "F_GETFL", "fcntl", errno);
+  return Napi::Number::New(info.Env(), flags);
+}
+
+// open(path, O_RDONLY|O_CLOEXEC): a namespace file such as /run/netns/NAME
+// or /proc/self/task/TID/ns/net.
+Napi::Value OpenNs(const Napi::CallbackInfo& info) {
+  std::string path = ArgString(info, 0);
+  int fd;
+  do fd = open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  while (fd < 0 && errno == EINTR);
+  if (fd < 0) ThrowSys(info.Env(), "NS_OPEN", "open", errno, path);
+  return Napi::Number::New(info.Env(), fd);
+}
+
+// setns(fd, nstype) for the calling (JS) thread.
+Napi::Value SetNs(const Napi::CallbackInfo& info) {
+  int fd = ArgFd(info, 0);
+  int type = ArgInt(info, 1);
+  if (setns(fd, type) < 0) ThrowSys(info.Env(), "SETNS", "setns", errno);
+  return info.Env().Undefined();
+}
+
+// unshare(flags) for the calling (JS) thread, e.g. CLONE_NEWNET: a fresh,
+// anonymous network namespace that disappears with its last reference.
+Napi::Value Unshare(const Napi::CallbackInfo& info) {
+  int flags = ArgInt(info, 0);
+  if (unshare(flags) < 0) ThrowSys(info.Env(), "UNSHARE", "unshare", errno);
+  return info.Env().Undefined();
+}
+
+// gettid(2): the JS thread's id, to name its own namespace file.
+Napi::Value GetTid(const Napi::CallbackInfo& info) { return Napi::Number::New(info.Env(), gettid()); }
+
+}  // namespace
+
+void InitSys(Napi::Env env, Napi::Object exports) {
+  exports.Set("close", Napi::Function::New(env, Close, "close"));
+  exports.Set("setNonBlocking", Napi::Function::New(env, SetNonBlocking, "setNonBlocking"));
+  exports.Set("getFdFlags", Napi::Function::New(env, GetFdFlags, "getFdFlags"));
+  exports.Set("getFlFlags", Napi::Function::New(env, GetFlFlags, "getFlFlags"));
+  exports.Set("openNs", Napi::Function::New(env, OpenNs, "openNs"));
+  exports.Set("setns", Napi::Function::New(env, SetNs, "setns"));
+  exports.Set("unshare", Napi::Function::New(env, Unshare, "unshare"));
+  exports.Set("gettid", Napi::Function::New(env, GetTid, "gettid"));
+  Napi::Object c = Constants(exports);
+  MQTAP_CONST(c, CLONE_NEWNET);
+  MQTAP_CONST(c, FD_CLOEXEC);
+  MQTAP_CONST(c, O_NONBLOCK);
+}
+
+}  // namespace mqtap
