@@ -10,6 +10,6 @@ export default defineConfig({
     poolOptions: { forks: { isolate: true } },
     testTimeout: 60_000,
     hookTimeout: 120_000,
-    reporters: ['default'],
+    reporters: ['default', './test/summary-reporter.ts'],
   },
 });

@@ -8,7 +8,7 @@
  */
 export { MqtapError, ErrorCodes, errnoName, type MqtapErrorInit } from './errors';
 export { openTap, deleteTap, offloadFlags, Tap, TapQueue, type OpenTapOptions, type Offloads, type QueueState, type QueueStates, type ExistingPolicy } from './tap';
-export { getLink, getTap, listLinks, listTaps, isTapLink, type LinkInfo, type TapLinkInfo, type TunInfo, type OperState, type LookupOptions } from './links';
+export { getLink, getTap, listLinks, listTaps, isTapLink, type LinkInfo, type TapLinkInfo, type TunInfo, type OperState, type LookupOptions, type LinkStats } from './links';
 export { probeTun, decodeTunFeatures, type TunFeatures, type TunProbe } from './probe';
 export { withNetns, isolateNetns, netnsPath, type IsolatedNetns } from './netns';
 export { silentLogger, stderrLogger, type Logger } from './log';

@@ -2,7 +2,9 @@
  * The kernel's own view of links, read over rtnetlink (RTM_GETLINK with the
  * tun driver's IFLA_TUN_* attributes), never by parsing `ip` output.
  */
-import { K, native, type RawLink } from './native';
+import { K, native, type LinkStats, type RawLink } from './native';
+
+export type { LinkStats };
 import { withNetns } from './netns';
 import { validateIfName } from './validate';
 
@@ -42,6 +44,8 @@ export interface LinkInfo {
   numRxQueues: number;
   /** Present for kind 'tun'. */
   tun?: TunInfo;
+  /** Device counters (IFLA_STATS64). */
+  stats: LinkStats | null;
 }
 
 /** A tun/tap link. */
@@ -68,6 +72,7 @@ function toLinkInfo(raw: RawLink): LinkInfo {
     operstate: OPERSTATES.find(([v]) => v === raw.operstate)?.[1] ?? 'unknown',
     numTxQueues: raw.numTxQueues ?? 1,
     numRxQueues: raw.numRxQueues ?? 1,
+    stats: raw.stats ?? null,
   };
   if (raw.tun) {
     const t = raw.tun;

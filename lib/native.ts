@@ -73,6 +73,19 @@ export interface RawLink {
   address?: string;
   kind?: string;
   tun?: RawTunInfo;
+  stats?: LinkStats;
+}
+
+/** IFLA_STATS64 counters, from the device's point of view (rx = frames the kernel received from the tap's queues). */
+export interface LinkStats {
+  rxPackets: number;
+  txPackets: number;
+  rxBytes: number;
+  txBytes: number;
+  rxErrors: number;
+  txErrors: number;
+  rxDropped: number;
+  txDropped: number;
 }
 
 export interface NativeBinding {
@@ -105,6 +118,8 @@ export interface NativeBinding {
   setNonBlocking(fd: number, on: boolean): void;
   getFdFlags(fd: number): number;
   getFlFlags(fd: number): number;
+  setCloexec(fd: number, on: boolean): void;
+  cloexecFrom(first: number): void;
   openNs(path: string): number;
   setns(fd: number, nstype: number): void;
   unshare(flags: number): void;

@@ -590,7 +590,7 @@ export function deleteTap(name: string, opts: { netns?: string; logger?: Logger 
     if (!link)
       throw new MqtapError({ op: 'LOOKUP', code: 'ENODEV', errno: 19, ifname: name, message: `no device named ${name}`, hint: 'list taps with `mqtap show`' });
     if (!isTapLink(link))
-      throw new MqtapError({ op: 'LOOKUP', code: 'EINVAL', errno: 22, ifname: name, message: `${name} is a ${link.kind ?? 'non-tun'} device, not a tap; mqtap deletes only tun/tap devices` });
+      throw new MqtapError({ op: 'LOOKUP', code: 'EINVAL', errno: 22, ifname: name, message: `${name} is not a tun/tap device (kind: ${link.kind ?? 'none'}); mqtap deletes only tun/tap devices` });
     try {
       native.rtnlDelLink(link.index);
     } catch (err) {

@@ -12,6 +12,7 @@
 
 #include <cstdio>
 #include <cstring>
+#include <algorithm>
 #include <vector>
 
 #include "common.h"
@@ -128,6 +129,23 @@ Napi::Object DecodeLink(Napi::Env env, const struct nlmsghdr* h) {
           mac += part;
         }
         link.Set("address", mac);
+        break;
+      }
+      case IFLA_STATS64: {
+        // Unaligned in the message: copy out before reading.
+        struct rtnl_link_stats64 st;
+        memset(&st, 0, sizeof st);
+        memcpy(&st, RTA_DATA(a), std::min(sizeof st, static_cast<size_t>(RTA_PAYLOAD(a))));
+        Napi::Object stats = Napi::Object::New(env);
+        stats.Set("rxPackets", static_cast<double>(st.rx_packets));
+        stats.Set("txPackets", static_cast<double>(st.tx_packets));
+        stats.Set("rxBytes", static_cast<double>(st.rx_bytes));
+        stats.Set("txBytes", static_cast<double>(st.tx_bytes));
+        stats.Set("rxErrors", static_cast<double>(st.rx_errors));
+        stats.Set("txErrors", static_cast<double>(st.tx_errors));
+        stats.Set("rxDropped", static_cast<double>(st.rx_dropped));
+        stats.Set("txDropped", static_cast<double>(st.tx_dropped));
+        link.Set("stats", stats);
         break;
       }
       case IFLA_LINKINFO: {

@@ -6,7 +6,9 @@
 // JS thread, so after setns()/unshare() on it every socket and tap created by
 // this addon lands in that namespace; libuv's worker threads are unaffected.
 #include <fcntl.h>
+#include <linux/close_range.h>
 #include <sched.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
 #include "common.h"
@@ -49,6 +51,26 @@ Napi::Value GetFlFlags(const Napi::CallbackInfo& info) {
   return Napi::Number::New(info.Env(), flags);
 }
 
+// FD_CLOEXEC on or off (F_GETFD + F_SETFD).
+Napi::Value SetCloexec(const Napi::CallbackInfo& info) {
+  int fd = ArgFd(info, 0);
+  bool on = ArgBool(info, 1);
+  int flags = fcntl(fd, F_GETFD);
+  if (flags < 0) ThrowSys(info.Env(), "SET_CLOEXEC", "fcntl", errno);
+  int want = on ? (flags | FD_CLOEXEC) : (flags & ~FD_CLOEXEC);
+  if (want != flags && fcntl(fd, F_SETFD, want) < 0) ThrowSys(info.Env(), "SET_CLOEXEC", "fcntl", errno);
+  return info.Env().Undefined();
+}
+
+// close_range(first, ~0U, CLOSE_RANGE_CLOEXEC) (Linux 5.11+): marks every fd
+// from `first` up close-on-exec, so a spawned child inherits only what is
+// mapped into it explicitly, even fds this process itself inherited.
+Napi::Value CloexecFrom(const Napi::CallbackInfo& info) {
+  unsigned int first = ArgUint(info, 0);
+  if (syscall(SYS_close_range, first, ~0U, CLOSE_RANGE_CLOEXEC) < 0) ThrowSys(info.Env(), "CLOSE_RANGE", "close_range", errno);
+  return info.Env().Undefined();
+}
+
 // open(path, O_RDONLY|O_CLOEXEC): a namespace file such as /run/netns/NAME
 // or /proc/self/task/TID/ns/net.
 Napi::Value OpenNs(const Napi::CallbackInfo& info) {
@@ -86,6 +108,8 @@ void InitSys(Napi::Env env, Napi::Object exports) {
   exports.Set("setNonBlocking", Napi::Function::New(env, SetNonBlocking, "setNonBlocking"));
   exports.Set("getFdFlags", Napi::Function::New(env, GetFdFlags, "getFdFlags"));
   exports.Set("getFlFlags", Napi::Function::New(env, GetFlFlags, "getFlFlags"));
+  exports.Set("setCloexec", Napi::Function::New(env, SetCloexec, "setCloexec"));
+  exports.Set("cloexecFrom", Napi::Function::New(env, CloexecFrom, "cloexecFrom"));
   exports.Set("openNs", Napi::Function::New(env, OpenNs, "openNs"));
   exports.Set("setns", Napi::Function::New(env, SetNs, "setns"));
   exports.Set("unshare", Napi::Function::New(env, Unshare, "unshare"));

@@ -1,0 +1,377 @@
+#!/usr/bin/env node
+/**
+ * mqtap: the command-line face of the library.  Human tables by default,
+ * --json for scripts, exit codes that mean something (docs/cli.md), and no
+ * stack trace for a user error unless --debug.
+ */
+import { Command, CommanderError, InvalidArgumentError, Option } from 'commander';
+import { readFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { MqtapError, ErrorCodes } from '../lib/errors';
+import { getLink, isTapLink, listTaps, type TapLinkInfo } from '../lib/links';
+import { stderrLogger, type Logger } from '../lib/log';
+import { probeTun } from '../lib/probe';
+import { spawnWithFds } from '../lib/spawn';
+import { deleteTap, openTap, type ExistingPolicy, type Tap } from '../lib/tap';
+import { validateQueueCount } from '../lib/validate';
+import { runDemo } from './demo';
+import { keyValues, table } from './format';
+import { resolveId } from './ids';
+
+/** Exit codes (also in docs/cli.md). */
+export const EXIT = {
+  OK: 0,
+  FAILURE: 1,
+  USAGE: 2,
+  NOT_FOUND: 3,
+  PERMISSION: 4,
+  UNAVAILABLE: 5,
+  CONFLICT: 6,
+  CANNOT_EXECUTE: 126,
+  COMMAND_NOT_FOUND: 127,
+} as const;
+
+export function exitCodeFor(err: unknown): number {
+  if (err instanceof CommanderError) return err.exitCode === 0 ? EXIT.OK : EXIT.USAGE;
+  if (!(err instanceof MqtapError)) return EXIT.FAILURE;
+  if (err.isUsageError) return EXIT.USAGE;
+  if (err.op === 'SPAWN') return err.code === 'ENOENT' ? EXIT.COMMAND_NOT_FOUND : EXIT.CANNOT_EXECUTE;
+  if (err.code === ErrorCodes.UNSUPPORTED) return EXIT.UNAVAILABLE;
+  if (err.op === 'TUN_OPEN' && (err.code === 'ENOENT' || err.code === 'ENODEV' || err.code === 'ENXIO')) return EXIT.UNAVAILABLE;
+  switch (err.code) {
+    case 'EPERM':
+    case 'EACCES':
+      return EXIT.PERMISSION;
+    case 'ENODEV':
+      return EXIT.NOT_FOUND;
+    case 'EEXIST':
+    case 'EBUSY':
+      return EXIT.CONFLICT;
+    case 'EINVAL':
+      // The name exists but is the wrong kind of device (not a multi-queue tap).
+      return err.op === 'LOOKUP' ? EXIT.CONFLICT : EXIT.FAILURE;
+    default:
+      return EXIT.FAILURE;
+  }
+}
+
+interface GlobalOpts {
+  debug?: boolean;
+  logLevel?: string;
+  netns?: string;
+  json?: boolean;
+}
+
+function version(): string {
+  try {
+    return (JSON.parse(readFileSync(join(__dirname, '..', '..', 'package.json'), 'utf8')) as { version: string }).version;
+  } catch {
+    return 'unknown';
+  }
+}
+
+function intArg(what: string) {
+  return (value: string): number => {
+    if (!/^\d+$/.test(value)) throw new InvalidArgumentError(`${what} must be a whole number.`);
+    return Number(value);
+  };
+}
+
+function hdrSizeArg(value: string): number {
+  if (!['10', '12', '20'].includes(value)) throw new InvalidArgumentError('Allowed choices are 10, 12, 20.');
+  return Number(value);
+}
+
+function logger(g: GlobalOpts): Logger {
+  return stderrLogger((g.logLevel ?? (g.debug ? 'debug' : 'warn')) as 'warn');
+}
+
+function out(text: string): void {
+  process.stdout.write(text.endsWith('\n') ? text : `${text}\n`);
+}
+
+function json(value: unknown): void {
+  out(JSON.stringify(value, null, 2));
+}
+
+const TAP_HEADERS = ['NAME', 'TYPE', 'MQ', 'VNET_HDR', 'PERSIST', 'OWNER', 'GROUP', 'QUEUES', 'DISABLED', 'MTU', 'MAC', 'STATE'];
+
+function tapRow(t: TapLinkInfo): Array<string | number | boolean | null> {
+  return [
+    t.name,
+    t.tun.type,
+    t.tun.multiQueue,
+    t.tun.vnetHdr,
+    t.tun.persist,
+    t.tun.owner,
+    t.tun.group,
+    t.tun.numQueues,
+    t.tun.numDisabledQueues,
+    t.mtu,
+    t.address,
+    t.up ? t.operstate : 'down',
+  ];
+}
+
+function netnsOpt(g: GlobalOpts): { netns?: string } {
+  return g.netns !== undefined ? { netns: g.netns } : {};
+}
+
+function cmdFeatures(g: GlobalOpts): number {
+  const p = probeTun();
+  if (g.json) json({ tun: p });
+  else {
+    const f = p.features;
+    out(
+      keyValues([
+        ['kernel', p.kernel],
+        ['/dev/net/tun', p.available ? 'ok' : `unavailable (${p.error?.message ?? 'unknown'})`],
+        ['tap (IFF_TAP)', f?.tap],
+        ['multi-queue (IFF_MULTI_QUEUE)', f?.multiQueue],
+        ['virtio-net header (IFF_VNET_HDR)', f?.vnetHdr],
+        ['no packet info (IFF_NO_PI)', f?.noPi],
+        ['NAPI (IFF_NAPI)', f?.napi],
+        ['no carrier (IFF_NO_CARRIER)', f?.noCarrier],
+        ['max queues per tap', p.maxQueues],
+        ['vnet header sizes', p.vnetHdrSizes.join(', ')],
+        ['offloads', p.offloads.join(', ')],
+        ['multi-queue taps usable', p.multiQueueTap],
+      ]),
+    );
+    if (p.error?.hint) process.stderr.write(`hint: ${p.error.hint}\n`);
+  }
+  if (!p.available && p.error?.code && (p.error.code === 'EACCES' || p.error.code === 'EPERM')) return EXIT.PERMISSION;
+  return p.multiQueueTap ? EXIT.OK : EXIT.UNAVAILABLE;
+}
+
+interface CreateOpts {
+  queues: number;
+  owner?: string;
+  group?: string;
+  mtu?: number;
+  mac?: string;
+  up?: boolean;
+  vnetHdr: boolean;
+  vnetHdrSize?: number;
+}
+
+function cmdCreate(name: string, o: CreateOpts, g: GlobalOpts): number {
+  const tap = openTap({
+    name,
+    queues: o.queues,
+    existing: 'forbid',
+    persist: true,
+    vnetHdr: o.vnetHdr,
+    ...(o.vnetHdrSize !== undefined ? { vnetHdrSize: o.vnetHdrSize as 10 } : {}),
+    ...(o.owner !== undefined ? { owner: resolveId(o.owner, 'owner') } : {}),
+    ...(o.group !== undefined ? { group: resolveId(o.group, 'group') } : {}),
+    ...(o.mtu !== undefined ? { mtu: o.mtu } : {}),
+    ...(o.mac !== undefined ? { mac: o.mac } : {}),
+    ...(o.up ? { up: true } : {}),
+    ...netnsOpt(g),
+    logger: logger(g),
+  });
+  const created = tap.name;
+  tap.close();
+  const info = getLink(created, netnsOpt(g));
+  if (g.json) json(info);
+  else out(`created persistent multi-queue tap ${created} (${o.queues} queue${o.queues === 1 ? '' : 's'} attached and released)\n${isTapLink(info) ? table(TAP_HEADERS, [tapRow(info)]) : ''}`);
+  return EXIT.OK;
+}
+
+function cmdDelete(name: string, g: GlobalOpts): number {
+  deleteTap(name, { ...netnsOpt(g), logger: logger(g) });
+  if (g.json) json({ deleted: name });
+  else out(`deleted ${name}`);
+  return EXIT.OK;
+}
+
+function cmdShow(name: string | undefined, o: { all?: boolean }, g: GlobalOpts): number {
+  if (name !== undefined) {
+    const link = getLink(name, netnsOpt(g));
+    if (!isTapLink(link))
+      throw new MqtapError({
+        op: 'LOOKUP',
+        code: 'ENODEV',
+        errno: 19,
+        ifname: name,
+        message: link ? `${name} is not a tun/tap device (kind: ${link.kind ?? 'none'})` : `no tap named ${name}`,
+        hint: 'list taps with `mqtap show`',
+      });
+    if (g.json) json(link);
+    else out(table(TAP_HEADERS, [tapRow(link)]));
+    return EXIT.OK;
+  }
+  const taps = listTaps(netnsOpt(g)).filter((t) => o.all || t.tun.type === 'tap');
+  if (g.json) json(taps);
+  else if (taps.length === 0) out('no taps');
+  else out(table(TAP_HEADERS, taps.map(tapRow)));
+  return EXIT.OK;
+}
+
+interface ExecOpts {
+  queues: number;
+  active?: number;
+  existing: ExistingPolicy;
+  vnetHdr: boolean;
+  vnetHdrSize?: number;
+}
+
+async function cmdExec(name: string, argv: string[], o: ExecOpts, g: GlobalOpts): Promise<number> {
+  const log = logger(g);
+  const tap: Tap = openTap({
+    name,
+    queues: o.queues,
+    existing: o.existing,
+    vnetHdr: o.vnetHdr,
+    ...(o.vnetHdrSize !== undefined ? { vnetHdrSize: o.vnetHdrSize as 10 } : {}),
+    ...netnsOpt(g),
+    logger: log,
+  });
+  try {
+    if (o.active !== undefined) tap.setActiveQueues(o.active);
+    const fds = tap.fds();
+    const childFds = fds.map((_, i) => 3 + i);
+    const { child, exited } = spawnWithFds({
+      argv,
+      fds,
+      env: { MQTAP_FDS: childFds.join(':'), MQTAP_IFNAME: tap.name, MQTAP_QUEUES: String(fds.length) },
+    });
+    log.info({ ifname: tap.name, pid: child.pid, fds: childFds, argv }, 'child started');
+    const status = await exited;
+    log.info({ ifname: tap.name, ...status }, 'child exited');
+    return status.status;
+  } finally {
+    tap.close();
+  }
+}
+
+async function cmdDemo(o: { queues: number }, g: GlobalOpts): Promise<number> {
+  validateQueueCount(o.queues);
+  const r = await runDemo({ queues: o.queues, log: g.json ? () => undefined : out, logger: logger(g) });
+  if (g.json) json(r);
+  const ok = r.steps.every((s) => s.ok);
+  if (!g.json) out(ok ? '\nall steps passed' : '\nsome steps FAILED');
+  return ok ? EXIT.OK : EXIT.FAILURE;
+}
+
+function reportError(err: unknown, g: GlobalOpts): number {
+  const code = exitCodeFor(err);
+  if (err instanceof CommanderError) return code; // commander already printed it
+  if (g.json) json({ error: err instanceof MqtapError ? err.toJSON() : { message: String(err) } });
+  if (err instanceof MqtapError) {
+    process.stderr.write(`mqtap: ${err.message}\n`);
+    if (err.hint) process.stderr.write(`hint: ${err.hint}\n`);
+    if (g.debug) process.stderr.write(`${err.stack ?? ''}\n`);
+  } else {
+    process.stderr.write(`mqtap: internal error: ${(err as Error)?.message ?? String(err)}\n`);
+    process.stderr.write(g.debug ? `${(err as Error)?.stack ?? ''}\n` : 'run again with --debug for the stack trace, and please report it\n');
+  }
+  return code;
+}
+
+export function buildProgram(run: (fn: () => number | Promise<number>, g: GlobalOpts) => void): Command {
+  const program = new Command('mqtap')
+    .description('Linux multi-queue tap + vhost-net backend: create, inspect and hand out tap queues')
+    .version(version())
+    .option('--debug', 'log debug details and show stack traces')
+    .addOption(new Option('--log-level <level>', 'pino log level on stderr').choices(['silent', 'fatal', 'error', 'warn', 'info', 'debug', 'trace']))
+    .option('--netns <name|path>', 'work inside this network namespace (name under /run/netns, or a path)')
+    .enablePositionalOptions()
+    .showHelpAfterError('(run with --help for usage)')
+    .exitOverride();
+
+  const globals = (cmd: Command): GlobalOpts => cmd.optsWithGlobals<GlobalOpts>();
+
+  program
+    .command('features')
+    .description('what the kernel supports for multi-queue taps')
+    .option('--json', 'machine-readable output')
+    .action((_o, cmd: Command) => run(() => cmdFeatures(globals(cmd)), globals(cmd)));
+
+  program
+    .command('create')
+    .description('create a persistent multi-queue tap')
+    .argument('<name>', 'interface name, or a template such as mqt%d')
+    .option('-q, --queues <n>', 'queues to attach (and release) to prove the tap works', intArg('--queues'), 1)
+    .option('--owner <user>', 'uid or user name allowed to attach queues without CAP_NET_ADMIN')
+    .option('--group <group>', 'gid or group name allowed to attach queues without CAP_NET_ADMIN')
+    .option('--mtu <bytes>', 'MTU', intArg('--mtu'))
+    .option('--mac <mac>', 'Ethernet address, e.g. 52:54:00:12:34:56')
+    .option('--up', 'bring the link up')
+    .option('--no-vnet-hdr', 'without the virtio-net header (IFF_VNET_HDR)')
+    .option('--vnet-hdr-size <bytes>', 'virtio-net header size: 10, 12 or 20', hdrSizeArg)
+    .option('--json', 'machine-readable output')
+    .action((name: string, o: CreateOpts, cmd: Command) => run(() => cmdCreate(name, o, globals(cmd)), globals(cmd)));
+
+  program
+    .command('delete')
+    .description('delete a tun/tap device (persistent or not)')
+    .argument('<name>')
+    .option('--json', 'machine-readable output')
+    .action((name: string, _o, cmd: Command) => run(() => cmdDelete(name, globals(cmd)), globals(cmd)));
+
+  program
+    .command('show')
+    .description("the kernel's view of one or all taps (rtnetlink), with enabled and disabled queue counts")
+    .argument('[name]')
+    .option('--all', 'include tun (layer 3) devices')
+    .option('--json', 'machine-readable output')
+    .action((name: string | undefined, o: { all?: boolean }, cmd: Command) => run(() => cmdShow(name, o, globals(cmd)), globals(cmd)));
+
+  program
+    .command('exec')
+    .description('open (or create) the queues of a tap and run a command with them as fds 3, 4, ...')
+    .argument('<name>', 'tap name or template')
+    .argument('<command...>', 'the command, after --')
+    .option('-q, --queues <n>', 'queues to open', intArg('--queues'), 1)
+    .option('-a, --active <k>', 'enable queues 0..k-1 only (the rest stay open, disabled)', intArg('--active'))
+    .addOption(new Option('--existing <policy>', 'if the tap exists').choices(['allow', 'require', 'forbid']).default('allow'))
+    .option('--no-vnet-hdr', 'without the virtio-net header (IFF_VNET_HDR)')
+    .option('--vnet-hdr-size <bytes>', 'virtio-net header size: 10, 12 or 20', hdrSizeArg)
+    .addHelpText(
+      'after',
+      '\nThe child gets the queue fds as 3, 4, ... and MQTAP_FDS=3:4:..., MQTAP_IFNAME, MQTAP_QUEUES in its\n' +
+        'environment; nothing else is inherited.  SIGINT, SIGTERM and SIGHUP are relayed.  mqtap exits with\n' +
+        "the command's status (128+N if a signal N killed it) and closes every queue.\n\n" +
+        'Example: mqtap exec mqt%d --queues 4 --active 2 -- qemu-system-x86_64 -netdev tap,id=n0,fds=3:4:5:6 ...',
+    )
+    .action((name: string, argv: string[], o: ExecOpts, cmd: Command) => run(() => cmdExec(name, argv, o, globals(cmd)), globals(cmd)));
+
+  program
+    .command('demo')
+    .description('show the whole thing working, in a throw-away network namespace (needs root)')
+    .option('-q, --queues <n>', 'queues', intArg('--queues'), 4)
+    .option('--json', 'machine-readable output')
+    .action((o: { queues: number }, cmd: Command) => run(() => cmdDemo(o, globals(cmd)), globals(cmd)));
+
+  return program;
+}
+
+export async function main(args: string[]): Promise<number> {
+  let result: Promise<number> | undefined;
+  let g: GlobalOpts = {};
+  const program = buildProgram((fn, globals) => {
+    g = globals;
+    result = Promise.resolve().then(fn);
+  }, );
+  try {
+    program.parse(args, { from: 'user' });
+    if (!result) return EXIT.OK;
+    return await result;
+  } catch (err) {
+    return reportError(err, g);
+  }
+}
+
+if (require.main === module) {
+  main(process.argv.slice(2)).then(
+    (code) => {
+      process.exitCode = code;
+    },
+    (err: unknown) => {
+      process.stderr.write(`mqtap: internal error: ${String(err)}\n`);
+      process.exitCode = EXIT.FAILURE;
+    },
+  );
+}

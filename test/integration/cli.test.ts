@@ -1,0 +1,256 @@
+/**
+ * The mqtap CLI against the real kernel, inside a throw-away network
+ * namespace (children spawned after isolateNetns() start in it too).
+ */
+import { spawn, spawnSync, type SpawnOptions } from 'node:child_process';
+import { existsSync, readFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
+import { isolateNetns, type IsolatedNetns } from '../../lib/netns';
+import { getTap, listTaps } from '../../lib/links';
+import { deleteTap } from '../../lib/tap';
+
+const ROOT = join(__dirname, '..', '..');
+const CLI = join(ROOT, 'dist', 'bin', 'mqtap.js');
+const DIST_LIB = join(ROOT, 'dist', 'lib');
+
+function capNetAdmin(): boolean {
+  const m = /^CapEff:\s*([0-9a-f]+)$/m.exec(readFileSync('/proc/self/status', 'utf8'));
+  return m ? (BigInt(`0x${m[1]}`) & (1n << 12n)) !== 0n : false;
+}
+
+const reason = !existsSync('/dev/net/tun')
+  ? '/dev/net/tun is missing'
+  : !capNetAdmin()
+    ? 'needs CAP_NET_ADMIN (run as root)'
+    : !existsSync(CLI)
+      ? 'dist/bin/mqtap.js is not built (npm run build)'
+      : '';
+if (reason) console.warn(`cli integration tests skipped: ${reason}`);
+
+interface Run {
+  status: number | null;
+  stdout: string;
+  stderr: string;
+}
+
+function mqtap(args: string[], opts: SpawnOptions = {}): Run {
+  const r = spawnSync(process.execPath, [CLI, ...args], { encoding: 'utf8', timeout: 30_000, ...opts } as Parameters<typeof spawnSync>[2]);
+  return { status: r.status, stdout: String(r.stdout), stderr: String(r.stderr) };
+}
+
+function ipLink(name: string): Record<string, unknown> & { linkinfo: { info_kind: string; info_data: Record<string, unknown> } } {
+  const r = spawnSync('ip', ['-d', '-j', 'link', 'show', name], { encoding: 'utf8' });
+  expect(r.status, r.stderr).toBe(0);
+  return JSON.parse(r.stdout)[0];
+}
+
+describe.skipIf(!!reason)(`mqtap CLI${reason ? ` (skipped: ${reason})` : ''}`, () => {
+  let ns: IsolatedNetns;
+  beforeAll(() => {
+    ns = isolateNetns();
+  });
+  afterEach(() => {
+    for (const t of listTaps()) deleteTap(t.name);
+  });
+  afterAll(() => {
+    ns?.restore();
+  });
+
+  it('features reports multi-queue support, as a table and as JSON', () => {
+    const human = mqtap(['features']);
+    expect(human.status).toBe(0);
+    expect(human.stdout).toMatch(/multi-queue \(IFF_MULTI_QUEUE\):\s+yes/);
+    const j = mqtap(['features', '--json']);
+    expect(j.status).toBe(0);
+    const parsed = JSON.parse(j.stdout) as { tun: { available: boolean; features: { multiQueue: boolean }; maxQueues: number } };
+    expect(parsed.tun.available).toBe(true);
+    expect(parsed.tun.features.multiQueue).toBe(true);
+    expect(parsed.tun.maxQueues).toBe(256);
+  });
+
+  it('create makes a persistent multi-queue tap with the given settings; show and ip agree; delete removes it', () => {
+    const c = mqtap(['create', 'cq0', '--queues', '4', '--mtu', '9000', '--mac', '52:54:00:12:34:56', '--owner', '0', '--group', '0', '--up', '--json']);
+    expect(c.status, c.stderr).toBe(0);
+    const created = JSON.parse(c.stdout) as { name: string; mtu: number; address: string; up: boolean; tun: Record<string, unknown> };
+    expect(created).toMatchObject({ name: 'cq0', mtu: 9000, address: '52:54:00:12:34:56', up: true });
+    expect(created.tun).toMatchObject({ type: 'tap', multiQueue: true, vnetHdr: true, persist: true, owner: 0, group: 0, numQueues: 0, numDisabledQueues: 0 });
+
+    const viaIp = ipLink('cq0');
+    expect(viaIp.linkinfo.info_kind).toBe('tun');
+    expect(viaIp.linkinfo.info_data).toMatchObject({ type: 'tap', multi_queue: true, vnet_hdr: true, persist: true, numqueues: 0, numdisabled: 0 });
+    expect(viaIp.mtu).toBe(9000);
+
+    const table = mqtap(['show']);
+    expect(table.status).toBe(0);
+    expect(table.stdout).toMatch(/^NAME\s+TYPE\s+MQ\s+VNET_HDR\s+PERSIST/m);
+    expect(table.stdout).toMatch(/^cq0\s+tap\s+yes\s+yes\s+yes\s+0\s+0\s+0\s+0\s+9000\s+52:54:00:12:34:56/m);
+
+    const again = mqtap(['create', 'cq0']);
+    expect(again.status).toBe(6);
+    expect(again.stderr).toMatch(/already exists/);
+    expect(again.stderr).not.toMatch(/\n\s+at /); // no stack trace for a user error
+
+    const d = mqtap(['delete', 'cq0']);
+    expect(d.status).toBe(0);
+    expect(getTap('cq0')).toBeUndefined();
+    const gone = mqtap(['delete', 'cq0']);
+    expect(gone.status).toBe(3);
+    expect(gone.stderr).toMatch(/no device named cq0/);
+  });
+
+  it('--no-vnet-hdr creates a tap without the virtio-net header', () => {
+    expect(mqtap(['create', 'cq1', '--no-vnet-hdr']).status).toBe(0);
+    expect(getTap('cq1')?.tun.vnetHdr).toBe(false);
+  });
+
+  it('show NAME --json and errors for missing or non-tap names', () => {
+    expect(mqtap(['create', 'cq2', '-q', '2']).status).toBe(0);
+    const one = mqtap(['show', 'cq2', '--json']);
+    expect(one.status).toBe(0);
+    expect(JSON.parse(one.stdout)).toMatchObject({ name: 'cq2', kind: 'tun', tun: { multiQueue: true } });
+    const missing = mqtap(['show', 'nope0', '--json']);
+    expect(missing.status).toBe(3);
+    expect(JSON.parse(missing.stdout).error).toMatchObject({ code: 'ENODEV' });
+    const lo = mqtap(['show', 'lo']);
+    expect(lo.status).toBe(3);
+    expect(lo.stderr).toMatch(/not a tun\/tap device/);
+    const delLo = mqtap(['delete', 'lo']);
+    expect(delLo.status).toBe(6);
+    expect(spawnSync('ip', ['link', 'show', 'lo']).status).toBe(0);
+  });
+
+  it('usage errors exit 2 before touching anything, with no stack trace', () => {
+    for (const args of [
+      ['create', 'bad name'],
+      ['create', 'x'.repeat(16)],
+      ['create', 'ok0', '--queues', '0'],
+      ['create', 'ok0', '--queues', '257'],
+      ['create', 'ok0', '--queues', 'four'],
+      ['create', 'ok0', '--mac', '01:00:5e:00:00:01'],
+      ['create', 'ok0', '--mtu', '10'],
+      ['exec', 'ok0', '--queues', '2', '--active', '3', '--', 'true'],
+      ['bogus'],
+    ]) {
+      const r = mqtap(args);
+      expect(r.status, `${args.join(' ')}: ${r.stderr}`).toBe(2);
+      expect(r.stderr).not.toMatch(/\n\s+at /);
+    }
+    expect(listTaps()).toEqual([]);
+  });
+
+  it('demo runs every step and leaves nothing behind', () => {
+    const r = mqtap(['demo', '--json']);
+    expect(r.status, r.stderr).toBe(0);
+    const out = JSON.parse(r.stdout) as { tap: string; steps: Array<{ step: string; ok: boolean }> };
+    expect(out.steps.map((s) => s.step)).toEqual(['probe', 'netns', 'open', 'active', 'tx', 'rx', 'handoff', 'close']);
+    expect(out.steps.every((s) => s.ok)).toBe(true);
+    expect(listTaps()).toEqual([]);
+  });
+
+  it('--debug shows the stack trace', () => {
+    const r = mqtap(['--debug', 'delete', 'nope0']);
+    expect(r.status).toBe(3);
+    expect(r.stderr).toMatch(/\n\s+at /);
+  });
+
+  it('a single-queue tap of that name: clear error naming multi_queue, device untouched', () => {
+    expect(spawnSync('ip', ['tuntap', 'add', 'dev', 'sq0', 'mode', 'tap']).status).toBe(0);
+    const r = mqtap(['exec', 'sq0', '--queues', '2', '--', 'true']);
+    expect(r.status).toBe(6);
+    expect(r.stderr).toMatch(/single-queue tap/);
+    expect(r.stderr).toMatch(/multi_queue/);
+    expect(getTap('sq0')?.tun).toMatchObject({ multiQueue: false, persist: true });
+  });
+
+  describe('exec', () => {
+    const probe = `
+      const b = require(${JSON.stringify(join(ROOT, 'build', 'Release', 'mqtap.node'))});
+      const fds = process.env.MQTAP_FDS.split(':').map(Number);
+      const out = { ifname: process.env.MQTAP_IFNAME, queues: process.env.MQTAP_QUEUES, fds,
+        owners: fds.map((fd) => b.tunGetIff(fd).name) };
+      console.log(JSON.stringify(out));`;
+
+    it('hands exactly the queue fds as 3.. and each is a queue of NAME (TUNGETIFF in the child)', () => {
+      const r = mqtap(['exec', 'xq%d', '--queues', '4', '--', process.execPath, '-e', probe]);
+      expect(r.status, r.stderr).toBe(0);
+      const out = JSON.parse(r.stdout) as { ifname: string; queues: string; fds: number[]; owners: string[] };
+      expect(out.ifname).toMatch(/^xq\d+$/);
+      expect(out.queues).toBe('4');
+      expect(out.fds).toEqual([3, 4, 5, 6]);
+      expect(out.owners).toEqual([out.ifname, out.ifname, out.ifname, out.ifname]);
+      // non-persistent tap created by exec is gone once mqtap exits
+      expect(getTap(out.ifname)).toBeUndefined();
+    });
+
+    it('nothing but stdio and the queue fds reaches the child, not even fds mqtap itself inherited', () => {
+      // Give mqtap an extra inherited, non-CLOEXEC fd (3 = a pipe) and list the child's fds with ls.
+      const r = spawnSync(process.execPath, [CLI, 'exec', 'xq%d', '--queues', '3', '--', 'ls', '-l', '/proc/self/fd'], {
+        encoding: 'utf8',
+        stdio: ['pipe', 'pipe', 'pipe', 'pipe'],
+        timeout: 30_000,
+      });
+      expect(r.status, String(r.stderr)).toBe(0);
+      const fds = new Map<number, string>();
+      for (const line of String(r.stdout).split('\n')) {
+        const m = / (\d+) -> (.*)$/.exec(line);
+        if (m) fds.set(Number(m[1]), m[2]!);
+      }
+      // ls opens /proc/self/fd itself: that is the only extra fd, numbered right after the queues
+      const extra = [...fds.keys()].filter((fd) => fd > 5);
+      expect(extra.length).toBe(1);
+      expect(fds.get(extra[0]!)).toMatch(/^\/proc\/\d+\/fd$/);
+      expect([0, 1, 2, 3, 4, 5].every((fd) => fds.has(fd))).toBe(true);
+      expect([3, 4, 5].map((fd) => fds.get(fd))).toEqual(['/dev/net/tun', '/dev/net/tun', '/dev/net/tun']);
+    });
+
+    it('--active K enables K queues and disables the rest (kernel view from inside the child)', () => {
+      expect(mqtap(['create', 'eq0']).status).toBe(0);
+      const r = mqtap(['exec', 'eq0', '--queues', '4', '--active', '2', '--existing', 'require', '--', 'ip', '-d', '-j', 'link', 'show', 'eq0']);
+      expect(r.status, r.stderr).toBe(0);
+      expect(JSON.parse(r.stdout)[0].linkinfo.info_data).toMatchObject({ numqueues: 2, numdisabled: 2 });
+      // persistent device stays, its queues are released
+      expect(getTap('eq0')?.tun).toMatchObject({ persist: true, numQueues: 0, numDisabledQueues: 0 });
+    });
+
+    it("exits with the command's status, and 128+N when a signal kills it", () => {
+      expect(mqtap(['exec', 'xq%d', '--', 'sh', '-c', 'exit 7']).status).toBe(7);
+      expect(mqtap(['exec', 'xq%d', '--', 'sh', '-c', 'kill -KILL $$']).status).toBe(137);
+      const missing = mqtap(['exec', 'xq%d', '--', '/nonexistent/program']);
+      expect(missing.status).toBe(127);
+      expect(missing.stderr).toMatch(/command not found/);
+      expect(listTaps()).toEqual([]);
+    });
+
+    it('relays SIGTERM to the child and cleans up', async () => {
+      const child = spawn(process.execPath, [CLI, 'exec', 'sq%d', '--queues', '2', '--', 'sh', '-c', 'trap "exit 42" TERM; echo ready; while :; do sleep 0.05; done'], {
+        stdio: ['ignore', 'pipe', 'pipe'],
+      });
+      let stdout = '';
+      await new Promise<void>((resolve, reject) => {
+        child.stdout!.on('data', (d: Buffer) => {
+          stdout += d.toString();
+          if (stdout.includes('ready')) resolve();
+        });
+        child.once('exit', () => reject(new Error(`exited early: ${stdout}`)));
+      });
+      expect(listTaps().length).toBe(1);
+      child.kill('SIGTERM');
+      const code = await new Promise<number | null>((resolve) => child.once('exit', (c) => resolve(c)));
+      expect(code).toBe(42);
+      expect(listTaps()).toEqual([]);
+    });
+
+    it('a failing open leaves nothing behind and names the step', () => {
+      const r = mqtap(['exec', 'eq1', '--existing', 'require', '--', 'true']);
+      expect(r.status).toBe(3);
+      expect(r.stderr).toMatch(/no tap named eq1/);
+      expect(r.stderr).toMatch(/mqtap create eq1/);
+      expect(listTaps()).toEqual([]);
+    });
+
+    it('DIST_LIB is loadable by children (sanity for the probe script)', () => {
+      expect(existsSync(join(DIST_LIB, 'index.js'))).toBe(true);
+    });
+  });
+});
