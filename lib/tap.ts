@@ -228,14 +228,14 @@ export class TapQueue {
   /**
    * Detaches the queue (TUNSETQUEUE IFF_DETACH_QUEUE): the kernel stops
    * steering frames to it; the fd and the device stay.  No-op when disabled.
-   * Refuses to disable the tap's last enabled queue (use setActiveQueues or
-   * close).
+   * Refuses to disable the tap's last enabled queue (the kernel would then
+   * drop every frame sent to the tap) unless `allowNone` is set.
    */
-  disable(): void {
+  disable(opts: { allowNone?: boolean } = {}): void {
     const fd = this.#live('TUNSETQUEUE');
     if (this.#state === 'disabled') return;
-    if (this.#tap.activeQueueCount() <= 1)
-      throw invalidArg(`${this.#tap.name} queue ${this.index} is the last enabled queue; a tap needs at least one`, 'enable another queue first, or close the tap');
+    if (!opts.allowNone && this.#tap.activeQueueCount() <= 1)
+      throw invalidArg(`${this.#tap.name} queue ${this.index} is the last enabled queue; a tap needs at least one`, 'enable another queue first, close the tap, or pass { allowNone: true } to pause the whole tap');
     this.#setQueue(fd, K.IFF_DETACH_QUEUE, 'disabled');
   }
 
@@ -468,36 +468,60 @@ export class Tap {
   }
 }
 
-function checkExisting(p: Plan): LinkInfo | undefined {
-  if (isTemplate(p.name)) return undefined;
-  const link = getLink(p.name);
-  if (!link) {
-    if (p.existing === 'require')
-      throw new MqtapError({
-        op: 'LOOKUP',
-        code: 'ENODEV',
-        errno: 19,
-        ifname: p.name,
-        message: `no tap named ${p.name} exists (existing: 'require')`,
-        hint: `create it first: \`mqtap create ${p.name} --queues N\` or \`ip tuntap add ${p.name} mode tap multi_queue vnet_hdr\``,
-      });
-    return undefined;
+function notFound(name: string): MqtapError {
+  return new MqtapError({
+    op: 'LOOKUP',
+    code: 'ENODEV',
+    errno: 19,
+    ifname: name,
+    message: `no tap named ${name} exists (existing: 'require')`,
+    hint: `create it first: \`mqtap create ${name} --queues N\` or \`ip tuntap add ${name} mode tap multi_queue vnet_hdr\``,
+  });
+}
+
+function alreadyExists(name: string): MqtapError {
+  return new MqtapError({
+    op: 'LOOKUP',
+    code: 'EEXIST',
+    errno: 17,
+    ifname: name,
+    message: `a device named ${name} already exists (existing: 'forbid')`,
+    hint: `pick another name, use a template such as "mqt%d", or delete it with \`mqtap delete ${name}\``,
+  });
+}
+
+/** Throws unless `link` is a multi-queue tap this library can attach to. */
+function requireMultiQueueTap(name: string, link: LinkInfo): void {
+  if (isTapLink(link) && link.tun.multiQueue && link.tun.type === 'tap' && !link.tun.pi) return;
+  // Refuse before TUNSETIFF: the kernel would answer EINVAL/EBUSY, less clearly.
+  throw explainSetIff(new MqtapError({ op: 'LOOKUP', code: 'EINVAL', errno: 22, ifname: name, message: `${name} exists but is not a multi-queue tap` }), name);
+}
+
+/**
+ * Attaches the first queue (fd) and finds out whether the device existed.
+ * Creating uses IFF_TUN_EXCL, so "did this call create it" needs no separate
+ * lookup and has no race; the device is looked up only when the kernel says
+ * the name is taken, or when it must already exist.
+ */
+function attachFirst(fd: number, p: Plan, flags: number): { name: string; existing: LinkInfo | undefined } {
+  if (p.existing === 'require') {
+    const link = getLink(p.name);
+    if (!link) throw notFound(p.name);
+    requireMultiQueueTap(p.name, link);
+    return { name: native.tunSetIff(fd, p.name, flags), existing: link };
   }
-  if (p.existing === 'forbid')
-    throw new MqtapError({
-      op: 'LOOKUP',
-      code: 'EEXIST',
-      errno: 17,
-      ifname: p.name,
-      message: `a device named ${p.name} already exists (existing: 'forbid')`,
-      hint: `pick another name, use a template such as "mqt%d", or delete it with \`mqtap delete ${p.name}\``,
-    });
-  if (!(isTapLink(link) && link.tun.multiQueue && link.tun.type === 'tap' && !link.tun.pi)) {
-    // Refuse before TUNSETIFF: the kernel would answer EINVAL/EBUSY, less clearly.
-    const e = new MqtapError({ op: 'LOOKUP', code: 'EINVAL', errno: 22, ifname: p.name, message: `${p.name} exists but is not a multi-queue tap` });
-    throw explainSetIff(e, p.name);
+  try {
+    return { name: native.tunSetIff(fd, p.name, flags | K.IFF_TUN_EXCL), existing: undefined };
+  } catch (err) {
+    if (!(err instanceof MqtapError) || err.code !== 'EBUSY' || isTemplate(p.name)) throw err;
+    const link = getLink(p.name);
+    if (!link) throw err;
+    if (p.existing === 'forbid') throw alreadyExists(p.name);
+    requireMultiQueueTap(p.name, link);
+    if (isTapLink(link) && link.tun.vnetHdr !== p.vnetHdr)
+      p.logger.warn({ ifname: p.name, deviceVnetHdr: link.tun.vnetHdr, vnetHdr: p.vnetHdr }, 'attaching changes the device-wide vnet_hdr flag for every queue');
+    return { name: native.tunSetIff(fd, p.name, flags), existing: link };
   }
-  return link;
 }
 
 function applySettings(tap: Tap, fd0: number, p: Plan, created: boolean): void {
@@ -538,28 +562,27 @@ export function openTap(opts: OpenTapOptions): Tap {
   const p = plan(opts);
   const flags = K.IFF_TAP | K.IFF_NO_PI | K.IFF_MULTI_QUEUE | (p.vnetHdr ? K.IFF_VNET_HDR : 0);
   return withNetns(p.netns, () => {
-    const existing = checkExisting(p);
-    if (existing && isTapLink(existing) && existing.tun.vnetHdr !== p.vnetHdr)
-      p.logger.warn({ ifname: p.name, deviceVnetHdr: existing.tun.vnetHdr, vnetHdr: p.vnetHdr }, 'attaching changes the device-wide vnet_hdr flag for every queue');
     let tap: Tap | undefined;
     let queue = 0;
+    let existing: LinkInfo | undefined;
     try {
-      const probe = native.tunOpen(p.devicePath);
-      let first: { fd: number; name: string };
+      const fd0 = native.tunOpen(p.devicePath);
+      let first: { name: string; existing: LinkInfo | undefined };
       try {
-        const features = native.tunGetFeatures(probe);
+        const features = native.tunGetFeatures(fd0);
         if (!(features & K.IFF_MULTI_QUEUE))
           throw new MqtapError({ op: 'TUNGETFEATURES', code: ErrorCodes.UNSUPPORTED, message: 'this kernel has no multi-queue tap support (IFF_MULTI_QUEUE)', hint: 'multi-queue taps need Linux 3.8 or later' });
-        first = { fd: probe, name: native.tunSetIff(probe, p.name, flags | (existing ? 0 : K.IFF_TUN_EXCL)) };
+        first = attachFirst(fd0, p, flags);
       } catch (err) {
-        native.close(probe);
+        native.close(fd0);
         throw err;
       }
+      existing = first.existing;
       tap = new Tap({ name: first.name, created: !existing, vnetHdr: p.vnetHdr, flags, devicePath: p.devicePath, netns: p.netns, logger: p.logger });
-      tap._push(first.fd, 'enabled');
+      tap._push(fd0, 'enabled');
       for (queue = 1; queue < p.queues; queue++) tap._push(tap._attachNew(false).fd, 'enabled');
       queue = -1;
-      applySettings(tap, first.fd, p, !existing);
+      applySettings(tap, fd0, p, !existing);
     } catch (err) {
       if (tap) {
         try {
@@ -568,9 +591,7 @@ export function openTap(opts: OpenTapOptions): Tap {
           /* closing our own fds cannot fail but for EBADF; the first error is the one to report */
         }
       }
-      const e = queue >= 0 ? withContext(explainSetIff(err, tap?.name ?? p.name), { ifname: tap?.name ?? p.name, queue }) : err;
-      if (e instanceof MqtapError && e.code === 'EBUSY' && !existing && queue === 0 && !isTemplate(p.name) && getLink(p.name))
-        e.hint = `a device named ${p.name} appeared while opening; retry, or use existing: 'allow'`;
+      const e = queue >= 0 && !(err instanceof MqtapError && err.op === 'LOOKUP') ? withContext(explainSetIff(err, tap?.name ?? p.name), { ifname: tap?.name ?? p.name, queue }) : err;
       p.logger.error({ ifname: p.name, queue, err: e }, 'openTap failed; everything opened was closed');
       throw e;
     }
