@@ -435,6 +435,54 @@ export class Tap {
     this.logger.info({ ifname: this.name, active: k, enabled: toEnable.map((q) => q.index), disabled: toDisable.map((q) => q.index) }, 'active queues set');
   }
 
+  /** @internal the fd of the first open queue, for device-wide ioctls. */
+  #anyFd(op: string): number {
+    const q = this.#queues.find((x) => x.state !== 'closed');
+    if (!q) throw new MqtapError({ op, code: ErrorCodes.CLOSED, ifname: this.name, message: `${this.name} is closed` });
+    return q.fd;
+  }
+
+  /** @internal one device-wide ioctl through any open queue, with context on failure. */
+  #device<T>(op: string, fn: (fd: number) => T): T {
+    const fd = this.#anyFd(op);
+    try {
+      return fn(fd);
+    } catch (err) {
+      throw withContext(err, { ifname: this.name });
+    }
+  }
+
+  /** The device's virtio-net header size (TUNGETVNETHDRSZ). */
+  vnetHdrSize(): number {
+    return this.#device('TUNGETVNETHDRSZ', (fd) => native.tunGetVnetHdrSz(fd));
+  }
+
+  /** Sets the device's virtio-net header size (TUNSETVNETHDRSZ): 10, 12 or 20. */
+  setVnetHdrSize(size: VnetHdrSize): void {
+    const n = validateVnetHdrSize(size);
+    if (!this.vnetHdr) throw invalidArg(`${this.name} was opened without vnetHdr; a header size has no effect`);
+    this.#device('TUNSETVNETHDRSZ', (fd) => native.tunSetVnetHdrSz(fd, n));
+  }
+
+  /** Sets the offloads the reader accepts (TUNSETOFFLOAD); `{}` turns them all off. */
+  setOffloads(offloads: Offloads): void {
+    const flags = offloadFlags(offloads);
+    if (!this.vnetHdr && flags) throw invalidArg('offloads need a tap opened with vnetHdr: true');
+    this.#device('TUNSETOFFLOAD', (fd) => native.tunSetOffload(fd, flags));
+  }
+
+  /** Reports carrier up or down to the stack (TUNSETCARRIER). */
+  setCarrier(on: boolean): void {
+    validateBoolean(on, 'carrier');
+    this.#device('TUNSETCARRIER', (fd) => native.tunSetCarrier(fd, on));
+  }
+
+  /** Keeps the device after the last queue closes, or not (TUNSETPERSIST). */
+  setPersist(on: boolean): void {
+    validateBoolean(on, 'persist');
+    this.#device('TUNSETPERSIST', (fd) => native.tunSetPersist(fd, on));
+  }
+
   /** The kernel's current view of this device (rtnetlink). */
   info(): TapLinkInfo | undefined {
     const link = getLink(this.name, this.netns !== undefined ? { netns: this.netns } : {});

@@ -1,0 +1,97 @@
+/**
+ * Device-wide settings on an open Tap, checked through the kernel's view
+ * (rtnetlink) and the matching TUNGET* ioctls.  Runs in its own namespace.
+ */
+import { spawnSync } from 'node:child_process';
+import { existsSync, readFileSync } from 'node:fs';
+import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
+import { MqtapError } from '../../lib/errors';
+import { isolateNetns, type IsolatedNetns } from '../../lib/netns';
+import { deleteTap, openTap, type Tap } from '../../lib/tap';
+import { getTap, listTaps } from '../../lib/links';
+import { native } from '../../lib/native';
+
+function capNetAdmin(): boolean {
+  const m = /^CapEff:\s*([0-9a-f]+)$/m.exec(readFileSync('/proc/self/status', 'utf8'));
+  return m ? (BigInt(`0x${m[1]}`) & (1n << 12n)) !== 0n : false;
+}
+const reason = !existsSync('/dev/net/tun') ? '/dev/net/tun is missing' : !capNetAdmin() ? 'needs CAP_NET_ADMIN (run as root)' : '';
+if (reason) console.warn(`tap settings tests skipped: ${reason}`);
+
+describe.skipIf(!!reason)(`tap device settings${reason ? ` (skipped: ${reason})` : ''}`, () => {
+  let ns: IsolatedNetns;
+  let tap: Tap | undefined;
+  beforeAll(() => {
+    ns = isolateNetns();
+  });
+  afterEach(() => {
+    tap?.close();
+    tap = undefined;
+    for (const t of listTaps()) deleteTap(t.name);
+  });
+  afterAll(() => ns?.restore());
+
+  it('vnetHdrSize at open and later, read back with TUNGETVNETHDRSZ on every queue', () => {
+    tap = openTap({ name: 'st%d', queues: 3, vnetHdrSize: 12 });
+    expect(tap.vnetHdrSize()).toBe(12);
+    for (const q of tap.queues) expect(native.tunGetVnetHdrSz(q.fd)).toBe(12); // per device: every queue agrees
+    tap.setVnetHdrSize(10);
+    expect(native.tunGetVnetHdrSz(tap.queues[2]!.fd)).toBe(10);
+    expect(() => tap!.setVnetHdrSize(11 as 10)).toThrow(/vnetHdrSize must be one of/);
+  });
+
+  it('carrier off and on shows in the kernel operstate', () => {
+    tap = openTap({ name: 'st%d', queues: 2, up: true });
+    expect(getTap(tap.name)?.operstate).toBe('unknown'); // tun reports "unknown" while the carrier is on
+    tap.setCarrier(false);
+    expect(getTap(tap.name)?.operstate).toBe('down');
+    tap.setCarrier(true);
+    expect(getTap(tap.name)?.operstate).not.toBe('down');
+  });
+
+  it('offloads: accepted combinations and the kernel refusing one is a clear error', () => {
+    tap = openTap({ name: 'st%d', offloads: { csum: true, tso4: true, tso6: true } });
+    tap.setOffloads({});
+    tap.setOffloads({ csum: true, tso4: true, tsoEcn: true });
+    expect(() => tap!.setOffloads({ tso4: true })).toThrow(/need csum/);
+    const noHdr = openTap({ name: 'st%d', vnetHdr: false });
+    try {
+      expect(() => noHdr.setOffloads({ csum: true })).toThrow(/vnetHdr/);
+    } finally {
+      noHdr.close();
+    }
+  });
+
+  it('setPersist keeps the device after close, and off again removes it with the last queue', () => {
+    tap = openTap({ name: 'st%d' });
+    const name = tap.name;
+    tap.setPersist(true);
+    tap.close();
+    expect(getTap(name)?.tun.persist).toBe(true);
+    tap = openTap({ name, existing: 'require' });
+    tap.setPersist(false);
+    tap.close();
+    expect(getTap(name)).toBeUndefined();
+  });
+
+  it('device-wide calls on a closed tap fail with ERR_CLOSED', () => {
+    tap = openTap({ name: 'st%d' });
+    tap.close();
+    try {
+      tap.setCarrier(true);
+      expect.unreachable();
+    } catch (err) {
+      expect(err).toBeInstanceOf(MqtapError);
+      expect((err as MqtapError).code).toBe('ERR_CLOSED');
+    }
+  });
+
+  it('mtu, mac and up at open agree with iproute2', () => {
+    tap = openTap({ name: 'st%d', mtu: 4000, mac: '52:54:00:ab:cd:ef', up: true });
+    const r = spawnSync('ip', ['-d', '-j', 'link', 'show', tap.name], { encoding: 'utf8' });
+    const link = JSON.parse(r.stdout)[0] as { mtu: number; address: string; flags: string[] };
+    expect(link.mtu).toBe(4000);
+    expect(link.address).toBe('52:54:00:ab:cd:ef');
+    expect(link.flags).toContain('UP');
+  });
+});
