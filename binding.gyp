@@ -8,7 +8,10 @@
         "native/tun.cc",
         "native/link.cc",
         "native/rtnl.cc",
-        "native/sys.cc"
+        "native/sys.cc",
+        "native/vhost.cc",
+        "native/mem.cc",
+        "native/virtio_consts.c"
       ],
       "include_dirs": ["<!(node -p \"require('node-addon-api').include_dir\")"],
       "defines": ["NAPI_VERSION=8", "NAPI_CPP_EXCEPTIONS", "_GNU_SOURCE"],

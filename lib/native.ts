@@ -42,6 +42,52 @@ export interface NativeConstants {
   readonly IF_OPER_DORMANT: number;
   readonly IF_OPER_UP: number;
   readonly CLONE_NEWNET: number;
+  readonly PAGE_SIZE: number;
+  // virtio / vhost-net (native/virtio_consts.c)
+  readonly VHOST_FILE_UNBIND: number;
+  readonly VIRTIO_F_NOTIFY_ON_EMPTY: number;
+  readonly VIRTIO_F_ANY_LAYOUT: number;
+  readonly VIRTIO_F_VERSION_1: number;
+  readonly VIRTIO_F_ACCESS_PLATFORM: number;
+  readonly VIRTIO_F_RING_PACKED: number;
+  readonly VIRTIO_F_IN_ORDER: number;
+  readonly VIRTIO_RING_F_INDIRECT_DESC: number;
+  readonly VIRTIO_RING_F_EVENT_IDX: number;
+  readonly VHOST_F_LOG_ALL: number;
+  readonly VHOST_NET_F_VIRTIO_NET_HDR: number;
+  readonly VIRTIO_NET_F_CSUM: number;
+  readonly VIRTIO_NET_F_GUEST_CSUM: number;
+  readonly VIRTIO_NET_F_MAC: number;
+  readonly VIRTIO_NET_F_GUEST_TSO4: number;
+  readonly VIRTIO_NET_F_GUEST_TSO6: number;
+  readonly VIRTIO_NET_F_GUEST_ECN: number;
+  readonly VIRTIO_NET_F_GUEST_UFO: number;
+  readonly VIRTIO_NET_F_HOST_TSO4: number;
+  readonly VIRTIO_NET_F_HOST_TSO6: number;
+  readonly VIRTIO_NET_F_HOST_ECN: number;
+  readonly VIRTIO_NET_F_HOST_UFO: number;
+  readonly VIRTIO_NET_F_MRG_RXBUF: number;
+  readonly VIRTIO_NET_F_STATUS: number;
+  readonly VIRTIO_NET_F_CTRL_VQ: number;
+  readonly VIRTIO_NET_F_MQ: number;
+  readonly VIRTIO_NET_HDR_F_NEEDS_CSUM: number;
+  readonly VIRTIO_NET_HDR_F_DATA_VALID: number;
+  readonly VIRTIO_NET_HDR_GSO_NONE: number;
+  readonly VIRTIO_NET_HDR_GSO_TCPV4: number;
+  readonly VIRTIO_NET_HDR_GSO_UDP: number;
+  readonly VIRTIO_NET_HDR_GSO_TCPV6: number;
+  readonly VIRTIO_NET_HDR_GSO_ECN: number;
+  readonly VIRTIO_NET_CTRL_MQ_VQ_PAIRS_MIN: number;
+  readonly VIRTIO_NET_CTRL_MQ_VQ_PAIRS_MAX: number;
+  readonly VRING_DESC_F_NEXT: number;
+  readonly VRING_DESC_F_WRITE: number;
+  readonly VRING_DESC_F_INDIRECT: number;
+  readonly VRING_USED_F_NO_NOTIFY: number;
+  readonly VRING_AVAIL_F_NO_INTERRUPT: number;
+  readonly SIZEOF_VIRTIO_NET_HDR: number;
+  readonly SIZEOF_VIRTIO_NET_HDR_MRG_RXBUF: number;
+  readonly SIZEOF_VRING_DESC: number;
+  readonly SIZEOF_VRING_USED_ELEM: number;
   readonly FD_CLOEXEC: number;
   readonly O_NONBLOCK: number;
 }
@@ -124,6 +170,43 @@ export interface NativeBinding {
   setns(fd: number, nstype: number): void;
   unshare(flags: number): void;
   gettid(): number;
+  // vhost-net
+  vhostOpen(path?: string): number;
+  vhostSetOwner(fd: number): void;
+  vhostResetOwner(fd: number): void;
+  vhostGetFeatures(fd: number): bigint;
+  vhostSetFeatures(fd: number, features: bigint): void;
+  vhostGetBackendFeatures(fd: number): bigint;
+  vhostSetBackendFeatures(fd: number, features: bigint): void;
+  vhostSetMemTable(fd: number, regions: VhostMemRegion[]): void;
+  vhostSetVringNum(fd: number, index: number, num: number): void;
+  vhostSetVringBase(fd: number, index: number, num: number): void;
+  vhostGetVringBase(fd: number, index: number): number;
+  vhostSetVringAddr(fd: number, index: number, addr: VhostVringAddr): void;
+  vhostSetVringKick(fd: number, index: number, eventfd: number): void;
+  vhostSetVringCall(fd: number, index: number, eventfd: number): void;
+  vhostSetVringErr(fd: number, index: number, eventfd: number): void;
+  vhostNetSetBackend(fd: number, index: number, tapFd: number): void;
+  // memory and eventfds
+  allocPages(bytes: number): ArrayBuffer;
+  addressOf(buf: ArrayBuffer | ArrayBufferView): bigint;
+  eventfdOpen(initval?: number): number;
+  eventfdRead(fd: number): bigint | null;
+  eventfdWrite(fd: number, value?: bigint): void;
+}
+
+export interface VhostMemRegion {
+  guestPhysAddr: bigint;
+  memorySize: bigint;
+  userspaceAddr: bigint;
+}
+
+export interface VhostVringAddr {
+  descUserAddr: bigint;
+  availUserAddr: bigint;
+  usedUserAddr: bigint;
+  logGuestAddr?: bigint;
+  flags?: number;
 }
 
 function load(): NativeBinding {

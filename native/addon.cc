@@ -9,6 +9,8 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   mqtap::InitLink(env, exports);
   mqtap::InitRtnl(env, exports);
   mqtap::InitSys(env, exports);
+  mqtap::InitVhost(env, exports);
+  mqtap::InitMem(env, exports);
   return exports;
 }
 

@@ -43,5 +43,7 @@ void InitTun(Napi::Env env, Napi::Object exports);
 void InitLink(Napi::Env env, Napi::Object exports);
 void InitRtnl(Napi::Env env, Napi::Object exports);
 void InitSys(Napi::Env env, Napi::Object exports);
+void InitVhost(Napi::Env env, Napi::Object exports);
+void InitMem(Napi::Env env, Napi::Object exports);
 
 }  // namespace mqtap
