@@ -94,6 +94,18 @@ const HINTS: Record<string, HintFn> = {
   'RTM_DELLINK:EOPNOTSUPP': () => 'this device cannot be deleted over rtnetlink',
   'SETNS:EINVAL': () => 'that file is not a network namespace',
   'NS_OPEN:ENOENT': () => 'no such network namespace: list them with `ip netns list`',
+  'VHOST_OPEN:ENOENT': () =>
+    '/dev/vhost-net does not exist: load the module (`modprobe vhost_net`); in a container, pass the device in',
+  'VHOST_OPEN:ENODEV': () => 'vhost-net is not available in this kernel: `modprobe vhost_net` (CONFIG_VHOST_NET)',
+  'VHOST_OPEN:EACCES': () =>
+    "no permission to open /dev/vhost-net: check its mode and group (`ls -l /dev/vhost-net`, often root:kvm 0660), add the user to that group, or run as root",
+  'VHOST_OPEN:EPERM': () => 'no permission to open /dev/vhost-net: run as root or grant access to the device node',
+  'VHOST_SET_OWNER:EBUSY': () =>
+    'this vhost-net fd already has an owner (VHOST_SET_OWNER was called before, maybe by the process it was handed to): use a fresh fd, or VHOST_RESET_OWNER first',
+  'VHOST_SET_FEATURES:EOPNOTSUPP': () => 'vhost-net does not offer one of those feature bits: ask VHOST_GET_FEATURES (`mqtap features`) and negotiate a subset',
+  'VHOST_NET_SET_BACKEND:ENOTSOCK': () => 'the backend fd is not a tap queue (nor a macvtap/packet socket)',
+  'VHOST_NET_SET_BACKEND:EFAULT': () => 'the rings are not set up (VHOST_SET_VRING_ADDR / memory table) for that virtqueue',
+  'VHOST_NET_SET_BACKEND:ENOBUFS': () => 'the virtqueue index is out of range: vhost-net has virtqueues 0 (RX) and 1 (TX)',
   EBADFD: () => 'the fd is not attached to a tap: the device was deleted, or the fd is a fresh /dev/net/tun fd',
   EBADF: () => 'the fd is not open: the queue was closed (or the number was never an fd)',
   ENOTTY: () => 'the fd is not a /dev/net/tun fd',

@@ -10,6 +10,23 @@ export { MqtapError, ErrorCodes, errnoName, type MqtapErrorInit } from './errors
 export { openTap, deleteTap, offloadFlags, Tap, TapQueue, type OpenTapOptions, type Offloads, type QueueState, type QueueStates, type ExistingPolicy } from './tap';
 export { getLink, getTap, listLinks, listTaps, isTapLink, type LinkInfo, type TapLinkInfo, type TunInfo, type OperState, type LookupOptions, type LinkStats } from './links';
 export { probeTun, decodeTunFeatures, type TunFeatures, type TunProbe } from './probe';
+export { openNetdev, Netdev, QueuePair, type OpenNetdevOptions, type VhostMode, type PairState } from './netdev';
+export {
+  probeVhostNet,
+  decodeFeatures,
+  featureMask,
+  vnetHdrSizeFor,
+  checkTapForVhost,
+  VhostPairDriver,
+  FEATURE_BITS,
+  VHOST_NET_RX,
+  VHOST_NET_TX,
+  type VhostProbe,
+  type DecodedFeatures,
+  type PairDriverOptions,
+} from './vhost';
+export { SplitVirtqueue, vringLayout, type VringLayout, type UsedElem } from './vring';
+export { spawnWithFds, exitStatus, type SpawnWithFdsOptions, type SpawnedChild, type ChildExit } from './spawn';
 export { withNetns, isolateNetns, netnsPath, type IsolatedNetns } from './netns';
 export { silentLogger, stderrLogger, type Logger } from './log';
 export {

@@ -1,0 +1,300 @@
+/**
+ * Multi-queue netdevs: queue pair i = tap queue i + vhost-net fd i, the unit
+ * QEMU's `-netdev tap,fds=...,vhostfds=...` takes and virtio-net's
+ * VQ_PAIRS_SET counts.
+ */
+import { ErrorCodes, MqtapError, invalidArg, withContext } from './errors';
+import { silentLogger, type Logger } from './log';
+import { K, native } from './native';
+import { withNetns } from './netns';
+import { openTap, type OpenTapOptions, type QueueStates, type Tap, type TapQueue } from './tap';
+import { validateInt, validateOneOf, validateQueueCount } from './validate';
+import { VhostPairDriver, probeVhostNet, type PairDriverOptions } from './vhost';
+
+export type VhostMode = 'on' | 'off' | 'auto';
+
+export interface OpenNetdevOptions extends Omit<OpenTapOptions, 'queues'> {
+  /** Queue pairs, 1..256. */
+  pairs: number;
+  /** 'on': vhost-net required; 'off': none; 'auto' (default): use it when it can be opened, else log a warning. */
+  vhost?: VhostMode;
+  /** Default '/dev/vhost-net'. */
+  vhostDevicePath?: string;
+}
+
+export type PairState = 'enabled' | 'disabled' | 'closed';
+
+/** Tap queue i and (when vhost is on) vhost-net fd i. */
+export class QueuePair {
+  readonly index: number;
+  readonly tapQueue: TapQueue;
+  #vhostFd: number;
+  #driver: VhostPairDriver | undefined;
+
+  /** @internal */
+  constructor(index: number, tapQueue: TapQueue, vhostFd: number) {
+    this.index = index;
+    this.tapQueue = tapQueue;
+    this.#vhostFd = vhostFd;
+  }
+
+  /** The vhost-net fd, or -1 (no vhost, or closed). */
+  get vhostFd(): number {
+    return this.#vhostFd;
+  }
+
+  get state(): PairState {
+    return this.tapQueue.state;
+  }
+
+  /** The in-process vring driver, when this process drives the pair (Netdev.drive). */
+  get driver(): VhostPairDriver | undefined {
+    return this.#driver;
+  }
+
+  /** @internal */
+  _setDriver(d: VhostPairDriver | undefined): void {
+    this.#driver = d;
+  }
+
+  /** @internal: stops the driver (if any), then closes the vhost fd, then the tap queue. */
+  _close(): void {
+    let first: unknown;
+    try {
+      this.#driver?.stop();
+    } catch (err) {
+      first = err;
+    }
+    this.#driver = undefined;
+    if (this.#vhostFd >= 0) {
+      const fd = this.#vhostFd;
+      this.#vhostFd = -1;
+      native.close(fd);
+    }
+    this.tapQueue.close();
+    if (first) throw first;
+  }
+
+  /** @internal the vhost fd was handed to a caller that now owns it. */
+  _forgetVhost(): number {
+    const fd = this.#vhostFd;
+    this.#vhostFd = -1;
+    return fd;
+  }
+}
+
+export class Netdev {
+  readonly tap: Tap;
+  readonly pairs: readonly QueuePair[];
+  readonly vhost: boolean;
+  readonly logger: Logger;
+
+  /** @internal use openNetdev(). */
+  constructor(tap: Tap, pairs: QueuePair[], vhost: boolean, logger: Logger) {
+    this.tap = tap;
+    this.pairs = pairs;
+    this.vhost = vhost;
+    this.logger = logger;
+  }
+
+  get name(): string {
+    return this.tap.name;
+  }
+
+  /** Tap queue fds of the open pairs, in pair order. */
+  tapFds(): number[] {
+    return this.pairs.filter((p) => p.state !== 'closed').map((p) => p.tapQueue.fd);
+  }
+
+  /** vhost-net fds of the open pairs, in pair order (empty without vhost). */
+  vhostFds(): number[] {
+    return this.vhost ? this.pairs.filter((p) => p.state !== 'closed').map((p) => p.vhostFd) : [];
+  }
+
+  activePairCount(): number {
+    return this.pairs.filter((p) => p.state === 'enabled').length;
+  }
+
+  /**
+   * Drives pair `index` from this process with a userspace vring driver
+   * (vhost-net needed).  Sets the tap's header size to what the features need.
+   */
+  drive(index: number, opts: PairDriverOptions = {}): VhostPairDriver {
+    const pair = this.pairs[validateInt(index, 'pair', 0, this.pairs.length - 1)]!;
+    if (!this.vhost || pair.vhostFd < 0)
+      throw new MqtapError({ op: 'VHOST_DRIVER', code: ErrorCodes.UNSUPPORTED, ifname: this.name, queue: index, message: `${this.name} pair ${index} has no vhost-net fd`, hint: "open the netdev with vhost: 'on'" });
+    if (pair.driver) return pair.driver;
+    if (pair.state !== 'enabled') throw invalidArg(`${this.name} pair ${index} is ${pair.state}; enable it first (setActivePairs)`);
+    try {
+      const d = new VhostPairDriver(pair.vhostFd, pair.tapQueue.fd, opts);
+      pair._setDriver(d);
+      this.logger.info({ ifname: this.name, pair: index, features: `0x${d.features.toString(16)}` }, 'vhost pair driven');
+      return d;
+    } catch (err) {
+      throw withContext(err, { ifname: this.name, queue: index });
+    }
+  }
+
+  /**
+   * Makes pairs 0..k-1 enabled and the rest disabled (virtio-net's
+   * VQ_PAIRS_SET).  Enables before it disables, so there is always an
+   * enabled pair.  For a pair this process drives, the vhost backend is
+   * unbound before its tap queue is detached and bound after it is attached.
+   * On failure the steps taken are undone; if that fails too, the error has
+   * code ERR_PARTIAL_STATE and `state` lists every pair.
+   */
+  setActivePairs(k: number): void {
+    const open = this.pairs.filter((p) => p.state !== 'closed');
+    if (open.length === 0) throw new MqtapError({ op: 'SET_ACTIVE', code: ErrorCodes.CLOSED, ifname: this.name, message: `${this.name} is closed` });
+    validateInt(k, 'active pairs', 1, open.length, `${this.name} has ${open.length} open pair(s)`);
+    type Step = { pair: QueuePair; to: 'enabled' | 'disabled' };
+    const steps: Step[] = [
+      ...open.slice(0, k).filter((p) => p.state === 'disabled').map((pair) => ({ pair, to: 'enabled' as const })),
+      ...open.slice(k).filter((p) => p.state === 'enabled').reverse().map((pair) => ({ pair, to: 'disabled' as const })),
+    ];
+    const apply = (s: Step, to: 'enabled' | 'disabled'): void => {
+      const d = s.pair.driver;
+      if (to === 'enabled') {
+        s.pair.tapQueue._set('enabled');
+        if (d) {
+          try {
+            d.bind();
+          } catch (err) {
+            s.pair.tapQueue._set('disabled');
+            throw err;
+          }
+        }
+      } else {
+        d?.unbind();
+        try {
+          s.pair.tapQueue._set('disabled');
+        } catch (err) {
+          d?.bind();
+          throw err;
+        }
+      }
+    };
+    const done: Step[] = [];
+    try {
+      for (const s of steps) {
+        apply(s, s.to);
+        done.push(s);
+      }
+    } catch (err) {
+      const undo: string[] = [];
+      for (const s of done.reverse()) {
+        try {
+          apply(s, s.to === 'enabled' ? 'disabled' : 'enabled');
+        } catch (e) {
+          undo.push(`pair ${s.pair.index}: ${(e as Error).message}`);
+        }
+      }
+      const failed = steps[done.length]!;
+      const e = withContext(err, { ifname: this.name, queue: failed.pair.index });
+      if (undo.length === 0) {
+        if (e instanceof MqtapError) e.setMessage(`setActivePairs(${k}): ${e.message}; previous state restored`);
+        throw e;
+      }
+      const state: QueueStates = this.pairs.map((p) => ({ index: p.index, state: p.state }));
+      const partial = new MqtapError({
+        op: 'SET_ACTIVE',
+        code: ErrorCodes.PARTIAL,
+        ifname: this.name,
+        message: `setActivePairs(${k}) on ${this.name} failed (${(err as Error).message}) and could not be undone (${undo.join('; ')}); pairs now: ${state.map((s) => `${s.index}=${s.state}`).join(' ')}`,
+        hint: 'call setActivePairs again or close the netdev',
+        cause: err,
+      });
+      (partial as MqtapError & { state: QueueStates }).state = state;
+      throw partial;
+    }
+    this.logger.info({ ifname: this.name, active: k }, 'active pairs set');
+  }
+
+  /**
+   * Closes every pair: drivers stopped, vhost fds closed, tap queues closed
+   * (a non-persistent tap disappears).  Idempotent.
+   */
+  close(): void {
+    let first: unknown;
+    for (const p of [...this.pairs].reverse()) {
+      try {
+        p._close();
+      } catch (err) {
+        first ??= err;
+      }
+    }
+    try {
+      this.tap.close();
+    } catch (err) {
+      first ??= err;
+    }
+    if (first) throw first;
+  }
+
+  [Symbol.dispose](): void {
+    this.close();
+  }
+}
+
+const NETDEV_KEYS = ['pairs', 'vhost', 'vhostDevicePath'];
+
+/**
+ * Opens a multi-queue netdev of `pairs` queue pairs, all or nothing: tap
+ * queues first (vnet_hdr on, checked consistent on every queue, 12-byte
+ * header when vhost is used), then one /dev/vhost-net fd per pair (opened,
+ * not owned: the process that drives it — this one via drive(), or QEMU —
+ * does VHOST_SET_OWNER).
+ */
+export function openNetdev(opts: OpenNetdevOptions): Netdev {
+  if (typeof opts !== 'object' || opts === null) throw invalidArg('openNetdev(options): options must be an object');
+  const pairs = validateQueueCount(opts.pairs, 'pairs');
+  const mode = opts.vhost === undefined ? 'auto' : validateOneOf(opts.vhost, 'vhost', ['on', 'off', 'auto'] as const);
+  const logger = opts.logger ?? silentLogger;
+  const tapOpts: OpenTapOptions = Object.fromEntries(Object.entries(opts).filter(([k]) => !NETDEV_KEYS.includes(k))) as unknown as OpenTapOptions;
+  const vhostPath = opts.vhostDevicePath ?? '/dev/vhost-net';
+  let useVhost = mode !== 'off';
+  if (useVhost) {
+    if (opts.vnetHdr === false) throw invalidArg("vhost needs the virtio-net header: drop vnetHdr: false or use vhost: 'off'");
+    const probe = withNetns(opts.netns, () => probeVhostNet({ devicePath: vhostPath }));
+    if (!probe.openable) {
+      if (mode === 'on')
+        throw new MqtapError({
+          op: 'VHOST_OPEN',
+          code: probe.error?.code ?? 'ENOENT',
+          message: `vhost-net is required (vhost: 'on') but unusable: ${probe.error?.message ?? 'unknown'}`,
+          ...(probe.error?.hint ? { hint: probe.error.hint } : {}),
+        });
+      logger.warn({ reason: probe.error?.message, hint: probe.error?.hint }, "vhost-net unavailable; continuing without it (vhost: 'auto')");
+      useVhost = false;
+    }
+  }
+  const tap = openTap({ ...tapOpts, queues: pairs, ...(useVhost && tapOpts.vnetHdrSize === undefined ? { vnetHdrSize: 12 } : {}) });
+  const vhostFds: number[] = [];
+  try {
+    // QEMU refuses "vnet_hdr not consistent across given tap fds": refuse earlier, naming the queue.
+    const want = tap.vnetHdr;
+    const size = want ? native.tunGetVnetHdrSz(tap.queues[0]!.fd) : 0;
+    for (const q of tap.queues) {
+      const { flags } = native.tunGetIff(q.fd);
+      const has = (flags & K.IFF_VNET_HDR) !== 0;
+      if (has !== want || (want && native.tunGetVnetHdrSz(q.fd) !== size))
+        throw new MqtapError({ op: 'VNET_HDR_CHECK', code: 'EINVAL', ifname: tap.name, queue: q.index, message: `vnet_hdr is not consistent across the queues of ${tap.name} (queue ${q.index} differs)` });
+    }
+    if (useVhost) {
+      for (let i = 0; i < pairs; i++) {
+        try {
+          vhostFds.push(withNetns(opts.netns, () => native.vhostOpen(vhostPath)));
+        } catch (err) {
+          throw withContext(err, { ifname: tap.name, queue: i });
+        }
+      }
+    }
+  } catch (err) {
+    for (const fd of vhostFds) native.close(fd);
+    tap.close();
+    throw err;
+  }
+  const qp = tap.queues.map((q, i) => new QueuePair(i, q, useVhost ? vhostFds[i]! : -1));
+  logger.info({ ifname: tap.name, pairs, vhost: useVhost, tapFds: tap.fds(), vhostFds }, 'netdev opened');
+  return new Netdev(tap, qp, useVhost, logger);
+}
