@@ -50,13 +50,25 @@ export const ErrorCodes = {
 
 const systemErrors: Map<number, [string, string]> = getSystemErrorMap();
 
-/** errno number -> ['EBUSY', 'resource busy or locked'] (libuv's wording). */
+/** Set by lib/native.ts: glibc's strerrorname_np/strerror, which know every Linux errno (libuv lacks EBADFD, calls EOPNOTSUPP ENOTSUP). */
+let nativeErrno: ((errno: number) => [string, string] | null) | undefined;
+
+/** @internal */
+export function _setErrnoDescriber(fn: (errno: number) => [string, string] | null): void {
+  nativeErrno = fn;
+}
+
+function describeErrno(errno: number): [string, string] | undefined {
+  return nativeErrno?.(errno) ?? systemErrors.get(-errno);
+}
+
+/** errno number -> 'EBUSY' (the kernel's own name). */
 export function errnoName(errno: number): string {
-  return systemErrors.get(-errno)?.[0] ?? `errno ${errno}`;
+  return describeErrno(errno)?.[0] ?? `errno ${errno}`;
 }
 
 function errnoText(errno: number): string {
-  return systemErrors.get(-errno)?.[1] ?? 'unknown error';
+  return describeErrno(errno)?.[1]?.toLowerCase() ?? 'unknown error';
 }
 
 type HintFn = (e: MqtapError) => string | undefined;

@@ -4,7 +4,7 @@
  * rtnetlink exchange) with no policy.  See docs/architecture.md.
  */
 import bindings from 'bindings';
-import { MqtapError, type NativeErrorProps } from './errors';
+import { MqtapError, _setErrnoDescriber, type NativeErrorProps } from './errors';
 
 /** Kernel constants read from the kernel headers when the addon was built. */
 export interface NativeConstants {
@@ -137,6 +137,8 @@ export interface LinkStats {
 export interface NativeBinding {
   readonly constants: NativeConstants;
   setErrorClass(ctor: new (props: NativeErrorProps) => Error): void;
+  /** [name, text] from strerrorname_np/strerror, or null for an unknown errno. */
+  errnoDescribe(errno: number): [string, string] | null;
   // /dev/net/tun
   tunOpen(path?: string): number;
   tunSetIff(fd: number, name: string, flags: number): string;
@@ -223,6 +225,7 @@ function load(): NativeBinding {
     });
   }
   binding.setErrorClass(MqtapError);
+  _setErrnoDescriber((n) => binding.errnoDescribe(n));
   return binding;
 }
 

@@ -7,14 +7,15 @@
  * other JavaScript runs) makes every tap and socket the library creates land
  * in that namespace.  Queue fds keep working after the thread leaves.
  */
-import { MqtapError } from './errors';
 import { K, native } from './native';
-import { validateIfName } from './validate';
+import { MqtapError, invalidArg } from './errors';
 
 /** '/run/netns/NAME' for a bare name (as `ip netns` names them), or the path as given. */
 export function netnsPath(nameOrPath: string): string {
   if (nameOrPath.includes('/')) return nameOrPath;
-  validateIfName(nameOrPath, 'netns');
+  // `ip netns` names are file names under /run/netns (CNI uses 40-byte ones).
+  if (nameOrPath === '' || nameOrPath === '.' || nameOrPath === '..' || nameOrPath.includes('\0') || Buffer.byteLength(nameOrPath) > 255)
+    throw invalidArg(`netns ${JSON.stringify(nameOrPath)} is not a namespace name (a file name under /run/netns) or a path`);
   return `/run/netns/${nameOrPath}`;
 }
 

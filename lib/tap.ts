@@ -545,6 +545,31 @@ function requireMultiQueueTap(name: string, link: LinkInfo): void {
   throw explainSetIff(new MqtapError({ op: 'LOOKUP', code: 'EINVAL', errno: 22, ifname: name, message: `${name} exists but is not a multi-queue tap` }), name);
 }
 
+/** Every TUNSETIFF sets the device-wide flags: say so when that changes vnet_hdr for other queues. */
+function warnFlagChange(p: Plan, link: LinkInfo): void {
+  if (isTapLink(link) && link.tun.vnetHdr !== p.vnetHdr)
+    p.logger.warn({ ifname: p.name, deviceVnetHdr: link.tun.vnetHdr, vnetHdr: p.vnetHdr }, 'attaching changes the device-wide vnet_hdr flag for every queue');
+}
+
+/**
+ * Rollback for an existing device: our TUNSETIFF replaced its flags with ours.
+ * When nobody else holds a queue (it had none), re-attach one fd with the
+ * device's original flags and close it, so the device is as we found it.
+ */
+function restoreDeviceFlags(p: Plan, link: LinkInfo): void {
+  if (!isTapLink(link) || link.tun.vnetHdr === p.vnetHdr) return;
+  if (link.tun.numQueues + link.tun.numDisabledQueues !== 0) {
+    p.logger.warn({ ifname: link.name }, 'rollback cannot restore the vnet_hdr flag: other queues of the device are open');
+    return;
+  }
+  const fd = native.tunOpen(p.devicePath);
+  try {
+    native.tunSetIff(fd, link.name, K.IFF_TAP | K.IFF_NO_PI | K.IFF_MULTI_QUEUE | (link.tun.vnetHdr ? K.IFF_VNET_HDR : 0));
+  } finally {
+    native.close(fd);
+  }
+}
+
 /**
  * Attaches the first queue (fd) and finds out whether the device existed.
  * Creating uses IFF_TUN_EXCL, so "did this call create it" needs no separate
@@ -556,6 +581,7 @@ function attachFirst(fd: number, p: Plan, flags: number): { name: string; existi
     const link = getLink(p.name);
     if (!link) throw notFound(p.name);
     requireMultiQueueTap(p.name, link);
+    warnFlagChange(p, link);
     return { name: native.tunSetIff(fd, p.name, flags), existing: link };
   }
   try {
@@ -566,8 +592,7 @@ function attachFirst(fd: number, p: Plan, flags: number): { name: string; existi
     if (!link) throw err;
     if (p.existing === 'forbid') throw alreadyExists(p.name);
     requireMultiQueueTap(p.name, link);
-    if (isTapLink(link) && link.tun.vnetHdr !== p.vnetHdr)
-      p.logger.warn({ ifname: p.name, deviceVnetHdr: link.tun.vnetHdr, vnetHdr: p.vnetHdr }, 'attaching changes the device-wide vnet_hdr flag for every queue');
+    warnFlagChange(p, link);
     return { name: native.tunSetIff(fd, p.name, flags), existing: link };
   }
 }
@@ -635,6 +660,7 @@ export function openTap(opts: OpenTapOptions): Tap {
       if (tap) {
         try {
           tap.close();
+          if (existing) restoreDeviceFlags(p, existing);
         } catch {
           /* closing our own fds cannot fail but for EBADF; the first error is the one to report */
         }

@@ -16,6 +16,16 @@ export const MAX_MTU = 65521;
 export const VNET_HDR_SIZES = [10, 12, 20] as const;
 export type VnetHdrSize = (typeof VNET_HDR_SIZES)[number];
 
+/** A value for an error message; never throws (BigInt, symbols, cycles). */
+export function show(value: unknown): string {
+  if (typeof value === 'bigint') return `${value}n`;
+  try {
+    return JSON.stringify(value) ?? String(value);
+  } catch {
+    return String(value);
+  }
+}
+
 /**
  * Checks an interface name the way the kernel's dev_valid_name() does, before
  * any syscall.  With `template`, one '%d' is allowed (the kernel picks the
@@ -30,7 +40,9 @@ export function validateIfName(name: unknown, what = 'name', opts: { template?: 
   if (name === '.' || name === '..') throw invalidArg(`${what} must not be "." or ".."`);
   if (name.includes('/')) throw invalidArg(`${what} "${name}" must not contain "/"`);
   if (name.includes(':')) throw invalidArg(`${what} "${name}" must not contain ":" (that is alias syntax)`);
-  if (/[\s\0]/.test(name)) throw invalidArg(`${what} ${JSON.stringify(name)} must not contain whitespace or NUL`);
+  // The kernel's isspace() also counts byte 0xA0 (it is in UTF-8 of e.g. "à").
+  if (/[\s\0]/.test(name) || Buffer.from(name, 'utf8').includes(0xa0))
+    throw invalidArg(`${what} ${JSON.stringify(name)} must not contain whitespace or NUL (the kernel also counts byte 0xA0 as a space)`);
   const percents = name.split('%').length - 1;
   if (percents > 0) {
     if (!opts.template) throw invalidArg(`${what} "${name}" must not contain "%" here`, 'name an existing device, not a template');
@@ -47,7 +59,7 @@ export function isTemplate(name: string): boolean {
 
 export function validateInt(value: unknown, what: string, min: number, max: number, hint?: string): number {
   if (typeof value !== 'number' || !Number.isInteger(value))
-    throw invalidArg(`${what} must be an integer (got ${JSON.stringify(value) ?? String(value)})`, hint);
+    throw invalidArg(`${what} must be an integer (got ${show(value)})`, hint);
   if (value < min || value > max) throw invalidArg(`${what} must be between ${min} and ${max} (got ${value})`, hint);
   return value;
 }
@@ -68,7 +80,7 @@ export function validateId(id: unknown, what: 'owner' | 'group'): number {
 export function validateVnetHdrSize(size: unknown): VnetHdrSize {
   if (!VNET_HDR_SIZES.includes(size as VnetHdrSize))
     throw invalidArg(
-      `vnetHdrSize must be one of ${VNET_HDR_SIZES.join(', ')} (got ${JSON.stringify(size)})`,
+      `vnetHdrSize must be one of ${VNET_HDR_SIZES.join(', ')} (got ${show(size)})`,
       '10 is struct virtio_net_hdr, 12 adds num_buffers (needed by vhost with VERSION_1 or MRG_RXBUF)',
     );
   return size as VnetHdrSize;
@@ -77,7 +89,7 @@ export function validateVnetHdrSize(size: unknown): VnetHdrSize {
 /** Parses 'aa:bb:cc:dd:ee:ff' (or '-' separated) into 6 bytes; refuses multicast and all-zero. */
 export function parseMac(mac: unknown): Buffer {
   if (typeof mac !== 'string' || !/^[0-9a-fA-F]{2}([:-][0-9a-fA-F]{2}){5}$/.test(mac))
-    throw invalidArg(`mac must look like 52:54:00:12:34:56 (got ${JSON.stringify(mac)})`);
+    throw invalidArg(`mac must look like 52:54:00:12:34:56 (got ${show(mac)})`);
   const bytes = Buffer.from(mac.split(/[:-]/).map((h) => parseInt(h, 16)));
   if (bytes[0]! & 1) throw invalidArg(`mac ${mac} is a multicast address`, 'the first octet must be even, e.g. 52:54:00:...');
   if (bytes.every((b) => b === 0)) throw invalidArg('mac must not be all zeros');
@@ -89,13 +101,13 @@ export function formatMac(bytes: Buffer): string {
 }
 
 export function validateBoolean(value: unknown, what: string): boolean {
-  if (typeof value !== 'boolean') throw invalidArg(`${what} must be true or false (got ${JSON.stringify(value)})`);
+  if (typeof value !== 'boolean') throw invalidArg(`${what} must be true or false (got ${show(value)})`);
   return value;
 }
 
 export function validateOneOf<T extends string>(value: unknown, what: string, allowed: readonly T[]): T {
   if (!allowed.includes(value as T))
-    throw invalidArg(`${what} must be one of ${allowed.map((a) => `'${a}'`).join(', ')} (got ${JSON.stringify(value)})`);
+    throw invalidArg(`${what} must be one of ${allowed.map((a) => `'${a}'`).join(', ')} (got ${show(value)})`);
   return value as T;
 }
 

@@ -6,6 +6,8 @@
 // native side never flattens errno into a string.
 #include <net/if.h>
 
+#include <cstring>
+
 #include "common.h"
 
 namespace mqtap {
@@ -22,6 +24,19 @@ Napi::Value SetErrorClass(const Napi::CallbackInfo& info) {
   if (info.Length() < 1 || !info[0].IsFunction()) ThrowArg(env, "setErrorClass(fn): a constructor is required");
   Data(env)->error_class = Napi::Persistent(info[0].As<Napi::Function>());
   return env.Undefined();
+}
+
+// errnoDescribe(n): [strerrorname_np(n), strerror(n)] or null.  glibc knows
+// every Linux errno by its header name (libuv's table lacks some).
+Napi::Value ErrnoDescribe(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  int n = ArgInt(info, 0);
+  const char* name = strerrorname_np(n);
+  if (name == nullptr) return env.Null();
+  Napi::Array out = Napi::Array::New(env, 2);
+  out.Set(0u, Napi::String::New(env, name));
+  out.Set(1u, Napi::String::New(env, strerrordesc_np(n)));
+  return out;
 }
 
 }  // namespace
@@ -92,6 +107,7 @@ Napi::Object Constants(Napi::Object exports) {
 void InitErrors(Napi::Env env, Napi::Object exports) {
   env.SetInstanceData(new AddonData());
   exports.Set("setErrorClass", Napi::Function::New(env, SetErrorClass, "setErrorClass"));
+  exports.Set("errnoDescribe", Napi::Function::New(env, ErrnoDescribe, "errnoDescribe"));
 }
 
 }  // namespace mqtap

@@ -227,17 +227,19 @@ describe.skipIf(!!reason)(`mqtap CLI${reason ? ` (skipped: ${reason})` : ''}`, (
         stdio: ['ignore', 'pipe', 'pipe'],
       });
       let stdout = '';
+      let stderr = '';
+      child.stderr!.on('data', (d: Buffer) => (stderr += d.toString()));
       await new Promise<void>((resolve, reject) => {
         child.stdout!.on('data', (d: Buffer) => {
           stdout += d.toString();
           if (stdout.includes('ready')) resolve();
         });
-        child.once('exit', () => reject(new Error(`exited early: ${stdout}`)));
+        child.once('exit', (c, sig) => reject(new Error(`exited early (${c ?? sig}): ${stdout} ${stderr}`)));
       });
-      expect(listTaps().length).toBe(1);
+      expect(listTaps().map((t) => t.name), stderr).toHaveLength(1);
       child.kill('SIGTERM');
       const code = await new Promise<number | null>((resolve) => child.once('exit', (c) => resolve(c)));
-      expect(code).toBe(42);
+      expect(code, stderr).toBe(42);
       expect(listTaps()).toEqual([]);
     });
 
