@@ -11,6 +11,8 @@
         "native/sys.cc",
         "native/vhost.cc",
         "native/mem.cc",
+        "native/scm.cc",
+        "native/io.cc",
         "native/virtio_consts.c"
       ],
       "include_dirs": ["<!(node -p \"require('node-addon-api').include_dir\")"],

@@ -4,95 +4,23 @@
  * --json for scripts, exit codes that mean something (docs/cli.md), and no
  * stack trace for a user error unless --debug.
  */
-import { Command, CommanderError, InvalidArgumentError, Option } from 'commander';
-import { readFileSync } from 'node:fs';
-import { join } from 'node:path';
-import { MqtapError, ErrorCodes } from '../lib/errors';
+import { Command, CommanderError, Option } from 'commander';
+import { MqtapError } from '../lib/errors';
 import { getLink, isTapLink, listTaps, type TapLinkInfo } from '../lib/links';
-import { stderrLogger, type Logger } from '../lib/log';
 import { probeTun } from '../lib/probe';
 import { spawnWithFds } from '../lib/spawn';
 import { deleteTap, openTap, type ExistingPolicy, type Tap } from '../lib/tap';
 import { validateQueueCount } from '../lib/validate';
 import { runDemo } from './demo';
+import { EXIT, exitCodeFor, hdrSizeArg, intArg, json, logger, netnsOpt, out, version, type CliContext, type GlobalOpts, type Runner } from './context';
+import { register as registerVhost } from './cmd-vhost';
+import { register as registerLaunch } from './cmd-launch';
+import { register as registerDaemon } from './cmd-daemon';
+import { register as registerData } from './cmd-data';
 import { keyValues, table } from './format';
+
+export { EXIT, exitCodeFor };
 import { resolveId } from './ids';
-
-/** Exit codes (also in docs/cli.md). */
-export const EXIT = {
-  OK: 0,
-  FAILURE: 1,
-  USAGE: 2,
-  NOT_FOUND: 3,
-  PERMISSION: 4,
-  UNAVAILABLE: 5,
-  CONFLICT: 6,
-  CANNOT_EXECUTE: 126,
-  COMMAND_NOT_FOUND: 127,
-} as const;
-
-export function exitCodeFor(err: unknown): number {
-  if (err instanceof CommanderError) return err.exitCode === 0 ? EXIT.OK : EXIT.USAGE;
-  if (!(err instanceof MqtapError)) return EXIT.FAILURE;
-  if (err.isUsageError) return EXIT.USAGE;
-  if (err.op === 'SPAWN') return err.code === 'ENOENT' ? EXIT.COMMAND_NOT_FOUND : EXIT.CANNOT_EXECUTE;
-  if (err.code === ErrorCodes.UNSUPPORTED) return EXIT.UNAVAILABLE;
-  if (err.op === 'TUN_OPEN' && (err.code === 'ENOENT' || err.code === 'ENODEV' || err.code === 'ENXIO')) return EXIT.UNAVAILABLE;
-  switch (err.code) {
-    case 'EPERM':
-    case 'EACCES':
-      return EXIT.PERMISSION;
-    case 'ENODEV':
-      return EXIT.NOT_FOUND;
-    case 'EEXIST':
-    case 'EBUSY':
-      return EXIT.CONFLICT;
-    case 'EINVAL':
-      // The name exists but is the wrong kind of device (not a multi-queue tap).
-      return err.op === 'LOOKUP' ? EXIT.CONFLICT : EXIT.FAILURE;
-    default:
-      return EXIT.FAILURE;
-  }
-}
-
-interface GlobalOpts {
-  debug?: boolean;
-  logLevel?: string;
-  netns?: string;
-  json?: boolean;
-}
-
-function version(): string {
-  try {
-    return (JSON.parse(readFileSync(join(__dirname, '..', '..', 'package.json'), 'utf8')) as { version: string }).version;
-  } catch {
-    return 'unknown';
-  }
-}
-
-function intArg(what: string) {
-  return (value: string): number => {
-    if (!/^\d+$/.test(value)) throw new InvalidArgumentError(`${what} must be a whole number.`);
-    return Number(value);
-  };
-}
-
-function hdrSizeArg(value: string): number {
-  if (!['10', '12', '20'].includes(value)) throw new InvalidArgumentError('Allowed choices are 10, 12, 20.');
-  return Number(value);
-}
-
-function logger(g: GlobalOpts): Logger {
-  return stderrLogger((g.logLevel ?? (g.debug ? 'debug' : 'warn')) as 'warn');
-}
-
-function out(text: string): void {
-  process.stdout.write(text.endsWith('\n') ? text : `${text}\n`);
-}
-
-function json(value: unknown): void {
-  out(JSON.stringify(value, null, 2));
-}
 
 const TAP_HEADERS = ['NAME', 'TYPE', 'MQ', 'VNET_HDR', 'PERSIST', 'OWNER', 'GROUP', 'QUEUES', 'DISABLED', 'MTU', 'MAC', 'STATE'];
 
@@ -111,10 +39,6 @@ function tapRow(t: TapLinkInfo): Array<string | number | boolean | null> {
     t.address,
     t.up ? t.operstate : 'down',
   ];
-}
-
-function netnsOpt(g: GlobalOpts): { netns?: string } {
-  return g.netns !== undefined ? { netns: g.netns } : {};
 }
 
 function cmdFeatures(g: GlobalOpts): number {
@@ -270,7 +194,7 @@ function reportError(err: unknown, g: GlobalOpts): number {
   return code;
 }
 
-export function buildProgram(run: (fn: () => number | Promise<number>, g: GlobalOpts) => void): Command {
+export function buildProgram(run: Runner): Command {
   const program = new Command('mqtap')
     .description('Linux multi-queue tap + vhost-net backend: create, inspect and hand out tap queues')
     .version(version())
@@ -345,6 +269,11 @@ export function buildProgram(run: (fn: () => number | Promise<number>, g: Global
     .option('--json', 'machine-readable output')
     .action((o: { queues: number }, cmd: Command) => run(() => cmdDemo(o, globals(cmd)), globals(cmd)));
 
+  const ctx: CliContext = { run, globals };
+  registerVhost(program, ctx);
+  registerLaunch(program, ctx);
+  registerDaemon(program, ctx);
+  registerData(program, ctx);
   return program;
 }
 

@@ -11,6 +11,8 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   mqtap::InitSys(env, exports);
   mqtap::InitVhost(env, exports);
   mqtap::InitMem(env, exports);
+  mqtap::InitScm(env, exports);
+  mqtap::InitIo(env, exports);
   return exports;
 }
 

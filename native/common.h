@@ -45,5 +45,7 @@ void InitRtnl(Napi::Env env, Napi::Object exports);
 void InitSys(Napi::Env env, Napi::Object exports);
 void InitVhost(Napi::Env env, Napi::Object exports);
 void InitMem(Napi::Env env, Napi::Object exports);
+void InitScm(Napi::Env env, Napi::Object exports);
+void InitIo(Napi::Env env, Napi::Object exports);
 
 }  // namespace mqtap

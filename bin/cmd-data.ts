@@ -1,0 +1,7 @@
+/** data-path commands (mqtap stats). */
+import type { Command } from 'commander';
+import type { CliContext } from './context';
+
+export function register(_program: Command, _ctx: CliContext): void {
+  // no commands yet
+}

@@ -1,0 +1,100 @@
+/**
+ * What every CLI command module shares: exit codes, output helpers, option
+ * parsers, logging.  Command modules (bin/cmd-*.ts) register themselves on
+ * the commander program through a `register(program, ctx)` function.
+ */
+import { Command, CommanderError, InvalidArgumentError } from 'commander';
+import { readFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { MqtapError, ErrorCodes } from '../lib/errors';
+import { stderrLogger, type Logger } from '../lib/log';
+
+/** Exit codes (also in docs/cli.md). */
+export const EXIT = {
+  OK: 0,
+  FAILURE: 1,
+  USAGE: 2,
+  NOT_FOUND: 3,
+  PERMISSION: 4,
+  UNAVAILABLE: 5,
+  CONFLICT: 6,
+  CANNOT_EXECUTE: 126,
+  COMMAND_NOT_FOUND: 127,
+} as const;
+
+export function exitCodeFor(err: unknown): number {
+  if (err instanceof CommanderError) return err.exitCode === 0 ? EXIT.OK : EXIT.USAGE;
+  if (!(err instanceof MqtapError)) return EXIT.FAILURE;
+  if (err.isUsageError) return EXIT.USAGE;
+  if (err.op === 'SPAWN') return err.code === 'ENOENT' ? EXIT.COMMAND_NOT_FOUND : EXIT.CANNOT_EXECUTE;
+  if (err.code === ErrorCodes.UNSUPPORTED) return EXIT.UNAVAILABLE;
+  if (err.op === 'TUN_OPEN' && (err.code === 'ENOENT' || err.code === 'ENODEV' || err.code === 'ENXIO')) return EXIT.UNAVAILABLE;
+  switch (err.code) {
+    case 'EPERM':
+    case 'EACCES':
+      return EXIT.PERMISSION;
+    case 'ENODEV':
+      return EXIT.NOT_FOUND;
+    case 'EEXIST':
+    case 'EBUSY':
+      return EXIT.CONFLICT;
+    case 'EINVAL':
+      // The name exists but is the wrong kind of device (not a multi-queue tap).
+      return err.op === 'LOOKUP' ? EXIT.CONFLICT : EXIT.FAILURE;
+    default:
+      return EXIT.FAILURE;
+  }
+}
+
+export interface GlobalOpts {
+  debug?: boolean;
+  logLevel?: string;
+  netns?: string;
+  json?: boolean;
+}
+
+export function version(): string {
+  try {
+    return (JSON.parse(readFileSync(join(__dirname, '..', '..', 'package.json'), 'utf8')) as { version: string }).version;
+  } catch {
+    return 'unknown';
+  }
+}
+
+export function intArg(what: string) {
+  return (value: string): number => {
+    if (!/^\d+$/.test(value)) throw new InvalidArgumentError(`${what} must be a whole number.`);
+    return Number(value);
+  };
+}
+
+export function hdrSizeArg(value: string): number {
+  if (!['10', '12', '20'].includes(value)) throw new InvalidArgumentError('Allowed choices are 10, 12, 20.');
+  return Number(value);
+}
+
+export function logger(g: GlobalOpts): Logger {
+  return stderrLogger((g.logLevel ?? (g.debug ? 'debug' : 'warn')) as 'warn');
+}
+
+export function out(text: string): void {
+  process.stdout.write(text.endsWith('\n') ? text : `${text}\n`);
+}
+
+export function json(value: unknown): void {
+  out(JSON.stringify(value, null, 2));
+}
+
+
+export function netnsOpt(g: GlobalOpts): { netns?: string } {
+  return g.netns !== undefined ? { netns: g.netns } : {};
+}
+
+/** Runs a command body: the result is the exit code; errors are reported by main(). */
+export type Runner = (fn: () => number | Promise<number>, g: GlobalOpts) => void;
+
+export interface CliContext {
+  run: Runner;
+  /** Global + command options of `cmd`. */
+  globals(cmd: Command): GlobalOpts;
+}
