@@ -28,7 +28,7 @@ export function exitCodeFor(err: unknown): number {
   if (err.isUsageError) return EXIT.USAGE;
   if (err.op === 'SPAWN') return err.code === 'ENOENT' ? EXIT.COMMAND_NOT_FOUND : EXIT.CANNOT_EXECUTE;
   if (err.code === ErrorCodes.UNSUPPORTED) return EXIT.UNAVAILABLE;
-  if (err.op === 'TUN_OPEN' && (err.code === 'ENOENT' || err.code === 'ENODEV' || err.code === 'ENXIO')) return EXIT.UNAVAILABLE;
+  if ((err.op === 'TUN_OPEN' || err.op === 'VHOST_OPEN') && (err.code === 'ENOENT' || err.code === 'ENODEV' || err.code === 'ENXIO')) return EXIT.UNAVAILABLE;
   switch (err.code) {
     case 'EPERM':
     case 'EACCES':

@@ -9,7 +9,9 @@ import { MqtapError } from '../lib/errors';
 import { getLink, isTapLink, listTaps, type TapLinkInfo } from '../lib/links';
 import { probeTun } from '../lib/probe';
 import { spawnWithFds } from '../lib/spawn';
-import { deleteTap, openTap, type ExistingPolicy, type Tap } from '../lib/tap';
+import { openNetdev, type VhostMode } from '../lib/netdev';
+import { deleteTap, openTap, type ExistingPolicy } from '../lib/tap';
+import { probeVhostNet } from '../lib/vhost';
 import { validateQueueCount } from '../lib/validate';
 import { runDemo } from './demo';
 import { EXIT, exitCodeFor, hdrSizeArg, intArg, json, logger, netnsOpt, out, version, type CliContext, type GlobalOpts, type Runner } from './context';
@@ -43,7 +45,8 @@ function tapRow(t: TapLinkInfo): Array<string | number | boolean | null> {
 
 function cmdFeatures(g: GlobalOpts): number {
   const p = probeTun();
-  if (g.json) json({ tun: p });
+  const v = probeVhostNet();
+  if (g.json) json({ tun: p, vhostNet: v });
   else {
     const f = p.features;
     out(
@@ -60,9 +63,13 @@ function cmdFeatures(g: GlobalOpts): number {
         ['vnet header sizes', p.vnetHdrSizes.join(', ')],
         ['offloads', p.offloads.join(', ')],
         ['multi-queue taps usable', p.multiQueueTap],
+        ['/dev/vhost-net', v.openable ? 'ok' : `unavailable (${v.error?.code ?? 'unknown'})`],
+        ['vhost-net features', v.features ? `${v.features.hex} ${v.features.names.join(' ')}` : null],
+        ['vhost backend features', v.backendFeatures ? v.backendFeatures.hex : null],
       ]),
     );
     if (p.error?.hint) process.stderr.write(`hint: ${p.error.hint}\n`);
+    if (!v.openable && v.error?.hint) process.stderr.write(`vhost-net: ${v.error.hint}\n`);
   }
   if (!p.available && p.error?.code && (p.error.code === 'EACCES' || p.error.code === 'EPERM')) return EXIT.PERMISSION;
   return p.multiQueueTap ? EXIT.OK : EXIT.UNAVAILABLE;
@@ -139,13 +146,15 @@ interface ExecOpts {
   existing: ExistingPolicy;
   vnetHdr: boolean;
   vnetHdrSize?: number;
+  vhost: VhostMode;
 }
 
 async function cmdExec(name: string, argv: string[], o: ExecOpts, g: GlobalOpts): Promise<number> {
   const log = logger(g);
-  const tap: Tap = openTap({
+  const nd = openNetdev({
     name,
-    queues: o.queues,
+    pairs: o.queues,
+    vhost: o.vhost,
     existing: o.existing,
     vnetHdr: o.vnetHdr,
     ...(o.vnetHdrSize !== undefined ? { vnetHdrSize: o.vnetHdrSize as 10 } : {}),
@@ -153,20 +162,27 @@ async function cmdExec(name: string, argv: string[], o: ExecOpts, g: GlobalOpts)
     logger: log,
   });
   try {
-    if (o.active !== undefined) tap.setActiveQueues(o.active);
-    const fds = tap.fds();
-    const childFds = fds.map((_, i) => 3 + i);
+    if (o.active !== undefined) nd.setActivePairs(o.active);
+    const tapFds = nd.tapFds();
+    const vhostFds = nd.vhostFds();
+    const childTap = tapFds.map((_, i) => 3 + i);
+    const childVhost = vhostFds.map((_, i) => 3 + tapFds.length + i);
     const { child, exited } = spawnWithFds({
       argv,
-      fds,
-      env: { MQTAP_FDS: childFds.join(':'), MQTAP_IFNAME: tap.name, MQTAP_QUEUES: String(fds.length) },
+      fds: [...tapFds, ...vhostFds],
+      env: {
+        MQTAP_FDS: childTap.join(':'),
+        MQTAP_IFNAME: nd.name,
+        MQTAP_QUEUES: String(tapFds.length),
+        ...(vhostFds.length ? { MQTAP_VHOSTFDS: childVhost.join(':') } : {}),
+      },
     });
-    log.info({ ifname: tap.name, pid: child.pid, fds: childFds, argv }, 'child started');
+    log.info({ ifname: nd.name, pid: child.pid, fds: childTap, vhostfds: childVhost, argv }, 'child started');
     const status = await exited;
-    log.info({ ifname: tap.name, ...status }, 'child exited');
+    log.info({ ifname: nd.name, ...status }, 'child exited');
     return status.status;
   } finally {
-    tap.close();
+    nd.close();
   }
 }
 
@@ -253,10 +269,11 @@ export function buildProgram(run: Runner): Command {
     .addOption(new Option('--existing <policy>', 'if the tap exists').choices(['allow', 'require', 'forbid']).default('allow'))
     .option('--no-vnet-hdr', 'without the virtio-net header (IFF_VNET_HDR)')
     .option('--vnet-hdr-size <bytes>', 'virtio-net header size: 10, 12 or 20', hdrSizeArg)
+    .addOption(new Option('--vhost <mode>', 'also open one /dev/vhost-net fd per queue and hand them after the queue fds').choices(['on', 'off', 'auto']).default('off'))
     .addHelpText(
       'after',
       '\nThe child gets the queue fds as 3, 4, ... and MQTAP_FDS=3:4:..., MQTAP_IFNAME, MQTAP_QUEUES in its\n' +
-        'environment; nothing else is inherited.  SIGINT, SIGTERM and SIGHUP are relayed.  mqtap exits with\n' +
+        'environment (with --vhost, the vhost-net fds follow and MQTAP_VHOSTFDS lists them); nothing else is inherited.  SIGINT, SIGTERM and SIGHUP are relayed.  mqtap exits with\n' +
         "the command's status (128+N if a signal N killed it) and closes every queue.\n\n" +
         'Example: mqtap exec mqt%d --queues 4 --active 2 -- qemu-system-x86_64 -netdev tap,id=n0,fds=3:4:5:6 ...',
     )

@@ -67,6 +67,10 @@ describe.skipIf(!!reason)(`mqtap CLI${reason ? ` (skipped: ${reason})` : ''}`, (
     expect(parsed.tun.available).toBe(true);
     expect(parsed.tun.features.multiQueue).toBe(true);
     expect(parsed.tun.maxQueues).toBe(256);
+    const v = (JSON.parse(j.stdout) as { vhostNet: { present: boolean; openable: boolean; error?: { hint?: string } } }).vhostNet;
+    expect(v.present).toBe(existsSync('/dev/vhost-net'));
+    if (!v.openable) expect(v.error?.hint).toMatch(/modprobe vhost_net/);
+    expect(human.stdout).toMatch(/^\/dev\/vhost-net:/m);
   });
 
   it('create makes a persistent multi-queue tap with the given settings; show and ip agree; delete removes it', () => {
@@ -240,6 +244,24 @@ describe.skipIf(!!reason)(`mqtap CLI${reason ? ` (skipped: ${reason})` : ''}`, (
       child.kill('SIGTERM');
       const code = await new Promise<number | null>((resolve) => child.once('exit', (c) => resolve(c)));
       expect(code, stderr).toBe(42);
+      expect(listTaps()).toEqual([]);
+    });
+
+    it('--vhost on without vhost-net: exit 5 with the modprobe hint, nothing left; --vhost auto falls back with a warning', () => {
+      const vhostHere = existsSync('/dev/vhost-net');
+      const on = mqtap(['exec', 'vq%d', '--queues', '2', '--vhost', 'on', '--', 'true']);
+      if (vhostHere) expect(on.status).toBe(0);
+      else {
+        expect(on.status).toBe(5);
+        expect(on.stderr).toMatch(/modprobe vhost_net/);
+      }
+      expect(listTaps()).toEqual([]);
+      const auto = mqtap(['exec', 'vq%d', '--queues', '2', '--vhost', 'auto', '--', 'sh', '-c', 'echo "$MQTAP_FDS|${MQTAP_VHOSTFDS-none}"']);
+      expect(auto.status, auto.stderr).toBe(0);
+      if (!vhostHere) {
+        expect(auto.stdout.trim()).toBe('3:4|none');
+        expect(auto.stderr).toMatch(/vhost-net unavailable; continuing without it/);
+      } else expect(auto.stdout.trim()).toBe('3:4|5:6');
       expect(listTaps()).toEqual([]);
     });
 
