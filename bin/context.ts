@@ -7,6 +7,7 @@ import { Command, CommanderError, InvalidArgumentError } from 'commander';
 import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { MqtapError, ErrorCodes } from '../lib/errors';
+import pino from 'pino';
 import { stderrLogger, type Logger } from '../lib/log';
 
 /** Exit codes (also in docs/cli.md). */
@@ -49,6 +50,7 @@ export function exitCodeFor(err: unknown): number {
 export interface GlobalOpts {
   debug?: boolean;
   logLevel?: string;
+  logFormat?: 'text' | 'json';
   netns?: string;
   json?: boolean;
 }
@@ -73,8 +75,29 @@ export function hdrSizeArg(value: string): number {
   return Number(value);
 }
 
+const LEVELS: Record<number, string> = { 10: 'trace', 20: 'debug', 30: 'info', 40: 'warning', 50: 'error', 60: 'fatal' };
+const NOISE = new Set(['level', 'time', 'name', 'msg', 'pid', 'hostname']);
+
+/** pino lines rendered for a person: "mqtap: warning: message (key=value ...)". */
+function textLine(line: string): string {
+  let o: Record<string, unknown>;
+  try {
+    o = JSON.parse(line) as Record<string, unknown>;
+  } catch {
+    return line;
+  }
+  const extra = Object.entries(o)
+    .filter(([k]) => !NOISE.has(k))
+    .map(([k, v]) => `${k}=${typeof v === 'string' ? v : JSON.stringify(v)}`)
+    .join(' ');
+  return `mqtap: ${LEVELS[o.level as number] ?? 'log'}: ${String(o.msg ?? '')}${extra ? ` (${extra})` : ''}\n`;
+}
+
+/** The CLI's logger: stderr, level warn by default; readable text unless --log-format json. */
 export function logger(g: GlobalOpts): Logger {
-  return stderrLogger((g.logLevel ?? (g.debug ? 'debug' : 'warn')) as 'warn');
+  const level = (g.logLevel ?? (g.debug ? 'debug' : 'warn')) as 'warn';
+  if (g.logFormat === 'json') return stderrLogger(level);
+  return pino({ level, base: { name: 'mqtap' } }, { write: (line: string) => void process.stderr.write(textLine(line)) });
 }
 
 export function out(text: string): void {
