@@ -13,6 +13,7 @@
         "native/mem.cc",
         "native/scm.cc",
         "native/io.cc",
+        "native/bpf.cc",
         "native/virtio_consts.c"
       ],
       "include_dirs": ["<!(node -p \"require('node-addon-api').include_dir\")"],

@@ -13,6 +13,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   mqtap::InitMem(env, exports);
   mqtap::InitScm(env, exports);
   mqtap::InitIo(env, exports);
+  mqtap::InitBpf(env, exports);
   return exports;
 }
 

@@ -47,5 +47,6 @@ void InitVhost(Napi::Env env, Napi::Object exports);
 void InitMem(Napi::Env env, Napi::Object exports);
 void InitScm(Napi::Env env, Napi::Object exports);
 void InitIo(Napi::Env env, Napi::Object exports);
+void InitBpf(Napi::Env env, Napi::Object exports);
 
 }  // namespace mqtap
