@@ -27,6 +27,19 @@ export {
 } from './vhost';
 export { SplitVirtqueue, vringLayout, type VringLayout, type UsedElem } from './vring';
 export { spawnWithFds, exitStatus, type SpawnWithFdsOptions, type SpawnedChild, type ChildExit } from './spawn';
+export {
+  encodeVnetHdr,
+  decodeVnetHdr,
+  validateVnetHdr,
+  vnetHdrForChecksum,
+  vnetHdrForTcpGso,
+  gsoTypeName,
+  VnetHdrError,
+  VNET_HDR_F,
+  VNET_HDR_GSO,
+  type VnetHdr,
+} from './vnethdr';
+export { toeplitzHash, rssInputIPv4, rssInputIPv6, rssQueue, defaultIndirectionTable, flowHash, flowHashQueue, MICROSOFT_RSS_KEY } from './steering';
 export { withNetns, isolateNetns, netnsPath, type IsolatedNetns } from './netns';
 export { silentLogger, stderrLogger, type Logger } from './log';
 export {

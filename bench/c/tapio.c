@@ -1,0 +1,872 @@
+// SPDX-License-Identifier: MIT
+/*
+ * tapio — data-path micro-benchmark for one queue of a Linux multi-queue tap.
+ *
+ * Build:  cc -O2 -Wall -Wextra -Werror -o tapio tapio.c                  (no io_uring)
+ *         cc -O2 -Wall -Wextra -Werror -DHAVE_LIBURING -o tapio tapio.c -luring
+ * Run ONLY inside a throw-away network namespace (see run.sh / README.md).
+ *
+ * The program opens /dev/net/tun --queues times with
+ * IFF_TAP|IFF_NO_PI|IFF_VNET_HDR|IFF_MULTI_QUEUE (creating the tap on the first
+ * open if it does not exist, attaching further queues otherwise), sets the
+ * virtio-net header size to 12, enables TUN_F_CSUM|TUN_F_TSO4|TUN_F_TSO6,
+ * brings the interface up, and drives queue --queue with one of:
+ *
+ *   write        plain write() loop, one frame per syscall
+ *   uring-write  io_uring, batches of 32 IORING_OP_WRITE per submit
+ *   read         plain read() loop, one frame per syscall
+ *   uring-read   io_uring, 32 IORING_OP_READ kept in flight
+ *
+ * Frame sizes (--size): 60 (minimum Ethernet frame without FCS), 1514 (maximum
+ * untagged 1500-MTU frame) or "gso": a 65214-byte Ethernet/IPv4/TCP frame
+ * (IPv4 total length 65200 = 45 segments of 1448) with a virtio-net header
+ * saying NEEDS_CSUM, gso_type TCPV4, gso_size 1448, hdr_len 54, csum_start 34,
+ * csum_offset 16 — what virtio_net_hdr_from_skb() reports for a TSO skb.
+ *
+ * ---------------------------------------------------------------------------
+ * What "write" measures.  A frame written into a tap is *received* by the
+ * kernel (tun_get_user): it is copied into an skb, counted in the tap's
+ * rx_packets/rx_bytes, and handed to the stack synchronously in the writer's
+ * context (netif_receive_skb under local_bh_disable). To measure the tap and
+ * not the IP stack, frames are addressed to a unicast MAC that is not the
+ * tap's: eth_type_trans() marks them PACKET_OTHERHOST and ip_rcv() drops them
+ * immediately (reason OTHERHOST, counted in the "otherhost" core stat, not in
+ * rx_dropped). The program checks that rx_packets (read from /proc/net/dev,
+ * which — unlike /sys/class/net — always reflects the caller's network
+ * namespace) grew by exactly the number of frames written and reports it as
+ * "kernelRxPackets".  GSO frames are dropped the same way, before any
+ * segmentation, so the gso number measures the 64 KB copy + skb setup.
+ *
+ * What "read" measures.  For a tap, a frame the kernel *transmits* is what the
+ * user reads.  Something must generate frames faster than one queue can be
+ * read, so "read" forks a generator process (pinned with --gen-cpu) that
+ * transmits on the tap through an AF_PACKET socket with PACKET_QDISC_BYPASS
+ * (dev_direct_xmit → tun_net_xmit, no IP stack and no qdisc) using
+ * sendmmsg() batches of 64 copies of the same frame; for --size gso it sends
+ * 64 KB TCPv4 GSO frames with PACKET_VNET_HDR, which reach the reader
+ * unsegmented because the tap has TSO enabled.  Alternatives considered: a UDP
+ * socket sending to a neighbour address routed via the tap costs a full
+ * IP/UDP/neighbour path per frame and is slower than the reader; "write" on a
+ * second queue goes the wrong way (into the stack, not out of the tap).  When
+ * the tap's ring (tx_queue_len, 500 by default for tun) is full, tun_net_xmit()
+ * drops the frame and counts tx_dropped — the generator simply keeps going.
+ * A non-zero "kernelTxDropped" therefore shows that the generator outpaced the
+ * reader, i.e. that the reader was the bottleneck being measured
+ * ("generatorLimited": false).  Timing starts at the first frame read.
+ * With --queues > 1 the kernel spreads flows over the attached queues by flow
+ * hash; the generator sends a single flow, so run one reader per queue (or
+ * keep --queues 1) when reading.
+ * ---------------------------------------------------------------------------
+ *
+ * Output: one JSON line on stdout:
+ *   {"mode","size","frames","bytes","seconds","pps","gbps","cpuSeconds","cpuUsPerFrame",...}
+ * "bytes" counts Ethernet frame bytes (virtio-net header excluded), "gbps" is
+ * bytes*8/seconds/1e9.  "cpuSeconds" is the CPU time this process (including
+ * io_uring worker threads, excluding the generator) used during the run;
+ * cpuUsPerFrame = cpuSeconds/frames is much less sensitive than pps to other
+ * load on the machine, since time spent descheduled is not counted.  Exit status: 0 ok, 1 error, 2 timeout before any
+ * frame, 3 io_uring unavailable (not compiled in, ENOSYS, EPERM, or disabled
+ * by kernel.io_uring_disabled).
+ */
+#define _GNU_SOURCE
+#include <arpa/inet.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <getopt.h>
+#include <linux/if.h>
+#include <linux/if_ether.h>
+#include <linux/if_packet.h>
+#include <linux/if_tun.h>
+#include <linux/virtio_net.h>
+#include <sched.h>
+#include <signal.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/prctl.h>
+#include <sys/socket.h>
+#include <sys/time.h>
+#include <sys/types.h>
+#include <sys/uio.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#ifdef HAVE_LIBURING
+#include <liburing.h>
+#endif
+
+#define VNET_HDR_SZ 12
+#define MAX_QUEUES 256
+#define URING_BATCH 32
+#define GEN_BATCH 64
+/*
+ * GSO frame: 45 full 1448-byte segments, as Linux TCP would build it. The skb
+ * must stay below gso_max_size (65536, Ethernet header included), otherwise
+ * gso_features_check() disables TSO for it and it is segmented in software
+ * (and dev_direct_xmit() drops it).
+ */
+#define GSO_MSS 1448
+#define GSO_SEGS 45
+#define GSO_IP_TOTLEN (IP4_LEN + TCP_LEN + GSO_SEGS * GSO_MSS) /* 65200 */
+#define ETH_LEN 14
+#define IP4_LEN 20
+#define UDP_LEN 8
+#define TCP_LEN 20
+#define RX_BUF_SZ (VNET_HDR_SZ + 65536 + 64) /* any frame the tap can hand us */
+
+enum mode { MODE_WRITE, MODE_READ, MODE_URING_WRITE, MODE_URING_READ };
+
+struct opts {
+	const char *dev;
+	enum mode mode;
+	const char *mode_name;
+	int queues;
+	int queue;
+	long long frames;
+	int size; /* Ethernet frame length; 0 = gso */
+	double timeout;
+	int cpu;
+	int gen_cpu;
+	bool gen;
+	long long gen_rate; /* frames/s, 0 = as fast as possible */
+};
+
+/* ----------------------------------------------------------------------- */
+
+static void die(const char *what)
+{
+	fprintf(stderr, "tapio: %s: %s\n", what, strerror(errno));
+	exit(1);
+}
+
+static double now_s(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+/* CPU time of this process (all threads, io_uring workers included; not the generator child). */
+static double cpu_s(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+	return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+static void pin_cpu(int cpu)
+{
+	cpu_set_t set;
+	if (cpu < 0)
+		return;
+	CPU_ZERO(&set);
+	CPU_SET(cpu, &set);
+	if (sched_setaffinity(0, sizeof(set), &set) < 0)
+		die("sched_setaffinity");
+}
+
+static volatile sig_atomic_t timed_out;
+
+static void on_alarm(int sig)
+{
+	(void)sig;
+	timed_out = 1;
+}
+
+/* Arms a one-shot SIGALRM that interrupts blocking syscalls (no SA_RESTART). */
+static void arm_timeout(double seconds)
+{
+	struct sigaction sa;
+	struct itimerval it;
+	memset(&sa, 0, sizeof(sa));
+	sa.sa_handler = on_alarm;
+	sigemptyset(&sa.sa_mask);
+	if (sigaction(SIGALRM, &sa, NULL) < 0)
+		die("sigaction");
+	memset(&it, 0, sizeof(it));
+	it.it_value.tv_sec = (time_t)seconds;
+	it.it_value.tv_usec = (suseconds_t)((seconds - (double)(time_t)seconds) * 1e6);
+	if (setitimer(ITIMER_REAL, &it, NULL) < 0)
+		die("setitimer");
+}
+
+/* ---------------------------- tap setup -------------------------------- */
+
+static int tap_open_queue(const char *dev)
+{
+	struct ifreq ifr;
+	int fd = open("/dev/net/tun", O_RDWR | O_CLOEXEC);
+	if (fd < 0)
+		die("open /dev/net/tun");
+	memset(&ifr, 0, sizeof(ifr));
+	ifr.ifr_flags = IFF_TAP | IFF_NO_PI | IFF_VNET_HDR | IFF_MULTI_QUEUE;
+	snprintf(ifr.ifr_name, IFNAMSIZ, "%s", dev);
+	if (ioctl(fd, TUNSETIFF, &ifr) < 0)
+		die("TUNSETIFF");
+	int sz = VNET_HDR_SZ;
+	if (ioctl(fd, TUNSETVNETHDRSZ, &sz) < 0)
+		die("TUNSETVNETHDRSZ");
+	/* Offloads the reader can accept: lets GSO frames reach us unsegmented. */
+	if (ioctl(fd, TUNSETOFFLOAD, (unsigned long)(TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6)) < 0)
+		die("TUNSETOFFLOAD");
+	return fd;
+}
+
+/* Brings the link up; returns its ifindex and MAC address. */
+static int link_up(const char *dev, uint8_t mac[ETH_ALEN])
+{
+	struct ifreq ifr;
+	int s = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+	if (s < 0)
+		die("socket(AF_INET)");
+	memset(&ifr, 0, sizeof(ifr));
+	snprintf(ifr.ifr_name, IFNAMSIZ, "%s", dev);
+	if (ioctl(s, SIOCGIFFLAGS, &ifr) < 0)
+		die("SIOCGIFFLAGS");
+	ifr.ifr_flags |= IFF_UP;
+	if (ioctl(s, SIOCSIFFLAGS, &ifr) < 0)
+		die("SIOCSIFFLAGS");
+	if (ioctl(s, SIOCGIFHWADDR, &ifr) < 0)
+		die("SIOCGIFHWADDR");
+	memcpy(mac, ifr.ifr_hwaddr.sa_data, ETH_ALEN);
+	if (ioctl(s, SIOCGIFINDEX, &ifr) < 0)
+		die("SIOCGIFINDEX");
+	close(s);
+	return ifr.ifr_ifindex;
+}
+
+struct devstats {
+	unsigned long long rx_packets, rx_dropped, tx_packets, tx_dropped;
+};
+
+/* Reads the interface counters from /proc/net/dev (namespace of the caller). */
+static struct devstats read_stats(const char *dev)
+{
+	struct devstats st = { 0, 0, 0, 0 };
+	char line[512];
+	size_t n = strlen(dev);
+	FILE *f = fopen("/proc/net/dev", "re");
+	if (!f)
+		die("open /proc/net/dev");
+	while (fgets(line, sizeof(line), f)) {
+		char *p = line;
+		unsigned long long v[16];
+		while (*p == ' ')
+			p++;
+		if (strncmp(p, dev, n) != 0 || p[n] != ':')
+			continue;
+		if (sscanf(p + n + 1, "%llu %llu %llu %llu %llu %llu %llu %llu %llu %llu %llu %llu %llu %llu %llu %llu",
+			   &v[0], &v[1], &v[2], &v[3], &v[4], &v[5], &v[6], &v[7], &v[8], &v[9], &v[10], &v[11],
+			   &v[12], &v[13], &v[14], &v[15]) == 16) {
+			st.rx_packets = v[1];
+			st.rx_dropped = v[3];
+			st.tx_packets = v[9];
+			st.tx_dropped = v[11];
+		}
+	}
+	fclose(f);
+	return st;
+}
+
+/* ---------------------------- frames ------------------------------------ */
+
+static uint32_t csum_add(uint32_t sum, const void *data, size_t len)
+{
+	const uint8_t *p = data;
+	while (len > 1) {
+		sum += (uint32_t)(p[0] << 8 | p[1]);
+		p += 2;
+		len -= 2;
+	}
+	if (len)
+		sum += (uint32_t)(p[0] << 8);
+	return sum;
+}
+
+static uint16_t csum_fold(uint32_t sum)
+{
+	while (sum >> 16)
+		sum = (sum & 0xffff) + (sum >> 16);
+	return (uint16_t)sum;
+}
+
+static void put16(uint8_t *p, uint16_t v)
+{
+	p[0] = (uint8_t)(v >> 8);
+	p[1] = (uint8_t)v;
+}
+
+static void put16le(uint8_t *p, uint16_t v)
+{
+	p[0] = (uint8_t)v;
+	p[1] = (uint8_t)(v >> 8);
+}
+
+static const uint8_t SRC_IP[4] = { 169, 254, 77, 1 };
+static const uint8_t DST_IP[4] = { 169, 254, 77, 2 };
+
+static void build_eth_ip4(uint8_t *f, const uint8_t dst_mac[ETH_ALEN], const uint8_t src_mac[ETH_ALEN],
+			  uint16_t ip_totlen, uint8_t proto)
+{
+	memcpy(f, dst_mac, ETH_ALEN);
+	memcpy(f + 6, src_mac, ETH_ALEN);
+	put16(f + 12, ETH_P_IP);
+	uint8_t *ip = f + ETH_LEN;
+	ip[0] = 0x45;
+	ip[1] = 0;
+	put16(ip + 2, ip_totlen);
+	put16(ip + 4, 0x1234);
+	put16(ip + 6, 0x4000); /* DF */
+	ip[8] = 64;
+	ip[9] = proto;
+	put16(ip + 10, 0);
+	memcpy(ip + 12, SRC_IP, 4);
+	memcpy(ip + 16, DST_IP, 4);
+	put16(ip + 10, (uint16_t)~csum_fold(csum_add(0, ip, IP4_LEN)));
+}
+
+/*
+ * Fills buf (VNET_HDR_SZ + frame) and returns the Ethernet frame length.
+ * size 0 selects the 64 KB TCPv4 GSO frame.
+ */
+static size_t build_frame(uint8_t *buf, int size, const uint8_t dst_mac[ETH_ALEN], const uint8_t src_mac[ETH_ALEN])
+{
+	uint8_t *h = buf;
+	uint8_t *f = buf + VNET_HDR_SZ;
+	memset(buf, 0, VNET_HDR_SZ);
+	if (size > 0) {
+		size_t len = (size_t)size;
+		memset(f, 0, len);
+		build_eth_ip4(f, dst_mac, src_mac, (uint16_t)(len - ETH_LEN), IPPROTO_UDP);
+		uint8_t *udp = f + ETH_LEN + IP4_LEN;
+		put16(udp, 40000);
+		put16(udp + 2, 9); /* discard */
+		put16(udp + 4, (uint16_t)(len - ETH_LEN - IP4_LEN));
+		put16(udp + 6, 0); /* no UDP checksum */
+		for (size_t i = ETH_LEN + IP4_LEN + UDP_LEN; i < len; i++)
+			f[i] = (uint8_t)i;
+		return len;
+	}
+	/* 64 KB TCP GSO super-frame. */
+	size_t len = ETH_LEN + GSO_IP_TOTLEN;
+	uint16_t tcp_len = GSO_IP_TOTLEN - IP4_LEN;
+	memset(f, 0, len);
+	build_eth_ip4(f, dst_mac, src_mac, GSO_IP_TOTLEN, IPPROTO_TCP);
+	uint8_t *tcp = f + ETH_LEN + IP4_LEN;
+	put16(tcp, 40000);
+	put16(tcp + 2, 5201);
+	tcp[4] = 0x11; /* seq */
+	tcp[11] = 0x01; /* ack */
+	tcp[12] = (TCP_LEN / 4) << 4;
+	tcp[13] = 0x18; /* PSH|ACK */
+	put16(tcp + 14, 0xffff);
+	for (size_t i = ETH_LEN + IP4_LEN + TCP_LEN; i < len; i++)
+		f[i] = (uint8_t)i;
+	/* CHECKSUM_PARTIAL convention: check field holds the folded pseudo-header sum. */
+	uint32_t ph = csum_add(0, SRC_IP, 4);
+	ph = csum_add(ph, DST_IP, 4);
+	ph += IPPROTO_TCP;
+	ph += tcp_len;
+	put16(tcp + 16, csum_fold(ph));
+	/* struct virtio_net_hdr_mrg_rxbuf, little-endian (tap VNET_LE / x86 native). */
+	h[0] = VIRTIO_NET_HDR_F_NEEDS_CSUM;
+	h[1] = VIRTIO_NET_HDR_GSO_TCPV4;
+	put16le(h + 2, ETH_LEN + IP4_LEN + TCP_LEN); /* hdr_len */
+	put16le(h + 4, GSO_MSS);                     /* gso_size */
+	put16le(h + 6, ETH_LEN + IP4_LEN);           /* csum_start */
+	put16le(h + 8, 16);                          /* csum_offset: offsetof(tcphdr, check) */
+	put16le(h + 10, 0);                          /* num_buffers: ignored on transmit */
+	return len;
+}
+
+/* ---------------------------- result ------------------------------------ */
+
+struct result {
+	long long frames;
+	unsigned long long bytes;
+	double seconds;
+	long long errors;
+	double cpu_seconds;
+};
+
+static void print_result(const struct opts *o, const struct result *r, const struct devstats *before,
+			 const struct devstats *after)
+{
+	double pps = r->seconds > 0 ? (double)r->frames / r->seconds : 0;
+	double gbps = r->seconds > 0 ? (double)r->bytes * 8 / r->seconds / 1e9 : 0;
+	printf("{\"mode\":\"%s\",\"size\":", o->mode_name);
+	if (o->size)
+		printf("%d", o->size);
+	else
+		printf("\"gso\"");
+	printf(",\"frames\":%lld,\"bytes\":%llu,\"seconds\":%.6f,\"pps\":%.0f,\"gbps\":%.3f", r->frames, r->bytes,
+	       r->seconds, pps, gbps);
+	printf(",\"cpuSeconds\":%.6f,\"cpuUsPerFrame\":%.3f,\"queues\":%d,\"queue\":%d", r->cpu_seconds,
+	       r->frames > 0 ? r->cpu_seconds * 1e6 / (double)r->frames : 0.0, o->queues, o->queue);
+	if (o->mode == MODE_WRITE || o->mode == MODE_URING_WRITE) {
+		printf(",\"kernelRxPackets\":%llu,\"kernelRxDropped\":%llu,\"errors\":%lld",
+		       after->rx_packets - before->rx_packets, after->rx_dropped - before->rx_dropped, r->errors);
+	} else {
+		unsigned long long dropped = after->tx_dropped - before->tx_dropped;
+		printf(",\"kernelTxPackets\":%llu,\"kernelTxDropped\":%llu,\"generatorLimited\":%s",
+		       after->tx_packets - before->tx_packets, dropped, dropped == 0 ? "true" : "false");
+	}
+	printf(",\"timedOut\":%s}\n", timed_out ? "true" : "false");
+	fflush(stdout);
+}
+
+/* ---------------------------- plain syscalls ---------------------------- */
+
+static struct result run_write(const struct opts *o, int fd, const uint8_t *buf, size_t frame_len)
+{
+	struct result r = { 0, 0, 0, 0, 0 };
+	size_t total = VNET_HDR_SZ + frame_len;
+	double t0 = now_s();
+	for (long long i = 0; i < o->frames && !timed_out; i++) {
+		ssize_t n = write(fd, buf, total);
+		if (n != (ssize_t)total) {
+			if (n < 0 && errno == EINTR)
+				break;
+			if (n < 0 && r.errors == 0)
+				fprintf(stderr, "tapio: write: %s\n", strerror(errno));
+			r.errors++;
+			continue;
+		}
+		r.frames++;
+	}
+	r.seconds = now_s() - t0;
+	r.bytes = (unsigned long long)r.frames * frame_len;
+	return r;
+}
+
+static struct result run_read(const struct opts *o, int fd)
+{
+	struct result r = { 0, 0, 0, 0, 0 };
+	uint8_t *buf = malloc(RX_BUF_SZ);
+	double t0 = 0, t1 = 0;
+	unsigned long long first_bytes = 0;
+	if (!buf)
+		die("malloc");
+	while (r.frames < o->frames && !timed_out) {
+		ssize_t n = read(fd, buf, RX_BUF_SZ);
+		if (n < 0) {
+			if (errno == EINTR)
+				break;
+			die("read");
+		}
+		t1 = now_s();
+		if (r.frames == 0) {
+			t0 = t1;
+			first_bytes = (unsigned long long)(n - VNET_HDR_SZ);
+		}
+		r.frames++;
+		r.bytes += (unsigned long long)(n - VNET_HDR_SZ);
+	}
+	/* The first frame only starts the clock: count what arrived after it. */
+	r.seconds = r.frames > 1 ? t1 - t0 : 0;
+	r.bytes = r.frames > 1 ? r.bytes - first_bytes : 0;
+	r.frames = r.frames > 1 ? r.frames - 1 : 0;
+	free(buf);
+	return r;
+}
+
+/* ---------------------------- io_uring ---------------------------------- */
+
+#ifdef HAVE_LIBURING
+static void uring_init(struct io_uring *ring, int fd)
+{
+	struct io_uring_params p;
+	memset(&p, 0, sizeof(p));
+	p.flags = IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_COOP_TASKRUN;
+	int ret = io_uring_queue_init_params(URING_BATCH * 2, ring, &p);
+	if (ret == -EINVAL) { /* older kernel without those flags */
+		memset(&p, 0, sizeof(p));
+		ret = io_uring_queue_init_params(URING_BATCH * 2, ring, &p);
+	}
+	if (ret == -ENOSYS || ret == -EPERM) {
+		fprintf(stderr, "tapio: io_uring unavailable (io_uring_setup: %s); check kernel.io_uring_disabled\n",
+			strerror(-ret));
+		exit(3);
+	}
+	if (ret < 0) {
+		errno = -ret;
+		die("io_uring_queue_init");
+	}
+	ret = io_uring_register_files(ring, &fd, 1);
+	if (ret < 0) {
+		errno = -ret;
+		die("io_uring_register_files");
+	}
+}
+
+static struct io_uring_sqe *get_sqe(struct io_uring *ring)
+{
+	struct io_uring_sqe *sqe = io_uring_get_sqe(ring);
+	if (!sqe) {
+		fprintf(stderr, "tapio: io_uring submission queue full\n");
+		exit(1);
+	}
+	return sqe;
+}
+
+static struct result run_uring_write(const struct opts *o, int fd, const uint8_t *buf, size_t frame_len)
+{
+	struct result r = { 0, 0, 0, 0, 0 };
+	struct io_uring ring;
+	unsigned total = (unsigned)(VNET_HDR_SZ + frame_len);
+	uring_init(&ring, fd);
+	double t0 = now_s();
+	long long submitted = 0;
+	while (submitted < o->frames && !timed_out) {
+		unsigned batch = URING_BATCH;
+		if (o->frames - submitted < batch)
+			batch = (unsigned)(o->frames - submitted);
+		for (unsigned i = 0; i < batch; i++) {
+			struct io_uring_sqe *sqe = get_sqe(&ring);
+			/* Index 0 of the registered file table; the buffer is only read. */
+			io_uring_prep_write(sqe, 0, buf, total, 0);
+			sqe->flags |= IOSQE_FIXED_FILE;
+		}
+		int ret = io_uring_submit_and_wait(&ring, batch);
+		if (ret < 0) {
+			if (ret == -EINTR)
+				break;
+			errno = -ret;
+			die("io_uring_submit_and_wait");
+		}
+		submitted += batch;
+		unsigned seen = 0;
+		while (seen < batch) {
+			struct io_uring_cqe *cqe;
+			ret = io_uring_wait_cqe(&ring, &cqe);
+			if (ret < 0) {
+				if (ret == -EINTR)
+					continue;
+				errno = -ret;
+				die("io_uring_wait_cqe");
+			}
+			if (cqe->res == (int)total) {
+				r.frames++;
+			} else {
+				if (r.errors == 0)
+					fprintf(stderr, "tapio: uring write: %s\n",
+						cqe->res < 0 ? strerror(-cqe->res) : "short write");
+				r.errors++;
+			}
+			io_uring_cqe_seen(&ring, cqe);
+			seen++;
+		}
+	}
+	r.seconds = now_s() - t0;
+	r.bytes = (unsigned long long)r.frames * frame_len;
+	io_uring_queue_exit(&ring);
+	return r;
+}
+
+static struct result run_uring_read(const struct opts *o, int fd)
+{
+	struct result r = { 0, 0, 0, 0, 0 };
+	struct io_uring ring;
+	uint8_t *bufs = malloc((size_t)URING_BATCH * RX_BUF_SZ);
+	double t0 = 0, t1 = 0;
+	unsigned long long first_bytes = 0;
+	if (!bufs)
+		die("malloc");
+	uring_init(&ring, fd);
+	for (unsigned i = 0; i < URING_BATCH; i++) {
+		struct io_uring_sqe *sqe = get_sqe(&ring);
+		io_uring_prep_read(sqe, 0, bufs + (size_t)i * RX_BUF_SZ, RX_BUF_SZ, 0);
+		sqe->flags |= IOSQE_FIXED_FILE;
+		io_uring_sqe_set_data64(sqe, i);
+	}
+	long long total = 0;
+	while (total < o->frames && !timed_out) {
+		int ret = io_uring_submit_and_wait(&ring, 1);
+		if (ret < 0) {
+			if (ret == -EINTR)
+				break;
+			errno = -ret;
+			die("io_uring_submit_and_wait");
+		}
+		struct io_uring_cqe *cqe;
+		unsigned head, seen = 0;
+		io_uring_for_each_cqe(&ring, head, cqe)
+		{
+			unsigned idx = (unsigned)io_uring_cqe_get_data64(cqe);
+			seen++;
+			if (total >= o->frames)
+				continue; /* done: leave the rest of the batch uncounted */
+			if (cqe->res < 0) {
+				errno = -cqe->res;
+				die("uring read");
+			}
+			t1 = now_s();
+			if (total == 0) {
+				t0 = t1;
+				first_bytes = (unsigned long long)(cqe->res - VNET_HDR_SZ);
+			}
+			total++;
+			r.bytes += (unsigned long long)(cqe->res - VNET_HDR_SZ);
+			struct io_uring_sqe *sqe = get_sqe(&ring);
+			io_uring_prep_read(sqe, 0, bufs + (size_t)idx * RX_BUF_SZ, RX_BUF_SZ, 0);
+			sqe->flags |= IOSQE_FIXED_FILE;
+			io_uring_sqe_set_data64(sqe, idx);
+		}
+		io_uring_cq_advance(&ring, seen);
+	}
+	/* As in run_read: the first completion only starts the clock. */
+	r.frames = total > 1 ? total - 1 : 0;
+	r.bytes = total > 1 ? r.bytes - first_bytes : 0;
+	r.seconds = total > 1 ? t1 - t0 : 0;
+	io_uring_queue_exit(&ring);
+	free(bufs);
+	return r;
+}
+#else
+static struct result no_uring(void)
+{
+	fprintf(stderr, "tapio: io_uring unavailable: built without liburing (install liburing-dev, "
+			"compile with -DHAVE_LIBURING -luring)\n");
+	exit(3);
+}
+#endif
+
+/* ---------------------------- generator --------------------------------- */
+
+/*
+ * Child process: transmits copies of one frame on the tap through an AF_PACKET
+ * socket with PACKET_QDISC_BYPASS until killed. ENOBUFS (tap ring full) is
+ * expected and ignored.
+ */
+static pid_t start_generator(const struct opts *o, int ifindex)
+{
+	pid_t pid = fork();
+	if (pid < 0)
+		die("fork");
+	if (pid > 0)
+		return pid;
+	prctl(PR_SET_PDEATHSIG, SIGKILL);
+	pin_cpu(o->gen_cpu);
+	int s = socket(AF_PACKET, SOCK_RAW | SOCK_CLOEXEC, 0);
+	if (s < 0)
+		die("generator: socket(AF_PACKET)");
+	int one = 1;
+	if (setsockopt(s, SOL_PACKET, PACKET_QDISC_BYPASS, &one, sizeof(one)) < 0)
+		die("generator: PACKET_QDISC_BYPASS");
+	if (o->size == 0 && setsockopt(s, SOL_PACKET, PACKET_VNET_HDR, &one, sizeof(one)) < 0)
+		die("generator: PACKET_VNET_HDR");
+	struct sockaddr_ll sll;
+	memset(&sll, 0, sizeof(sll));
+	sll.sll_family = AF_PACKET;
+	sll.sll_protocol = htons(ETH_P_ALL);
+	sll.sll_ifindex = ifindex;
+	if (bind(s, (struct sockaddr *)&sll, sizeof(sll)) < 0)
+		die("generator: bind");
+	static const uint8_t dst[ETH_ALEN] = { 0x02, 0x00, 0x00, 0x00, 0x00, 0x02 };
+	static const uint8_t src[ETH_ALEN] = { 0x02, 0x00, 0x00, 0x00, 0x00, 0x01 };
+	uint8_t *buf = malloc(RX_BUF_SZ);
+	if (!buf)
+		die("malloc");
+	size_t len = build_frame(buf, o->size, dst, src);
+	/* PACKET_VNET_HDR takes a 10-byte struct virtio_net_hdr: skip num_buffers. */
+	uint8_t *start = buf + VNET_HDR_SZ;
+	size_t total = len;
+	if (o->size == 0) {
+		start -= sizeof(struct virtio_net_hdr);
+		total += sizeof(struct virtio_net_hdr);
+		memmove(start, buf, sizeof(struct virtio_net_hdr));
+	}
+	struct iovec iov = { .iov_base = start, .iov_len = total };
+	struct mmsghdr msgs[GEN_BATCH];
+	memset(msgs, 0, sizeof(msgs));
+	for (int i = 0; i < GEN_BATCH; i++) {
+		msgs[i].msg_hdr.msg_iov = &iov;
+		msgs[i].msg_hdr.msg_iovlen = 1;
+	}
+	double t0 = now_s();
+	long long sent = 0;
+	for (;;) {
+		int n = sendmmsg(s, msgs, GEN_BATCH, 0);
+		if (n < 0 && errno != ENOBUFS && errno != EAGAIN && errno != EINTR)
+			die("generator: sendmmsg");
+		if (o->gen_rate <= 0)
+			continue;
+		/* Paced: count attempts (a full ring drops, that is fine) and wait for the schedule. */
+		sent += GEN_BATCH;
+		double due = t0 + (double)sent / (double)o->gen_rate;
+		while (now_s() < due)
+			;
+	}
+}
+
+/* ---------------------------- main -------------------------------------- */
+
+static void usage(void)
+{
+	fprintf(stderr,
+		"usage: tapio --dev NAME --mode write|read|uring-write|uring-read [options]\n"
+		"  --queues Q      queues to attach in this process (default 1, max %d)\n"
+		"  --queue I       queue (0..Q-1) to do I/O on (default 0)\n"
+		"  --frames N      frames to write / read (default 1000000)\n"
+		"  --size S        60 | 1514 | gso (default 60)\n"
+		"  --timeout SEC   stop after SEC seconds (default 30)\n"
+		"  --cpu C         pin this process to CPU C\n"
+		"  --gen-cpu C     pin the read generator to CPU C\n"
+		"  --gen-rate PPS  read: pace the generator to PPS frames/s (default 0 = flat out)\n"
+		"  --no-gen        read: do not fork the AF_PACKET generator (use an external one)\n",
+		MAX_QUEUES);
+	exit(1);
+}
+
+static long long parse_num(const char *s, long long min, long long max)
+{
+	char *end;
+	errno = 0;
+	long long v = strtoll(s, &end, 10);
+	if (errno || *end || v < min || v > max) {
+		fprintf(stderr, "tapio: bad number '%s' (expected %lld..%lld)\n", s, min, max);
+		exit(1);
+	}
+	return v;
+}
+
+static struct opts parse_opts(int argc, char **argv)
+{
+	static const struct option longopts[] = {
+		{ "dev", required_argument, NULL, 'd' },     { "mode", required_argument, NULL, 'm' },
+		{ "queues", required_argument, NULL, 'q' },  { "queue", required_argument, NULL, 'i' },
+		{ "frames", required_argument, NULL, 'n' },  { "size", required_argument, NULL, 's' },
+		{ "timeout", required_argument, NULL, 't' }, { "cpu", required_argument, NULL, 'c' },
+		{ "gen-cpu", required_argument, NULL, 'g' }, { "no-gen", no_argument, NULL, 'G' },
+		{ "gen-rate", required_argument, NULL, 'r' },
+		{ "help", no_argument, NULL, 'h' },          { NULL, 0, NULL, 0 },
+	};
+	struct opts o = { NULL, MODE_WRITE, NULL, 1, 0, 1000000, 60, 30.0, -1, -1, true, 0 };
+	int c;
+	while ((c = getopt_long(argc, argv, "", longopts, NULL)) != -1) {
+		switch (c) {
+		case 'd':
+			o.dev = optarg;
+			break;
+		case 'm':
+			o.mode_name = optarg;
+			break;
+		case 'q':
+			o.queues = (int)parse_num(optarg, 1, MAX_QUEUES);
+			break;
+		case 'i':
+			o.queue = (int)parse_num(optarg, 0, MAX_QUEUES - 1);
+			break;
+		case 'n':
+			o.frames = parse_num(optarg, 1, 1LL << 40);
+			break;
+		case 's':
+			o.size = strcmp(optarg, "gso") == 0 ? 0 : (int)parse_num(optarg, 60, 1514);
+			break;
+		case 't':
+			o.timeout = (double)parse_num(optarg, 1, 3600);
+			break;
+		case 'c':
+			o.cpu = (int)parse_num(optarg, 0, 4095);
+			break;
+		case 'g':
+			o.gen_cpu = (int)parse_num(optarg, 0, 4095);
+			break;
+		case 'G':
+			o.gen = false;
+			break;
+		case 'r':
+			o.gen_rate = parse_num(optarg, 0, 100000000);
+			break;
+		default:
+			usage();
+		}
+	}
+	if (!o.dev || !o.mode_name || optind != argc || o.queue >= o.queues || strlen(o.dev) >= IFNAMSIZ)
+		usage();
+	if (strcmp(o.mode_name, "write") == 0)
+		o.mode = MODE_WRITE;
+	else if (strcmp(o.mode_name, "read") == 0)
+		o.mode = MODE_READ;
+	else if (strcmp(o.mode_name, "uring-write") == 0)
+		o.mode = MODE_URING_WRITE;
+	else if (strcmp(o.mode_name, "uring-read") == 0)
+		o.mode = MODE_URING_READ;
+	else
+		usage();
+	return o;
+}
+
+int main(int argc, char **argv)
+{
+	struct opts o = parse_opts(argc, argv);
+	int fds[MAX_QUEUES];
+	uint8_t tap_mac[ETH_ALEN];
+	pid_t gen = -1;
+
+#ifndef HAVE_LIBURING
+	if (o.mode == MODE_URING_WRITE || o.mode == MODE_URING_READ)
+		no_uring();
+#endif
+	pin_cpu(o.cpu);
+	for (int i = 0; i < o.queues; i++)
+		fds[i] = tap_open_queue(o.dev);
+	int ifindex = link_up(o.dev, tap_mac);
+	int fd = fds[o.queue];
+
+	uint8_t *buf = malloc(RX_BUF_SZ);
+	if (!buf)
+		die("malloc");
+	/* Destination: a locally administered unicast MAC that is not the tap's → PACKET_OTHERHOST. */
+	uint8_t dst[ETH_ALEN] = { 0x02, 0x6d, 0x71, 0x74, 0x61, 0x70 };
+	static const uint8_t src[ETH_ALEN] = { 0x02, 0x6d, 0x71, 0x74, 0x61, 0x71 };
+	if (memcmp(dst, tap_mac, ETH_ALEN) == 0)
+		dst[5] ^= 0x80;
+	size_t frame_len = build_frame(buf, o.size, dst, src);
+
+	if (o.mode == MODE_READ || o.mode == MODE_URING_READ) {
+		if (o.gen)
+			gen = start_generator(&o, ifindex);
+	}
+	struct devstats before = read_stats(o.dev);
+	arm_timeout(o.timeout);
+	double cpu0 = cpu_s();
+	struct result r = { 0, 0, 0, 0, 0 };
+	switch (o.mode) {
+	case MODE_WRITE:
+		r = run_write(&o, fd, buf, frame_len);
+		break;
+	case MODE_READ:
+		r = run_read(&o, fd);
+		break;
+#ifdef HAVE_LIBURING
+	case MODE_URING_WRITE:
+		r = run_uring_write(&o, fd, buf, frame_len);
+		break;
+	case MODE_URING_READ:
+		r = run_uring_read(&o, fd);
+		break;
+#else
+	default:
+		r = no_uring();
+		break;
+#endif
+	}
+	r.cpu_seconds = cpu_s() - cpu0;
+	struct devstats after = read_stats(o.dev);
+	if (gen > 0) {
+		kill(gen, SIGKILL);
+		waitpid(gen, NULL, 0);
+	}
+	print_result(&o, &r, &before, &after);
+	for (int i = 0; i < o.queues; i++)
+		close(fds[i]);
+	free(buf);
+	if (r.frames == 0 && timed_out)
+		return 2;
+	return r.errors ? 1 : 0;
+}
