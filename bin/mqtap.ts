@@ -63,13 +63,13 @@ function cmdFeatures(g: GlobalOpts): number {
         ['vnet header sizes', p.vnetHdrSizes.join(', ')],
         ['offloads', p.offloads.join(', ')],
         ['multi-queue taps usable', p.multiQueueTap],
-        ['/dev/vhost-net', v.openable ? 'ok' : `unavailable (${v.error?.code ?? 'unknown'})`],
+        ['/dev/vhost-net', v.usable ? 'ok' : `unavailable (${v.error?.code ?? 'unknown'})`],
         ['vhost-net features', v.features ? `${v.features.hex} ${v.features.names.join(' ')}` : null],
-        ['vhost backend features', v.backendFeatures ? v.backendFeatures.hex : null],
+        ['vhost backend features', v.backendFeatures ? v.backendFeatures.names.join(' ') || v.backendFeatures.hex : null],
       ]),
     );
     if (p.error?.hint) process.stderr.write(`hint: ${p.error.hint}\n`);
-    if (!v.openable && v.error?.hint) process.stderr.write(`vhost-net: ${v.error.hint}\n`);
+    if (!v.usable && v.error?.hint) process.stderr.write(`vhost-net: ${v.error.hint}\n`);
   }
   if (!p.available && p.error?.code && (p.error.code === 'EACCES' || p.error.code === 'EPERM')) return EXIT.PERMISSION;
   return p.multiQueueTap ? EXIT.OK : EXIT.UNAVAILABLE;

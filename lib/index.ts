@@ -14,6 +14,11 @@ export { openNetdev, Netdev, QueuePair, type OpenNetdevOptions, type VhostMode, 
 export {
   probeVhostNet,
   decodeFeatures,
+  decodeBackendFeatures,
+  driverFeatureMask,
+  DRIVER_FEATURES,
+  BACKEND_FEATURE_BITS,
+  type RxPacket,
   featureMask,
   vnetHdrSizeFor,
   checkTapForVhost,
@@ -25,7 +30,7 @@ export {
   type DecodedFeatures,
   type PairDriverOptions,
 } from './vhost';
-export { SplitVirtqueue, vringLayout, type VringLayout, type UsedElem } from './vring';
+export { SplitVirtqueue, vringLayout, MAX_QUEUE_SIZE, type VringLayout, type UsedElem, type SplitVirtqueueOptions } from './vring';
 export { spawnWithFds, exitStatus, type SpawnWithFdsOptions, type SpawnedChild, type ChildExit } from './spawn';
 export {
   encodeVnetHdr,

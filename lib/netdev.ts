@@ -8,7 +8,7 @@ import { silentLogger, type Logger } from './log';
 import { K, native } from './native';
 import { withNetns } from './netns';
 import { openTap, type OpenTapOptions, type QueueStates, type Tap, type TapQueue } from './tap';
-import { validateInt, validateOneOf, validateQueueCount } from './validate';
+import { validateIfName, validateInt, validateOneOf, validateQueueCount } from './validate';
 import { VhostPairDriver, probeVhostNet, type PairDriverOptions } from './vhost';
 
 export type VhostMode = 'on' | 'off' | 'auto';
@@ -38,18 +38,19 @@ export class QueuePair {
     this.#vhostFd = vhostFd;
   }
 
-  /** The vhost-net fd, or -1 (no vhost, or closed). */
+  /** The vhost-net fd, or -1 (no vhost, closed, or handed away). */
   get vhostFd(): number {
     return this.#vhostFd;
   }
 
+  /** The tap queue's state: 'closed' once the tap queue fd is closed (the vhost fd may still be open). */
   get state(): PairState {
     return this.tapQueue.state;
   }
 
-  /** The in-process vring driver, when this process drives the pair (Netdev.drive). */
+  /** The in-process vring driver, when this process drives the pair (Netdev.drive) and it was not stopped. */
   get driver(): VhostPairDriver | undefined {
-    return this.#driver;
+    return this.#driver?.stopped ? undefined : this.#driver;
   }
 
   /** @internal */
@@ -57,22 +58,61 @@ export class QueuePair {
     this.#driver = d;
   }
 
-  /** @internal: stops the driver (if any), then closes the vhost fd, then the tap queue. */
-  _close(): void {
+  /**
+   * Stops the in-process driver, if any (backend unbound, owner reset, ring
+   * memory freed).  The vhost fd stays open and owner-less: it can be driven
+   * again or handed to another process.
+   */
+  stopDriver(): void {
+    const d = this.#driver;
+    this.#driver = undefined;
+    d?.stop();
+  }
+
+  /**
+   * Stops the driver (if any) and closes the vhost-net fd; the tap queue
+   * stays.  Harmless when there is none.  Once the tap queue is closed too,
+   * the kernel releases the queue (a vhost backend holds a reference to the
+   * tap queue's file until it is unbound or its vhost fd is closed).
+   */
+  closeVhost(): void {
     let first: unknown;
     try {
-      this.#driver?.stop();
+      this.stopDriver();
     } catch (err) {
       first = err;
     }
-    this.#driver = undefined;
     if (this.#vhostFd >= 0) {
       const fd = this.#vhostFd;
       this.#vhostFd = -1;
-      native.close(fd);
+      try {
+        native.close(fd);
+      } catch (err) {
+        first ??= err;
+      }
     }
-    this.tapQueue.close();
     if (first) throw first;
+  }
+
+  /** Closes the pair: driver stopped, vhost fd closed, then the tap queue.  Idempotent. */
+  close(): void {
+    let first: unknown;
+    try {
+      this.closeVhost();
+    } catch (err) {
+      first = err;
+    }
+    try {
+      this.tapQueue.close();
+    } catch (err) {
+      first ??= err;
+    }
+    if (first) throw first;
+  }
+
+  /** @internal */
+  _close(): void {
+    this.close();
   }
 
   /** @internal the vhost fd was handed to a caller that now owns it. */
@@ -80,6 +120,10 @@ export class QueuePair {
     const fd = this.#vhostFd;
     this.#vhostFd = -1;
     return fd;
+  }
+
+  toJSON(): { index: number; state: PairState; tapFd: number; vhostFd: number; driven: boolean; bound: boolean } {
+    return { index: this.index, state: this.state, tapFd: this.tapQueue.fd, vhostFd: this.#vhostFd, driven: this.driver !== undefined, bound: this.driver?.bound ?? false };
   }
 }
 
@@ -108,7 +152,7 @@ export class Netdev {
 
   /** vhost-net fds of the open pairs, in pair order (empty without vhost). */
   vhostFds(): number[] {
-    return this.vhost ? this.pairs.filter((p) => p.state !== 'closed').map((p) => p.vhostFd) : [];
+    return this.vhost ? this.pairs.filter((p) => p.state !== 'closed' && p.vhostFd >= 0).map((p) => p.vhostFd) : [];
   }
 
   activePairCount(): number {
@@ -117,10 +161,16 @@ export class Netdev {
 
   /**
    * Drives pair `index` from this process with a userspace vring driver
-   * (vhost-net needed).  Sets the tap's header size to what the features need.
+   * (vhost-net needed): VHOST_SET_OWNER on the pair's vhost fd, rings in this
+   * process's memory, backend bound to the tap queue.  The tap's header size
+   * must match the features (12 for VERSION_1 or MRG_RXBUF, the default;
+   * openNetdev sets 12 when vhost is used).  Returns the existing driver when
+   * the pair is already driven.
    */
   drive(index: number, opts: PairDriverOptions = {}): VhostPairDriver {
     const pair = this.pairs[validateInt(index, 'pair', 0, this.pairs.length - 1)]!;
+    if (pair.state === 'closed')
+      throw new MqtapError({ op: 'VHOST_DRIVER', code: ErrorCodes.CLOSED, ifname: this.name, queue: index, message: `${this.name} pair ${index} is closed` });
     if (!this.vhost || pair.vhostFd < 0)
       throw new MqtapError({ op: 'VHOST_DRIVER', code: ErrorCodes.UNSUPPORTED, ifname: this.name, queue: index, message: `${this.name} pair ${index} has no vhost-net fd`, hint: "open the netdev with vhost: 'on'" });
     if (pair.driver) return pair.driver;
@@ -128,7 +178,7 @@ export class Netdev {
     try {
       const d = new VhostPairDriver(pair.vhostFd, pair.tapQueue.fd, opts);
       pair._setDriver(d);
-      this.logger.info({ ifname: this.name, pair: index, features: `0x${d.features.toString(16)}` }, 'vhost pair driven');
+      this.logger.info({ ifname: this.name, pair: index, features: `0x${d.features.toString(16)}`, hdrLen: d.hdrLen }, 'vhost pair driven');
       return d;
     } catch (err) {
       throw withContext(err, { ifname: this.name, queue: index });
@@ -211,14 +261,14 @@ export class Netdev {
   }
 
   /**
-   * Closes every pair: drivers stopped, vhost fds closed, tap queues closed
-   * (a non-persistent tap disappears).  Idempotent.
+   * Closes every pair (last first): drivers stopped, vhost fds closed, tap
+   * queues closed (a non-persistent tap disappears).  Idempotent.
    */
   close(): void {
     let first: unknown;
     for (const p of [...this.pairs].reverse()) {
       try {
-        p._close();
+        p.close();
       } catch (err) {
         first ??= err;
       }
@@ -241,22 +291,33 @@ const NETDEV_KEYS = ['pairs', 'vhost', 'vhostDevicePath'];
 /**
  * Opens a multi-queue netdev of `pairs` queue pairs, all or nothing: tap
  * queues first (vnet_hdr on, checked consistent on every queue, 12-byte
- * header when vhost is used), then one /dev/vhost-net fd per pair (opened,
- * not owned: the process that drives it — this one via drive(), or QEMU —
- * does VHOST_SET_OWNER).
+ * header when vhost is used unless vnetHdrSize says otherwise), then one
+ * /dev/vhost-net fd per pair (opened, not owned: the process that drives it
+ * — this one via drive(), or QEMU — does VHOST_SET_OWNER).
+ *
+ * vhost 'auto' (the default) uses vhost-net when the device answers, and
+ * otherwise logs a warning and opens the tap queues alone; with vnetHdr:
+ * false it does not try.  vhost 'on' fails (before anything is opened) when
+ * the device is missing or unusable.
  */
 export function openNetdev(opts: OpenNetdevOptions): Netdev {
-  if (typeof opts !== 'object' || opts === null) throw invalidArg('openNetdev(options): options must be an object');
+  if (typeof opts !== 'object' || opts === null) throw invalidArg('openNetdev(options): options must be an object with at least { name, pairs }');
+  if ('queues' in opts) throw invalidArg('openNetdev: use pairs, not queues (one tap queue per pair)');
+  validateIfName(opts.name, 'name', { template: true });
   const pairs = validateQueueCount(opts.pairs, 'pairs');
   const mode = opts.vhost === undefined ? 'auto' : validateOneOf(opts.vhost, 'vhost', ['on', 'off', 'auto'] as const);
+  if (opts.vhostDevicePath !== undefined && (typeof opts.vhostDevicePath !== 'string' || !opts.vhostDevicePath.startsWith('/')))
+    throw invalidArg('vhostDevicePath must be an absolute path');
+  if (opts.vnetHdr !== undefined && typeof opts.vnetHdr !== 'boolean') throw invalidArg('vnetHdr must be a boolean');
+  if (mode === 'on' && opts.vnetHdr === false) throw invalidArg("vhost needs the virtio-net header: drop vnetHdr: false or use vhost: 'off'");
   const logger = opts.logger ?? silentLogger;
   const tapOpts: OpenTapOptions = Object.fromEntries(Object.entries(opts).filter(([k]) => !NETDEV_KEYS.includes(k))) as unknown as OpenTapOptions;
   const vhostPath = opts.vhostDevicePath ?? '/dev/vhost-net';
-  let useVhost = mode !== 'off';
+  let useVhost = mode === 'on' || (mode === 'auto' && opts.vnetHdr !== false);
+  if (mode === 'auto' && opts.vnetHdr === false) logger.info({ ifname: opts.name }, "vnetHdr: false: not using vhost-net (vhost: 'auto')");
   if (useVhost) {
-    if (opts.vnetHdr === false) throw invalidArg("vhost needs the virtio-net header: drop vnetHdr: false or use vhost: 'off'");
     const probe = withNetns(opts.netns, () => probeVhostNet({ devicePath: vhostPath }));
-    if (!probe.openable) {
+    if (!probe.usable) {
       if (mode === 'on')
         throw new MqtapError({
           op: 'VHOST_OPEN',
@@ -264,7 +325,7 @@ export function openNetdev(opts: OpenNetdevOptions): Netdev {
           message: `vhost-net is required (vhost: 'on') but unusable: ${probe.error?.message ?? 'unknown'}`,
           ...(probe.error?.hint ? { hint: probe.error.hint } : {}),
         });
-      logger.warn({ reason: probe.error?.message, hint: probe.error?.hint }, "vhost-net unavailable; continuing without it (vhost: 'auto')");
+      logger.warn({ devicePath: vhostPath, reason: probe.error?.message, hint: probe.error?.hint }, "vhost-net unavailable; continuing without it (vhost: 'auto')");
       useVhost = false;
     }
   }
