@@ -52,6 +52,7 @@ export interface GlobalOpts {
   logLevel?: string;
   logFormat?: 'text' | 'json';
   netns?: string;
+  socket?: string;
   json?: boolean;
 }
 

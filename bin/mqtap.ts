@@ -17,7 +17,7 @@ import { runDemo } from './demo';
 import { EXIT, exitCodeFor, hdrSizeArg, intArg, json, logger, netnsOpt, out, version, type CliContext, type GlobalOpts, type Runner } from './context';
 import { register as registerVhost } from './cmd-vhost';
 import { register as registerLaunch } from './cmd-launch';
-import { register as registerDaemon } from './cmd-daemon';
+import { register as registerDaemon, routeGlobalSocket } from './cmd-daemon';
 import { register as registerData } from './cmd-data';
 import { keyValues, table } from './format';
 
@@ -218,6 +218,7 @@ export function buildProgram(run: Runner): Command {
     .addOption(new Option('--log-level <level>', 'log level on stderr (default warn)').choices(['silent', 'fatal', 'error', 'warn', 'info', 'debug', 'trace']))
     .addOption(new Option('--log-format <format>', 'logs as readable text or pino JSON lines').choices(['text', 'json']).default('text'))
     .option('--netns <name|path>', 'work inside this network namespace (name under /run/netns, or a path)')
+    .option('--socket <path>', 'send daemon operations (create, list, show, set-active, acquire, release, hotplug, unplug, delete, ...) to the mqtap daemon at PATH')
     .enablePositionalOptions()
     .showHelpAfterError('(run with --help for usage)')
     .exitOverride();
@@ -303,7 +304,7 @@ export async function main(args: string[]): Promise<number> {
     result = Promise.resolve().then(fn);
   }, );
   try {
-    program.parse(args, { from: 'user' });
+    program.parse(routeGlobalSocket(args), { from: 'user' });
     if (!result) return EXIT.OK;
     return await result;
   } catch (err) {

@@ -45,6 +45,31 @@ export {
   type VnetHdr,
 } from './vnethdr';
 export { toeplitzHash, rssInputIPv4, rssInputIPv6, rssQueue, defaultIndirectionTable, flowHash, flowHashQueue, MICROSOFT_RSS_KEY } from './steering';
+export {
+  UnixSocket,
+  UnixServer,
+  ReceivedFds,
+  SCM_MAX_FD,
+  DEFAULT_MAX_FDS,
+  type SocketType,
+  type UnixSocketOptions,
+  type ConnectOptions,
+  type ListenOptions,
+} from './scm';
+export { QmpClient, QmpError, QmpLineParser, withQmp, encodeCommand, type QmpGreeting, type QmpEvent, type QmpConnectOptions, type ExecuteOptions } from './qmp';
+export {
+  hotplugFds,
+  hotplugNetdev,
+  unplugNetdev,
+  fdNamesFor,
+  netdevAddArgs,
+  deviceAddArgs,
+  type HotplugFdsOptions,
+  type HotplugNetdevOptions,
+  type HotplugResult,
+  type UnplugOptions,
+} from './hotplug';
+export * from './daemon';
 export { withNetns, isolateNetns, netnsPath, type IsolatedNetns } from './netns';
 export { silentLogger, stderrLogger, type Logger } from './log';
 export {

@@ -195,6 +195,28 @@ export interface NativeBinding {
   eventfdOpen(initval?: number): number;
   eventfdRead(fd: number): bigint | null;
   eventfdWrite(fd: number, value?: bigint): void;
+  // ---- BEGIN SCM section (native/scm.cc; owner: daemon/QMP, see lib/scm.ts) ----
+  /** socket(AF_UNIX, type | SOCK_CLOEXEC | SOCK_NONBLOCK, 0). */
+  unixSocket(type: number): number;
+  /** socketpair(AF_UNIX, type | SOCK_CLOEXEC | SOCK_NONBLOCK): [a, b]. */
+  unixSocketPair(type: number): [number, number];
+  unixBind(fd: number, path: string): void;
+  unixListen(fd: number, backlog: number): void;
+  /** accept4(SOCK_CLOEXEC | SOCK_NONBLOCK): the new fd, or -1 when none is pending. */
+  unixAccept(fd: number): number;
+  /** true when connected, false when the listener's backlog is full (try again). */
+  unixConnect(fd: number, path: string): boolean;
+  /** sendmsg with fds as SCM_RIGHTS: bytes sent, or -1 when the socket buffer is full (nothing sent). */
+  scmSend(fd: number, data: Buffer, fds?: readonly number[], offset?: number, length?: number): number;
+  /** recvmsg with up to maxFds fds (MSG_CMSG_CLOEXEC); null when nothing is queued; EMSGSIZE (fds closed) on MSG_CTRUNC/MSG_TRUNC. */
+  scmRecv(fd: number, buf: Buffer, maxFds: number): { bytes: number; fds: number[] } | null;
+  /** getsockopt(SO_PEERCRED). */
+  peerCred(fd: number): { pid: number; uid: number; gid: number };
+  /** getsockopt(SO_ERROR). */
+  sockError(fd: number): number;
+  /** libuv uv_poll_t on an fd; callback(status, events) with UV_READABLE/UV_WRITABLE/UV_DISCONNECT bits. */
+  FdPoll: new (fd: number, callback: (status: number, events: number) => void) => { start(events: number): void; stop(): void; close(): void; ref(): void; unref(): void };
+  // ---- END SCM section ----
 }
 
 export interface VhostMemRegion {
