@@ -19,6 +19,7 @@ import { native } from '../../lib/native.js';
 import { ReceivedFds, UnixServer, UnixSocket } from '../../lib/scm.js';
 import { deleteTap } from '../../lib/tap.js';
 import { skipNote, tapEnv, useIsolatedNetns } from '../helpers/env.js';
+import { waitFor } from '../helpers/wait';
 
 const ROOT = join(__dirname, '..', '..');
 const CLI = join(ROOT, 'dist', 'bin', 'mqtap.js');
@@ -26,14 +27,6 @@ const CLIENT_JS = join(ROOT, 'dist', 'lib', 'daemon', 'client.js');
 const env = tapEnv();
 const reason = !env.ok ? env.reason : !existsSync(CLI) ? 'dist/bin/mqtap.js is not built (npx tsc -p tsconfig.json)' : '';
 if (reason) console.warn(`daemon abuse tests skipped: ${reason}`);
-
-async function waitFor(what: string, cond: () => boolean | Promise<boolean>, timeoutMs = 20_000): Promise<void> {
-  const deadline = Date.now() + timeoutMs;
-  while (!(await cond())) {
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, 25));
-  }
-}
 
 async function codeOf(p: Promise<unknown>): Promise<string> {
   try {

@@ -8,15 +8,15 @@
  * guest is in test/vm/hotplug.test.ts.
  */
 import { spawn, type ChildProcess } from 'node:child_process';
-import { closeSync, existsSync, mkdtempSync, openSync, readdirSync, readFileSync, readlinkSync, rmSync } from 'node:fs';
+import { closeSync, existsSync, mkdtempSync, openSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { DaemonClient } from '../../lib/daemon/client.js';
-import { MqtapError } from '../../lib/errors.js';
 import { getTap, listTaps } from '../../lib/links.js';
 import { deleteTap } from '../../lib/tap.js';
 import { haveCommand, skipNote, tapEnv, useIsolatedNetns } from '../helpers/env.js';
+import { rejection, tunFds, waitFor } from '../helpers/wait';
 
 const ROOT = join(__dirname, '..', '..');
 const CLI = join(ROOT, 'dist', 'bin', 'mqtap.js');
@@ -24,36 +24,6 @@ const QEMU = process.env.MQTAP_VM_QEMU || 'qemu-system-x86_64';
 const env = tapEnv();
 const reason = !env.ok ? env.reason : !haveCommand(QEMU) ? `${QEMU} not found` : !existsSync(CLI) ? 'dist/bin/mqtap.js is not built (npx tsc -p tsconfig.json)' : '';
 if (reason) console.warn(`daemon + QMP tests skipped: ${reason}`);
-
-async function waitFor(what: string, cond: () => boolean, timeoutMs = 20_000): Promise<void> {
-  const deadline = Date.now() + timeoutMs;
-  while (!cond()) {
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, 25));
-  }
-}
-
-async function rejection(p: Promise<unknown>): Promise<MqtapError> {
-  try {
-    await p;
-  } catch (err) {
-    expect(err).toBeInstanceOf(MqtapError);
-    return err as MqtapError;
-  }
-  throw new Error('expected a rejection');
-}
-
-function tunFds(pid: number): number {
-  let n = 0;
-  for (const f of readdirSync(`/proc/${pid}/fd`)) {
-    try {
-      if (readlinkSync(`/proc/${pid}/fd/${f}`) === '/dev/net/tun') n++;
-    } catch {
-      /* gone */
-    }
-  }
-  return n;
-}
 
 function exited(p: ChildProcess, ms = 20_000): Promise<void> {
   if (p.exitCode !== null || p.signalCode !== null) return Promise.resolve();

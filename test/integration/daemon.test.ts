@@ -16,35 +16,17 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { DaemonClient } from '../../lib/daemon/client.js';
-import { MqtapError } from '../../lib/errors.js';
 import { getTap, listTaps } from '../../lib/links.js';
 import { K, native } from '../../lib/native.js';
 import { deleteTap, openTap } from '../../lib/tap.js';
 import { haveCommand, skipNote, tapEnv, useIsolatedNetns } from '../helpers/env.js';
+import { rejection, waitFor } from '../helpers/wait';
 
 const ROOT = join(__dirname, '..', '..');
 const CLI = join(ROOT, 'dist', 'bin', 'mqtap.js');
 const env = tapEnv();
 const reason = !env.ok ? env.reason : !existsSync(CLI) ? 'dist/bin/mqtap.js is not built (npx tsc -p tsconfig.json)' : '';
 if (reason) console.warn(`daemon integration tests skipped: ${reason}`);
-
-async function waitFor(what: string, cond: () => boolean | Promise<boolean>, timeoutMs = 20_000): Promise<void> {
-  const deadline = Date.now() + timeoutMs;
-  while (!(await cond())) {
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, 25));
-  }
-}
-
-async function rejection(p: Promise<unknown>): Promise<MqtapError> {
-  try {
-    await p;
-  } catch (err) {
-    expect(err).toBeInstanceOf(MqtapError);
-    return err as MqtapError;
-  }
-  throw new Error('expected a rejection');
-}
 
 /** A daemon process with its log in a file. */
 class Daemon {

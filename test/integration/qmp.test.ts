@@ -8,16 +8,16 @@
  * thing.  Also the `mqtap hotplug` / `mqtap unplug` CLI.
  */
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
-import { existsSync, mkdtempSync, readdirSync, readlinkSync, rmSync } from 'node:fs';
+import { existsSync, mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { MqtapError } from '../../lib/errors.js';
 import { hotplugFds, hotplugNetdev, unplugNetdev } from '../../lib/hotplug.js';
 import { getTap, listTaps } from '../../lib/links.js';
 import { openNetdev, type Netdev } from '../../lib/netdev.js';
 import { QmpClient, QmpError } from '../../lib/qmp.js';
 import { haveCommand, skipNote, tapEnv, useIsolatedNetns } from '../helpers/env.js';
+import { rejection, tunFds, waitFor } from '../helpers/wait';
 
 const ROOT = join(__dirname, '..', '..');
 const CLI = join(ROOT, 'dist', 'bin', 'mqtap.js');
@@ -26,37 +26,6 @@ const QEMU = process.env.MQTAP_VM_QEMU || 'qemu-system-x86_64';
 const env = tapEnv();
 const reason = !env.ok ? env.reason : !haveCommand(QEMU) ? `${QEMU} not found (apt-get install qemu-system-x86)` : !existsSync(CLI) ? 'dist/bin/mqtap.js is not built (npx tsc -p tsconfig.json)' : '';
 if (reason) console.warn(`QMP integration tests skipped: ${reason}`);
-
-/** fds of `pid` that are /dev/net/tun (tap queues). */
-function tunFds(pid: number): number {
-  let n = 0;
-  for (const f of readdirSync(`/proc/${pid}/fd`)) {
-    try {
-      if (readlinkSync(`/proc/${pid}/fd/${f}`) === '/dev/net/tun') n++;
-    } catch {
-      /* closed meanwhile */
-    }
-  }
-  return n;
-}
-
-async function waitFor(what: string, cond: () => boolean, timeoutMs = 10_000): Promise<void> {
-  const deadline = Date.now() + timeoutMs;
-  while (!cond()) {
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, 25));
-  }
-}
-
-async function rejection(p: Promise<unknown>): Promise<MqtapError> {
-  try {
-    await p;
-  } catch (err) {
-    expect(err).toBeInstanceOf(MqtapError);
-    return err as MqtapError;
-  }
-  throw new Error('expected a rejection');
-}
 
 function cli(args: string[]): { status: number | null; stdout: string; stderr: string } {
   const r = spawnSync(process.execPath, [CLI, ...args], { encoding: 'utf8', timeout: 60_000 });

@@ -10,11 +10,12 @@ import { mkdtempSync, readdirSync, readlinkSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
-import { ErrorCodes, MqtapError } from '../../lib/errors.js';
+import { ErrorCodes } from '../../lib/errors.js';
 import { hotplugFds, unplugNetdev } from '../../lib/hotplug.js';
 import { native } from '../../lib/native.js';
 import { QmpClient, QmpError } from '../../lib/qmp.js';
 import { UnixServer, type UnixSocket } from '../../lib/scm.js';
+import { rejection } from '../helpers/wait';
 
 interface Logged {
   execute: string;
@@ -99,16 +100,6 @@ function eventfds(n: number): number[] {
   const fds = Array.from({ length: n }, () => native.eventfdOpen());
   cleanups.push(() => fds.forEach((fd) => native.close(fd)));
   return fds;
-}
-
-async function rejection(p: Promise<unknown>): Promise<MqtapError> {
-  try {
-    await p;
-  } catch (err) {
-    expect(err).toBeInstanceOf(MqtapError);
-    return err as MqtapError;
-  }
-  throw new Error('expected a rejection');
 }
 
 const ok = (): unknown => ({ return: {} });

@@ -23,7 +23,7 @@
  * /dev/vhost-net (tap fds only).
  */
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
-import { closeSync, existsSync, mkdirSync, mkdtempSync, openSync, readdirSync, readFileSync, readlinkSync, rmSync, writeFileSync } from 'node:fs';
+import { closeSync, existsSync, mkdirSync, mkdtempSync, openSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
@@ -33,6 +33,7 @@ import { isolateNetns, type IsolatedNetns } from '../../lib/netns.js';
 import { deleteTap } from '../../lib/tap.js';
 import { haveCommand, tapEnv } from '../helpers/env.js';
 import { REPO_ROOT, guestQemuArgs, qemuBinary, vmAvailable } from './harness.js';
+import { tunFds } from '../helpers/wait';
 
 const CLI = join(REPO_ROOT, 'dist', 'bin', 'mqtap.js');
 const GUEST_SCRIPT = join(__dirname, 'scripts', 'hotplug-guest.sh');
@@ -50,18 +51,6 @@ function why(): string {
 }
 const reason = why();
 if (reason) console.warn(`test/vm/hotplug.test.ts skipped: ${reason}`);
-
-function tunFds(pid: number): number {
-  let n = 0;
-  for (const f of readdirSync(`/proc/${pid}/fd`)) {
-    try {
-      if (readlinkSync(`/proc/${pid}/fd/${f}`) === '/dev/net/tun') n++;
-    } catch {
-      /* closed meanwhile */
-    }
-  }
-  return n;
-}
 
 function sh(cmd: string, args: string[], timeout = 60_000): { status: number | null; stdout: string; stderr: string } {
   const r = spawnSync(cmd, args, { encoding: 'utf8', timeout });
