@@ -1,24 +1,91 @@
 /**
- * `mqtap demo`: the whole core mission in one command, in a throw-away
- * network namespace: probe, open a multi-queue tap, change the active queue
- * count, move frames both ways on every queue, hand the queues to a child,
- * and clean up.
+ * `mqtap demo`: the whole mission in one command, in throw-away network
+ * namespaces.
+ *
+ * Host part (a second, needs only the tun driver): probe, open a
+ * multi-queue tap, change the active queue count, move frames both ways on
+ * every queue, hand the queues to a child, and clean up.
+ *
+ * Guest part (`--no-guest` skips it): open a 4-queue tap (vhost-net fds too
+ * where the host has /dev/vhost-net), boot the small guest of vm/ through
+ * launchQemu (what `mqtap launch` does) and show what the guest sees (queue
+ * pairs, `ethtool -L`, pings both ways, traffic per queue) next to the host's
+ * view of the tap at each step, then shut down and clean up.  Where QEMU,
+ * busybox or the guest kernel is missing it says how to get them (`--fetch`
+ * as root installs the packages; the kernel is fetched into the cache).
  */
-import { readSync, writeSync } from 'node:fs';
+import { execFileSync, spawnSync } from 'node:child_process';
+import { readFileSync, readSync, writeSync } from 'node:fs';
+import * as path from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
+import { type Command } from 'commander';
 import { MqtapError } from '../lib/errors';
-import { getLink } from '../lib/links';
+import {
+  checkGuestRequirements,
+  ensureGuestImage,
+  guestQemuArgs,
+  hostPing,
+  makeResultsDir,
+  mqGuestCommand,
+  parseMqGuestOutput,
+  qemuBinary,
+  removeTree,
+  watchCheckpoints,
+  type Checkpoint,
+  type MqGuestReport,
+  type PingResult,
+} from '../lib/guest';
+import { getLink, getTap } from '../lib/links';
 import { type Logger } from '../lib/log';
 import { native } from '../lib/native';
+import { openNetdev, type Netdev } from '../lib/netdev';
 import { isolateNetns } from '../lib/netns';
 import { probeTun } from '../lib/probe';
+import { launchQemu, type LaunchedQemu } from '../lib/qemu';
 import { spawnWithFds } from '../lib/spawn';
 import { openTap, type Tap } from '../lib/tap';
+import { validateQueueCount } from '../lib/validate';
+import { probeVhostNet } from '../lib/vhost';
+import { EXIT, intArg, json, logger, out, type CliContext, type GlobalOpts } from './context';
+
+export interface DemoStep {
+  step: string;
+  ok: boolean;
+  /** The step could not run here (e.g. no QEMU); `detail.reason` and `detail.fix` say why and what to do. */
+  skipped?: boolean;
+  detail: Record<string, unknown>;
+}
 
 export interface DemoResult {
   tap: string;
   queues: number;
-  steps: Array<{ step: string; ok: boolean; detail: Record<string, unknown> }>;
+  steps: DemoStep[];
+  /** The guest part, when it ran. */
+  guest?: {
+    tap: string;
+    vhost: boolean;
+    argv: string[];
+    report: MqGuestReport;
+    /** The host's view of the tap at each guest checkpoint. */
+    checkpoints: Checkpoint[];
+    hostViews: Record<string, { numQueues: number; numDisabledQueues: number } | null>;
+    pingGuest: PingResult | null;
+    qemuStatus: number | null;
+    guestExitCode: number | null;
+    durationMs: number;
+  };
+}
+
+export interface DemoOptions {
+  queues: number;
+  log: (line: string) => void;
+  logger: Logger;
+  /** Run the guest part (default true). */
+  guest?: boolean;
+  /** As root, apt-get install what the guest part is missing (default false). */
+  fetch?: boolean;
+  /** Kill the guest after this long (default 300 000 ms). */
+  guestTimeoutMs?: number;
 }
 
 const VNET_HDR = 10;
@@ -69,14 +136,8 @@ async function readFrames(tap: Tap, ms: number, want: number): Promise<Array<{ q
   return got;
 }
 
-export async function runDemo(opts: { queues: number; log: (line: string) => void; logger: Logger }): Promise<DemoResult> {
-  const { log } = opts;
-  const result: DemoResult = { tap: '', queues: opts.queues, steps: [] };
-  const step = (name: string, ok: boolean, detail: Record<string, unknown>, line: string): void => {
-    result.steps.push({ step: name, ok, detail });
-    log(`${ok ? '✔' : '✘'} ${line}`);
-  };
-
+/** The host-only part: the core in about a second. */
+async function hostPart(opts: DemoOptions, result: DemoResult, step: StepFn): Promise<void> {
   const probe = probeTun();
   if (!probe.multiQueueTap) {
     throw new MqtapError({
@@ -146,5 +207,359 @@ export async function runDemo(opts: { queues: number; log: (line: string) => voi
   } finally {
     ns.restore();
   }
+}
+
+type StepFn = (name: string, ok: boolean, detail: Record<string, unknown>, line: string, extra?: { skipped?: boolean }) => void;
+
+export async function runDemo(opts: DemoOptions): Promise<DemoResult> {
+  const { log } = opts;
+  const result: DemoResult = { tap: '', queues: opts.queues, steps: [] };
+  const step: StepFn = (name, ok, detail, line, extra) => {
+    result.steps.push({ step: name, ok, ...(extra?.skipped ? { skipped: true } : {}), detail });
+    log(`${extra?.skipped ? '–' : ok ? '✔' : '✘'} ${line}`);
+  };
+  await hostPart(opts, result, step);
+  if (opts.guest !== false) {
+    log('');
+    // SIGINT/SIGTERM/SIGHUP during the guest part: stop the guest, clean up, then die of the signal.
+    const interrupt: Interrupt = { signal: undefined, listeners: new Set() };
+    const handlers = (['SIGINT', 'SIGTERM', 'SIGHUP'] as const).map((sig) => {
+      const h = (): void => {
+        interrupt.signal ??= sig;
+        for (const l of interrupt.listeners) l();
+      };
+      process.on(sig, h);
+      return [sig, h] as const;
+    });
+    try {
+      await guestPart(opts, result, step, interrupt);
+    } finally {
+      for (const [sig, h] of handlers) process.off(sig, h);
+    }
+    if (interrupt.signal) process.kill(process.pid, interrupt.signal);
+  }
   return result;
+}
+
+/** A signal that arrived during the guest part, and what to do about it at once. */
+interface Interrupt {
+  signal: NodeJS.Signals | undefined;
+  listeners: Set<() => void>;
+}
+
+// ---------------------------------------------------------------------------
+// Guest part
+
+const HOST_IP = '169.254.77.1';
+const GUEST_IP = '169.254.77.2';
+const GUEST_MAC = '52:54:00:6d:71:01';
+const GUEST_TOOLS = ['ethtool', 'ip'];
+
+function isRoot(): boolean {
+  return typeof process.getuid === 'function' && process.getuid() === 0;
+}
+
+/** apt-get install (to stderr, so --json stays clean); one apt-get update and a retry if the first try fails. */
+function aptInstall(pkgs: string[], log: (line: string) => void): boolean {
+  const run = (args: string[]): boolean =>
+    spawnSync('apt-get', args, { stdio: ['ignore', 2, 2], env: { ...process.env, DEBIAN_FRONTEND: 'noninteractive' }, timeout: 20 * 60_000 }).status === 0;
+  log(`  installing ${pkgs.join(' ')} (apt-get install -y --no-install-recommends ...)`);
+  if (run(['install', '-y', '-qq', '--no-install-recommends', ...pkgs])) return true;
+  log('  apt-get install failed; running apt-get update and trying again');
+  return run(['update', '-qq']) && run(['install', '-y', '-qq', '--no-install-recommends', ...pkgs]);
+}
+
+function qemuVersion(bin: string): string {
+  const r = spawnSync(bin, ['--version'], { encoding: 'utf8', timeout: 10_000 });
+  return /version ([^\s(]+)/.exec(r.stdout ?? '')?.[1] ?? 'unknown';
+}
+
+function hostView(tap: string): { numQueues: number; numDisabledQueues: number } | null {
+  const t = getTap(tap);
+  return t ? { numQueues: t.tun.numQueues, numDisabledQueues: t.tun.numDisabledQueues } : null;
+}
+
+const viewText = (v: { numQueues: number; numDisabledQueues: number } | null | undefined): string =>
+  v ? `numqueues ${v.numQueues}, numdisabled ${v.numDisabledQueues}` : 'tap gone';
+
+function readPartial(file: string): string {
+  try {
+    return readFileSync(file, 'utf8');
+  } catch {
+    return '';
+  }
+}
+
+function tail(text: string, lines: number): string {
+  return text.replace(/\r/g, '').trimEnd().split('\n').slice(-lines).join('\n');
+}
+
+/** The guest part.  Everything it creates is gone when it returns (netns, tap, QEMU, temp dir). */
+async function guestPart(opts: DemoOptions, result: DemoResult, step: StepFn, interrupt: Interrupt): Promise<void> {
+  const { log } = opts;
+  const n = opts.queues;
+  const required = process.env.MQTAP_VM_REQUIRED === '1';
+
+  // 1. What the guest needs.
+  let req = checkGuestRequirements({ tools: GUEST_TOOLS });
+  let fetched = false;
+  if (!req.ok && req.aptPackages.length && opts.fetch) {
+    if (!isRoot()) log(`  --fetch needs root to run: ${req.fix}`);
+    else if (aptInstall(req.aptPackages, log)) {
+      fetched = true;
+      req = checkGuestRequirements({ tools: GUEST_TOOLS });
+    }
+  }
+  if (!req.ok) {
+    const fix = fetched
+      ? `still missing after apt-get install; set MQTAP_VM_QEMU or PATH, or see vm/README.md`
+      : req.aptPackages.length
+        ? `${req.fix}   (or: ${isRoot() ? '' : 'as root, '}mqtap demo --fetch)`
+        : (req.fix ?? 'see vm/README.md');
+    step(
+      'guest',
+      !required,
+      { reason: req.reason, fix, missing: req.items.filter((i) => !i.ok).map((i) => i.what), required },
+      `guest part not run: ${req.reason}\n    to get it: ${fix}${required ? '\n    (MQTAP_VM_REQUIRED=1: this is a failure)' : ''}`,
+      required ? {} : { skipped: true },
+    );
+    return;
+  }
+  const vhostProbe = probeVhostNet();
+  const vhost = vhostProbe.usable;
+  if (req.image === 'buildable') log(`  fetching the guest kernel and building the initramfs (first run only, ~70 MB download, cached): vm/build.sh`);
+  let image;
+  try {
+    image = await ensureGuestImage({ onProgress: (l) => log(`    ${l}`) });
+  } catch (err) {
+    step('guest', false, { reason: (err as Error).message }, `cannot build the guest image: ${(err as Error).message.split('\n')[0]}\n    see: bash ${path.join('vm', 'build.sh')}`);
+    return;
+  }
+  const qver = qemuVersion(qemuBinary());
+  step(
+    'guest-check',
+    true,
+    { qemu: qemuBinary(), qemuVersion: qver, kernel: image.kernelVersion, image, hostVhostNet: vhost, vhostReason: vhostProbe.error?.message },
+    `guest: Debian kernel ${image.kernelVersion ?? '?'} under QEMU ${qver} (TCG, no KVM needed); vhost-net on this host: ${
+      vhost ? 'yes, so QEMU gets vhost fds too' : `no (${vhostProbe.error?.code ?? 'unavailable'}), so vhost off: QEMU's own virtio-net backend moves the frames`
+    }`,
+  );
+
+  const checkInterrupt = (): void => {
+    if (interrupt.signal) throw new Error(`interrupted by ${interrupt.signal}`);
+  };
+  if (interrupt.signal) {
+    step('guest', false, { interrupted: interrupt.signal }, `interrupted by ${interrupt.signal} before the guest started`);
+    return;
+  }
+
+  // 2. A fresh namespace, the tap, QEMU.
+  const ns = isolateNetns();
+  let nd: Netdev | undefined;
+  let launched: LaunchedQemu | undefined;
+  let resultsDir: string | undefined;
+  let watcher: ReturnType<typeof watchCheckpoints> | undefined;
+  const started = Date.now();
+  try {
+    nd = openNetdev({ name: 'mqdemo%d', pairs: n, vhost: vhost ? 'on' : 'off', up: true, logger: opts.logger });
+    const tap = nd.name;
+    execFileSync('ip', ['addr', 'add', `${HOST_IP}/24`, 'dev', tap], { stdio: ['ignore', 'ignore', 'pipe'] });
+    resultsDir = await makeResultsDir('mqtap-demo-');
+    const mq = mqGuestCommand({ hostIp: HOST_IP, guestIp: GUEST_IP });
+    const args = await guestQemuArgs({ ...mq, resultsDir, consoleFile: path.join(resultsDir, 'console.log') });
+    checkInterrupt();
+    const hostViews: Record<string, { numQueues: number; numDisabledQueues: number } | null> = { opened: hostView(tap) };
+    let pingGuest: PingResult | null = null;
+    let hostStats: { rxPackets: number; txPackets: number } | undefined;
+    const stdoutFile = path.join(resultsDir, 'stdout');
+
+    // Every checkpoint: the guest stopped after a change; look at the tap from here.
+    const onCheckpoint = async (cp: Checkpoint): Promise<string> => {
+      const view = hostView(tap);
+      hostViews[cp.name] = view;
+      const so = parseMqGuestOutput(readPartial(stdoutFile));
+      if (cp.name === 'boot') {
+        const nic = so.nics[0];
+        const ok = !!nic && nic.driver === 'virtio_net' && nic.maxCombined === n && view?.numQueues === nic.combined && view?.numDisabledQueues === n - (nic.combined ?? 0);
+        step(
+          'guest-boot',
+          ok,
+          { nic, cpus: so.cpus, host: view, bootMs: cp.atMs },
+          nic
+            ? `guest booted (${(cp.atMs / 1000).toFixed(1)} s): ${nic.name} (${nic.driver}, ${nic.mac}) has ${nic.maxCombined} queue pairs, ${nic.combined} in use ` +
+                `(the driver takes one per vCPU: ${so.cpus}); host's view of ${tap}: ${viewText(view)} (QEMU detached the pairs the guest does not use)`
+            : `the guest has no virtio-net NIC (host's view: ${viewText(view)})`,
+        );
+      } else if (cp.name.startsWith('combined-')) {
+        const want = Number(cp.name.slice('combined-'.length));
+        const set = so.setChannels.find((s) => s.want === want);
+        const ok = set?.rc === 0 && set.combined === want && view?.numQueues === want && view.numDisabledQueues === n - want;
+        step(
+          `ethtool-L-${want}`,
+          ok,
+          { want, guest: set, host: view },
+          `guest: ethtool -L ${so.nics[0]?.name ?? 'eth0'} combined ${want} -> ${set ? `exit ${set.rc}, ${set.combined} in use` : 'no answer'}; host's view: ${viewText(view)}`,
+        );
+      } else if (cp.name === 'addr') {
+        pingGuest = await hostPing(GUEST_IP, { count: 3, deadlineSec: 30 });
+      } else if (cp.name === 'traffic') {
+        const st = getTap(tap)?.stats;
+        if (st) hostStats = { rxPackets: st.rxPackets, txPackets: st.txPackets };
+      }
+      return `host: ${viewText(view)}`;
+    };
+    watcher = watchCheckpoints(resultsDir, onCheckpoint);
+
+    launched = launchQemu({
+      netdevs: [{ netdev: nd, options: { id: 'net0', mac: GUEST_MAC, deviceProps: { romfile: '' } } }],
+      qemu: [qemuBinary(), ...args],
+      stdio: 'pipe',
+      killWithParent: true,
+      logger: opts.logger,
+    });
+    nd = undefined; // launchQemu owns it now
+    // (the signal itself is relayed to QEMU by launchQemu; make sure it does not linger)
+    const stop = (): void => void setTimeout(() => launched?.child.kill('SIGKILL'), 10_000).unref();
+    interrupt.listeners.add(stop);
+    launched.child.stdout?.resume();
+    let qemuErr = '';
+    launched.child.stderr?.on('data', (d: Buffer) => (qemuErr += d.toString()));
+    const p = launched.plan.netdevs[0]!;
+    step(
+      'launch',
+      launched.pid !== undefined,
+      { tap, pid: launched.pid, fds: p.fds, vhostfds: p.vhostfds, vhost, netdev: p.netdevArg, device: p.deviceArg, argv: launched.plan.argv, host: hostViews.opened },
+      `launched QEMU (pid ${launched.pid}) with ${tap}'s ${n} queues as fds ${p.fds.join(':')}${p.vhostfds.length ? ` and vhost fds ${p.vhostfds.join(':')}` : ''}:\n` +
+        `      -netdev ${p.netdevArg}\n      -device ${p.deviceArg}\n    host side: ${tap} has ${HOST_IP}/24 (link-local, this namespace only); booting the guest (QEMU TCG: ~10-40 s) ...`,
+    );
+
+    const timeoutMs = opts.guestTimeoutMs ?? 300_000;
+    let timedOut = false;
+    const timer = setTimeout(() => {
+      timedOut = true;
+      launched?.child.kill('SIGKILL');
+    }, timeoutMs);
+    let status: number | null = null;
+    try {
+      status = (await launched.exited).status;
+    } finally {
+      clearTimeout(timer);
+    }
+    await watcher.stop();
+    if (interrupt.signal) {
+      const gone = getTap(tap) === undefined;
+      step('guest', false, { interrupted: interrupt.signal, qemuStatus: status, tapGone: gone }, `interrupted by ${interrupt.signal}: QEMU stopped (status ${status}); ${tap} ${gone ? 'is gone' : 'is STILL THERE'}; cleaning up`);
+      return;
+    }
+    const so = parseMqGuestOutput(readPartial(stdoutFile));
+    const exitText = readPartial(path.join(resultsDir, 'exitcode')).trim();
+    const guestExit = /^\d+$/.test(exitText) ? Number(exitText) : null;
+    const consoleTail = tail(readPartial(path.join(resultsDir, 'console.log')), 25);
+    const seen = new Set(result.steps.map((s) => s.step));
+    const diag = { console: consoleTail, guestStderr: tail(readPartial(path.join(resultsDir, 'stderr')), 20), qemuStderr: tail(qemuErr, 10), timedOut };
+    if (!seen.has('guest-boot')) step('guest-boot', false, diag, `the guest did not get to its first checkpoint${timedOut ? ` within ${timeoutMs / 1000} s` : ''}; console:\n${consoleTail}`);
+
+    // Pings both ways.
+    const pg = pingGuest as PingResult | null;
+    const ph = so.pingHost;
+    step(
+      'ping',
+      !!ph && ph.received > 0 && !!pg && pg.received > 0,
+      { guestToHost: ph, hostToGuest: pg && { sent: pg.sent, received: pg.received } },
+      `ping guest -> host ${HOST_IP}: ${ph ? `${ph.received}/${ph.sent}` : 'not run'}; host -> guest ${GUEST_IP}: ${pg ? `${pg.received}/${pg.sent}` : 'not run'}`,
+    );
+
+    // Traffic per queue pair, as the guest counted it.
+    const both = so.queues.filter((q) => q.rxPackets > 0 && q.txPackets > 0).length;
+    const rxQ = so.queues.filter((q) => q.rxPackets > 0).length;
+    const txQ = so.queues.filter((q) => q.txPackets > 0).length;
+    const flows = so.flows.map((f) => f.attempts).reduce((a, b) => a + b, 0);
+    const table = so.queues.map((q) => `      ${String(q.queue).padStart(5)}  ${String(q.rxPackets).padStart(10)}  ${String(q.txPackets).padStart(10)}`).join('\n');
+    const hs = hostStats as { rxPackets: number; txPackets: number } | undefined;
+    step(
+      'queues',
+      rxQ > 1 && txQ > 1,
+      { queues: so.queues, flows: so.flows, queuesWithRx: rxQ, queuesWithTx: txQ, host: hostViews.traffic, hostTapStats: hs },
+      `traffic per queue pair in the guest (ethtool -S; ${flows} TCP flows from ${so.flows.length} vCPU(s), pinned with taskset; XPS maps vCPU -> TX queues, the tap answers on the flow's queue):\n` +
+        `      queue  rx_packets  tx_packets\n${table || '      (no counters)'}\n    ${both} of ${so.queues.length} queue pairs carried traffic both ways` +
+        (hs ? `; host's view of ${tap} (all queues): rx ${hs.rxPackets}, tx ${hs.txPackets} packets` : ''),
+    );
+
+    // Shutdown and cleanup.
+    const gone = getTap(tap) === undefined;
+    const durationMs = Date.now() - started;
+    step(
+      'shutdown',
+      status === 0 && guestExit === 0 && so.done && gone,
+      { qemuStatus: status, guestExitCode: guestExit, failures: so.failures, syncTimeouts: so.syncTimeouts, tapGone: gone, durationMs, ...(status === 0 && guestExit === 0 ? {} : diag) },
+      `guest powered off (${so.failures.length ? `failures: ${so.failures.join('; ')}` : 'its script passed every step'}); QEMU exited ${status === null ? 'abnormally' : `with status ${status}`} after ${(durationMs / 1000).toFixed(1)} s; ` +
+        `closed every fd: ${tap} ${gone ? 'is gone' : 'is STILL THERE'}` +
+        (status === 0 ? '' : `\n    QEMU stderr: ${tail(qemuErr, 5) || '(none)'}\n    console:\n${consoleTail}`),
+    );
+    result.guest = {
+      tap,
+      vhost,
+      argv: launched.plan.argv,
+      report: so,
+      checkpoints: [...watcher.seen],
+      hostViews,
+      pingGuest: pg,
+      qemuStatus: status,
+      guestExitCode: guestExit,
+      durationMs,
+    };
+  } catch (err) {
+    if (interrupt.signal) step('guest', false, { interrupted: interrupt.signal }, `interrupted by ${interrupt.signal}; cleaning up`);
+    else step('guest', false, { error: err instanceof MqtapError ? err.toJSON() : String(err) }, `guest part failed: ${(err as Error).message}`);
+  } finally {
+    if (launched && launched.child.exitCode === null && launched.child.signalCode === null) {
+      launched.child.kill('SIGKILL');
+      await Promise.race([launched.exited.catch(() => undefined), sleep(10_000)]);
+    }
+    await watcher?.stop();
+    try {
+      nd?.close();
+    } catch {
+      /* closing a netdev launchQemu did not take */
+    }
+    removeTree(resultsDir);
+    ns.restore();
+  }
+}
+
+// ---------------------------------------------------------------------------
+// The command
+
+export interface DemoCmdOpts {
+  queues: number;
+  guest: boolean;
+  fetch?: boolean;
+  guestTimeout: number;
+  json?: boolean;
+}
+
+export async function cmdDemo(o: DemoCmdOpts, g: GlobalOpts): Promise<number> {
+  validateQueueCount(o.queues);
+  const r = await runDemo({ queues: o.queues, guest: o.guest, fetch: !!o.fetch, guestTimeoutMs: o.guestTimeout * 1000, log: g.json ? () => undefined : out, logger: logger(g) });
+  if (g.json) json(r);
+  const ok = r.steps.every((s) => s.ok);
+  const skipped = r.steps.filter((s) => s.skipped);
+  if (!g.json) {
+    if (!ok) out('\nsome steps FAILED');
+    else if (skipped.length) out(`\nthe host part passed; the guest part was skipped (${String(skipped[0]!.detail.reason)})`);
+    else out('\nall steps passed');
+  }
+  return ok ? EXIT.OK : EXIT.FAILURE;
+}
+
+export function register(program: Command, ctx: CliContext): void {
+  program
+    .command('demo')
+    .description('show the whole thing working, in throw-away network namespaces: a multi-queue tap, then a guest booted through launch (needs root)')
+    .option('-q, --queues <n>', 'queue pairs', intArg('--queues'), 4)
+    .option('--no-guest', 'host part only (no QEMU)')
+    .option('--fetch', 'as root, apt-get install what the guest part is missing (qemu-system-x86 busybox-static ethtool) first')
+    .option('--guest-timeout <seconds>', 'stop the guest after this long', intArg('--guest-timeout'), 300)
+    .option('--json', 'every step with ok and detail, as JSON')
+    .action((o: DemoCmdOpts, cmd: Command) => ctx.run(() => cmdDemo(o, ctx.globals(cmd)), ctx.globals(cmd)));
 }

@@ -12,8 +12,7 @@ import { spawnWithFds } from '../lib/spawn';
 import { openNetdev, type VhostMode } from '../lib/netdev';
 import { deleteTap, openTap, type ExistingPolicy } from '../lib/tap';
 import { probeVhostNet } from '../lib/vhost';
-import { validateQueueCount } from '../lib/validate';
-import { runDemo } from './demo';
+import { register as registerDemo } from './demo';
 import { EXIT, exitCodeFor, hdrSizeArg, intArg, json, logger, netnsOpt, out, version, type CliContext, type GlobalOpts, type Runner } from './context';
 import { register as registerVhost } from './cmd-vhost';
 import { register as registerLaunch } from './cmd-launch';
@@ -186,15 +185,6 @@ async function cmdExec(name: string, argv: string[], o: ExecOpts, g: GlobalOpts)
   }
 }
 
-async function cmdDemo(o: { queues: number }, g: GlobalOpts): Promise<number> {
-  validateQueueCount(o.queues);
-  const r = await runDemo({ queues: o.queues, log: g.json ? () => undefined : out, logger: logger(g) });
-  if (g.json) json(r);
-  const ok = r.steps.every((s) => s.ok);
-  if (!g.json) out(ok ? '\nall steps passed' : '\nsome steps FAILED');
-  return ok ? EXIT.OK : EXIT.FAILURE;
-}
-
 function reportError(err: unknown, g: GlobalOpts): number {
   const code = exitCodeFor(err);
   if (err instanceof CommanderError) return code; // commander already printed it
@@ -281,16 +271,10 @@ export function buildProgram(run: Runner): Command {
     )
     .action((name: string, argv: string[], o: ExecOpts, cmd: Command) => run(() => cmdExec(name, argv, o, globals(cmd)), globals(cmd)));
 
-  program
-    .command('demo')
-    .description('show the whole thing working, in a throw-away network namespace (needs root)')
-    .option('-q, --queues <n>', 'queues', intArg('--queues'), 4)
-    .option('--json', 'machine-readable output')
-    .action((o: { queues: number }, cmd: Command) => run(() => cmdDemo(o, globals(cmd)), globals(cmd)));
-
   const ctx: CliContext = { run, globals };
   registerVhost(program, ctx);
   registerLaunch(program, ctx);
+  registerDemo(program, ctx);
   registerDaemon(program, ctx);
   registerData(program, ctx);
   return program;

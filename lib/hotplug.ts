@@ -31,13 +31,9 @@ import { silentLogger, type Logger } from './log';
 import type { Netdev } from './netdev';
 import { QmpError, type QmpClient } from './qmp';
 import { MAX_QUEUES, parseMac } from './validate';
+import { validateQemuId } from './qemu';
 
 /** QEMU's id_wellformed(): a letter, then letters, digits, '-', '.', '_'. */
-export function validateQemuId(id: unknown, what = 'id'): string {
-  if (typeof id !== 'string' || !/^[A-Za-z][A-Za-z0-9._-]{0,126}$/.test(id))
-    throw invalidArg(`${what} ${JSON.stringify(id)} is not a valid QEMU id`, 'use a letter followed by letters, digits, "-", "." or "_" (at most 127 characters)');
-  return id;
-}
 
 export interface HotplugFdsOptions {
   /** Device id (virtio-net-pci). */

@@ -70,6 +70,18 @@ export {
   type UnplugOptions,
 } from './hotplug';
 export * from './daemon';
+export {
+  qemuNetdevArgs,
+  planLaunch,
+  launchQemu,
+  checkTapNetdevOptions,
+  parseNetdevArg,
+  validateQemuId,
+  type LaunchOptions,
+  type LaunchPlan,
+  type LaunchedQemu,
+  type QemuNetdevOptions,
+} from './qemu';
 export { withNetns, isolateNetns, netnsPath, type IsolatedNetns } from './netns';
 export { silentLogger, stderrLogger, type Logger } from './log';
 export {

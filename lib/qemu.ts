@@ -1,22 +1,52 @@
 /**
- * Handing a netdev to QEMU at launch: `-netdev tap,id=ID,fds=A:B,...` (and
- * `vhost=on,vhostfds=C:D`) with the fds mapped into the child, plus the
+ * Handing a netdev to QEMU at launch, the way libvirt does:
+ * `-netdev tap,id=ID,fds=A:B:...[,vhost=on,vhostfds=C:D:...]` with the fds
+ * mapped into the child (tap fds first, then vhost fds, from fd 3 up) and the
  * matching `-device virtio-net-pci,netdev=ID,mq=on,vectors=2N+2`.
  *
- * QEMU's own rules (net/tap.c) are applied here first, with better errors:
- * fds and vhostfds counts equal, vhostfds only with fds, no queues=/ifname=/
- * vnet_hdr=/vhostfd=/fd= beside fds, vnet_hdr consistent across the fds, at
- * most 256 queues, and vectors = 2N+2 (one per virtqueue + config + control).
+ * QEMU's own rules (net/tap.c net_init_tap, hw/net/virtio-net.c) are applied
+ * here first, with errors that say what to do:
+ *
+ *  - fds= and vhostfds= list the same number of fds; vhostfds= only with fds=;
+ *  - no fd=, ifname=, script=, downscript=, vnet_hdr=, helper=, queues= or
+ *    vhostfd= beside fds=; no vhostfds= with vhost=off;
+ *  - 1..256 queues (the kernel's MAX_TAP_QUEUES; QEMU would take more fds);
+ *  - every fd is a queue of a tap (not tun), all of the same device, with
+ *    vnet_hdr consistent across them (QEMU: "vnet_hdr not consistent across
+ *    given tap fds"), and **attached**: QEMU 7.2 assumes every queue it is
+ *    handed is enabled; at device reset it detaches the pairs beyond the
+ *    guest's count and aborts ("could not disable queue", an assertion in
+ *    virtio_net_set_queue_pairs) if one was already detached;
+ *  - every vhost fd is /dev/vhost-net (char 10:238);
+ *  - vectors = 2N+2: one MSI-X vector per virtqueue, one for config changes,
+ *    one for the control queue.
  */
-import { invalidArg, MqtapError } from './errors';
+import type { ChildProcess } from 'node:child_process';
+import { spawnSync } from 'node:child_process';
+import { accessSync, constants as fsConstants, fstatSync } from 'node:fs';
+import * as path from 'node:path';
+import { ErrorCodes, invalidArg, MqtapError } from './errors';
 import { silentLogger, type Logger } from './log';
 import { K, native } from './native';
-import type { Netdev } from './netdev';
 import { spawnWithFds, type ChildExit } from './spawn';
-import { MAX_QUEUES, parseMac, formatMac } from './validate';
+import { MAX_QUEUES, formatMac, parseMac } from './validate';
+
+/** What qemuNetdevArgs needs of a netdev: its name and its open fds (a Netdev from openNetdev has them). */
+export interface NetdevFds {
+  readonly name: string;
+  /** Tap queue fds, in queue order. */
+  tapFds(): number[];
+  /** vhost-net fds, one per tap fd, or none. */
+  vhostFds(): number[];
+}
+
+/** A netdev launchQemu can close after QEMU exits (a Netdev from openNetdev). */
+export interface ClosableNetdev extends NetdevFds {
+  close(): void;
+}
 
 export interface QemuNetdevOptions {
-  /** QEMU netdev id (letters, digits, '-', '.', '_'; starts with a letter).  Default 'net0'. */
+  /** QEMU netdev id (starts with a letter; letters, digits, '-', '.', '_').  Default 'net0'. */
   id?: string;
   /** Guest MAC for the device. */
   mac?: string;
@@ -24,21 +54,26 @@ export interface QemuNetdevOptions {
   model?: string;
   /** First fd number in the child.  Default 3. */
   fdBase?: number;
-  /** Check the fds are tap queues with a consistent vnet_hdr (TUNGETIFF).  Default true; false for a dry run. */
+  /**
+   * Check the fds (default true; false for a dry run with placeholder fds):
+   * tap fds are attached queues of one tap with consistent vnet_hdr (TUNGETIFF),
+   * vhost fds are /dev/vhost-net.
+   */
   verifyFds?: boolean;
-  /** Extra `key=value` device properties (e.g. { romfile: '' }). */
+  /** Extra or overriding `key=value` device properties, e.g. { romfile: '' }.  Commas are escaped for QEMU. */
   deviceProps?: Record<string, string | number | boolean>;
 }
 
 export interface QemuNetdevArgs {
-  /** ['-netdev', 'tap,id=net0,fds=3:4,...'] */
+  /** ['-netdev', 'tap,id=net0,fds=3:4,vhost=off'] */
   netdev: string[];
   /** ['-device', 'virtio-net-pci,netdev=net0,mq=on,vectors=6'] */
   device: string[];
   /** Parent fds in the order they must appear in the child (tap fds, then vhost fds). */
   parentFds: number[];
-  /** fd numbers as the child sees them. */
+  /** Tap fd numbers as the child sees them. */
   fds: number[];
+  /** vhost fd numbers as the child sees them (empty without vhost). */
   vhostfds: number[];
   /** The next free child fd number after these. */
   nextFd: number;
@@ -46,10 +81,79 @@ export interface QemuNetdevArgs {
 
 const ID_RE = /^[A-Za-z][A-Za-z0-9._-]*$/;
 
-export function validateQemuId(id: unknown): string {
+export function validateQemuId(id: unknown, what = 'QEMU id'): string {
   if (typeof id !== 'string' || !ID_RE.test(id) || id.length > 127)
-    throw invalidArg(`QEMU id ${JSON.stringify(id)} is not well-formed`, "QEMU ids start with a letter and contain only letters, digits, '-', '.' and '_'");
+    throw invalidArg(`${what} ${JSON.stringify(id)} is not well-formed`, "QEMU ids start with a letter and contain only letters, digits, '-', '.' and '_' (at most 127)");
   return id;
+}
+
+/** QEMU's option escaping: a literal ',' in a value is written ',,'. */
+export function qemuEscape(value: string): string {
+  return value.replace(/,/g, ',,');
+}
+
+/** Splits a QEMU option string on single commas (',,' is a literal comma). */
+function splitQemuOpts(arg: string): string[] {
+  const parts: string[] = [];
+  let cur = '';
+  for (let i = 0; i < arg.length; i++) {
+    const c = arg[i]!;
+    if (c === ',') {
+      if (arg[i + 1] === ',') {
+        cur += ',';
+        i++;
+      } else {
+        parts.push(cur);
+        cur = '';
+      }
+    } else cur += c;
+  }
+  parts.push(cur);
+  return parts;
+}
+
+/**
+ * Parses a `-netdev` value — 'tap,id=n0,fds=3:4', 'type=tap,id=n0,...'
+ * (',,' is a literal comma) or QEMU's JSON form '{"type":"tap",...}' — into
+ * its type and options.  A bare flag ('vhost') reads as 'on'.
+ */
+export function parseNetdevArg(arg: string): { type: string; options: Map<string, string> } {
+  const options = new Map<string, string>();
+  if (arg.trimStart().startsWith('{')) {
+    let obj: Record<string, unknown>;
+    try {
+      obj = JSON.parse(arg) as Record<string, unknown>;
+    } catch (err) {
+      throw invalidArg(`-netdev ${arg}: not valid JSON (${(err as Error).message})`);
+    }
+    for (const [k, v] of Object.entries(obj)) {
+      if (k === 'type') continue;
+      options.set(k, typeof v === 'boolean' ? (v ? 'on' : 'off') : String(v));
+    }
+    return { type: String(obj.type ?? ''), options };
+  }
+  const parts = splitQemuOpts(arg);
+  let type = '';
+  parts.forEach((kv, i) => {
+    const eq = kv.indexOf('=');
+    if (i === 0 && eq < 0) {
+      type = kv;
+      return;
+    }
+    const k = eq < 0 ? kv : kv.slice(0, eq);
+    const v = eq < 0 ? 'on' : kv.slice(eq + 1);
+    if (k === 'type') type = v;
+    else options.set(k, v);
+  });
+  return { type, options };
+}
+
+const FD_TOKEN_RE = /^(\d+|[A-Za-z][A-Za-z0-9._-]*)$/;
+
+function fdList(what: string, value: string): string[] {
+  const list = value.split(':');
+  if (list.some((f) => !FD_TOKEN_RE.test(f))) throw invalidArg(`-netdev tap: ${what}=${value} is not a ':'-separated list of fd numbers`);
+  return list;
 }
 
 /** Checks the rules QEMU applies to `-netdev tap` options (net/tap.c net_init_tap), on a parsed option list. */
@@ -57,62 +161,79 @@ export function checkTapNetdevOptions(opts: ReadonlyMap<string, string>): void {
   const has = (k: string): boolean => opts.has(k);
   const fds = opts.get('fds');
   const vhostfds = opts.get('vhostfds');
-  if (has('fds')) {
-    for (const k of ['fd', 'ifname', 'script', 'downscript', 'vnet_hdr', 'helper', 'queues', 'vhostfd'])
-      if (has(k)) throw invalidArg(`-netdev tap: ${k}= cannot be used with fds= (QEMU refuses it)`, 'with pre-opened fds, mqtap already set the tap up');
-    const n = fds!.split(':').filter(Boolean).length;
-    if (n < 1 || n > MAX_QUEUES) throw invalidArg(`-netdev tap: fds= lists ${n} fds; 1 to ${MAX_QUEUES} are allowed`);
+  if (fds !== undefined) {
+    const clash = ['fd', 'ifname', 'script', 'downscript', 'vnet_hdr', 'helper', 'queues', 'vhostfd'].filter(has);
+    if (clash.length)
+      throw invalidArg(
+        `-netdev tap: ${clash.map((k) => `${k}=`).join(', ')} cannot be used with fds= (QEMU refuses it)`,
+        'with pre-opened fds the tap is already set up: the queue count is the number of fds, vnet_hdr is the tap\'s, vhost fds go in vhostfds=',
+      );
+    const list = fdList('fds', fds);
+    if (list.length < 1 || list.length > MAX_QUEUES) throw invalidArg(`-netdev tap: fds= lists ${list.length} fds; 1 to ${MAX_QUEUES} are allowed (a tap has at most ${MAX_QUEUES} queues)`);
+    if (new Set(list).size !== list.length) throw invalidArg(`-netdev tap: fds=${fds} lists an fd twice`);
     if (vhostfds !== undefined) {
-      const m = vhostfds.split(':').filter(Boolean).length;
-      if (m !== n) throw invalidArg(`-netdev tap: fds= lists ${n} fds but vhostfds= lists ${m}; QEMU needs one vhost fd per queue`);
+      const vlist = fdList('vhostfds', vhostfds);
+      if (vlist.length !== list.length)
+        throw invalidArg(`-netdev tap: fds= lists ${list.length} fd(s) but vhostfds= lists ${vlist.length}; QEMU needs exactly one vhost-net fd per tap queue fd`);
+      if (new Set(vlist).size !== vlist.length) throw invalidArg(`-netdev tap: vhostfds=${vhostfds} lists an fd twice`);
+      const both = vlist.filter((f) => list.includes(f));
+      if (both.length) throw invalidArg(`-netdev tap: fd ${both[0]} is in both fds= and vhostfds=`);
     }
   } else if (vhostfds !== undefined) {
-    throw invalidArg('-netdev tap: vhostfds= needs fds= (one vhost fd per tap queue fd)');
+    throw invalidArg('-netdev tap: vhostfds= needs fds= (one vhost-net fd per tap queue fd); QEMU refuses it otherwise');
   }
-  if (vhostfds !== undefined && opts.get('vhost') === 'off') throw invalidArg('-netdev tap: vhostfds= with vhost=off makes no sense');
+  if (vhostfds !== undefined && opts.get('vhost') === 'off') throw invalidArg('-netdev tap: vhostfds= with vhost=off: QEMU would not use the vhost-net fds; drop one of them');
 }
 
-/** Parses 'tap,id=n0,fds=3:4' into its type and options. */
-export function parseNetdevArg(arg: string): { type: string; options: Map<string, string> } {
-  const [type = '', ...rest] = arg.split(',');
-  const options = new Map<string, string>();
-  for (const kv of rest) {
-    const i = kv.indexOf('=');
-    options.set(i < 0 ? kv : kv.slice(0, i), i < 0 ? 'on' : kv.slice(i + 1));
-  }
-  return { type, options };
+function isPciModel(model: string): boolean {
+  return /-pci(-|$)/.test(model);
 }
 
 /**
  * The QEMU arguments for `netdev`, with fd numbers as the child will see
- * them (fdBase.., tap fds first, then vhost fds).
+ * them (fdBase.., tap fds first, then vhost fds).  With verifyFds (default)
+ * the fds are checked the way QEMU will, so a mistake is reported here
+ * rather than as a QEMU error or abort.
  */
-export function qemuNetdevArgs(netdev: Netdev, opts: QemuNetdevOptions = {}): QemuNetdevArgs {
+export function qemuNetdevArgs(netdev: NetdevFds, opts: QemuNetdevOptions = {}): QemuNetdevArgs {
   const id = validateQemuId(opts.id ?? 'net0');
   const fdBase = opts.fdBase ?? 3;
   if (!Number.isInteger(fdBase) || fdBase < 3) throw invalidArg('fdBase must be an integer >= 3 (0-2 are stdio)');
   const tapFds = netdev.tapFds();
   const vhostFds = netdev.vhostFds();
   const n = tapFds.length;
-  if (n === 0) throw new MqtapError({ op: 'QEMU_ARGS', code: 'ERR_CLOSED', ifname: netdev.name, message: `${netdev.name} has no open queues` });
-  if (n > MAX_QUEUES) throw invalidArg(`${n} queues: QEMU takes at most ${MAX_QUEUES}`);
-  if (vhostFds.length && vhostFds.length !== n) throw invalidArg(`${netdev.name}: ${n} tap fds but ${vhostFds.length} vhost fds`);
-  if (opts.verifyFds !== false) checkVnetHdrConsistent(netdev.name, tapFds);
+  if (n === 0) throw new MqtapError({ op: 'QEMU_ARGS', code: ErrorCodes.CLOSED, ifname: netdev.name, message: `${netdev.name} has no open queues` });
+  if (n > MAX_QUEUES) throw invalidArg(`${netdev.name}: ${n} queues; a tap (and so QEMU's -netdev tap) takes at most ${MAX_QUEUES}`);
+  if (vhostFds.length && vhostFds.length !== n)
+    throw invalidArg(`${netdev.name}: ${n} tap fd(s) but ${vhostFds.length} vhost-net fd(s); QEMU needs exactly one vhost-net fd per tap queue (vhostfds= count = fds= count)`);
+  if (opts.verifyFds !== false) {
+    const all = [...tapFds, ...vhostFds];
+    const dup = all.find((fd, i) => all.indexOf(fd) !== i);
+    if (dup !== undefined) throw invalidArg(`${netdev.name}: fd ${dup} is handed twice`);
+    verifyTapFds(netdev.name, tapFds);
+    vhostFds.forEach((fd, i) => verifyVhostFd(netdev.name, i, fd));
+  }
   const fds = tapFds.map((_, i) => fdBase + i);
   const vhostfds = vhostFds.map((_, i) => fdBase + n + i);
-  const netdevOpts = [`tap`, `id=${id}`, `fds=${fds.join(':')}`];
+  const netdevOpts = ['tap', `id=${id}`, `fds=${fds.join(':')}`];
   if (vhostFds.length) netdevOpts.push('vhost=on', `vhostfds=${vhostfds.join(':')}`);
   else netdevOpts.push('vhost=off');
   checkTapNetdevOptions(parseNetdevArg(netdevOpts.join(',')).options);
+
   const model = opts.model ?? 'virtio-net-pci';
   if (!/^[A-Za-z0-9._-]+$/.test(model)) throw invalidArg(`device model ${JSON.stringify(model)} is not a QEMU device name`);
-  const dev = [model, `netdev=${id}`];
-  if (n > 1) dev.push('mq=on', `vectors=${2 * n + 2}`);
-  if (opts.mac !== undefined) dev.push(`mac=${formatMac(parseMac(opts.mac))}`);
-  for (const [k, v] of Object.entries(opts.deviceProps ?? {})) {
-    if (!/^[A-Za-z0-9_-]+$/.test(k) || String(v).includes(',')) throw invalidArg(`device property ${k}=${String(v)} is not allowed`);
-    dev.push(`${k}=${typeof v === 'boolean' ? (v ? 'on' : 'off') : String(v)}`);
+  const props = new Map<string, string>();
+  if (n > 1) {
+    props.set('mq', 'on');
+    if (isPciModel(model)) props.set('vectors', String(2 * n + 2));
   }
+  if (opts.mac !== undefined) props.set('mac', formatMac(parseMac(opts.mac)));
+  for (const [k, v] of Object.entries(opts.deviceProps ?? {})) {
+    if (!/^[A-Za-z0-9_.-]+$/.test(k)) throw invalidArg(`device property ${JSON.stringify(k)} is not a QEMU property name`);
+    if (k === 'netdev') throw invalidArg('device property netdev= is set by mqtap (it is the netdev id)');
+    props.set(k, typeof v === 'boolean' ? (v ? 'on' : 'off') : qemuEscape(String(v)));
+  }
+  const dev = [model, `netdev=${id}`, ...[...props].map(([k, v]) => `${k}=${v}`)];
   return {
     netdev: ['-netdev', netdevOpts.join(',')],
     device: ['-device', dev.join(',')],
@@ -123,73 +244,268 @@ export function qemuNetdevArgs(netdev: Netdev, opts: QemuNetdevOptions = {}): Qe
   };
 }
 
-/** QEMU refuses "vnet_hdr not consistent across given tap fds": refuse first, naming the fd. */
-function checkVnetHdrConsistent(name: string, fds: readonly number[]): void {
-  let first: boolean | undefined;
+/**
+ * Every tap fd must be a queue of the same tap (TUNGETIFF answers), a tap
+ * and not a tun, multi-queue when there are several, attached (QEMU aborts
+ * on a detached one at reset), with the same vnet_hdr flag (QEMU refuses
+ * "vnet_hdr not consistent across given tap fds").
+ */
+function verifyTapFds(name: string, fds: readonly number[]): void {
+  let first: { ifname: string; vnetHdr: boolean } | undefined;
+  const fail = (i: number, _fd: number, code: string, message: string, hint?: string): never => {
+    throw new MqtapError({ op: 'QEMU_ARGS', code, ifname: name, queue: i, message, ...(hint ? { hint } : {}) });
+  };
   fds.forEach((fd, i) => {
-    let has: boolean;
+    let info: { name: string; flags: number };
     try {
-      has = (native.tunGetIff(fd).flags & K.IFF_VNET_HDR) !== 0;
+      info = native.tunGetIff(fd);
     } catch (err) {
-      throw new MqtapError({ op: 'QEMU_ARGS', code: (err as MqtapError).code ?? 'EBADF', ifname: name, queue: i, message: `${name} queue ${i} (fd ${fd}) is not a usable tap queue: ${(err as Error).message}` });
+      const code = (err as MqtapError).code ?? 'EBADF';
+      const why =
+        code === 'EBADF'
+          ? 'it is not an open fd (closed?)'
+          : code === 'ENOTTY' || code === 'EINVAL'
+            ? 'it is not a /dev/net/tun fd'
+            : code === 'EBADFD'
+              ? 'it is a /dev/net/tun fd not attached to any tap'
+              : (err as Error).message;
+      return fail(i, fd, code, `${name} queue ${i} (fd ${fd}) is not a tap queue: ${why}`, 'hand QEMU the fds of an open Netdev/Tap (openNetdev), nothing else');
     }
-    first ??= has;
-    if (has !== first)
-      throw new MqtapError({ op: 'QEMU_ARGS', code: 'EINVAL', ifname: name, queue: i, message: `vnet_hdr is not consistent across the fds of ${name} (fd ${fd} differs); QEMU would refuse them` });
+    if ((info.flags & K.IFF_TAP) === 0) fail(i, fd, 'EINVAL', `${name} queue ${i} (fd ${fd}) belongs to ${info.name}, a tun (layer 3) device; QEMU's -netdev tap needs a tap`);
+    if (i === 0 && name !== '' && !name.includes('%') && info.name !== name)
+      fail(i, fd, 'EINVAL', `${name} queue ${i} (fd ${fd}) is a queue of ${info.name}, not of ${name}`);
+    if (first !== undefined && info.name !== first.ifname)
+      fail(i, fd, 'EINVAL', `fd ${fd} is a queue of ${info.name} but fd ${fds[0]} is a queue of ${first.ifname}: one -netdev takes the queues of one tap`);
+    if (fds.length > 1 && (info.flags & K.IFF_MULTI_QUEUE) === 0) fail(i, fd, 'EINVAL', `${info.name} is a single-queue tap; ${fds.length} fds need a multi-queue tap`);
+    if ((info.flags & K.IFF_DETACH_QUEUE) !== 0)
+      fail(
+        i,
+        fd,
+        'EINVAL',
+        `${info.name} queue ${i} (fd ${fd}) is disabled (detached); QEMU assumes every queue it is handed is enabled and aborts ("could not disable queue") when it resets the device`,
+        'enable every queue before the launch (setActivePairs(N) / no --active); QEMU itself detaches the pairs the guest does not use and re-attaches them when the guest asks (ethtool -L)',
+      );
+    const vnetHdr = (info.flags & K.IFF_VNET_HDR) !== 0;
+    if (first === undefined) first = { ifname: info.name, vnetHdr };
+    else if (vnetHdr !== first.vnetHdr)
+      fail(i, fd, 'EINVAL', `vnet_hdr is not consistent across the fds of ${info.name} (fd ${fd} ${vnetHdr ? 'has' : 'lacks'} it, fd ${fds[0]} ${first.vnetHdr ? 'has' : 'lacks'} it); QEMU would refuse them`);
   });
 }
 
+const VHOST_NET_MAJOR = 10;
+const VHOST_NET_MINOR = 238;
+
+/** A vhost fd must be an open /dev/vhost-net (misc char device 10:238). */
+function verifyVhostFd(name: string, i: number, fd: number): void {
+  let st;
+  try {
+    st = fstatSync(fd);
+  } catch (err) {
+    throw new MqtapError({ op: 'QEMU_ARGS', code: (err as NodeJS.ErrnoException).code ?? 'EBADF', ifname: name, queue: i, message: `${name} vhost fd ${i} (fd ${fd}) is not open (closed?)` });
+  }
+  const major = Number((BigInt(st.rdev) >> 8n) & 0xfffn);
+  const minor = Number((BigInt(st.rdev) & 0xffn) | ((BigInt(st.rdev) >> 12n) & ~0xffn));
+  if (!st.isCharacterDevice() || major !== VHOST_NET_MAJOR || minor !== VHOST_NET_MINOR)
+    throw new MqtapError({ op: 'QEMU_ARGS', code: 'EINVAL', ifname: name, queue: i, message: `${name} vhost fd ${i} (fd ${fd}) is not /dev/vhost-net` });
+}
+
 export interface LaunchNetdev {
-  netdev: Netdev;
+  netdev: ClosableNetdev;
   options?: Omit<QemuNetdevOptions, 'fdBase'>;
 }
 
 export interface LaunchOptions {
+  /** The netdevs to hand over.  launchQemu owns them from the call on: see closeOnExit. */
   netdevs: readonly LaunchNetdev[];
-  /** [binary, ...args].  `${MQTAP_FDS_<ID>}`/`${MQTAP_VHOSTFDS_<ID>}` in args are replaced; otherwise -netdev/-device are appended. */
+  /**
+   * [binary, ...args].  `${MQTAP_FDS_<ID>}` / `${MQTAP_VHOSTFDS_<ID>}` in a
+   * `-netdev` of args are replaced by the child's fd lists (ID upper-cased,
+   * other characters as '_'); otherwise `-netdev` is appended.  `-device` is
+   * appended unless args have a `-device ...,netdev=ID`.
+   */
   qemu: readonly string[];
+  /** QEMU's stdin/stdout/stderr.  Default 'inherit'. */
   stdio?: 'inherit' | 'pipe';
   logger?: Logger;
-  /** Close the netdevs when QEMU exits.  Default true. */
+  /**
+   * Close the netdevs when QEMU exits, and when it cannot be started (bad
+   * arguments, missing binary).  Default true.
+   */
   closeOnExit?: boolean;
+  /** Kill QEMU (SIGKILL) if this process dies, even by SIGKILL (`setpriv --pdeathsig`, util-linux).  Default false. */
+  killWithParent?: boolean;
+  /** Extra environment for QEMU. */
+  env?: Record<string, string | undefined>;
+}
+
+export interface LaunchPlanNetdev {
+  id: string;
+  ifname: string;
+  fds: number[];
+  vhostfds: number[];
+  /** The -netdev value QEMU gets (mqtap's, or the user's with the placeholders filled). */
+  netdevArg: string;
+  /** The -device value for this netdev (mqtap's, or the user's). */
+  deviceArg: string;
 }
 
 export interface LaunchPlan {
+  /** The final argv: [binary, ...args]. */
   argv: string[];
+  /** Parent fds, in child order from fd 3. */
   parentFds: number[];
-  netdevs: Array<{ id: string; ifname: string; fds: number[]; vhostfds: number[] }>;
+  netdevs: LaunchPlanNetdev[];
+  /** Things QEMU accepts but that are probably not meant (e.g. too few MSI-X vectors on the user's -device). */
+  warnings: string[];
 }
+
+function placeholderKey(id: string): string {
+  return id.toUpperCase().replace(/[^A-Z0-9]/g, '_');
+}
+
+const isOpt = (a: string | undefined, name: string): boolean => a === `-${name}` || a === `--${name}`;
 
 /** The final argv and fd mapping for a launch, without starting anything. */
 export function planLaunch(opts: Pick<LaunchOptions, 'netdevs' | 'qemu'>): LaunchPlan {
-  if (!opts.qemu.length || !opts.qemu[0]) throw invalidArg('qemu: give the QEMU binary and its arguments');
-  if (opts.netdevs.length === 0) throw invalidArg('netdevs: at least one netdev');
+  if (!Array.isArray(opts.qemu) || !opts.qemu.length || !opts.qemu[0]) throw invalidArg('qemu: give the QEMU binary and its arguments', 'e.g. mqtap launch --queues 4 -- qemu-system-x86_64 -m 1G ...');
+  if (!Array.isArray(opts.netdevs) || opts.netdevs.length === 0) throw invalidArg('netdevs: at least one netdev');
   let fdBase = 3;
   const argv = [...opts.qemu];
   const parentFds: number[] = [];
-  const netdevs: LaunchPlan['netdevs'] = [];
+  const netdevs: LaunchPlanNetdev[] = [];
+  const warnings: string[] = [];
   const ids = new Set<string>();
+  const netdevIndexWithId = (id: string): number =>
+    argv.findIndex((x, i) => i > 0 && isOpt(argv[i - 1], 'netdev') && (() => {
+      try {
+        return parseNetdevArg(x).options.get('id') === id;
+      } catch {
+        return false;
+      }
+    })());
   for (const { netdev, options } of opts.netdevs) {
-    const a = qemuNetdevArgs(netdev, { ...options, fdBase });
-    const id = options?.id ?? 'net0';
-    if (ids.has(id)) throw invalidArg(`netdev id ${id} is used twice`);
+    const id = validateQemuId(options?.id ?? 'net0');
+    if (ids.has(id)) throw invalidArg(`netdev id ${id} is used twice; give each netdev its own id`);
     ids.add(id);
+    const a = qemuNetdevArgs(netdev, { ...options, fdBase });
     fdBase = a.nextFd;
     parentFds.push(...a.parentFds);
-    netdevs.push({ id, ifname: netdev.name, fds: a.fds, vhostfds: a.vhostfds });
-    const key = id.toUpperCase().replace(/[^A-Z0-9]/g, '_');
+    const key = placeholderKey(id);
     const fdsToken = `\${MQTAP_FDS_${key}}`;
     const vhostToken = `\${MQTAP_VHOSTFDS_${key}}`;
-    const userNetdev = argv.findIndex((x) => x.includes(fdsToken));
-    if (userNetdev >= 0) {
-      for (let i = 1; i < argv.length; i++) argv[i] = argv[i]!.split(fdsToken).join(a.fds.join(':')).split(vhostToken).join(a.vhostfds.join(':'));
-      checkTapNetdevOptions(parseNetdevArg(argv[userNetdev]!).options);
+    const withToken = argv.map((x, i) => (i > 0 && x.includes(fdsToken) ? i : -1)).filter((i) => i >= 0);
+    let netdevArg: string;
+    if (withToken.length > 1) throw invalidArg(`${fdsToken} appears ${withToken.length} times in the QEMU arguments; use it in one -netdev`);
+    if (withToken.length === 1) {
+      const at = withToken[0]!;
+      if (!isOpt(argv[at - 1], 'netdev')) throw invalidArg(`${fdsToken} must be in a -netdev value (found in ${JSON.stringify(argv[at])})`);
+      const user = argv[at]!;
+      const usesVhost = user.includes(vhostToken);
+      if (a.vhostfds.length && !usesVhost)
+        throw invalidArg(`vhost-net fds were opened for ${id} but your -netdev has no vhostfds=${vhostToken}`, `add ,vhost=on,vhostfds=${vhostToken} to it, or open no vhost fds (--vhost off)`);
+      if (!a.vhostfds.length && usesVhost)
+        throw invalidArg(`your -netdev uses ${vhostToken} but no vhost-net fds were opened for ${id}`, 'use --vhost on (needs /dev/vhost-net), or drop vhost=on,vhostfds= from it');
+      const filled = user.split(fdsToken).join(a.fds.join(':')).split(vhostToken).join(a.vhostfds.join(':'));
+      const parsed = parseNetdevArg(filled);
+      if (parsed.type !== 'tap') throw invalidArg(`the -netdev with ${fdsToken} is of type ${JSON.stringify(parsed.type)}; pre-opened fds need -netdev tap`);
+      if (parsed.options.get('id') !== id) throw invalidArg(`the -netdev with ${fdsToken} has id=${parsed.options.get('id') ?? '(none)'}; it must be id=${id}`);
+      checkTapNetdevOptions(parsed.options);
+      argv[at] = filled;
+      netdevArg = filled;
     } else {
+      if (argv.some((x, i) => i > 0 && x.includes(vhostToken))) throw invalidArg(`${vhostToken} is used without ${fdsToken} in the same -netdev`);
+      const clash = netdevIndexWithId(id);
+      if (clash >= 0)
+        throw invalidArg(
+          `the QEMU arguments already define -netdev id=${id} (${argv[clash]}); mqtap would add a second one`,
+          `write fds=${fdsToken}${a.vhostfds.length ? ` and vhostfds=${vhostToken}` : ''} in your -netdev, or drop it and let mqtap add its own`,
+        );
       argv.push(...a.netdev);
+      netdevArg = a.netdev[1]!;
     }
-    if (!argv.some((x, i) => argv[i - 1] === '-device' && new RegExp(`(^|,)netdev=${id.replace(/[.]/g, '\\.')}(,|$)`).test(x))) argv.push(...a.device);
+    const devRe = new RegExp(`(^|,)netdev=${id.replace(/[.]/g, '\\.')}(,|$)`);
+    const userDev = argv.findIndex((x, i) => i > 0 && isOpt(argv[i - 1], 'device') && devRe.test(x));
+    let deviceArg: string;
+    if (userDev >= 0) {
+      deviceArg = argv[userDev]!;
+      const vec = /(^|,)vectors=(\d+)(,|$)/.exec(deviceArg);
+      const n = a.fds.length;
+      if (n > 1 && vec && Number(vec[2]) < 2 * n + 2)
+        warnings.push(`-device ${deviceArg}: vectors=${vec[2]} is fewer than 2N+2 = ${2 * n + 2} for ${n} queue pairs; the guest then shares interrupts between queues`);
+      if (n > 1 && /(^|,)mq=(off|false|no)(,|$)/.test(deviceArg)) warnings.push(`-device ${deviceArg}: mq=off: the guest will use one queue pair of ${n}`);
+    } else {
+      argv.push(...a.device);
+      deviceArg = a.device[1]!;
+    }
+    netdevs.push({ id, ifname: netdev.name, fds: a.fds, vhostfds: a.vhostfds, netdevArg, deviceArg });
   }
-  return { argv, parentFds, netdevs };
+  const stray = argv.slice(1).find((x) => /\$\{MQTAP_(VHOST)?FDS_[A-Z0-9_]*\}/.test(x));
+  if (stray !== undefined)
+    throw invalidArg(`${stray}: a placeholder for a netdev id that is not launched (ids: ${[...ids].join(', ')})`, 'the placeholder is ${MQTAP_FDS_<ID>} with the netdev id upper-cased, e.g. ${MQTAP_FDS_NET0} for --id net0');
+  return { argv, parentFds, netdevs, warnings };
+}
+
+let pdeathsigCache: Map<string, string[]> | undefined;
+
+/**
+ * `['setpriv', '--pdeathsig', SIG, '--']` when util-linux's setpriv supports
+ * it, else [] — prefixed to a command, it dies with this process (even when
+ * this process is SIGKILLed).  The wrapper execs the command: same pid, same fds.
+ */
+export function pdeathsigWrapper(signal: NodeJS.Signals = 'SIGKILL'): string[] {
+  pdeathsigCache ??= new Map();
+  const hit = pdeathsigCache.get(signal);
+  if (hit) return hit;
+  const r = spawnSync('setpriv', ['--help'], { encoding: 'utf8' });
+  const w = !r.error && /--pdeathsig/.test(`${r.stdout}${r.stderr}`) ? ['setpriv', '--pdeathsig', signal.replace(/^SIG/, ''), '--'] : [];
+  pdeathsigCache.set(signal, w);
+  return w;
+}
+
+function findExecutable(bin: string): { path?: string; code?: 'ENOENT' | 'EACCES' } {
+  const check = (p: string): 'ok' | 'ENOENT' | 'EACCES' => {
+    try {
+      accessSync(p, fsConstants.X_OK);
+      return 'ok';
+    } catch (err) {
+      return (err as NodeJS.ErrnoException).code === 'EACCES' ? 'EACCES' : 'ENOENT';
+    }
+  };
+  if (bin.includes('/')) {
+    const c = check(bin);
+    return c === 'ok' ? { path: bin } : { code: c };
+  }
+  let denied = false;
+  for (const dir of (process.env.PATH ?? '/usr/local/bin:/usr/bin:/bin').split(':')) {
+    if (!dir) continue;
+    const p = path.join(dir, bin);
+    const c = check(p);
+    if (c === 'ok') return { path: p };
+    if (c === 'EACCES') denied = true;
+  }
+  return { code: denied ? 'EACCES' : 'ENOENT' };
+}
+
+/**
+ * Throws the error launchQemu would (op 'SPAWN', code ENOENT or EACCES, with
+ * a hint; the CLI maps them to exit 127 / 126) when `bin` cannot be run.
+ * Lets a caller check before it opens anything.  Returns the resolved path.
+ */
+export function assertExecutable(bin: string): string {
+  const found = findExecutable(bin);
+  if (found.path) return found.path;
+  throw new MqtapError({
+    op: 'SPAWN',
+    code: found.code!,
+    syscall: 'spawn',
+    message: `cannot run ${bin}: ${found.code === 'EACCES' ? 'permission denied (not executable)' : 'command not found'}`,
+    hint:
+      found.code === 'EACCES'
+        ? `make ${bin} executable, or give the right path`
+        : /qemu-system-/.test(bin)
+          ? 'install QEMU (Debian/Ubuntu: apt-get install -y qemu-system-x86) or give its full path'
+          : `install ${bin} or give its full path`,
+  });
 }
 
 export interface LaunchedQemu {
@@ -198,40 +514,62 @@ export interface LaunchedQemu {
   /** Settles when QEMU exits (and, with closeOnExit, after the netdevs are closed). */
   exited: Promise<ChildExit>;
   /** The child process (stdout/stderr streams when stdio is 'pipe'). */
-  child: import('node:child_process').ChildProcess;
+  child: ChildProcess;
 }
 
 /**
- * Spawns QEMU with exactly the netdevs' fds mapped (nothing else leaks into
+ * Spawns QEMU with exactly the netdevs' fds mapped from fd 3 (every other fd
+ * of this process is made close-on-exec first, so nothing else leaks into
  * it), relays SIGINT/SIGTERM/SIGHUP, and closes the netdevs when it exits (a
- * non-persistent tap then disappears).  Rejects `exited` when QEMU cannot be
- * started (closing the netdevs too).
+ * non-persistent tap then disappears; a persistent one keeps no queue).
+ *
+ * launchQemu owns the netdevs from the call on: when it throws (bad
+ * arguments or fds, QEMU binary missing or not executable) they are closed
+ * before the error reaches the caller, unless closeOnExit is false.
+ * `exited` resolves with QEMU's status (128+N when signal N killed it),
+ * after the netdevs are closed and (stdio 'pipe') QEMU's output pipes have
+ * closed (waited for up to 2 s).
  */
 export function launchQemu(opts: LaunchOptions): LaunchedQemu {
   const log = opts.logger ?? silentLogger;
-  const plan = planLaunch(opts);
   const closeAll = (): void => {
     if (opts.closeOnExit === false) return;
-    for (const { netdev } of opts.netdevs) {
+    for (const { netdev } of opts.netdevs ?? []) {
       try {
         netdev.close();
       } catch (err) {
-        log.error({ err, ifname: netdev.name }, 'closing netdev after QEMU exit failed');
+        log.error({ err, ifname: netdev.name }, 'closing netdev after QEMU failed');
       }
     }
   };
+  let plan: LaunchPlan;
   let spawned;
   try {
-    spawned = spawnWithFds({ argv: plan.argv, fds: plan.parentFds, stdio: opts.stdio ?? 'inherit' });
+    plan = planLaunch(opts);
+    for (const w of plan.warnings) log.warn(w);
+    assertExecutable(plan.argv[0]!);
+    const wrapper = opts.killWithParent ? pdeathsigWrapper('SIGKILL') : [];
+    if (opts.killWithParent && !wrapper.length) log.warn('setpriv --pdeathsig is not available (util-linux): QEMU will not die with mqtap if mqtap is killed');
+    spawned = spawnWithFds({ argv: [...wrapper, ...plan.argv], fds: plan.parentFds, stdio: opts.stdio ?? 'inherit', ...(opts.env ? { env: opts.env } : {}) });
   } catch (err) {
     closeAll();
     throw err;
   }
-  log.info({ pid: spawned.child.pid, argv: plan.argv, netdevs: plan.netdevs }, 'qemu started');
+  const { child } = spawned;
+  // With stdio 'pipe', 'exit' may come before the pipes are drained and closed: wait for them (bounded),
+  // so that when `exited` settles no fd of this launch is open any more.
+  const streamsClosed = new Promise<void>((resolve) => {
+    if (opts.stdio !== 'pipe') return resolve();
+    child.once('close', () => resolve());
+  });
+  log.info({ pid: child.pid, argv: plan.argv, netdevs: plan.netdevs.map(({ id, ifname, fds, vhostfds }) => ({ id, ifname, fds, vhostfds })) }, 'qemu started');
   const exited = spawned.exited.then(
-    (st) => {
-      log.info({ pid: spawned.child.pid, ...st }, 'qemu exited');
+    async (st) => {
+      log.info({ pid: child.pid, ...st }, 'qemu exited');
       closeAll();
+      let timer: NodeJS.Timeout | undefined;
+      await Promise.race([streamsClosed, new Promise<void>((resolve) => (timer = setTimeout(resolve, 2_000)))]);
+      clearTimeout(timer);
       return st;
     },
     (err: unknown) => {
@@ -239,5 +577,5 @@ export function launchQemu(opts: LaunchOptions): LaunchedQemu {
       throw err;
     },
   );
-  return { pid: spawned.child.pid, plan, exited, child: spawned.child };
+  return { pid: child.pid, plan, exited, child };
 }

@@ -19,6 +19,7 @@
  */
 import { ErrorCodes, MqtapError, invalidArg } from '../errors';
 import { MAX_QUEUES, parseMac, rejectUnknownKeys, validateBoolean, validateIfName, validateInt, validateMtu, validateOneOf, validateVnetHdrSize, type VnetHdrSize } from '../validate';
+import { validateQemuId } from '../qemu';
 
 export const PROTOCOL_VERSION = 1;
 /** Largest request the daemon reads (bigger: EMSGSIZE). */
@@ -191,7 +192,6 @@ export interface ArgsByOp {
   delete: DeleteArgs;
 }
 
-const QEMU_ID = /^[A-Za-z][A-Za-z0-9._-]{0,126}$/;
 
 function optional<T>(args: Record<string, unknown>, key: string, check: (v: unknown) => T): T | undefined {
   return args[key] === undefined ? undefined : check(args[key]);
@@ -207,10 +207,6 @@ function validateAbsPath(v: unknown, what: string): string {
   return v;
 }
 
-function validateQemuIdArg(v: unknown, what: string): string {
-  if (typeof v !== 'string' || !QEMU_ID.test(v)) throw invalidArg(`${what} must be a QEMU id: a letter, then letters, digits, "-", "." or "_"`);
-  return v;
-}
 
 const vhostArg = (v: unknown): VhostArg => validateOneOf(v, 'vhost', ['on', 'off', 'auto'] as const);
 const pairsArg = (v: unknown): number => validateInt(v, 'pairs', 1, MAX_QUEUES);
@@ -274,8 +270,8 @@ export function validateArgs<O extends Op>(op: O, args: Record<string, unknown>)
       return { name: nameArg(a.name), pairs: pairsArg(a.pairs) } as ArgsByOp[O];
     case 'hotplug': {
       rejectUnknownKeys(a, ['name', 'qmp', 'id', 'netdevId', 'bus', 'addr', 'mac'], op);
-      const out: HotplugArgs = { name: nameArg(a.name), qmp: validateAbsPath(a.qmp, 'qmp'), id: validateQemuIdArg(a.id, 'id') };
-      const netdevId = optional(a, 'netdevId', (v) => validateQemuIdArg(v, 'netdevId'));
+      const out: HotplugArgs = { name: nameArg(a.name), qmp: validateAbsPath(a.qmp, 'qmp'), id: validateQemuId(a.id, 'id') };
+      const netdevId = optional(a, 'netdevId', (v) => validateQemuId(v, 'netdevId'));
       if (netdevId !== undefined) out.netdevId = netdevId;
       const bus = optional(a, 'bus', (v) => {
         if (typeof v !== 'string' || v === '' || v.length > 128) throw invalidArg('bus must be a non-empty string');

@@ -4,7 +4,8 @@
  */
 import { describe, expect, it } from 'vitest';
 import { MqtapError } from '../../lib/errors.js';
-import { deviceAddArgs, fdNamesFor, netdevAddArgs, validateQemuId } from '../../lib/hotplug.js';
+import { deviceAddArgs, fdNamesFor, netdevAddArgs } from '../../lib/hotplug.js';
+import { validateQemuId } from '../../lib/qemu';
 import { QmpLineParser, encodeCommand } from '../../lib/qmp.js';
 
 describe('QmpLineParser', () => {

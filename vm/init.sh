@@ -1,7 +1,7 @@
 #!/bin/sh
 # /init of the mqtap test guest (runs under busybox sh inside the initramfs).
 #
-# Built into the initramfs by test/vm/build.sh; any change to this file changes
+# Built into the initramfs by vm/build.sh; any change to this file changes
 # the initramfs cache key, so the next build.sh run rebuilds it.
 #
 # What it does:
@@ -110,10 +110,27 @@ mount -t devtmpfs devtmpfs $R/dev || die "mount $R/dev"
 mkdir -p $R/dev/pts $R/dev/shm
 mount -t devpts -o gid=5,mode=620,ptmxmode=666 devpts $R/dev/pts
 mount -t tmpfs -o mode=1777 tmpfs $R/dev/shm
+# /tmp and /run become guest RAM; first keep the host's copies reachable, so
+# that paths the job needs there (a checkout under /tmp, as CI may use; listed
+# by the host in /results/keep) stay visible at the same place.
+mkdir -p /host-tmp /host-run
+mount --bind $R/tmp /host-tmp 2>/dev/null
+mount --bind $R/run /host-run 2>/dev/null
 mount -t tmpfs -o mode=1777 tmpfs $R/tmp || die "mount $R/tmp"
 mount -t tmpfs -o mode=755 tmpfs $R/run || die "mount $R/run"
 mkdir -p $R/run/mqtap
 mount --bind /results $R/run/mqtap || die "bind /results"
+if [ -f /results/keep ]; then
+    while IFS= read -r p; do
+        case $p in
+        /tmp/?*) src=/host-tmp/${p#/tmp/} ;;
+        /run/?*) src=/host-run/${p#/run/} ;;
+        *) continue ;;
+        esac
+        [ -d "$src" ] || continue
+        mkdir -p "$R$p" && mount --bind "$src" "$R$p" || die "bind $p"
+    done </results/keep
+fi
 
 [ -f /results/job.sh ] || die "no job.sh in the results share"
 

@@ -1,0 +1,297 @@
+/**
+ * `mqtap launch` end to end with a real guest (vm/: Debian 6.1 kernel under
+ * QEMU TCG), on this host, in a network namespace this file creates.  Two
+ * boots:
+ *
+ *   CLI boot: `mqtap create lt0 --queues 4`, the tap gets 169.254.77.1/24
+ *   and goes up, then `mqtap launch --name lt0 --existing require --queues 4
+ *   --json -- qemu-system-x86_64 <guestQemuArgs>`.  The guest runs
+ *   vm/guest-mq.sh: `ethtool -l`, `ethtool -L eth0 combined 1` then 4 (it
+ *   stops at each checkpoint while this file looks at the tap's
+ *   numqueues/numdisabled), pings the host (which pings it back at the "addr"
+ *   checkpoint), sends TCP flows pinned to each vCPU and reports the
+ *   per-queue counters of `ethtool -S`.
+ *
+ *   library boot: launchQemu with two netdevs x 2 queues (ids n0, n1): the
+ *   guest sees eth0 and eth1 with 2 queue pairs each, and the MACs given.
+ *
+ * Each boot takes ~15-40 s (TCG, more on a loaded machine).
+ */
+import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
+import { existsSync, readFileSync, statSync } from 'node:fs';
+import * as path from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { getTap, listTaps } from '../../lib/links';
+import { isolateNetns, type IsolatedNetns } from '../../lib/netns';
+import { openNetdev } from '../../lib/netdev';
+import { launchQemu, pdeathsigWrapper } from '../../lib/qemu';
+import { deleteTap } from '../../lib/tap';
+import { probeVhostNet } from '../../lib/vhost';
+import { fdCount, tapEnv } from '../helpers/env';
+import {
+  REPO_ROOT,
+  ensureGuestImage,
+  guestQemuArgs,
+  hostPing,
+  makeResultsDir,
+  mqGuestCommand,
+  parseMqGuestOutput,
+  qemuBinary,
+  removeTree,
+  vmAvailable,
+  watchCheckpoints,
+  type Checkpoint,
+  type MqGuestReport,
+  type PingResult,
+} from './harness.js';
+
+const vm = vmAvailable();
+const tap = tapEnv();
+const reason = !vm.ok ? vm.reason : !tap.ok ? tap.reason : '';
+if (reason) console.warn(`test/vm/launch.test.ts skipped: ${reason}`);
+
+const CLI = path.join(REPO_ROOT, 'dist', 'bin', 'mqtap.js');
+const GUEST_TIMEOUT = 240_000;
+const HOOK_TIMEOUT = 300_000;
+const HOST_IP = '169.254.77.1';
+const GUEST_IP = '169.254.77.2';
+
+/** The CLI under test runs from dist/: it must be built from the current sources. */
+function assertDistFresh(): void {
+  for (const f of ['lib/qemu', 'lib/guest', 'bin/cmd-launch']) {
+    const src = statSync(path.join(REPO_ROOT, `${f}.ts`)).mtimeMs;
+    const out = path.join(REPO_ROOT, 'dist', `${f}.js`);
+    if (!existsSync(out) || statSync(out).mtimeMs < src) throw new Error(`dist/${f}.js is older than ${f}.ts: run \`npx tsc -p tsconfig.json\` first`);
+  }
+}
+
+function readOr(file: string): string {
+  try {
+    return readFileSync(file, 'utf8');
+  } catch {
+    return '';
+  }
+}
+
+type View = { numQueues: number; numDisabledQueues: number } | null;
+const view = (name: string): View => {
+  const t = getTap(name)?.tun;
+  return t ? { numQueues: t.numQueues, numDisabledQueues: t.numDisabledQueues } : null;
+};
+
+/** Waits for a child's exit, SIGKILLing it after `ms`. */
+function waitExit(c: ChildProcess, ms: number): Promise<{ code: number | null; signal: NodeJS.Signals | null; timedOut: boolean }> {
+  return new Promise((resolve) => {
+    let timedOut = false;
+    const t = setTimeout(() => {
+      timedOut = true;
+      c.kill('SIGKILL');
+    }, ms);
+    c.once('exit', (code, signal) => {
+      clearTimeout(t);
+      resolve({ code, signal, timedOut });
+    });
+  });
+}
+
+describe.skipIf(!!reason)(`mqtap launch with a real guest${reason ? ` (skipped: ${reason})` : ''}`, () => {
+  let ns: IsolatedNetns | undefined;
+  beforeAll(async () => {
+    assertDistFresh();
+    ns = isolateNetns();
+    await ensureGuestImage();
+  }, HOOK_TIMEOUT);
+  afterAll(() => {
+    for (const t of listTaps()) deleteTap(t.name);
+    ns?.restore();
+  });
+
+  describe('CLI: 4 queue pairs, ethtool -L, pings, traffic per queue', () => {
+    const TAP = 'lt0';
+    const MAC = '52:54:00:6d:71:02';
+    let run: {
+      code: number | null;
+      signal: NodeJS.Signals | null;
+      timedOut: boolean;
+      stderr: string;
+      started: Record<string, unknown> & { pid: number; argv: string[] };
+      exited: Record<string, unknown>;
+      report: MqGuestReport;
+      guestExit: string;
+      checkpoints: Checkpoint[];
+      views: Record<string, View>;
+      pingGuest: PingResult | undefined;
+      diag: string;
+      ms: number;
+    };
+
+    beforeAll(async () => {
+      const mk = spawnSync(process.execPath, [CLI, 'create', TAP, '--queues', '4'], { encoding: 'utf8' });
+      expect(mk.status, mk.stderr).toBe(0);
+      for (const args of [['addr', 'add', `${HOST_IP}/24`, 'dev', TAP], ['link', 'set', TAP, 'up']]) {
+        const r = spawnSync('ip', args, { encoding: 'utf8' });
+        expect(r.status, r.stderr).toBe(0);
+      }
+      const resultsDir = await makeResultsDir('mqtap-launch-test-');
+      const started = Date.now();
+      try {
+        const args = await guestQemuArgs({ ...mqGuestCommand({ hostIp: HOST_IP, guestIp: GUEST_IP }), resultsDir, consoleFile: path.join(resultsDir, 'console.log') });
+        const views: Record<string, View> = { beforeLaunch: view(TAP) };
+        let pingGuest: PingResult | undefined;
+        const watcher = watchCheckpoints(resultsDir, async (cp) => {
+          views[cp.name] = view(TAP);
+          if (cp.name === 'addr') pingGuest = await hostPing(GUEST_IP, { count: 3, deadlineSec: 30 });
+        });
+        // setpriv --pdeathsig: mqtap (and through it QEMU) dies with this test process.
+        const argv = [...pdeathsigWrapper('SIGKILL'), process.execPath, CLI, 'launch', '--name', TAP, '--existing', 'require', '--queues', '4', '--mac', MAC, '--json', '--', qemuBinary(), ...args];
+        const c = spawn(argv[0]!, argv.slice(1), { stdio: ['ignore', 'ignore', 'pipe'] });
+        let stderr = '';
+        c.stderr!.on('data', (d: Buffer) => (stderr += d.toString()));
+        const st = await waitExit(c, GUEST_TIMEOUT);
+        await watcher.stop();
+        const line = (ev: string): Record<string, unknown> => JSON.parse(stderr.split('\n').find((l) => l.includes(`"event":"${ev}"`)) ?? '{}') as Record<string, unknown>;
+        const stdout = readOr(path.join(resultsDir, 'stdout'));
+        run = {
+          ...st,
+          stderr,
+          started: line('started') as typeof run.started,
+          exited: line('exited'),
+          report: parseMqGuestOutput(stdout),
+          guestExit: readOr(path.join(resultsDir, 'exitcode')).trim(),
+          checkpoints: [...watcher.seen],
+          views,
+          pingGuest,
+          diag: `mqtap stderr:\n${stderr}\nguest stdout:\n${stdout}\nguest stderr:\n${readOr(path.join(resultsDir, 'stderr'))}\nconsole:\n${readOr(path.join(resultsDir, 'console.log')).slice(-3000)}`,
+          ms: Date.now() - started,
+        };
+        console.log(`CLI boot: ${run.ms} ms`);
+      } finally {
+        removeTree(resultsDir);
+      }
+    }, HOOK_TIMEOUT);
+
+    it("launch exits with QEMU's status 0; --json names the tap, fds 3:4:5:6 and the final argv", () => {
+      expect(run.timedOut, run.diag).toBe(false);
+      expect(run.code, run.diag).toBe(0);
+      const vhost = probeVhostNet().usable;
+      expect(run.started).toMatchObject({ tap: TAP, id: 'net0', queues: 4, fds: [3, 4, 5, 6], vhostfds: vhost ? [7, 8, 9, 10] : [], vhost });
+      const netdev = vhost ? 'tap,id=net0,fds=3:4:5:6,vhost=on,vhostfds=7:8:9:10' : 'tap,id=net0,fds=3:4:5:6,vhost=off';
+      expect(run.started.argv.slice(-4)).toEqual(['-netdev', netdev, '-device', `virtio-net-pci,netdev=net0,mq=on,vectors=10,mac=${MAC},romfile=`]);
+      expect(run.exited).toMatchObject({ pid: run.started.pid, tap: TAP, code: 0, status: 0, tapGone: false });
+    });
+
+    it('the guest sees one virtio-net NIC with 4 queue pairs (max), one in use per vCPU', () => {
+      expect(run.report.nics, run.diag).toHaveLength(1);
+      const cpus = run.report.cpus!;
+      expect(cpus).toBeGreaterThanOrEqual(1);
+      expect(run.report.nics[0]).toEqual({ name: 'eth0', mac: MAC, driver: 'virtio_net', maxCombined: 4, combined: Math.min(4, cpus) });
+    });
+
+    it('ethtool -L combined 1 then 4 work; QEMU detaches and re-attaches the tap queues to match (the host sees it at each step)', () => {
+      expect(run.report.setChannels, run.diag).toEqual([
+        { want: 1, rc: 0, combined: 1 },
+        { want: 4, rc: 0, combined: 4 },
+      ]);
+      expect(run.checkpoints.map((c) => c.name)).toEqual(['boot', 'combined-1', 'combined-4', 'addr', 'traffic']);
+      const inUse = run.report.nics[0]!.combined!;
+      expect(run.views).toMatchObject({
+        // the persistent tap before the launch: no queue attached
+        beforeLaunch: { numQueues: 0, numDisabledQueues: 0 },
+        // after the guest driver's VQ_PAIRS_SET at probe: the pairs it uses are attached, the rest detached
+        boot: { numQueues: inUse, numDisabledQueues: 4 - inUse },
+        'combined-1': { numQueues: 1, numDisabledQueues: 3 },
+        'combined-4': { numQueues: 4, numDisabledQueues: 0 },
+      });
+      expect(run.report.syncTimeouts).toEqual([]);
+    });
+
+    it('the guest and the host tap ping each other (link-local, this namespace only)', () => {
+      expect(run.report.addr, run.diag).toEqual({ cidr: `${GUEST_IP}/24`, rc: 0 });
+      expect(run.report.pingHost!.received, run.diag).toBeGreaterThan(0);
+      expect(run.pingGuest?.received, run.pingGuest?.output).toBeGreaterThan(0);
+    });
+
+    it('parallel flows from every vCPU spread over more than one queue pair, both ways (ethtool -S in the guest)', () => {
+      expect(run.report.flows.length, run.diag).toBe(run.report.cpus);
+      expect(run.report.queues.map((q) => q.queue)).toEqual([0, 1, 2, 3]);
+      const rx = run.report.queues.filter((q) => q.rxPackets > 0).length;
+      const tx = run.report.queues.filter((q) => q.txPackets > 0).length;
+      expect(rx, JSON.stringify(run.report.queues)).toBeGreaterThan(1);
+      expect(tx, JSON.stringify(run.report.queues)).toBeGreaterThan(1);
+    });
+
+    it('afterwards: the guest script passed every step, QEMU is gone, the persistent tap stays with no queue attached', () => {
+      expect(run.report.failures, run.diag).toEqual([]);
+      expect(run.report.done).toBe(true);
+      expect(run.guestExit).toBe('0');
+      expect(existsSync(`/proc/${run.started.pid}`)).toBe(false);
+      expect(view(TAP)).toEqual({ numQueues: 0, numDisabledQueues: 0 });
+      deleteTap(TAP);
+      expect(getTap(TAP)).toBeUndefined();
+    });
+  });
+
+  describe('library: two netdevs x 2 queue pairs in one launch', () => {
+    it('the guest sees eth0 and eth1 with 2 queue pairs each; both taps are in use, then gone', async () => {
+      const fdsBefore = fdCount();
+      const a = openNetdev({ name: 'lma%d', pairs: 2, vhost: 'off' });
+      let b;
+      try {
+        b = openNetdev({ name: 'lmb%d', pairs: 2, vhost: 'off' });
+      } catch (err) {
+        a.close();
+        throw err;
+      }
+      const names = [a.name, b.name];
+      const resultsDir = await makeResultsDir('mqtap-launch-test-');
+      let l: ReturnType<typeof launchQemu> | undefined;
+      try {
+        const args = await guestQemuArgs({ ...mqGuestCommand({ mode: 'list' }), resultsDir, consoleFile: path.join(resultsDir, 'console.log') });
+        const views: Record<string, View[]> = {};
+        const watcher = watchCheckpoints(resultsDir, (cp) => {
+          views[cp.name] = names.map(view);
+        });
+        l = launchQemu({
+          netdevs: [
+            { netdev: a, options: { id: 'n0', mac: '52:54:00:6d:72:0a', deviceProps: { romfile: '' } } },
+            { netdev: b, options: { id: 'n1', mac: '52:54:00:6d:72:0b', deviceProps: { romfile: '' } } },
+          ],
+          qemu: [qemuBinary(), ...args],
+          stdio: 'pipe',
+          killWithParent: true,
+        });
+        l.child.stdout!.resume();
+        l.child.stderr!.resume();
+        expect(l.plan.netdevs.map((n) => [n.id, n.fds])).toEqual([
+          ['n0', [3, 4]],
+          ['n1', [5, 6]],
+        ]);
+        const timer = setTimeout(() => l?.child.kill('SIGKILL'), GUEST_TIMEOUT);
+        const st = await l.exited;
+        clearTimeout(timer);
+        await watcher.stop();
+        const report = parseMqGuestOutput(readOr(path.join(resultsDir, 'stdout')));
+        const diag = `guest stdout:\n${readOr(path.join(resultsDir, 'stdout'))}\nconsole:\n${readOr(path.join(resultsDir, 'console.log')).slice(-3000)}`;
+        expect(st.status, diag).toBe(0);
+        const inUse = Math.min(2, report.cpus ?? 1);
+        expect(report.nics, diag).toEqual([
+          { name: 'eth0', mac: '52:54:00:6d:72:0a', driver: 'virtio_net', maxCombined: 2, combined: inUse },
+          { name: 'eth1', mac: '52:54:00:6d:72:0b', driver: 'virtio_net', maxCombined: 2, combined: inUse },
+        ]);
+        expect(views.boot).toEqual([
+          { numQueues: inUse, numDisabledQueues: 2 - inUse },
+          { numQueues: inUse, numDisabledQueues: 2 - inUse },
+        ]);
+        expect(names.map(view)).toEqual([null, null]);
+      } finally {
+        if (l && l.child.exitCode === null && l.child.signalCode === null) l.child.kill('SIGKILL');
+        await l?.exited.catch(() => undefined);
+        a.close();
+        b.close();
+        removeTree(resultsDir);
+      }
+      expect(listTaps()).toEqual([]);
+      expect(fdCount()).toBe(fdsBefore);
+    }, HOOK_TIMEOUT);
+  });
+});
