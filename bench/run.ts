@@ -1,16 +1,27 @@
 /**
  * `npm run bench`: benchmarks, never tests.  Everything runs in a throw-away
- * network namespace that this process creates (and that disappears with it).
+ * network namespace that this process creates (and that disappears with it);
+ * the C programs and worker threads it starts inherit it.
  *
- *   npm run bench                  control plane (library vs C)
- *   npm run bench -- --repeats 9   more repeats
+ *   npm run bench                        control plane + data path (library vs C)
+ *   npm run bench -- --only control      control plane only
+ *   npm run bench -- --only data         data path only
+ *   npm run bench -- --repeats 9         more control-plane repeats
+ *   npm run bench -- --data-repeats 5    more data-path repeats (median is reported)
+ *   npm run bench -- --engines auto,poll,uring   library engines to compare
+ *   npm run bench -- --sizes 60,1514,gso --data-queues 1,2 --dirs write,read
+ *   npm run bench -- --quiet 0.15        before each data run, wait (<= --quiet-max-s, default 300)
+ *                                        until other load is below 15% of the CPUs
  *
- * Results are printed as a table and written to bench/out/*.json.
+ * Results are printed as tables and written to bench/out/*.json.
  */
 import { mkdirSync, writeFileSync } from 'node:fs';
+import { cpus, loadavg } from 'node:os';
 import { join } from 'node:path';
+import type { IoEngine } from '../lib/io';
 import { isolateNetns } from '../lib/netns';
 import { buildCControl, compareControl, type ControlRow } from './control';
+import { dataTable, runDataBench, type Dir, type Size } from './data';
 
 const ROOT = join(__dirname, '..', '..');
 const SRC = join(ROOT, 'bench', 'c');
@@ -47,33 +58,83 @@ function controlTable(lib: ControlRow[], c: ControlRow[]): string {
   return [line(head), ...rows.map(line)].join('\n');
 }
 
-function main(): void {
+function control(): void {
+  const repeats = Number(arg('repeats', '5'));
+  const rounds = Number(arg('rounds', '4'));
+  const queues = arg('queues', '1,2,4,8,16,32,64,128,256').split(',').map(Number);
+  process.stdout.write(
+    `control plane: create a tap with Q queues, detach+attach each queue, close\n` +
+      `(median of ${rounds} alternating rounds x ${repeats} repeats; ratio = library / C)\n`,
+  );
+  const { library: lib, c } = compareControl(buildCControl(OUT, SRC), queues, repeats, rounds);
+  process.stdout.write(`${controlTable(lib, c)}\n`);
+  const worst = Math.max(
+    ...lib.map((l) => {
+      const k = c.find((r) => r.queues === l.queues)!;
+      return (l.createUs + l.toggleUs + l.closeUs) / (k.createUs + k.toggleUs + k.closeUs);
+    }),
+  );
+  process.stdout.write(`worst whole-cycle ratio: ${worst.toFixed(2)}x (target <= 1.2x)\n`);
+  writeFileSync(join(OUT, 'control.json'), JSON.stringify({ date: new Date().toISOString(), repeats, rounds, library: lib, c }, null, 2));
+}
+
+async function data(): Promise<void> {
+  const repeats = Number(arg('data-repeats', '3'));
+  const engines = arg('engines', 'auto').split(',') as Array<IoEngine | 'auto'>;
+  const sizes = arg('sizes', '60,1514,gso')
+    .split(',')
+    .map((s) => (s === 'gso' ? 'gso' : Number(s))) as Size[];
+  const queues = arg('data-queues', '1,2').split(',').map(Number);
+  const dirs = arg('dirs', 'write,read').split(',') as Dir[];
+  const scale = Number(arg('frames-scale', '1'));
+  const frames = { '60': Math.round(1_000_000 * scale), '1514': Math.round(500_000 * scale), gso: Math.round(50_000 * scale) };
+  const load0 = loadavg()[0]!;
+  process.stdout.write(
+    `\ndata path: frames/s per implementation (sum over Q queues, one thread/process per queue)\n` +
+      `(median of ${repeats} alternating repeats; lib/C = library / plain C loop, lib/uring = library / C io_uring batches of 32)\n`,
+  );
+  const { results, uring } = await runDataBench({
+    outDir: OUT,
+    srcDir: SRC,
+    repeats,
+    sizes,
+    queues,
+    dirs,
+    engines,
+    frames,
+    tune: { batch: Number(arg('batch', '64')), ...(arg('slot-size', '') ? { slotSize: Number(arg('slot-size', '')) } : {}) },
+    quiet: Number(arg('quiet', '0')),
+    quietMaxMs: Number(arg('quiet-max-s', '300')) * 1000,
+    log: (l) => process.stderr.write(`${l}\n`),
+  });
+  for (const e of engines) {
+    if (engines.length > 1) process.stdout.write(`\nlibrary engine: ${e}\n`);
+    process.stdout.write(`${dataTable(results, e)}\n`);
+  }
+  if (!uring) process.stdout.write('(C io_uring: skipped, liburing-dev is not installed)\n');
+  const load1 = loadavg()[0]!;
+  process.stdout.write(`load average (1 min) before/after: ${load0.toFixed(2)} / ${load1.toFixed(2)} on ${cpus().length} CPUs\n`);
+  writeFileSync(join(OUT, 'data.json'), JSON.stringify({ date: new Date().toISOString(), repeats, frames, load: [load0, load1], results }, null, 2));
+}
+
+async function main(): Promise<void> {
   if (process.getuid?.() !== 0) {
     process.stderr.write('bench: needs root (it creates taps in a throw-away network namespace)\n');
     process.exitCode = 4;
     return;
   }
-  const repeats = Number(arg('repeats', '5'));
-  const rounds = Number(arg('rounds', '4'));
-  const queues = arg('queues', '1,2,4,8,16,32,64,128,256').split(',').map(Number);
+  const only = arg('only', 'all');
   mkdirSync(OUT, { recursive: true });
   const ns = isolateNetns();
   try {
-    process.stdout.write(
-      `control plane: create a tap with Q queues, detach+attach each queue, close\n` +
-        `(median of ${rounds} alternating rounds x ${repeats} repeats; ratio = library / C)\n`,
-    );
-    const { library: lib, c } = compareControl(buildCControl(OUT, SRC), queues, repeats, rounds);
-    process.stdout.write(`${controlTable(lib, c)}\n`);
-    const worst = Math.max(...lib.map((l) => {
-      const k = c.find((r) => r.queues === l.queues)!;
-      return (l.createUs + l.toggleUs + l.closeUs) / (k.createUs + k.toggleUs + k.closeUs);
-    }));
-    process.stdout.write(`worst whole-cycle ratio: ${worst.toFixed(2)}x (target <= 1.2x)\n`);
-    writeFileSync(join(OUT, 'control.json'), JSON.stringify({ date: new Date().toISOString(), repeats, rounds, library: lib, c }, null, 2));
+    if (only === 'all' || only === 'control') control();
+    if (only === 'all' || only === 'data') await data();
   } finally {
     ns.restore();
   }
 }
 
-main();
+main().catch((err: unknown) => {
+  process.stderr.write(`bench: ${(err as Error)?.stack ?? String(err)}\n`);
+  process.exitCode = 1;
+});

@@ -217,6 +217,55 @@ export interface NativeBinding {
   /** libuv uv_poll_t on an fd; callback(status, events) with UV_READABLE/UV_WRITABLE/UV_DISCONNECT bits. */
   FdPoll: new (fd: number, callback: (status: number, events: number) => void) => { start(events: number): void; stop(): void; close(): void; ref(): void; unref(): void };
   // ---- END SCM section ----
+  // ---- BEGIN DATA PATH section (native/io.cc, native/bpf.cc; owner: data path, see lib/io.ts, lib/bpf.ts) ----
+  /** Batched frame I/O on one queue fd (never closes it); see native/io.cc. */
+  QueueIo: new (
+    fd: number,
+    options: { rx: 'poll' | 'uring'; tx: 'poll' | 'uring'; batch: number; slotSize: number; hdrLen: number },
+    onPoll: (status: number, events: number) => void,
+  ) => {
+    /** `batch` slots of `slotSize` bytes each. */
+    readonly slab: ArrayBuffer;
+    /** Float64 counters[COUNTERS] | Int32 state[STATES] | Uint32 rxDesc[2 * batch]. */
+    readonly control: ArrayBuffer;
+    /** The engines in use (uring falls back to poll for good if io_uring_enter ever fails). */
+    readonly engine: { rx: 'poll' | 'uring'; tx: 'poll' | 'uring' };
+    /** False while the uring engine writes unordered batches (see TxUring in native/io.cc). */
+    readonly ordered: boolean;
+    rxRead(): number;
+    txWrite(buffers: ArrayBuffer[], desc: Uint32Array, start: number, count: number, withHdr: boolean): number;
+    pollSet(events: number): void;
+    close(): void;
+  };
+  /** TUNGETSNDBUF: the per-device send buffer a queue's writes are charged against (INT_MAX: never EAGAIN). */
+  tunGetSndbuf(fd: number): number;
+  /** TUNSETSNDBUF (device-wide). */
+  tunSetSndbuf(fd: number, bytes: number): void;
+  readonly ioConstants: {
+    readonly UV_READABLE: number;
+    readonly UV_WRITABLE: number;
+    readonly UV_DISCONNECT: number;
+    readonly EAGAIN: number;
+    readonly EMSGSIZE: number;
+    readonly EINVAL: number;
+    readonly COUNTERS: number;
+    readonly STATES: number;
+    readonly MAX_BATCH: number;
+    readonly INT_MAX: number;
+  };
+  /** bpf(BPF_PROG_LOAD): a new program fd (O_CLOEXEC).  With logBuf, the verifier's log is written there (NUL-terminated). */
+  bpfProgLoad(progType: number, insns: Uint8Array, license: string, name: string, logBuf: Uint8Array | null, logLevel: number): number;
+  /** bpf(BPF_PROG_TEST_RUN) on one packet. */
+  bpfProgTestRun(progFd: number, data: Uint8Array, repeat?: number): { retval: number; duration: number };
+  /** TUNSETSTEERINGEBPF; -1 detaches. */
+  tunSetSteeringEbpf(fd: number, progFd: number): void;
+  readonly bpfConstants: {
+    readonly BPF_PROG_TYPE_SOCKET_FILTER: number;
+    readonly BPF_FUNC_get_prandom_u32: number;
+    readonly BPF_MAXINSNS: number;
+    readonly SIZEOF_BPF_INSN: number;
+  };
+  // ---- END DATA PATH section ----
 }
 
 export interface VhostMemRegion {

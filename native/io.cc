@@ -1,8 +1,815 @@
-// the userspace data path: batched, event-loop driven frame I/O per queue.
+// The userspace data path: batched, event-loop driven frame I/O on one tap
+// queue fd (lib/io.ts holds the policy; docs/datapath.md the design).
+//
+// A QueueIo object wraps one queue fd the library owns (it never closes it)
+// and does three things, all on the JavaScript thread:
+//
+//   rxRead()       reads up to `batch` frames that are waiting now into a
+//                  per-queue slab (one fixed slot per frame) and describes
+//                  them as (offset, length) pairs in a shared table.  Never
+//                  blocks: 0 means "nothing waiting" (EAGAIN).
+//   txWrite()      writes a list of frames (described by (buffer, offset,
+//                  length) triples) until all are written or the kernel says
+//                  EAGAIN; reports where it stopped.  Never blocks.
+//   pollSet()      one libuv uv_poll_t on the fd (libuv allows only one per
+//                  fd) watching UV_READABLE and/or UV_WRITABLE; the callback
+//                  tells lib/io.ts to call rxRead/txWrite again.
+//
+// Two engines do the syscalls:
+//
+//   poll   one read(2)/write(2)/writev(2) per frame.
+//   uring  io_uring used as a batching syscall: one io_uring_enter(2) submits
+//          a batch of IORING_OP_READ/WRITE(V) with RWF_NOWAIT and reaps all of
+//          it before returning (a NOWAIT op on a tap fd completes inline or
+//          fails with EAGAIN; nothing stays in flight between calls).  So no
+//          kernel access to the slab or to JavaScript buffers outlives the
+//          call that started it, and teardown needs no cancellation.  Raw
+//          syscalls on <linux/io_uring.h>: no liburing needed to build.
+//
+// Counters (frames, bytes, drops, EAGAIN, syscalls) live in a small shared
+// memory block that lib/io.ts reads without calling in here.
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/if_tun.h>
+#include <linux/io_uring.h>
+#include <linux/time_types.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <sys/syscall.h>
+#include <sys/uio.h>
+#include <unistd.h>
+#include <uv.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <vector>
+
 #include "common.h"
 
 namespace mqtap {
+namespace {
 
-void InitIo(Napi::Env /*env*/, Napi::Object /*exports*/) {}
+// Shared control block layout; mirrored in lib/io.ts (CTL_* constants).
+constexpr int kCounters = 16;  // Float64 counters
+enum Counter {
+  RX_FRAMES = 0,
+  RX_BYTES,
+  RX_BATCHES,
+  RX_DROPS,
+  RX_WAITS,  // maintained by lib/io.ts
+  RX_SYSCALLS,
+  TX_FRAMES,
+  TX_BYTES,
+  TX_BATCHES,  // maintained by lib/io.ts
+  TX_DROPS,
+  TX_EAGAIN,
+  TX_WAITS,  // maintained by lib/io.ts
+  TX_SYSCALLS,
+  TX_REORDERED,
+};
+constexpr int kStates = 8;  // Int32 state words
+enum StateWord {
+  ST_NEXT = 0,      // txWrite: index of the first frame not written (== count when done)
+  ST_COUNT,         // txWrite: frames left in the (possibly compacted) list
+  ST_DROPPED,       // txWrite: frames the kernel refused in this call
+  ST_DROP_ERRNO,    // txWrite: errno of the first refused frame
+  ST_DROP_INDEX,    // txWrite: list index of the first refused frame
+  ST_RX_DROP_ERRNO, // rxRead: errno/reason of the last rx drop (EMSGSIZE = truncated)
+};
+constexpr size_t kCtlHeader = kCounters * sizeof(double) + kStates * sizeof(int32_t);
+
+constexpr unsigned kMaxBatch = 1024;
+// A receive batch stops after about this many bytes: 64 KB GSO frames then
+// come 8 to a batch and keep reusing the first slots (cache-warm), instead
+// of streaming through a 4 MB slab.
+constexpr size_t kRxByteBudget = 512 * 1024;
+
+// Errors that concern one frame only: the kernel refused (and dropped) it,
+// the queue is fine.  Anything else stops the call and is thrown.
+bool PerFrameError(int err) { return err == EINVAL || err == EMSGSIZE || err == EFAULT || err == ENOMEM || err == ENOBUFS; }
+
+// ---------------------------------------------------------------- io_uring
+
+int SysSetup(unsigned entries, io_uring_params* p) { return static_cast<int>(syscall(__NR_io_uring_setup, entries, p)); }
+int SysEnter(int fd, unsigned submit, unsigned min_complete, unsigned flags, const void* arg, size_t argsz) {
+  return static_cast<int>(syscall(__NR_io_uring_enter, fd, submit, min_complete, flags, arg, argsz));
+}
+int SysRegister(int fd, unsigned op, const void* arg, unsigned n) { return static_cast<int>(syscall(__NR_io_uring_register, fd, op, arg, n)); }
+
+class Ring {
+ public:
+  ~Ring() { Destroy(); }
+
+  // 0 or an errno.  Tries SINGLE_ISSUER|DEFER_TASKRUN (6.1+), then
+  // COOP_TASKRUN (5.19+), then no flags.
+  int Setup(unsigned entries, int file) {
+    const unsigned tries[] = {IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN, IORING_SETUP_COOP_TASKRUN, 0};
+    io_uring_params p;
+    int fd = -1;
+    for (unsigned flags : tries) {
+      memset(&p, 0, sizeof p);
+      p.flags = flags;
+      fd = SysSetup(entries, &p);
+      if (fd >= 0 || errno != EINVAL) break;
+    }
+    if (fd < 0) return errno;
+    fd_ = fd;
+    if (!(p.features & IORING_FEAT_EXT_ARG)) return Fail(ENOSYS);  // Linux < 5.11: no bounded wait
+    entries_ = p.sq_entries;
+    sq_len_ = p.sq_off.array + p.sq_entries * sizeof(unsigned);
+    cq_len_ = p.cq_off.cqes + p.cq_entries * sizeof(io_uring_cqe);
+    bool single = (p.features & IORING_FEAT_SINGLE_MMAP) != 0;
+    if (single) sq_len_ = cq_len_ = std::max(sq_len_, cq_len_);
+    sq_map_ = mmap(nullptr, sq_len_, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, fd_, IORING_OFF_SQ_RING);
+    if (sq_map_ == MAP_FAILED) return Fail(errno);
+    if (single) {
+      cq_map_ = sq_map_;
+    } else {
+      cq_map_ = mmap(nullptr, cq_len_, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, fd_, IORING_OFF_CQ_RING);
+      if (cq_map_ == MAP_FAILED) return Fail(errno);
+    }
+    sqe_len_ = p.sq_entries * sizeof(io_uring_sqe);
+    sqe_map_ = mmap(nullptr, sqe_len_, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, fd_, IORING_OFF_SQES);
+    if (sqe_map_ == MAP_FAILED) return Fail(errno);
+    char* sq = static_cast<char*>(sq_map_);
+    char* cq = static_cast<char*>(cq_map_);
+    sq_tail_ = reinterpret_cast<unsigned*>(sq + p.sq_off.tail);
+    sq_mask_ = *reinterpret_cast<unsigned*>(sq + p.sq_off.ring_mask);
+    unsigned* array = reinterpret_cast<unsigned*>(sq + p.sq_off.array);
+    for (unsigned i = 0; i < p.sq_entries; i++) array[i] = i;  // identity: SQE i is slot i
+    sqes_ = static_cast<io_uring_sqe*>(sqe_map_);
+    cq_head_ = reinterpret_cast<unsigned*>(cq + p.cq_off.head);
+    cq_tail_ = reinterpret_cast<unsigned*>(cq + p.cq_off.tail);
+    cq_mask_ = *reinterpret_cast<unsigned*>(cq + p.cq_off.ring_mask);
+    cqes_ = reinterpret_cast<io_uring_cqe*>(cq + p.cq_off.cqes);
+    // The tap fd as registered file 0: no fget/fput per op.
+    if (SysRegister(fd_, IORING_REGISTER_FILES, &file, 1) < 0) return Fail(errno);
+    registered_ = true;
+    return 0;
+  }
+
+  void Destroy() {
+    if (fd_ < 0) return;
+    // Drop the ring's reference to the tap file now (nothing is in flight
+    // between calls), not in the ring's asynchronous teardown: the queue
+    // must be gone from the device as soon as its fd is closed.
+    if (registered_) SysRegister(fd_, IORING_UNREGISTER_FILES, nullptr, 0);
+    registered_ = false;
+    if (sqe_map_ != MAP_FAILED) munmap(sqe_map_, sqe_len_);
+    if (cq_map_ != MAP_FAILED && cq_map_ != sq_map_) munmap(cq_map_, cq_len_);
+    if (sq_map_ != MAP_FAILED) munmap(sq_map_, sq_len_);
+    sqe_map_ = cq_map_ = sq_map_ = MAP_FAILED;
+    close(fd_);
+    fd_ = -1;
+  }
+
+  unsigned entries() const { return entries_; }
+
+  // The i-th SQE after the current tail (i < entries), zeroed.
+  io_uring_sqe* Sqe(unsigned i) {
+    io_uring_sqe* s = &sqes_[(*sq_tail_ + i) & sq_mask_];
+    memset(s, 0, sizeof *s);
+    return s;
+  }
+
+  // Publishes n SQEs, submits them and waits until all n have completed.
+  // Returns 0 or an errno.  NOWAIT ops on a tap complete inline, so the wait
+  // is normally over when the submit returns; the bounded wait (1 s) is a
+  // safety net: if it ever expires, everything still in flight is cancelled
+  // and reaped before returning ETIME, so nothing outlives the call.
+  int SubmitAndWait(unsigned n, std::vector<io_uring_cqe>* out) {
+    __atomic_store_n(sq_tail_, *sq_tail_ + n, __ATOMIC_RELEASE);
+    unsigned submitted = 0;
+    int err = 0;
+    while (submitted < n) {
+      int r = SysEnter(fd_, n - submitted, 0, IORING_ENTER_GETEVENTS, nullptr, 0);
+      if (r < 0) {
+        if (errno == EINTR) continue;
+        if (errno == EAGAIN || errno == EBUSY) continue;  // transient: try again
+        return errno;  // nothing more was submitted: the caller gives up on this ring
+      }
+      submitted += static_cast<unsigned>(r);
+    }
+    Reap(out);
+    while (out->size() < n) {
+      __kernel_timespec ts = {1, 0};
+      io_uring_getevents_arg arg;
+      memset(&arg, 0, sizeof arg);
+      arg.ts = reinterpret_cast<uint64_t>(&ts);
+      int r = SysEnter(fd_, 0, static_cast<unsigned>(n - out->size()), IORING_ENTER_GETEVENTS | IORING_ENTER_EXT_ARG, &arg, sizeof arg);
+      Reap(out);
+      if (r < 0 && errno == ETIME && out->size() < n) {
+        CancelAll(n, out);
+        err = ETIME;
+        break;
+      }
+    }
+    return err;
+  }
+
+ private:
+  int Fail(int err) {
+    Destroy();
+    return err;
+  }
+
+  void Reap(std::vector<io_uring_cqe>* out) {
+    unsigned head = *cq_head_;
+    unsigned tail = __atomic_load_n(cq_tail_, __ATOMIC_ACQUIRE);
+    while (head != tail) out->push_back(cqes_[head++ & cq_mask_]);
+    __atomic_store_n(cq_head_, head, __ATOMIC_RELEASE);
+  }
+
+  void CancelAll(unsigned n, std::vector<io_uring_cqe>* out) {
+    io_uring_sqe* s = Sqe(0);
+    s->opcode = IORING_OP_ASYNC_CANCEL;
+    s->fd = -1;
+    s->cancel_flags = IORING_ASYNC_CANCEL_ANY;
+    s->user_data = ~0ULL;
+    __atomic_store_n(sq_tail_, *sq_tail_ + 1, __ATOMIC_RELEASE);
+    SysEnter(fd_, 1, 0, IORING_ENTER_GETEVENTS, nullptr, 0);
+    size_t want = n + 1;
+    std::vector<io_uring_cqe> all(out->begin(), out->end());
+    for (int spins = 0; all.size() < want && spins < 1000; spins++) {
+      SysEnter(fd_, 0, 1, IORING_ENTER_GETEVENTS, nullptr, 0);
+      Reap(&all);
+    }
+    out->clear();
+    for (const auto& c : all)
+      if (c.user_data != ~0ULL) out->push_back(c);
+  }
+
+  int fd_ = -1;
+  unsigned entries_ = 0;
+  unsigned* sq_tail_ = nullptr;
+  unsigned sq_mask_ = 0;
+  io_uring_sqe* sqes_ = nullptr;
+  unsigned* cq_head_ = nullptr;
+  unsigned* cq_tail_ = nullptr;
+  unsigned cq_mask_ = 0;
+  io_uring_cqe* cqes_ = nullptr;
+  void* sq_map_ = MAP_FAILED;
+  void* cq_map_ = MAP_FAILED;
+  void* sqe_map_ = MAP_FAILED;
+  size_t sq_len_ = 0, cq_len_ = 0, sqe_len_ = 0;
+  bool registered_ = false;
+};
+
+// ---------------------------------------------------------------- slab
+
+struct Mapping {
+  void* addr;
+  size_t len;
+};
+
+void Unmap(Napi::Env, void*, Mapping* m) {
+  munmap(m->addr, m->len);
+  delete m;
+}
+
+void FreeCtl(Napi::Env, void* p) { free(p); }
+
+// One frame to write: where it is and how long.
+struct TxFrame {
+  const uint8_t* data;
+  uint32_t len;
+};
+
+// ---------------------------------------------------------------- QueueIo
+
+// new QueueIo(fd, { rx: 'poll' | 'uring', tx: 'poll' | 'uring', batch, slotSize, hdrLen }, onPoll)
+//   .slab      ArrayBuffer: batch slots of slotSize bytes (mmap, committed lazily)
+//   .control   ArrayBuffer: Float64 counters[16] | Int32 state[8] | Uint32 rxDesc[2*batch]
+//   .engine    { rx, tx }: the engines in use
+//   .rxRead()  -> frames read into the slab (0: nothing waiting)
+//   .txWrite(buffers, desc, start, count, withHdr) -> see TxWrite
+//   .pollSet(events)   UV_READABLE|UV_WRITABLE, 0 stops
+//   .close()   stops polling and tears the engine down; the fd stays open
+class QueueIo : public Napi::ObjectWrap<QueueIo> {
+ public:
+  static Napi::Function Define(Napi::Env env) {
+    return DefineClass(env, "QueueIo",
+                       {InstanceMethod<&QueueIo::RxRead>("rxRead"), InstanceMethod<&QueueIo::TxWrite>("txWrite"),
+                        InstanceMethod<&QueueIo::PollSet>("pollSet"), InstanceMethod<&QueueIo::Close>("close"),
+                        InstanceAccessor<&QueueIo::GetSlab>("slab"), InstanceAccessor<&QueueIo::GetControl>("control"),
+                        InstanceAccessor<&QueueIo::GetEngine>("engine"), InstanceAccessor<&QueueIo::GetOrdered>("ordered")});
+  }
+
+  explicit QueueIo(const Napi::CallbackInfo& info) : Napi::ObjectWrap<QueueIo>(info) {
+    Napi::Env env = info.Env();
+    fd_ = ArgFd(info, 0);
+    if (info.Length() < 3 || !info[1].IsObject() || !info[2].IsFunction()) ThrowArg(env, "QueueIo(fd, options, onPoll)");
+    Napi::Object o = info[1].As<Napi::Object>();
+    std::string rx = o.Get("rx").ToString().Utf8Value();
+    std::string tx = o.Get("tx").ToString().Utf8Value();
+    batch_ = o.Get("batch").ToNumber().Uint32Value();
+    slot_size_ = o.Get("slotSize").ToNumber().Uint32Value();
+    hdr_len_ = o.Get("hdrLen").ToNumber().Uint32Value();
+    if ((rx != "poll" && rx != "uring") || (tx != "poll" && tx != "uring")) ThrowArg(env, "QueueIo: rx and tx engines must be 'poll' or 'uring'");
+    if (batch_ < 1 || batch_ > kMaxBatch) ThrowArg(env, "QueueIo: batch out of range");
+    if (slot_size_ < 64 || slot_size_ > (1u << 20) || hdr_len_ > 64 || hdr_len_ >= slot_size_) ThrowArg(env, "QueueIo: bad slot or header size");
+    rx_uring_ = rx == "uring";
+    tx_uring_ = tx == "uring";
+
+    // Shared control block: counters, state words, rx descriptors.
+    size_t ctl_len = kCtlHeader + 2 * batch_ * sizeof(uint32_t);
+    void* ctl = calloc(1, ctl_len);
+    if (ctl == nullptr) ThrowSys(env, "QUEUE_IO", "calloc", ENOMEM);
+    counters_ = static_cast<double*>(ctl);
+    state_ = reinterpret_cast<int32_t*>(static_cast<char*>(ctl) + kCounters * sizeof(double));
+    rx_desc_ = reinterpret_cast<uint32_t*>(static_cast<char*>(ctl) + kCtlHeader);
+    control_ = Napi::Persistent(Napi::ArrayBuffer::New(env, ctl, ctl_len, FreeCtl));
+
+    // The receive slab: anonymous memory, so untouched slot tails cost nothing.
+    size_t len = static_cast<size_t>(batch_) * slot_size_;
+    void* addr = mmap(nullptr, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (addr == MAP_FAILED) ThrowSys(env, "QUEUE_IO", "mmap", errno);
+    slab_base_ = static_cast<uint8_t*>(addr);
+    slab_ = Napi::Persistent(Napi::ArrayBuffer::New(env, addr, len, Unmap, new Mapping{addr, len}));
+
+    if (rx_uring_ || tx_uring_) {
+      unsigned entries = 1;
+      while (entries < batch_) entries <<= 1;
+      ring_ = std::make_unique<Ring>();
+      int err = ring_->Setup(entries, fd_);
+      if (err != 0) ThrowSys(env, "IO_URING_SETUP", "io_uring_setup", err);
+      cqes_.reserve(ring_->entries() + 1);
+      iov_.resize(2 * ring_->entries());
+    }
+    rx_want_ = rx_uring_ ? std::min<unsigned>(8, batch_) : batch_;
+
+    callback_ = Napi::Persistent(info[2].As<Napi::Function>());
+    context_ = std::make_unique<Napi::AsyncContext>(env, "mqtap.QueueIo");
+    uv_loop_t* loop = nullptr;
+    if (napi_get_uv_event_loop(env, &loop) != napi_ok || loop == nullptr) ThrowArg(env, "QueueIo: no event loop");
+    handle_ = new uv_poll_t;
+    int r = uv_poll_init(loop, handle_, fd_);
+    if (r != 0) {
+      delete handle_;
+      handle_ = nullptr;
+      ThrowSys(env, "POLL_INIT", "uv_poll_init", -r);
+    }
+    handle_->data = this;
+  }
+
+  ~QueueIo() override { Teardown(); }
+
+ private:
+  void Live(Napi::Env env, const char* op) {
+    if (fd_ < 0) ThrowSys(env, op, "none", EBADF, "queue I/O is closed");
+  }
+
+  // ---- receive
+
+  // Reads what is waiting (up to `batch` frames) into the slab; fills
+  // rxDesc with (offset, length) pairs, lengths including the virtio-net
+  // header.  Returns the number of frames.  Frames the kernel could not hand
+  // over whole (one that fills its slot: slotSize bytes or more, header
+  // included; EINVAL: a header the kernel could not express)
+  // are counted in RX_DROPS, not returned.  A hard error (EBADFD: device
+  // deleted) is thrown, after the frames read before it were returned.
+  // -1: end of file (a tap never says so; a socket whose peer closed does).
+  Napi::Value RxRead(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    Live(env, "READ");
+    if (rx_pending_errno_ != 0) {
+      int err = rx_pending_errno_;
+      rx_pending_errno_ = 0;
+      ThrowSys(env, "READ", rx_uring_ ? "io_uring_enter" : "read", err);
+    }
+    if (rx_eof_) return Napi::Number::New(env, -1);
+    unsigned got = rx_uring_ ? RxUring() : RxPoll();
+    if (got > 0) counters_[RX_BATCHES] += 1;
+    if (got == 0 && rx_eof_) return Napi::Number::New(env, -1);
+    if (got == 0 && rx_pending_errno_ != 0) {
+      int err = rx_pending_errno_;
+      rx_pending_errno_ = 0;
+      ThrowSys(env, "READ", rx_uring_ ? "io_uring_enter" : "read", err);
+    }
+    return Napi::Number::New(env, got);
+  }
+
+  // One read result for slot `slot`: true when it produced a frame.
+  bool RxResult(unsigned slot, ssize_t n, unsigned* got) {
+    // A frame that filled its slot may have been cut short: tun copies what
+    // fits and (Linux 6.x) returns that length (older kernels returned the
+    // full length).  Slots are one byte longer than the longest frame taken.
+    if (n >= static_cast<ssize_t>(slot_size_)) {
+      counters_[RX_DROPS] += 1;
+      state_[ST_RX_DROP_ERRNO] = EMSGSIZE;
+      return false;
+    }
+    rx_desc_[2 * *got] = slot * slot_size_;
+    rx_desc_[2 * *got + 1] = static_cast<uint32_t>(n);
+    counters_[RX_FRAMES] += 1;
+    counters_[RX_BYTES] += static_cast<double>(n - hdr_len_);
+    ++*got;
+    return true;
+  }
+
+  unsigned RxPoll() {
+    unsigned got = 0;
+    unsigned slot = 0;
+    size_t bytes = 0;
+    while (slot < batch_ && bytes < kRxByteBudget) {
+      ssize_t n = read(fd_, slab_base_ + static_cast<size_t>(slot) * slot_size_, slot_size_);
+      counters_[RX_SYSCALLS] += 1;
+      if (n < 0) {
+        if (errno == EINTR) continue;
+        if (errno == EAGAIN) break;
+        if (errno == EINVAL) {  // the kernel dropped a frame it could not describe
+          counters_[RX_DROPS] += 1;
+          state_[ST_RX_DROP_ERRNO] = EINVAL;
+          continue;
+        }
+        rx_pending_errno_ = errno;
+        break;
+      }
+      if (n == 0) {
+        rx_eof_ = true;
+        break;
+      }
+      if (RxResult(slot, n, &got)) {
+        slot++;
+        bytes += static_cast<size_t>(n);
+      }
+    }
+    return got;
+  }
+
+  // io_uring_enter itself failed (never seen; see Ring::SubmitAndWait): what
+  // completed was processed; the queue goes on with plain syscalls.
+  void FallBack() {
+    ring_.reset();
+    rx_uring_ = tx_uring_ = false;
+    ordered_ = true;
+  }
+
+  unsigned RxUring() {
+    unsigned got = 0;
+    // Adaptive depth: a NOWAIT read of an empty queue costs a little, so ask
+    // for about twice what the last call found (at least 4, at most batch).
+    unsigned want = std::min(rx_want_, std::min(batch_, ring_->entries()));
+    for (unsigned i = 0; i < want; i++) {
+      io_uring_sqe* s = ring_->Sqe(i);
+      s->opcode = IORING_OP_READ;
+      s->flags = IOSQE_FIXED_FILE;
+      s->fd = 0;
+      s->addr = reinterpret_cast<uint64_t>(slab_base_ + static_cast<size_t>(i) * slot_size_);
+      s->len = slot_size_;
+      s->rw_flags = RWF_NOWAIT;
+      s->user_data = i;
+    }
+    cqes_.clear();
+    int err = ring_->SubmitAndWait(want, &cqes_);
+    counters_[RX_SYSCALLS] += 1;
+    unsigned answered = 0;
+    for (const io_uring_cqe& c : cqes_) {
+      unsigned slot = static_cast<unsigned>(c.user_data);
+      if (c.res == 0) {
+        rx_eof_ = true;
+      } else if (c.res > 0) {
+        RxResult(slot, c.res, &got);
+        answered++;
+      } else if (c.res == -EAGAIN || c.res == -ECANCELED) {
+        // nothing was waiting for this read
+      } else if (c.res == -EINVAL) {  // the kernel dropped a frame it could not describe
+        counters_[RX_DROPS] += 1;
+        state_[ST_RX_DROP_ERRNO] = EINVAL;
+        answered++;
+      } else if (rx_pending_errno_ == 0) {
+        rx_pending_errno_ = -c.res;
+      }
+    }
+    rx_want_ = answered >= want ? std::min(batch_, want * 2) : std::max(4u, std::min(batch_, answered * 2));
+    if (got > 0) {
+      size_t avg = 0;
+      for (unsigned i = 0; i < got; i++) avg += rx_desc_[2 * i + 1];
+      avg /= got;
+      rx_want_ = std::max(4u, std::min<unsigned>(rx_want_, static_cast<unsigned>(kRxByteBudget / std::max<size_t>(avg, 1))));
+    }
+    if (err != 0) FallBack();
+    return got;
+  }
+
+  // ---- transmit
+
+  // txWrite(buffers, desc, start, count, withHdr): desc is a Uint32Array of
+  // (buffer index, byte offset, byte length) triples; buffers an array of
+  // ArrayBuffers.  Writes frames start..count-1 in order.  When withHdr is
+  // false and the tap has a virtio-net header, a zeroed header is sent in
+  // front of each frame (writev).  Stops at EAGAIN.  Afterwards
+  // state[ST_NEXT] is the first frame not written and state[ST_COUNT] the
+  // list length (the uring engine may compact unwritten frames to the front
+  // of the remaining range after an EAGAIN, see below).  Frames refused with
+  // a per-frame error are dropped and counted (state[ST_DROPPED], TX_DROPS);
+  // any other error is thrown.
+  Napi::Value TxWrite(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    Live(env, "WRITE");
+    if (info.Length() < 5 || !info[0].IsArray() || !info[1].IsTypedArray()) ThrowArg(env, "txWrite(buffers, desc, start, count, withHdr)");
+    Napi::Array bufs = info[0].As<Napi::Array>();
+    Napi::TypedArray ta = info[1].As<Napi::TypedArray>();
+    if (ta.TypedArrayType() != napi_uint32_array) ThrowArg(env, "txWrite: desc must be a Uint32Array");
+    uint32_t* desc = reinterpret_cast<uint32_t*>(static_cast<uint8_t*>(ta.ArrayBuffer().Data()) + ta.ByteOffset());
+    uint32_t start = ArgUint(info, 2);
+    uint32_t count = ArgUint(info, 3);
+    bool with_hdr = ArgBool(info, 4);
+    if (count > ta.ElementLength() / 3 || start > count) ThrowArg(env, "txWrite: start/count out of range");
+
+    // Base pointers and sizes of the (few, usually one) backing buffers.
+    uint32_t nbufs = bufs.Length();
+    bases_.resize(nbufs);
+    sizes_.resize(nbufs);
+    for (uint32_t i = 0; i < nbufs; i++) {
+      Napi::Value v = bufs.Get(i);
+      if (!v.IsArrayBuffer()) ThrowArg(env, "txWrite: buffers must be ArrayBuffers");
+      Napi::ArrayBuffer ab = v.As<Napi::ArrayBuffer>();
+      bases_[i] = static_cast<const uint8_t*>(ab.Data());
+      sizes_[i] = ab.ByteLength();
+    }
+    frames_.resize(count);
+    for (uint32_t i = start; i < count; i++) {
+      uint32_t b = desc[3 * i], off = desc[3 * i + 1], len = desc[3 * i + 2];
+      if (b >= nbufs || static_cast<size_t>(off) + len > sizes_[b] || len == 0) ThrowArg(env, "txWrite: frame " + std::to_string(i) + " is outside its buffer");
+      frames_[i] = TxFrame{bases_[b] + off, len};
+    }
+    state_[ST_DROPPED] = 0;
+    state_[ST_DROP_ERRNO] = 0;
+    state_[ST_DROP_INDEX] = -1;
+    state_[ST_COUNT] = static_cast<int32_t>(count);
+    bool prepend = !with_hdr && hdr_len_ > 0;
+    uint32_t hdr_bytes = with_hdr ? hdr_len_ : 0;
+    uint32_t next = (tx_uring_ && !ordered_) ? TxUring(env, desc, start, count, prepend, hdr_bytes) : TxPoll(env, start, count, prepend, hdr_bytes);
+    state_[ST_NEXT] = static_cast<int32_t>(next);
+    return Napi::Number::New(env, next);
+  }
+
+  void TxDrop(uint32_t i, int err) {
+    counters_[TX_DROPS] += 1;
+    if (state_[ST_DROPPED]++ == 0) {
+      state_[ST_DROP_ERRNO] = err;
+      state_[ST_DROP_INDEX] = static_cast<int32_t>(i);
+    }
+  }
+
+  void TxDone(uint32_t len, uint32_t hdr_bytes) {
+    counters_[TX_FRAMES] += 1;
+    counters_[TX_BYTES] += static_cast<double>(len - std::min(len, hdr_bytes));
+  }
+
+  uint32_t TxPoll(Napi::Env env, uint32_t start, uint32_t count, bool prepend, uint32_t hdr_bytes) {
+    static const uint8_t kZeroHdr[64] = {0};
+    uint32_t i = start;
+    while (i < count) {
+      const TxFrame& f = frames_[i];
+      ssize_t n;
+      if (prepend) {
+        struct iovec iov[2] = {{const_cast<uint8_t*>(kZeroHdr), hdr_len_}, {const_cast<uint8_t*>(f.data), f.len}};
+        n = writev(fd_, iov, 2);
+      } else {
+        n = write(fd_, f.data, f.len);
+      }
+      counters_[TX_SYSCALLS] += 1;
+      if (n < 0) {
+        if (errno == EINTR) continue;
+        if (errno == EAGAIN) {
+          counters_[TX_EAGAIN] += 1;
+          return i;
+        }
+        if (!PerFrameError(errno)) ThrowSys(env, "WRITE", prepend ? "writev" : "write", errno);
+        TxDrop(i, errno);
+      } else {
+        TxDone(f.len, hdr_bytes);
+      }
+      i++;
+    }
+    return i;
+  }
+
+  // Batches of up to ring-size WRITE(V)s with RWF_NOWAIT, reaped in order.
+  // Without links the kernel runs them in submission order but does not stop
+  // after a failure, so a frame refused with EAGAIN may be followed by one
+  // that was written: that would reorder frames.  A tap write only says
+  // EAGAIN when its socket's send buffer (TUNSETSNDBUF, INT_MAX unless
+  // someone lowered it) is full, which lib/io.ts checks before choosing this
+  // engine; if it happens anyway, the frames written past the first EAGAIN
+  // are counted in TX_REORDERED, the unwritten ones are moved (in order) to
+  // the front of the remaining list, and this queue writes in order with
+  // plain syscalls from then on (`ordered`).
+  uint32_t TxUring(Napi::Env env, uint32_t* desc, uint32_t start, uint32_t count, bool prepend, uint32_t hdr_bytes) {
+    static const uint8_t kZeroHdr[64] = {0};
+    uint32_t i = start;
+    const unsigned depth = ring_->entries();
+    while (i < count) {
+      unsigned k = std::min<unsigned>(depth, count - i);
+      for (unsigned j = 0; j < k; j++) {
+        const TxFrame& f = frames_[i + j];
+        io_uring_sqe* s = ring_->Sqe(j);
+        s->flags = IOSQE_FIXED_FILE;
+        s->fd = 0;
+        s->rw_flags = RWF_NOWAIT;
+        s->user_data = j;
+        if (prepend) {
+          iov_[2 * j] = {const_cast<uint8_t*>(kZeroHdr), hdr_len_};
+          iov_[2 * j + 1] = {const_cast<uint8_t*>(f.data), f.len};
+          s->opcode = IORING_OP_WRITEV;
+          s->addr = reinterpret_cast<uint64_t>(&iov_[2 * j]);
+          s->len = 2;
+        } else {
+          s->opcode = IORING_OP_WRITE;
+          s->addr = reinterpret_cast<uint64_t>(f.data);
+          s->len = f.len;
+        }
+      }
+      cqes_.clear();
+      int err = ring_->SubmitAndWait(k, &cqes_);
+      counters_[TX_SYSCALLS] += 1;
+      // Results by position (completion order is submission order for inline ops, but do not rely on it).
+      // An op with no completion (only if io_uring_enter itself failed) counts as EAGAIN: retried in order.
+      res_.assign(k, -EAGAIN);
+      for (const io_uring_cqe& c : cqes_)
+        if (c.user_data < k) res_[c.user_data] = c.res;
+      int fatal = 0;
+      unsigned first_again = k;
+      for (unsigned j = 0; j < k; j++) {
+        int r = res_[j];
+        if (r >= 0) {
+          TxDone(frames_[i + j].len, hdr_bytes);
+          if (first_again < k) counters_[TX_REORDERED] += 1;
+        } else if (r == -EAGAIN) {
+          if (first_again == k) first_again = j;
+        } else if (PerFrameError(-r)) {
+          TxDrop(i + j, -r);
+        } else if (fatal == 0) {
+          fatal = -r;
+        }
+      }
+      if (err != 0) FallBack();
+      if (fatal != 0) ThrowSys(env, "WRITE", "io_uring_enter", fatal);
+      if (first_again < k) {
+        // Keep the unwritten frames (EAGAIN'd ones of this batch, then the
+        // ones not yet submitted) in order at i.., and write in order from now on.
+        if (err == 0) counters_[TX_EAGAIN] += 1;
+        ordered_ = true;
+        uint32_t w = i;
+        for (unsigned j = 0; j < k; j++) {
+          if (res_[j] != -EAGAIN) continue;
+          uint32_t src = i + j;
+          if (w != src) {
+            frames_[w] = frames_[src];
+            memmove(&desc[3 * w], &desc[3 * src], 3 * sizeof(uint32_t));
+          }
+          w++;
+        }
+        for (uint32_t src = i + k; src < count; src++, w++) {
+          frames_[w] = frames_[src];
+          memmove(&desc[3 * w], &desc[3 * src], 3 * sizeof(uint32_t));
+        }
+        state_[ST_COUNT] = static_cast<int32_t>(w);
+        return i;
+      }
+      i += k;
+      if (!tx_uring_) return TxPoll(env, i, count, prepend, hdr_bytes);
+    }
+    return i;
+  }
+
+  // ---- polling
+
+  Napi::Value PollSet(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    Live(env, "POLL");
+    int events = ArgInt(info, 0) & (UV_READABLE | UV_WRITABLE);
+    if (handle_ == nullptr) return env.Undefined();
+    if (events == 0) {
+      uv_poll_stop(handle_);
+    } else {
+      int r = uv_poll_start(handle_, events, OnPoll);
+      if (r != 0) ThrowSys(env, "POLL_START", "uv_poll_start", -r);
+    }
+    bool active = events != 0;
+    if (active && !active_) Ref();
+    if (!active && active_) Unref();
+    active_ = active;
+    return env.Undefined();
+  }
+
+  static void OnPoll(uv_poll_t* h, int status, int events) {
+    auto* self = static_cast<QueueIo*>(h->data);
+    if (self == nullptr || self->fd_ < 0) return;
+    Napi::Env env = self->Env();
+    Napi::HandleScope scope(env);
+    try {
+      self->callback_.MakeCallback(self->Value(), {Napi::Number::New(env, status), Napi::Number::New(env, events)}, *self->context_);
+    } catch (const Napi::Error& e) {
+      napi_fatal_exception(env, e.Value());
+    }
+  }
+
+  static void OnClosed(uv_handle_t* h) { delete reinterpret_cast<uv_poll_t*>(h); }
+
+  // Stops polling (which removes the fd from epoll, so it may be closed
+  // right after) and tears the engine down.  The fd itself is not closed.
+  void Teardown() {
+    if (handle_ != nullptr) {
+      uv_poll_stop(handle_);
+      handle_->data = nullptr;
+      uv_close(reinterpret_cast<uv_handle_t*>(handle_), OnClosed);
+      handle_ = nullptr;
+    }
+    if (ring_) ring_.reset();
+    fd_ = -1;
+  }
+
+  Napi::Value Close(const Napi::CallbackInfo& info) {
+    if (active_) {
+      active_ = false;
+      Unref();
+    }
+    Teardown();
+    return info.Env().Undefined();
+  }
+
+  Napi::Value GetSlab(const Napi::CallbackInfo&) { return slab_.Value(); }
+  Napi::Value GetControl(const Napi::CallbackInfo&) { return control_.Value(); }
+  Napi::Value GetEngine(const Napi::CallbackInfo& info) {
+    Napi::Object o = Napi::Object::New(info.Env());
+    o.Set("rx", rx_uring_ ? "uring" : "poll");
+    o.Set("tx", tx_uring_ ? "uring" : "poll");
+    return o;
+  }
+  Napi::Value GetOrdered(const Napi::CallbackInfo& info) { return Napi::Boolean::New(info.Env(), !tx_uring_ || ordered_); }
+
+  int fd_ = -1;
+  bool rx_uring_ = false;
+  bool tx_uring_ = false;
+  bool ordered_ = false;
+  bool active_ = false;
+  unsigned batch_ = 0;
+  unsigned rx_want_ = 0;
+  uint32_t slot_size_ = 0;
+  uint32_t hdr_len_ = 0;
+  int rx_pending_errno_ = 0;
+  bool rx_eof_ = false;
+  uint8_t* slab_base_ = nullptr;
+  double* counters_ = nullptr;
+  int32_t* state_ = nullptr;
+  uint32_t* rx_desc_ = nullptr;
+  Napi::Reference<Napi::ArrayBuffer> slab_;
+  Napi::Reference<Napi::ArrayBuffer> control_;
+  Napi::FunctionReference callback_;
+  std::unique_ptr<Napi::AsyncContext> context_;
+  uv_poll_t* handle_ = nullptr;
+  std::unique_ptr<Ring> ring_;
+  std::vector<io_uring_cqe> cqes_;
+  std::vector<struct iovec> iov_;
+  std::vector<const uint8_t*> bases_;
+  std::vector<size_t> sizes_;
+  std::vector<TxFrame> frames_;
+  std::vector<int> res_;
+};
+
+// TUNGETSNDBUF / TUNSETSNDBUF: the per-queue socket send buffer a tap write
+// is charged against until the frame is consumed.  INT_MAX (the default)
+// means a write never says EAGAIN; a smaller value gives writers
+// backpressure (EAGAIN, then POLLOUT once frames have been consumed).  The
+// value is per device: setting it through one queue sets it for every queue.
+Napi::Value TunGetSndbuf(const Napi::CallbackInfo& info) {
+  int fd = ArgFd(info, 0);
+  int v = 0;
+  if (ioctl(fd, TUNGETSNDBUF, &v) < 0) ThrowSys(info.Env(), "TUNGETSNDBUF", "ioctl", errno);
+  return Napi::Number::New(info.Env(), v);
+}
+
+Napi::Value TunSetSndbuf(const Napi::CallbackInfo& info) {
+  int fd = ArgFd(info, 0);
+  int v = ArgInt(info, 1);
+  if (ioctl(fd, TUNSETSNDBUF, &v) < 0) ThrowSys(info.Env(), "TUNSETSNDBUF", "ioctl", errno);
+  return info.Env().Undefined();
+}
+
+}  // namespace
+
+void InitIo(Napi::Env env, Napi::Object exports) {
+  exports.Set("QueueIo", QueueIo::Define(env));
+  exports.Set("tunGetSndbuf", Napi::Function::New(env, TunGetSndbuf, "tunGetSndbuf"));
+  exports.Set("tunSetSndbuf", Napi::Function::New(env, TunSetSndbuf, "tunSetSndbuf"));
+  // Constants of this module (kept apart from `constants`, whose typed
+  // interface belongs to the core): poll bits and the shared block layout.
+  Napi::Object c = Napi::Object::New(env);
+  c.Set("UV_READABLE", Napi::Number::New(env, UV_READABLE));
+  c.Set("UV_WRITABLE", Napi::Number::New(env, UV_WRITABLE));
+  c.Set("UV_DISCONNECT", Napi::Number::New(env, UV_DISCONNECT));
+  MQTAP_CONST(c, EAGAIN);
+  MQTAP_CONST(c, EMSGSIZE);
+  MQTAP_CONST(c, EINVAL);
+  c.Set("COUNTERS", Napi::Number::New(env, kCounters));
+  c.Set("STATES", Napi::Number::New(env, kStates));
+  c.Set("MAX_BATCH", Napi::Number::New(env, kMaxBatch));
+  c.Set("INT_MAX", Napi::Number::New(env, 2147483647));
+  exports.Set("ioConstants", c);
+}
 
 }  // namespace mqtap

@@ -1,0 +1,621 @@
+/**
+ * Data-path benchmark: frames per second through one and two queues of a
+ * tap, library (lib/io.ts) against the C programs in bench/c (tapio: a plain
+ * write()/read() loop, and io_uring batches of 32), in the same run and the
+ * same throw-away network namespace (the caller entered it: isolateNetns();
+ * C programs and worker threads started from here inherit it).
+ *
+ * Setup, identical for every implementation: a persistent multi-queue tap
+ * (IFF_TAP|IFF_NO_PI|IFF_VNET_HDR|IFF_MULTI_QUEUE), 12-byte virtio-net header,
+ * offloads CSUM|TSO4|TSO6, link up, IPv6 off in the namespace.  Each reader or
+ * writer attaches its own queue (a tapio process, or a worker thread running
+ * the library), so Q queues = Q attached fds = Q CPUs' worth of work.
+ *
+ *   write  the same frame over and over: 60 B and 1514 B Ethernet/IPv4/UDP to
+ *          a MAC that is not the tap's (the stack drops it as OTHERHOST right
+ *          after the tap, see bench/c/README.md), and the 64 KB TCPv4 GSO
+ *          frame (gso_size 1448) with its virtio-net header.
+ *   read   frames the kernel transmits on the tap, from a generator process
+ *          (AF_PACKET + PACKET_QDISC_BYPASS + sendmmsg, like tapio's; built
+ *          from GEN_C below) sending 64 flows flat out; the kernel spreads the
+ *          flows over the queues.  Timing starts at each reader's first frame.
+ *
+ * The library side runs in worker threads (one per queue) so that Q queues
+ * are Q threads, as the C side is Q processes; each worker/process is pinned
+ * to CPU q (taskset), the read generator floats.
+ */
+import { execFileSync, spawn, type ChildProcess } from 'node:child_process';
+import { existsSync, readFileSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { Worker, isMainThread, parentPort, workerData } from 'node:worker_threads';
+import { openQueueIO, type IoEngine } from '../lib/io';
+import { getLink } from '../lib/links';
+import { native } from '../lib/native';
+import { deleteTap, openTap } from '../lib/tap';
+
+export type Size = 60 | 1514 | 'gso';
+export type Dir = 'write' | 'read';
+export type Impl = 'library' | 'c-plain' | 'c-uring';
+
+export interface DataRun {
+  impl: Impl;
+  /** Library engine (rx/tx) in use, for impl 'library'. */
+  engine?: string;
+  /** The engine option the library run asked for ('auto', 'poll', 'uring'). */
+  engineReq?: string;
+  dir: Dir;
+  size: Size;
+  queues: number;
+  /** Per queue: frames/s, and CPU µs per frame of that reader/writer (thread or process). */
+  perQueue: Array<{ pps: number; gbps: number; cpuUsPerFrame: number; frames: number }>;
+  /** Sum over the queues. */
+  pps: number;
+  gbps: number;
+  /** Device counters over the run: frames the kernel dropped because a queue's ring was full (reads) */
+  kernelTxDropped?: number;
+  /** Share of the CPUs busy with other work just before the run (see waitQuiet). */
+  busyBefore?: number;
+}
+
+const TAP = 'mqbd0';
+const TAP_MAC = '02:6d:71:00:00:01';
+
+// ------------------------------------------------------------ frames (as tapio builds them)
+
+const DST_MAC = [0x02, 0x6d, 0x71, 0x74, 0x61, 0x70];
+const SRC_MAC = [0x02, 0x6d, 0x71, 0x74, 0x61, 0x71];
+const GSO_MSS = 1448;
+const GSO_SEGS = 45;
+
+function csum(buf: Buffer, start: number, len: number, sum = 0): number {
+  for (let i = 0; i + 1 < len; i += 2) sum += buf.readUInt16BE(start + i);
+  if (len & 1) sum += buf[start + len - 1]! << 8;
+  return sum;
+}
+
+function fold(sum: number): number {
+  while (sum > 0xffff) sum = (sum & 0xffff) + (sum >>> 16);
+  return sum;
+}
+
+/** 12-byte virtio-net header + Ethernet frame, like tapio's build_frame(). */
+export function benchFrame(size: Size): Buffer {
+  const hdr = 12;
+  const gso = size === 'gso';
+  const ipTot = gso ? 20 + 20 + GSO_SEGS * GSO_MSS : (size as number) - 14;
+  const len = 14 + ipTot;
+  const b = Buffer.alloc(hdr + len);
+  const f = hdr;
+  Buffer.from(DST_MAC).copy(b, f);
+  Buffer.from(SRC_MAC).copy(b, f + 6);
+  b.writeUInt16BE(0x0800, f + 12);
+  const ip = f + 14;
+  b[ip] = 0x45;
+  b.writeUInt16BE(ipTot, ip + 2);
+  b.writeUInt16BE(0x1234, ip + 4);
+  b.writeUInt16BE(0x4000, ip + 6);
+  b[ip + 8] = 64;
+  b[ip + 9] = gso ? 6 : 17;
+  Buffer.from([169, 254, 77, 1]).copy(b, ip + 12);
+  Buffer.from([169, 254, 77, 2]).copy(b, ip + 16);
+  b.writeUInt16BE(~fold(csum(b, ip, 20)) & 0xffff, ip + 10);
+  const l4 = ip + 20;
+  if (!gso) {
+    b.writeUInt16BE(40000, l4);
+    b.writeUInt16BE(9, l4 + 2);
+    b.writeUInt16BE(ipTot - 20, l4 + 4);
+    for (let i = 14 + 20 + 8; i < len; i++) b[f + i] = i & 0xff;
+    return b;
+  }
+  b.writeUInt16BE(40000, l4);
+  b.writeUInt16BE(5201, l4 + 2);
+  b[l4 + 4] = 0x11;
+  b[l4 + 11] = 0x01;
+  b[l4 + 12] = (20 / 4) << 4;
+  b[l4 + 13] = 0x18;
+  b.writeUInt16BE(0xffff, l4 + 14);
+  for (let i = 14 + 20 + 20; i < len; i++) b[f + i] = i & 0xff;
+  // CHECKSUM_PARTIAL: the check field holds the folded pseudo-header sum.
+  const ph = csum(b, ip + 12, 8) + 6 + (ipTot - 20);
+  b.writeUInt16BE(fold(ph), l4 + 16);
+  b[0] = 1; // NEEDS_CSUM
+  b[1] = 1; // GSO_TCPV4
+  b.writeUInt16LE(54, 2);
+  b.writeUInt16LE(GSO_MSS, 4);
+  b.writeUInt16LE(34, 6);
+  b.writeUInt16LE(16, 8);
+  return b;
+}
+
+// ------------------------------------------------------------ the read generator
+
+/**
+ * Transmits frames on a tap until killed: AF_PACKET + PACKET_QDISC_BYPASS
+ * (dev_direct_xmit -> tun_net_xmit, no IP stack, no qdisc), sendmmsg batches
+ * of 64, like tapio's generator; but FLOWS different UDP/TCP source ports so
+ * the kernel spreads them over the queues.  A full queue ring makes the
+ * kernel drop (tx_dropped): the generator just goes on.
+ */
+const GEN_C = String.raw`
+#define _GNU_SOURCE
+#include <arpa/inet.h>
+#include <errno.h>
+#include <linux/if_packet.h>
+#include <linux/virtio_net.h>
+#include <net/if.h>
+#include <net/ethernet.h>
+#include <sched.h>
+#include <signal.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/prctl.h>
+#include <sys/socket.h>
+#include <unistd.h>
+static uint32_t sum16(const uint8_t *p, size_t n, uint32_t s) { for (size_t i = 0; i + 1 < n; i += 2) s += (uint32_t)(p[i] << 8 | p[i + 1]); if (n & 1) s += (uint32_t)(p[n - 1] << 8); return s; }
+static uint16_t fold(uint32_t s) { while (s >> 16) s = (s & 0xffff) + (s >> 16); return (uint16_t)s; }
+static void put16(uint8_t *p, uint16_t v) { p[0] = (uint8_t)(v >> 8); p[1] = (uint8_t)v; }
+int main(int argc, char **argv) {
+  if (argc < 4) { fprintf(stderr, "usage: gen IFNAME 60|1514|gso FLOWS [CPU]\n"); return 1; }
+  prctl(PR_SET_PDEATHSIG, SIGKILL);
+  int gso = strcmp(argv[2], "gso") == 0, size = gso ? 0 : atoi(argv[2]), flows = atoi(argv[3]);
+  if (flows < 1 || flows > 64) flows = 64;
+  if (argc > 4) { cpu_set_t set; CPU_ZERO(&set); CPU_SET(atoi(argv[4]), &set); sched_setaffinity(0, sizeof set, &set); }
+  int s = socket(AF_PACKET, SOCK_RAW | SOCK_CLOEXEC, 0), one = 1;
+  if (s < 0) { perror("socket"); return 1; }
+  if (setsockopt(s, SOL_PACKET, PACKET_QDISC_BYPASS, &one, sizeof one) < 0) { perror("PACKET_QDISC_BYPASS"); return 1; }
+  if (gso && setsockopt(s, SOL_PACKET, PACKET_VNET_HDR, &one, sizeof one) < 0) { perror("PACKET_VNET_HDR"); return 1; }
+  struct sockaddr_ll sll; memset(&sll, 0, sizeof sll);
+  sll.sll_family = AF_PACKET; sll.sll_protocol = htons(ETH_P_ALL); sll.sll_ifindex = (int)if_nametoindex(argv[1]);
+  if (!sll.sll_ifindex || bind(s, (struct sockaddr *)&sll, sizeof sll) < 0) { perror("bind"); return 1; }
+  const int mss = 1448, segs = 45;
+  size_t vh = gso ? sizeof(struct virtio_net_hdr) : 0;
+  size_t len = gso ? 14 + 40 + (size_t)(segs * mss) : (size_t)size;
+  static uint8_t bufs[64][10 + 65600];
+  for (int k = 0; k < flows; k++) {
+    uint8_t *b = bufs[k], *f = b + vh, *ip = f + 14, *l4 = ip + 20;
+    memset(b, 0, vh + len);
+    memcpy(f, "\x02\x00\x00\x00\x00\x02", 6); memcpy(f + 6, "\x02\x00\x00\x00\x00\x01", 6); put16(f + 12, 0x0800);
+    ip[0] = 0x45; put16(ip + 2, (uint16_t)(len - 14)); put16(ip + 6, 0x4000); ip[8] = 64; ip[9] = gso ? 6 : 17;
+    memcpy(ip + 12, "\xa9\xfe\x4d\x01", 4); memcpy(ip + 16, "\xa9\xfe\x4d\x02", 4);
+    put16(ip + 10, (uint16_t)~fold(sum16(ip, 20, 0)));
+    put16(l4, (uint16_t)(40000 + k)); put16(l4 + 2, 9);
+    if (!gso) { put16(l4 + 4, (uint16_t)(len - 34)); for (size_t i = 42; i < len; i++) f[i] = (uint8_t)i; continue; }
+    l4[12] = 5 << 4; l4[13] = 0x18; put16(l4 + 14, 0xffff);
+    for (size_t i = 54; i < len; i++) f[i] = (uint8_t)i;
+    put16(l4 + 16, fold(sum16(ip + 12, 8, 0) + 6 + (uint32_t)(len - 34)));
+    struct virtio_net_hdr *h = (struct virtio_net_hdr *)b;
+    h->flags = VIRTIO_NET_HDR_F_NEEDS_CSUM; h->gso_type = VIRTIO_NET_HDR_GSO_TCPV4; h->hdr_len = 54; h->gso_size = (uint16_t)mss; h->csum_start = 34; h->csum_offset = 16;
+  }
+  struct iovec iov[64]; struct mmsghdr m[64]; memset(m, 0, sizeof m);
+  for (int i = 0; i < 64; i++) { iov[i].iov_base = bufs[i % flows]; iov[i].iov_len = vh + len; m[i].msg_hdr.msg_iov = &iov[i]; m[i].msg_hdr.msg_iovlen = 1; }
+  printf("ready\n"); fflush(stdout);
+  for (;;) { int n = sendmmsg(s, m, 64, 0); if (n < 0 && errno != ENOBUFS && errno != EAGAIN && errno != EINTR) { perror("sendmmsg"); return 1; } }
+}
+`;
+
+export interface Programs {
+  tapio: string;
+  gen: string;
+  uring: boolean;
+}
+
+/** Builds tapio (with io_uring when liburing-dev is there) and the generator into outDir. */
+export function buildPrograms(outDir: string, srcDir: string): Programs {
+  const cc = process.env.CC ?? 'cc';
+  const flags = ['-O2', '-Wall', '-Wextra', '-Werror'];
+  const uring = existsSync('/usr/include/liburing.h');
+  const tapio = join(outDir, 'tapio');
+  execFileSync(cc, [...flags, ...(uring ? ['-DHAVE_LIBURING'] : []), '-o', tapio, join(srcDir, 'tapio.c'), ...(uring ? ['-luring'] : [])], { stdio: 'inherit' });
+  const genSrc = join(outDir, 'gen.c');
+  writeFileSync(genSrc, GEN_C);
+  const gen = join(outDir, 'gen');
+  execFileSync(cc, [...flags, '-o', gen, genSrc], { stdio: 'inherit' });
+  return { tapio, gen, uring };
+}
+
+// ------------------------------------------------------------ helpers
+
+function cpuTimes(): { busy: number; total: number } {
+  const f = readFileSync('/proc/stat', 'utf8');
+  const v = f.slice(0, f.indexOf('\n')).split(/\s+/).slice(1).map(Number);
+  const idle = (v[3] ?? 0) + (v[4] ?? 0);
+  const total = v.reduce((a, b) => a + b, 0);
+  return { busy: total - idle, total };
+}
+
+/** Share of all CPUs busy over `ms` (this process is idle meanwhile). */
+async function busyShare(ms: number): Promise<number> {
+  const a = cpuTimes();
+  await new Promise((r) => setTimeout(r, ms));
+  const b = cpuTimes();
+  return b.total > a.total ? (b.busy - a.busy) / (b.total - a.total) : 0;
+}
+
+/**
+ * Waits until the machine is quiet (other load below `threshold` of all
+ * CPUs in two consecutive 0.5 s samples), at most `maxMs`; returns the last
+ * busy share seen (recorded with each run).
+ */
+export async function waitQuiet(threshold: number, maxMs: number): Promise<number> {
+  const end = Date.now() + maxMs;
+  let quietInARow = 0;
+  let last = 1;
+  while (Date.now() < end) {
+    last = await busyShare(500);
+    quietInARow = last < threshold ? quietInARow + 1 : 0;
+    if (quietInARow >= 2) break;
+  }
+  return last;
+}
+
+function pin(tid: number, cpu: number): void {
+  try {
+    execFileSync('taskset', ['-p', '-c', String(cpu), String(tid)], { stdio: 'ignore' });
+  } catch {
+    /* no taskset: unpinned */
+  }
+}
+
+function deviceStats(): { txDropped: number; txPackets: number } {
+  const s = getLink(TAP)?.stats;
+  return { txDropped: s?.txDropped ?? 0, txPackets: s?.txPackets ?? 0 };
+}
+
+function waitQueues(n: number, timeoutMs = 10_000): void {
+  const end = Date.now() + timeoutMs;
+  while (Date.now() < end) {
+    const l = getLink(TAP);
+    if (l?.tun && l.tun.numQueues >= n) return;
+    execFileSync('sleep', ['0.02']);
+  }
+  throw new Error(`bench: ${n} queue(s) did not attach to ${TAP}`);
+}
+
+function startGenerator(gen: string, size: Size, cpu?: number): Promise<ChildProcess> {
+  const child = spawn(gen, [TAP, String(size), '64', ...(cpu !== undefined ? [String(cpu)] : [])], { stdio: ['ignore', 'pipe', 'inherit'] });
+  return new Promise((resolve, reject) => {
+    child.once('error', reject);
+    child.once('exit', (code) => reject(new Error(`generator exited with ${code}`)));
+    child.stdout!.once('data', () => resolve(child));
+  });
+}
+
+function stopChild(c: ChildProcess | undefined): Promise<void> {
+  if (!c || c.exitCode !== null || c.signalCode !== null) return Promise.resolve();
+  return new Promise((resolve) => {
+    c.removeAllListeners('exit');
+    c.once('exit', () => resolve());
+    c.kill('SIGKILL');
+  });
+}
+
+function gbps(bytes: number, seconds: number): number {
+  return seconds > 0 ? (bytes * 8) / seconds / 1e9 : 0;
+}
+
+// ------------------------------------------------------------ C side
+
+interface TapioResult {
+  pps: number;
+  gbps: number;
+  cpuUsPerFrame: number;
+  frames: number;
+}
+
+function runTapio(p: Programs, mode: string, size: Size, frames: number, cpu: number): Promise<TapioResult> {
+  const args = ['--dev', TAP, '--mode', mode, '--size', String(size), '--frames', String(frames), '--queues', '1', '--queue', '0', '--cpu', String(cpu), '--timeout', '60'];
+  if (mode.endsWith('read')) args.push('--no-gen');
+  return new Promise((resolve, reject) => {
+    const c = spawn(p.tapio, args, { stdio: ['ignore', 'pipe', 'inherit'] });
+    let out = '';
+    c.stdout!.on('data', (d: Buffer) => (out += d.toString()));
+    c.once('error', reject);
+    c.once('exit', (code) => {
+      const line = out.split('\n').find((l) => l.startsWith('{'));
+      if (code !== 0 || !line) return reject(new Error(`tapio ${args.join(' ')} exited with ${code}`));
+      const j = JSON.parse(line) as TapioResult;
+      resolve({ pps: j.pps, gbps: j.gbps, cpuUsPerFrame: j.cpuUsPerFrame, frames: j.frames });
+    });
+  });
+}
+
+async function runC(p: Programs, impl: Impl, dir: Dir, size: Size, queues: number, frames: number): Promise<DataRun> {
+  const mode = (impl === 'c-uring' ? 'uring-' : '') + dir;
+  let gen: ChildProcess | undefined;
+  const before = deviceStats();
+  try {
+    const runs: Array<Promise<TapioResult>> = [];
+    for (let q = 0; q < queues; q++) runs.push(runTapio(p, mode, size, frames, q));
+    if (dir === 'read') {
+      waitQueues(queues);
+      gen = await startGenerator(p.gen, size, queues === 1 ? 1 : undefined);
+    }
+    const res = await Promise.all(runs);
+    const after = deviceStats();
+    return summarize({ impl, dir, size, queues, perQueue: res, kernelTxDropped: after.txDropped - before.txDropped });
+  } finally {
+    await stopChild(gen);
+  }
+}
+
+function summarize(r: Omit<DataRun, 'pps' | 'gbps'>): DataRun {
+  return { ...r, pps: r.perQueue.reduce((a, q) => a + q.pps, 0), gbps: r.perQueue.reduce((a, q) => a + q.gbps, 0) };
+}
+
+// ------------------------------------------------------------ library side (worker threads)
+
+interface WorkerJob {
+  dir: Dir;
+  size: Size;
+  frames: number;
+  engine: IoEngine | 'auto';
+  batch: number;
+  slotSize?: number;
+}
+
+interface WorkerResult extends TapioResult {
+  engine: string;
+  /** Writes: the same measurement through writePacked (copies back to back in one buffer). */
+  packed?: { pps: number; cpuUsPerFrame: number };
+}
+
+/**
+ * CPU seconds of the calling thread: sum_exec_runtime from
+ * /proc/thread-self/schedstat (nanoseconds; CONFIG_SCHED_INFO), else
+ * utime + stime from /proc/thread-self/stat (10 ms resolution).
+ */
+function threadCpu(): number {
+  try {
+    return Number(readFileSync('/proc/thread-self/schedstat', 'utf8').split(' ')[0]) / 1e9;
+  } catch {
+    const f = readFileSync('/proc/thread-self/stat', 'utf8');
+    const rest = f.slice(f.lastIndexOf(')') + 2).split(' ');
+    return (Number(rest[11]) + Number(rest[12])) / 100;
+  }
+}
+
+async function workerMain(job: WorkerJob): Promise<void> {
+  const port = parentPort!;
+  const tap = openTap({ name: TAP, existing: 'require', queues: 1 });
+  const io = openQueueIO(tap.queues[0]!, { engine: job.engine, batch: job.batch, ...(job.slotSize ? { slotSize: job.slotSize } : {}) });
+  port.postMessage({ type: 'ready', tid: native.gettid() });
+  await new Promise<void>((resolve) => port.once('message', () => resolve()));
+  let frames = 0;
+  let bytes = 0;
+  let t0 = 0;
+  let c0 = 0;
+  let packedRes: WorkerResult['packed'];
+  if (job.dir === 'write') {
+    // Like tapio writing one buffer over and over: the same frame (with its
+    // 12-byte header) `batch` times per call, through writeBatch(Buffer[]).
+    // Also measured: writePacked with `batch` copies back to back in one buffer.
+    const frame = benchFrame(job.size);
+    const batch: Buffer[] = new Array<Buffer>(job.batch).fill(frame);
+    const packed = Buffer.concat(batch);
+    const lengths = new Uint32Array(job.batch).fill(frame.length);
+    // JIT warm-up, as the C program (compiled) never needs.
+    for (let i = 0; i < 200; i++) {
+      await io.writePacked(packed, lengths, { withHeader: true });
+      await io.writeBatch(batch, { withHeader: true });
+    }
+    let s0 = io.stats().tx;
+    c0 = threadCpu();
+    t0 = performance.now();
+    for (let n = 0; n < job.frames / 2; n += job.batch) await io.writePacked(packed, lengths, { withHeader: true });
+    let s1 = io.stats().tx;
+    const ps = (performance.now() - t0) / 1000;
+    packedRes = { pps: (s1.frames - s0.frames) / ps, cpuUsPerFrame: ((threadCpu() - c0) * 1e6) / Math.max(1, s1.frames - s0.frames) };
+    s0 = io.stats().tx;
+    c0 = threadCpu();
+    t0 = performance.now();
+    for (let n = 0; n < job.frames; n += batch.length) await io.writeBatch(batch, { withHeader: true });
+    s1 = io.stats().tx;
+    frames = s1.frames - s0.frames;
+    bytes = s1.bytes - s0.bytes;
+  } else {
+    let first = true;
+    const timeout = setTimeout(() => io.close(), 60_000);
+    for await (const b of io) {
+      if (first) {
+        // the first batch only starts the clock (as tapio does)
+        first = false;
+        c0 = threadCpu();
+        t0 = performance.now();
+        continue;
+      }
+      for (let i = 0; i < b.count; i++) bytes += b.length(i);
+      frames += b.count;
+      if (frames >= job.frames) break;
+    }
+    clearTimeout(timeout);
+  }
+  const seconds = (performance.now() - t0) / 1000;
+  const cpu = threadCpu() - c0;
+  const engine = `${io.engine.rx}/${io.engine.tx}`;
+  io.close();
+  tap.close();
+  const res: WorkerResult = { pps: frames / seconds, gbps: gbps(bytes, seconds), cpuUsPerFrame: (cpu * 1e6) / Math.max(1, frames), frames, engine, ...(packedRes ? { packed: packedRes } : {}) };
+  port.postMessage({ type: 'done', res });
+}
+
+async function runLibrary(dir: Dir, size: Size, queues: number, frames: number, engine: IoEngine | 'auto', gen: string, tune: { batch?: number; slotSize?: number } = {}): Promise<DataRun> {
+  const workers: Worker[] = [];
+  let g: ChildProcess | undefined;
+  const before = deviceStats();
+  try {
+    const ready: Array<Promise<void>> = [];
+    const done: Array<Promise<WorkerResult>> = [];
+    for (let q = 0; q < queues; q++) {
+      const w = new Worker(__filename, { workerData: { dir, size, frames, engine, batch: tune.batch ?? 64, ...(tune.slotSize ? { slotSize: tune.slotSize } : {}) } satisfies WorkerJob });
+      workers.push(w);
+      ready.push(
+        new Promise((resolve, reject) => {
+          w.once('error', reject);
+          w.once('message', (m: { type: string; tid: number }) => {
+            pin(m.tid, q);
+            resolve();
+          });
+        }),
+      );
+      done.push(
+        new Promise((resolve, reject) => {
+          w.on('error', reject);
+          w.on('message', (m: { type: string; res?: WorkerResult; message?: string }) => {
+            if (m.type === 'done') resolve(m.res!);
+            else if (m.type === 'error') reject(new Error(`library worker: ${m.message}`));
+          });
+        }),
+      );
+    }
+    await Promise.all(ready);
+    for (const w of workers) w.postMessage('go');
+    if (dir === 'read') g = await startGenerator(gen, size, queues === 1 ? 1 : undefined);
+    const res = await Promise.all(done);
+    const after = deviceStats();
+    return summarize({ impl: 'library', engine: res[0]!.engine, engineReq: engine, dir, size, queues, perQueue: res, kernelTxDropped: after.txDropped - before.txDropped });
+  } finally {
+    await stopChild(g);
+    await Promise.all(workers.map((w) => w.terminate()));
+  }
+}
+
+// ------------------------------------------------------------ orchestration
+
+export interface DataBenchOptions {
+  outDir: string;
+  srcDir: string;
+  repeats: number;
+  sizes: Size[];
+  queues: number[];
+  dirs: Dir[];
+  /** Library engines to measure ('auto' = what openQueueIO picks). */
+  engines: Array<IoEngine | 'auto'>;
+  /** Frames per run for 60 B, 1514 B and GSO. */
+  frames: Record<string, number>;
+  /** Before each run, wait until other load is below this share of the CPUs (0 = do not wait). */
+  quiet?: number;
+  /** ... for at most this long. */
+  quietMaxMs?: number;
+  /** Library tuning (QueueIO batch and slotSize options); default: the library's defaults. */
+  tune?: { batch?: number; slotSize?: number };
+  log?: (line: string) => void;
+}
+
+function median(xs: number[]): number {
+  const s = [...xs].sort((a, b) => a - b);
+  const m = s.length >> 1;
+  return s.length % 2 ? s[m]! : (s[m - 1]! + s[m]!) / 2;
+}
+
+/** The median run (by aggregate pps) of repeated runs. */
+function medianRun(runs: DataRun[]): DataRun & { repeats: number; ppsAll: number[] } {
+  const sorted = [...runs].sort((a, b) => a.pps - b.pps);
+  const m = sorted[(sorted.length - 1) >> 1]!;
+  return { ...m, pps: median(runs.map((r) => r.pps)), gbps: median(runs.map((r) => r.gbps)), repeats: runs.length, ppsAll: runs.map((r) => Math.round(r.pps)) };
+}
+
+export type DataResult = ReturnType<typeof medianRun>;
+
+/**
+ * Runs every (direction, size, queues) case for every implementation,
+ * alternating the implementations within each repeat so they see the same
+ * machine state, and returns the median run of each.
+ */
+export async function runDataBench(o: DataBenchOptions): Promise<{ results: DataResult[]; uring: boolean }> {
+  const log = o.log ?? (() => undefined);
+  const p = buildPrograms(o.outDir, o.srcDir);
+  // No IPv6 in the namespace: keeps DAD / MLD frames out of the read numbers.
+  execFileSync('sysctl', ['-qw', 'net.ipv6.conf.default.disable_ipv6=1', 'net.ipv6.conf.all.disable_ipv6=1']);
+  const setup = openTap({ name: TAP, queues: 1, existing: 'forbid', persist: true, vnetHdrSize: 12, offloads: { csum: true, tso4: true, tso6: true }, mac: TAP_MAC, up: true });
+  setup.close();
+  const impls: Array<{ impl: Impl; engine?: IoEngine | 'auto' }> = [
+    ...o.engines.map((engine) => ({ impl: 'library' as const, engine })),
+    { impl: 'c-plain' },
+    ...(p.uring ? [{ impl: 'c-uring' as const }] : []),
+  ];
+  const all = new Map<string, DataRun[]>();
+  try {
+    for (const dir of o.dirs) {
+      for (const size of o.sizes) {
+        for (const queues of o.queues) {
+          const frames = o.frames[String(size)]!;
+          for (let r = 0; r < o.repeats; r++) {
+            const order = r % 2 === 0 ? impls : [...impls].reverse();
+            for (const { impl, engine } of order) {
+              const key = `${dir}|${size}|${queues}|${impl}|${engine ?? ''}`;
+              const busyBefore = o.quiet ? await waitQuiet(o.quiet, o.quietMaxMs ?? 300_000) : undefined;
+              const run = impl === 'library' ? await runLibrary(dir, size, queues, frames, engine!, p.gen, o.tune) : await runC(p, impl, dir, size, queues, frames);
+              if (busyBefore !== undefined) run.busyBefore = busyBefore;
+              if (!all.has(key)) all.set(key, []);
+              all.get(key)!.push(run);
+              log(
+                `  ${dir} ${String(size).padStart(4)} B x${queues}q ${impl}${engine ? `(${run.engine})` : ''}: ${(run.pps / 1e6).toFixed(3)} Mpps ${run.gbps.toFixed(2)} Gbit/s, ` +
+                  `${run.perQueue.map((q) => q.cpuUsPerFrame.toFixed(3)).join('/')} µs CPU/frame` +
+                  (busyBefore !== undefined ? ` (other load before: ${(busyBefore * 100).toFixed(0)}%)` : ''),
+              );
+            }
+          }
+        }
+      }
+    }
+  } finally {
+    try {
+      deleteTap(TAP);
+    } catch {
+      /* the namespace goes away anyway */
+    }
+  }
+  return { results: [...all.values()].map(medianRun), uring: p.uring };
+}
+
+// ------------------------------------------------------------ table
+
+function fmtPps(pps: number): string {
+  return pps >= 1e6 ? `${(pps / 1e6).toFixed(2)} M` : `${(pps / 1e3).toFixed(0)} k`;
+}
+
+/** The results as a text table (also used for docs/performance.md). */
+export function dataTable(results: DataResult[], libEngine: string = 'auto'): string {
+  const find = (dir: Dir, size: Size, q: number, impl: Impl, engine?: string): DataResult | undefined =>
+    results.find((r) => r.dir === dir && r.size === size && r.queues === q && r.impl === impl && (impl !== 'library' || r.engineReq === engine));
+  const head = ['dir', 'size', 'Q', 'library pps', 'Gbit/s', 'C plain pps', 'lib/C', 'C uring pps', 'lib/uring', 'lib µs/f', 'C µs/f', 'lib 2q/1q', 'packed pps'];
+  const rows: string[][] = [];
+  const seen = new Set<string>();
+  for (const r of results) {
+    const k = `${r.dir}|${r.size}|${r.queues}`;
+    if (seen.has(k)) continue;
+    seen.add(k);
+    const lib = find(r.dir, r.size, r.queues, 'library', libEngine);
+    const c = find(r.dir, r.size, r.queues, 'c-plain');
+    const u = find(r.dir, r.size, r.queues, 'c-uring');
+    const one = find(r.dir, r.size, 1, 'library', libEngine);
+    const cpu = (x: DataResult | undefined): string => (x ? median(x.perQueue.map((q) => q.cpuUsPerFrame)).toFixed(3) : '-');
+    rows.push([
+      r.dir,
+      r.size === 'gso' ? '64K GSO' : `${r.size} B`,
+      String(r.queues),
+      lib ? fmtPps(lib.pps) : '-',
+      lib ? lib.gbps.toFixed(2) : '-',
+      c ? fmtPps(c.pps) : '-',
+      lib && c ? `${(lib.pps / c.pps).toFixed(2)}x` : '-',
+      u ? fmtPps(u.pps) : '-',
+      lib && u ? `${(lib.pps / u.pps).toFixed(2)}x` : '-',
+      cpu(lib),
+      cpu(c),
+      lib && one && r.queues > 1 ? `${(lib.pps / one.pps).toFixed(2)}x` : '',
+      lib && r.dir === 'write' ? fmtPps(lib.perQueue.reduce((a, q) => a + ((q as { packed?: { pps: number } }).packed?.pps ?? 0), 0)) : '',
+    ]);
+  }
+  const w = head.map((h, i) => Math.max(h.length, ...rows.map((x) => x[i]!.length)));
+  const line = (x: string[]): string => x.map((c, i) => (i < 3 ? c.padEnd(w[i]!) : c.padStart(w[i]!))).join('  ');
+  return [line(head), ...rows.map(line)].join('\n');
+}
+
+if (!isMainThread && (workerData as WorkerJob | undefined)?.dir) {
+  workerMain(workerData as WorkerJob).catch((err: unknown) => {
+    parentPort!.postMessage({ type: 'error', message: String((err as Error)?.stack ?? err) });
+    throw err;
+  });
+}

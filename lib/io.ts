@@ -1,0 +1,984 @@
+/**
+ * Per-queue frame I/O: batches of frames in both directions, driven by the
+ * event loop, with buffers that are reused and backpressure that waits
+ * instead of spinning or dropping.  See docs/datapath.md.
+ *
+ *   using io = openQueueIO(tap.queues[0]);
+ *   for await (const batch of io) {          // frames the kernel sent out of the tap
+ *     for (const frame of batch) handle(frame);   // views into the queue's slab
+ *   }
+ *   await io.writeBatch([frameA, frameB]);    // frames into the kernel, in order
+ *
+ * Receive.  Each queue has one slab (`batch` slots of `slotSize` bytes).  A
+ * read fills up to `batch` slots with the frames waiting right now and hands
+ * them to JavaScript as one FrameBatch: views into the slab, no copies.  A
+ * batch is valid until the iterator is asked for the next one (or the
+ * QueueIO closes); after that its views would show newer frames, so every
+ * accessor throws ERR_BATCH_RELEASED.  Copy what you keep (`batch.copy()`).
+ * When nothing is waiting the queue waits for POLLIN on the event loop; while
+ * frames keep coming it reads without going through epoll, yielding to the
+ * event loop every `yieldEvery` batches so timers and other I/O still run.
+ * When the consumer is slower than the kernel, the kernel's ring for the
+ * queue (txqueuelen frames) fills and the kernel drops and counts
+ * (`tx_dropped` of the device); the library never drops a frame it read.
+ *
+ * Transmit.  `writeBatch(frames)` writes all frames in order.  If the kernel
+ * says EAGAIN (the tap's send buffer, TUNSETSNDBUF, is full) it waits for
+ * POLLOUT and goes on; the promise resolves when every frame is written.
+ * Batches are written in call order.  Frames must stay unchanged until their
+ * promise settles.  Frames the kernel refuses (EINVAL: a malformed frame or
+ * virtio-net header) are counted as drops and reported by rejecting the
+ * promise after the other frames were written.
+ *
+ * Closing.  `io.close()` stops polling before anything else, ends the frame
+ * stream ({ done: true } for a pending next()), and rejects writes still
+ * waiting.  Closing the TapQueue (or its Tap) closes its QueueIO first: the
+ * poll is gone before the fd number is released.
+ */
+import { setImmediate as immediate } from 'node:timers/promises';
+import { ErrorCodes, MqtapError, invalidArg, withContext } from './errors';
+import { K, native } from './native';
+import { TapQueue, type Tap } from './tap';
+import { decodeVnetHdr, type VnetHdr, type VnetHdrSize } from './vnethdr';
+
+const IOC = native.ioConstants;
+const READABLE = IOC.UV_READABLE;
+const WRITABLE = IOC.UV_WRITABLE;
+
+/** Counter slots in the control block shared with native/io.cc (enum Counter). */
+const C = {
+  RX_FRAMES: 0,
+  RX_BYTES: 1,
+  RX_BATCHES: 2,
+  RX_DROPS: 3,
+  RX_WAITS: 4,
+  RX_SYSCALLS: 5,
+  TX_FRAMES: 6,
+  TX_BYTES: 7,
+  TX_BATCHES: 8,
+  TX_DROPS: 9,
+  TX_EAGAIN: 10,
+  TX_WAITS: 11,
+  TX_SYSCALLS: 12,
+  TX_REORDERED: 13,
+} as const;
+/** State words (enum StateWord). */
+const S = { NEXT: 0, COUNT: 1, DROPPED: 2, DROP_ERRNO: 3, DROP_INDEX: 4 } as const;
+
+/** How the syscalls are made: one per frame (`poll`), or batched through io_uring (`uring`). */
+export type IoEngine = 'poll' | 'uring';
+
+export interface QueueIOOptions {
+  /**
+   * 'auto' (default): see {@link defaultEngines}.  A single engine applies to
+   * both directions; `{ rx, tx }` chooses per direction.
+   */
+  engine?: IoEngine | 'auto' | { rx?: IoEngine | 'auto'; tx?: IoEngine | 'auto' };
+  /** Most frames per receive batch (slots in the slab), 1..1024.  Default 64. */
+  batch?: number;
+  /**
+   * Bytes per slot, header included.  Default: the header plus 65,550 bytes,
+   * enough for any frame a tap hands out (64 KB GSO frames included).  The
+   * slab is anonymous memory, so untouched slot tails cost no RAM.  A frame
+   * that fills its slot (slotSize bytes or more, header included) is counted
+   * as an rx drop: it may have been cut short.
+   */
+  slotSize?: number;
+  /** Batches read back to back before yielding to the event loop.  Default 16. */
+  yieldEvery?: number;
+}
+
+/** Counters of one direction. */
+export interface DirectionStats {
+  /** Frames read (rx) or written (tx). */
+  frames: number;
+  /** Ethernet bytes of those frames (virtio-net headers excluded). */
+  bytes: number;
+  /** Reads that returned frames / writeBatch calls. */
+  batches: number;
+  /** rx: frames the kernel could not hand over whole (one that fills a slot, or an inexpressible header); tx: frames the kernel refused. */
+  drops: number;
+  /** Times the queue waited for the fd on the event loop (rx: POLLIN, tx: POLLOUT after EAGAIN). */
+  waits: number;
+  /** read/write/writev/io_uring_enter calls made. */
+  syscalls: number;
+}
+
+export interface QueueIOStats {
+  /** The TapQueue's index (-1 for an fd opened with openFdIO). */
+  queue: number;
+  engine: { rx: IoEngine; tx: IoEngine };
+  rx: DirectionStats;
+  tx: DirectionStats & {
+    /** Times a write returned EAGAIN (the tap's send buffer was full). */
+    eagain: number;
+    /** Frames an unordered io_uring batch wrote after one that said EAGAIN (see docs/datapath.md). */
+    reordered: number;
+  };
+}
+
+/** What writeBatch resolves with. */
+export interface WriteResult {
+  /** Frames written. */
+  frames: number;
+  /** Their Ethernet bytes (headers excluded). */
+  bytes: number;
+  /** Times this batch waited for POLLOUT. */
+  waits: number;
+}
+
+export interface WriteOptions {
+  /**
+   * The frames start with the tap's virtio-net header (encodeVnetHdr), e.g.
+   * for GSO or checksum offload.  Default false: they are Ethernet frames and
+   * a zeroed header (no offload) is sent in front of each.  Ignored for a
+   * FrameBatch (forwarded with the headers it was read with) and for taps
+   * without a header.
+   */
+  withHeader?: boolean;
+}
+
+/** Thrown when a FrameBatch is used after its slab was reused. */
+export const ERR_BATCH_RELEASED = 'ERR_BATCH_RELEASED';
+
+function released(): MqtapError {
+  return new MqtapError({
+    op: 'READ',
+    code: ERR_BATCH_RELEASED,
+    message: 'this frame batch was released: its slab now holds newer frames (a batch is valid until the next one is requested)',
+    hint: 'copy the frames you keep (batch.copy() or Buffer.from(frame)) before asking for the next batch',
+  });
+}
+
+/**
+ * Frames read from one queue in one go: views into the queue's slab, valid
+ * until the next batch is requested.  Iterating yields the Ethernet frames.
+ */
+export class FrameBatch implements Iterable<Buffer> {
+  /** Number of frames. */
+  readonly count: number;
+  /** The virtio-net header length in front of every frame (0 without IFF_VNET_HDR). */
+  readonly hdrLen: number;
+  readonly #io: QueueIO;
+  readonly #gen: number;
+  readonly #slab: Buffer;
+  readonly #desc: Uint32Array;
+
+  /** @internal */
+  constructor(io: QueueIO, gen: number, slab: Buffer, desc: Uint32Array, count: number, hdrLen: number) {
+    this.#io = io;
+    this.#gen = gen;
+    this.#slab = slab;
+    this.#desc = desc;
+    this.count = count;
+    this.hdrLen = hdrLen;
+  }
+
+  /** False once the slab was reused (the next batch was requested, or the QueueIO closed). */
+  get valid(): boolean {
+    return this.#io._gen === this.#gen;
+  }
+
+  #check(i: number): void {
+    if (this.#io._gen !== this.#gen) throw released();
+    if (!(i >= 0 && i < this.count)) throw new RangeError(`frame index ${i} out of range 0..${this.count - 1}`);
+  }
+
+  /** The queue's slab: frame i is at rawOffset(i) .. rawOffset(i) + rawLength(i) (header first). */
+  get slab(): Buffer {
+    if (this.#io._gen !== this.#gen) throw released();
+    return this.#slab;
+  }
+
+  /** Offset of frame i (its virtio-net header) in the slab. */
+  rawOffset(i: number): number {
+    this.#check(i);
+    return this.#desc[2 * i]!;
+  }
+
+  /** Length of frame i with its virtio-net header. */
+  rawLength(i: number): number {
+    this.#check(i);
+    return this.#desc[2 * i + 1]!;
+  }
+
+  /** Length of the Ethernet frame i (header excluded). */
+  length(i: number): number {
+    this.#check(i);
+    return this.#desc[2 * i + 1]! - this.hdrLen;
+  }
+
+  /** Frame i as read: virtio-net header + Ethernet frame (a view). */
+  raw(i: number): Buffer {
+    this.#check(i);
+    const off = this.#desc[2 * i]!;
+    return this.#slab.subarray(off, off + this.#desc[2 * i + 1]!);
+  }
+
+  /** The Ethernet frame i (a view, header excluded). */
+  frame(i: number): Buffer {
+    this.#check(i);
+    const off = this.#desc[2 * i]!;
+    return this.#slab.subarray(off + this.hdrLen, off + this.#desc[2 * i + 1]!);
+  }
+
+  /** Frame i's virtio-net header, decoded and validated (lib/vnethdr.ts). */
+  header(i: number): VnetHdr {
+    this.#check(i);
+    if (this.hdrLen !== 10 && this.hdrLen !== 12) throw invalidArg(`this queue has a ${this.hdrLen}-byte header; only 10 and 12 can be decoded`);
+    const off = this.#desc[2 * i]!;
+    return decodeVnetHdr(this.#slab, this.hdrLen as VnetHdrSize, off, { frameLength: this.#desc[2 * i + 1]! - this.hdrLen });
+  }
+
+  /** @internal (offset, length) of every raw frame into `desc` as writeBatch triples for buffer 0. */
+  _fill(desc: Uint32Array, base: number): void {
+    if (this.#io._gen !== this.#gen) throw released();
+    const d = this.#desc;
+    for (let i = 0; i < this.count; i++) {
+      desc[3 * i + 1] = base + d[2 * i]!;
+      desc[3 * i + 2] = d[2 * i + 1]!;
+    }
+  }
+
+  /** Copies of the Ethernet frames (or of the raw frames with `{ raw: true }`), valid forever. */
+  copy(opts: { raw?: boolean } = {}): Buffer[] {
+    const out: Buffer[] = [];
+    for (let i = 0; i < this.count; i++) out.push(Buffer.from(opts.raw ? this.raw(i) : this.frame(i)));
+    return out;
+  }
+
+  *[Symbol.iterator](): Iterator<Buffer> {
+    for (let i = 0; i < this.count; i++) yield this.frame(i);
+  }
+}
+
+interface TxJob {
+  bufs: ArrayBuffer[];
+  desc: Uint32Array;
+  next: number;
+  count: number;
+  withHdr: boolean;
+  written: number;
+  bytes: number;
+  dropped: number;
+  dropErrno: number;
+  waits: number;
+  resolve: (r: WriteResult) => void;
+  reject: (e: unknown) => void;
+}
+
+const DONE: IteratorResult<FrameBatch> = Object.freeze({ done: true, value: undefined }) as IteratorResult<FrameBatch>;
+
+/** QueueIOs by queue: one per queue (libuv allows one poll handle per fd). */
+const byQueue = new WeakMap<TapQueue, QueueIO>();
+/** Close hooks per TapQueue (see hookClose). */
+const closeHooks = new WeakMap<TapQueue, Set<() => void>>();
+
+/**
+ * Runs `fn` before `queue.close()` closes the fd.  TapQueue has no hook of
+ * its own (yet), so this interposes on this one instance's `close` (which
+ * `Tap.close()` and `Symbol.dispose` call too).  Returns an unhook function.
+ */
+function hookClose(queue: TapQueue, fn: () => void): () => void {
+  let hooks = closeHooks.get(queue);
+  if (!hooks) {
+    const set = new Set<() => void>();
+    hooks = set;
+    closeHooks.set(queue, set);
+    const original = TapQueue.prototype.close;
+    queue.close = function close(this: TapQueue): void {
+      for (const h of [...set]) {
+        try {
+          h();
+        } catch {
+          /* stopping I/O cannot fail in a way that should keep the fd open */
+        }
+      }
+      original.call(this);
+    };
+  }
+  hooks.add(fn);
+  const set = hooks;
+  return () => void set.delete(fn);
+}
+
+function engineChoice(v: unknown, what: string): IoEngine | 'auto' {
+  if (v === undefined || v === 'auto') return 'auto';
+  if (v === 'poll' || v === 'uring') return v;
+  throw invalidArg(`${what} must be 'auto', 'poll' or 'uring'`);
+}
+
+/**
+ * The engines 'auto' picks: io_uring batches for both directions when the
+ * tap's send buffer is unlimited (TUNSETSNDBUF INT_MAX, the default) — a
+ * write then never says EAGAIN, so unlinked batches keep frame order — and
+ * plain syscalls for writes otherwise.  Falls back to 'poll' where io_uring
+ * is unavailable (old kernel, seccomp, kernel.io_uring_disabled).  The
+ * measurements behind this are in docs/datapath.md.
+ */
+export function defaultEngines(sndbuf: number): { rx: IoEngine; tx: IoEngine } {
+  return { rx: 'uring', tx: sndbuf >= IOC.INT_MAX ? 'uring' : 'poll' };
+}
+
+/** Validated options. */
+interface IoPlan {
+  rx: IoEngine | 'auto';
+  tx: IoEngine | 'auto';
+  batch: number;
+  slotSize: number | undefined;
+  yieldEvery: number;
+}
+
+function planIo(opts: QueueIOOptions): IoPlan {
+  if (typeof opts !== 'object' || opts === null) throw invalidArg('QueueIO options must be an object');
+  for (const k of Object.keys(opts)) if (!['engine', 'batch', 'slotSize', 'yieldEvery'].includes(k)) throw invalidArg(`unknown QueueIO option "${k}"`);
+  const int = (v: unknown, name: string, min: number, max: number): number => {
+    if (typeof v !== 'number' || !Number.isInteger(v) || v < min || v > max) throw invalidArg(`${name} must be an integer in ${min}..${max}`);
+    return v;
+  };
+  let rx: IoEngine | 'auto' = 'auto';
+  let tx: IoEngine | 'auto' = 'auto';
+  if (typeof opts.engine === 'object' && opts.engine !== null) {
+    rx = engineChoice(opts.engine.rx, 'engine.rx');
+    tx = engineChoice(opts.engine.tx, 'engine.tx');
+  } else {
+    rx = tx = engineChoice(opts.engine, 'engine');
+  }
+  return {
+    rx,
+    tx,
+    batch: opts.batch === undefined ? 64 : int(opts.batch, 'batch', 1, IOC.MAX_BATCH),
+    slotSize: opts.slotSize === undefined ? undefined : int(opts.slotSize, 'slotSize', 128, 1 << 20),
+    yieldEvery: opts.yieldEvery === undefined ? 16 : int(opts.yieldEvery, 'yieldEvery', 1, 1 << 20),
+  };
+}
+
+/**
+ * Batched frame I/O on one tap queue.  An async iterable of FrameBatch
+ * (frames the kernel sends out of the tap) plus writeBatch() (frames into
+ * the kernel), with per-queue counters.  Create it with openQueueIO().
+ */
+export class QueueIO implements AsyncIterable<FrameBatch> {
+  /** The queue, or undefined for openFdIO(). */
+  readonly queue: TapQueue | undefined;
+  /** The virtio-net header length on this queue's frames (0 without IFF_VNET_HDR). */
+  readonly hdrLen: number;
+  /** Slots in the slab: the most frames one batch can hold. */
+  readonly batchSize: number;
+  readonly slotSize: number;
+  /** @internal bumped whenever the slab is reused: FrameBatch checks it. */
+  _gen = 0;
+  readonly #native: InstanceType<typeof native.QueueIo>;
+  readonly #ifname: string | undefined;
+  readonly #slab: Buffer;
+  readonly #counters: Float64Array;
+  readonly #state: Int32Array;
+  readonly #rxDesc: Uint32Array;
+  readonly #yieldEvery: number;
+  readonly #fd: number;
+  readonly #restoreNonBlock: boolean;
+  #closed = false;
+  #rxBusy = false;
+  #rxWaiter: (() => void) | undefined;
+  #syncRuns = 0;
+  #pollEvents = 0;
+  readonly #tx: TxJob[] = [];
+  #txWaiting = false;
+  #unhook: (() => void) | undefined;
+
+  /** @internal use openQueueIO() / openFdIO(). */
+  constructor(init: { fd: number; queue: TapQueue | undefined; ifname: string | undefined; hdrLen: number; plan: IoPlan; sndbuf: number }) {
+    const { fd, plan } = init;
+    this.#fd = fd;
+    this.queue = init.queue;
+    this.#ifname = init.ifname;
+    this.hdrLen = init.hdrLen;
+    this.batchSize = plan.batch;
+    this.slotSize = plan.slotSize ?? Math.ceil((init.hdrLen + 65550) / 64) * 64;
+    if (this.slotSize <= this.hdrLen + 14) throw invalidArg(`slotSize ${this.slotSize} cannot hold a frame after a ${this.hdrLen}-byte header`);
+    this.#yieldEvery = plan.yieldEvery;
+    // Non-blocking for as long as this QueueIO lives (the flag is per open
+    // file).  Read before uv_poll_init, which sets it.
+    this.#restoreNonBlock = (native.getFlFlags(fd) & native.constants.O_NONBLOCK) === 0;
+    const auto = defaultEngines(init.sndbuf);
+    const want = { rx: plan.rx === 'auto' ? auto.rx : plan.rx, tx: plan.tx === 'auto' ? auto.tx : plan.tx };
+    const make = (e: { rx: IoEngine; tx: IoEngine }): InstanceType<typeof native.QueueIo> =>
+      new native.QueueIo(fd, { ...e, batch: this.batchSize, slotSize: this.slotSize, hdrLen: this.hdrLen }, (status, events) => this.#onPoll(status, events));
+    let n: InstanceType<typeof native.QueueIo>;
+    try {
+      n = make(want);
+    } catch (err) {
+      // io_uring unavailable: 'auto' falls back, an explicit 'uring' fails.
+      const explicit = plan.rx === 'uring' || plan.tx === 'uring';
+      if (!(err instanceof MqtapError) || err.op !== 'IO_URING_SETUP' || explicit) throw this.#ctx(err);
+      n = make({ rx: 'poll', tx: 'poll' });
+    }
+    this.#native = n;
+    this.#slab = Buffer.from(n.slab);
+    const ctl = n.control;
+    this.#counters = new Float64Array(ctl, 0, IOC.COUNTERS);
+    this.#state = new Int32Array(ctl, IOC.COUNTERS * 8, IOC.STATES);
+    this.#rxDesc = new Uint32Array(ctl, IOC.COUNTERS * 8 + IOC.STATES * 4, 2 * this.batchSize);
+    if (this.#restoreNonBlock) native.setNonBlocking(fd, true);
+    if (init.queue) this.#unhook = hookClose(init.queue, () => this.#close(false));
+  }
+
+  /** The engines in use. */
+  get engine(): { rx: IoEngine; tx: IoEngine } {
+    return this.#native.engine;
+  }
+
+  get closed(): boolean {
+    return this.#closed;
+  }
+
+  #ctx<T>(err: T): T {
+    return withContext(err, { ...(this.#ifname !== undefined ? { ifname: this.#ifname } : {}), ...(this.queue ? { queue: this.queue.index } : {}) });
+  }
+
+  #closedError(op: string): MqtapError {
+    return new MqtapError({
+      op,
+      code: ErrorCodes.CLOSED,
+      ...(this.#ifname !== undefined ? { ifname: this.#ifname } : {}),
+      ...(this.queue ? { queue: this.queue.index } : {}),
+      message: `${this.#ifname ?? 'fd ' + this.#fd}${this.queue ? ` queue ${this.queue.index}` : ''}: queue I/O is closed`,
+    });
+  }
+
+  // ---- polling: one handle, interest = what is waiting
+
+  #updatePoll(): void {
+    if (this.#closed) return;
+    const want = (this.#rxWaiter ? READABLE : 0) | (this.#txWaiting ? WRITABLE : 0);
+    if (want === this.#pollEvents) return;
+    this.#pollEvents = want;
+    this.#native.pollSet(want);
+  }
+
+  #onPoll(status: number, events: number): void {
+    if (this.#closed) return;
+    if (status < 0) {
+      // POLLERR (e.g. the device was deleted): libuv stopped the handle.
+      // Wake both sides; their next syscall reports the real error.
+      this.#pollEvents = 0;
+      events = READABLE | WRITABLE;
+    }
+    if (events & READABLE && this.#rxWaiter) {
+      const wake = this.#rxWaiter;
+      this.#rxWaiter = undefined;
+      wake();
+    }
+    if (events & WRITABLE && this.#txWaiting) {
+      this.#txWaiting = false;
+      this.#pumpTx();
+    }
+    this.#updatePoll();
+  }
+
+  // ---- receive
+
+  /** Iterates over batches of frames as the kernel sends them out of the tap.  One reader at a time. */
+  [Symbol.asyncIterator](): AsyncIterator<FrameBatch> {
+    return {
+      next: () => this.#next(),
+      return: async (): Promise<IteratorResult<FrameBatch>> => {
+        this._gen++;
+        return DONE;
+      },
+    };
+  }
+
+  /** The same stream as an AsyncIterableIterator (for `for await (const b of io.frames())`). */
+  frames(): AsyncIterableIterator<FrameBatch> {
+    const it = this[Symbol.asyncIterator]();
+    return { next: () => it.next(), return: () => it.return!(), [Symbol.asyncIterator]() { return this; } };
+  }
+
+  /**
+   * Reads the frames waiting right now, without waiting: a FrameBatch, or
+   * undefined when none is waiting.  Releases the previous batch.
+   */
+  tryRead(): FrameBatch | undefined {
+    if (this.#closed) throw this.#closedError('READ');
+    if (this.#rxBusy) throw invalidArg('another read is waiting on this queue; use one reader at a time');
+    this._gen++;
+    return this.#readNow() ?? undefined;
+  }
+
+  /** A batch, undefined when nothing is waiting, null at end of file (a socket whose peer closed; never a tap). */
+  #readNow(): FrameBatch | undefined | null {
+    let n: number;
+    try {
+      n = this.#native.rxRead();
+    } catch (err) {
+      throw this.#ctx(err);
+    }
+    if (n < 0) return null;
+    return n > 0 ? new FrameBatch(this, this._gen, this.#slab, this.#rxDesc, n, this.hdrLen) : undefined;
+  }
+
+  async #next(): Promise<IteratorResult<FrameBatch>> {
+    if (this.#rxBusy) throw invalidArg('next() called while the previous next() is still pending; use one reader at a time');
+    this._gen++;
+    this.#rxBusy = true;
+    try {
+      for (;;) {
+        if (this.#closed) return DONE;
+        if (this.#syncRuns >= this.#yieldEvery) {
+          this.#syncRuns = 0;
+          await immediate();
+          continue;
+        }
+        const b = this.#readNow();
+        if (b === null) return DONE;
+        if (b) {
+          this.#syncRuns++;
+          return { done: false, value: b };
+        }
+        this.#syncRuns = 0;
+        this.#counters[C.RX_WAITS]! += 1;
+        await new Promise<void>((resolve) => {
+          this.#rxWaiter = resolve;
+          this.#updatePoll();
+        });
+      }
+    } finally {
+      this.#rxBusy = false;
+    }
+  }
+
+  // ---- transmit
+
+  /**
+   * Writes frames into the kernel (as if received on this queue), in order,
+   * after every batch passed before.  Resolves when all are written (waiting
+   * for POLLOUT whenever the kernel says EAGAIN).  Rejects with the errno of
+   * the first refused frame (err.written, err.dropped, err.index) if the
+   * kernel refused some, after writing the others; with ERR_CLOSED if the
+   * queue I/O closes first.  A FrameBatch (from any queue) is written with
+   * the headers it was read with; await the write before asking that
+   * queue for its next batch.
+   */
+  writeBatch(frames: readonly Uint8Array[] | FrameBatch, opts: WriteOptions = {}): Promise<WriteResult> {
+    if (this.#closed) return Promise.reject(this.#closedError('WRITE'));
+    let job: TxJob;
+    try {
+      job = this.#prepare(frames, opts);
+    } catch (err) {
+      return Promise.reject(err);
+    }
+    return this.#submit(job);
+  }
+
+  /**
+   * writeBatch for frames packed back to back in one buffer: frame i is the
+   * `lengths[i]` bytes after frame i-1 (the first starts at data[0]).  The
+   * cheapest way to hand many frames over: no per-frame object is looked
+   * at, so JavaScript's cost per frame is a few nanoseconds.  Same ordering,
+   * backpressure and error rules as writeBatch; `data` must stay unchanged
+   * until the promise settles.
+   */
+  writePacked(data: Uint8Array, lengths: ArrayLike<number>, opts: WriteOptions = {}): Promise<WriteResult> {
+    if (this.#closed) return Promise.reject(this.#closedError('WRITE'));
+    let job: TxJob;
+    try {
+      job = this.#preparePacked(data, lengths, opts);
+    } catch (err) {
+      return Promise.reject(err);
+    }
+    return this.#submit(job);
+  }
+
+  #submit(job: TxJob): Promise<WriteResult> {
+    const p = new Promise<WriteResult>((resolve, reject) => {
+      job.resolve = resolve;
+      job.reject = reject;
+    });
+    this.#tx.push(job);
+    this.#counters[C.TX_BATCHES]! += 1;
+    if (this.#tx.length === 1 && !this.#txWaiting) this.#pumpTx();
+    return p;
+  }
+
+  #newJob(withHdr: boolean): TxJob {
+    return {
+      bufs: [],
+      desc: new Uint32Array(0),
+      next: 0,
+      count: 0,
+      withHdr,
+      written: 0,
+      bytes: 0,
+      dropped: 0,
+      dropErrno: 0,
+      waits: 0,
+      resolve: () => undefined,
+      reject: () => undefined,
+    };
+  }
+
+  #preparePacked(data: Uint8Array, lengths: ArrayLike<number>, opts: WriteOptions): TxJob {
+    if (!(data instanceof Uint8Array)) throw invalidArg('writePacked(data, lengths): data must be a Buffer/Uint8Array');
+    if (opts.withHeader !== undefined && typeof opts.withHeader !== 'boolean') throw invalidArg('withHeader must be a boolean');
+    const job = this.#newJob(opts.withHeader === true && this.hdrLen > 0);
+    const min = (job.withHdr ? this.hdrLen : 0) + 14;
+    if (!(data.buffer instanceof ArrayBuffer)) data = Buffer.from(data);
+    const n = lengths.length;
+    const desc = new Uint32Array(3 * n);
+    let off = data.byteOffset;
+    const end = data.byteOffset + data.byteLength;
+    for (let i = 0; i < n; i++) {
+      const len = lengths[i]!;
+      if (!(len >= min) || off + len > end || len !== (len >>> 0)) throw invalidArg(`writePacked: frame ${i} (${len} bytes at ${off - data.byteOffset}) is shorter than ${min} bytes or runs past the data`);
+      desc[3 * i + 1] = off;
+      desc[3 * i + 2] = len;
+      off += len;
+    }
+    job.bufs.push(data.buffer as ArrayBuffer);
+    job.desc = desc;
+    job.count = n;
+    return job;
+  }
+
+  #prepare(frames: readonly Uint8Array[] | FrameBatch, opts: WriteOptions): TxJob {
+    const job = this.#newJob(false);
+    if (frames instanceof FrameBatch) {
+      if (frames.hdrLen !== this.hdrLen) throw invalidArg(`the batch has ${frames.hdrLen}-byte headers, this queue ${this.hdrLen}-byte ones`);
+      const n = frames.count;
+      const slab = frames.slab;
+      job.bufs.push(slab.buffer as ArrayBuffer);
+      job.desc = new Uint32Array(3 * n);
+      frames._fill(job.desc, slab.byteOffset);
+      job.count = n;
+      job.withHdr = true;
+      return job;
+    }
+    if (!Array.isArray(frames)) throw invalidArg('writeBatch(frames): an array of Buffers/Uint8Arrays or a FrameBatch');
+    if (opts.withHeader !== undefined && typeof opts.withHeader !== 'boolean') throw invalidArg('withHeader must be a boolean');
+    job.withHdr = opts.withHeader === true && this.hdrLen > 0;
+    const min = (job.withHdr ? this.hdrLen : 0) + 14;
+    const n = frames.length;
+    const desc = new Uint32Array(3 * n);
+    let lastAb: ArrayBufferLike | undefined;
+    let lastIdx = 0;
+    for (let i = 0; i < n; i++) {
+      let f = frames[i];
+      if (!(f instanceof Uint8Array)) throw invalidArg(`writeBatch: frame ${i} is not a Buffer/Uint8Array`);
+      let ab: ArrayBufferLike = f.buffer;
+      if (ab !== lastAb) {
+        if (!(ab instanceof ArrayBuffer)) {
+          f = Buffer.from(f); // SharedArrayBuffer-backed: copy into an ordinary buffer
+          ab = f.buffer;
+        }
+        let idx = job.bufs.indexOf(ab as ArrayBuffer);
+        if (idx < 0) idx = job.bufs.push(ab as ArrayBuffer) - 1;
+        lastAb = ab;
+        lastIdx = idx;
+      }
+      const len = f.byteLength;
+      if (len < min) throw invalidArg(`writeBatch: frame ${i} has ${len} bytes; at least ${min} (${job.withHdr ? 'header + ' : ''}Ethernet header) are needed`);
+      desc[3 * i] = lastIdx;
+      desc[3 * i + 1] = f.byteOffset;
+      desc[3 * i + 2] = len;
+    }
+    job.desc = desc;
+    job.count = n;
+    return job;
+  }
+
+  /** Writes queued jobs until done or EAGAIN (then waits for POLLOUT). */
+  #pumpTx(): void {
+    const ctr = this.#counters;
+    while (this.#tx.length > 0 && !this.#closed) {
+      const job = this.#tx[0]!;
+      const f0 = ctr[C.TX_FRAMES]!;
+      const b0 = ctr[C.TX_BYTES]!;
+      try {
+        job.next = this.#native.txWrite(job.bufs, job.desc, job.next, job.count, job.withHdr);
+      } catch (err) {
+        this.#tx.shift();
+        job.written += ctr[C.TX_FRAMES]! - f0;
+        const e = this.#ctx(err);
+        if (e instanceof MqtapError) Object.assign(e, { written: job.written, dropped: job.dropped });
+        job.reject(e);
+        continue;
+      }
+      job.count = this.#state[S.COUNT]!;
+      job.written += ctr[C.TX_FRAMES]! - f0;
+      job.bytes += ctr[C.TX_BYTES]! - b0;
+      const dropped = this.#state[S.DROPPED]!;
+      if (dropped > 0) {
+        if (job.dropped === 0) job.dropErrno = this.#state[S.DROP_ERRNO]!;
+        job.dropped += dropped;
+      }
+      if (job.next < job.count) {
+        // EAGAIN: wait for POLLOUT, then go on from job.next.
+        job.waits++;
+        ctr[C.TX_WAITS]! += 1;
+        this.#txWaiting = true;
+        this.#updatePoll();
+        return;
+      }
+      this.#tx.shift();
+      if (job.dropped > 0) {
+        const e = new MqtapError({
+          op: 'WRITE',
+          errno: job.dropErrno,
+          syscall: 'write',
+          ...(this.#ifname !== undefined ? { ifname: this.#ifname } : {}),
+          ...(this.queue ? { queue: this.queue.index } : {}),
+        });
+        e.setMessage(`${e.message}: the kernel refused ${job.dropped} of the frames (${job.written} written)`);
+        Object.assign(e, { written: job.written, dropped: job.dropped });
+        job.reject(e);
+      } else {
+        job.resolve({ frames: job.written, bytes: job.bytes, waits: job.waits });
+      }
+    }
+  }
+
+  // ---- counters and lifecycle
+
+  /** This queue's counters since the QueueIO was opened. */
+  stats(): QueueIOStats {
+    const c = this.#counters;
+    return {
+      queue: this.queue?.index ?? -1,
+      engine: this.engine,
+      rx: { frames: c[C.RX_FRAMES]!, bytes: c[C.RX_BYTES]!, batches: c[C.RX_BATCHES]!, drops: c[C.RX_DROPS]!, waits: c[C.RX_WAITS]!, syscalls: c[C.RX_SYSCALLS]! },
+      tx: {
+        frames: c[C.TX_FRAMES]!,
+        bytes: c[C.TX_BYTES]!,
+        batches: c[C.TX_BATCHES]!,
+        drops: c[C.TX_DROPS]!,
+        waits: c[C.TX_WAITS]!,
+        syscalls: c[C.TX_SYSCALLS]!,
+        eagain: c[C.TX_EAGAIN]!,
+        reordered: c[C.TX_REORDERED]!,
+      },
+    };
+  }
+
+  /**
+   * Stops polling (first), ends the frame stream and rejects writes still
+   * waiting.  The queue and its fd stay open.  Harmless when closed.
+   */
+  close(): void {
+    this.#close(true);
+  }
+
+  #close(restoreFlags: boolean): void {
+    if (this.#closed) return;
+    this.#closed = true;
+    this._gen++;
+    this.#native.close();
+    this.#pollEvents = 0;
+    this.#unhook?.();
+    if (this.queue) byQueue.delete(this.queue);
+    if (restoreFlags && this.#restoreNonBlock && (!this.queue || this.queue.state !== 'closed')) {
+      try {
+        native.setNonBlocking(this.#fd, false);
+      } catch {
+        /* the fd may have been closed behind our back; nothing to restore then */
+      }
+    }
+    const wake = this.#rxWaiter;
+    this.#rxWaiter = undefined;
+    wake?.();
+    for (const job of this.#tx.splice(0)) {
+      const e = this.#closedError('WRITE');
+      Object.assign(e, { written: job.written, dropped: job.dropped });
+      e.setMessage(`${e.message} (${job.written} of the batch's frames were written)`);
+      job.reject(e);
+    }
+    this.#txWaiting = false;
+  }
+
+  [Symbol.dispose](): void {
+    this.close();
+  }
+}
+
+/**
+ * Opens batched I/O on a queue.  One QueueIO per queue; the queue's fd is
+ * made non-blocking while it lives.  Closing the queue (or the tap) closes
+ * the QueueIO first.  The virtio-net header size is read now (TUNGETVNETHDRSZ):
+ * set it before opening I/O.
+ */
+export function openQueueIO(queue: TapQueue, opts: QueueIOOptions = {}): QueueIO {
+  if (!(queue instanceof TapQueue)) throw invalidArg('openQueueIO(queue): a TapQueue from openTap() is required (use openFdIO for a bare fd)');
+  const plan = planIo(opts);
+  if (queue.state === 'closed')
+    throw new MqtapError({ op: 'QUEUE_IO', code: ErrorCodes.CLOSED, ifname: queue.tap.name, queue: queue.index, message: `${queue.tap.name} queue ${queue.index} is closed` });
+  const existing = byQueue.get(queue);
+  if (existing && !existing.closed) throw invalidArg(`${queue.tap.name} queue ${queue.index} already has an open QueueIO; close it first`);
+  let hdrLen: number;
+  let sndbuf: number;
+  try {
+    hdrLen = queue.tap.vnetHdr ? native.tunGetVnetHdrSz(queue.fd) : 0;
+    sndbuf = native.tunGetSndbuf(queue.fd);
+  } catch (err) {
+    throw withContext(err, { ifname: queue.tap.name, queue: queue.index });
+  }
+  const io = new QueueIO({ fd: queue.fd, queue, ifname: queue.tap.name, hdrLen, plan, sndbuf });
+  byQueue.set(queue, io);
+  return io;
+}
+
+/** openQueueIO for every open queue of a tap, by index. */
+export function openTapIO(tap: Tap, opts: QueueIOOptions = {}): QueueIO[] {
+  const out: QueueIO[] = [];
+  try {
+    for (const q of tap.openQueues()) out.push(openQueueIO(q, opts));
+  } catch (err) {
+    for (const io of out) io.close();
+    throw err;
+  }
+  return out;
+}
+
+/**
+ * Batched I/O on a bare queue fd, e.g. one inherited from `mqtap exec`
+ * (MQTAP_FDS) or passed over a socket.  The caller owns the fd and must
+ * close the QueueIO before closing the fd.  `hdrLen` is the tap's
+ * virtio-net header size (0 without IFF_VNET_HDR); default: asked from the
+ * kernel (TUNGETIFF, TUNGETVNETHDRSZ).
+ *
+ * Any fd that keeps message boundaries works (a SOCK_SEQPACKET or SOCK_DGRAM
+ * socket, say; the unit tests use a socketpair): give `hdrLen` then.  For
+ * an fd that is not a tap, writes may say EAGAIN at any time, so they are
+ * made in order with plain syscalls.
+ */
+export function openFdIO(fd: number, opts: QueueIOOptions & { hdrLen?: number; ifname?: string } = {}): QueueIO {
+  if (!Number.isInteger(fd) || fd < 0) throw invalidArg('openFdIO(fd): a file descriptor number is required');
+  const { hdrLen: h, ifname, ...rest } = opts;
+  const plan = planIo(rest);
+  // TUNGETIFF says whether the device has IFF_VNET_HDR; TUNGETVNETHDRSZ how long it is.
+  const hdrLen = h ?? (native.tunGetIff(fd).flags & K.IFF_VNET_HDR ? native.tunGetVnetHdrSz(fd) : 0);
+  if (!Number.isInteger(hdrLen) || hdrLen < 0 || hdrLen > 64) throw invalidArg('hdrLen must be 0..64');
+  let sndbuf = 0;
+  try {
+    sndbuf = native.tunGetSndbuf(fd);
+  } catch {
+    /* not a tap: EAGAIN is always possible */
+  }
+  return new QueueIO({ fd, queue: undefined, ifname, hdrLen, plan, sndbuf });
+}
+
+/** Sums the counters of several queues (e.g. openTapIO's). */
+export function totalStats(all: readonly QueueIOStats[]): Omit<QueueIOStats, 'queue' | 'engine'> {
+  const zero = (): DirectionStats => ({ frames: 0, bytes: 0, batches: 0, drops: 0, waits: 0, syscalls: 0 });
+  const rx = zero();
+  const tx = { ...zero(), eagain: 0, reordered: 0 };
+  for (const s of all) {
+    for (const k of Object.keys(rx) as Array<keyof DirectionStats>) rx[k] += s.rx[k];
+    for (const k of Object.keys(tx) as Array<keyof typeof tx>) tx[k] += s.tx[k];
+  }
+  return { rx, tx };
+}
+
+/**
+ * TUNSETSNDBUF for the whole tap: how many bytes of written frames a queue
+ * may have in flight in the kernel before its writes say EAGAIN.  The kernel
+ * default (INT_MAX) never says EAGAIN; lower it to give writers
+ * backpressure from a slow path (a qdisc that holds frames, say).
+ */
+export function setSendBuffer(tap: Tap, bytes: number): void {
+  if (!Number.isInteger(bytes) || bytes < 1 || bytes > IOC.INT_MAX) throw invalidArg(`send buffer must be 1..${IOC.INT_MAX} bytes`);
+  const q = tap.openQueues()[0];
+  if (!q) throw new MqtapError({ op: 'TUNSETSNDBUF', code: ErrorCodes.CLOSED, ifname: tap.name, message: `${tap.name} is closed` });
+  try {
+    native.tunSetSndbuf(q.fd, bytes);
+  } catch (err) {
+    throw withContext(err, { ifname: tap.name });
+  }
+}
+
+/** TUNGETSNDBUF. */
+export function getSendBuffer(tap: Tap): number {
+  const q = tap.openQueues()[0];
+  if (!q) throw new MqtapError({ op: 'TUNGETSNDBUF', code: ErrorCodes.CLOSED, ifname: tap.name, message: `${tap.name} is closed` });
+  return native.tunGetSndbuf(q.fd);
+}
+
+// ---------------------------------------------------------------- offloads
+
+/**
+ * TUNSETOFFLOAD bits.  USO4/USO6 (Linux 6.2+) are missing from the kernel
+ * headers this addon may have been built against (K.TUN_F_USO4 undefined
+ * with Linux 6.1 headers), but UAPI values never change, so they are given
+ * here; whether the running kernel takes them is found out by asking it
+ * (applyOffloads).
+ */
+export const TUN_F = Object.freeze({
+  CSUM: 0x01,
+  TSO4: 0x02,
+  TSO6: 0x04,
+  TSO_ECN: 0x08,
+  UFO: 0x10,
+  USO4: 0x20,
+  USO6: 0x40,
+});
+
+/** Offloads the tap's reader accepts, i.e. frames the kernel may hand it unsegmented / with partial checksums. */
+export interface OffloadRequest {
+  csum?: boolean;
+  tso4?: boolean;
+  tso6?: boolean;
+  tsoEcn?: boolean;
+  /**
+   * UDP segmentation offload (USO4 and USO6 together: tun takes them only as
+   * a pair).  true: required (fails where the kernel lacks it); 'if-available':
+   * used when the kernel takes it.  Needs csum.
+   */
+  uso?: boolean | 'if-available';
+}
+
+export interface OffloadResult {
+  /** The TUN_F_* bits the kernel accepted. */
+  flags: number;
+  csum: boolean;
+  tso4: boolean;
+  tso6: boolean;
+  tsoEcn: boolean;
+  /** 'on', 'off' (not asked for) or 'unsupported' (asked 'if-available', the kernel said EINVAL). */
+  uso: 'on' | 'off' | 'unsupported';
+}
+
+/**
+ * Sets the tap's offloads with one TUNSETOFFLOAD (which replaces the whole
+ * set) and reports what the kernel took.  USO is probed at run time: with
+ * `uso: 'if-available'` a kernel without it (EINVAL: tun rejects unknown
+ * bits, "so the user can test for new features by trying to set them") gets
+ * the same request without USO.  lib/tap.ts's `offloads` option covers
+ * everything but USO on builds with older kernel headers.
+ */
+export function applyOffloads(tap: Tap, req: OffloadRequest): OffloadResult {
+  if (typeof req !== 'object' || req === null) throw invalidArg('offloads must be an object');
+  for (const k of Object.keys(req)) if (!['csum', 'tso4', 'tso6', 'tsoEcn', 'uso'].includes(k)) throw invalidArg(`unknown offload "${k}"`);
+  if (!tap.vnetHdr) throw invalidArg(`${tap.name} has no virtio-net header: offloads need vnetHdr`);
+  const { csum = false, tso4 = false, tso6 = false, tsoEcn = false, uso = false } = req;
+  if (uso !== false && uso !== true && uso !== 'if-available') throw invalidArg("uso must be true, false or 'if-available'");
+  if ((tso4 || tso6 || uso !== false) && !csum) throw invalidArg('TSO/USO need csum: true as well', 'the kernel refuses segmentation offloads without checksum offload');
+  if (tsoEcn && !(tso4 || tso6)) throw invalidArg('tsoEcn needs tso4 or tso6');
+  const base = (csum ? TUN_F.CSUM : 0) | (tso4 ? TUN_F.TSO4 : 0) | (tso6 ? TUN_F.TSO6 : 0) | (tsoEcn ? TUN_F.TSO_ECN : 0);
+  const q = tap.openQueues()[0];
+  if (!q) throw new MqtapError({ op: 'TUNSETOFFLOAD', code: ErrorCodes.CLOSED, ifname: tap.name, message: `${tap.name} is closed` });
+  const result = (flags: number, u: OffloadResult['uso']): OffloadResult => ({ flags, csum, tso4, tso6, tsoEcn, uso: u });
+  if (uso !== false) {
+    try {
+      native.tunSetOffload(q.fd, base | TUN_F.USO4 | TUN_F.USO6);
+      return result(base | TUN_F.USO4 | TUN_F.USO6, 'on');
+    } catch (err) {
+      if (!(err instanceof MqtapError) || err.code !== 'EINVAL' || uso === true)
+        throw withContext(err, { ifname: tap.name, ...(err instanceof MqtapError && err.code === 'EINVAL' ? { hint: 'this kernel has no UDP segmentation offload for taps (USO needs Linux 6.2+)' } : {}) });
+    }
+  }
+  try {
+    native.tunSetOffload(q.fd, base);
+  } catch (err) {
+    throw withContext(err, { ifname: tap.name });
+  }
+  return result(base, uso === false ? 'off' : 'unsupported');
+}
