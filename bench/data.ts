@@ -510,10 +510,19 @@ function median(xs: number[]): number {
 }
 
 /** The median run (by aggregate pps) of repeated runs. */
-function medianRun(runs: DataRun[]): DataRun & { repeats: number; ppsAll: number[] } {
+function medianRun(runs: DataRun[]): DataRun & { repeats: number; ppsAll: number[]; cpuUsPerFrame: number; cpuAll: number[] } {
   const sorted = [...runs].sort((a, b) => a.pps - b.pps);
   const m = sorted[(sorted.length - 1) >> 1]!;
-  return { ...m, pps: median(runs.map((r) => r.pps)), gbps: median(runs.map((r) => r.gbps)), repeats: runs.length, ppsAll: runs.map((r) => Math.round(r.pps)) };
+  const cpu = runs.map((r) => r.perQueue.reduce((a, q) => a + q.cpuUsPerFrame, 0) / r.perQueue.length);
+  return {
+    ...m,
+    pps: median(runs.map((r) => r.pps)),
+    gbps: median(runs.map((r) => r.gbps)),
+    repeats: runs.length,
+    ppsAll: runs.map((r) => Math.round(r.pps)),
+    cpuUsPerFrame: median(cpu),
+    cpuAll: cpu.map((c) => Math.round(c * 1000) / 1000),
+  };
 }
 
 export type DataResult = ReturnType<typeof medianRun>;
@@ -580,7 +589,7 @@ function fmtPps(pps: number): string {
 export function dataTable(results: DataResult[], libEngine: string = 'auto'): string {
   const find = (dir: Dir, size: Size, q: number, impl: Impl, engine?: string): DataResult | undefined =>
     results.find((r) => r.dir === dir && r.size === size && r.queues === q && r.impl === impl && (impl !== 'library' || r.engineReq === engine));
-  const head = ['dir', 'size', 'Q', 'library pps', 'Gbit/s', 'C plain pps', 'lib/C', 'C uring pps', 'lib/uring', 'lib µs/f', 'C µs/f', 'lib 2q/1q', 'packed pps'];
+  const head = ['dir', 'size', 'Q', 'library pps', 'Gbit/s', 'C plain pps', 'lib/C', 'C uring pps', 'lib/uring', 'lib µs/f', 'C µs/f', 'uring µs/f', 'lib 2q/1q', 'packed pps'];
   const rows: string[][] = [];
   const seen = new Set<string>();
   for (const r of results) {
@@ -591,7 +600,7 @@ export function dataTable(results: DataResult[], libEngine: string = 'auto'): st
     const c = find(r.dir, r.size, r.queues, 'c-plain');
     const u = find(r.dir, r.size, r.queues, 'c-uring');
     const one = find(r.dir, r.size, 1, 'library', libEngine);
-    const cpu = (x: DataResult | undefined): string => (x ? median(x.perQueue.map((q) => q.cpuUsPerFrame)).toFixed(3) : '-');
+    const cpu = (x: DataResult | undefined): string => (x ? x.cpuUsPerFrame.toFixed(3) : '-');
     rows.push([
       r.dir,
       r.size === 'gso' ? '64K GSO' : `${r.size} B`,
@@ -604,6 +613,7 @@ export function dataTable(results: DataResult[], libEngine: string = 'auto'): st
       lib && u ? `${(lib.pps / u.pps).toFixed(2)}x` : '-',
       cpu(lib),
       cpu(c),
+      cpu(u),
       lib && one && r.queues > 1 ? `${(lib.pps / one.pps).toFixed(2)}x` : '',
       lib && r.dir === 'write' ? fmtPps(lib.perQueue.reduce((a, q) => a + ((q as { packed?: { pps: number } }).packed?.pps ?? 0), 0)) : '',
     ]);

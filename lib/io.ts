@@ -309,15 +309,17 @@ function engineChoice(v: unknown, what: string): IoEngine | 'auto' {
 }
 
 /**
- * The engines 'auto' picks: io_uring batches for both directions when the
- * tap's send buffer is unlimited (TUNSETSNDBUF INT_MAX, the default) — a
- * write then never says EAGAIN, so unlinked batches keep frame order — and
- * plain syscalls for writes otherwise.  Falls back to 'poll' where io_uring
- * is unavailable (old kernel, seccomp, kernel.io_uring_disabled).  The
- * measurements behind this are in docs/datapath.md.
+ * The engines 'auto' picks, by measurement (docs/datapath.md): plain read(2)
+ * per frame for receiving (io_uring batches saved nothing measurable: a tap
+ * read is dominated by the kernel's own work, and NOWAIT reads of an empty
+ * queue cost extra), io_uring batches for writing when the tap's send buffer
+ * is unlimited (TUNSETSNDBUF INT_MAX, the default: a write then never says
+ * EAGAIN, so unlinked batches keep frame order), plain write(2) otherwise.
+ * Falls back to 'poll' where io_uring is unavailable (old kernel, seccomp,
+ * kernel.io_uring_disabled).
  */
 export function defaultEngines(sndbuf: number): { rx: IoEngine; tx: IoEngine } {
-  return { rx: 'uring', tx: sndbuf >= IOC.INT_MAX ? 'uring' : 'poll' };
+  return { rx: 'poll', tx: sndbuf >= IOC.INT_MAX ? 'uring' : 'poll' };
 }
 
 /** Validated options. */
@@ -380,6 +382,9 @@ export class QueueIO implements AsyncIterable<FrameBatch> {
   #closed = false;
   #rxBusy = false;
   #rxWaiter: (() => void) | undefined;
+  /** READABLE stays armed between batches while the consumer keeps coming back (see #onPoll). */
+  #rxArmed = false;
+  #pollRefd = true;
   #syncRuns = 0;
   #pollEvents = 0;
   readonly #tx: TxJob[] = [];
@@ -450,10 +455,17 @@ export class QueueIO implements AsyncIterable<FrameBatch> {
 
   #updatePoll(): void {
     if (this.#closed) return;
-    const want = (this.#rxWaiter ? READABLE : 0) | (this.#txWaiting ? WRITABLE : 0);
-    if (want === this.#pollEvents) return;
-    this.#pollEvents = want;
-    this.#native.pollSet(want);
+    const want = (this.#rxArmed ? READABLE : 0) | (this.#txWaiting ? WRITABLE : 0);
+    if (want !== this.#pollEvents) {
+      this.#pollEvents = want;
+      this.#native.pollSet(want);
+    }
+    // Only a real wait keeps the event loop alive, not a read left armed.
+    const ref = this.#rxWaiter !== undefined || this.#txWaiting;
+    if (ref !== this.#pollRefd) {
+      this.#pollRefd = ref;
+      this.#native.pollRef(ref);
+    }
   }
 
   #onPoll(status: number, events: number): void {
@@ -464,10 +476,15 @@ export class QueueIO implements AsyncIterable<FrameBatch> {
       this.#pollEvents = 0;
       events = READABLE | WRITABLE;
     }
-    if (events & READABLE && this.#rxWaiter) {
+    if (events & READABLE) {
+      // Readable with a reader waiting: wake it and leave READABLE armed, it
+      // is likely back for more before the loop polls again (no epoll_ctl
+      // per wakeup).  Readable with nobody waiting: the consumer is busy;
+      // disarm so the level-triggered poll does not fire every loop turn.
       const wake = this.#rxWaiter;
       this.#rxWaiter = undefined;
-      wake();
+      if (wake) wake();
+      else this.#rxArmed = false;
     }
     if (events & WRITABLE && this.#txWaiting) {
       this.#txWaiting = false;
@@ -484,6 +501,8 @@ export class QueueIO implements AsyncIterable<FrameBatch> {
       next: () => this.#next(),
       return: async (): Promise<IteratorResult<FrameBatch>> => {
         this._gen++;
+        this.#rxArmed = false;
+        this.#updatePoll();
         return DONE;
       },
     };
@@ -530,8 +549,19 @@ export class QueueIO implements AsyncIterable<FrameBatch> {
           await immediate();
           continue;
         }
-        const b = this.#readNow();
-        if (b === null) return DONE;
+        let b: FrameBatch | undefined | null;
+        try {
+          b = this.#readNow();
+        } catch (err) {
+          this.#rxArmed = false; // the stream ends here
+          this.#updatePoll();
+          throw err;
+        }
+        if (b === null) {
+          this.#rxArmed = false;
+          this.#updatePoll();
+          return DONE;
+        }
         if (b) {
           this.#syncRuns++;
           return { done: false, value: b };
@@ -540,6 +570,7 @@ export class QueueIO implements AsyncIterable<FrameBatch> {
         this.#counters[C.RX_WAITS]! += 1;
         await new Promise<void>((resolve) => {
           this.#rxWaiter = resolve;
+          this.#rxArmed = true;
           this.#updatePoll();
         });
       }

@@ -235,6 +235,8 @@ export interface NativeBinding {
     rxRead(): number;
     txWrite(buffers: ArrayBuffer[], desc: Uint32Array, start: number, count: number, withHdr: boolean): number;
     pollSet(events: number): void;
+    /** uv_ref / uv_unref of the poll handle. */
+    pollRef(on: boolean): void;
     close(): void;
   };
   /** TUNGETSNDBUF: the per-device send buffer a queue's writes are charged against (INT_MAX: never EAGAIN). */

@@ -291,7 +291,8 @@ class QueueIo : public Napi::ObjectWrap<QueueIo> {
   static Napi::Function Define(Napi::Env env) {
     return DefineClass(env, "QueueIo",
                        {InstanceMethod<&QueueIo::RxRead>("rxRead"), InstanceMethod<&QueueIo::TxWrite>("txWrite"),
-                        InstanceMethod<&QueueIo::PollSet>("pollSet"), InstanceMethod<&QueueIo::Close>("close"),
+                        InstanceMethod<&QueueIo::PollSet>("pollSet"), InstanceMethod<&QueueIo::PollRef>("pollRef"),
+                        InstanceMethod<&QueueIo::Close>("close"),
                         InstanceAccessor<&QueueIo::GetSlab>("slab"), InstanceAccessor<&QueueIo::GetControl>("control"),
                         InstanceAccessor<&QueueIo::GetEngine>("engine"), InstanceAccessor<&QueueIo::GetOrdered>("ordered")});
   }
@@ -694,6 +695,21 @@ class QueueIo : public Napi::ObjectWrap<QueueIo> {
     if (!active && active_) Unref();
     active_ = active;
     return env.Undefined();
+  }
+
+  // pollRef(on): whether an armed poll keeps the event loop alive (uv_ref /
+  // uv_unref; no syscall).  lib/io.ts leaves reads armed between batches
+  // (saving an epoll_ctl pair per wakeup) but only keeps the loop alive
+  // while someone actually waits.
+  Napi::Value PollRef(const Napi::CallbackInfo& info) {
+    bool on = ArgBool(info, 0);
+    if (handle_ != nullptr) {
+      if (on)
+        uv_ref(reinterpret_cast<uv_handle_t*>(handle_));
+      else
+        uv_unref(reinterpret_cast<uv_handle_t*>(handle_));
+    }
+    return info.Env().Undefined();
   }
 
   static void OnPoll(uv_poll_t* h, int status, int events) {

@@ -6,6 +6,9 @@
  * lifetime rules and the end of the stream, with both engines.
  * test/integration/io.test.ts does the same against real taps.
  */
+import { spawnSync } from 'node:child_process';
+import { existsSync } from 'node:fs';
+import { join } from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
 import { MqtapError } from '../../lib/errors.js';
 import { openFdIO, totalStats, type FrameBatch, type IoEngine, type QueueIO } from '../../lib/io.js';
@@ -252,6 +255,31 @@ describe.skipIf(!havePair)(`QueueIO over a socketpair${havePair ? '' : ' (skippe
       expect(timerFired).toBe(true);
       expect(batches).toBeLessThan(400);
     });
+  });
+
+  it('a stream nobody waits on does not keep the process alive', () => {
+    const dist = join(__dirname, '..', '..', 'dist', 'lib');
+    if (!existsSync(join(dist, 'io.js'))) return; // needs `npx tsc -p tsconfig.json`
+    // one batch taken by hand, then the reader walks away without return()
+    const script = `
+      const { openFdIO } = require(${JSON.stringify(join(dist, 'io.js'))});
+      const { native } = require(${JSON.stringify(join(dist, 'native.js'))});
+      const [a, b] = native.unixSocketPair(5);
+      const x = openFdIO(a, { hdrLen: 0, engine: process.argv[1] });
+      const y = openFdIO(b, { hdrLen: 0, engine: process.argv[1] });
+      (async () => {
+        const it = y[Symbol.asyncIterator]();
+        setTimeout(() => x.writeBatch([Buffer.alloc(64, 1)]), 20);
+        const r = await it.next();
+        process.stdout.write('got ' + r.value.count + '\\n');
+        // READABLE stays armed for a reader that does not come back: it must not hold the loop
+      })();`;
+    for (const engine of ENGINES) {
+      const r = spawnSync(process.execPath, ['-e', script, engine], { encoding: 'utf8', timeout: 20_000 });
+      expect(r.error, `${engine}: the process must exit by itself`).toBeUndefined();
+      expect(r.status, r.stderr).toBe(0);
+      expect(r.stdout).toBe('got 1\n');
+    }
   });
 
   it('rejects bad frames and options before any syscall', async () => {
