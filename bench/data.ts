@@ -263,14 +263,19 @@ function deviceStats(): { txDropped: number; txPackets: number } {
   return { txDropped: s?.txDropped ?? 0, txPackets: s?.txPackets ?? 0 };
 }
 
+/**
+ * Waits until exactly `n` queues are attached: the run's own.  (A queue of
+ * the previous run can linger for a moment: a process's io_uring keeps its
+ * registered tap fd until the ring's asynchronous teardown has run.)
+ */
 function waitQueues(n: number, timeoutMs = 10_000): void {
   const end = Date.now() + timeoutMs;
   while (Date.now() < end) {
     const l = getLink(TAP);
-    if (l?.tun && l.tun.numQueues >= n) return;
+    if (l?.tun && l.tun.numQueues === n) return;
     execFileSync('sleep', ['0.02']);
   }
-  throw new Error(`bench: ${n} queue(s) did not attach to ${TAP}`);
+  throw new Error(`bench: ${TAP} did not get to exactly ${n} attached queue(s)`);
 }
 
 function startGenerator(gen: string, size: Size, cpu?: number): Promise<ChildProcess> {
@@ -470,6 +475,7 @@ async function runLibrary(dir: Dir, size: Size, queues: number, frames: number, 
       );
     }
     await Promise.all(ready);
+    waitQueues(queues);
     for (const w of workers) w.postMessage('go');
     if (dir === 'read') g = await startGenerator(gen, size, queues === 1 ? 1 : undefined);
     const res = await Promise.all(done);

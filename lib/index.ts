@@ -82,6 +82,8 @@ export {
   type LaunchedQemu,
   type QemuNetdevOptions,
 } from './qemu';
+export { openQueueIO, openTapIO, openFdIO, QueueIO, FrameBatch, totalStats, setSendBuffer, getSendBuffer, applyOffloads, defaultEngines, TUN_F, ERR_BATCH_RELEASED, type IoEngine, type QueueIOOptions, type QueueIOStats, type DirectionStats, type WriteResult, type WriteOptions, type OffloadRequest, type OffloadResult } from './io';
+export { rssProgram, constantProgram, randomProgram, steeringQueue, rssInput, loadProgram, testRunProgram, attachSteering, detachSteering, Steering, encodeInsns, BPF, type BpfProgram, type BpfInsn, type RssConfig, type LoadedProgram, type VerifierError } from './bpf';
 export { withNetns, isolateNetns, netnsPath, type IsolatedNetns } from './netns';
 export { silentLogger, stderrLogger, type Logger } from './log';
 export {

@@ -330,7 +330,9 @@ class QueueIo : public Napi::ObjectWrap<QueueIo> {
     slab_ = Napi::Persistent(Napi::ArrayBuffer::New(env, addr, len, Unmap, new Mapping{addr, len}));
 
     if (rx_uring_ || tx_uring_) {
-      unsigned entries = 1;
+      // At least 256 entries: a writeBatch of up to 256 frames is one
+      // io_uring_enter whatever the receive batch (~30 KB per queue).
+      unsigned entries = 256;
       while (entries < batch_) entries <<= 1;
       ring_ = std::make_unique<Ring>();
       int err = ring_->Setup(entries, fd_);
