@@ -87,17 +87,31 @@ export function spawnWithFds(opts: SpawnWithFdsOptions): SpawnedChild {
   const stdio: StdioOptions = [...(base as unknown[]), ...opts.fds] as StdioOptions;
   const env = { ...(opts.clearEnv ? {} : process.env), ...opts.env };
   if (opts.closeOtherFds !== false) cloexecAllFds();
-  const child = spawn(file, args, { stdio, env, ...(opts.cwd ? { cwd: opts.cwd } : {}) });
+  // The relays are installed before the child exists: once it runs it may tell
+  // someone it is ready, and a signal sent to us in reply must not meet Node's
+  // default disposition (which would kill us and leave the child orphaned).
+  // A signal that arrives before spawn() returns is delivered right after.
+  let spawned: ChildProcess | undefined;
+  const early: NodeJS.Signals[] = [];
   const signals = opts.forwardSignals ?? (['SIGINT', 'SIGTERM', 'SIGHUP'] as const);
   const relays = signals.map((sig) => {
     const relay = (): void => {
-      if (child.exitCode === null && child.signalCode === null) child.kill(sig);
+      if (!spawned) early.push(sig);
+      else if (spawned.exitCode === null && spawned.signalCode === null) spawned.kill(sig);
     };
     process.on(sig, relay);
     return (): void => {
       process.off(sig, relay);
     };
   });
+  let child: ChildProcess;
+  try {
+    child = spawned = spawn(file, args, { stdio, env, ...(opts.cwd ? { cwd: opts.cwd } : {}) });
+  } catch (err) {
+    relays.forEach((off) => off());
+    throw err;
+  }
+  for (const sig of early) child.kill(sig);
   const unrelay = (): void => relays.forEach((off) => off());
   const exited = new Promise<ChildExit>((resolve, reject) => {
     child.once('error', (err: NodeJS.ErrnoException) => {

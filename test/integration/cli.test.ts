@@ -247,6 +247,15 @@ describe.skipIf(!!reason)(`mqtap CLI${reason ? ` (skipped: ${reason})` : ''}`, (
       expect(listTaps()).toEqual([]);
     });
 
+    it('relays a signal that arrives the moment the child starts (the relay exists before the child)', () => {
+      // The child signals mqtap first thing; mqtap must relay it, not die of it.
+      for (let i = 0; i < 5; i++) {
+        const r = mqtap(['exec', 'eq%d', '--', 'sh', '-c', 'trap "exit 42" TERM; kill -TERM $PPID; while :; do sleep 0.05; done']);
+        expect(r.status, r.stderr).toBe(42);
+      }
+      expect(listTaps()).toEqual([]);
+    });
+
     it('--vhost on without vhost-net: exit 5 with the modprobe hint, nothing left; --vhost auto falls back with a warning', () => {
       const vhostHere = existsSync('/dev/vhost-net');
       const on = mqtap(['exec', 'vq%d', '--queues', '2', '--vhost', 'on', '--', 'true']);
