@@ -271,37 +271,6 @@ const DONE: IteratorResult<FrameBatch> = Object.freeze({ done: true, value: unde
 
 /** QueueIOs by queue: one per queue (libuv allows one poll handle per fd). */
 const byQueue = new WeakMap<TapQueue, QueueIO>();
-/** Close hooks per TapQueue (see hookClose). */
-const closeHooks = new WeakMap<TapQueue, Set<() => void>>();
-
-/**
- * Runs `fn` before `queue.close()` closes the fd.  TapQueue has no hook of
- * its own (yet), so this interposes on this one instance's `close` (which
- * `Tap.close()` and `Symbol.dispose` call too).  Returns an unhook function.
- */
-function hookClose(queue: TapQueue, fn: () => void): () => void {
-  let hooks = closeHooks.get(queue);
-  if (!hooks) {
-    const set = new Set<() => void>();
-    hooks = set;
-    closeHooks.set(queue, set);
-    const original = TapQueue.prototype.close;
-    queue.close = function close(this: TapQueue): void {
-      for (const h of [...set]) {
-        try {
-          h();
-        } catch {
-          /* stopping I/O cannot fail in a way that should keep the fd open */
-        }
-      }
-      original.call(this);
-    };
-  }
-  hooks.add(fn);
-  const set = hooks;
-  return () => void set.delete(fn);
-}
-
 function engineChoice(v: unknown, what: string): IoEngine | 'auto' {
   if (v === undefined || v === 'auto') return 'auto';
   if (v === 'poll' || v === 'uring') return v;
@@ -425,7 +394,7 @@ export class QueueIO implements AsyncIterable<FrameBatch> {
     this.#state = new Int32Array(ctl, IOC.COUNTERS * 8, IOC.STATES);
     this.#rxDesc = new Uint32Array(ctl, IOC.COUNTERS * 8 + IOC.STATES * 4, 2 * this.batchSize);
     if (this.#restoreNonBlock) native.setNonBlocking(fd, true);
-    if (init.queue) this.#unhook = hookClose(init.queue, () => this.#close(false));
+    if (init.queue) this.#unhook = init.queue._onBeforeClose(() => this.#close(false));
   }
 
   /** The engines in use. */
@@ -935,21 +904,15 @@ export function getSendBuffer(tap: Tap): number {
 
 // ---------------------------------------------------------------- offloads
 
-/**
- * TUNSETOFFLOAD bits.  USO4/USO6 (Linux 6.2+) are missing from the kernel
- * headers this addon may have been built against (K.TUN_F_USO4 undefined
- * with Linux 6.1 headers), but UAPI values never change, so they are given
- * here; whether the running kernel takes them is found out by asking it
- * (applyOffloads).
- */
+/** TUNSETOFFLOAD bits, from the kernel headers (USO4/USO6: see native/tun.cc). */
 export const TUN_F = Object.freeze({
-  CSUM: 0x01,
-  TSO4: 0x02,
-  TSO6: 0x04,
-  TSO_ECN: 0x08,
-  UFO: 0x10,
-  USO4: 0x20,
-  USO6: 0x40,
+  CSUM: K.TUN_F_CSUM,
+  TSO4: K.TUN_F_TSO4,
+  TSO6: K.TUN_F_TSO6,
+  TSO_ECN: K.TUN_F_TSO_ECN,
+  UFO: K.TUN_F_UFO,
+  USO4: K.TUN_F_USO4,
+  USO6: K.TUN_F_USO6,
 });
 
 /** Offloads the tap's reader accepts, i.e. frames the kernel may hand it unsegmented / with partial checksums. */

@@ -28,8 +28,9 @@ export interface NativeConstants {
   readonly TUN_F_TSO_ECN: number;
   readonly TUN_F_UFO: number;
   /** Absent when the headers predate Linux 6.2. */
-  readonly TUN_F_USO4?: number;
-  readonly TUN_F_USO6?: number;
+  /** Always present: the UAPI values are supplied when the build's headers predate Linux 6.2. */
+  readonly TUN_F_USO4: number;
+  readonly TUN_F_USO6: number;
   readonly IFNAMSIZ: number;
   readonly IFF_UP: number;
   readonly IFF_RUNNING: number;

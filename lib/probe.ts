@@ -33,7 +33,7 @@ export interface TunProbe {
   /** The kernel's limit on queues per tap. */
   maxQueues: number;
   vnetHdrSizes: readonly number[];
-  /** TUN_F_* offloads known to this build (USO needs headers from Linux 6.2+). */
+  /** TUN_F_* offloads this build can request (uso4/uso6 together, and only kernels 6.2+ take them). */
   offloads: string[];
   /** Why it is not available, with what to do. */
   error?: { code: string; message: string; hint?: string };
@@ -60,7 +60,7 @@ export function decodeTunFeatures(raw: number): TunFeatures {
 /** Opens /dev/net/tun, asks TUNGETFEATURES and closes it.  Never throws for a missing device. */
 export function probeTun(opts: { devicePath?: string } = {}): TunProbe {
   const devicePath = opts.devicePath ?? '/dev/net/tun';
-  const offloads = ['csum', 'tso4', 'tso6', 'tsoEcn', 'ufo', ...(K.TUN_F_USO4 !== undefined ? ['uso4', 'uso6'] : [])];
+  const offloads = ['csum', 'tso4', 'tso6', 'tsoEcn', 'ufo', 'uso4', 'uso6'];
   const base = { devicePath, kernel: release(), maxQueues: MAX_QUEUES, vnetHdrSizes: VNET_HDR_SIZES, offloads };
   let fd: number;
   try {

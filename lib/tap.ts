@@ -106,7 +106,11 @@ interface Plan {
   logger: Logger;
 }
 
-/** TUN_F_* flags for an Offloads object; validated (TSO/USO need CSUM). */
+/**
+ * TUN_F_* flags for an Offloads object; validated (TSO/USO need CSUM, USO4
+ * and USO6 come as a pair).  USO needs Linux 6.2+: an older kernel answers
+ * TUNSETOFFLOAD with EINVAL (error hint says so).
+ */
 export function offloadFlags(o: Offloads): number {
   if (typeof o !== 'object' || o === null) throw invalidArg('offloads must be an object such as { csum: true, tso4: true }');
   rejectUnknownKeys(o, OFFLOAD_KEYS, 'offloads');
@@ -119,12 +123,10 @@ export function offloadFlags(o: Offloads): number {
   if (o.tso4) flags |= K.TUN_F_TSO4;
   if (o.tso6) flags |= K.TUN_F_TSO6;
   if (o.tsoEcn) flags |= K.TUN_F_TSO_ECN;
-  for (const [key, bit] of [['uso4', K.TUN_F_USO4], ['uso6', K.TUN_F_USO6]] as const) {
-    if (!o[key]) continue;
-    if (bit === undefined)
-      throw new MqtapError({ op: 'VALIDATE', code: ErrorCodes.UNSUPPORTED, message: `offloads.${key}: this build of mqtap has no ${key.toUpperCase()} (kernel headers older than Linux 6.2)` });
-    flags |= bit;
-  }
+  // tun takes USO only as a pair (tun_set_offload: EINVAL for one alone).
+  if (Boolean(o.uso4) !== Boolean(o.uso6))
+    throw invalidArg('offloads: uso4 and uso6 go together (the kernel accepts UDP segmentation offload only for both)', 'set both uso4: true and uso6: true, or neither');
+  if (o.uso4) flags |= K.TUN_F_USO4 | K.TUN_F_USO6;
   return flags;
 }
 
@@ -190,6 +192,7 @@ export class TapQueue {
   #fd: number;
   #state: QueueState;
   readonly #tap: Tap;
+  #beforeClose: Set<() => void> | undefined;
 
   /** @internal */
   constructor(tap: Tap, index: number, fd: number, state: 'enabled' | 'disabled') {
@@ -263,6 +266,19 @@ export class TapQueue {
    */
   close(): void {
     if (this.#state === 'closed') return;
+    // Whoever polls the fd (QueueIO) must stop before the number is freed:
+    // libuv would otherwise watch whatever the kernel gives that number next.
+    if (this.#beforeClose) {
+      const hooks = [...this.#beforeClose];
+      this.#beforeClose = undefined;
+      for (const h of hooks) {
+        try {
+          h();
+        } catch (err) {
+          this.#tap.logger.warn({ ifname: this.#tap.name, queue: this.index, err }, 'close hook failed; closing anyway');
+        }
+      }
+    }
     const fd = this.#fd;
     this.#fd = -1;
     this.#state = 'closed';
@@ -272,6 +288,19 @@ export class TapQueue {
 
   [Symbol.dispose](): void {
     this.close();
+  }
+
+  /**
+   * @internal Runs `fn` once, right before close() closes the fd (also when
+   * Tap.close() or Symbol.dispose closes it).  Returns a function that
+   * removes the hook.  Used by lib/io.ts to stop polling first.
+   */
+  _onBeforeClose(fn: () => void): () => void {
+    if (this.#state === 'closed') throw new MqtapError({ op: 'HOOK', code: ErrorCodes.CLOSED, ifname: this.#tap.name, queue: this.index, message: `${this.#tap.name} queue ${this.index} is closed` });
+    (this.#beforeClose ??= new Set()).add(fn);
+    return () => {
+      this.#beforeClose?.delete(fn);
+    };
   }
 
   toJSON(): { index: number; fd: number; state: QueueState } {

@@ -12,6 +12,19 @@
 
 #include "common.h"
 
+// UDP segmentation offload for taps arrived in Linux 6.2 (commit "tun: support
+// USO"); <linux/if_tun.h> from older kernels (Debian 12 ships 6.1's) lacks the
+// two bits.  UAPI values never change and the running kernel may well be newer
+// than the headers, so the values are the kernel's own; whether the running
+// kernel takes them is up to TUNSETOFFLOAD (EINVAL when it does not).  The
+// kernel accepts them only together.
+#ifndef TUN_F_USO4
+#define TUN_F_USO4 0x20
+#endif
+#ifndef TUN_F_USO6
+#define TUN_F_USO6 0x40
+#endif
+
 namespace mqtap {
 namespace {
 
@@ -170,12 +183,8 @@ void InitTun(Napi::Env env, Napi::Object exports) {
   MQTAP_CONST(c, TUN_F_TSO6);
   MQTAP_CONST(c, TUN_F_TSO_ECN);
   MQTAP_CONST(c, TUN_F_UFO);
-#ifdef TUN_F_USO4
   MQTAP_CONST(c, TUN_F_USO4);
-#endif
-#ifdef TUN_F_USO6
   MQTAP_CONST(c, TUN_F_USO6);
-#endif
   MQTAP_CONST(c, IFNAMSIZ);
 }
 

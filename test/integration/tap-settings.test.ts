@@ -4,6 +4,7 @@
  */
 import { spawnSync } from 'node:child_process';
 import { existsSync, readFileSync } from 'node:fs';
+import { release } from 'node:os';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { MqtapError } from '../../lib/errors';
 import { isolateNetns, type IsolatedNetns } from '../../lib/netns';
@@ -60,6 +61,35 @@ describe.skipIf(!!reason)(`tap device settings${reason ? ` (skipped: ${reason})`
     } finally {
       noHdr.close();
     }
+  });
+
+  it('offloads: uso4+uso6 as a pair — the kernel turns on UDP segmentation, or (before 6.2) refuses with a hint', () => {
+    const [maj, min] = release().split('.').map(Number) as [number, number];
+    const kernelHasUso = maj > 6 || (maj === 6 && min >= 2);
+    let err: unknown;
+    try {
+      tap = openTap({ name: 'st%d', offloads: { csum: true, tso4: true, uso4: true, uso6: true } });
+    } catch (e) {
+      err = e;
+    }
+    if (!kernelHasUso) {
+      expect(err).toBeInstanceOf(MqtapError);
+      expect((err as MqtapError).code).toBe('EINVAL');
+      expect((err as MqtapError).hint).toMatch(/USO needs Linux 6\.2/);
+      expect(listTaps()).toEqual([]);
+      return;
+    }
+    expect(err).toBeUndefined();
+    const feature = (): string => {
+      const r = spawnSync('ethtool', ['-k', tap!.name], { encoding: 'utf8' });
+      if (r.error) return 'no ethtool';
+      return /^tx-udp-segmentation: (\S+)/m.exec(r.stdout)?.[1] ?? 'missing';
+    };
+    if (feature() === 'no ethtool') return void console.warn('ethtool not installed: USO checked only by TUNSETOFFLOAD succeeding');
+    expect(feature()).toBe('on');
+    tap.setOffloads({ csum: true, tso4: true });
+    expect(feature()).toBe('off');
+    expect(() => tap!.setOffloads({ csum: true, uso4: true })).toThrow(/uso4 and uso6 go together/);
   });
 
   it('setPersist keeps the device after close, and off again removes it with the last queue', () => {

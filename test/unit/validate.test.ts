@@ -192,18 +192,15 @@ describe('offloadFlags', () => {
     invalid(() => offloadFlags('csum' as never));
   });
 
-  it('USO: flags when the build knows them, ERR_UNSUPPORTED otherwise', () => {
-    if (K.TUN_F_USO4 !== undefined && K.TUN_F_USO6 !== undefined) {
-      expect(offloadFlags({ csum: true, uso4: true, uso6: true })).toBe(K.TUN_F_CSUM | K.TUN_F_USO4 | K.TUN_F_USO6);
-    } else {
-      let e: unknown;
-      try {
-        offloadFlags({ csum: true, uso4: true });
-      } catch (err) {
-        e = err;
-      }
-      expect(e).toBeInstanceOf(MqtapError);
-      expect((e as MqtapError).code).toBe(ErrorCodes.UNSUPPORTED);
+  it('USO: uso4 and uso6 as a pair with the kernel UAPI values (0x20, 0x40), one alone refused', () => {
+    expect(K.TUN_F_USO4).toBe(0x20);
+    expect(K.TUN_F_USO6).toBe(0x40);
+    expect(offloadFlags({ csum: true, uso4: true, uso6: true })).toBe(K.TUN_F_CSUM | 0x20 | 0x40);
+    expect(offloadFlags({ csum: true, tso4: true, uso4: true, uso6: true })).toBe(K.TUN_F_CSUM | K.TUN_F_TSO4 | 0x60);
+    for (const o of [{ csum: true, uso4: true }, { csum: true, uso6: true }, { csum: true, uso4: true, uso6: false }]) {
+      const e = invalid(() => offloadFlags(o));
+      expect(e.message).toMatch(/uso4 and uso6 go together/);
+      expect(e.hint).toMatch(/both/);
     }
   });
 });
