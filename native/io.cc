@@ -46,6 +46,7 @@
 #include <vector>
 
 #include "common.h"
+#include "poll.h"
 
 namespace mqtap {
 namespace {
@@ -342,18 +343,7 @@ class QueueIo : public Napi::ObjectWrap<QueueIo> {
     }
     rx_want_ = rx_uring_ ? std::min<unsigned>(8, batch_) : batch_;
 
-    callback_ = Napi::Persistent(info[2].As<Napi::Function>());
-    context_ = std::make_unique<Napi::AsyncContext>(env, "mqtap.QueueIo");
-    uv_loop_t* loop = nullptr;
-    if (napi_get_uv_event_loop(env, &loop) != napi_ok || loop == nullptr) ThrowArg(env, "QueueIo: no event loop");
-    handle_ = new uv_poll_t;
-    int r = uv_poll_init(loop, handle_, fd_);
-    if (r != 0) {
-      delete handle_;
-      handle_ = nullptr;
-      ThrowSys(env, "POLL_INIT", "uv_poll_init", -r);
-    }
-    handle_->data = this;
+    poll_.Init(env, this, fd_, info[2].As<Napi::Function>(), "mqtap.QueueIo");
   }
 
   ~QueueIo() override { Teardown(); }
@@ -685,11 +675,10 @@ class QueueIo : public Napi::ObjectWrap<QueueIo> {
     Napi::Env env = info.Env();
     Live(env, "POLL");
     int events = ArgInt(info, 0) & (UV_READABLE | UV_WRITABLE);
-    if (handle_ == nullptr) return env.Undefined();
     if (events == 0) {
-      uv_poll_stop(handle_);
+      poll_.Stop();
     } else {
-      int r = uv_poll_start(handle_, events, OnPoll);
+      int r = poll_.Start(events);
       if (r != 0) ThrowSys(env, "POLL_START", "uv_poll_start", -r);
     }
     bool active = events != 0;
@@ -704,39 +693,14 @@ class QueueIo : public Napi::ObjectWrap<QueueIo> {
   // (saving an epoll_ctl pair per wakeup) but only keeps the loop alive
   // while someone actually waits.
   Napi::Value PollRef(const Napi::CallbackInfo& info) {
-    bool on = ArgBool(info, 0);
-    if (handle_ != nullptr) {
-      if (on)
-        uv_ref(reinterpret_cast<uv_handle_t*>(handle_));
-      else
-        uv_unref(reinterpret_cast<uv_handle_t*>(handle_));
-    }
+    poll_.SetRef(ArgBool(info, 0));
     return info.Env().Undefined();
   }
-
-  static void OnPoll(uv_poll_t* h, int status, int events) {
-    auto* self = static_cast<QueueIo*>(h->data);
-    if (self == nullptr || self->fd_ < 0) return;
-    Napi::Env env = self->Env();
-    Napi::HandleScope scope(env);
-    try {
-      self->callback_.MakeCallback(self->Value(), {Napi::Number::New(env, status), Napi::Number::New(env, events)}, *self->context_);
-    } catch (const Napi::Error& e) {
-      napi_fatal_exception(env, e.Value());
-    }
-  }
-
-  static void OnClosed(uv_handle_t* h) { delete reinterpret_cast<uv_poll_t*>(h); }
 
   // Stops polling (which removes the fd from epoll, so it may be closed
   // right after) and tears the engine down.  The fd itself is not closed.
   void Teardown() {
-    if (handle_ != nullptr) {
-      uv_poll_stop(handle_);
-      handle_->data = nullptr;
-      uv_close(reinterpret_cast<uv_handle_t*>(handle_), OnClosed);
-      handle_ = nullptr;
-    }
+    poll_.Close();
     if (ring_) ring_.reset();
     fd_ = -1;
   }
@@ -777,9 +741,7 @@ class QueueIo : public Napi::ObjectWrap<QueueIo> {
   uint32_t* rx_desc_ = nullptr;
   Napi::Reference<Napi::ArrayBuffer> slab_;
   Napi::Reference<Napi::ArrayBuffer> control_;
-  Napi::FunctionReference callback_;
-  std::unique_ptr<Napi::AsyncContext> context_;
-  uv_poll_t* handle_ = nullptr;
+  UvPoll<QueueIo> poll_;
   std::unique_ptr<Ring> ring_;
   std::vector<io_uring_cqe> cqes_;
   std::vector<struct iovec> iov_;

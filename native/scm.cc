@@ -27,6 +27,7 @@
 #include <vector>
 
 #include "common.h"
+#include "poll.h"
 
 namespace mqtap {
 namespace {
@@ -282,54 +283,16 @@ class FdPoll : public Napi::ObjectWrap<FdPoll> {
 
   explicit FdPoll(const Napi::CallbackInfo& info) : Napi::ObjectWrap<FdPoll>(info) {
     Napi::Env env = info.Env();
-    fd_ = ArgFd(info, 0);
+    int fd = ArgFd(info, 0);
     if (info.Length() < 2 || !info[1].IsFunction()) ThrowArg(env, "FdPoll(fd, callback): a callback is required");
-    callback_ = Napi::Persistent(info[1].As<Napi::Function>());
-    context_ = std::make_unique<Napi::AsyncContext>(env, "mqtap.FdPoll");
-    uv_loop_t* loop = nullptr;
-    if (napi_get_uv_event_loop(env, &loop) != napi_ok || loop == nullptr) ThrowArg(env, "FdPoll: no event loop");
-    handle_ = new uv_poll_t;
-    int r = uv_poll_init(loop, handle_, fd_);
-    if (r != 0) {
-      delete handle_;
-      handle_ = nullptr;
-      ThrowSys(env, "POLL_INIT", "uv_poll_init", -r);
-    }
-    handle_->data = this;
+    poll_.Init(env, this, fd, info[1].As<Napi::Function>(), "mqtap.FdPoll");
   }
-
-  ~FdPoll() override { Release(); }
 
  private:
-  static void OnPoll(uv_poll_t* h, int status, int events) {
-    auto* self = static_cast<FdPoll*>(h->data);
-    if (self == nullptr || !self->active_) return;
-    Napi::Env env = self->Env();
-    Napi::HandleScope scope(env);
-    try {
-      self->callback_.MakeCallback(self->Value(), {Napi::Number::New(env, status), Napi::Number::New(env, events)}, *self->context_);
-    } catch (const Napi::Error& e) {
-      // No JavaScript frame to throw into: report it as uncaught, as Node
-      // does for exceptions in its own callbacks.
-      napi_fatal_exception(env, e.Value());
-    }
-  }
-
-  static void OnClosed(uv_handle_t* h) { delete reinterpret_cast<uv_poll_t*>(h); }
-
-  void Release() {
-    if (handle_ == nullptr) return;
-    handle_->data = nullptr;
-    uv_close(reinterpret_cast<uv_handle_t*>(handle_), OnClosed);
-    handle_ = nullptr;
-    active_ = false;
-  }
-
   Napi::Value Start(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
-    if (handle_ == nullptr) ThrowSys(env, "POLL_START", "uv_poll_start", EBADF);
     int events = ArgInt(info, 0) & (UV_READABLE | UV_WRITABLE | UV_DISCONNECT);
-    int r = uv_poll_start(handle_, events, OnPoll);
+    int r = poll_.Start(events);
     if (r != 0) ThrowSys(env, "POLL_START", "uv_poll_start", -r);
     if (!active_) {
       active_ = true;
@@ -339,7 +302,7 @@ class FdPoll : public Napi::ObjectWrap<FdPoll> {
   }
 
   Napi::Value Stop(const Napi::CallbackInfo& info) {
-    if (handle_ != nullptr) uv_poll_stop(handle_);
+    poll_.Stop();
     if (active_) {
       active_ = false;
       ObjectWrap::Unref();
@@ -348,30 +311,23 @@ class FdPoll : public Napi::ObjectWrap<FdPoll> {
   }
 
   Napi::Value Close(const Napi::CallbackInfo& info) {
-    if (handle_ != nullptr) uv_poll_stop(handle_);
-    if (active_) {
-      active_ = false;
-      ObjectWrap::Unref();
-    }
-    Release();
+    Stop(info);
+    poll_.Close();
     return info.Env().Undefined();
   }
 
   Napi::Value Ref(const Napi::CallbackInfo& info) {
-    if (handle_ != nullptr) uv_ref(reinterpret_cast<uv_handle_t*>(handle_));
+    poll_.SetRef(true);
     return info.Env().Undefined();
   }
 
   Napi::Value Unref(const Napi::CallbackInfo& info) {
-    if (handle_ != nullptr) uv_unref(reinterpret_cast<uv_handle_t*>(handle_));
+    poll_.SetRef(false);
     return info.Env().Undefined();
   }
 
-  int fd_ = -1;
   bool active_ = false;
-  uv_poll_t* handle_ = nullptr;
-  Napi::FunctionReference callback_;
-  std::unique_ptr<Napi::AsyncContext> context_;
+  UvPoll<FdPoll> poll_;
 };
 
 }  // namespace
