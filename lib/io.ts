@@ -359,6 +359,9 @@ export class QueueIO implements AsyncIterable<FrameBatch> {
   readonly #tx: TxJob[] = [];
   #txWaiting = false;
   #unhook: (() => void) | undefined;
+  /** The reusable descriptor array (see #takeDesc) and the job using it. */
+  #scratch = new Uint32Array(3 * 64);
+  #scratchHolder: TxJob | undefined;
 
   /** @internal use openQueueIO() / openFdIO(). */
   constructor(init: { fd: number; queue: TapQueue | undefined; ifname: string | undefined; hdrLen: number; plan: IoPlan; sndbuf: number }) {
@@ -618,6 +621,22 @@ export class QueueIO implements AsyncIterable<FrameBatch> {
     };
   }
 
+  /**
+   * A descriptor array of `len` words for `job`: the QueueIO's reusable one
+   * when no other job holds it (the usual case: a job is written right away),
+   * else a new one.  Saves an allocation (and the GC work) per batch.
+   */
+  #takeDesc(job: TxJob, len: number): Uint32Array {
+    if (this.#scratchHolder !== undefined) return (job.desc = new Uint32Array(len));
+    if (this.#scratch.length < len) this.#scratch = new Uint32Array(Math.max(len, 2 * this.#scratch.length));
+    this.#scratchHolder = job;
+    return (job.desc = this.#scratch); // the addon reads only the first 3 * count words
+  }
+
+  #releaseDesc(job: TxJob): void {
+    if (this.#scratchHolder === job) this.#scratchHolder = undefined;
+  }
+
   #preparePacked(data: Uint8Array, lengths: ArrayLike<number>, opts: WriteOptions): TxJob {
     if (!(data instanceof Uint8Array)) throw invalidArg('writePacked(data, lengths): data must be a Buffer/Uint8Array');
     if (opts.withHeader !== undefined && typeof opts.withHeader !== 'boolean') throw invalidArg('withHeader must be a boolean');
@@ -625,18 +644,18 @@ export class QueueIO implements AsyncIterable<FrameBatch> {
     const min = (job.withHdr ? this.hdrLen : 0) + 14;
     if (!(data.buffer instanceof ArrayBuffer)) data = Buffer.from(data);
     const n = lengths.length;
-    const desc = new Uint32Array(3 * n);
+    const desc = this.#takeDesc(job, 3 * n);
     let off = data.byteOffset;
     const end = data.byteOffset + data.byteLength;
     for (let i = 0; i < n; i++) {
       const len = lengths[i]!;
+      if (!(len >= min) || off + len > end || len !== (len >>> 0)) this.#releaseDesc(job);
       if (!(len >= min) || off + len > end || len !== (len >>> 0)) throw invalidArg(`writePacked: frame ${i} (${len} bytes at ${off - data.byteOffset}) is shorter than ${min} bytes or runs past the data`);
       desc[3 * i + 1] = off;
       desc[3 * i + 2] = len;
       off += len;
     }
     job.bufs.push(data.buffer as ArrayBuffer);
-    job.desc = desc;
     job.count = n;
     return job;
   }
@@ -648,8 +667,7 @@ export class QueueIO implements AsyncIterable<FrameBatch> {
       const n = frames.count;
       const slab = frames.slab;
       job.bufs.push(slab.buffer as ArrayBuffer);
-      job.desc = new Uint32Array(3 * n);
-      frames._fill(job.desc, slab.byteOffset);
+      frames._fill(this.#takeDesc(job, 3 * n), slab.byteOffset);
       job.count = n;
       job.withHdr = true;
       return job;
@@ -659,24 +677,44 @@ export class QueueIO implements AsyncIterable<FrameBatch> {
     job.withHdr = opts.withHeader === true && this.hdrLen > 0;
     const min = (job.withHdr ? this.hdrLen : 0) + 14;
     const n = frames.length;
-    const desc = new Uint32Array(3 * n);
+    const desc = this.#takeDesc(job, 3 * n);
+    const bufs = job.bufs;
+    // Frames usually come from one buffer (a pool, a slab) or each from its
+    // own: the last buffer is checked first, a Map only once there are many.
+    let index: Map<ArrayBufferLike, number> | undefined;
     let lastAb: ArrayBufferLike | undefined;
     let lastIdx = 0;
     for (let i = 0; i < n; i++) {
       let f = frames[i];
-      if (!(f instanceof Uint8Array)) throw invalidArg(`writeBatch: frame ${i} is not a Buffer/Uint8Array`);
+      if (!(f instanceof Uint8Array)) {
+        this.#releaseDesc(job);
+        throw invalidArg(`writeBatch: frame ${i} is not a Buffer/Uint8Array`);
+      }
       let ab: ArrayBufferLike = f.buffer;
       if (ab !== lastAb) {
         if (!(ab instanceof ArrayBuffer)) {
           f = Buffer.from(f); // SharedArrayBuffer-backed: copy into an ordinary buffer
           ab = f.buffer;
         }
-        let idx = job.bufs.indexOf(ab as ArrayBuffer);
-        if (idx < 0) idx = job.bufs.push(ab as ArrayBuffer) - 1;
+        let idx: number | undefined;
+        if (index !== undefined) idx = index.get(ab);
+        else if (bufs.length < 8) {
+          idx = bufs.indexOf(ab as ArrayBuffer);
+          if (idx < 0) idx = undefined;
+        } else {
+          index = new Map();
+          for (let k = 0; k < bufs.length; k++) index.set(bufs[k]!, k);
+          idx = index.get(ab);
+        }
+        if (idx === undefined) {
+          idx = bufs.push(ab as ArrayBuffer) - 1;
+          index?.set(ab, idx);
+        }
         lastAb = ab;
         lastIdx = idx;
       }
       const len = f.byteLength;
+      if (len < min) this.#releaseDesc(job);
       if (len < min) throw invalidArg(`writeBatch: frame ${i} has ${len} bytes; at least ${min} (${job.withHdr ? 'header + ' : ''}Ethernet header) are needed`);
       desc[3 * i] = lastIdx;
       desc[3 * i + 1] = f.byteOffset;
@@ -698,6 +736,7 @@ export class QueueIO implements AsyncIterable<FrameBatch> {
         job.next = this.#native.txWrite(job.bufs, job.desc, job.next, job.count, job.withHdr);
       } catch (err) {
         this.#tx.shift();
+        this.#releaseDesc(job);
         job.written += ctr[C.TX_FRAMES]! - f0;
         const e = this.#ctx(err);
         if (e instanceof MqtapError) Object.assign(e, { written: job.written, dropped: job.dropped });
@@ -721,6 +760,7 @@ export class QueueIO implements AsyncIterable<FrameBatch> {
         return;
       }
       this.#tx.shift();
+      this.#releaseDesc(job);
       if (job.dropped > 0) {
         const e = new MqtapError({
           op: 'WRITE',
@@ -786,6 +826,7 @@ export class QueueIO implements AsyncIterable<FrameBatch> {
     const wake = this.#rxWaiter;
     this.#rxWaiter = undefined;
     wake?.();
+    this.#scratchHolder = undefined;
     for (const job of this.#tx.splice(0)) {
       const e = this.#closedError('WRITE');
       Object.assign(e, { written: job.written, dropped: job.dropped });
