@@ -78,8 +78,11 @@ function fold(sum: number): number {
   return sum;
 }
 
-/** 12-byte virtio-net header + Ethernet frame, like tapio's build_frame(). */
-export function benchFrame(size: Size): Buffer {
+/**
+ * 12-byte virtio-net header + Ethernet frame, like tapio's build_frame();
+ * source port 40000 + flow (tapio --flow): each queue writes its own flow.
+ */
+export function benchFrame(size: Size, flow = 0): Buffer {
   const hdr = 12;
   const gso = size === 'gso';
   const ipTot = gso ? 20 + 20 + GSO_SEGS * GSO_MSS : (size as number) - 14;
@@ -101,13 +104,13 @@ export function benchFrame(size: Size): Buffer {
   b.writeUInt16BE(~fold(csum(b, ip, 20)) & 0xffff, ip + 10);
   const l4 = ip + 20;
   if (!gso) {
-    b.writeUInt16BE(40000, l4);
+    b.writeUInt16BE(40000 + flow, l4);
     b.writeUInt16BE(9, l4 + 2);
     b.writeUInt16BE(ipTot - 20, l4 + 4);
     for (let i = 14 + 20 + 8; i < len; i++) b[f + i] = i & 0xff;
     return b;
   }
-  b.writeUInt16BE(40000, l4);
+  b.writeUInt16BE(40000 + flow, l4);
   b.writeUInt16BE(5201, l4 + 2);
   b[l4 + 4] = 0x11;
   b[l4 + 11] = 0x01;
@@ -312,6 +315,7 @@ interface TapioResult {
 function runTapio(p: Programs, mode: string, size: Size, frames: number, cpu: number): Promise<TapioResult> {
   const args = ['--dev', TAP, '--mode', mode, '--size', String(size), '--frames', String(frames), '--queues', '1', '--queue', '0', '--cpu', String(cpu), '--timeout', '60'];
   if (mode.endsWith('read')) args.push('--no-gen');
+  else args.push('--flow', String(cpu)); // queue q (pinned to CPU q) writes flow q
   return new Promise((resolve, reject) => {
     const c = spawn(p.tapio, args, { stdio: ['ignore', 'pipe', 'inherit'] });
     let out = '';
@@ -358,6 +362,8 @@ interface WorkerJob {
   engine: IoEngine | 'auto';
   batch: number;
   slotSize?: number;
+  /** Writes: source port 40000 + flow (the queue's index, as tapio --flow). */
+  flow: number;
 }
 
 interface WorkerResult extends TapioResult {
@@ -396,7 +402,7 @@ async function workerMain(job: WorkerJob): Promise<void> {
     // Like tapio writing one buffer over and over: the same frame (with its
     // 12-byte header) `batch` times per call, through writeBatch(Buffer[]).
     // Also measured: writePacked with `batch` copies back to back in one buffer.
-    const frame = benchFrame(job.size);
+    const frame = benchFrame(job.size, job.flow);
     const batch: Buffer[] = new Array<Buffer>(job.batch).fill(frame);
     const packed = Buffer.concat(batch);
     const lengths = new Uint32Array(job.batch).fill(frame.length);
@@ -453,7 +459,7 @@ async function runLibrary(dir: Dir, size: Size, queues: number, frames: number, 
     const ready: Array<Promise<void>> = [];
     const done: Array<Promise<WorkerResult>> = [];
     for (let q = 0; q < queues; q++) {
-      const w = new Worker(__filename, { workerData: { dir, size, frames, engine, batch: tune.batch ?? 64, ...(tune.slotSize ? { slotSize: tune.slotSize } : {}) } satisfies WorkerJob });
+      const w = new Worker(__filename, { workerData: { dir, size, frames, engine, batch: tune.batch ?? 64, flow: q, ...(tune.slotSize ? { slotSize: tune.slotSize } : {}) } satisfies WorkerJob });
       workers.push(w);
       ready.push(
         new Promise((resolve, reject) => {

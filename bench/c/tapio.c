@@ -133,6 +133,7 @@ struct opts {
 	int gen_cpu;
 	bool gen;
 	long long gen_rate; /* frames/s, 0 = as fast as possible */
+	int flow;           /* written frames: UDP/TCP source port 40000 + flow */
 };
 
 /* ----------------------------------------------------------------------- */
@@ -333,7 +334,7 @@ static void build_eth_ip4(uint8_t *f, const uint8_t dst_mac[ETH_ALEN], const uin
  * Fills buf (VNET_HDR_SZ + frame) and returns the Ethernet frame length.
  * size 0 selects the 64 KB TCPv4 GSO frame.
  */
-static size_t build_frame(uint8_t *buf, int size, const uint8_t dst_mac[ETH_ALEN], const uint8_t src_mac[ETH_ALEN])
+static size_t build_frame(uint8_t *buf, int size, const uint8_t dst_mac[ETH_ALEN], const uint8_t src_mac[ETH_ALEN], uint16_t sport)
 {
 	uint8_t *h = buf;
 	uint8_t *f = buf + VNET_HDR_SZ;
@@ -343,7 +344,7 @@ static size_t build_frame(uint8_t *buf, int size, const uint8_t dst_mac[ETH_ALEN
 		memset(f, 0, len);
 		build_eth_ip4(f, dst_mac, src_mac, (uint16_t)(len - ETH_LEN), IPPROTO_UDP);
 		uint8_t *udp = f + ETH_LEN + IP4_LEN;
-		put16(udp, 40000);
+		put16(udp, sport);
 		put16(udp + 2, 9); /* discard */
 		put16(udp + 4, (uint16_t)(len - ETH_LEN - IP4_LEN));
 		put16(udp + 6, 0); /* no UDP checksum */
@@ -357,7 +358,7 @@ static size_t build_frame(uint8_t *buf, int size, const uint8_t dst_mac[ETH_ALEN
 	memset(f, 0, len);
 	build_eth_ip4(f, dst_mac, src_mac, GSO_IP_TOTLEN, IPPROTO_TCP);
 	uint8_t *tcp = f + ETH_LEN + IP4_LEN;
-	put16(tcp, 40000);
+	put16(tcp, sport);
 	put16(tcp + 2, 5201);
 	tcp[4] = 0x11; /* seq */
 	tcp[11] = 0x01; /* ack */
@@ -671,7 +672,7 @@ static pid_t start_generator(const struct opts *o, int ifindex)
 	uint8_t *buf = malloc(RX_BUF_SZ);
 	if (!buf)
 		die("malloc");
-	size_t len = build_frame(buf, o->size, dst, src);
+	size_t len = build_frame(buf, o->size, dst, src, 40000);
 	/* PACKET_VNET_HDR takes a 10-byte struct virtio_net_hdr: skip num_buffers. */
 	uint8_t *start = buf + VNET_HDR_SZ;
 	size_t total = len;
@@ -717,7 +718,8 @@ static void usage(void)
 		"  --cpu C         pin this process to CPU C\n"
 		"  --gen-cpu C     pin the read generator to CPU C\n"
 		"  --gen-rate PPS  read: pace the generator to PPS frames/s (default 0 = flat out)\n"
-		"  --no-gen        read: do not fork the AF_PACKET generator (use an external one)\n",
+		"  --no-gen        read: do not fork the AF_PACKET generator (use an external one)\n"
+		"  --flow K        write: source port 40000+K (one flow per queue, as a guest's queues carry their own flows)\n",
 		MAX_QUEUES);
 	exit(1);
 }
@@ -742,10 +744,10 @@ static struct opts parse_opts(int argc, char **argv)
 		{ "frames", required_argument, NULL, 'n' },  { "size", required_argument, NULL, 's' },
 		{ "timeout", required_argument, NULL, 't' }, { "cpu", required_argument, NULL, 'c' },
 		{ "gen-cpu", required_argument, NULL, 'g' }, { "no-gen", no_argument, NULL, 'G' },
-		{ "gen-rate", required_argument, NULL, 'r' },
+		{ "gen-rate", required_argument, NULL, 'r' }, { "flow", required_argument, NULL, 'f' },
 		{ "help", no_argument, NULL, 'h' },          { NULL, 0, NULL, 0 },
 	};
-	struct opts o = { NULL, MODE_WRITE, NULL, 1, 0, 1000000, 60, 30.0, -1, -1, true, 0 };
+	struct opts o = { NULL, MODE_WRITE, NULL, 1, 0, 1000000, 60, 30.0, -1, -1, true, 0, 0 };
 	int c;
 	while ((c = getopt_long(argc, argv, "", longopts, NULL)) != -1) {
 		switch (c) {
@@ -781,6 +783,9 @@ static struct opts parse_opts(int argc, char **argv)
 			break;
 		case 'r':
 			o.gen_rate = parse_num(optarg, 0, 100000000);
+			break;
+		case 'f':
+			o.flow = (int)parse_num(optarg, 0, 25535);
 			break;
 		default:
 			usage();
@@ -826,7 +831,7 @@ int main(int argc, char **argv)
 	static const uint8_t src[ETH_ALEN] = { 0x02, 0x6d, 0x71, 0x74, 0x61, 0x71 };
 	if (memcmp(dst, tap_mac, ETH_ALEN) == 0)
 		dst[5] ^= 0x80;
-	size_t frame_len = build_frame(buf, o.size, dst, src);
+	size_t frame_len = build_frame(buf, o.size, dst, src, (uint16_t)(40000 + o.flow));
 
 	if (o.mode == MODE_READ || o.mode == MODE_URING_READ) {
 		if (o.gen)
