@@ -1,25 +1,35 @@
 /**
  * Data-path commands: `mqtap stats NAME`.
  *
- * The kernel keeps a tap's counters per device only (IFLA_STATS64): tun has
- * no per-queue statistics (no `ethtool -S`, and /sys/class/net/NAME/queues/
- * holds only xps/rps settings and tx_timeout).  Per-queue counters exist
- * only in the process that reads and writes the queues (lib/io.ts
- * QueueIO.stats()).  So `mqtap stats` shows what it can honestly show:
+ * tun keeps counters per device only (IFLA_STATS64): no `ethtool -S`, and
+ * /sys/class/net/NAME/queues/ holds only xps/rps settings and tx_timeout.
+ * Per-queue numbers come from three places, by who holds the queues:
  *
- *   - the tap has no queue attached (a persistent tap nobody uses): mqtap
- *     attaches --queues N queues itself, reads (and discards) whatever the
- *     kernel sends to them for the interval, and shows per-queue rates with
- *     a bar each: the kernel's steering spread.  Without a queue the kernel
- *     would drop those frames anyway; attaching sets the carrier on.
- *   - queues are attached by someone else: attaching more would change the
- *     steering (flows move to the new queues) and steal their frames, so
- *     mqtap shows the device counters only, and says why.
+ *   - nobody (a persistent tap nobody uses): mode 'queues'.  mqtap attaches
+ *     --queues N queues itself, reads (and discards) whatever the kernel
+ *     sends to them, and counts per queue (lib/io.ts QueueIO.stats()): the
+ *     kernel's steering spread.  Without a queue the kernel would drop those
+ *     frames anyway; attaching sets the carrier on.  It detaches on exit.
+ *   - another process (QEMU, a daemon): mode 'kernel'.  Attaching queues
+ *     would change the steering and take frames away, so mqtap reads the
+ *     kernel's own per-queue counters instead (lib/qstats.ts):
+ *       rx (kernel -> queue): the device's mq root qdisc has one child qdisc
+ *         per tx queue; its TCA_STATS2 counters are that queue's.
+ *       tx (queue -> kernel): a counting program on the device's tcx ingress
+ *         hook (a bpf_link: gone when mqtap exits, however it exits) counts
+ *         by skb->queue_mapping, which tun sets to the queue written on.
+ *     Either may be unavailable (a root qdisc that is not mq; a kernel
+ *     without tcx, before 6.6; --no-bpf): the rows then show '-' for it and
+ *     a note says why.  If both are, mode 'device': device counters only.
+ *
+ * Queue numbers are the kernel's slots (attach order).  --json prints one
+ * StatsSample per interval (a line each); docs/cli.md describes it.
  */
 import { Option, type Command } from 'commander';
 import { ErrorCodes, MqtapError } from '../lib/errors';
 import { openTapIO, type QueueIO, type QueueIOStats } from '../lib/io';
 import { getTap, type LinkStats, type TapLinkInfo } from '../lib/links';
+import { openQueueStats, type QueueCount, type QueueCounters, type QueueStats } from '../lib/qstats';
 import { openTap, type Tap } from '../lib/tap';
 import { validateIfName, validateQueueCount } from '../lib/validate';
 import { EXIT, intArg, logger, netnsOpt, out, type CliContext, type GlobalOpts } from './context';
@@ -30,29 +40,46 @@ interface StatsOpts {
   queues: number;
   json?: boolean;
   count?: number;
+  /** --no-bpf sets false. */
+  bpf: boolean;
 }
 
-/** One queue's rates over an interval, from the queue's point of view. */
+/**
+ * One queue's numbers over an interval, from the queue's point of view.
+ * In 'kernel' mode a direction whose counters are unavailable is null.
+ */
 export interface QueueRate {
   queue: number;
   /** Frames/s and bytes/s the queue received (the kernel sent them out of the tap). */
-  rxPps: number;
-  rxBps: number;
+  rxPps: number | null;
+  rxBps: number | null;
   /** Frames/s and bytes/s the queue wrote into the kernel. */
-  txPps: number;
-  txBps: number;
-  rxFrames: number;
-  txFrames: number;
-  rxDrops: number;
+  txPps: number | null;
+  txBps: number | null;
+  /** Frames and bytes in the interval. */
+  rxFrames: number | null;
+  rxBytes: number | null;
+  txFrames: number | null;
+  txBytes: number | null;
+  /** 'queues': frames mqtap's read cut short; 'kernel': frames the queue's qdisc dropped. */
+  rxDrops: number | null;
 }
 
 export interface StatsSample {
   name: string;
-  /** 'queues': mqtap read the queues itself; 'device': per-device counters only. */
-  mode: 'queues' | 'device';
+  /**
+   * 'queues': mqtap attached and read the queues itself; 'kernel': the
+   * queues are held elsewhere and the numbers are the kernel's (qdisc, tcx);
+   * 'device': per-device counters only.
+   */
+  mode: 'queues' | 'kernel' | 'device';
   intervalMs: number;
-  /** Present in 'queues' mode. */
+  /** Present in 'queues' and 'kernel' mode. */
   queues?: QueueRate[];
+  /** 'kernel' mode: where each direction's numbers come from (null: unavailable, see `unavailable`). */
+  sources?: { rx: string | null; tx: string | null };
+  /** 'kernel' and 'device' mode: why a direction has no per-queue numbers. */
+  unavailable?: { rx?: string; tx?: string };
   /** Device rates from the queues' point of view (rx = what the kernel sent out of the tap). */
   device: { rxPps: number; rxBps: number; txPps: number; txBps: number; rxDroppedPerSec: number };
   note?: string;
@@ -69,7 +96,8 @@ export function bar(value: number, max: number, width = BAR): string {
   return '█'.repeat(full) + EIGHTHS[Math.floor((cells - full) * 8)]!;
 }
 
-function human(n: number, unit: string): string {
+function human(n: number | null, unit: string): string {
+  if (n === null) return '-';
   const abs = Math.abs(n);
   if (abs >= 1e9) return `${(n / 1e9).toFixed(2)} G${unit}`;
   if (abs >= 1e6) return `${(n / 1e6).toFixed(2)} M${unit}`;
@@ -77,12 +105,22 @@ function human(n: number, unit: string): string {
   return `${n.toFixed(0)} ${unit}`;
 }
 
+function spread(queues: QueueRate[], pick: (q: QueueRate) => number | null, what: string): string | undefined {
+  const v = queues.map((q) => pick(q) ?? 0);
+  const total = v.reduce((a, x) => a + x, 0);
+  if (!(total > 0)) return undefined;
+  return `${v.map((x) => `${((x / total) * 100).toFixed(0)}%`).join(' / ')} of ${what}`;
+}
+
 /** The human view of a sample. */
 export function renderStats(s: StatsSample): string {
   const lines: string[] = [];
-  lines.push(`${s.name}: ${s.mode === 'queues' ? `${s.queues!.length} queue(s) read by mqtap` : 'device counters'} over ${s.intervalMs} ms`);
+  const title =
+    s.mode === 'queues' ? `${s.queues!.length} queue(s) read by mqtap` : s.mode === 'kernel' ? `${s.queues!.length} queue(s) held by another process, kernel counters` : 'device counters';
+  lines.push(`${s.name}: ${title} over ${s.intervalMs} ms`);
   if (s.queues) {
-    const max = Math.max(...s.queues.map((q) => q.rxPps), ...s.queues.map((q) => q.txPps));
+    const sum = (q: QueueRate): number => (q.rxPps ?? 0) + (q.txPps ?? 0);
+    const max = Math.max(0, ...s.queues.map(sum));
     const head = ['QUEUE', 'RX FRAMES/S', 'RX BYTES/S', 'TX FRAMES/S', 'TX BYTES/S', ''];
     const rows = s.queues.map((q) => [
       String(q.queue),
@@ -90,13 +128,14 @@ export function renderStats(s: StatsSample): string {
       human(q.rxBps, 'B/s'),
       human(q.txPps, 'f/s'),
       human(q.txBps, 'B/s'),
-      `|${bar(q.rxPps + q.txPps, max > 0 ? max : 1)}`,
+      `|${bar(sum(q), max > 0 ? max : 1)}`,
     ]);
     const w = head.map((h, i) => Math.max(h.length, ...rows.map((r) => r[i]!.length)));
     const line = (r: string[]): string => r.map((c, i) => (i === 0 || i === 5 ? c.padEnd(w[i]!) : c.padStart(w[i]!))).join('  ').trimEnd();
     lines.push(line(head), ...rows.map(line));
-    const total = s.queues.reduce((a, q) => a + q.rxPps, 0);
-    if (total > 0) lines.push(`spread: ${s.queues.map((q) => `${((q.rxPps / total) * 100).toFixed(0)}%`).join(' / ')} of received frames`);
+    const rx = spread(s.queues, (q) => q.rxPps, 'received frames');
+    const tx = s.mode === 'kernel' ? spread(s.queues, (q) => q.txPps, 'written frames') : undefined;
+    if (rx || tx) lines.push(`spread: ${[rx, tx].filter(Boolean).join('; ')}`);
   }
   const d = s.device;
   lines.push(
@@ -104,6 +143,14 @@ export function renderStats(s: StatsSample): string {
       (d.rxDroppedPerSec > 0 ? `, ${human(d.rxDroppedPerSec, 'f/s')} dropped by the kernel (queue ring full or no queue)` : ''),
   );
   lines.push('(rx/tx from the queues\' point of view: rx = frames the kernel sent out of the tap)');
+  if (s.sources) {
+    const src: string[] = [];
+    if (s.sources.rx) src.push(`rx from the ${s.sources.rx} (a frame tun drops for a full ring still counts as sent)`);
+    if (s.sources.tx) src.push(`tx from the ${s.sources.tx}`);
+    if (src.length) lines.push(`sources: ${src.join('; ')}`);
+  }
+  if (s.unavailable?.rx) lines.push(`per-queue rx unavailable: ${s.unavailable.rx}`);
+  if (s.unavailable?.tx) lines.push(`per-queue tx unavailable: ${s.unavailable.tx}`);
   if (s.note) lines.push(s.note);
   return lines.join('\n');
 }
@@ -136,16 +183,60 @@ function queueRates(a: QueueIOStats[], b: QueueIOStats[], ms: number): QueueRate
       txPps: per(p.tx.frames, s.tx.frames),
       txBps: per(p.tx.bytes, s.tx.bytes),
       rxFrames: s.rx.frames - p.rx.frames,
+      rxBytes: s.rx.bytes - p.rx.bytes,
       txFrames: s.tx.frames - p.tx.frames,
+      txBytes: s.tx.bytes - p.tx.bytes,
       rxDrops: s.rx.drops - p.rx.drops,
     };
   });
 }
 
+/** Counter growth; a counter that went down was reset (a qdisc replaced): it counted from 0 since. */
+function grown(before: number | undefined, now: number): number {
+  if (before === undefined) return 0; // not seen before (a queue that just appeared): no baseline yet
+  return now >= before ? now - before : now;
+}
+
+/** Per-queue numbers between two kernel readings: one row per enabled queue (kernel slot) now. */
+export function kernelRates(a: QueueCounters, b: QueueCounters, ms: number): QueueRate[] {
+  const index = (c: QueueCounters['rx'] | QueueCounters['tx']): Map<number, QueueCount> | null =>
+    c.source === null ? null : new Map(c.queues.map((q) => [q.queue, q]));
+  const rxA = index(a.rx);
+  const rxB = index(b.rx);
+  const txA = index(a.tx);
+  const txB = index(b.tx);
+  const rate = (n: number): number => (n * 1000) / ms;
+  const rows: QueueRate[] = [];
+  for (let q = 0; q < b.numQueues; q++) {
+    const rb = rxB?.get(q);
+    const tb = txB?.get(q);
+    const rxFrames = rb && rxA ? grown(rxA.get(q)?.frames, rb.frames) : null;
+    const rxBytes = rb && rxA ? grown(rxA.get(q)?.bytes, rb.bytes) : null;
+    const txFrames = tb && txA ? grown(txA.get(q)?.frames, tb.frames) : null;
+    const txBytes = tb && txA ? grown(txA.get(q)?.bytes, tb.bytes) : null;
+    rows.push({
+      queue: q,
+      rxPps: rxFrames === null ? null : rate(rxFrames),
+      rxBps: rxBytes === null ? null : rate(rxBytes),
+      txPps: txFrames === null ? null : rate(txFrames),
+      txBps: txBytes === null ? null : rate(txBytes),
+      rxFrames,
+      rxBytes,
+      txFrames,
+      txBytes,
+      rxDrops: rb && rxA ? grown(rxA.get(q)?.drops, rb.drops ?? 0) : null,
+    });
+  }
+  return rows;
+}
+
+function noTap(name: string): MqtapError {
+  return new MqtapError({ op: 'LOOKUP', code: 'ENODEV', errno: 19, ifname: name, message: `no tap named ${name}`, hint: 'list taps with `mqtap show`' });
+}
+
 function lookup(name: string, g: GlobalOpts): TapLinkInfo {
   const link = getTap(name, netnsOpt(g));
-  if (!link)
-    throw new MqtapError({ op: 'LOOKUP', code: 'ENODEV', errno: 19, ifname: name, message: `no tap named ${name}`, hint: 'list taps with `mqtap show`' });
+  if (!link) throw noTap(name);
   return link;
 }
 
@@ -174,70 +265,95 @@ async function cmdStats(name: string, o: StatsOpts, g: GlobalOpts): Promise<numb
   let tap: Tap | undefined;
   let ios: QueueIO[] = [];
   let drained: Promise<void> | undefined;
+  let kstats: QueueStats | undefined;
   try {
-    let note: string | undefined;
     if (inUse === 0) {
       if (!link.tun.multiQueue && o.queues > 1) throw new MqtapError({ op: 'VALIDATE', code: ErrorCodes.INVALID_ARG, message: `${name} is not a multi-queue tap: use --queues 1` });
       tap = openTap({ name, queues: o.queues, existing: 'require', vnetHdr: link.tun.vnetHdr, ...netnsOpt(g), logger: logger(g) });
       ios = openTapIO(tap);
       drained = drainAll(ios);
     } else {
-      note =
-        `per-queue counters: unavailable: ${name} has ${inUse} queue(s) attached by another process, and tun keeps counters per device only. ` +
-        'Attaching queues here would change the steering and take frames away from them. Per-queue counters exist in the process that ' +
-        'owns the queues (mqtap QueueIO.stats()).';
+      // Held elsewhere: read the kernel's per-queue counters (qdiscs; a tcx
+      // counter this process attaches and detaches), never the queues.
+      kstats = openQueueStats(name, { ...netnsOpt(g), bpf: o.bpf });
     }
     let samples = 0;
     const max = o.watch ? (o.count ?? Infinity) : 1;
     let prevDev = lookup(name, g).stats;
     let prevQ = ios.map((io) => io.stats());
+    let prevK = kstats?.snapshot();
     let t0 = performance.now();
     while (!signal.stopped && samples < max) {
       await sleep(o.interval, signal);
       const ms = performance.now() - t0;
-      const dev = lookup(name, g).stats;
-      const q = ios.map((io) => io.stats());
-      const sample: StatsSample = {
-        name,
-        mode: ios.length ? 'queues' : 'device',
-        intervalMs: Math.round(ms),
-        ...(ios.length ? { queues: queueRates(prevQ, q, ms) } : {}),
-        device: deviceRates(prevDev, dev, ms),
-        ...(note ? { note } : {}),
-      };
+      let sample: StatsSample;
+      if (kstats && prevK) {
+        const k = kstats.snapshot(); // throws ENODEV (exit 3) if the tap went away
+        sample = kernelSample(name, prevK, k, ms);
+        prevDev = k.device;
+        prevK = k;
+      } else {
+        const dev = lookup(name, g).stats;
+        const q = ios.map((io) => io.stats());
+        sample = { name, mode: 'queues', intervalMs: Math.round(ms), queues: queueRates(prevQ, q, ms), device: deviceRates(prevDev, dev, ms) };
+        prevDev = dev;
+        prevQ = q;
+      }
       samples++;
       if (g.json) out(JSON.stringify(sample));
       else if (o.watch && process.stdout.isTTY) out(`\x1b[H\x1b[2J${renderStats(sample)}`);
       else out(`${renderStats(sample)}${o.watch ? '\n' : ''}`);
-      prevDev = dev;
-      prevQ = q;
       t0 = performance.now();
     }
     return EXIT.OK;
   } finally {
     process.off('SIGINT', stop);
     process.off('SIGTERM', stop);
+    kstats?.close();
     for (const io of ios) io.close();
     await drained;
     tap?.close();
   }
 }
 
+function kernelSample(name: string, a: QueueCounters, b: QueueCounters, ms: number): StatsSample {
+  const device = deviceRates(a.device, b.device, ms);
+  const unavailable: { rx?: string; tx?: string } = {};
+  if (b.rx.source === null) unavailable.rx = b.rx.reason;
+  if (b.tx.source === null) unavailable.tx = b.tx.reason;
+  const held = `${b.numQueues} enabled${b.numDisabledQueues ? ` and ${b.numDisabledQueues} disabled` : ''} queue(s) attached by another process`;
+  if (b.rx.source === null && b.tx.source === null)
+    return { name, mode: 'device', intervalMs: Math.round(ms), unavailable, device, note: `${name} has ${held}; per-queue counters unavailable in both directions, device counters only` };
+  return {
+    name,
+    mode: 'kernel',
+    intervalMs: Math.round(ms),
+    queues: kernelRates(a, b, ms),
+    sources: { rx: b.rx.source === 'qdisc' ? `qdisc ${b.rx.root} children` : null, tx: b.tx.source === 'tcx' ? 'tcx ingress counter' : null },
+    ...(Object.keys(unavailable).length ? { unavailable } : {}),
+    device,
+    ...(b.numQueues === 0 ? { note: `${name} has ${held}: no enabled queue, so no per-queue rows` } : {}),
+  };
+}
+
 export function register(program: Command, ctx: CliContext): void {
   program
     .command('stats')
-    .description('per-queue frame and byte rates of a tap, with a bar per queue (see docs/datapath.md for what can be shown)')
+    .description('per-queue frame and byte rates of a tap, with a bar per queue (see docs/cli.md for where the numbers come from)')
     .argument('<name>', 'tap name')
     .option('-w, --watch', 'keep sampling until interrupted')
     .option('-i, --interval <ms>', 'sampling interval in milliseconds', intArg('--interval'), 1000)
     .option('-q, --queues <n>', 'queues to attach and read when the tap has none attached', intArg('--queues'), 1)
+    .option('--no-bpf', 'queues held elsewhere: attach no counting program (per-queue tx then unavailable)')
     .addOption(new Option('--count <n>', 'with --watch: stop after N samples').argParser(intArg('--count')).hideHelp())
     .option('--json', 'one JSON object per sample (a line each)')
     .addHelpText(
       'after',
       '\ntun keeps counters per device only.  When nobody has a queue of NAME attached, mqtap attaches --queues N queues itself,\n' +
         'reads and discards what the kernel sends to them, and shows per-queue rates: the kernel\'s steering spread.\n' +
-        'When queues are attached elsewhere it shows the device counters and says why (attaching would change the steering).',
+        'When queues are attached elsewhere (QEMU) it reads the kernel\'s per-queue counters without touching them:\n' +
+        'rx from the per-queue child qdiscs of the mq root, tx from a counting BPF program on the tap\'s tcx ingress hook\n' +
+        '(Linux 6.6+; detached when mqtap exits).  Whatever is unavailable is shown as - with the reason.',
     )
     .action((name: string, o: StatsOpts, cmd: Command) => ctx.run(() => cmdStats(name, o, ctx.globals(cmd)), ctx.globals(cmd)));
 }

@@ -36,6 +36,15 @@
  * `steeringQueue()` computes in JavaScript what rssProgram() computes in the
  * kernel (lib/steering.ts does the Toeplitz hash), so the placement of a
  * flow can be predicted, and tests check that both agree.
+ *
+ * One program here is not a steering program:
+ *
+ *   queueCountProgram()  a tc (sched_cls) program for a tap's tcx ingress
+ *                        hook: counts the frames and bytes each queue writes
+ *                        into the kernel, by skb->queue_mapping (tun records
+ *                        the queue there), in a per-CPU array map, and lets
+ *                        every frame through (TCX_NEXT).  Used by `mqtap
+ *                        stats` through lib/qstats.ts.
  */
 import { ErrorCodes, MqtapError, invalidArg, withContext } from './errors';
 import { native } from './native';
@@ -72,6 +81,10 @@ export interface BpfProgram {
   readonly insns: readonly BpfInsn[];
   /** struct bpf_insn[] bytes. */
   readonly bytes: Buffer;
+  /** BPF_PROG_TYPE_*; absent: a socket filter (steering programs). */
+  readonly progType?: number;
+  /** bpf_attr.expected_attach_type (e.g. BPF_TCX_INGRESS); absent: 0. */
+  readonly expectedAttachType?: number;
 }
 
 /** Encodes instructions as struct bpf_insn[] (x86-64 / little-endian layout). */
@@ -140,6 +153,12 @@ class Asm {
     return this.emit(BPF.LD | BPF.IND | size, 0, src, 0, off);
   }
 
+  /** dst = the map behind fd `mapFd` (BPF_LD_MAP_FD: the kernel replaces the fd with the map when it loads the program). */
+  ldMapFd(dst: number, mapFd: number): this {
+    this.emit(BPF.LD | BPF.DW | BPF.IMM, dst, BC.BPF_PSEUDO_MAP_FD, 0, mapFd);
+    return this.emit(0, 0, 0, 0, 0);
+  }
+
   /** dst = imm64 (two instruction slots). */
   ldImm64(dst: number, v: bigint): this {
     const lo = Number(BigInt.asIntN(32, v & 0xffffffffn));
@@ -164,7 +183,7 @@ class Asm {
     return this.emit(BPF.JMP | BPF.EXIT);
   }
 
-  finish(name: string): BpfProgram {
+  finish(name: string, load: { progType?: number; expectedAttachType?: number } = {}): BpfProgram {
     for (const f of this.#fixups) {
       const to = this.#labels.get(f.label);
       if (to === undefined) throw new Error(`bpf asm: undefined label ${f.label}`);
@@ -172,7 +191,7 @@ class Asm {
       if (off < -32768 || off > 32767) throw new Error(`bpf asm: jump to ${f.label} out of range`);
       this.insns[f.at]!.off = off;
     }
-    return { name, insns: this.insns, bytes: encodeInsns(this.insns) };
+    return { name, insns: this.insns, bytes: encodeInsns(this.insns), ...load };
   }
 }
 
@@ -246,7 +265,7 @@ function keyWindow(key: Uint8Array, p: number): number {
 
 // Registers: r6 = skb (LD_ABS/IND need it there), r7 = hash, r8 = IPv4
 // header length, r9 = L4 protocol; r0..r5 are clobbered by every LD_ABS.
-const R0 = 0, R1 = 1, R6 = 6, R7 = 7, R8 = 8, R9 = 9, R10 = 10;
+const R0 = 0, R1 = 1, R2 = 2, R6 = 6, R7 = 7, R8 = 8, R9 = 9, R10 = 10;
 
 /** hash ^= Toeplitz contribution of the 32-bit word in r0, input bits base..base+31. */
 function hashWord(a: Asm, key: Uint8Array, base: number): void {
@@ -356,6 +375,63 @@ export function randomProgram(): BpfProgram {
   return new Asm().call(BC.BPF_FUNC_get_prandom_u32).exit().finish('random');
 }
 
+// ---------------------------------------------------------------- per-queue counting (tcx ingress)
+
+/**
+ * Layout of the map queueCountProgram() counts into: an array (per-CPU) of
+ * QUEUE_COUNT_ENTRIES values of QUEUE_COUNT_VALUE_SIZE bytes, key = u32.
+ * Key k = skb->queue_mapping: tun records queue q as q + 1
+ * (skb_record_rx_queue), so key q + 1 counts queue q (the kernel's slot) and
+ * key 0 counts frames with no queue recorded.  tun has at most 256 queues,
+ * hence 257 entries; a larger queue_mapping (not from tun) also counts in 0.
+ * Each value is { u64 frames; u64 bytes } (host byte order).
+ */
+export const QUEUE_COUNT_ENTRIES = 257;
+export const QUEUE_COUNT_VALUE_SIZE = 16;
+
+/**
+ * A tc (BPF_PROG_TYPE_SCHED_CLS) program for a device's tcx ingress hook
+ * that counts every frame and its bytes (skb->len: at tc ingress the
+ * Ethernet header is included) under key skb->queue_mapping in the map
+ * behind `mapFd` (see QUEUE_COUNT_ENTRIES), and returns TCX_NEXT: the frame
+ * goes on unchanged (next tcx program, then the stack).
+ *
+ *   r6 = ctx
+ *   r2 = ctx->queue_mapping;  if r2 > 256: r2 = 0
+ *   *(u32 *)(fp - 4) = r2
+ *   r0 = bpf_map_lookup_elem(map, fp - 4);  if !r0: goto out
+ *   r0->frames += 1;  r0->bytes += ctx->len      (per-CPU value: no atomics)
+ *   out: return TCX_NEXT
+ */
+export function queueCountProgram(mapFd: number): BpfProgram {
+  if (!Number.isInteger(mapFd) || mapFd < 0 || mapFd > 0x7fffffff) throw invalidArg('mapFd must be a file descriptor');
+  const a = new Asm();
+  a.alu64x(BPF.MOV, R6, R1);
+  a.ldx(BPF.W, R2, R6, BC.SKB_QUEUE_MAPPING);
+  a.jmpImm(BPF.JGT, R2, QUEUE_COUNT_ENTRIES - 1, 'unrecorded');
+  a.ja('key');
+  a.label('unrecorded');
+  a.alu64(BPF.MOV, R2, 0);
+  a.label('key');
+  a.stx(BPF.W, R10, R2, -4);
+  a.ldMapFd(R1, mapFd);
+  a.alu64x(BPF.MOV, R2, R10);
+  a.alu64(BPF.ADD, R2, -4);
+  a.call(BC.BPF_FUNC_map_lookup_elem);
+  a.jmpImm(BPF.JEQ, R0, 0, 'out');
+  a.ldx(BPF.DW, R1, R0, 0);
+  a.alu64(BPF.ADD, R1, 1);
+  a.stx(BPF.DW, R0, R1, 0);
+  a.ldx(BPF.W, R1, R6, BC.SKB_LEN);
+  a.ldx(BPF.DW, R2, R0, 8);
+  a.alu64x(BPF.ADD, R2, R1);
+  a.stx(BPF.DW, R0, R2, 8);
+  a.label('out');
+  a.alu64(BPF.MOV, R0, BC.TCX_NEXT);
+  a.exit();
+  return a.finish('queue_count', { progType: BC.BPF_PROG_TYPE_SCHED_CLS, expectedAttachType: BC.BPF_TCX_INGRESS });
+}
+
 // ---------------------------------------------------------------- the userspace model
 
 /**
@@ -426,16 +502,20 @@ export interface VerifierError extends MqtapError {
 }
 
 /**
- * bpf(BPF_PROG_LOAD) as a socket filter.  On failure the load is repeated
- * with a verifier log buffer (log level 1) and the error carries the
- * verifier's text: the last lines in the message, all of it in
- * `err.verifierLog`.
+ * bpf(BPF_PROG_LOAD) as the program's type (a socket filter unless
+ * `prog.progType` says otherwise) with its expected attach type.  On
+ * failure the load is repeated with a verifier log buffer (log level 1) and
+ * the error carries the verifier's text: the last lines in the message, all
+ * of it in `err.verifierLog`.
  */
 export function loadProgram(prog: BpfProgram): LoadedProgram {
   const name = `mqtap_${prog.name.replace(/[^A-Za-z0-9_]/g, '_')}`.slice(0, 15);
+  const type = prog.progType ?? BC.BPF_PROG_TYPE_SOCKET_FILTER;
+  const attachType = prog.expectedAttachType ?? 0;
+  const what = type === BC.BPF_PROG_TYPE_SOCKET_FILTER ? 'steering' : 'counting';
   let fd: number;
   try {
-    fd = native.bpfProgLoad(BC.BPF_PROG_TYPE_SOCKET_FILTER, prog.bytes, 'MIT', name, null, 0);
+    fd = native.bpfProgLoad(type, prog.bytes, 'MIT', name, null, 0, attachType);
   } catch (first) {
     if (!(first instanceof MqtapError)) throw first;
     if (first.code === 'EPERM' || first.code === 'ENOSYS') {
@@ -444,17 +524,22 @@ export function loadProgram(prog: BpfProgram): LoadedProgram {
     }
     const log = Buffer.alloc(4 << 20);
     try {
-      fd = native.bpfProgLoad(BC.BPF_PROG_TYPE_SOCKET_FILTER, prog.bytes, 'MIT', name, log, 1);
+      fd = native.bpfProgLoad(type, prog.bytes, 'MIT', name, log, 1, attachType);
     } catch (err) {
       const text = log.subarray(0, Math.max(0, log.indexOf(0))).toString('utf8');
       const tail = text.trim().split('\n').slice(-3).join(' | ');
+      // No log at all: the kernel refused before the verifier ran (an
+      // unknown program or attach type on an older kernel, a bad size): not
+      // the generator's fault.
       const e = new MqtapError({
         op: 'BPF_PROG_LOAD',
         code: (err as MqtapError).code ?? first.code,
         errno: (err as MqtapError).errno ?? first.errno,
         syscall: 'bpf',
-        message: `the kernel's verifier refused the ${prog.name} steering program (${prog.insns.length} instructions): ${tail || (err as Error).message}`,
-        hint: 'this is a bug in mqtap\'s program generator: please report it with err.verifierLog',
+        message: text.trim()
+          ? `the kernel's verifier refused the ${prog.name} ${what} program (${prog.insns.length} instructions): ${tail}`
+          : `the kernel refused to load the ${prog.name} ${what} program (program type ${type}, attach type ${attachType}) before verifying it: ${(err as Error).message}`,
+        hint: text.trim() ? 'this is a bug in mqtap\'s program generator: please report it with err.verifierLog' : 'the running kernel may not know this program or attach type',
         cause: err,
       }) as VerifierError;
       e.verifierLog = text;

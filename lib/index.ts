@@ -83,7 +83,24 @@ export {
   type QemuNetdevOptions,
 } from './qemu';
 export { openQueueIO, openTapIO, openFdIO, QueueIO, FrameBatch, totalStats, setSendBuffer, getSendBuffer, applyOffloads, defaultEngines, TUN_F, ERR_BATCH_RELEASED, type IoEngine, type QueueIOOptions, type QueueIOStats, type DirectionStats, type WriteResult, type WriteOptions, type OffloadRequest, type OffloadResult } from './io';
-export { rssProgram, constantProgram, randomProgram, steeringQueue, rssInput, loadProgram, testRunProgram, attachSteering, detachSteering, Steering, encodeInsns, BPF, type BpfProgram, type BpfInsn, type RssConfig, type LoadedProgram, type VerifierError } from './bpf';
+export { rssProgram, constantProgram, randomProgram, queueCountProgram, QUEUE_COUNT_ENTRIES, QUEUE_COUNT_VALUE_SIZE, steeringQueue, rssInput, loadProgram, testRunProgram, attachSteering, detachSteering, Steering, encodeInsns, BPF, type BpfProgram, type BpfInsn, type RssConfig, type LoadedProgram, type VerifierError } from './bpf';
+export {
+  openQueueStats,
+  QueueStats,
+  openTcxQueueCounter,
+  TcxQueueCounter,
+  tcxIngressPrograms,
+  tcxUnavailableReason,
+  mapQdiscsToQueues,
+  readQdiscs,
+  formatTcHandle,
+  possibleCpus,
+  type QueueCount,
+  type QueueCounters,
+  type QueueStatsOptions,
+  type QdiscQueueCounters,
+  type TcxCounts,
+} from './qstats';
 export { withNetns, isolateNetns, netnsPath, type IsolatedNetns } from './netns';
 export { silentLogger, stderrLogger, type Logger } from './log';
 export {
@@ -97,4 +114,4 @@ export {
   formatMac,
   type VnetHdrSize,
 } from './validate';
-export { native as _native, K as constants, type NativeConstants } from './native';
+export { native as _native, K as constants, type NativeConstants, type RawQdisc } from './native';

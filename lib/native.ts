@@ -42,6 +42,9 @@ export interface NativeConstants {
   readonly IF_OPER_TESTING: number;
   readonly IF_OPER_DORMANT: number;
   readonly IF_OPER_UP: number;
+  /** tcm_parent of a root qdisc / the ingress (clsact) pseudo-qdisc (<linux/pkt_sched.h>). */
+  readonly TC_H_ROOT: number;
+  readonly TC_H_INGRESS: number;
   readonly CLONE_NEWNET: number;
   readonly PAGE_SIZE: number;
   // virtio / vhost-net (native/virtio_consts.c)
@@ -123,6 +126,26 @@ export interface RawLink {
   stats?: LinkStats;
 }
 
+/** One RTM_NEWQDISC message, decoded (native/rtnl.cc rtnlGetQdiscs). */
+export interface RawQdisc {
+  ifindex: number;
+  /** tcm_handle: major in the upper 16 bits (0 for default qdiscs). */
+  handle: number;
+  /** tcm_parent: TC_H_ROOT for the root qdisc, major:minor of the parent class otherwise (`:1` = 0x00000001). */
+  parent: number;
+  /** TCA_KIND ('mq', 'pfifo_fast', 'fq_codel', 'noqueue', ...); absent if the kernel sent none. */
+  kind?: string;
+  /** TCA_STATS2 basic counters (TCA_STATS_PKT64 when present): what the qdisc handed on. */
+  bytes: number;
+  packets: number;
+  /** TCA_STATS_QUEUE. */
+  drops: number;
+  overlimits: number;
+  requeues: number;
+  qlen: number;
+  backlog: number;
+}
+
 /** IFLA_STATS64 counters, from the device's point of view (rx = frames the kernel received from the tap's queues). */
 export interface LinkStats {
   rxPackets: number;
@@ -162,6 +185,8 @@ export interface NativeBinding {
   // rtnetlink
   rtnlGetLinks(name?: string): RawLink[];
   rtnlDelLink(index: number): void;
+  /** RTM_GETQDISC dump: every qdisc of the device with this ifindex, with its counters. */
+  rtnlGetQdiscs(ifindex: number): RawQdisc[];
   // process
   close(fd: number): void;
   setNonBlocking(fd: number, on: boolean): void;
@@ -257,16 +282,38 @@ export interface NativeBinding {
     readonly INT_MAX: number;
   };
   /** bpf(BPF_PROG_LOAD): a new program fd (O_CLOEXEC).  With logBuf, the verifier's log is written there (NUL-terminated). */
-  bpfProgLoad(progType: number, insns: Uint8Array, license: string, name: string, logBuf: Uint8Array | null, logLevel: number): number;
+  bpfProgLoad(progType: number, insns: Uint8Array, license: string, name: string, logBuf: Uint8Array | null, logLevel: number, expectedAttachType?: number): number;
+  /** bpf(BPF_MAP_CREATE): a new map fd (O_CLOEXEC). */
+  bpfMapCreate(mapType: number, keySize: number, valueSize: number, maxEntries: number, mapFlags: number, name: string): number;
+  /** bpf(BPF_MAP_LOOKUP_ELEM) into `value` (per-CPU maps: round_up(value_size, 8) bytes per possible CPU); false when the key is absent. */
+  bpfMapLookupElem(mapFd: number, key: Uint8Array, value: Uint8Array): boolean;
+  /** bpf(BPF_LINK_CREATE) on a device (tcx): a new link fd (O_CLOEXEC); closing it detaches the program. */
+  bpfLinkCreate(progFd: number, targetIfindex: number, attachType: number, flags: number): number;
+  /** bpf(BPF_PROG_QUERY) of a device's attach point: the kernel's count and up to maxIds program ids, in order. */
+  bpfProgQuery(targetIfindex: number, attachType: number, maxIds: number): { count: number; progIds: number[] };
   /** bpf(BPF_PROG_TEST_RUN) on one packet. */
   bpfProgTestRun(progFd: number, data: Uint8Array, repeat?: number): { retval: number; duration: number };
   /** TUNSETSTEERINGEBPF; -1 detaches. */
   tunSetSteeringEbpf(fd: number, progFd: number): void;
   readonly bpfConstants: {
     readonly BPF_PROG_TYPE_SOCKET_FILTER: number;
+    readonly BPF_PROG_TYPE_SCHED_CLS: number;
+    readonly BPF_MAP_TYPE_ARRAY: number;
+    readonly BPF_MAP_TYPE_PERCPU_ARRAY: number;
     readonly BPF_FUNC_get_prandom_u32: number;
+    readonly BPF_FUNC_map_lookup_elem: number;
+    readonly BPF_PSEUDO_MAP_FD: number;
     readonly BPF_MAXINSNS: number;
+    /** tcx attach points (Linux 6.6+; supplied by the addon when its build headers are older). */
+    readonly BPF_TCX_INGRESS: number;
+    readonly BPF_TCX_EGRESS: number;
+    readonly BPF_F_BEFORE: number;
+    /** tcx return code "go on with the next program" (== TC_ACT_UNSPEC, -1). */
+    readonly TCX_NEXT: number;
     readonly SIZEOF_BPF_INSN: number;
+    /** offsetof(struct __sk_buff, len / queue_mapping). */
+    readonly SKB_LEN: number;
+    readonly SKB_QUEUE_MAPPING: number;
   };
   // ---- END DATA PATH section ----
 }

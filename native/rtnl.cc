@@ -1,10 +1,13 @@
 // The kernel's own view of links over rtnetlink (RTM_GETLINK), including the
-// tun driver's IFLA_TUN_* attributes (numqueues, numdisabled, ...), and
-// RTM_DELLINK.  Each exported function is one request/response exchange on a
-// short-lived NETLINK_ROUTE socket; attribute decoding is plain marshalling
-// (no policy: the library decides what a "tap" is).
+// tun driver's IFLA_TUN_* attributes (numqueues, numdisabled, ...),
+// RTM_DELLINK, and a device's qdiscs with their counters (RTM_GETQDISC).
+// Each exported function is one request/response exchange on a short-lived
+// NETLINK_ROUTE socket; attribute decoding is plain marshalling (no policy:
+// the library decides what a "tap" is and which qdisc counts which queue).
+#include <linux/gen_stats.h>
 #include <linux/if_link.h>
 #include <linux/netlink.h>
+#include <linux/pkt_sched.h>
 #include <linux/rtnetlink.h>
 #include <linux/if.h>
 #include <sys/socket.h>
@@ -166,10 +169,11 @@ Napi::Object DecodeLink(Napi::Env env, const struct nlmsghdr* h) {
 }
 
 // Reads replies for `seq` until NLMSG_DONE (dump) or the one reply / ACK.
-// Calls on_msg for each RTM_NEWLINK.  Returns the negative errno carried by an
-// NLMSG_ERROR (0 for an ACK), with the extended-ACK text in *ext.
+// Calls on_msg for each message of type `want` (RTM_NEWLINK, RTM_NEWQDISC).
+// Returns the negative errno carried by an NLMSG_ERROR (0 for an ACK), with
+// the extended-ACK text in *ext.
 template <typename F>
-int ReadReplies(Napi::Env env, NetlinkSocket* sock, uint32_t seq, bool dump, F on_msg, std::string* ext) {
+int ReadReplies(Napi::Env env, NetlinkSocket* sock, uint32_t seq, bool dump, uint16_t want, F on_msg, std::string* ext) {
   std::vector<char> buf(64 * 1024);
   for (;;) {
     size_t n = sock->Recv(&buf);
@@ -193,7 +197,7 @@ int ReadReplies(Napi::Env env, NetlinkSocket* sock, uint32_t seq, bool dump, F o
         }
         return e->error;
       }
-      if (h->nlmsg_type == RTM_NEWLINK) {
+      if (h->nlmsg_type == want) {
         on_msg(h);
         if (!dump) return 0;
       }
@@ -220,7 +224,7 @@ Napi::Value RtnlGetLinks(const Napi::CallbackInfo& info) {
   sock.Send(&req.hdr);
   Napi::Array out = Napi::Array::New(env);
   std::string ext;
-  int err = ReadReplies(env, &sock, 1, !one, [&](const struct nlmsghdr* h) { out.Set(out.Length(), DecodeLink(env, h)); }, &ext);
+  int err = ReadReplies(env, &sock, 1, !one, RTM_NEWLINK, [&](const struct nlmsghdr* h) { out.Set(out.Length(), DecodeLink(env, h)); }, &ext);
   if (err == -ENODEV && one) return Napi::Array::New(env);
   if (err != 0) ThrowSys(env, "RTM_GETLINK", "netlink", -err, ext);
   return out;
@@ -241,9 +245,115 @@ Napi::Value RtnlDelLink(const Napi::CallbackInfo& info) {
   req.ifi.ifi_index = index;
   sock.Send(&req.hdr);
   std::string ext;
-  int err = ReadReplies(env, &sock, 1, false, [](const struct nlmsghdr*) {}, &ext);
+  int err = ReadReplies(env, &sock, 1, false, RTM_NEWLINK, [](const struct nlmsghdr*) {}, &ext);
   if (err != 0) ThrowSys(env, "RTM_DELLINK", "netlink", -err, ext);
   return env.Undefined();
+}
+
+// One RTM_NEWQDISC message: identity and counters.  TCA_STATS2 (gen_stats.h)
+// is preferred; TCA_STATS_PKT64 carries the packet count when it no longer
+// fits the 32 bits of gnet_stats_basic.  The legacy TCA_STATS (struct
+// tc_stats) is read only when TCA_STATS2 is absent.
+Napi::Object DecodeQdisc(Napi::Env env, const struct nlmsghdr* h) {
+  const struct tcmsg* t = static_cast<const struct tcmsg*>(NLMSG_DATA(h));
+  Napi::Object q = Napi::Object::New(env);
+  q.Set("ifindex", Napi::Number::New(env, t->tcm_ifindex));
+  q.Set("handle", Napi::Number::New(env, t->tcm_handle));
+  q.Set("parent", Napi::Number::New(env, t->tcm_parent));
+  double bytes = 0, packets = 0, drops = 0, overlimits = 0, requeues = 0, qlen = 0, backlog = 0;
+  bool have_stats2 = false, have_pkt64 = false;
+  struct tc_stats legacy;
+  bool have_legacy = false;
+  int len = static_cast<int>(h->nlmsg_len) - static_cast<int>(NLMSG_LENGTH(sizeof(struct tcmsg)));
+  for (const struct rtattr* a = TCA_RTA(t); RTA_OK(a, len); a = RTA_NEXT(a, len)) {
+    switch (a->rta_type) {
+      case TCA_KIND: q.Set("kind", Str(a)); break;
+      case TCA_STATS2: {
+        have_stats2 = true;
+        int slen = RTA_PAYLOAD(a);
+        for (const struct rtattr* s = static_cast<const struct rtattr*>(RTA_DATA(a)); RTA_OK(s, slen); s = RTA_NEXT(s, slen)) {
+          if (s->rta_type == TCA_STATS_BASIC) {
+            struct gnet_stats_basic b;
+            memset(&b, 0, sizeof b);
+            memcpy(&b, RTA_DATA(s), std::min(sizeof b, static_cast<size_t>(RTA_PAYLOAD(s))));
+            bytes = static_cast<double>(b.bytes);
+            if (!have_pkt64) packets = static_cast<double>(b.packets);
+          } else if (s->rta_type == TCA_STATS_PKT64 && RTA_PAYLOAD(s) >= sizeof(uint64_t)) {
+            uint64_t p;
+            memcpy(&p, RTA_DATA(s), sizeof p);
+            packets = static_cast<double>(p);
+            have_pkt64 = true;
+          } else if (s->rta_type == TCA_STATS_QUEUE) {
+            struct gnet_stats_queue qs;
+            memset(&qs, 0, sizeof qs);
+            memcpy(&qs, RTA_DATA(s), std::min(sizeof qs, static_cast<size_t>(RTA_PAYLOAD(s))));
+            qlen = qs.qlen;
+            backlog = qs.backlog;
+            drops = qs.drops;
+            requeues = qs.requeues;
+            overlimits = qs.overlimits;
+          }
+        }
+        break;
+      }
+      case TCA_STATS: {
+        memset(&legacy, 0, sizeof legacy);
+        memcpy(&legacy, RTA_DATA(a), std::min(sizeof legacy, static_cast<size_t>(RTA_PAYLOAD(a))));
+        have_legacy = true;
+        break;
+      }
+      default: break;
+    }
+  }
+  if (!have_stats2 && have_legacy) {
+    bytes = static_cast<double>(legacy.bytes);
+    packets = legacy.packets;
+    drops = legacy.drops;
+    overlimits = legacy.overlimits;
+    qlen = legacy.qlen;
+    backlog = legacy.backlog;
+  }
+  q.Set("bytes", bytes);
+  q.Set("packets", packets);
+  q.Set("drops", drops);
+  q.Set("overlimits", overlimits);
+  q.Set("requeues", requeues);
+  q.Set("qlen", qlen);
+  q.Set("backlog", backlog);
+  return q;
+}
+
+// rtnlGetQdiscs(ifindex): every qdisc of one device (RTM_GETQDISC dump, as
+// `tc -s qdisc show dev X`): { ifindex, handle, parent, kind, bytes, packets,
+// drops, overlimits, requeues, qlen, backlog } each.  The request names the
+// device; replies for other devices are skipped as well (older kernels dump
+// every device).  Decoding only: which qdisc counts which queue is lib/'s
+// business.
+Napi::Value RtnlGetQdiscs(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  int32_t index = ArgInt(info, 0);
+  if (index <= 0) ThrowArg(env, "rtnlGetQdiscs: ifindex must be positive");
+  NetlinkSocket sock(env, "RTM_GETQDISC");
+  struct {
+    struct nlmsghdr hdr;
+    struct tcmsg tcm;
+  } req;
+  memset(&req, 0, sizeof req);
+  req.hdr.nlmsg_len = NLMSG_LENGTH(sizeof(struct tcmsg));
+  req.hdr.nlmsg_type = RTM_GETQDISC;
+  req.hdr.nlmsg_flags = NLM_F_REQUEST | NLM_F_DUMP;
+  req.hdr.nlmsg_seq = 1;
+  req.tcm.tcm_family = AF_UNSPEC;
+  req.tcm.tcm_ifindex = index;
+  sock.Send(&req.hdr);
+  Napi::Array out = Napi::Array::New(env);
+  std::string ext;
+  int err = ReadReplies(env, &sock, 1, true, RTM_NEWQDISC, [&](const struct nlmsghdr* h) {
+    const struct tcmsg* t = static_cast<const struct tcmsg*>(NLMSG_DATA(h));
+    if (h->nlmsg_len >= NLMSG_LENGTH(sizeof(struct tcmsg)) && t->tcm_ifindex == index) out.Set(out.Length(), DecodeQdisc(env, h));
+  }, &ext);
+  if (err != 0) ThrowSys(env, "RTM_GETQDISC", "netlink", -err, ext);
+  return out;
 }
 
 }  // namespace
@@ -251,7 +361,10 @@ Napi::Value RtnlDelLink(const Napi::CallbackInfo& info) {
 void InitRtnl(Napi::Env env, Napi::Object exports) {
   exports.Set("rtnlGetLinks", Napi::Function::New(env, RtnlGetLinks, "rtnlGetLinks"));
   exports.Set("rtnlDelLink", Napi::Function::New(env, RtnlDelLink, "rtnlDelLink"));
+  exports.Set("rtnlGetQdiscs", Napi::Function::New(env, RtnlGetQdiscs, "rtnlGetQdiscs"));
   Napi::Object c = Constants(exports);
+  MQTAP_CONST(c, TC_H_ROOT);
+  MQTAP_CONST(c, TC_H_INGRESS);
   MQTAP_CONST(c, IF_OPER_UNKNOWN);
   MQTAP_CONST(c, IF_OPER_NOTPRESENT);
   MQTAP_CONST(c, IF_OPER_DOWN);

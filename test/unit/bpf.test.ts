@@ -5,12 +5,20 @@
  * byte order, out of bounds ends the program with 0) and must agree with the
  * userspace model (steeringQueue) and with lib/steering.ts's Toeplitz hash,
  * including Microsoft's published RSS verification vectors.
+ *
+ * The interpreter also models what the per-queue counting program
+ * (queueCountProgram, a tc program for the tcx ingress hook) touches: a
+ * struct __sk_buff context, an array map reached through BPF_LD_MAP_FD and
+ * bpf_map_lookup_elem, and 32/64-bit loads and stores into the map value.
  */
 import { describe, expect, it } from 'vitest';
 import {
   BPF,
+  QUEUE_COUNT_ENTRIES,
+  QUEUE_COUNT_VALUE_SIZE,
   constantProgram,
   encodeInsns,
+  queueCountProgram,
   randomProgram,
   rssInput,
   rssProgram,
@@ -19,20 +27,43 @@ import {
   type BpfProgram,
   type RssConfig,
 } from '../../lib/bpf.js';
+import { native } from '../../lib/native.js';
 import { MICROSOFT_RSS_KEY, defaultIndirectionTable, rssInputIPv4, rssInputIPv6, rssQueue, toeplitzHash } from '../../lib/steering.js';
+
+const BC = native.bpfConstants;
 
 // ------------------------------------------------------------------ interpreter
 
 const M64 = (1n << 64n) - 1n;
 const M32 = (1n << 32n) - 1n;
 
-/** Runs a program on a packet (skb->data = the Ethernet header); returns r0 (u32), as the kernel's BPF_PROG_RUN does. */
-function run(prog: BpfProgram, pkt: Uint8Array, opts: { prandom?: () => number } = {}): { ret: number; steps: number } {
+/** An array map as the interpreter sees it: `entries` values of `valueSize` bytes, back to back. */
+interface FakeMap {
+  fd: number;
+  entries: number;
+  valueSize: number;
+  mem: Uint8Array;
+}
+
+/**
+ * Runs a program on a packet (skb->data = the Ethernet header); returns r0
+ * (u32), as the kernel's BPF_PROG_RUN does.  With `ctx`, r1 points at those
+ * bytes (a struct __sk_buff) and LDX through it reads them; with `map`,
+ * BPF_LD_MAP_FD of map.fd and bpf_map_lookup_elem reach map.mem.
+ */
+function run(
+  prog: BpfProgram,
+  pkt: Uint8Array,
+  opts: { prandom?: () => number; ctx?: Uint8Array; map?: FakeMap } = {},
+): { ret: number; steps: number } {
   const r: bigint[] = new Array<bigint>(11).fill(0n);
   const stack = new Uint8Array(512);
   const FP = 1n << 40n; // r10: a fake address for the top of the stack
+  const CTX = 2n << 40n; // the context
+  const MAPVAL = 3n << 40n; // map values
+  const MAPREF = 4n << 40n; // what BPF_LD_MAP_FD puts in a register
   r[10] = FP;
-  r[1] = 0xc7c7n; // ctx
+  r[1] = opts.ctx ? CTX : 0xc7c7n; // ctx
   const insns = prog.insns;
   let pc = 0;
   let steps = 0;
@@ -49,6 +80,22 @@ function run(prog: BpfProgram, pkt: Uint8Array, opts: { prandom?: () => number }
     if (o < 0 || o + n > 512) throw new Error(`stack access out of range at ${pc}`);
     return o;
   };
+  /** The bytes and offset behind an address (stack, context or map value), bounds-checked. */
+  const mem = (addr: bigint, n: number, write: boolean): [Uint8Array, number] => {
+    if (addr >= MAPVAL && addr < MAPREF && opts.map) {
+      const o = Number(addr - MAPVAL);
+      if (o < 0 || o + n > opts.map.mem.length) throw new Error(`map value access out of range at ${pc}`);
+      return [opts.map.mem, o];
+    }
+    if (addr >= CTX && addr < MAPVAL && opts.ctx) {
+      if (write) throw new Error(`write to the context at ${pc}`);
+      const o = Number(addr - CTX);
+      if (o < 0 || o + n > opts.ctx.length) throw new Error(`context access out of range at ${pc}`);
+      return [opts.ctx, o];
+    }
+    return [stack, stackAddr(addr, n)];
+  };
+  const sizeOf = (code: number): number => ({ [BPF.B]: 1, [BPF.H]: 2, [BPF.W]: 4, [BPF.DW]: 8 })[code & 0x18]!;
   for (;;) {
     if (++steps > 100_000) throw new Error('runaway program');
     const x: BpfInsn = insns[pc]!;
@@ -81,6 +128,16 @@ function run(prog: BpfProgram, pkt: Uint8Array, opts: { prandom?: () => number }
     } else if (cls === BPF.JMP) {
       const op = x.code & 0xf0;
       if (op === BPF.EXIT) return { ret: Number(r[0]! & M32), steps };
+      if (op === BPF.CALL && x.imm === BC.BPF_FUNC_map_lookup_elem) {
+        const m = opts.map;
+        if (!m || r[1] !== MAPREF + BigInt(m.fd)) throw new Error(`map_lookup_elem without the map in r1 at ${pc}`);
+        const [b, o] = mem(r[2]!, 4, false);
+        const key = b[o]! | (b[o + 1]! << 8) | (b[o + 2]! << 16) | (b[o + 3]! * 2 ** 24);
+        r[0] = key < m.entries ? MAPVAL + BigInt(key * m.valueSize) : 0n;
+        for (let i = 1; i <= 5; i++) r[i] = 0xdeadn;
+        pc++;
+        continue;
+      }
       if (op === BPF.CALL) {
         r[0] = BigInt((opts.prandom ?? (() => 0x12345678))() >>> 0);
         for (let i = 1; i <= 5; i++) r[i] = 0xdeadn;
@@ -103,6 +160,12 @@ function run(prog: BpfProgram, pkt: Uint8Array, opts: { prandom?: () => number }
     } else if (cls === BPF.LD) {
       const mode = x.code & 0xe0;
       const size = x.code & 0x18;
+      if (mode === BPF.IMM && size === BPF.DW && x.src === BC.BPF_PSEUDO_MAP_FD) {
+        if (!opts.map || x.imm !== opts.map.fd) throw new Error(`BPF_LD_MAP_FD of an unknown map fd ${x.imm} at ${pc}`);
+        r[x.dst] = MAPREF + BigInt(x.imm);
+        pc += 2;
+        continue;
+      }
       if (mode === BPF.IMM && size === BPF.DW) {
         r[x.dst] = (BigInt.asUintN(32, BigInt(insns[pc + 1]!.imm)) << 32n) | BigInt.asUintN(32, imm);
         pc += 2;
@@ -115,17 +178,18 @@ function run(prog: BpfProgram, pkt: Uint8Array, opts: { prandom?: () => number }
       for (let i = 1; i <= 5; i++) r[i] = 0xdeadn; // clobbered, as after a call
       pc++;
     } else if (cls === BPF.STX) {
-      const n = (x.code & 0x18) === BPF.DW ? 8 : 1;
-      const o = stackAddr(r[x.dst]! + BigInt(x.off), n);
+      if ((x.code & 0xe0) !== BPF.MEM) throw new Error(`STX mode ${x.code.toString(16)} at ${pc}`);
+      const n = sizeOf(x.code);
+      const [b, o] = mem(r[x.dst]! + BigInt(x.off), n, true);
       let v = r[x.src]!;
-      for (let i = 0; i < n; i++, v >>= 8n) stack[o + i] = Number(v & 0xffn);
+      for (let i = 0; i < n; i++, v >>= 8n) b[o + i] = Number(v & 0xffn);
       pc++;
     } else if (cls === BPF.LDX) {
-      const n = (x.code & 0x18) === BPF.DW ? 8 : 1;
-      const o = stackAddr(r[x.src]! + BigInt(x.off), n);
+      const n = sizeOf(x.code);
+      const [b, o] = mem(r[x.src]! + BigInt(x.off), n, false);
       let v = 0n;
-      for (let i = n - 1; i >= 0; i--) v = (v << 8n) | BigInt(stack[o + i]!);
-      r[x.dst] = v;
+      for (let i = n - 1; i >= 0; i--) v = (v << 8n) | BigInt(b[o + i]!);
+      r[x.dst] = v; // zero-extended, as the kernel's LDX does
       pc++;
     } else {
       throw new Error(`class ${cls} at ${pc}`);
@@ -320,5 +384,79 @@ describe('rssProgram: the Toeplitz hash, unrolled', () => {
     expect(() => rssProgram({ queues: 0 })).toThrow(/1\.\.256/);
     expect(() => rssProgram({ bogus: 1 } as unknown as RssConfig)).toThrow(/unknown RSS option/);
     expect(() => constantProgram(-1)).toThrow();
+  });
+});
+
+describe('queueCountProgram: per-queue counting on the tcx ingress hook', () => {
+  const FD = 37;
+  const newMap = (entries = QUEUE_COUNT_ENTRIES): FakeMap => ({ fd: FD, entries, valueSize: QUEUE_COUNT_VALUE_SIZE, mem: new Uint8Array(entries * QUEUE_COUNT_VALUE_SIZE) });
+  /** A struct __sk_buff with len and queue_mapping set (offsets from the kernel headers, through the addon). */
+  const skb = (queueMapping: number, len: number): Uint8Array => {
+    const b = Buffer.alloc(Math.max(BC.SKB_LEN, BC.SKB_QUEUE_MAPPING) + 64);
+    b.writeUInt32LE(len, BC.SKB_LEN);
+    b.writeUInt32LE(queueMapping, BC.SKB_QUEUE_MAPPING);
+    return b;
+  };
+  const entry = (m: FakeMap, key: number): { frames: number; bytes: number } => {
+    const b = Buffer.from(m.mem.buffer, m.mem.byteOffset, m.mem.byteLength);
+    return { frames: Number(b.readBigUInt64LE(key * 16)), bytes: Number(b.readBigUInt64LE(key * 16 + 8)) };
+  };
+  const TCX_NEXT_U32 = BC.TCX_NEXT >>> 0;
+
+  it('is a sched_cls program for BPF_TCX_INGRESS that names the map once (BPF_LD_MAP_FD)', () => {
+    const p = queueCountProgram(FD);
+    expect(p.progType).toBe(BC.BPF_PROG_TYPE_SCHED_CLS);
+    expect(p.expectedAttachType).toBe(BC.BPF_TCX_INGRESS);
+    expect(BC.TCX_NEXT).toBe(-1);
+    const ldMap = p.insns.map((x, i) => ({ x, i })).filter(({ x }) => x.code === (BPF.LD | BPF.DW | BPF.IMM) && x.src === BC.BPF_PSEUDO_MAP_FD);
+    expect(ldMap).toHaveLength(1);
+    expect(ldMap[0]!.x.imm).toBe(FD);
+    // struct bpf_insn: code 0x18, dst r1 / src 1 (pseudo map fd) in one byte, imm = the fd; then the second half
+    const at = ldMap[0]!.i * 8;
+    expect(p.bytes.subarray(at, at + 16).toString('hex')).toBe('1811000025000000' + '0000000000000000');
+    expect(p.insns.filter((x) => x.code === (BPF.JMP | BPF.CALL)).map((x) => x.imm)).toEqual([BC.BPF_FUNC_map_lookup_elem]);
+    expect(p.insns.length).toBeLessThan(32);
+  });
+
+  it('counts frames and bytes under key queue_mapping (queue q = key q + 1) and always returns TCX_NEXT', () => {
+    const map = newMap();
+    const p = queueCountProgram(FD);
+    const sent: Array<[number, number]> = [];
+    // queue q written as queue_mapping q + 1, as tun's skb_record_rx_queue does
+    for (let q = 0; q < 4; q++) for (let k = 0; k <= q; k++) sent.push([q + 1, 60 + 10 * q]);
+    sent.push([256, 1514]); // queue 255: the last tun can have
+    for (const [qm, len] of sent) expect(run(p, Buffer.alloc(0), { ctx: skb(qm, len), map }).ret).toBe(TCX_NEXT_U32);
+    for (let q = 0; q < 4; q++) expect(entry(map, q + 1)).toEqual({ frames: q + 1, bytes: (q + 1) * (60 + 10 * q) });
+    expect(entry(map, 256)).toEqual({ frames: 1, bytes: 1514 });
+    expect(entry(map, 0)).toEqual({ frames: 0, bytes: 0 });
+    expect(entry(map, 5)).toEqual({ frames: 0, bytes: 0 });
+  });
+
+  it('counts frames with no queue recorded, or a queue_mapping beyond tun\'s 256 queues, under key 0', () => {
+    const map = newMap();
+    const p = queueCountProgram(FD);
+    for (const qm of [0, 257, 1000, 65535]) expect(run(p, Buffer.alloc(0), { ctx: skb(qm, 100), map }).ret).toBe(TCX_NEXT_U32);
+    expect(entry(map, 0)).toEqual({ frames: 4, bytes: 400 });
+    for (let k = 1; k < QUEUE_COUNT_ENTRIES; k++) expect(entry(map, k).frames).toBe(0);
+  });
+
+  it('lets the frame through untouched when the lookup finds nothing', () => {
+    const map = newMap(2); // a map too small for key 3: lookup returns NULL
+    expect(run(queueCountProgram(FD), Buffer.alloc(0), { ctx: skb(3, 100), map }).ret).toBe(TCX_NEXT_U32);
+    expect([...map.mem].every((b) => b === 0)).toBe(true);
+  });
+
+  it('accumulates 64-bit byte counts past 2^32', () => {
+    const map = newMap();
+    const p = queueCountProgram(FD);
+    const b = Buffer.from(map.mem.buffer);
+    b.writeBigUInt64LE(0xfffffff0n, 1 * 16 + 8);
+    run(p, Buffer.alloc(0), { ctx: skb(1, 0x20), map });
+    expect(b.readBigUInt64LE(1 * 16 + 8)).toBe(0x100000010n);
+  });
+
+  it('refuses a map fd that is not one', () => {
+    expect(() => queueCountProgram(-1)).toThrow(/mapFd/);
+    expect(() => queueCountProgram(1.5)).toThrow(/mapFd/);
   });
 });
