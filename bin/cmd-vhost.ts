@@ -26,6 +26,7 @@ import { release } from 'node:os';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { Option, type Command } from 'commander';
 import { MqtapError } from '../lib/errors';
+import { parseUdp4Frame, udp4Frame } from '../lib/frames';
 import type { Logger } from '../lib/log';
 import { isolateNetns } from '../lib/netns';
 import { openNetdev, type Netdev } from '../lib/netdev';
@@ -71,47 +72,15 @@ export interface SelftestOptions {
   timeoutMs?: number;
 }
 
-function macBytes(m: string): number[] {
-  return m.split(':').map((h) => parseInt(h, 16));
-}
-
-function ipChecksum(hdr: Buffer): number {
-  let sum = 0;
-  for (let i = 0; i < hdr.length; i += 2) sum += hdr.readUInt16BE(i);
-  while (sum > 0xffff) sum = (sum & 0xffff) + (sum >>> 16);
-  return ~sum & 0xffff;
-}
-
 /** Ethernet + IPv4 + UDP (checksum 0) from PEER:srcPort to LOCAL:LOCAL_PORT. */
 export function selftestFrame(srcPort: number, payload: Buffer): Buffer {
-  const f = Buffer.alloc(14 + 20 + 8 + payload.length);
-  Buffer.from(macBytes(TAP_MAC)).copy(f, 0);
-  Buffer.from(macBytes(PEER_MAC)).copy(f, 6);
-  f.writeUInt16BE(0x0800, 12);
-  const ip = f.subarray(14, 34);
-  ip[0] = 0x45;
-  ip.writeUInt16BE(20 + 8 + payload.length, 2);
-  ip.writeUInt16BE(0x4000, 6);
-  ip[8] = 64;
-  ip[9] = 17;
-  Buffer.from(PEER.split('.').map(Number)).copy(ip, 12);
-  Buffer.from(LOCAL.split('.').map(Number)).copy(ip, 16);
-  ip.writeUInt16BE(ipChecksum(ip), 10);
-  f.writeUInt16BE(srcPort, 34);
-  f.writeUInt16BE(LOCAL_PORT, 36);
-  f.writeUInt16BE(8 + payload.length, 38);
-  payload.copy(f, 42);
-  return f;
+  return udp4Frame({ dstMac: TAP_MAC, srcMac: PEER_MAC, srcIp: PEER, dstIp: LOCAL, srcPort, dstPort: LOCAL_PORT, payload });
 }
 
 /** The UDP payload and destination port of an IPv4/UDP frame from LOCAL to PEER, else undefined. */
 export function selftestReply(frame: Buffer): { dstPort: number; payload: Buffer } | undefined {
-  if (frame.length < 42 || frame.readUInt16BE(12) !== 0x0800 || frame[14] !== 0x45 || frame[23] !== 17) return undefined;
-  if (frame.subarray(30, 34).join('.') !== PEER) return undefined;
-  const total = frame.readUInt16BE(16);
-  const udpLen = frame.readUInt16BE(38);
-  if (14 + total > frame.length || udpLen !== total - 20) return undefined;
-  return { dstPort: frame.readUInt16BE(36), payload: Buffer.from(frame.subarray(42, 34 + udpLen)) };
+  const u = parseUdp4Frame(frame);
+  return u?.dstIp === PEER ? { dstPort: u.dstPort, payload: u.payload } : undefined;
 }
 
 function ip(args: string[]): void {

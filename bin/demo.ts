@@ -15,11 +15,12 @@
  * as root installs the packages; the kernel is fetched into the cache).
  */
 import { execFileSync, spawnSync } from 'node:child_process';
-import { readFileSync, readSync, writeSync } from 'node:fs';
+import { readFileSync, writeSync } from 'node:fs';
 import * as path from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { type Command } from 'commander';
 import { MqtapError } from '../lib/errors';
+import { drainFrames, ethernetFrame, ETH_ZLEN, ETHERTYPE, IPPROTO } from '../lib/frames';
 import {
   checkGuestRequirements,
   ensureGuestImage,
@@ -90,26 +91,29 @@ export interface DemoOptions {
 
 const VNET_HDR = 10;
 
-/** An Ethernet frame (local experimental EtherType 0x88b5) to `dst`, tagged with the queue number. */
-function demoFrame(dst: Buffer, queue: number): Buffer {
-  const f = Buffer.alloc(VNET_HDR + 60);
-  dst.copy(f, VNET_HDR);
-  Buffer.from([0x02, 0, 0, 0, 0xde, queue]).copy(f, VNET_HDR + 6);
-  f.writeUInt16BE(0x88b5, VNET_HDR + 12);
-  f.write(`mqtap demo frame on queue ${queue}`, VNET_HDR + 14);
-  return f;
+/** A minimum-size Ethernet frame (local experimental EtherType 0x88b5) to `dst`, tagged with the queue number, after a zeroed virtio-net header. */
+function demoFrame(dst: string, queue: number): Buffer {
+  const frame = ethernetFrame({
+    dstMac: dst,
+    srcMac: Buffer.from([0x02, 0, 0, 0, 0xde, queue]),
+    etherType: ETHERTYPE.LOCAL_EXPERIMENTAL,
+    payload: Buffer.from(`mqtap demo frame on queue ${queue}`),
+    minLength: ETH_ZLEN,
+  });
+  return Buffer.concat([Buffer.alloc(VNET_HDR), frame]);
 }
 
 function describeFrame(frame: Buffer): string {
   const type = frame.readUInt16BE(12);
-  if (type === 0x86dd && frame[20] === 58) {
+  // IPv6 next header at 14+6; ICMPv6 right after the 40-byte header, or after an 8-byte hop-by-hop header (MLD).
+  if (type === ETHERTYPE.IPV6 && frame[20] === IPPROTO.ICMPV6) {
     const icmp = frame[54];
     const names: Record<number, string> = { 133: 'router solicitation', 135: 'neighbour solicitation', 143: 'MLDv2 report' };
     return `IPv6 ICMPv6 ${names[icmp ?? 0] ?? `type ${icmp}`}`;
   }
-  if (type === 0x86dd && frame[20] === 0 && frame[62] === 143) return 'IPv6 MLDv2 report';
-  if (type === 0x86dd) return 'IPv6';
-  if (type === 0x0806) return 'ARP';
+  if (type === ETHERTYPE.IPV6 && frame[20] === 0 && frame[62] === 143) return 'IPv6 MLDv2 report';
+  if (type === ETHERTYPE.IPV6) return 'IPv6';
+  if (type === ETHERTYPE.ARP) return 'ARP';
   return `EtherType 0x${type.toString(16)}`;
 }
 
@@ -119,18 +123,7 @@ async function readFrames(tap: Tap, ms: number, want: number): Promise<Array<{ q
   for (const q of tap.openQueues()) native.setNonBlocking(q.fd, true);
   const deadline = Date.now() + ms;
   while (Date.now() < deadline && got.length < want) {
-    for (const q of tap.openQueues()) {
-      for (;;) {
-        let n: number;
-        try {
-          n = readSync(q.fd, buf, 0, buf.length, null);
-        } catch (err) {
-          if ((err as NodeJS.ErrnoException).code === 'EAGAIN') break;
-          throw err;
-        }
-        got.push({ queue: q.index, what: describeFrame(buf.subarray(VNET_HDR, n)) });
-      }
-    }
+    for (const q of tap.openQueues()) drainFrames(q.fd, buf, (f) => void got.push({ queue: q.index, what: describeFrame(f.subarray(VNET_HDR)) }));
     await sleep(50);
   }
   return got;
@@ -171,7 +164,7 @@ async function hostPart(opts: DemoOptions, result: DemoResult, step: StepFn): Pr
         `setActiveQueues(${half}) -> numqueues ${k.numQueues}, numdisabled ${k.numDisabledQueues}; setActiveQueues(${opts.queues}) -> numqueues ${k2.numQueues}, numdisabled ${k2.numDisabledQueues}`,
       );
 
-      const mac = Buffer.from(tap.info()!.address!.split(':').map((h) => parseInt(h, 16)));
+      const mac = tap.info()!.address!;
       const before = tap.info()!.stats!.rxPackets;
       for (const q of tap.openQueues()) writeSync(q.fd, demoFrame(mac, q.index));
       const after = tap.info()!.stats!.rxPackets;

@@ -46,6 +46,27 @@ export {
 } from './vnethdr';
 export { toeplitzHash, rssInputIPv4, rssInputIPv6, rssQueue, defaultIndirectionTable, flowHash, flowHashQueue, MICROSOFT_RSS_KEY } from './steering';
 export {
+  onesComplementSum,
+  ipv4Checksum,
+  ethernetFrame,
+  ipv4Header,
+  udp4Frame,
+  parseUdp4Frame,
+  drainFrames,
+  ETHERTYPE,
+  IPPROTO,
+  ETH_HLEN,
+  ETH_ZLEN,
+  IPV4_HLEN,
+  UDP_HLEN,
+  type MacAddress,
+  type IpAddress,
+  type EthernetFrameOptions,
+  type Ipv4HeaderOptions,
+  type Udp4FrameOptions,
+  type Udp4Datagram,
+} from './frames';
+export {
   UnixSocket,
   UnixServer,
   ReceivedFds,

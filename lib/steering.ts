@@ -108,7 +108,12 @@ function parseIPv6(text: string): Buffer {
   return out;
 }
 
-function addressBytes(addr: IpAddress, family: 4 | 6): Buffer {
+/**
+ * An address's network-order bytes (4 or 16), from text or from bytes of the right length.
+ * @throws {TypeError} on a malformed address
+ * @internal
+ */
+export function addressBytes(addr: IpAddress, family: 4 | 6): Buffer {
   const expected = family === 4 ? 4 : 16;
   if (typeof addr === 'string') {
     return family === 4 ? parseIPv4(addr) : parseIPv6(addr);

@@ -86,11 +86,20 @@ export function validateVnetHdrSize(size: unknown): VnetHdrSize {
   return size as VnetHdrSize;
 }
 
-/** Parses 'aa:bb:cc:dd:ee:ff' (or '-' separated) into 6 bytes; refuses multicast and all-zero. */
-export function parseMac(mac: unknown): Buffer {
+/**
+ * Any MAC address written as six hex pairs ('52:54:00:12:34:56' or with '-'),
+ * unicast, multicast or broadcast, as its 6 bytes.  `what` names the argument
+ * in the error.
+ */
+export function macBytes(mac: unknown, what = 'mac'): Buffer {
   if (typeof mac !== 'string' || !/^[0-9a-fA-F]{2}([:-][0-9a-fA-F]{2}){5}$/.test(mac))
-    throw invalidArg(`mac must look like 52:54:00:12:34:56 (got ${show(mac)})`);
-  const bytes = Buffer.from(mac.split(/[:-]/).map((h) => parseInt(h, 16)));
+    throw invalidArg(`${what} must look like 52:54:00:12:34:56 (got ${show(mac)})`);
+  return Buffer.from(mac.split(/[:-]/).map((h) => parseInt(h, 16)));
+}
+
+/** Parses 'aa:bb:cc:dd:ee:ff' (or '-' separated) into 6 bytes; refuses multicast and all-zero (a device's own address). */
+export function parseMac(mac: unknown): Buffer {
+  const bytes = macBytes(mac);
   if (bytes[0]! & 1) throw invalidArg(`mac ${mac} is a multicast address`, 'the first octet must be even, e.g. 52:54:00:...');
   if (bytes.every((b) => b === 0)) throw invalidArg('mac must not be all zeros');
   return bytes;

@@ -12,7 +12,6 @@
 import { execFileSync, spawnSync, type SpawnSyncReturns } from 'node:child_process';
 import { existsSync, readFileSync, readdirSync } from 'node:fs';
 import { afterAll, afterEach, beforeAll } from 'vitest';
-import { MqtapError } from '../../lib/errors.js';
 import { listTaps } from '../../lib/links.js';
 import { native } from '../../lib/native.js';
 import { isolateNetns, type IsolatedNetns } from '../../lib/netns.js';
@@ -173,16 +172,8 @@ export function ipLinkNames(): string[] {
   return (JSON.parse(run('ip', ['-j', 'link', 'show'])) as IpLink[]).map((l) => l.ifname);
 }
 
-/** Captures what a function throws (fails the test when it does not throw). */
-export function catchError(fn: () => unknown): MqtapError {
-  try {
-    fn();
-  } catch (err) {
-    if (!(err instanceof MqtapError)) throw new Error(`expected an MqtapError, got ${String(err)}`, { cause: err });
-    return err;
-  }
-  throw new Error('expected the call to throw');
-}
+/** Captures what a function throws (moved to errors.ts, which needs no native addon; re-exported for the integration tests). */
+export { catchError } from './errors.js';
 
 /**
  * Lowers this process's soft RLIMIT_NOFILE (with util-linux `prlimit`, since

@@ -22,6 +22,7 @@ import { readlinkSync } from 'node:fs';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { MqtapError } from '../../lib/errors.js';
+import { parseUdp4Frame, udp4Frame } from '../../lib/frames.js';
 import { getSendBuffer, openFdIO, openQueueIO, openTapIO, setSendBuffer, type IoEngine, type QueueIO } from '../../lib/io.js';
 import { getLink } from '../../lib/links.js';
 import { native } from '../../lib/native.js';
@@ -54,47 +55,15 @@ const URING = uringAvailable();
 const ENGINES: IoEngine[] = URING ? ['poll', 'uring'] : ['poll'];
 if (env.ok && !URING) console.warn('io integration: io_uring unavailable, uring cases skipped');
 
-function ipv4(a: string): number[] {
-  return a.split('.').map(Number);
-}
-
-function mac(m: string): number[] {
-  return m.split(':').map((h) => parseInt(h, 16));
-}
-
-function ipChecksum(hdr: Buffer): number {
-  let sum = 0;
-  for (let i = 0; i < hdr.length; i += 2) sum += hdr.readUInt16BE(i);
-  while (sum > 0xffff) sum = (sum & 0xffff) + (sum >>> 16);
-  return ~sum & 0xffff;
-}
-
 /** Ethernet + IPv4 + UDP (checksum 0) from PEER to LOCAL. */
-function udpFrame(srcPort: number, dstPort: number, payload: Buffer, dstMac = TAP_MAC, srcMac = PEER_MAC): Buffer {
-  const eth = Buffer.from([...mac(dstMac), ...mac(srcMac), 0x08, 0x00]);
-  const ip = Buffer.alloc(20);
-  ip[0] = 0x45;
-  ip.writeUInt16BE(28 + payload.length, 2);
-  ip.writeUInt16BE(0x4000, 6);
-  ip[8] = 64;
-  ip[9] = 17;
-  Buffer.from(ipv4(PEER)).copy(ip, 12);
-  Buffer.from(ipv4(LOCAL)).copy(ip, 16);
-  ip.writeUInt16BE(ipChecksum(ip), 10);
-  const udp = Buffer.alloc(8);
-  udp.writeUInt16BE(srcPort, 0);
-  udp.writeUInt16BE(dstPort, 2);
-  udp.writeUInt16BE(8 + payload.length, 4);
-  return Buffer.concat([eth, ip, udp, payload]);
+function udpFrame(srcPort: number, dstPort: number, payload: Buffer): Buffer {
+  return udp4Frame({ dstMac: TAP_MAC, srcMac: PEER_MAC, srcIp: PEER, dstIp: LOCAL, srcPort, dstPort, payload });
 }
 
 /** UDP payload of an IPv4 frame from LOCAL to PEER (undefined for anything else). */
 function parseUdp(f: Buffer): { dport: number; payload: Buffer } | undefined {
-  if (f.length < 42 || f.readUInt16BE(12) !== 0x0800 || f[23] !== 17) return undefined;
-  if (f.subarray(30, 34).join('.') !== PEER) return undefined;
-  const ihl = (f[14]! & 0x0f) * 4;
-  const u = f.subarray(14 + ihl);
-  return { dport: u.readUInt16BE(2), payload: Buffer.from(u.subarray(8, u.readUInt16BE(4))) };
+  const u = parseUdp4Frame(f);
+  return u?.dstIp === PEER ? { dport: u.dstPort, payload: u.payload } : undefined;
 }
 
 async function bindUdp(address: string): Promise<dgram.Socket> {

@@ -14,12 +14,13 @@
  */
 import { spawnSync } from 'node:child_process';
 import dgram from 'node:dgram';
-import { existsSync, readSync, writeFileSync, writeSync } from 'node:fs';
+import { existsSync, writeFileSync, writeSync } from 'node:fs';
 import * as path from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import pino from 'pino';
 import { afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { ErrorCodes } from '../../lib/errors.js';
+import { drainFrames, udp4Frame } from '../../lib/frames.js';
 import { getTap, listTaps } from '../../lib/links.js';
 import { K, native } from '../../lib/native.js';
 import { openNetdev, type Netdev, type OpenNetdevOptions } from '../../lib/netdev.js';
@@ -49,29 +50,9 @@ function captureLogger(): { logger: pino.Logger; lines: LogLine[] } {
   return { logger, lines };
 }
 
-function ipChecksum(hdr: Buffer): number {
-  let sum = 0;
-  for (let i = 0; i < hdr.length; i += 2) sum += hdr.readUInt16BE(i);
-  while (sum > 0xffff) sum = (sum & 0xffff) + (sum >>> 16);
-  return ~sum & 0xffff;
-}
-
-/** Ethernet/IPv4/UDP (checksum 0) from PEER:srcPort to LOCAL:dstPort. */
+/** Ethernet/IPv4/UDP (checksum 0, DF clear) from PEER:srcPort to LOCAL:dstPort. */
 function udpFrame(srcPort: number, dstPort: number, payload: Buffer): Buffer {
-  const ip = Buffer.alloc(20);
-  ip[0] = 0x45;
-  ip.writeUInt16BE(28 + payload.length, 2);
-  ip[8] = 64;
-  ip[9] = 17;
-  Buffer.from(PEER.split('.').map(Number)).copy(ip, 12);
-  Buffer.from(LOCAL.split('.').map(Number)).copy(ip, 16);
-  ip.writeUInt16BE(ipChecksum(ip), 10);
-  const udp = Buffer.alloc(8);
-  udp.writeUInt16BE(srcPort, 0);
-  udp.writeUInt16BE(dstPort, 2);
-  udp.writeUInt16BE(8 + payload.length, 4);
-  const mac = (m: string): Buffer => Buffer.from(m.split(':').map((h) => parseInt(h, 16)));
-  return Buffer.concat([mac(TAP_MAC), mac(PEER_MAC), Buffer.from([0x08, 0x00]), ip, udp, payload]);
+  return udp4Frame({ dstMac: TAP_MAC, srcMac: PEER_MAC, srcIp: PEER, dstIp: LOCAL, srcPort, dstPort, payload, dontFragment: false });
 }
 
 /** Kernel queue counts, as `ip -d link` would show numqueues / numdisabled. */
@@ -148,13 +129,9 @@ describe.skipIf(!env.ok)(`netdev on this host${skipNote(env)}`, () => {
         for (const fd of nd.tapFds()) native.setNonBlocking(fd, true);
         for (let i = 0; i < 250 && !found; i++) {
           for (const fd of nd.tapFds()) {
-            let n = -1;
-            try {
-              n = readSync(fd, buf, 0, buf.length, null);
-            } catch (err) {
-              if ((err as NodeJS.ErrnoException).code !== 'EAGAIN') throw err;
-            }
-            if (n > 10 && buf.subarray(10, n).includes(reply)) found = true;
+            drainFrames(fd, buf, (f) => {
+              if (f.subarray(10).includes(reply)) found = true;
+            });
           }
           if (!found) await sleep(20);
         }

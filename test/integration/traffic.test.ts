@@ -13,9 +13,10 @@
  * With the default 10-byte header, a 12-byte header, and vnetHdr: false.
  */
 import dgram from 'node:dgram';
-import { readSync, writeSync } from 'node:fs';
+import { writeSync } from 'node:fs';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { afterEach, describe, expect, it } from 'vitest';
+import { drainFrames, parseUdp4Frame, udp4Frame } from '../../lib/frames.js';
 import { getLink } from '../../lib/links.js';
 import { native } from '../../lib/native.js';
 import { openTap, type OpenTapOptions, type Tap } from '../../lib/tap.js';
@@ -27,40 +28,9 @@ const LOCAL = '169.254.77.1';
 const PEER = '169.254.77.2';
 const PEER_MAC = '02:00:00:00:00:02';
 
-function ipv4Bytes(a: string): number[] {
-  return a.split('.').map(Number);
-}
-
-function macBytes(m: string): number[] {
-  return m.split(':').map((h) => parseInt(h, 16));
-}
-
-/** RFC 791 header checksum. */
-function ipChecksum(hdr: Buffer): number {
-  let sum = 0;
-  for (let i = 0; i < hdr.length; i += 2) sum += hdr.readUInt16BE(i);
-  while (sum > 0xffff) sum = (sum & 0xffff) + (sum >>> 16);
-  return ~sum & 0xffff;
-}
-
 /** Ethernet + IPv4 + UDP (checksum 0) frame from PEER to the tap. */
 function udpFrame(dstMac: string, srcPort: number, dstPort: number, payload: Buffer): Buffer {
-  const eth = Buffer.from([...macBytes(dstMac), ...macBytes(PEER_MAC), 0x08, 0x00]);
-  const ip = Buffer.alloc(20);
-  ip[0] = 0x45;
-  ip.writeUInt16BE(20 + 8 + payload.length, 2);
-  ip.writeUInt16BE(0x1234, 4);
-  ip.writeUInt16BE(0x4000, 6); // DF
-  ip[8] = 64;
-  ip[9] = 17;
-  Buffer.from(ipv4Bytes(PEER)).copy(ip, 12);
-  Buffer.from(ipv4Bytes(LOCAL)).copy(ip, 16);
-  ip.writeUInt16BE(ipChecksum(ip), 10);
-  const udp = Buffer.alloc(8);
-  udp.writeUInt16BE(srcPort, 0);
-  udp.writeUInt16BE(dstPort, 2);
-  udp.writeUInt16BE(8 + payload.length, 4);
-  return Buffer.concat([eth, ip, udp, payload]);
+  return udp4Frame({ dstMac, srcMac: PEER_MAC, srcIp: PEER, dstIp: LOCAL, srcPort, dstPort, payload, id: 0x1234 });
 }
 
 interface Udp {
@@ -73,34 +43,22 @@ interface Udp {
 
 /** Parses an IPv4/UDP frame from PEER's direction (anything else: undefined). */
 function parseUdp(frame: Buffer, hdrLen: number, queue: number): Udp | undefined {
-  const eth = frame.subarray(hdrLen);
-  if (eth.length < 14 + 20 + 8 || eth.readUInt16BE(12) !== 0x0800) return undefined;
-  const ip = eth.subarray(14);
-  const ihl = (ip[0]! & 0x0f) * 4;
-  if (ip[9] !== 17) return undefined;
-  expect(ipChecksum(ip.subarray(0, ihl)), 'IPv4 header checksum from the kernel').toBe(0);
-  if (ip.subarray(16, 20).join('.') !== PEER) return undefined;
-  const udp = ip.subarray(ihl);
-  const len = udp.readUInt16BE(4);
-  return { queue, srcPort: udp.readUInt16BE(0), dstPort: udp.readUInt16BE(2), payload: Buffer.from(udp.subarray(8, len)), hdr: Buffer.from(frame.subarray(0, hdrLen)) };
+  const u = parseUdp4Frame(frame.subarray(hdrLen));
+  if (!u) return undefined;
+  expect(u.ipChecksumOk, 'IPv4 header checksum from the kernel').toBe(true);
+  if (u.dstIp !== PEER) return undefined;
+  return { queue, srcPort: u.srcPort, dstPort: u.dstPort, payload: u.payload, hdr: Buffer.from(frame.subarray(0, hdrLen)) };
 }
 
 /** Reads every frame waiting on the tap's open queues (fds are non-blocking). */
 function drain(tap: Tap, hdrLen: number, into: Udp[], seen: number[]): void {
   const buf = Buffer.alloc(65536 + 64);
   for (const q of tap.openQueues()) {
-    for (;;) {
-      let n: number;
-      try {
-        n = readSync(q.fd, buf, 0, buf.length, null);
-      } catch (err) {
-        if ((err as NodeJS.ErrnoException).code === 'EAGAIN') break;
-        throw err;
-      }
-      seen[q.index] = (seen[q.index] ?? 0) + 1;
-      const u = parseUdp(buf.subarray(0, n), hdrLen, q.index);
+    const n = drainFrames(q.fd, buf, (f) => {
+      const u = parseUdp(f, hdrLen, q.index);
       if (u) into.push(u);
-    }
+    });
+    seen[q.index] = (seen[q.index] ?? 0) + n;
   }
 }
 

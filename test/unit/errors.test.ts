@@ -6,6 +6,7 @@ import { accessSync, constants as fsConstants, openSync, closeSync } from 'node:
 import { describe, expect, it } from 'vitest';
 import { ErrorCodes, MqtapError, errnoName, invalidArg, withContext } from '../../lib/errors.js';
 import { K, native } from '../../lib/native.js';
+import { catchError } from '../helpers/errors.js';
 
 const ERRNO = { EPERM: 1, ENOENT: 2, E2BIG: 7, EBADF: 9, EACCES: 13, EBUSY: 16, EEXIST: 17, ENODEV: 19, EINVAL: 22, EMFILE: 24, EBADFD: 77, EOPNOTSUPP: 95 } as const;
 
@@ -194,14 +195,7 @@ describe('invalidArg, isUsageError, toJSON', () => {
 
 describe('the addon throws MqtapError', () => {
   it("tunOpen('/nonexistent') -> ENOENT with op TUN_OPEN, syscall open, the path as detail", () => {
-    let e: unknown;
-    try {
-      native.tunOpen('/nonexistent/mqtap-tun');
-    } catch (err) {
-      e = err;
-    }
-    expect(e).toBeInstanceOf(MqtapError);
-    const m = e as MqtapError;
+    const m = catchError(() => native.tunOpen('/nonexistent/mqtap-tun'));
     expect([m.code, m.errno, m.syscall, m.op, m.detail]).toEqual(['ENOENT', 2, 'open', 'TUN_OPEN', '/nonexistent/mqtap-tun']);
     expect(m.hint).toMatch(/modprobe tun/);
   });
@@ -211,14 +205,7 @@ describe('the addon throws MqtapError', () => {
     // at once (nothing else runs on this thread in between).
     const fd = openSync('/dev/null', 'r');
     closeSync(fd);
-    let e: unknown;
-    try {
-      native.tunSetQueue(fd, K.IFF_ATTACH_QUEUE);
-    } catch (err) {
-      e = err;
-    }
-    expect(e).toBeInstanceOf(MqtapError);
-    const m = e as MqtapError;
+    const m = catchError(() => native.tunSetQueue(fd, K.IFF_ATTACH_QUEUE));
     expect([m.code, m.errno, m.syscall, m.op]).toEqual(['EBADF', 9, 'ioctl', 'TUNSETQUEUE']);
     expect(m.hint).toMatch(/not open/);
   });
@@ -226,15 +213,9 @@ describe('the addon throws MqtapError', () => {
   it('an ioctl on a non-tun fd -> ENOTTY', () => {
     const fd = openSync('/dev/null', 'r');
     try {
-      let e: unknown;
-      try {
-        native.tunGetIff(fd);
-      } catch (err) {
-        e = err;
-      }
-      expect(e).toBeInstanceOf(MqtapError);
-      expect((e as MqtapError).code).toBe('ENOTTY');
-      expect((e as MqtapError).hint).toMatch(/not a \/dev\/net\/tun fd/);
+      const e = catchError(() => native.tunGetIff(fd));
+      expect(e.code).toBe('ENOTTY');
+      expect(e.hint).toMatch(/not a \/dev\/net\/tun fd/);
     } finally {
       closeSync(fd);
     }
@@ -250,14 +231,7 @@ describe('the addon throws MqtapError', () => {
     it('TUNGETIFF on a fresh (unattached) tun fd -> EBADFD with the "not attached" hint', () => {
       const fd = native.tunOpen();
       try {
-        let e: unknown;
-        try {
-          native.tunGetIff(fd);
-        } catch (err) {
-          e = err;
-        }
-        expect(e).toBeInstanceOf(MqtapError);
-        const m = e as MqtapError;
+        const m = catchError(() => native.tunGetIff(fd));
         expect([m.errno, m.syscall, m.op]).toEqual([77, 'ioctl', 'TUNGETIFF']);
         // Fails today: code is 'errno 77' and there is no hint (see the EBADFD bug above).
         expect(m.code).toBe('EBADFD');
@@ -270,15 +244,9 @@ describe('the addon throws MqtapError', () => {
     it('TUNSETQUEUE on a fresh tun fd -> EINVAL with its hint', () => {
       const fd = native.tunOpen();
       try {
-        let e: unknown;
-        try {
-          native.tunSetQueue(fd, K.IFF_ATTACH_QUEUE);
-        } catch (err) {
-          e = err;
-        }
-        expect(e).toBeInstanceOf(MqtapError);
-        expect([(e as MqtapError).code, (e as MqtapError).op]).toEqual(['EINVAL', 'TUNSETQUEUE']);
-        expect((e as MqtapError).hint).toMatch(/not multi-queue|already in that state/);
+        const e = catchError(() => native.tunSetQueue(fd, K.IFF_ATTACH_QUEUE));
+        expect([e.code, e.op]).toEqual(['EINVAL', 'TUNSETQUEUE']);
+        expect(e.hint).toMatch(/not multi-queue|already in that state/);
       } finally {
         native.close(fd);
       }

@@ -6,7 +6,7 @@
  */
 import { readdirSync } from 'node:fs';
 import { describe, expect, it } from 'vitest';
-import { ErrorCodes, MqtapError } from '../../lib/errors.js';
+import { ErrorCodes } from '../../lib/errors.js';
 import { openNetdev, type OpenNetdevOptions } from '../../lib/netdev.js';
 import {
   BACKEND_FEATURE_BITS,
@@ -22,16 +22,7 @@ import {
   probeVhostNet,
   vnetHdrSizeFor,
 } from '../../lib/vhost.js';
-
-function thrown(fn: () => unknown): MqtapError {
-  try {
-    fn();
-  } catch (err) {
-    if (err instanceof MqtapError) return err;
-    throw new Error(`expected an MqtapError, got ${String(err)}`, { cause: err });
-  }
-  throw new Error('expected the call to throw');
-}
+import { catchError } from '../helpers/errors.js';
 
 const bit = (n: number): bigint => 1n << BigInt(n);
 const fdCount = (): number => readdirSync('/proc/self/fd').length;
@@ -95,7 +86,7 @@ describe('feature bits', () => {
 
   it('decodeFeatures refuses what is not a 64-bit mask', () => {
     for (const bad of [-1n, 1n << 64n, 5 as unknown as bigint, '0x1' as unknown as bigint]) {
-      expect(thrown(() => decodeFeatures(bad)).code).toBe(ErrorCodes.INVALID_ARG);
+      expect(catchError(() => decodeFeatures(bad)).code).toBe(ErrorCodes.INVALID_ARG);
     }
   });
 
@@ -110,10 +101,10 @@ describe('feature bits', () => {
     expect(featureMask(['VERSION_1', 'MRG_RXBUF'])).toBe(bit(32) | bit(15));
     expect(featureMask(['VERSION_1', 'VERSION_1'])).toBe(bit(32));
     for (const bad of [['VERSION_2'], ['toString'], ['__proto__'], [1 as unknown as string], 'VERSION_1' as unknown as string[]]) {
-      const e = thrown(() => featureMask(bad));
+      const e = catchError(() => featureMask(bad));
       expect(e.code).toBe(ErrorCodes.INVALID_ARG);
     }
-    expect(thrown(() => featureMask(['version_1'])).message).toMatch(/unknown feature "version_1" \(known: CSUM, .*VERSION_1/);
+    expect(catchError(() => featureMask(['version_1'])).message).toMatch(/unknown feature "version_1" \(known: CSUM, .*VERSION_1/);
   });
 
   it('driverFeatureMask accepts what the driver implements and names what it refuses, and why', () => {
@@ -129,13 +120,13 @@ describe('feature bits', () => {
       ['MQ', /device feature/],
     ];
     for (const [name, why] of cases) {
-      const e = thrown(() => driverFeatureMask(['VERSION_1', name]));
+      const e = catchError(() => driverFeatureMask(['VERSION_1', name]));
       expect(e.code, name).toBe(ErrorCodes.UNSUPPORTED);
       expect(e.message, name).toMatch(new RegExp(`cannot negotiate .*${name}`));
       expect(e.message, name).toMatch(why);
       expect(e.hint).toMatch(/implements VERSION_1, MRG_RXBUF/);
     }
-    expect(thrown(() => driverFeatureMask(['NOPE'])).code).toBe(ErrorCodes.INVALID_ARG);
+    expect(catchError(() => driverFeatureMask(['NOPE'])).code).toBe(ErrorCodes.INVALID_ARG);
   });
 });
 
@@ -195,7 +186,7 @@ describe('argument validation (before any syscall)', () => {
   for (const [what, opts, msg] of cases) {
     it(`openNetdev refuses: ${what}`, () => {
       const before = fdCount();
-      const e = thrown(() => openNetdev(opts as OpenNetdevOptions));
+      const e = catchError(() => openNetdev(opts as OpenNetdevOptions));
       expect(e.code).toBe(ErrorCodes.INVALID_ARG);
       expect(e.isUsageError).toBe(true);
       expect(e.message).toMatch(msg);
@@ -207,8 +198,8 @@ describe('argument validation (before any syscall)', () => {
     const before = fdCount();
     // FREE is not an open fd, so the first ioctl would fail with EBADF: these must fail earlier, as usage errors.
     const FREE = 1_000_000;
-    expect(thrown(() => new VhostPairDriver(-1, FREE)).message).toMatch(/vhostFd must be an open fd/);
-    expect(thrown(() => new VhostPairDriver(FREE, 1.5)).message).toMatch(/tapFd must be an open fd/);
+    expect(catchError(() => new VhostPairDriver(-1, FREE)).message).toMatch(/vhostFd must be an open fd/);
+    expect(catchError(() => new VhostPairDriver(FREE, 1.5)).message).toMatch(/tapFd must be an open fd/);
     const cases: Array<[object, RegExp]> = [
       [{ queueSize: 3 }, /queue size must be a power of two/],
       [{ queueSize: 65536 }, /queue size must be a power of two from 1 to 32768/],
@@ -219,12 +210,12 @@ describe('argument validation (before any syscall)', () => {
       [{ bufSize: 64, features: ['VERSION_1'] }, /cannot hold a 12-byte header and a minimum Ethernet frame/],
     ];
     for (const [opts, msg] of cases) {
-      const e = thrown(() => new VhostPairDriver(FREE, FREE, opts));
+      const e = catchError(() => new VhostPairDriver(FREE, FREE, opts));
       expect(e.code, JSON.stringify(opts)).toBe(ErrorCodes.INVALID_ARG);
       expect(e.message).toMatch(msg);
     }
     // Valid options: the first syscall (VHOST_GET_FEATURES on a closed fd) fails, and nothing is left open.
-    const e = thrown(() => new VhostPairDriver(FREE, FREE, {}));
+    const e = catchError(() => new VhostPairDriver(FREE, FREE, {}));
     expect(e).toMatchObject({ code: 'EBADF', op: 'VHOST_GET_FEATURES' });
     expect(fdCount()).toBe(before);
   });

@@ -6,33 +6,13 @@
  * the vhost worker would).
  */
 import { describe, expect, it } from 'vitest';
-import { ErrorCodes, MqtapError } from '../../lib/errors.js';
+import { ErrorCodes } from '../../lib/errors.js';
 import { native } from '../../lib/native.js';
 import { MAX_QUEUE_SIZE, SplitVirtqueue, vringLayout, type VringLayout } from '../../lib/vring.js';
+import { catchError } from '../helpers/errors.js';
+import { prng } from '../helpers/prng.js';
 
 const VRING_DESC_F_WRITE = 2; // virtio spec 2.7.5
-
-function thrown(fn: () => unknown): MqtapError {
-  try {
-    fn();
-  } catch (err) {
-    if (err instanceof MqtapError) return err;
-    throw new Error(`expected an MqtapError, got ${String(err)}`, { cause: err });
-  }
-  throw new Error('expected the call to throw');
-}
-
-/** Deterministic PRNG (mulberry32) so failures are reproducible. */
-function prng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
 
 /**
  * The device side of one split virtqueue, written from the virtio spec (2.7)
@@ -151,12 +131,12 @@ describe('vringLayout', () => {
 
   it('refuses ring sizes that are not powers of two from 1 to 32768, bad buffer sizes and bases', () => {
     for (const num of [0, 3, 6, 100, 32769, 65536, -8, 1.5, Number.NaN, '8' as unknown as number]) {
-      const e = thrown(() => vringLayout(num, 256));
+      const e = catchError(() => vringLayout(num, 256));
       expect(e.code).toBe(ErrorCodes.INVALID_ARG);
       expect(e.message).toMatch(/queue size must be a power of two from 1 to 32768/);
     }
-    for (const bufSize of [0, 63, (1 << 20) + 1, 100.5]) expect(thrown(() => vringLayout(8, bufSize)).message).toMatch(/buffer size/);
-    for (const base of [-1, 0.5]) expect(thrown(() => vringLayout(8, 64, base)).message).toMatch(/base offset/);
+    for (const bufSize of [0, 63, (1 << 20) + 1, 100.5]) expect(catchError(() => vringLayout(8, bufSize)).message).toMatch(/buffer size/);
+    for (const base of [-1, 0.5]) expect(catchError(() => vringLayout(8, 64, base)).message).toMatch(/base offset/);
   });
 });
 
@@ -216,18 +196,18 @@ describe('SplitVirtqueue over plain memory', () => {
 
   it('accounts for every id: double add, add of a free id, bad releases, bad ids and lengths are refused', () => {
     const { q } = queue(4, 64);
-    expect(thrown(() => q.add(0, 10, true)).message).toMatch(/descriptor 0 is free/);
+    expect(catchError(() => q.add(0, 10, true)).message).toMatch(/descriptor 0 is free/);
     const id = q.alloc();
-    expect(thrown(() => q.add(id, 65, true)).message).toMatch(/does not fit the 64-byte buffer/);
-    expect(thrown(() => q.add(id, -1, true)).message).toMatch(/does not fit/);
+    expect(catchError(() => q.add(id, 65, true)).message).toMatch(/does not fit the 64-byte buffer/);
+    expect(catchError(() => q.add(id, -1, true)).message).toMatch(/does not fit/);
     q.add(id, 64, true);
-    expect(thrown(() => q.add(id, 10, true)).message).toMatch(/already with the device/);
-    expect(thrown(() => q.release(id)).message).toMatch(/with the device/);
+    expect(catchError(() => q.add(id, 10, true)).message).toMatch(/already with the device/);
+    expect(catchError(() => q.release(id)).message).toMatch(/with the device/);
     const other = q.alloc();
     q.release(other);
-    expect(thrown(() => q.release(other)).message).toMatch(/already free/);
-    for (const bad of [-1, 4, 1.5]) expect(thrown(() => q.add(bad, 1, true)).message).toMatch(/not in 0\.\.3/);
-    expect(thrown(() => q.buffer(4)).code).toBe(ErrorCodes.INVALID_ARG);
+    expect(catchError(() => q.release(other)).message).toMatch(/already free/);
+    for (const bad of [-1, 4, 1.5]) expect(catchError(() => q.add(bad, 1, true)).message).toMatch(/not in 0\.\.3/);
+    expect(catchError(() => q.buffer(4)).code).toBe(ErrorCodes.INVALID_ARG);
     expect([q.freeCount, q.inFlight, q.heldCount]).toEqual([3, 1, 0]);
   });
 
@@ -281,7 +261,7 @@ describe('SplitVirtqueue over plain memory', () => {
     dev.complete([0, 1, 2, 3], (id) => id);
     expect(q.collect().map((u) => u.len)).toEqual([3, 2, 1, 0]);
     expect(q.lastUsedIndex).toBe(2);
-    expect(thrown(() => queue(8, 64, 65536)).message).toMatch(/startIndex must be 0\.\.65535/);
+    expect(catchError(() => queue(8, 64, 65536)).message).toMatch(/startIndex must be 0\.\.65535/);
   });
 
   it('survives the 16-bit indices wrapping past 65535 many times, with out-of-order completion and exact accounting', () => {
@@ -327,7 +307,7 @@ describe('SplitVirtqueue over plain memory', () => {
 
   it('refuses memory that is not an ArrayBuffer or too small for the layout', () => {
     const l = vringLayout(8, 256);
-    expect(thrown(() => new SplitVirtqueue(native.allocPages(l.size - 1), vringLayout(8, 256, 4096))).message).toMatch(/does not fit its memory/);
-    expect(thrown(() => new SplitVirtqueue(new Uint8Array(l.size) as unknown as ArrayBuffer, l)).message).toMatch(/must be an ArrayBuffer/);
+    expect(catchError(() => new SplitVirtqueue(native.allocPages(l.size - 1), vringLayout(8, 256, 4096))).message).toMatch(/does not fit its memory/);
+    expect(catchError(() => new SplitVirtqueue(new Uint8Array(l.size) as unknown as ArrayBuffer, l)).message).toMatch(/must be an ArrayBuffer/);
   });
 });
