@@ -2,7 +2,7 @@
  * Prints one plain closing line, "N passed, N failed, N skipped", after
  * vitest's own summary, so any CI log reader can count the tests.
  */
-import type { Reporter } from 'vitest/reporters';
+import type { Reporter } from 'vitest/reporters' with { 'resolution-mode': 'import' };
 
 type Task = { type: string; mode?: string; result?: { state?: string }; tasks?: Task[] };
 

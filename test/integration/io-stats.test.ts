@@ -148,7 +148,7 @@ describe.skipIf(!env.ok)(`mqtap stats${skipNote(env)}`, () => {
       await new Promise<void>((resolve) => s.bind(0, LOCAL, () => resolve()));
       const SENT = 400;
       for (let i = 0; i < SENT; i++) await new Promise<void>((resolve, reject) => s.send(Buffer.from(`stats ${i}`), 20000 + i, PEER, (e) => (e ? reject(e) : resolve())));
-      const counted = (): number => samples.reduce((a, x) => a + (x.queues ?? []).reduce((b, q) => b + q.rxFrames, 0), 0);
+      const counted = (): number => samples.reduce((a, x) => a + (x.queues ?? []).reduce((b, q) => b + (q.rxFrames ?? 0), 0), 0);
       for (let i = 0; i < 500 && counted() < SENT; i++) await sleep(20);
       child.kill('SIGINT');
       expect(await exited, stderr).toBe(0);
@@ -159,7 +159,7 @@ describe.skipIf(!env.ok)(`mqtap stats${skipNote(env)}`, () => {
         expect(x.queues!.every((q) => q.txFrames === 0)).toBe(true);
       }
       expect(counted(), 'every frame the kernel sent, counted once').toBe(SENT);
-      const perQueue = [0, 1, 2, 3].map((q) => samples.reduce((a, x) => a + x.queues![q]!.rxFrames, 0));
+      const perQueue = [0, 1, 2, 3].map((q) => samples.reduce((a, x) => a + (x.queues![q]!.rxFrames ?? 0), 0));
       expect(perQueue.filter((n) => n > 0).length, `spread ${perQueue.join('/')}`).toBeGreaterThan(1);
       // it detached again
       expect(getTap(NAME)!.tun.numQueues).toBe(0);

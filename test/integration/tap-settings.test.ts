@@ -87,7 +87,7 @@ describe.skipIf(!!reason)(`tap device settings${reason ? ` (skipped: ${reason})`
     };
     if (feature() === 'no ethtool') return void console.warn('ethtool not installed: USO checked only by TUNSETOFFLOAD succeeding');
     expect(feature()).toBe('on');
-    tap.setOffloads({ csum: true, tso4: true });
+    tap!.setOffloads({ csum: true, tso4: true });
     expect(feature()).toBe('off');
     expect(() => tap!.setOffloads({ csum: true, uso4: true })).toThrow(/uso4 and uso6 go together/);
   });

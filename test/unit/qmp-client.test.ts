@@ -14,7 +14,7 @@ import { ErrorCodes } from '../../lib/errors.js';
 import { hotplugFds, unplugNetdev } from '../../lib/hotplug.js';
 import { native } from '../../lib/native.js';
 import { QmpClient, QmpError } from '../../lib/qmp.js';
-import { UnixServer, type UnixSocket } from '../../lib/scm.js';
+import { UnixServer, type ReceivedFds, type UnixSocket } from '../../lib/scm.js';
 import { rejection } from '../helpers/wait';
 
 interface Logged {
@@ -54,7 +54,7 @@ async function fakeQemu(handler: Handler, opts: { greeting?: unknown } = {}): Pr
     };
     if (opts.greeting !== null) send(opts.greeting ?? GREETING);
     let pending = '';
-    s.on('message', (data: Buffer, fds) => {
+    s.on('message', (data: Buffer, fds: ReceivedFds) => {
       // The fds came with this read: they belong to the first command in it.
       let targets = fds.takeAll().map((fd) => {
         const t = readlinkSync(`/proc/self/fd/${fd}`);

@@ -91,7 +91,7 @@ function guestResults(): Promise<Record<string, Json>> {
 }
 
 /** Fails with the section's own error when a script section threw. */
-function ok<T extends Json>(section: T, what: string): T {
+function ok(section: Json, what: string): Json {
   if (section === undefined) throw new Error(`${what}: no result`);
   if (section.error) throw new Error(`${what} threw in the guest: ${JSON.stringify(section.error)}\n${section.stack ?? ''}`);
   return section;
