@@ -370,6 +370,8 @@ interface WorkerResult extends TapioResult {
   engine: string;
   /** Writes: the same measurement through writePacked (copies back to back in one buffer). */
   packed?: { pps: number; cpuUsPerFrame: number };
+  /** Writes: writeBatch with `batch` distinct Buffers (copies of the frame), as an application building each frame would pass. */
+  distinct?: { pps: number; cpuUsPerFrame: number };
 }
 
 /**
@@ -398,31 +400,41 @@ async function workerMain(job: WorkerJob): Promise<void> {
   let t0 = 0;
   let c0 = 0;
   let packedRes: WorkerResult['packed'];
+  let distinctRes: WorkerResult['distinct'];
   if (job.dir === 'write') {
     // Like tapio writing one buffer over and over: the same frame (with its
     // 12-byte header) `batch` times per call, through writeBatch(Buffer[]).
-    // Also measured: writePacked with `batch` copies back to back in one buffer.
+    // Also measured (half as many frames each): writePacked with `batch`
+    // copies back to back in one buffer, and writeBatch with `batch`
+    // distinct Buffers (each frame its own allocation, as an application
+    // building frames one by one would pass them).
     const frame = benchFrame(job.size, job.flow);
     const batch: Buffer[] = new Array<Buffer>(job.batch).fill(frame);
+    const distinct: Buffer[] = Array.from({ length: job.batch }, () => Buffer.from(frame));
     const packed = Buffer.concat(batch);
     const lengths = new Uint32Array(job.batch).fill(frame.length);
     // JIT warm-up, as the C program (compiled) never needs.
     for (let i = 0; i < 200; i++) {
       await io.writePacked(packed, lengths, { withHeader: true });
+      await io.writeBatch(distinct, { withHeader: true });
       await io.writeBatch(batch, { withHeader: true });
     }
-    let s0 = io.stats().tx;
-    c0 = threadCpu();
-    t0 = performance.now();
-    for (let n = 0; n < job.frames / 2; n += job.batch) await io.writePacked(packed, lengths, { withHeader: true });
-    let s1 = io.stats().tx;
-    const ps = (performance.now() - t0) / 1000;
-    packedRes = { pps: (s1.frames - s0.frames) / ps, cpuUsPerFrame: ((threadCpu() - c0) * 1e6) / Math.max(1, s1.frames - s0.frames) };
-    s0 = io.stats().tx;
+    const side = async (write: () => Promise<unknown>): Promise<{ pps: number; cpuUsPerFrame: number }> => {
+      const a = io.stats().tx;
+      const c = threadCpu();
+      const t = performance.now();
+      for (let n = 0; n < job.frames / 2; n += job.batch) await write();
+      const b = io.stats().tx;
+      const sec = (performance.now() - t) / 1000;
+      return { pps: (b.frames - a.frames) / sec, cpuUsPerFrame: ((threadCpu() - c) * 1e6) / Math.max(1, b.frames - a.frames) };
+    };
+    packedRes = await side(() => io.writePacked(packed, lengths, { withHeader: true }));
+    distinctRes = await side(() => io.writeBatch(distinct, { withHeader: true }));
+    const s0 = io.stats().tx;
     c0 = threadCpu();
     t0 = performance.now();
     for (let n = 0; n < job.frames; n += batch.length) await io.writeBatch(batch, { withHeader: true });
-    s1 = io.stats().tx;
+    const s1 = io.stats().tx;
     frames = s1.frames - s0.frames;
     bytes = s1.bytes - s0.bytes;
   } else {
@@ -447,7 +459,7 @@ async function workerMain(job: WorkerJob): Promise<void> {
   const engine = `${io.engine.rx}/${io.engine.tx}`;
   io.close();
   tap.close();
-  const res: WorkerResult = { pps: frames / seconds, gbps: gbps(bytes, seconds), cpuUsPerFrame: (cpu * 1e6) / Math.max(1, frames), frames, engine, ...(packedRes ? { packed: packedRes } : {}) };
+  const res: WorkerResult = { pps: frames / seconds, gbps: gbps(bytes, seconds), cpuUsPerFrame: (cpu * 1e6) / Math.max(1, frames), frames, engine, ...(packedRes ? { packed: packedRes } : {}), ...(distinctRes ? { distinct: distinctRes } : {}) };
   port.postMessage({ type: 'done', res });
 }
 
@@ -601,7 +613,7 @@ function fmtPps(pps: number): string {
 export function dataTable(results: DataResult[], libEngine: string = 'auto'): string {
   const find = (dir: Dir, size: Size, q: number, impl: Impl, engine?: string): DataResult | undefined =>
     results.find((r) => r.dir === dir && r.size === size && r.queues === q && r.impl === impl && (impl !== 'library' || r.engineReq === engine));
-  const head = ['dir', 'size', 'Q', 'library pps', 'Gbit/s', 'C plain pps', 'lib/C', 'C uring pps', 'lib/uring', 'lib µs/f', 'C µs/f', 'uring µs/f', 'lib 2q/1q', 'packed pps'];
+  const head = ['dir', 'size', 'Q', 'library pps', 'Gbit/s', 'C plain pps', 'lib/C', 'C uring pps', 'lib/uring', 'lib µs/f', 'C µs/f', 'uring µs/f', 'lib 2q/1q', 'packed pps', 'distinct pps'];
   const rows: string[][] = [];
   const seen = new Set<string>();
   for (const r of results) {
@@ -628,6 +640,7 @@ export function dataTable(results: DataResult[], libEngine: string = 'auto'): st
       cpu(u),
       lib && one && r.queues > 1 ? `${(lib.pps / one.pps).toFixed(2)}x` : '',
       lib && r.dir === 'write' ? fmtPps(lib.perQueue.reduce((a, q) => a + ((q as { packed?: { pps: number } }).packed?.pps ?? 0), 0)) : '',
+      lib && r.dir === 'write' ? fmtPps(lib.perQueue.reduce((a, q) => a + ((q as { distinct?: { pps: number } }).distinct?.pps ?? 0), 0)) : '',
     ]);
   }
   const w = head.map((h, i) => Math.max(h.length, ...rows.map((x) => x[i]!.length)));
