@@ -399,6 +399,8 @@ async function workerMain(job: WorkerJob): Promise<void> {
   let bytes = 0;
   let t0 = 0;
   let c0 = 0;
+  let seconds = 0;
+  let cpu = 0;
   let packedRes: WorkerResult['packed'];
   let distinctRes: WorkerResult['distinct'];
   if (job.dir === 'write') {
@@ -428,15 +430,19 @@ async function workerMain(job: WorkerJob): Promise<void> {
       const sec = (performance.now() - t) / 1000;
       return { pps: (b.frames - a.frames) / sec, cpuUsPerFrame: ((threadCpu() - c) * 1e6) / Math.max(1, b.frames - a.frames) };
     };
-    packedRes = await side(() => io.writePacked(packed, lengths, { withHeader: true }));
-    distinctRes = await side(() => io.writeBatch(distinct, { withHeader: true }));
+    // The main measurement first, right after the warm-up, as the C
+    // programs measure from their start.
     const s0 = io.stats().tx;
     c0 = threadCpu();
     t0 = performance.now();
     for (let n = 0; n < job.frames; n += batch.length) await io.writeBatch(batch, { withHeader: true });
     const s1 = io.stats().tx;
+    seconds = (performance.now() - t0) / 1000;
+    cpu = threadCpu() - c0;
     frames = s1.frames - s0.frames;
     bytes = s1.bytes - s0.bytes;
+    packedRes = await side(() => io.writePacked(packed, lengths, { withHeader: true }));
+    distinctRes = await side(() => io.writeBatch(distinct, { withHeader: true }));
   } else {
     let first = true;
     const timeout = setTimeout(() => io.close(), 60_000);
@@ -454,8 +460,10 @@ async function workerMain(job: WorkerJob): Promise<void> {
     }
     clearTimeout(timeout);
   }
-  const seconds = (performance.now() - t0) / 1000;
-  const cpu = threadCpu() - c0;
+  if (job.dir === 'read') {
+    seconds = (performance.now() - t0) / 1000;
+    cpu = threadCpu() - c0;
+  }
   const engine = `${io.engine.rx}/${io.engine.tx}`;
   io.close();
   tap.close();
@@ -609,6 +617,14 @@ function fmtPps(pps: number): string {
   return pps >= 1e6 ? `${(pps / 1e6).toFixed(2)} M` : `${(pps / 1e3).toFixed(0)} k`;
 }
 
+/** Median over the repeats of a.pps[r] / b.pps[r] (runs of one repeat are back to back). */
+export function pairedRatio(a: { ppsAll: number[] }, b: { ppsAll: number[] }): number {
+  const n = Math.min(a.ppsAll.length, b.ppsAll.length);
+  const rs: number[] = [];
+  for (let r = 0; r < n; r++) if (b.ppsAll[r]! > 0) rs.push(a.ppsAll[r]! / b.ppsAll[r]!);
+  return rs.length ? median(rs) : NaN;
+}
+
 /** The results as a text table (also used for docs/performance.md). */
 export function dataTable(results: DataResult[], libEngine: string = 'auto'): string {
   const find = (dir: Dir, size: Size, q: number, impl: Impl, engine?: string): DataResult | undefined =>
@@ -625,6 +641,11 @@ export function dataTable(results: DataResult[], libEngine: string = 'auto'): st
     const u = find(r.dir, r.size, r.queues, 'c-uring');
     const one = find(r.dir, r.size, 1, 'library', libEngine);
     const cpu = (x: DataResult | undefined): string => (x ? x.cpuUsPerFrame.toFixed(3) : '-');
+    // Ratios are paired: repeat r of the library against repeat r of the C
+    // program, run back to back, then the median over the repeats.  The
+    // machine's speed drifts over minutes (a shared VM host): pairing cancels
+    // what a ratio of two separate medians would keep.
+    const ratio = (a: DataResult | undefined, b: DataResult | undefined): string => (a && b ? `${pairedRatio(a, b).toFixed(2)}x` : '-');
     rows.push([
       r.dir,
       r.size === 'gso' ? '64K GSO' : `${r.size} B`,
@@ -632,9 +653,9 @@ export function dataTable(results: DataResult[], libEngine: string = 'auto'): st
       lib ? fmtPps(lib.pps) : '-',
       lib ? lib.gbps.toFixed(2) : '-',
       c ? fmtPps(c.pps) : '-',
-      lib && c ? `${(lib.pps / c.pps).toFixed(2)}x` : '-',
+      ratio(lib, c),
       u ? fmtPps(u.pps) : '-',
-      lib && u ? `${(lib.pps / u.pps).toFixed(2)}x` : '-',
+      ratio(lib, u),
       cpu(lib),
       cpu(c),
       cpu(u),

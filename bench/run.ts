@@ -91,7 +91,8 @@ async function data(): Promise<void> {
   const load0 = loadavg()[0]!;
   process.stdout.write(
     `\ndata path: frames/s per implementation (sum over Q queues, one thread/process per queue)\n` +
-      `(median of ${repeats} alternating repeats; lib/C = library / plain C loop, lib/uring = library / C io_uring batches of 32;\n` +
+      `(median of ${repeats} alternating repeats; lib/C = library / plain C loop, lib/uring = library / C io_uring batches of 32,\n` +
+      ` each the median over the repeats of library run r / C run r (run back to back);\n` +
       ` µs/f = CPU µs per frame of each reader/writer thread or process, median over the repeats)\n`,
   );
   const { results, uring } = await runDataBench({
