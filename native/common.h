@@ -32,6 +32,12 @@ std::string ArgString(const Napi::CallbackInfo& info, size_t i);
 // An interface name that fits IFNAMSIZ (including the NUL).
 std::string ArgIfName(const Napi::CallbackInfo& info, size_t i);
 
+// Zeroed anonymous memory (mmap, committed lazily, page-aligned, never
+// moved) as an ArrayBuffer that unmaps it when collected.  Throws
+// MqtapError(op, mmap) on failure.  Shared by allocPages (mem.cc) and the
+// receive slab of QueueIo (io.cc).
+Napi::ArrayBuffer MappedArrayBuffer(Napi::Env env, size_t len, const char* op);
+
 // The `constants` object on the exports, created on first use.  Values come
 // from the kernel headers the addon was built against, never typed by hand.
 Napi::Object Constants(Napi::Object exports);

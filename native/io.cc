@@ -259,16 +259,6 @@ class Ring {
 
 // ---------------------------------------------------------------- slab
 
-struct Mapping {
-  void* addr;
-  size_t len;
-};
-
-void Unmap(Napi::Env, void*, Mapping* m) {
-  munmap(m->addr, m->len);
-  delete m;
-}
-
 void FreeCtl(Napi::Env, void* p) { free(p); }
 
 // One frame to write: where it is and how long.
@@ -324,11 +314,9 @@ class QueueIo : public Napi::ObjectWrap<QueueIo> {
     control_ = Napi::Persistent(Napi::ArrayBuffer::New(env, ctl, ctl_len, FreeCtl));
 
     // The receive slab: anonymous memory, so untouched slot tails cost nothing.
-    size_t len = static_cast<size_t>(batch_) * slot_size_;
-    void* addr = mmap(nullptr, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    if (addr == MAP_FAILED) ThrowSys(env, "QUEUE_IO", "mmap", errno);
-    slab_base_ = static_cast<uint8_t*>(addr);
-    slab_ = Napi::Persistent(Napi::ArrayBuffer::New(env, addr, len, Unmap, new Mapping{addr, len}));
+    Napi::ArrayBuffer slab = MappedArrayBuffer(env, static_cast<size_t>(batch_) * slot_size_, "QUEUE_IO");
+    slab_base_ = static_cast<uint8_t*>(slab.Data());
+    slab_ = Napi::Persistent(slab);
 
     if (rx_uring_ || tx_uring_) {
       // At least 256 entries: a writeBatch of up to 256 frames is one

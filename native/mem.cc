@@ -24,6 +24,23 @@ void Unmap(Napi::Env, void*, Mapping* m) {
   delete m;
 }
 
+}  // namespace
+
+Napi::ArrayBuffer MappedArrayBuffer(Napi::Env env, size_t len, const char* op) {
+  void* addr = mmap(nullptr, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (addr == MAP_FAILED) ThrowSys(env, op, "mmap", errno);
+  auto* m = new Mapping{addr, len};
+  try {
+    return Napi::ArrayBuffer::New(env, addr, len, Unmap, m);
+  } catch (...) {  // the finalizer was never attached: unmap here
+    munmap(addr, len);
+    delete m;
+    throw;
+  }
+}
+
+namespace {
+
 // allocPages(bytes): zeroed, page-aligned memory as an ArrayBuffer.
 Napi::Value AllocPages(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
@@ -31,10 +48,7 @@ Napi::Value AllocPages(const Napi::CallbackInfo& info) {
   if (bytes == 0) ThrowArg(env, "allocPages: size must be > 0");
   long page = sysconf(_SC_PAGESIZE);
   size_t len = (static_cast<size_t>(bytes) + page - 1) / page * page;
-  void* addr = mmap(nullptr, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-  if (addr == MAP_FAILED) ThrowSys(env, "ALLOC_PAGES", "mmap", errno);
-  Mapping* m = new Mapping{addr, len};
-  return Napi::ArrayBuffer::New(env, addr, len, Unmap, m);
+  return MappedArrayBuffer(env, len, "ALLOC_PAGES");
 }
 
 // addressOf(arrayBuffer | typed array): the process address of its first
