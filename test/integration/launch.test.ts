@@ -107,6 +107,16 @@ function track(c: ChildProcess): ChildProcess {
   return c;
 }
 
+/** `mqtap launch ... --json -- QEMU (paused)` in the background: waits for its "started" line. */
+async function startLaunch(args: string[]): Promise<{ c: ChildProcess; stderr: () => string; started: { pid: number; tap: string; fds: number[]; vhostfds: number[]; argv: string[] } }> {
+  const c = track(spawn(process.execPath, [CLI, 'launch', ...args, '--vhost', 'off', '--json', '--', QEMU, ...PAUSED], { stdio: ['ignore', 'pipe', 'pipe'] }));
+  let err = '';
+  c.stderr!.on('data', (d: Buffer) => (err += d.toString()));
+  const line = await until(20_000, () => err.split('\n').find((l) => l.includes('"event":"started"')));
+  if (!line) throw new Error(`mqtap launch did not say "started" within 20 s: ${err}`);
+  return { c, stderr: () => err, started: JSON.parse(line) };
+}
+
 describe.skipIf(!!reason)(`launch: QEMU with pre-opened tap fds (real kernel, paused QEMU)${reason ? ` (skipped: ${reason})` : skipNote(env)}`, () => {
   useIsolatedNetns();
   const netdevs: Netdev[] = [];
@@ -287,12 +297,7 @@ describe.skipIf(!!reason)(`launch: QEMU with pre-opened tap fds (real kernel, pa
     });
 
     it('--json: a started and an exited line on stderr; exits with QEMU\'s status; SIGTERM is relayed', async () => {
-      const c = track(spawn(process.execPath, [CLI, 'launch', '--queues', '2', '--vhost', 'off', '--json', '--', QEMU, ...PAUSED], { stdio: ['ignore', 'pipe', 'pipe'] }));
-      let stderr = '';
-      c.stderr!.on('data', (d: Buffer) => (stderr += d.toString()));
-      const startedLine = await until(20_000, () => stderr.split('\n').find((l) => l.includes('"event":"started"')));
-      expect(startedLine, stderr).toBeDefined();
-      const started = JSON.parse(startedLine!) as { pid: number; tap: string; fds: number[]; vhostfds: number[]; argv: string[] };
+      const { c, stderr: err, started } = await startLaunch(['--queues', '2']);
       qemuPids.add(started.pid);
       expect(started).toMatchObject({ fds: [3, 4], vhostfds: [], vhost: false, queues: 2 });
       expect(started.argv.slice(-4)).toEqual(['-netdev', 'tap,id=net0,fds=3:4,vhost=off', '-device', 'virtio-net-pci,netdev=net0,mq=on,vectors=6,romfile=']);
@@ -300,34 +305,26 @@ describe.skipIf(!!reason)(`launch: QEMU with pre-opened tap fds (real kernel, pa
       expect(await handlesSigterm(started.pid)).toBe(true);
       c.kill('SIGTERM');
       const code = await new Promise<number | null>((resolve) => c.once('exit', (x) => resolve(x)));
-      expect(code, stderr).toBe(0);
-      const exited = JSON.parse(stderr.split('\n').find((l) => l.includes('"event":"exited"'))!) as Record<string, unknown>;
+      expect(code, err()).toBe(0);
+      const exited = JSON.parse(err().split('\n').find((l) => l.includes('"event":"exited"'))!) as Record<string, unknown>;
       expect(exited).toMatchObject({ pid: started.pid, tap: started.tap, code: 0, signal: null, status: 0, tapGone: true });
       expect(listTaps()).toEqual([]);
     });
 
     it('QEMU killed with SIGKILL: launch exits 137, says so, and the tap is gone', async () => {
-      const c = track(spawn(process.execPath, [CLI, 'launch', '--queues', '2', '--vhost', 'off', '--json', '--', QEMU, ...PAUSED], { stdio: ['ignore', 'pipe', 'pipe'] }));
-      let stderr = '';
-      c.stderr!.on('data', (d: Buffer) => (stderr += d.toString()));
-      const line = await until(20_000, () => stderr.split('\n').find((l) => l.includes('"event":"started"')));
-      const { pid, tap } = JSON.parse(line!) as { pid: number; tap: string };
+      const { c, stderr, started: { pid, tap } } = await startLaunch(['--queues', '2']);
       qemuPids.add(pid);
       expect(await until(20_000, () => (getTap(tap)?.tun.numQueues === 1 ? true : undefined))).toBe(true);
       process.kill(pid, 'SIGKILL');
       const code = await new Promise<number | null>((resolve) => c.once('exit', (x) => resolve(x)));
-      expect(code, stderr).toBe(137);
-      expect(stderr).toMatch(/"signal":"SIGKILL","status":137,.*"tapGone":true/);
+      expect(code, stderr()).toBe(137);
+      expect(stderr()).toMatch(/"signal":"SIGKILL","status":137,.*"tapGone":true/);
       expect(getTap(tap)).toBeUndefined();
       expect(existsSync(`/proc/${pid}`)).toBe(false);
     });
 
     it('mqtap killed with SIGKILL: QEMU dies with it (pdeathsig) and the tap goes with both', async () => {
-      const c = track(spawn(process.execPath, [CLI, 'launch', '--queues', '2', '--vhost', 'off', '--json', '--', QEMU, ...PAUSED], { stdio: ['ignore', 'pipe', 'pipe'] }));
-      let stderr = '';
-      c.stderr!.on('data', (d: Buffer) => (stderr += d.toString()));
-      const line = await until(20_000, () => stderr.split('\n').find((l) => l.includes('"event":"started"')));
-      const { pid, tap } = JSON.parse(line!) as { pid: number; tap: string };
+      const { c, started: { pid, tap } } = await startLaunch(['--queues', '2']);
       qemuPids.add(pid);
       c.kill('SIGKILL');
       expect(await until(10_000, () => (!existsSync(`/proc/${pid}`) ? true : undefined))).toBe(true);
@@ -366,12 +363,9 @@ describe.skipIf(!!reason)(`launch: QEMU with pre-opened tap fds (real kernel, pa
 
     it('--existing require on a persistent tap: the tap stays after QEMU, with its queues released', async () => {
       expect(mqtap(['create', 'lp0', '--queues', '2']).status).toBe(0);
-      const c = track(spawn(process.execPath, [CLI, 'launch', '--name', 'lp0', '--existing', 'require', '--queues', '2', '--vhost', 'off', '--json', '--', QEMU, ...PAUSED], { stdio: ['ignore', 'pipe', 'pipe'] }));
-      let stderr = '';
-      c.stderr!.on('data', (d: Buffer) => (stderr += d.toString()));
-      const line = await until(20_000, () => stderr.split('\n').find((l) => l.includes('"event":"started"')));
-      expect(await until(20_000, () => (getTap('lp0')?.tun.numQueues === 1 ? true : undefined)), stderr).toBe(true);
-      expect(await handlesSigterm((JSON.parse(line!) as { pid: number }).pid)).toBe(true);
+      const { c, stderr, started } = await startLaunch(['--name', 'lp0', '--existing', 'require', '--queues', '2']);
+      expect(await until(20_000, () => (getTap('lp0')?.tun.numQueues === 1 ? true : undefined)), stderr()).toBe(true);
+      expect(await handlesSigterm(started.pid)).toBe(true);
       c.kill('SIGTERM');
       expect(await new Promise((resolve) => c.once('exit', resolve))).toBe(0);
       expect(getTap('lp0')?.tun).toMatchObject({ persist: true, numQueues: 0, numDisabledQueues: 0 });
