@@ -303,11 +303,6 @@ export async function guestQemuArgs(opts: GuestQemuArgsOptions): Promise<string[
   return argv;
 }
 
-/** `setpriv --pdeathsig KILL --` if available: QEMU then dies with this process even on SIGKILL. */
-function deathWrapper(): string[] {
-  return pdeathsigWrapper('SIGKILL');
-}
-
 const liveQemus = new Set<ChildProcess>();
 const liveDirs = new Set<string>();
 let exitHookInstalled = false;
@@ -375,7 +370,7 @@ export async function runInGuest(opts: RunInGuestOptions): Promise<RunInGuestRes
     const argv = [...(await guestQemuArgs(qargs)), ...(opts.qemuExtraArgs ?? [])];
     opts.signal?.throwIfAborted();
 
-    const wrapper = deathWrapper();
+    const wrapper = pdeathsigWrapper('SIGKILL'); // QEMU dies with this process even on SIGKILL
     const file = wrapper.length ? wrapper[0]! : qemuBinary();
     const fullArgs = wrapper.length ? [...wrapper.slice(1), qemuBinary(), ...argv] : argv;
     const stdio: Array<'ignore' | 'pipe' | number> = ['ignore', 'pipe', 'pipe', ...(opts.extraFds ?? [])];

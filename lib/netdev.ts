@@ -110,18 +110,6 @@ export class QueuePair {
     if (first) throw first;
   }
 
-  /** @internal */
-  _close(): void {
-    this.close();
-  }
-
-  /** @internal the vhost fd was handed to a caller that now owns it. */
-  _forgetVhost(): number {
-    const fd = this.#vhostFd;
-    this.#vhostFd = -1;
-    return fd;
-  }
-
   toJSON(): { index: number; state: PairState; tapFd: number; vhostFd: number; driven: boolean; bound: boolean } {
     return { index: this.index, state: this.state, tapFd: this.tapQueue.fd, vhostFd: this.#vhostFd, driven: this.driver !== undefined, bound: this.driver?.bound ?? false };
   }

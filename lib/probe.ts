@@ -5,6 +5,7 @@ import { release } from 'node:os';
 import { MqtapError } from './errors';
 import { K, native } from './native';
 import { MAX_QUEUES, VNET_HDR_SIZES } from './validate';
+import { OFFLOAD_KEYS } from './tap';
 
 export interface TunFeatures {
   /** The raw IFF_* mask TUNGETFEATURES returned. */
@@ -60,7 +61,7 @@ export function decodeTunFeatures(raw: number): TunFeatures {
 /** Opens /dev/net/tun, asks TUNGETFEATURES and closes it.  Never throws for a missing device. */
 export function probeTun(opts: { devicePath?: string } = {}): TunProbe {
   const devicePath = opts.devicePath ?? '/dev/net/tun';
-  const offloads = ['csum', 'tso4', 'tso6', 'tsoEcn', 'ufo', 'uso4', 'uso6'];
+  const offloads: string[] = [...OFFLOAD_KEYS];
   const base = { devicePath, kernel: release(), maxQueues: MAX_QUEUES, vnetHdrSizes: VNET_HDR_SIZES, offloads };
   let fd: number;
   try {

@@ -85,7 +85,7 @@ export interface OpenTapOptions {
 const OPEN_KEYS = [
   'name', 'queues', 'vnetHdr', 'vnetHdrSize', 'persist', 'owner', 'group', 'mtu', 'mac', 'up', 'offloads', 'existing', 'netns', 'devicePath', 'logger',
 ] as const;
-const OFFLOAD_KEYS = ['csum', 'tso4', 'tso6', 'tsoEcn', 'uso4', 'uso6'] as const;
+export const OFFLOAD_KEYS = ['csum', 'tso4', 'tso6', 'tsoEcn', 'uso4', 'uso6'] as const;
 
 /** Validated options: everything checked before the first syscall. */
 interface Plan {
@@ -362,10 +362,11 @@ export class Tap {
   }
 
   /** @internal opens one more fd and attaches it; closes it again on failure. */
-  _attachNew(excl: boolean, name = this.name): { fd: number; name: string } {
+  _attachNew(): number {
     const fd = native.tunOpen(this.#devicePath);
     try {
-      return { fd, name: native.tunSetIff(fd, name, this.#flags | (excl ? K.IFF_TUN_EXCL : 0)) };
+      native.tunSetIff(fd, this.name, this.#flags);
+      return fd;
     } catch (err) {
       native.close(fd);
       throw err;
@@ -392,7 +393,7 @@ export class Tap {
     const q = withNetns(this.netns, () => {
       let fd: number;
       try {
-        fd = this._attachNew(false).fd;
+        fd = this._attachNew();
       } catch (err) {
         throw withContext(explainSetIff(err, this.name), { ifname: this.name, queue: index });
       }
@@ -682,7 +683,7 @@ export function openTap(opts: OpenTapOptions): Tap {
       existing = first.existing;
       tap = new Tap({ name: first.name, created: !existing, vnetHdr: p.vnetHdr, flags, devicePath: p.devicePath, netns: p.netns, logger: p.logger });
       tap._push(fd0, 'enabled');
-      for (queue = 1; queue < p.queues; queue++) tap._push(tap._attachNew(false).fd, 'enabled');
+      for (queue = 1; queue < p.queues; queue++) tap._push(tap._attachNew(), 'enabled');
       queue = -1;
       applySettings(tap, fd0, p, !existing);
     } catch (err) {

@@ -28,12 +28,13 @@
 import { invalidArg } from './errors';
 import { K, native } from './native';
 
-export const VRING_DESC_SIZE = 16;
-export const VRING_USED_ELEM_SIZE = 8;
+/** struct vring_desc / vring_used_elem sizes, from <linux/virtio_ring.h>. */
+const VRING_DESC_SIZE = K.SIZEOF_VRING_DESC;
+const VRING_USED_ELEM_SIZE = K.SIZEOF_VRING_USED_ELEM;
 /** vhost accepts ring sizes up to 32768 (powers of two <= 0xffff). */
 export const MAX_QUEUE_SIZE = 32768;
-export const MIN_BUF_SIZE = 64;
-export const MAX_BUF_SIZE = 1 << 20;
+const MIN_BUF_SIZE = 64;
+const MAX_BUF_SIZE = 1 << 20;
 
 export interface VringLayout {
   num: number;
