@@ -446,25 +446,32 @@ function registerClient(program: Command, ctx: CliContext): void {
 /** The operations of `mqtap client`. */
 export const CLIENT_OPS: readonly string[] = OPS;
 
-const GLOBAL_FLAGS = new Set(['--debug', '-V', '--version', '-h', '--help']);
-const GLOBAL_WITH_VALUE = new Set(['--log-level', '--netns']);
-
 /**
  * For a global `--socket PATH` (bin/mqtap.ts): rewrites
  * `mqtap [globals] --socket P OP ...` into `mqtap [globals] client --socket P OP ...`
  * when OP is a daemon operation, so `mqtap --socket P create vm1 -p 4` talks to
- * the daemon.  Arguments without a global --socket come back unchanged.
+ * the daemon.  The global options are the program's own (so one added there
+ * is known here).  Arguments without a global --socket come back unchanged.
  */
-export function routeGlobalSocket(args: readonly string[]): string[] {
+export function routeGlobalSocket(args: readonly string[], program: Command): string[] {
+  const flags = new Set<string>(['-h', '--help']);
+  const withValue = new Set<string>();
+  for (const o of program.options) {
+    const set = o.required || o.optional ? withValue : flags;
+    if (o.long) set.add(o.long);
+    if (o.short) set.add(o.short);
+  }
   const globals: string[] = [];
   let socket: string | undefined;
   let i = 0;
   for (; i < args.length; i++) {
     const a = args[i]!;
+    const eq = a.indexOf('=');
+    const name = a.startsWith('--') && eq > 0 ? a.slice(0, eq) : a;
     if (a === '--socket' && i + 1 < args.length) socket = args[++i];
-    else if (a.startsWith('--socket=')) socket = a.slice('--socket='.length);
-    else if (GLOBAL_WITH_VALUE.has(a) && i + 1 < args.length) globals.push(a, args[++i]!);
-    else if (GLOBAL_FLAGS.has(a) || /^--(log-level|netns)=/.test(a)) globals.push(a);
+    else if (name === '--socket' && name !== a) socket = a.slice(eq + 1);
+    else if (withValue.has(a) && i + 1 < args.length) globals.push(a, args[++i]!);
+    else if (flags.has(a) || (name !== a && withValue.has(name))) globals.push(a);
     else break;
   }
   const op = args[i];

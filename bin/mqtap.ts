@@ -288,7 +288,7 @@ export async function main(args: string[]): Promise<number> {
     result = Promise.resolve().then(fn);
   }, );
   try {
-    program.parse(routeGlobalSocket(args), { from: 'user' });
+    program.parse(routeGlobalSocket(args, program), { from: 'user' });
     if (!result) return EXIT.OK;
     return await result;
   } catch (err) {

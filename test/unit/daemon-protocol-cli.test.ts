@@ -37,21 +37,30 @@ describe('mqtap client', () => {
 });
 
 describe('routeGlobalSocket', () => {
+  const program = buildProgram(() => undefined);
+  const route = (args: string[]): string[] => routeGlobalSocket(args, program);
+
+  it('knows every global option of the program, e.g. --log-format (a daemon delete must never run locally)', () => {
+    expect(route(['--log-format', 'json', '--socket', '/s', 'delete', 'vm1'])).toEqual(['--log-format', 'json', 'client', '--socket', '/s', 'delete', 'vm1']);
+    expect(route(['--log-format=json', '--log-level=info', '--socket=/s', 'show'])).toEqual(['--log-format=json', '--log-level=info', 'client', '--socket', '/s', 'show']);
+    for (const o of program.options) if (o.long !== '--socket' && o.long !== '--version') expect(route([o.long!, ...(o.required ? ['x'] : []), '--socket', '/s', 'list'])).toContain('client');
+  });
+
   it('moves a global --socket in front of a daemon op into `client`', () => {
-    expect(routeGlobalSocket(['--socket', '/s', 'set-active', 'vm1', '2'])).toEqual(['client', '--socket', '/s', 'set-active', 'vm1', '2']);
-    expect(routeGlobalSocket(['--debug', '--socket=/s', '--log-level', 'info', 'create', 'vm1', '-p', '4'])).toEqual([
+    expect(route(['--socket', '/s', 'set-active', 'vm1', '2'])).toEqual(['client', '--socket', '/s', 'set-active', 'vm1', '2']);
+    expect(route(['--debug', '--socket=/s', '--log-level', 'info', 'create', 'vm1', '-p', '4'])).toEqual([
       '--debug', '--log-level', 'info', 'client', '--socket', '/s', 'create', 'vm1', '-p', '4',
     ]);
-    expect(routeGlobalSocket(['--netns', 'ns1', '--socket', '/s', 'list', '--json'])).toEqual(['--netns', 'ns1', 'client', '--socket', '/s', 'list', '--json']);
+    expect(route(['--netns', 'ns1', '--socket', '/s', 'list', '--json'])).toEqual(['--netns', 'ns1', 'client', '--socket', '/s', 'list', '--json']);
   });
 
   it('leaves everything else alone', () => {
     for (const args of [['create', 'x'], ['--socket', '/s', 'features'], ['daemon', '--socket', '/s'], ['client', '--socket', '/s', 'list'], ['--socket'], []]) {
-      expect(routeGlobalSocket(args)).toEqual(args);
+      expect(route(args)).toEqual(args);
     }
   });
 
   it('the rewritten arguments parse', () => {
-    expect(parse(routeGlobalSocket(['--socket', '/r.sock', 'show', 'vm1', '--json'])).globals).toMatchObject({ socket: '/r.sock', json: true });
+    expect(parse(route(['--socket', '/r.sock', 'show', 'vm1', '--json'])).globals).toMatchObject({ socket: '/r.sock', json: true });
   });
 });
