@@ -28,7 +28,7 @@ import { execFileSync, spawn, type ChildProcess } from 'node:child_process';
 import { existsSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { Worker, isMainThread, parentPort, workerData } from 'node:worker_threads';
-import { openQueueIO, type IoEngine } from '../lib/io';
+import { openQueueIO, type IoEngine, type QueueIO } from '../lib/io';
 import { getLink } from '../lib/links';
 import { native } from '../lib/native';
 import { deleteTap, openTap } from '../lib/tap';
@@ -391,8 +391,20 @@ function threadCpu(): number {
 
 async function workerMain(job: WorkerJob): Promise<void> {
   const port = parentPort!;
+  // Worker threads share the process's fds: close the queue whatever happens,
+  // or it stays attached and the next run finds one queue too many.
   const tap = openTap({ name: TAP, existing: 'require', queues: 1 });
-  const io = openQueueIO(tap.queues[0]!, { engine: job.engine, batch: job.batch, ...(job.slotSize ? { slotSize: job.slotSize } : {}) });
+  let io: QueueIO | undefined;
+  try {
+    io = openQueueIO(tap.queues[0]!, { engine: job.engine, batch: job.batch, ...(job.slotSize ? { slotSize: job.slotSize } : {}) });
+    port.postMessage({ type: 'done', res: await measure(job, io, port) });
+  } finally {
+    io?.close();
+    tap.close();
+  }
+}
+
+async function measure(job: WorkerJob, io: QueueIO, port: NonNullable<typeof parentPort>): Promise<WorkerResult> {
   port.postMessage({ type: 'ready', tid: native.gettid() });
   await new Promise<void>((resolve) => port.once('message', () => resolve()));
   let frames = 0;
@@ -465,10 +477,7 @@ async function workerMain(job: WorkerJob): Promise<void> {
     cpu = threadCpu() - c0;
   }
   const engine = `${io.engine.rx}/${io.engine.tx}`;
-  io.close();
-  tap.close();
-  const res: WorkerResult = { pps: frames / seconds, gbps: gbps(bytes, seconds), cpuUsPerFrame: (cpu * 1e6) / Math.max(1, frames), frames, engine, ...(packedRes ? { packed: packedRes } : {}), ...(distinctRes ? { distinct: distinctRes } : {}) };
-  port.postMessage({ type: 'done', res });
+  return { pps: frames / seconds, gbps: gbps(bytes, seconds), cpuUsPerFrame: (cpu * 1e6) / Math.max(1, frames), frames, engine, ...(packedRes ? { packed: packedRes } : {}), ...(distinctRes ? { distinct: distinctRes } : {}) };
 }
 
 async function runLibrary(dir: Dir, size: Size, queues: number, frames: number, engine: IoEngine | 'auto', gen: string, tune: { batch?: number; slotSize?: number } = {}): Promise<DataRun> {
@@ -484,7 +493,8 @@ async function runLibrary(dir: Dir, size: Size, queues: number, frames: number, 
       ready.push(
         new Promise((resolve, reject) => {
           w.once('error', reject);
-          w.once('message', (m: { type: string; tid: number }) => {
+          w.once('message', (m: { type: string; tid: number; message?: string }) => {
+            if (m.type !== 'ready') return reject(new Error(`library worker: ${m.message ?? m.type}`));
             pin(m.tid, q);
             resolve();
           });
@@ -499,6 +509,7 @@ async function runLibrary(dir: Dir, size: Size, queues: number, frames: number, 
           });
         }),
       );
+      done[done.length - 1]!.catch(() => undefined); // reported through `ready` or Promise.all(done)
     }
     await Promise.all(ready);
     waitQueues(queues);

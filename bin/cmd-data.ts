@@ -265,13 +265,19 @@ async function cmdStats(name: string, o: StatsOpts, g: GlobalOpts): Promise<numb
   let tap: Tap | undefined;
   let ios: QueueIO[] = [];
   let drained: Promise<void> | undefined;
+  let readError: unknown;
   let kstats: QueueStats | undefined;
   try {
     if (inUse === 0) {
       if (!link.tun.multiQueue && o.queues > 1) throw new MqtapError({ op: 'VALIDATE', code: ErrorCodes.INVALID_ARG, message: `${name} is not a multi-queue tap: use --queues 1` });
       tap = openTap({ name, queues: o.queues, existing: 'require', vnetHdr: link.tun.vnetHdr, ...netnsOpt(g), logger: logger(g) });
       ios = openTapIO(tap);
-      drained = drainAll(ios);
+      // A read error (the tap deleted under us) stops the sampling and is
+      // reported below, never left as an unhandled rejection.
+      drained = drainAll(ios).catch((err: unknown) => {
+        readError = err;
+        stop();
+      });
     } else {
       // Held elsewhere: read the kernel's per-queue counters (qdiscs; a tcx
       // counter this process attaches and detaches), never the queues.
@@ -279,7 +285,7 @@ async function cmdStats(name: string, o: StatsOpts, g: GlobalOpts): Promise<numb
     }
     let samples = 0;
     const max = o.watch ? (o.count ?? Infinity) : 1;
-    let prevDev = lookup(name, g).stats;
+    let prevDev = kstats ? undefined : lookup(name, g).stats;
     let prevQ = ios.map((io) => io.stats());
     let prevK = kstats?.snapshot();
     let t0 = performance.now();
@@ -290,12 +296,11 @@ async function cmdStats(name: string, o: StatsOpts, g: GlobalOpts): Promise<numb
       if (kstats && prevK) {
         const k = kstats.snapshot(); // throws ENODEV (exit 3) if the tap went away
         sample = kernelSample(name, prevK, k, ms);
-        prevDev = k.device;
         prevK = k;
       } else {
         const dev = lookup(name, g).stats;
         const q = ios.map((io) => io.stats());
-        sample = { name, mode: 'queues', intervalMs: Math.round(ms), queues: queueRates(prevQ, q, ms), device: deviceRates(prevDev, dev, ms) };
+        sample = { name, mode: 'queues', intervalMs: Math.round(ms), queues: queueRates(prevQ, q, ms), device: deviceRates(prevDev!, dev, ms) };
         prevDev = dev;
         prevQ = q;
       }
@@ -305,6 +310,7 @@ async function cmdStats(name: string, o: StatsOpts, g: GlobalOpts): Promise<numb
       else out(`${renderStats(sample)}${o.watch ? '\n' : ''}`);
       t0 = performance.now();
     }
+    if (readError !== undefined) throw readError;
     return EXIT.OK;
   } finally {
     process.off('SIGINT', stop);

@@ -253,6 +253,12 @@ export class FrameBatch implements Iterable<Buffer> {
 }
 
 interface TxJob {
+  /**
+   * The frames are a FrameBatch's, in a queue's receive slab, which that
+   * queue reuses for its next batch: a job that has to wait copies them first
+   * (#ownFrames), so forwarding stays zero-copy only while it is written at once.
+   */
+  fromSlab: boolean;
   bufs: ArrayBuffer[];
   desc: Uint32Array;
   next: number;
@@ -472,12 +478,18 @@ export class QueueIO implements AsyncIterable<FrameBatch> {
 
   /** Iterates over batches of frames as the kernel sends them out of the tap.  One reader at a time. */
   [Symbol.asyncIterator](): AsyncIterator<FrameBatch> {
+    const it = { ended: false };
     return {
-      next: () => this.#next(),
+      next: () => this.#next(it),
       return: async (): Promise<IteratorResult<FrameBatch>> => {
+        it.ended = true;
         this._gen++;
         this.#rxArmed = false;
         this.#updatePoll();
+        // A next() still waiting for frames ends too (it returns DONE).
+        const wake = this.#rxWaiter;
+        this.#rxWaiter = undefined;
+        wake?.();
         return DONE;
       },
     };
@@ -512,13 +524,13 @@ export class QueueIO implements AsyncIterable<FrameBatch> {
     return n > 0 ? new FrameBatch(this, this._gen, this.#slab, this.#rxDesc, n, this.hdrLen) : undefined;
   }
 
-  async #next(): Promise<IteratorResult<FrameBatch>> {
+  async #next(it: { ended: boolean }): Promise<IteratorResult<FrameBatch>> {
     if (this.#rxBusy) throw invalidArg('next() called while the previous next() is still pending; use one reader at a time');
     this._gen++;
     this.#rxBusy = true;
     try {
       for (;;) {
-        if (this.#closed) return DONE;
+        if (this.#closed || it.ended) return DONE;
         if (this.#syncRuns >= this.#yieldEvery) {
           this.#syncRuns = 0;
           await immediate();
@@ -560,11 +572,12 @@ export class QueueIO implements AsyncIterable<FrameBatch> {
    * Writes frames into the kernel (as if received on this queue), in order,
    * after every batch passed before.  Resolves when all are written (waiting
    * for POLLOUT whenever the kernel says EAGAIN).  Rejects with the errno of
-   * the first refused frame (err.written, err.dropped, err.index) if the
+   * the first refused frame (err.written, err.dropped) if the
    * kernel refused some, after writing the others; with ERR_CLOSED if the
    * queue I/O closes first.  A FrameBatch (from any queue) is written with
-   * the headers it was read with; await the write before asking that
-   * queue for its next batch.
+   * the headers it was read with, straight from the source queue's slab when
+   * it can be written at once; one that has to wait (EAGAIN, or behind other
+   * batches) is copied first, so the source may read its next batch.
    */
   writeBatch(frames: readonly Uint8Array[] | FrameBatch, opts: WriteOptions = {}): Promise<WriteResult> {
     if (this.#closed) return Promise.reject(this.#closedError('WRITE'));
@@ -572,6 +585,7 @@ export class QueueIO implements AsyncIterable<FrameBatch> {
     try {
       job = this.#prepare(frames, opts);
     } catch (err) {
+      this.#dropUnqueuedScratch();
       return Promise.reject(err);
     }
     return this.#submit(job);
@@ -591,6 +605,7 @@ export class QueueIO implements AsyncIterable<FrameBatch> {
     try {
       job = this.#preparePacked(data, lengths, opts);
     } catch (err) {
+      this.#dropUnqueuedScratch();
       return Promise.reject(err);
     }
     return this.#submit(job);
@@ -604,11 +619,13 @@ export class QueueIO implements AsyncIterable<FrameBatch> {
     this.#tx.push(job);
     this.#counters[C.TX_BATCHES]! += 1;
     if (this.#tx.length === 1 && !this.#txWaiting) this.#pumpTx();
+    else if (job.fromSlab) this.#ownFrames(job); // it waits behind others: the source may read on meanwhile
     return p;
   }
 
   #newJob(withHdr: boolean): TxJob {
     return {
+      fromSlab: false,
       bufs: [],
       desc: NO_DESC,
       next: 0,
@@ -640,6 +657,29 @@ export class QueueIO implements AsyncIterable<FrameBatch> {
     if (this.#scratchHolder === job) this.#scratchHolder = undefined;
   }
 
+  /** Copies a FrameBatch job's unwritten frames out of the receive slab into a buffer of its own. */
+  #ownFrames(job: TxJob): void {
+    const d = job.desc;
+    const src = job.bufs[0]!;
+    let total = 0;
+    for (let i = job.next; i < job.count; i++) total += d[3 * i + 2]!;
+    const copy = Buffer.alloc(total);
+    for (let i = job.next, off = 0; i < job.count; i++) {
+      const len = d[3 * i + 2]!;
+      copy.set(new Uint8Array(src, d[3 * i + 1]!, len), off);
+      d[3 * i] = 0;
+      d[3 * i + 1] = copy.byteOffset + off;
+      off += len;
+    }
+    job.bufs = [copy.buffer as ArrayBuffer];
+    job.fromSlab = false;
+  }
+
+  /** A job that failed before it was queued (bad frames, a throwing getter) gives the scratch back. */
+  #dropUnqueuedScratch(): void {
+    if (this.#scratchHolder !== undefined && !this.#tx.includes(this.#scratchHolder)) this.#scratchHolder = undefined;
+  }
+
   #preparePacked(data: Uint8Array, lengths: ArrayLike<number>, opts: WriteOptions): TxJob {
     if (!(data instanceof Uint8Array)) throw invalidArg('writePacked(data, lengths): data must be a Buffer/Uint8Array');
     if (opts.withHeader !== undefined && typeof opts.withHeader !== 'boolean') throw invalidArg('withHeader must be a boolean');
@@ -652,7 +692,6 @@ export class QueueIO implements AsyncIterable<FrameBatch> {
     const end = data.byteOffset + data.byteLength;
     for (let i = 0; i < n; i++) {
       const len = lengths[i]!;
-      if (!(len >= min) || off + len > end || len !== (len >>> 0)) this.#releaseDesc(job);
       if (!(len >= min) || off + len > end || len !== (len >>> 0)) throw invalidArg(`writePacked: frame ${i} (${len} bytes at ${off - data.byteOffset}) is shorter than ${min} bytes or runs past the data`);
       desc[3 * i + 1] = off;
       desc[3 * i + 2] = len;
@@ -673,6 +712,7 @@ export class QueueIO implements AsyncIterable<FrameBatch> {
       frames._fill(this.#takeDesc(job, 3 * n), slab.byteOffset);
       job.count = n;
       job.withHdr = true;
+      job.fromSlab = true;
       return job;
     }
     if (!Array.isArray(frames)) throw invalidArg('writeBatch(frames): an array of Buffers/Uint8Arrays or a FrameBatch');
@@ -687,7 +727,7 @@ export class QueueIO implements AsyncIterable<FrameBatch> {
     let index: Map<ArrayBufferLike, number> | undefined;
     let lastAb: ArrayBufferLike | undefined;
     let lastIdx = 0;
-    let prev: unknown;
+    let prev: unknown = NO_DESC; // never a frame
     for (let i = 0; i < n; i++) {
       let f = frames[i];
       if (f === prev) {
@@ -700,10 +740,7 @@ export class QueueIO implements AsyncIterable<FrameBatch> {
         continue;
       }
       prev = f;
-      if (!(f instanceof Uint8Array)) {
-        this.#releaseDesc(job);
-        throw invalidArg(`writeBatch: frame ${i} is not a Buffer/Uint8Array`);
-      }
+      if (!(f instanceof Uint8Array)) throw invalidArg(`writeBatch: frame ${i} is not a Buffer/Uint8Array`);
       let ab: ArrayBufferLike = f.buffer;
       if (ab !== lastAb) {
         if (!(ab instanceof ArrayBuffer)) {
@@ -728,7 +765,6 @@ export class QueueIO implements AsyncIterable<FrameBatch> {
         lastIdx = idx;
       }
       const len = f.byteLength;
-      if (len < min) this.#releaseDesc(job);
       if (len < min) throw invalidArg(`writeBatch: frame ${i} has ${len} bytes; at least ${min} (${job.withHdr ? 'header + ' : ''}Ethernet header) are needed`);
       desc[3 * i] = lastIdx;
       desc[3 * i + 1] = f.byteOffset;
@@ -767,6 +803,7 @@ export class QueueIO implements AsyncIterable<FrameBatch> {
       }
       if (job.next < job.count) {
         // EAGAIN: wait for POLLOUT, then go on from job.next.
+        if (job.fromSlab) this.#ownFrames(job);
         job.waits++;
         ctr[C.TX_WAITS]! += 1;
         this.#txWaiting = true;

@@ -142,6 +142,37 @@ describe.skipIf(!havePair)(`QueueIO over a socketpair${havePair ? '' : ' (skippe
       got.forEach((g, i) => expect(g.equals(Buffer.concat([Buffer.alloc(10), frames[i]!])), `frame ${i}`).toBe(true));
     });
 
+    it('a forwarded FrameBatch that has to wait is copied first: the source may read on, the bytes stay', async () => {
+      const [a, b] = pair(engine);
+      const [c, d] = pair(engine);
+      // Fill c's socket so that writes on c say EAGAIN and wait.
+      const filler = Array.from({ length: 4000 }, (_, i) => frame(100000 + i, 1000));
+      const filling = c.writeBatch(filler);
+      const frames = Array.from({ length: 30 }, (_, i) => frame(i, 200));
+      await a.writeBatch(frames);
+      const it = b[Symbol.asyncIterator]();
+      const first = (await it.next()).value as FrameBatch;
+      const forwarded = c.writeBatch(first); // queued behind the waiting filler
+      await a.writeBatch(Array.from({ length: 30 }, (_, i) => Buffer.alloc(200, 0xbb + (i & 1)))); // overwrite material
+      await it.next(); // the source reads on: its slab now holds the 0xbb frames
+      const got = collect(d, filler.length + first.count);
+      await Promise.all([filling, forwarded]);
+      const all = await got;
+      const tail = all.slice(filler.length);
+      expect(tail).toHaveLength(first.count);
+      tail.forEach((g, i) => expect(g.equals(frames[i]!), `forwarded frame ${i}`).toBe(true));
+      await it.return!();
+    });
+
+    it('return() ends a next() that is still waiting for frames', async () => {
+      const [, b] = pair(engine);
+      const it = b[Symbol.asyncIterator]();
+      const pending = it.next();
+      await new Promise((r) => setTimeout(r, 10));
+      await it.return!();
+      await expect(pending).resolves.toMatchObject({ done: true });
+    });
+
     it('waits for POLLOUT when the peer is slow (EAGAIN), loses nothing and keeps the order', async () => {
       const [a, b] = pair(engine);
       // ~4 MB: far more than a unix socket buffers, so writes must say EAGAIN.
@@ -286,6 +317,8 @@ describe.skipIf(!havePair)(`QueueIO over a socketpair${havePair ? '' : ' (skippe
     const [a] = pair('poll');
     await expect(a.writeBatch([Buffer.alloc(5)])).rejects.toThrow(/at least 14/);
     await expect(a.writeBatch(['nope' as unknown as Buffer])).rejects.toThrow(/not a Buffer/);
+    await expect(a.writeBatch([undefined as unknown as Buffer])).rejects.toThrow(/frame 0 is not a Buffer/);
+    await expect(a.writeBatch([frame(1, 60), undefined as unknown as Buffer])).rejects.toThrow(/frame 1 is not a Buffer/);
     await expect(a.writeBatch('x' as unknown as Buffer[])).rejects.toThrow(/array/);
     const [x, y] = native.unixSocketPair(SOCK_SEQPACKET);
     fds.push(x, y);
