@@ -30,6 +30,7 @@ export function exitCodeFor(err: unknown): number {
   if (err.op === 'SPAWN') return err.code === 'ENOENT' ? EXIT.COMMAND_NOT_FOUND : EXIT.CANNOT_EXECUTE;
   if (err.code === ErrorCodes.UNSUPPORTED) return EXIT.UNAVAILABLE;
   if ((err.op === 'TUN_OPEN' || err.op === 'VHOST_OPEN') && (err.code === 'ENOENT' || err.code === 'ENODEV' || err.code === 'ENXIO')) return EXIT.UNAVAILABLE;
+  if (err.op === 'NS_OPEN' && err.code === 'ENOENT') return EXIT.NOT_FOUND; // --netns names no namespace
   switch (err.code) {
     case 'EPERM':
     case 'EACCES':

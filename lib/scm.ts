@@ -161,6 +161,17 @@ function closedError(what: string): MqtapError {
   return new MqtapError({ op: 'SOCKET', code: ErrorCodes.CLOSED, message: `${what}: the socket is closed` });
 }
 
+
+/** Validates a socket's type and limits (before any fd exists where possible: listen/connect/pair call it first). */
+function socketLimits(type: SocketType, opts: UnixSocketOptions): { maxBytes: number; maxFds: number } {
+  sockType(type);
+  const maxBytes = opts.maxMessageBytes ?? 64 * 1024;
+  if (!Number.isInteger(maxBytes) || maxBytes < 1 || maxBytes > 16 * 1024 * 1024) throw invalidArg('maxMessageBytes must be 1..16 MiB');
+  const maxFds = opts.maxFds ?? DEFAULT_MAX_FDS;
+  if (!Number.isInteger(maxFds) || maxFds < 0 || maxFds > SCM_MAX_FD) throw invalidArg(`maxFds must be 0..${SCM_MAX_FD}`);
+  return { maxBytes, maxFds };
+}
+
 /**
  * A connected UNIX socket read and written with recvmsg/sendmsg.
  *
@@ -192,11 +203,14 @@ export class UnixSocket extends EventEmitter {
   constructor(fd: number, type: SocketType, opts: UnixSocketOptions = {}) {
     super();
     this.type = type;
-    sockType(type);
-    const maxBytes = opts.maxMessageBytes ?? 64 * 1024;
-    if (!Number.isInteger(maxBytes) || maxBytes < 1 || maxBytes > 16 * 1024 * 1024) throw invalidArg('maxMessageBytes must be 1..16 MiB');
-    const maxFds = opts.maxFds ?? DEFAULT_MAX_FDS;
-    if (!Number.isInteger(maxFds) || maxFds < 0 || maxFds > SCM_MAX_FD) throw invalidArg(`maxFds must be 0..${SCM_MAX_FD}`);
+    let maxBytes: number;
+    let maxFds: number;
+    try {
+      ({ maxBytes, maxFds } = socketLimits(type, opts));
+    } catch (err) {
+      native.close(fd); // adopted: owned from the first line
+      throw err;
+    }
     this.#buf = Buffer.allocUnsafe(maxBytes);
     this.#maxFds = maxFds;
     this.#fd = fd;
@@ -214,6 +228,7 @@ export class UnixSocket extends EventEmitter {
   /** Connects to a listening UNIX socket at `path`. */
   static async connect(path: string, opts: ConnectOptions): Promise<UnixSocket> {
     const type = sockType(opts.type);
+    socketLimits(opts.type, opts);
     const deadline = Date.now() + (opts.timeoutMs ?? 5000);
     for (let delay = 2; ; delay = Math.min(delay * 2, 100)) {
       const fd = native.unixSocket(type);
@@ -234,6 +249,7 @@ export class UnixSocket extends EventEmitter {
 
   /** A connected pair (socketpair). */
   static pair(type: SocketType, opts: UnixSocketOptions = {}): [UnixSocket, UnixSocket] {
+    socketLimits(type, opts);
     const [a, b] = native.unixSocketPair(sockType(type));
     let sa: UnixSocket | undefined;
     try {
@@ -479,6 +495,7 @@ export class UnixServer extends EventEmitter {
   /** Creates the socket file (mode 0600 from the start, then `mode`/`group`) and starts accepting. */
   static async listen(path: string, opts: ListenOptions): Promise<UnixServer> {
     const type = sockType(opts.type);
+    socketLimits(opts.type, opts); // every accepted connection is a UnixSocket with these options
     if (typeof path !== 'string' || !path.startsWith('/')) throw invalidArg(`socket path must be absolute (got ${String(path)})`);
     const mode = opts.mode ?? 0o600;
     if (!Number.isInteger(mode) || mode < 0 || mode > 0o777) throw invalidArg('mode must be a file mode such as 0o600');

@@ -12,7 +12,6 @@ import { deleteTap } from '../../lib/tap';
 
 const ROOT = join(__dirname, '..', '..');
 const CLI = join(ROOT, 'dist', 'bin', 'mqtap.js');
-const DIST_LIB = join(ROOT, 'dist', 'lib');
 
 function capNetAdmin(): boolean {
   const m = /^CapEff:\s*([0-9a-f]+)$/m.exec(readFileSync('/proc/self/status', 'utf8'));
@@ -282,8 +281,11 @@ describe.skipIf(!!reason)(`mqtap CLI${reason ? ` (skipped: ${reason})` : ''}`, (
       expect(listTaps()).toEqual([]);
     });
 
-    it('DIST_LIB is loadable by children (sanity for the probe script)', () => {
-      expect(existsSync(join(DIST_LIB, 'index.js'))).toBe(true);
+    it('--netns naming no namespace: exit 3 with the path, no stack trace', () => {
+      const r = mqtap(['--netns', 'mqtap-no-such-ns', 'show']);
+      expect(r.status, r.stderr).toBe(3);
+      expect(r.stderr).toMatch(/\/run\/netns\/mqtap-no-such-ns/);
+      expect(r.stderr).not.toMatch(/\n\s+at /);
     });
   });
 });

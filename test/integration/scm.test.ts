@@ -270,6 +270,20 @@ describe('SCM_RIGHTS over SOCK_STREAM', () => {
   });
 });
 
+describe('bad socket options', () => {
+  it('are refused before any fd exists, and an adopted fd is closed', async () => {
+    const before = readdirSync('/proc/self/fd').length;
+    expect(() => UnixSocket.pair('seqpacket', { maxFds: 100000 })).toThrow(/maxFds/);
+    await expect(UnixSocket.connect('/nonexistent.sock', { type: 'seqpacket', maxMessageBytes: 0 })).rejects.toThrow(/maxMessageBytes/);
+    await expect(UnixServer.listen(join(tempDir(), 's.sock'), { type: 'seqpacket', maxFds: -1 })).rejects.toThrow(/maxFds/);
+    const [x, y] = native.unixSocketPair((K as unknown as { SOCK_SEQPACKET: number }).SOCK_SEQPACKET);
+    native.close(y);
+    expect(() => new UnixSocket(x, 'seqpacket', { maxFds: 1.5 })).toThrow(/maxFds/);
+    expect(() => native.getFdFlags(x)).toThrow(/EBADF/);
+    expect(readdirSync('/proc/self/fd').length).toBe(before);
+  });
+});
+
 describe('UnixServer', () => {
   it('creates the socket file 0600 (0660 with a group), serves clients, reports SO_PEERCRED, removes the file on close', async () => {
     const dir = tempDir();
