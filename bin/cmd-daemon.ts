@@ -17,7 +17,7 @@ import { deleteTap } from '../lib/tap';
 import { DaemonClient, type NetdevDetail, type NetdevSummary } from '../lib/daemon/client';
 import { DEFAULT_SOCKET, DEFAULT_STATE_DIR, OPS } from '../lib/daemon/protocol';
 import { MqtapDaemon } from '../lib/daemon/server';
-import { EXIT, hdrSizeArg, intArg, json, logger, netnsOpt, out, type CliContext, type GlobalOpts } from './context';
+import { EXIT, childFds, hdrSizeArg, intArg, json, logger, netnsOpt, out, type CliContext, type GlobalOpts } from './context';
 import { keyValues, table } from './format';
 import { resolveId } from './ids';
 
@@ -344,7 +344,7 @@ function registerClient(program: Command, ctx: CliContext): void {
     .argument('<name>')
     .argument('<command...>', 'the command, after --')
     .option('--keep', 'do not release the netdev when the command exits')
-    .addHelpText('after', '\nThe command gets MQTAP_FDS (tap queues, e.g. 3:4:5:6), MQTAP_VHOST_FDS, MQTAP_IFNAME and MQTAP_QUEUES.\nExample: mqtap client acquire vm1 -- qemu-system-x86_64 -netdev tap,id=n0,fds=3:4,vhost=on,vhostfds=5:6 ...')
+    .addHelpText('after', '\nThe command gets MQTAP_FDS (tap queues, e.g. 3:4:5:6), MQTAP_VHOSTFDS (with vhost fds), MQTAP_IFNAME and MQTAP_QUEUES.\nExample: mqtap client acquire vm1 -- qemu-system-x86_64 -netdev tap,id=n0,fds=3:4,vhost=on,vhostfds=5:6 ...')
     .action((name: string, argv: string[], _o, cmd: Command) =>
       run(cmd, async (o) => {
         const keep = !!cmd.opts<{ keep?: boolean }>().keep;
@@ -352,20 +352,17 @@ function registerClient(program: Command, ctx: CliContext): void {
           const a = await c.acquire(name);
           let status: number;
           try {
-            const fds = [...a.tapFds, ...a.vhostFds];
-            const tapChild = a.tapFds.map((_, i) => 3 + i);
-            const vhostChild = a.vhostFds.map((_, i) => 3 + a.tapFds.length + i);
-            const { exited } = spawnWithFds({
-              argv,
-              fds,
-              env: { MQTAP_FDS: tapChild.join(':'), MQTAP_VHOST_FDS: vhostChild.join(':'), MQTAP_IFNAME: a.name, MQTAP_QUEUES: String(a.tapFds.length) },
-            });
+            const m = childFds(a.name, a.tapFds, a.vhostFds);
+            const { exited } = spawnWithFds({ argv, fds: m.fds, env: m.env });
             a.fds.close(); // the child has its copies (spawn dup2'ed them)
             status = (await exited).status;
-          } finally {
+          } catch (err) {
             a.fds.close();
-            if (!keep) await c.release(name);
+            if (!keep) await c.release(name).catch(() => undefined); // the spawn error is the one to report
+            throw err;
           }
+          // The child's status is the result; a failed release is reported besides it.
+          if (!keep) await c.release(name).catch((err: unknown) => process.stderr.write(`mqtap: release ${name} failed: ${(err as Error).message}\n`));
           return status;
         });
       }),

@@ -123,3 +123,19 @@ export interface CliContext {
   /** Global + command options of `cmd`. */
   globals(cmd: Command): GlobalOpts;
 }
+
+/**
+ * The fds a child gets (tap queues, then vhost-net fds, mapped to 3..) and
+ * the environment that describes them: MQTAP_FDS, MQTAP_VHOSTFDS (only with
+ * vhost fds), MQTAP_IFNAME, MQTAP_QUEUES.  Used by `exec` and `client acquire`.
+ */
+export function childFds(ifname: string, tapFds: readonly number[], vhostFds: readonly number[]): { fds: number[]; env: Record<string, string>; tap: number[]; vhost: number[] } {
+  const tap = tapFds.map((_, i) => 3 + i);
+  const vhost = vhostFds.map((_, i) => 3 + tapFds.length + i);
+  return {
+    fds: [...tapFds, ...vhostFds],
+    tap,
+    vhost,
+    env: { MQTAP_FDS: tap.join(':'), MQTAP_IFNAME: ifname, MQTAP_QUEUES: String(tapFds.length), ...(vhost.length ? { MQTAP_VHOSTFDS: vhost.join(':') } : {}) },
+  };
+}

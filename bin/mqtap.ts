@@ -13,7 +13,7 @@ import { openNetdev, type VhostMode } from '../lib/netdev';
 import { deleteTap, openTap, type ExistingPolicy } from '../lib/tap';
 import { probeVhostNet } from '../lib/vhost';
 import { register as registerDemo } from './demo';
-import { EXIT, exitCodeFor, hdrSizeArg, intArg, json, logger, netnsOpt, out, version, type CliContext, type GlobalOpts, type Runner } from './context';
+import { EXIT, childFds, exitCodeFor, hdrSizeArg, intArg, json, logger, netnsOpt, out, version, type CliContext, type GlobalOpts, type Runner } from './context';
 import { register as registerVhost } from './cmd-vhost';
 import { register as registerLaunch } from './cmd-launch';
 import { register as registerDaemon, routeGlobalSocket } from './cmd-daemon';
@@ -162,21 +162,9 @@ async function cmdExec(name: string, argv: string[], o: ExecOpts, g: GlobalOpts)
   });
   try {
     if (o.active !== undefined) nd.setActivePairs(o.active);
-    const tapFds = nd.tapFds();
-    const vhostFds = nd.vhostFds();
-    const childTap = tapFds.map((_, i) => 3 + i);
-    const childVhost = vhostFds.map((_, i) => 3 + tapFds.length + i);
-    const { child, exited } = spawnWithFds({
-      argv,
-      fds: [...tapFds, ...vhostFds],
-      env: {
-        MQTAP_FDS: childTap.join(':'),
-        MQTAP_IFNAME: nd.name,
-        MQTAP_QUEUES: String(tapFds.length),
-        ...(vhostFds.length ? { MQTAP_VHOSTFDS: childVhost.join(':') } : {}),
-      },
-    });
-    log.info({ ifname: nd.name, pid: child.pid, fds: childTap, vhostfds: childVhost, argv }, 'child started');
+    const m = childFds(nd.name, nd.tapFds(), nd.vhostFds());
+    const { child, exited } = spawnWithFds({ argv, fds: m.fds, env: m.env });
+    log.info({ ifname: nd.name, pid: child.pid, fds: m.tap, vhostfds: m.vhost, argv }, 'child started');
     const status = await exited;
     log.info({ ifname: nd.name, ...status }, 'child exited');
     return status.status;
