@@ -114,8 +114,9 @@ Napi::Value BpfProgLoad(const Napi::CallbackInfo& info) {
   }
   strncpy(attr.prog_name, name.c_str(), sizeof attr.prog_name - 1);
   long fd;
+  int tries = 0;
   do fd = SysBpf(BPF_PROG_LOAD, &attr);
-  while (fd < 0 && errno == EAGAIN);  // the verifier asks for a retry on a rare internal race
+  while (fd < 0 && errno == EAGAIN && ++tries < 5);  // the verifier asks for a retry on a rare internal race (libbpf: 5)
   if (fd < 0) ThrowSys(env, "BPF_PROG_LOAD", "bpf", errno, name);
   // bpf() fds are always O_CLOEXEC.
   return Napi::Number::New(env, static_cast<double>(fd));

@@ -183,11 +183,16 @@ class Ring {
     __atomic_store_n(sq_tail_, *sq_tail_ + n, __ATOMIC_RELEASE);
     unsigned submitted = 0;
     int err = 0;
-    while (submitted < n) {
+    for (int busy = 0; submitted < n;) {
       int r = SysEnter(fd_, n - submitted, 0, IORING_ENTER_GETEVENTS, nullptr, 0);
       if (r < 0) {
         if (errno == EINTR) continue;
-        if (errno == EAGAIN || errno == EBUSY) continue;  // transient: try again
+        // EAGAIN/EBUSY: out of memory for requests, or completions to reap
+        // first.  Reap and retry a bounded number of times.
+        if ((errno == EAGAIN || errno == EBUSY) && ++busy < 100) {
+          Reap(out);
+          continue;
+        }
         return errno;  // nothing more was submitted: the caller gives up on this ring
       }
       submitted += static_cast<unsigned>(r);
@@ -259,7 +264,6 @@ class Ring {
 
 // ---------------------------------------------------------------- slab
 
-void FreeCtl(Napi::Env, void* p) { free(p); }
 
 // One frame to write: where it is and how long.
 struct TxFrame {
@@ -306,12 +310,12 @@ class QueueIo : public Napi::ObjectWrap<QueueIo> {
 
     // Shared control block: counters, state words, rx descriptors.
     size_t ctl_len = kCtlHeader + 2 * batch_ * sizeof(uint32_t);
-    void* ctl = calloc(1, ctl_len);
-    if (ctl == nullptr) ThrowSys(env, "QUEUE_IO", "calloc", ENOMEM);
+    Napi::ArrayBuffer control = MappedArrayBuffer(env, ctl_len, "QUEUE_IO");
+    void* ctl = control.Data();
     counters_ = static_cast<double*>(ctl);
     state_ = reinterpret_cast<int32_t*>(static_cast<char*>(ctl) + kCounters * sizeof(double));
     rx_desc_ = reinterpret_cast<uint32_t*>(static_cast<char*>(ctl) + kCtlHeader);
-    control_ = Napi::Persistent(Napi::ArrayBuffer::New(env, ctl, ctl_len, FreeCtl));
+    control_ = Napi::Persistent(control);
 
     // The receive slab: anonymous memory, so untouched slot tails cost nothing.
     Napi::ArrayBuffer slab = MappedArrayBuffer(env, static_cast<size_t>(batch_) * slot_size_, "QUEUE_IO");
@@ -339,6 +343,9 @@ class QueueIo : public Napi::ObjectWrap<QueueIo> {
  private:
   void Live(Napi::Env env, const char* op) {
     if (fd_ < 0) ThrowSys(env, op, "none", EBADF, "queue I/O is closed");
+    // The shared blocks are written through raw pointers: refuse to go on if
+    // JavaScript detached (transferred) them.
+    if (control_.Value().IsDetached() || slab_.Value().IsDetached()) ThrowArg(env, "QueueIo: its control block or slab was detached (transferred)");
   }
 
   // ---- receive
@@ -447,6 +454,7 @@ class QueueIo : public Napi::ObjectWrap<QueueIo> {
     counters_[RX_SYSCALLS] += 1;
     unsigned answered = 0;
     for (const io_uring_cqe& c : cqes_) {
+      if (c.user_data >= want) continue;  // not one of this call's reads (never expected)
       unsigned slot = static_cast<unsigned>(c.user_data);
       if (c.res == 0) {
         rx_eof_ = true;
@@ -493,7 +501,6 @@ class QueueIo : public Napi::ObjectWrap<QueueIo> {
     Napi::Array bufs = info[0].As<Napi::Array>();
     Napi::TypedArray ta = info[1].As<Napi::TypedArray>();
     if (ta.TypedArrayType() != napi_uint32_array) ThrowArg(env, "txWrite: desc must be a Uint32Array");
-    uint32_t* desc = reinterpret_cast<uint32_t*>(static_cast<uint8_t*>(ta.ArrayBuffer().Data()) + ta.ByteOffset());
     uint32_t start = ArgUint(info, 2);
     uint32_t count = ArgUint(info, 3);
     bool with_hdr = ArgBool(info, 4);
@@ -508,8 +515,10 @@ class QueueIo : public Napi::ObjectWrap<QueueIo> {
       if (!v.IsArrayBuffer()) ThrowArg(env, "txWrite: buffers must be ArrayBuffers");
       Napi::ArrayBuffer ab = v.As<Napi::ArrayBuffer>();
       bases_[i] = static_cast<const uint8_t*>(ab.Data());
-      sizes_[i] = ab.ByteLength();
+      sizes_[i] = ab.ByteLength();  // a detached buffer has none: its frames fail the check below
     }
+    // Raw pointers only after the last call that could run JavaScript.
+    uint32_t* desc = reinterpret_cast<uint32_t*>(static_cast<uint8_t*>(ta.ArrayBuffer().Data()) + ta.ByteOffset());
     frames_.resize(count);
     for (uint32_t i = start; i < count; i++) {
       uint32_t b = desc[3 * i], off = desc[3 * i + 1], len = desc[3 * i + 2];

@@ -328,6 +328,29 @@ describe.skipIf(!havePair)(`QueueIO over a socketpair${havePair ? '' : ' (skippe
     expect(() => openFdIO(x)).toThrow(MqtapError); // not a tap: TUNGETVNETHDRSZ fails, hdrLen is needed
   });
 
+  it('the receive slab cannot be taken away by transferring it: reads go on into the same memory', async () => {
+    const [a, b] = pair('poll');
+    await a.writeBatch([frame(1, 64), frame(2, 64)]);
+    const batch = b.tryRead()!;
+    expect(batch.count).toBe(2);
+    const ab = batch.slab.buffer;
+    const size = ab.byteLength;
+    try {
+      structuredClone(ab, { transfer: [ab] });
+    } catch {
+      /* refused outright is fine too */
+    }
+    // Either the transfer was refused (the addon's memory is not detachable)
+    // or the addon refuses to go on (Live() checks): never freed memory.
+    if (ab.byteLength === size) {
+      await a.writeBatch([frame(3, 64)]);
+      expect(b.tryRead()!.frame(0).equals(frame(3, 64))).toBe(true);
+    } else {
+      await a.writeBatch([frame(3, 64)]);
+      expect(() => b.tryRead()).toThrow(/detached/);
+    }
+  });
+
   it("chooses plain syscalls for writes on an fd that is not a tap ('auto')", () => {
     const [a] = pair('poll');
     void a;
