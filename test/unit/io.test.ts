@@ -333,7 +333,7 @@ describe.skipIf(!havePair)(`QueueIO over a socketpair${havePair ? '' : ' (skippe
     await a.writeBatch([frame(1, 64), frame(2, 64)]);
     const batch = b.tryRead()!;
     expect(batch.count).toBe(2);
-    const ab = batch.slab.buffer;
+    const ab = batch.slab.buffer as ArrayBuffer;
     const size = ab.byteLength;
     try {
       structuredClone(ab, { transfer: [ab] });
