@@ -100,6 +100,11 @@ function isNotFound(err: unknown): boolean {
   return err instanceof QmpError && /not found/i.test(err.desc);
 }
 
+/** A QMP command that timed out: QEMU may still have carried it out. */
+function timedOut(err: unknown): boolean {
+  return err instanceof MqtapError && err.op === 'QMP' && err.code === 'ETIMEDOUT';
+}
+
 function validateFds(fds: unknown, what: string): number[] {
   if (!Array.isArray(fds)) throw invalidArg(`${what} must be an array of fd numbers`);
   for (const fd of fds) if (!Number.isInteger(fd) || fd < 0) throw invalidArg(`${what}: ${String(fd)} is not an fd number`);
@@ -126,28 +131,55 @@ export async function hotplugFds(qmp: QmpClient, opts: HotplugFdsOptions): Promi
   const names = fdNamesFor(id, queues, vhost);
   const exec = { ...(opts.timeoutMs !== undefined ? { timeoutMs: opts.timeoutMs } : {}) };
   const registered: string[] = [];
-  let netdevAdded = false;
+  // A step that timed out may still have been carried out (its reply can
+  // come late): it is undone as if it had been, and "not found" is fine then.
+  let netdevAdded: boolean | 'maybe' = false;
+  let deviceMaybe = false;
   let step = 'getfd';
   try {
     const all: Array<[string, number]> = [...names.tap.map((n, i) => [n, tapFds[i]!] as [string, number]), ...names.vhost.map((n, i) => [n, vhostFds[i]!] as [string, number])];
     for (const [name, fd] of all) {
-      await qmp.execute('getfd', { fdname: name }, { ...exec, fds: [fd] });
+      try {
+        await qmp.execute('getfd', { fdname: name }, { ...exec, fds: [fd] });
+      } catch (e) {
+        if (timedOut(e)) registered.push(name);
+        throw e;
+      }
       registered.push(name);
     }
     step = 'netdev_add';
-    await qmp.execute('netdev_add', netdevAddArgs(netdevId, names.tap, names.vhost), exec);
+    try {
+      await qmp.execute('netdev_add', netdevAddArgs(netdevId, names.tap, names.vhost), exec);
+    } catch (e) {
+      if (timedOut(e)) netdevAdded = 'maybe';
+      throw e;
+    }
     netdevAdded = true;
     step = 'device_add';
-    await qmp.execute('device_add', deviceAddArgs({ id, netdevId, queues, ...(opts.mac !== undefined ? { mac: opts.mac } : {}), ...(opts.bus !== undefined ? { bus: opts.bus } : {}), ...(opts.addr !== undefined ? { addr: opts.addr } : {}) }), exec);
+    try {
+      await qmp.execute('device_add', deviceAddArgs({ id, netdevId, queues, ...(opts.mac !== undefined ? { mac: opts.mac } : {}), ...(opts.bus !== undefined ? { bus: opts.bus } : {}), ...(opts.addr !== undefined ? { addr: opts.addr } : {}) }), exec);
+    } catch (e) {
+      deviceMaybe = timedOut(e);
+      throw e;
+    }
   } catch (err) {
     const left: string[] = [];
+    if (deviceMaybe) {
+      try {
+        await qmp.execute('device_del', { id }, exec);
+        left.push(`device ${id} (device_add timed out but had been carried out; device_del sent, the guest must release it)`);
+      } catch (e) {
+        if (!isNotFound(e)) left.push(`device ${id} (${(e as Error).message})`);
+      }
+    }
     if (netdevAdded) {
       try {
         await qmp.execute('netdev_del', { id: netdevId }, exec);
       } catch (e) {
-        left.push(`netdev ${netdevId} (${(e as Error).message})`);
+        if (netdevAdded === true || !isNotFound(e)) left.push(`netdev ${netdevId} (${(e as Error).message})`);
       }
-    } else {
+    }
+    if (netdevAdded !== true) {
       // netdev_add may have taken some of the names before it failed; closefd
       // of a taken name answers "not found", which is fine.
       for (const name of registered) {

@@ -267,6 +267,28 @@ describe('hotplug sequence (fake QEMU)', () => {
     expect(cmds.slice(3).map((l) => l.arguments!.fdname)).toEqual(cmds.slice(0, 2).map((l) => l.arguments!.fdname));
   });
 
+  it('a step that timed out is undone as if it had run: netdev_add -> netdev_del and closefd ("not found" is fine)', async () => {
+    const fake = await fakeQemu((c) => {
+      if (c.execute === 'netdev_add') return undefined; // never answered
+      if (c.execute === 'netdev_del') return { error: { class: 'DeviceNotFound', desc: "Device 'nic1-netdev' not found" } };
+      return ok();
+    });
+    const q = await connect(fake.path, 300);
+    const e = await rejection(hotplugFds(q, { id: 'nic1', tapFds: eventfds(2) }));
+    expect(e.code).toBe('ETIMEDOUT');
+    expect(e.message).toMatch(/netdev_add failed.*undone/);
+    expect(fake.commands().slice(1)).toEqual(['getfd', 'getfd', 'netdev_add', 'netdev_del', 'closefd', 'closefd']);
+  });
+
+  it('device_add that timed out: device_del, then netdev_del; the device is reported as left to the guest', async () => {
+    const fake = await fakeQemu((c) => (c.execute === 'device_add' ? undefined : ok()));
+    const q = await connect(fake.path, 300);
+    const e = await rejection(hotplugFds(q, { id: 'nic1', tapFds: eventfds(1) }));
+    expect(e.code).toBe(ErrorCodes.PARTIAL);
+    expect(e.message).toMatch(/device_add failed.*left in QEMU: device nic1 \(device_add timed out/);
+    expect(fake.commands().slice(1)).toEqual(['getfd', 'netdev_add', 'device_add', 'device_del', 'netdev_del']);
+  });
+
   it('an undo that fails too is ERR_PARTIAL_STATE naming what is left', async () => {
     const fake = await fakeQemu((c) => {
       if (c.execute === 'device_add') return { error: { class: 'GenericError', desc: 'no' } };
