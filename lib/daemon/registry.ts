@@ -334,9 +334,25 @@ export class Registry {
     if (this.#entries.size >= (this.#opts.maxNetdevs ?? 1024)) throw daemonError('ENOSPC', `the daemon already holds ${this.#entries.size} netdevs (its limit)`);
     if (!args.name.includes('%d') && this.#entries.has(args.name)) throw daemonError('EEXIST', `the daemon already holds a netdev named ${args.name}`, undefined, args.name);
     const nd = open();
+    // Undoes open(): closes the fds and, for a persistent tap this call
+    // created, removes the device too (closing alone would leave it).
+    const undo = (): void => {
+      try {
+        nd.close();
+      } catch {
+        /* the first error is the one to report */
+      }
+      if (created && persist) {
+        try {
+          deleteTap(nd.name, this.#netnsOpt({ netns: args.netns }));
+        } catch {
+          /* the first error is the one to report */
+        }
+      }
+    };
     if (this.#entries.has(nd.name)) {
       // A template resolved to a name the daemon holds in another namespace.
-      nd.close();
+      undo();
       throw daemonError('EEXIST', `the daemon already holds a netdev named ${nd.name}`, 'the daemon keys netdevs by name across namespaces: pick another name', nd.name);
     }
     const e: Entry = {
@@ -361,7 +377,7 @@ export class Registry {
       this.#entries.set(e.name, e);
       return e;
     } catch (err) {
-      nd.close();
+      undo();
       throw err;
     }
   }
@@ -394,9 +410,13 @@ export class Registry {
       added.gone = true;
       try {
         added.netdev?.close();
-        if (a.persist) deleteTap(added.name, this.#netnsOpt(added));
       } catch {
         /* the first error is the one to report */
+      }
+      try {
+        if (a.persist) deleteTap(added.name, this.#netnsOpt(added));
+      } catch {
+        /* as above */
       }
       throw err;
     }
