@@ -4,6 +4,7 @@
  * --json for scripts, exit codes that mean something (docs/cli.md), and no
  * stack trace for a user error unless --debug.
  */
+import './addon-check'; // first: a missing addon is reported as a user error, not a stack trace
 import { Command, CommanderError, Option } from 'commander';
 import { MqtapError } from '../lib/errors';
 import { getLink, isTapLink, listTaps, type TapLinkInfo } from '../lib/links';

@@ -340,7 +340,8 @@ function load(): NativeBinding {
     throw new MqtapError({
       op: 'LOAD_ADDON',
       code: 'EADDON',
-      message: `cannot load the mqtap native addon: ${(cause as Error).message}`,
+      // bindings' own message lists every path it tried: the first line is enough here
+      message: `cannot load the mqtap native addon: ${String((cause as Error).message).split('\n')[0]!.replace(/\s*Tried:$/, '')}`,
       hint: 'build it with `npm install` (or `npm run build:native`); it needs python3, make and a C++ compiler',
       cause,
     });

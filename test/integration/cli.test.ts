@@ -3,7 +3,8 @@
  * namespace (children spawned after isolateNetns() start in it too).
  */
 import { spawn, spawnSync, type SpawnOptions } from 'node:child_process';
-import { existsSync, readFileSync } from 'node:fs';
+import { cpSync, existsSync, mkdtempSync, readFileSync, rmSync, symlinkSync } from 'node:fs';
+import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { isolateNetns, type IsolatedNetns } from '../../lib/netns';
@@ -279,6 +280,22 @@ describe.skipIf(!!reason)(`mqtap CLI${reason ? ` (skipped: ${reason})` : ''}`, (
       expect(r.stderr).toMatch(/no tap named eq1/);
       expect(r.stderr).toMatch(/mqtap create eq1/);
       expect(listTaps()).toEqual([]);
+    });
+
+    it('without a built addon: the message and the build hint, exit 1, no stack trace', () => {
+      const dir = mkdtempSync(join(tmpdir(), 'mqtap-noaddon-'));
+      try {
+        cpSync(join(ROOT, 'dist'), join(dir, 'dist'), { recursive: true });
+        cpSync(join(ROOT, 'package.json'), join(dir, 'package.json'));
+        symlinkSync(join(ROOT, 'node_modules'), join(dir, 'node_modules'));
+        const r = spawnSync(process.execPath, [join(dir, 'dist', 'bin', 'mqtap.js'), 'show'], { encoding: 'utf8' });
+        expect(r.status, r.stderr).toBe(1);
+        expect(r.stderr).toMatch(/^mqtap: cannot load the mqtap native addon/);
+        expect(r.stderr).toMatch(/hint: build it with `npm install`/);
+        expect(r.stderr).not.toMatch(/\n\s+at /);
+      } finally {
+        rmSync(dir, { recursive: true, force: true });
+      }
     });
 
     it('--netns naming no namespace: exit 3 with the path, no stack trace', () => {
