@@ -178,10 +178,15 @@ describe('SCM_RIGHTS over SOCK_SEQPACKET', () => {
     const [a, b] = pair('seqpacket');
     const fds = eventfds(3);
     const before = fdCount();
-    // b has no 'message' listener; a round trip on another message shows it was read.
+    // b has no 'message' listener.  Fds in flight are not in /proc/self/fd
+    // either, so prove the message was read: a second one, sent after it,
+    // reaches a listener attached afterwards (messages are read in order).
     b.once('end', () => undefined);
     await a.send('nobody listens', fds);
     await new Promise((r) => setTimeout(r, 50));
+    const second = nextEvent<Buffer>(b, 'message');
+    await a.send('second');
+    expect(String(await second)).toBe('second');
     expect(fdCount()).toBe(before);
   });
 
