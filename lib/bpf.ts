@@ -595,8 +595,7 @@ export class Steering {
 
   /** Replaces the program (one TUNSETSTEERINGEBPF: the kernel swaps it atomically). */
   replace(next: BpfProgram | RssConfig): void {
-    setSteering(this.tap, next);
-    this.#name = 'name' in next && 'bytes' in next ? next.name : rssProgram(next as RssConfig).name;
+    this.#name = setSteering(this.tap, next);
     this.#attached = true;
   }
 

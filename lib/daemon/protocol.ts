@@ -348,10 +348,10 @@ export function encodeFdChunk(id: RequestId, chunk: number): Buffer {
   return Buffer.from(JSON.stringify({ id, fdChunk: chunk } satisfies FdChunk), 'utf8');
 }
 
-/** Splits `n` fds into per-message counts of at most MAX_FDS_PER_MESSAGE. */
-export function fdChunks(n: number, per = MAX_FDS_PER_MESSAGE): number[] {
-  const out: number[] = [];
-  for (let left = n; left > 0; left -= per) out.push(Math.min(per, left));
+/** Splits fds into the per-message groups the daemon sends (at most MAX_FDS_PER_MESSAGE each). */
+export function fdChunks<T>(fds: readonly T[], per = MAX_FDS_PER_MESSAGE): T[][] {
+  const out: T[][] = [];
+  for (let i = 0; i < fds.length; i += per) out.push(fds.slice(i, i + per));
   return out;
 }
 

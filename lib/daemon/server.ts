@@ -36,6 +36,7 @@ import {
   ProtocolError,
   daemonError,
   encodeFdChunk,
+  fdChunks,
   encodeReply,
   errorToWire,
   parseRequest,
@@ -184,10 +185,9 @@ class Connection {
     }
     const fds = outcome.fds ?? [];
     try {
-      const first = fds.slice(0, MAX_FDS_PER_MESSAGE);
+      const [first = [], ...rest] = fdChunks(fds);
       const sending = [this.#send({ id: id!, ok: true, result: outcome.result }, first)];
-      for (let i = MAX_FDS_PER_MESSAGE, k = 1; i < fds.length; i += MAX_FDS_PER_MESSAGE, k++)
-        sending.push(this.sock.send(encodeFdChunk(id!, k), fds.slice(i, i + MAX_FDS_PER_MESSAGE)));
+      rest.forEach((chunk, i) => sending.push(this.sock.send(encodeFdChunk(id!, i + 1), chunk)));
       await Promise.all(sending);
     } catch (err) {
       outcome.abort?.();

@@ -214,11 +214,13 @@ describe('replies', () => {
 
   it('fd chunks of at most MAX_FDS_PER_MESSAGE', () => {
     expect(MAX_FDS_PER_MESSAGE).toBeLessThanOrEqual(253);
-    expect(fdChunks(0)).toEqual([]);
-    expect(fdChunks(1)).toEqual([1]);
-    expect(fdChunks(64)).toEqual([64]);
-    expect(fdChunks(512)).toEqual(Array(8).fill(64));
-    expect(fdChunks(130)).toEqual([64, 64, 2]);
+    const sizes = (n: number): number[] => fdChunks(Array.from({ length: n }, (_, i) => i)).map((c) => c.length);
+    expect(sizes(0)).toEqual([]);
+    expect(sizes(1)).toEqual([1]);
+    expect(sizes(64)).toEqual([64]);
+    expect(sizes(512)).toEqual(Array(8).fill(64));
+    expect(sizes(130)).toEqual([64, 64, 2]);
+    expect(fdChunks([7, 8, 9], 2)).toEqual([[7, 8], [9]]);
   });
 
   it('encodeRequest refuses requests the daemon would refuse for size', () => {
