@@ -5,8 +5,7 @@
  */
 import { ErrorCodes, MqtapError, invalidArg, withContext } from './errors';
 import { silentLogger, type Logger } from './log';
-import { K, native } from './native';
-import { withNetns } from './netns';
+import { native } from './native';
 import { openTap, type OpenTapOptions, type QueueStates, type Tap, type TapQueue } from './tap';
 import { validateIfName, validateInt, validateOneOf, validateQueueCount } from './validate';
 import { VhostPairDriver, probeVhostNet, type PairDriverOptions } from './vhost';
@@ -304,7 +303,7 @@ export function openNetdev(opts: OpenNetdevOptions): Netdev {
   let useVhost = mode === 'on' || (mode === 'auto' && opts.vnetHdr !== false);
   if (mode === 'auto' && opts.vnetHdr === false) logger.info({ ifname: opts.name }, "vnetHdr: false: not using vhost-net (vhost: 'auto')");
   if (useVhost) {
-    const probe = withNetns(opts.netns, () => probeVhostNet({ devicePath: vhostPath }));
+    const probe = probeVhostNet({ devicePath: vhostPath });
     if (!probe.usable) {
       if (mode === 'on')
         throw new MqtapError({
@@ -317,30 +316,26 @@ export function openNetdev(opts: OpenNetdevOptions): Netdev {
       useVhost = false;
     }
   }
-  const tap = openTap({ ...tapOpts, queues: pairs, ...(useVhost && tapOpts.vnetHdrSize === undefined ? { vnetHdrSize: 12 } : {}) });
+  // The vhost-net fds first (the device is not tied to a network
+  // namespace): once the tap is open nothing is left to fail, so an existing
+  // tap is never left with settings changed for a netdev that did not open.
+  // The vnet_hdr flag and size are device-wide, so the queues of one tap
+  // always agree on them (what QEMU checks across fds).
   const vhostFds: number[] = [];
+  let tap: Tap;
   try {
-    // QEMU refuses "vnet_hdr not consistent across given tap fds": refuse earlier, naming the queue.
-    const want = tap.vnetHdr;
-    const size = want ? native.tunGetVnetHdrSz(tap.queues[0]!.fd) : 0;
-    for (const q of tap.queues) {
-      const { flags } = native.tunGetIff(q.fd);
-      const has = (flags & K.IFF_VNET_HDR) !== 0;
-      if (has !== want || (want && native.tunGetVnetHdrSz(q.fd) !== size))
-        throw new MqtapError({ op: 'VNET_HDR_CHECK', code: 'EINVAL', ifname: tap.name, queue: q.index, message: `vnet_hdr is not consistent across the queues of ${tap.name} (queue ${q.index} differs)` });
-    }
     if (useVhost) {
       for (let i = 0; i < pairs; i++) {
         try {
-          vhostFds.push(withNetns(opts.netns, () => native.vhostOpen(vhostPath)));
+          vhostFds.push(native.vhostOpen(vhostPath));
         } catch (err) {
-          throw withContext(err, { ifname: tap.name, queue: i });
+          throw withContext(err, { queue: i });
         }
       }
     }
+    tap = openTap({ ...tapOpts, queues: pairs, ...(useVhost && tapOpts.vnetHdrSize === undefined ? { vnetHdrSize: 12 } : {}) });
   } catch (err) {
     for (const fd of vhostFds) native.close(fd);
-    tap.close();
     throw err;
   }
   const qp = tap.queues.map((q, i) => new QueuePair(i, q, useVhost ? vhostFds[i]! : -1));
