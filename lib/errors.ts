@@ -229,6 +229,30 @@ export function withContext<T>(err: T, ctx: { ifname?: string; queue?: number; h
   return err;
 }
 
+/**
+ * Runs a Node filesystem call and turns its system error (EACCES, ENOENT, ...)
+ * into an MqtapError with the step, the path and a hint, so callers and the
+ * CLI treat it like the addon's errors (exit codes, no "internal error").
+ */
+export function fsStep<T>(op: string, path: string, fn: () => T, hint?: string): T {
+  try {
+    return fn();
+  } catch (err) {
+    const e = err as NodeJS.ErrnoException;
+    if (err instanceof MqtapError || typeof e?.code !== 'string' || typeof e.errno !== 'number') throw err;
+    const denied = e.code === 'EACCES' || e.code === 'EPERM';
+    throw new MqtapError({
+      op,
+      code: e.code,
+      errno: Math.abs(e.errno),
+      ...(e.syscall ? { syscall: e.syscall } : {}),
+      message: `${op}: ${e.syscall ?? 'fs'} ${path}: ${e.message.replace(/^[A-Z]+: /, '')}`,
+      ...(hint !== undefined ? { hint } : denied ? { hint: `no permission for ${path}: run as root, or choose a path this user may write` } : {}),
+      cause: err,
+    } as ConstructorParameters<typeof MqtapError>[0]);
+  }
+}
+
 /** A validation failure: thrown before any syscall, so nothing needs undoing. */
 export function invalidArg(message: string, hint?: string): MqtapError {
   return new MqtapError({ op: 'VALIDATE', code: ErrorCodes.INVALID_ARG, message, ...(hint !== undefined ? { hint } : {}) });

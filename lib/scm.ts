@@ -23,7 +23,7 @@
 import { EventEmitter } from 'node:events';
 import { chmodSync, chownSync, lstatSync, renameSync, rmSync, unlinkSync, type Stats } from 'node:fs';
 import { basename, dirname, join } from 'node:path';
-import { ErrorCodes, MqtapError, invalidArg } from './errors';
+import { ErrorCodes, MqtapError, fsStep, invalidArg } from './errors';
 import { K, native } from './native';
 
 /** The kernel's SCM_MAX_FD: the most fds one sendmsg can carry. */
@@ -519,13 +519,14 @@ export class UnixServer extends EventEmitter {
       } finally {
         process.umask(old);
       }
-      const st = lstatSync(bindPath);
+      const st = fsStep('BIND', bindPath, () => lstatSync(bindPath));
       if (renamed) server.#stat = st; // bound at the final path: close() removes it
-      if (opts.group !== undefined) chownSync(bindPath, -1, opts.group);
-      if (mode !== 0o600) chmodSync(bindPath, mode);
+      const group = opts.group;
+      if (group !== undefined) fsStep('BIND', bindPath, () => chownSync(bindPath, -1, group), `could not give the socket to group ${group}: run as root, or as a member of it`);
+      if (mode !== 0o600) fsStep('BIND', bindPath, () => chmodSync(bindPath, mode));
       native.unixListen(fd, opts.backlog ?? 128);
       if (!renamed) {
-        renameSync(bindPath, path);
+        fsStep('BIND', path, () => renameSync(bindPath, path));
         renamed = true;
         server.#stat = st;
       }

@@ -11,6 +11,7 @@
  */
 import { mkdirSync, readdirSync, readFileSync, renameSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
+import { fsStep } from '../errors';
 import { validateIfName } from '../validate';
 
 export const STATE_VERSION = 1;
@@ -46,8 +47,9 @@ export class StateStore {
 
   /** Creates the directories (the state dir 0755, netdevs/ 0700). */
   init(): void {
-    mkdirSync(this.dir, { recursive: true, mode: 0o755 });
-    mkdirSync(this.netdevDir, { recursive: true, mode: 0o700 });
+    const hint = 'run the daemon as root, or give it a writable --state-dir';
+    fsStep('STATE_DIR', this.dir, () => mkdirSync(this.dir, { recursive: true, mode: 0o755 }), hint);
+    fsStep('STATE_DIR', this.netdevDir, () => mkdirSync(this.netdevDir, { recursive: true, mode: 0o700 }), hint);
   }
 
   #file(name: string): string {
@@ -58,8 +60,8 @@ export class StateStore {
   save(s: NetdevState): void {
     const file = this.#file(s.name);
     const tmp = `${file}.${process.pid}.tmp`;
-    writeFileSync(tmp, `${JSON.stringify(s, null, 2)}\n`, { mode: 0o600 });
-    renameSync(tmp, file);
+    fsStep('STATE_SAVE', tmp, () => writeFileSync(tmp, `${JSON.stringify(s, null, 2)}\n`, { mode: 0o600 }));
+    fsStep('STATE_SAVE', file, () => renameSync(tmp, file));
   }
 
   remove(name: string): void {

@@ -347,6 +347,21 @@ describe.skipIf(!!reason)(`mqtap daemon${reason ? ` (skipped: ${reason})` : skip
     expect(outsider.out).toMatchObject({ ok: false, code: 'EACCES' });
   }, 60_000);
 
+  it.skipIf(!haveCommand('setpriv'))('a state dir it may not create: exit 4 with the path and a hint, no stack trace, nothing left', () => {
+    const dir = mkdtempSync(join(tmpdir(), 'mqtap-ro-'));
+    chmodSync(dir, 0o755); // root's: nobody may not create state/ in it
+    try {
+      const r = spawnSync('setpriv', ['--reuid=65534', '--regid=65534', '--clear-groups', process.execPath, CLI, 'daemon', '--socket', join(dir, 's.sock'), '--state-dir', join(dir, 'state')], { encoding: 'utf8' });
+      expect(r.status, r.stderr).toBe(4);
+      expect(r.stderr).toMatch(/STATE_DIR: mkdir .*\/state: permission denied/);
+      expect(r.stderr).toMatch(/hint: .*writable --state-dir/);
+      expect(r.stderr).not.toMatch(/internal error|\n\s+at /);
+      expect(readdirSync(dir)).toEqual([]);
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
   it('a state file that is not valid JSON is reported and left alone; the daemon still starts', async () => {
     const sdir = join(dir, 'badstate');
     const nd = join(sdir, 'state', 'netdevs');
