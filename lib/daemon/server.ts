@@ -245,18 +245,23 @@ export class MqtapDaemon {
       ...(opts.vhostDevicePath !== undefined ? { vhostDevicePath: opts.vhostDevicePath } : {}),
     });
     const d = new MqtapDaemon({ ...opts, socketPath, stateDir }, registry, logger);
-    const adoption = registry.adopt();
+    // Listen first: a second daemon started on a socket already served fails
+    // here, before it attaches queues to the running one's taps.  Adopting is
+    // synchronous, so no connection is accepted before it is done.
+    d.#server = await UnixServer.listen(socketPath, {
+      type: 'seqpacket',
+      mode: opts.group !== undefined ? 0o660 : 0o600,
+      ...(opts.group !== undefined ? { group: opts.group } : {}),
+      maxFds: 0,
+      maxMessageBytes: MAX_REQUEST_BYTES,
+      backlog: 256,
+    });
+    let adoption: ReturnType<Registry['adopt']>;
     try {
-      d.#server = await UnixServer.listen(socketPath, {
-        type: 'seqpacket',
-        mode: opts.group !== undefined ? 0o660 : 0o600,
-        ...(opts.group !== undefined ? { group: opts.group } : {}),
-        maxFds: 0,
-        maxMessageBytes: MAX_REQUEST_BYTES,
-        backlog: 256,
-      });
+      adoption = registry.adopt();
     } catch (err) {
       registry.closeAll();
+      d.#server.close();
       throw err;
     }
     d.#server.on('connection', (sock: UnixSocket) => d.#accept(sock));

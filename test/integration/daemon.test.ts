@@ -362,6 +362,19 @@ describe.skipIf(!!reason)(`mqtap daemon${reason ? ` (skipped: ${reason})` : skip
     }
   });
 
+  it("a second daemon on the same socket and state dir fails before it touches the first one's taps", async () => {
+    const c = await connect();
+    await c.create({ name: 'dq0', pairs: 2, vhost: 'off', persist: true });
+    c.close();
+    const before = getTap('dq0')!.tun;
+    const r = spawnSync(process.execPath, [CLI, 'daemon', '--socket', daemon!.socket, '--state-dir', join(dir, 'state')], { encoding: 'utf8', timeout: 20_000 });
+    expect(r.status, r.stderr).not.toBe(0);
+    expect(r.stderr).toMatch(/already listening/);
+    expect(getTap('dq0')!.tun).toMatchObject({ numQueues: before.numQueues, numDisabledQueues: before.numDisabledQueues });
+    const c2 = await connect();
+    await c2.delete('dq0');
+  });
+
   it('a state file that is not valid JSON is reported and left alone; the daemon still starts', async () => {
     const sdir = join(dir, 'badstate');
     const nd = join(sdir, 'state', 'netdevs');
