@@ -29,7 +29,7 @@ interface LaunchOpts {
   json?: boolean;
 }
 
-export function shellQuote(a: string): string {
+function shellQuote(a: string): string {
   return /^[A-Za-z0-9_@%+=:,./-]+$/.test(a) ? a : `'${a.replace(/'/g, `'\\''`)}'`;
 }
 

@@ -73,12 +73,12 @@ export interface SelftestOptions {
 }
 
 /** Ethernet + IPv4 + UDP (checksum 0) from PEER:srcPort to LOCAL:LOCAL_PORT. */
-export function selftestFrame(srcPort: number, payload: Buffer): Buffer {
+function selftestFrame(srcPort: number, payload: Buffer): Buffer {
   return udp4Frame({ dstMac: TAP_MAC, srcMac: PEER_MAC, srcIp: PEER, dstIp: LOCAL, srcPort, dstPort: LOCAL_PORT, payload });
 }
 
 /** The UDP payload and destination port of an IPv4/UDP frame from LOCAL to PEER, else undefined. */
-export function selftestReply(frame: Buffer): { dstPort: number; payload: Buffer } | undefined {
+function selftestReply(frame: Buffer): { dstPort: number; payload: Buffer } | undefined {
   const u = parseUdp4Frame(frame);
   return u?.dstIp === PEER ? { dstPort: u.dstPort, payload: u.payload } : undefined;
 }
@@ -205,7 +205,7 @@ async function exchange(nd: Netdev, drivers: VhostPairDriver[], frames: number, 
  * Runs the selftest.  Throws an MqtapError when vhost-net is unusable (see
  * the probe) or the setup fails; otherwise returns per-pair results.
  */
-export async function runVhostSelftest(opts: SelftestOptions, probe: VhostProbe = probeVhostNet(opts.devicePath !== undefined ? { devicePath: opts.devicePath } : {})): Promise<SelftestResult> {
+async function runVhostSelftest(opts: SelftestOptions, probe: VhostProbe = probeVhostNet(opts.devicePath !== undefined ? { devicePath: opts.devicePath } : {})): Promise<SelftestResult> {
   const pairCount = validateQueueCount(opts.pairs, 'pairs');
   const frames = validateInt(opts.frames, 'frames', 1, 128);
   const timeoutMs = opts.timeoutMs ?? 15_000;

@@ -204,7 +204,7 @@ async function hostPart(opts: DemoOptions, result: DemoResult, step: StepFn): Pr
 
 type StepFn = (name: string, ok: boolean, detail: Record<string, unknown>, line: string, extra?: { skipped?: boolean }) => void;
 
-export async function runDemo(opts: DemoOptions): Promise<DemoResult> {
+async function runDemo(opts: DemoOptions): Promise<DemoResult> {
   const { log } = opts;
   const result: DemoResult = { tap: '', queues: opts.queues, steps: [] };
   const step: StepFn = (name, ok, detail, line, extra) => {
@@ -531,7 +531,7 @@ export interface DemoCmdOpts {
   json?: boolean;
 }
 
-export async function cmdDemo(o: DemoCmdOpts, g: GlobalOpts): Promise<number> {
+async function cmdDemo(o: DemoCmdOpts, g: GlobalOpts): Promise<number> {
   validateQueueCount(o.queues);
   const r = await runDemo({ queues: o.queues, guest: o.guest, fetch: !!o.fetch, guestTimeoutMs: o.guestTimeout * 1000, log: g.json ? () => undefined : out, logger: logger(g) });
   if (g.json) json(r);

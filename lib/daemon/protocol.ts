@@ -87,7 +87,7 @@ function isObject(v: unknown): v is Record<string, unknown> {
 }
 
 /** Parses one JSON message (strict UTF-8, an object), or throws ProtocolError. */
-export function parseJsonMessage(buf: Buffer | Uint8Array): Record<string, unknown> {
+function parseJsonMessage(buf: Buffer | Uint8Array): Record<string, unknown> {
   let text: string;
   try {
     text = utf8.decode(buf);

@@ -119,7 +119,6 @@ class Connection {
   readonly peer: Peer;
   readonly log: Logger;
   readonly #daemon: MqtapDaemon;
-  #busy = false;
 
   constructor(daemon: MqtapDaemon, sock: UnixSocket, peer: Peer, log: Logger) {
     this.#daemon = daemon;
@@ -142,19 +141,13 @@ class Connection {
   /** One request at a time: reading pauses until `fn` is done. */
   #serve(fn: () => Promise<void>): void {
     this.sock.pause();
-    this.#busy = true;
     const done = fn()
       .catch((err: unknown) => this.log.error({ err }, 'unexpected error while serving a request'))
       .finally(() => {
-        this.#busy = false;
         this.#daemon._untrack(done);
         if (!this.sock.closed) this.sock.resume();
       });
     this.#daemon._track(done);
-  }
-
-  get busy(): boolean {
-    return this.#busy;
   }
 
   #send(reply: Reply, fds: readonly number[] = []): Promise<void> {
@@ -268,10 +261,6 @@ export class MqtapDaemon {
     d.#server.on('acceptError', (err: unknown) => logger.error({ err }, 'accept failed; retrying in 100 ms'));
     logger.info({ socket: socketPath, stateDir, pid: process.pid, group: opts.group ?? null, allowUids: opts.allowUids ?? [], ...adoption }, 'daemon listening');
     return d;
-  }
-
-  get clientCount(): number {
-    return this.#conns.size;
   }
 
   /** @internal */
