@@ -20,8 +20,14 @@
       "defines": ["NAPI_VERSION=8", "NAPI_CPP_EXCEPTIONS", "_GNU_SOURCE"],
       "cflags!": ["-fno-exceptions"],
       "cflags_cc!": ["-fno-exceptions", "-std=gnu++17"],
-      "cflags": ["-Wall", "-Wextra", "-Werror", "-fvisibility=hidden"],
-      "cflags_cc": ["-std=c++17", "-fexceptions", "-Wall", "-Wextra", "-Werror", "-fvisibility=hidden", "-fvisibility-inlines-hidden"]
+      "cflags": ["-Wall", "-Wextra", "-fvisibility=hidden"],
+      "cflags_cc": ["-std=c++17", "-fexceptions", "-Wall", "-Wextra", "-fvisibility=hidden", "-fvisibility-inlines-hidden"],
+      "conditions": [
+        ["'<!(node -p \"process.env.MQTAP_WERROR || 0\")'=='1'", {
+          "cflags+": ["-Werror"],
+          "cflags_cc+": ["-Werror"]
+        }]
+      ]
     }
   ]
 }
