@@ -38,7 +38,14 @@ export function withNetns<T>(ns: string | undefined, fn: () => T): T {
     try {
       return fn();
     } finally {
-      native.setns(self, K.CLONE_NEWNET);
+      try {
+        native.setns(self, K.CLONE_NEWNET);
+      } catch (err) {
+        // Still inside `ns`: everything this thread does next would happen
+        // there.  Never carry on silently.
+        process.stderr.write(`mqtap: cannot return from network namespace ${ns} (${(err as Error).message}); aborting\n`);
+        process.abort();
+      }
     }
   } finally {
     native.close(target);
