@@ -787,6 +787,10 @@ export function removeTree(dir: string | undefined): void {
 }
 
 /** A fresh temp dir for a guest's results (the caller removes it: removeTree). */
-export function makeResultsDir(prefix = 'mqtap-guest-'): Promise<string> {
-  return mkdtemp(path.join(os.tmpdir(), prefix));
+export async function makeResultsDir(prefix = 'mqtap-guest-'): Promise<string> {
+  const dir = await mkdtemp(path.join(os.tmpdir(), prefix));
+  // Removed at exit if the caller did not get to it (a killed test worker).
+  installExitHook();
+  liveDirs.add(dir);
+  return dir;
 }
