@@ -38,7 +38,7 @@
 import { setImmediate as immediate } from 'node:timers/promises';
 import { ErrorCodes, MqtapError, invalidArg, withContext } from './errors';
 import { K, native } from './native';
-import { TapQueue, type Tap } from './tap';
+import { TapQueue, offloadFlags, type Tap } from './tap';
 import { decodeVnetHdr, type VnetHdr, type VnetHdrSize } from './vnethdr';
 
 const IOC = native.ioConstants;
@@ -1037,8 +1037,8 @@ export interface OffloadResult {
  * set) and reports what the kernel took.  USO is probed at run time: with
  * `uso: 'if-available'` a kernel without it (EINVAL: tun rejects unknown
  * bits, "so the user can test for new features by trying to set them") gets
- * the same request without USO.  lib/tap.ts's `offloads` option covers
- * everything but USO on builds with older kernel headers.
+ * the same request without USO.  The flags and their rules are
+ * lib/tap.ts's offloadFlags (Tap.setOffloads without the USO probing).
  */
 export function applyOffloads(tap: Tap, req: OffloadRequest): OffloadResult {
   if (typeof req !== 'object' || req === null) throw invalidArg('offloads must be an object');
@@ -1046,9 +1046,8 @@ export function applyOffloads(tap: Tap, req: OffloadRequest): OffloadResult {
   if (!tap.vnetHdr) throw invalidArg(`${tap.name} has no virtio-net header: offloads need vnetHdr`);
   const { csum = false, tso4 = false, tso6 = false, tsoEcn = false, uso = false } = req;
   if (uso !== false && uso !== true && uso !== 'if-available') throw invalidArg("uso must be true, false or 'if-available'");
-  if ((tso4 || tso6 || uso !== false) && !csum) throw invalidArg('TSO/USO need csum: true as well', 'the kernel refuses segmentation offloads without checksum offload');
-  if (tsoEcn && !(tso4 || tso6)) throw invalidArg('tsoEcn needs tso4 or tso6');
-  const base = (csum ? TUN_F.CSUM : 0) | (tso4 ? TUN_F.TSO4 : 0) | (tso6 ? TUN_F.TSO6 : 0) | (tsoEcn ? TUN_F.TSO_ECN : 0);
+  if (uso !== false && !csum) throw invalidArg('offloads: TSO/USO need csum: true as well', 'the kernel refuses segmentation offloads without checksum offload');
+  const base = offloadFlags({ csum, tso4, tso6, tsoEcn });
   const q = tap.openQueues()[0];
   if (!q) throw new MqtapError({ op: 'TUNSETOFFLOAD', code: ErrorCodes.CLOSED, ifname: tap.name, message: `${tap.name} is closed` });
   const result = (flags: number, u: OffloadResult['uso']): OffloadResult => ({ flags, csum, tso4, tso6, tsoEcn, uso: u });

@@ -11,6 +11,7 @@ import { isolateNetns, type IsolatedNetns } from '../../lib/netns';
 import { deleteTap, openTap, type Tap } from '../../lib/tap';
 import { getTap, listTaps } from '../../lib/links';
 import { native } from '../../lib/native';
+import { applyOffloads } from '../../lib/io';
 
 function capNetAdmin(): boolean {
   const m = /^CapEff:\s*([0-9a-f]+)$/m.exec(readFileSync('/proc/self/status', 'utf8'));
@@ -55,6 +56,11 @@ describe.skipIf(!!reason)(`tap device settings${reason ? ` (skipped: ${reason})`
     tap.setOffloads({});
     tap.setOffloads({ csum: true, tso4: true, tsoEcn: true });
     expect(() => tap!.setOffloads({ tso4: true })).toThrow(/need csum/);
+    // applyOffloads (lib/io.ts) follows the same rules, USO probing aside
+    expect(() => applyOffloads(tap!, { tso4: true })).toThrow(/need csum/);
+    expect(() => applyOffloads(tap!, { csum: true, tsoEcn: true })).toThrow(/tsoEcn needs tso4 or tso6/);
+    expect(() => applyOffloads(tap!, { uso: 'if-available' })).toThrow(/need csum/);
+    expect(applyOffloads(tap!, { csum: true, tso4: true })).toMatchObject({ csum: true, tso4: true, uso: 'off' });
     const noHdr = openTap({ name: 'st%d', vnetHdr: false });
     try {
       expect(() => noHdr.setOffloads({ csum: true })).toThrow(/vnetHdr/);
