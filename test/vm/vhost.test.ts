@@ -199,11 +199,18 @@ describe.skipIf(!vm.ok)(`vhost-net in the guest: library${skipNote}`, () => {
     expect(w.availIndex).toEqual({ rx: (65530 + 24 + 8) & 0xffff, tx: (65530 + 24) & 0xffff });
   });
 
-  it('all or nothing: running out of fds while opening vhost fds closes everything (no tap, no fd)', () => {
-    const e = ok(basics.emfile, 'emfile');
-    expect(e.openError).toMatchObject({ code: 'EMFILE', op: 'VHOST_OPEN', ifname: 've0' });
+  it('all or nothing: running out of fds while opening the vhost fds (before any tap) leaves no fd', () => {
+    const e = ok(basics.emfileVhost, 'emfileVhost');
+    expect(e.openError).toMatchObject({ code: 'EMFILE', op: 'VHOST_OPEN' });
     expect(e.openError.queue).toBeGreaterThanOrEqual(0);
     expect(e.openError.queue).toBeLessThan(4);
+    expect(e.taps).toEqual([]);
+    expect(e.fdsAfter).toBe(e.fdsBefore);
+  });
+
+  it('all or nothing: running out of fds while opening the tap queues (all vhost fds open) closes everything (no tap, no fd)', () => {
+    const e = ok(basics.emfile, 'emfile');
+    expect(e.openError).toMatchObject({ code: 'EMFILE', op: 'TUN_OPEN', ifname: 've0' });
     expect(e.taps).toEqual([]);
     expect(e.fdsAfter).toBe(e.fdsBefore);
   });

@@ -289,14 +289,20 @@ async function hashFlows(drivers, sock, opts) {
  * exactly `free` more fds can be opened; returns the restore function.
  */
 function limitFreeFds(free) {
-  const { readFileSync } = require('node:fs');
+  const { readFileSync, openSync, closeSync } = require('node:fs');
   const m = /^Max open files\s+(\d+|unlimited)\s+(\d+|unlimited)/m.exec(readFileSync('/proc/self/limits', 'utf8'));
   const [soft, hard] = [m[1], m[2]];
+  // Spare fds held while the limit is low, closed before restoring it: the
+  // prlimit child needs fds of its own (pipes, /dev/null) to be spawned.
+  const spare = Array.from({ length: 8 }, () => openSync('/dev/null', 'r'));
   const open = new Set(readdirSync('/proc/self/fd').map(Number));
   let limit = 0;
   for (let avail = 0; avail < free || open.has(limit); limit++) if (!open.has(limit)) avail++;
   execFileSync('prlimit', ['--pid', String(process.pid), `--nofile=${limit}:${hard}`], { stdio: 'ignore' });
-  return () => execFileSync('prlimit', ['--pid', String(process.pid), `--nofile=${soft}:${hard}`], { stdio: 'ignore' });
+  return () => {
+    for (const fd of spare) closeSync(fd);
+    execFileSync('prlimit', ['--pid', String(process.pid), `--nofile=${soft}:${hard}`], { stdio: 'ignore' });
+  };
 }
 
 /** Polls until `name` is gone from this namespace's links (or the timeout); true when gone. */
