@@ -5,7 +5,7 @@
  */
 import { execFileSync } from 'node:child_process';
 import { join } from 'node:path';
-import { openTap } from '../lib/tap';
+import { openTap } from '../lib/tap/tap';
 
 export interface ControlRow {
   queues: number;

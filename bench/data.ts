@@ -1,6 +1,6 @@
 /**
  * Data-path benchmark: frames per second through one and two queues of a
- * tap, library (lib/io.ts) against the C programs in bench/c (tapio: a plain
+ * tap, library (lib/datapath/io.ts) against the C programs in bench/c (tapio: a plain
  * write()/read() loop, and io_uring batches of 32), in the same run and the
  * same throw-away network namespace (the caller entered it: isolateNetns();
  * C programs and worker threads started from here inherit it).
@@ -28,10 +28,10 @@ import { execFileSync, spawn, type ChildProcess } from 'node:child_process';
 import { existsSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { Worker, isMainThread, parentPort, workerData } from 'node:worker_threads';
-import { openQueueIO, type IoEngine, type QueueIO } from '../lib/io';
-import { getLink } from '../lib/links';
-import { native } from '../lib/native';
-import { deleteTap, openTap } from '../lib/tap';
+import { openQueueIO, type IoEngine, type QueueIO } from '../lib/datapath/io';
+import { getLink } from '../lib/tap/links';
+import { native } from '../lib/sys/native';
+import { deleteTap, openTap } from '../lib/tap/tap';
 
 export type Size = 60 | 1514 | 'gso';
 export type Dir = 'write' | 'read';

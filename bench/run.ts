@@ -18,8 +18,8 @@
 import { mkdirSync, writeFileSync } from 'node:fs';
 import { cpus, loadavg } from 'node:os';
 import { join } from 'node:path';
-import type { IoEngine } from '../lib/io';
-import { isolateNetns } from '../lib/netns';
+import type { IoEngine } from '../lib/datapath/io';
+import { isolateNetns } from '../lib/sys/netns';
 import { buildCControl, compareControl, type ControlRow } from './control';
 import { dataTable, runDataBench, type Dir, type Size } from './data';
 

@@ -5,12 +5,12 @@
  * command, this prints the error the way mqtap prints user errors (message
  * and hint, stack only with --debug) and exits 1 instead.
  */
-import type { MqtapError } from '../lib/errors';
+import type { MqtapError } from '../lib/sys/errors';
 
 const asCommand = require.main !== undefined && /[\\/]bin[\\/]mqtap\.js$/.test(require.main.filename);
 if (asCommand) {
   try {
-    require('../lib/native');
+    require('../lib/sys/native');
   } catch (err) {
     const e = err as Partial<MqtapError> & Error;
     process.stderr.write(`mqtap: ${e.message}\n${e.hint ? `hint: ${e.hint}\n` : ''}`);

@@ -7,13 +7,13 @@
  * docs/daemon.md describes the daemon and its protocol.
  */
 import { Option, type Command } from 'commander';
-import { invalidArg } from '../lib/errors';
-import { hotplugNetdev, unplugNetdev } from '../lib/hotplug';
-import { stderrLogger, type Logger } from '../lib/log';
-import { openNetdev, type Netdev, type VhostMode } from '../lib/netdev';
-import { withQmp } from '../lib/qmp';
-import { spawnWithFds } from '../lib/spawn';
-import { deleteTap } from '../lib/tap';
+import { invalidArg } from '../lib/sys/errors';
+import { hotplugNetdev, unplugNetdev } from '../lib/qemu/hotplug';
+import { stderrLogger, type Logger } from '../lib/sys/log';
+import { openNetdev, type Netdev, type VhostMode } from '../lib/vhost/netdev';
+import { withQmp } from '../lib/qemu/qmp';
+import { spawnWithFds } from '../lib/sys/spawn';
+import { deleteTap } from '../lib/tap/tap';
 import { DaemonClient, type NetdevDetail, type NetdevSummary } from '../lib/daemon/client';
 import { DEFAULT_SOCKET, DEFAULT_STATE_DIR, OPS } from '../lib/daemon/protocol';
 import { MqtapDaemon } from '../lib/daemon/server';

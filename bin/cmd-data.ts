@@ -7,12 +7,12 @@
  *
  *   - nobody (a persistent tap nobody uses): mode 'queues'.  mqtap attaches
  *     --queues N queues itself, reads (and discards) whatever the kernel
- *     sends to them, and counts per queue (lib/io.ts QueueIO.stats()): the
+ *     sends to them, and counts per queue (lib/datapath/io.ts QueueIO.stats()): the
  *     kernel's steering spread.  Without a queue the kernel would drop those
  *     frames anyway; attaching sets the carrier on.  It detaches on exit.
  *   - another process (QEMU, a daemon): mode 'kernel'.  Attaching queues
  *     would change the steering and take frames away, so mqtap reads the
- *     kernel's own per-queue counters instead (lib/qstats.ts):
+ *     kernel's own per-queue counters instead (lib/datapath/qstats.ts):
  *       rx (kernel -> queue): the device's mq root qdisc has one child qdisc
  *         per tx queue; its TCA_STATS2 counters are that queue's.
  *       tx (queue -> kernel): a counting program on the device's tcx ingress
@@ -26,12 +26,12 @@
  * StatsSample per interval (a line each); docs/cli.md describes it.
  */
 import { Option, type Command } from 'commander';
-import { ErrorCodes, MqtapError } from '../lib/errors';
-import { openTapIO, type QueueIO, type QueueIOStats } from '../lib/io';
-import { getTap, type LinkStats, type TapLinkInfo } from '../lib/links';
-import { openQueueStats, type QueueCount, type QueueCounters, type QueueStats } from '../lib/qstats';
-import { openTap, type Tap } from '../lib/tap';
-import { validateIfName, validateQueueCount } from '../lib/validate';
+import { ErrorCodes, MqtapError } from '../lib/sys/errors';
+import { openTapIO, type QueueIO, type QueueIOStats } from '../lib/datapath/io';
+import { getTap, type LinkStats, type TapLinkInfo } from '../lib/tap/links';
+import { openQueueStats, type QueueCount, type QueueCounters, type QueueStats } from '../lib/datapath/qstats';
+import { openTap, type Tap } from '../lib/tap/tap';
+import { validateIfName, validateQueueCount } from '../lib/sys/validate';
 import { EXIT, intArg, logger, netnsOpt, out, type CliContext, type GlobalOpts } from './context';
 
 interface StatsOpts {

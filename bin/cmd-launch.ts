@@ -5,13 +5,13 @@
  * docs/launch.md.
  */
 import { InvalidArgumentError, Option, type Command } from 'commander';
-import { invalidArg } from '../lib/errors';
-import { getTap } from '../lib/links';
-import { openNetdev, type Netdev, type VhostMode } from '../lib/netdev';
-import { withNetns } from '../lib/netns';
-import { assertExecutable, launchQemu, planLaunch, validateQemuId, type LaunchPlan, type NetdevFds, type QemuNetdevOptions } from '../lib/qemu';
-import { isTemplate, parseMac, validateIfName, validateQueueCount } from '../lib/validate';
-import { probeVhostNet } from '../lib/vhost';
+import { invalidArg } from '../lib/sys/errors';
+import { getTap } from '../lib/tap/links';
+import { openNetdev, type Netdev, type VhostMode } from '../lib/vhost/netdev';
+import { withNetns } from '../lib/sys/netns';
+import { assertExecutable, launchQemu, planLaunch, validateQemuId, type LaunchPlan, type NetdevFds, type QemuNetdevOptions } from '../lib/qemu/qemu';
+import { isTemplate, parseMac, validateIfName, validateQueueCount } from '../lib/sys/validate';
+import { probeVhostNet } from '../lib/vhost/vhost';
 import { EXIT, intArg, json, logger, netnsOpt, out, type CliContext, type GlobalOpts } from './context';
 
 interface LaunchOpts {

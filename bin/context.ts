@@ -6,9 +6,9 @@
 import { Command, CommanderError, InvalidArgumentError } from 'commander';
 import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { MqtapError, ErrorCodes } from '../lib/errors';
+import { MqtapError, ErrorCodes } from '../lib/sys/errors';
 import pino from 'pino';
-import { stderrLogger, type Logger } from '../lib/log';
+import { stderrLogger, type Logger } from '../lib/sys/log';
 
 /** Exit codes (also in docs/cli.md). */
 export const EXIT = {

@@ -19,8 +19,8 @@ import { readFileSync, writeSync } from 'node:fs';
 import * as path from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { type Command } from 'commander';
-import { MqtapError } from '../lib/errors';
-import { drainFrames, ethernetFrame, ETH_ZLEN, ETHERTYPE, IPPROTO } from '../lib/frames';
+import { MqtapError } from '../lib/sys/errors';
+import { drainFrames, ethernetFrame, ETH_ZLEN, ETHERTYPE, IPPROTO } from '../lib/datapath/frames';
 import {
   checkGuestRequirements,
   ensureGuestImage,
@@ -35,18 +35,18 @@ import {
   type Checkpoint,
   type MqGuestReport,
   type PingResult,
-} from '../lib/guest';
-import { getLink, getTap } from '../lib/links';
-import { type Logger } from '../lib/log';
-import { native } from '../lib/native';
-import { openNetdev, type Netdev } from '../lib/netdev';
-import { isolateNetns } from '../lib/netns';
-import { probeTun } from '../lib/probe';
-import { launchQemu, type LaunchedQemu } from '../lib/qemu';
-import { spawnWithFds } from '../lib/spawn';
-import { openTap, type Tap } from '../lib/tap';
-import { validateQueueCount } from '../lib/validate';
-import { probeVhostNet } from '../lib/vhost';
+} from '../lib/qemu/guest';
+import { getLink, getTap } from '../lib/tap/links';
+import { type Logger } from '../lib/sys/log';
+import { native } from '../lib/sys/native';
+import { openNetdev, type Netdev } from '../lib/vhost/netdev';
+import { isolateNetns } from '../lib/sys/netns';
+import { probeTun } from '../lib/tap/probe';
+import { launchQemu, type LaunchedQemu } from '../lib/qemu/qemu';
+import { spawnWithFds } from '../lib/sys/spawn';
+import { openTap, type Tap } from '../lib/tap/tap';
+import { validateQueueCount } from '../lib/sys/validate';
+import { probeVhostNet } from '../lib/vhost/vhost';
 import { EXIT, intArg, json, logger, out, type CliContext, type GlobalOpts } from './context';
 
 export interface DemoStep {

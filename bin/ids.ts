@@ -1,6 +1,6 @@
 /** uid/gid from a number or a local user/group name (/etc/passwd, /etc/group). */
 import { readFileSync } from 'node:fs';
-import { invalidArg } from '../lib/errors';
+import { invalidArg } from '../lib/sys/errors';
 
 function lookup(file: string, name: string): number | undefined {
   let text: string;

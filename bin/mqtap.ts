@@ -6,13 +6,13 @@
  */
 import './addon-check'; // first: a missing addon is reported as a user error, not a stack trace
 import { Command, CommanderError, Option } from 'commander';
-import { MqtapError } from '../lib/errors';
-import { getLink, isTapLink, listTaps, type TapLinkInfo } from '../lib/links';
-import { probeTun } from '../lib/probe';
-import { spawnWithFds } from '../lib/spawn';
-import { openNetdev, type VhostMode } from '../lib/netdev';
-import { deleteTap, openTap, type ExistingPolicy } from '../lib/tap';
-import { probeVhostNet } from '../lib/vhost';
+import { MqtapError } from '../lib/sys/errors';
+import { getLink, isTapLink, listTaps, type TapLinkInfo } from '../lib/tap/links';
+import { probeTun } from '../lib/tap/probe';
+import { spawnWithFds } from '../lib/sys/spawn';
+import { openNetdev, type VhostMode } from '../lib/vhost/netdev';
+import { deleteTap, openTap, type ExistingPolicy } from '../lib/tap/tap';
+import { probeVhostNet } from '../lib/vhost/vhost';
 import { register as registerDemo } from './demo';
 import { EXIT, childFds, exitCodeFor, hdrSizeArg, intArg, json, logger, netnsOpt, out, version, type CliContext, type GlobalOpts, type Runner } from './context';
 import { register as registerVhost } from './cmd-vhost';

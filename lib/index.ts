@@ -6,11 +6,11 @@
  *   using tap = openTap({ name: 'mqt%d', queues: 4 });
  *   tap.setActiveQueues(2);
  */
-export { MqtapError, ErrorCodes, errnoName, type MqtapErrorInit } from './errors';
-export { openTap, deleteTap, offloadFlags, Tap, TapQueue, type OpenTapOptions, type Offloads, type QueueState, type QueueStates, type ExistingPolicy } from './tap';
-export { getLink, getTap, listLinks, listTaps, isTapLink, type LinkInfo, type TapLinkInfo, type TunInfo, type OperState, type LookupOptions, type LinkStats } from './links';
-export { probeTun, decodeTunFeatures, type TunFeatures, type TunProbe } from './probe';
-export { openNetdev, Netdev, QueuePair, type OpenNetdevOptions, type VhostMode, type PairState } from './netdev';
+export { MqtapError, ErrorCodes, errnoName, type MqtapErrorInit } from './sys/errors';
+export { openTap, deleteTap, offloadFlags, Tap, TapQueue, type OpenTapOptions, type Offloads, type QueueState, type QueueStates, type ExistingPolicy } from './tap/tap';
+export { getLink, getTap, listLinks, listTaps, isTapLink, type LinkInfo, type TapLinkInfo, type TunInfo, type OperState, type LookupOptions, type LinkStats } from './tap/links';
+export { probeTun, decodeTunFeatures, type TunFeatures, type TunProbe } from './tap/probe';
+export { openNetdev, Netdev, QueuePair, type OpenNetdevOptions, type VhostMode, type PairState } from './vhost/netdev';
 export {
   probeVhostNet,
   decodeFeatures,
@@ -29,9 +29,9 @@ export {
   type VhostProbe,
   type DecodedFeatures,
   type PairDriverOptions,
-} from './vhost';
-export { SplitVirtqueue, vringLayout, MAX_QUEUE_SIZE, type VringLayout, type UsedElem, type SplitVirtqueueOptions } from './vring';
-export { spawnWithFds, exitStatus, type SpawnWithFdsOptions, type SpawnedChild, type ChildExit } from './spawn';
+} from './vhost/vhost';
+export { SplitVirtqueue, vringLayout, MAX_QUEUE_SIZE, type VringLayout, type UsedElem, type SplitVirtqueueOptions } from './vhost/vring';
+export { spawnWithFds, exitStatus, type SpawnWithFdsOptions, type SpawnedChild, type ChildExit } from './sys/spawn';
 export {
   encodeVnetHdr,
   decodeVnetHdr,
@@ -43,8 +43,8 @@ export {
   VNET_HDR_F,
   VNET_HDR_GSO,
   type VnetHdr,
-} from './vnethdr';
-export { toeplitzHash, rssInputIPv4, rssInputIPv6, rssQueue, defaultIndirectionTable, flowHash, flowHashQueue, MICROSOFT_RSS_KEY } from './steering';
+} from './datapath/vnethdr';
+export { toeplitzHash, rssInputIPv4, rssInputIPv6, rssQueue, defaultIndirectionTable, flowHash, flowHashQueue, MICROSOFT_RSS_KEY } from './datapath/steering';
 export {
   onesComplementSum,
   ipv4Checksum,
@@ -65,7 +65,7 @@ export {
   type Ipv4HeaderOptions,
   type Udp4FrameOptions,
   type Udp4Datagram,
-} from './frames';
+} from './datapath/frames';
 export {
   UnixSocket,
   UnixServer,
@@ -76,8 +76,8 @@ export {
   type UnixSocketOptions,
   type ConnectOptions,
   type ListenOptions,
-} from './scm';
-export { QmpClient, QmpError, QmpLineParser, withQmp, encodeCommand, type QmpGreeting, type QmpEvent, type QmpConnectOptions, type ExecuteOptions } from './qmp';
+} from './sys/scm';
+export { QmpClient, QmpError, QmpLineParser, withQmp, encodeCommand, type QmpGreeting, type QmpEvent, type QmpConnectOptions, type ExecuteOptions } from './qemu/qmp';
 export {
   hotplugFds,
   hotplugNetdev,
@@ -89,7 +89,7 @@ export {
   type HotplugNetdevOptions,
   type HotplugResult,
   type UnplugOptions,
-} from './hotplug';
+} from './qemu/hotplug';
 export * from './daemon';
 export {
   qemuNetdevArgs,
@@ -102,9 +102,9 @@ export {
   type LaunchPlan,
   type LaunchedQemu,
   type QemuNetdevOptions,
-} from './qemu';
-export { openQueueIO, openTapIO, openFdIO, QueueIO, FrameBatch, totalStats, setSendBuffer, getSendBuffer, applyOffloads, defaultEngines, TUN_F, ERR_BATCH_RELEASED, type IoEngine, type QueueIOOptions, type QueueIOStats, type DirectionStats, type WriteResult, type WriteOptions, type OffloadRequest, type OffloadResult } from './io';
-export { rssProgram, constantProgram, randomProgram, queueCountProgram, QUEUE_COUNT_ENTRIES, QUEUE_COUNT_VALUE_SIZE, steeringQueue, rssInput, loadProgram, testRunProgram, attachSteering, detachSteering, Steering, encodeInsns, BPF, type BpfProgram, type BpfInsn, type RssConfig, type LoadedProgram, type VerifierError } from './bpf';
+} from './qemu/qemu';
+export { openQueueIO, openTapIO, openFdIO, QueueIO, FrameBatch, totalStats, setSendBuffer, getSendBuffer, applyOffloads, defaultEngines, TUN_F, ERR_BATCH_RELEASED, type IoEngine, type QueueIOOptions, type QueueIOStats, type DirectionStats, type WriteResult, type WriteOptions, type OffloadRequest, type OffloadResult } from './datapath/io';
+export { rssProgram, constantProgram, randomProgram, queueCountProgram, QUEUE_COUNT_ENTRIES, QUEUE_COUNT_VALUE_SIZE, steeringQueue, rssInput, loadProgram, testRunProgram, attachSteering, detachSteering, Steering, encodeInsns, BPF, type BpfProgram, type BpfInsn, type RssConfig, type LoadedProgram, type VerifierError } from './datapath/bpf';
 export {
   openQueueStats,
   QueueStats,
@@ -121,9 +121,9 @@ export {
   type QueueStatsOptions,
   type QdiscQueueCounters,
   type TcxCounts,
-} from './qstats';
-export { withNetns, isolateNetns, netnsPath, type IsolatedNetns } from './netns';
-export { silentLogger, stderrLogger, type Logger } from './log';
+} from './datapath/qstats';
+export { withNetns, isolateNetns, netnsPath, type IsolatedNetns } from './sys/netns';
+export { silentLogger, stderrLogger, type Logger } from './sys/log';
 export {
   MAX_QUEUES,
   MAX_IFNAME_BYTES,
@@ -134,5 +134,5 @@ export {
   parseMac,
   formatMac,
   type VnetHdrSize,
-} from './validate';
-export { native as _native, K as constants, type NativeConstants, type RawQdisc } from './native';
+} from './sys/validate';
+export { native as _native, K as constants, type NativeConstants, type RawQdisc } from './sys/native';

@@ -12,7 +12,7 @@
 
 namespace mqtap {
 
-// Throws the JS error class registered through setErrorClass() (lib/errors.ts
+// Throws the JS error class registered through setErrorClass() (lib/sys/errors.ts
 // MqtapError) built from {op, syscall, errno, detail}.  `op` is the step the
 // library was performing (e.g. "TUNSETQUEUE"), `syscall` the libc call that
 // failed (e.g. "ioctl").  Never returns.

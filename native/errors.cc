@@ -1,7 +1,7 @@
 // Error construction across the JS boundary.
 //
 // Like better-sqlite3, the error class is defined in JavaScript
-// (lib/errors.ts) and handed to the addon once at load time; C++ only
+// (lib/sys/errors.ts) and handed to the addon once at load time; C++ only
 // constructs it.  The class turns errno into `code`/message/hint, so the
 // native side never flattens errno into a string.
 #include <net/if.h>

@@ -1,5 +1,5 @@
 // The userspace data path: batched, event-loop driven frame I/O on one tap
-// queue fd (lib/io.ts holds the policy; docs/datapath.md the design).
+// queue fd (lib/datapath/io.ts holds the policy; docs/datapath.md the design).
 //
 // A QueueIo object wraps one queue fd the library owns (it never closes it)
 // and does three things, all on the JavaScript thread:
@@ -13,7 +13,7 @@
 //                  EAGAIN; reports where it stopped.  Never blocks.
 //   pollSet()      one libuv uv_poll_t on the fd (libuv allows only one per
 //                  fd) watching UV_READABLE and/or UV_WRITABLE; the callback
-//                  tells lib/io.ts to call rxRead/txWrite again.
+//                  tells lib/datapath/io.ts to call rxRead/txWrite again.
 //
 // Two engines do the syscalls:
 //
@@ -27,7 +27,7 @@
 //          syscalls on <linux/io_uring.h>: no liburing needed to build.
 //
 // Counters (frames, bytes, drops, EAGAIN, syscalls) live in a small shared
-// memory block that lib/io.ts reads without calling in here.
+// memory block that lib/datapath/io.ts reads without calling in here.
 #include <errno.h>
 #include <fcntl.h>
 #include <linux/if_tun.h>
@@ -51,21 +51,21 @@
 namespace mqtap {
 namespace {
 
-// Shared control block layout; mirrored in lib/io.ts (CTL_* constants).
+// Shared control block layout; mirrored in lib/datapath/io.ts (CTL_* constants).
 constexpr int kCounters = 16;  // Float64 counters
 enum Counter {
   RX_FRAMES = 0,
   RX_BYTES,
   RX_BATCHES,
   RX_DROPS,
-  RX_WAITS,  // maintained by lib/io.ts
+  RX_WAITS,  // maintained by lib/datapath/io.ts
   RX_SYSCALLS,
   TX_FRAMES,
   TX_BYTES,
-  TX_BATCHES,  // maintained by lib/io.ts
+  TX_BATCHES,  // maintained by lib/datapath/io.ts
   TX_DROPS,
   TX_EAGAIN,
-  TX_WAITS,  // maintained by lib/io.ts
+  TX_WAITS,  // maintained by lib/datapath/io.ts
   TX_SYSCALLS,
   TX_REORDERED,
 };
@@ -583,7 +583,7 @@ class QueueIo : public Napi::ObjectWrap<QueueIo> {
   // after a failure, so a frame refused with EAGAIN may be followed by one
   // that was written: that would reorder frames.  A tap write only says
   // EAGAIN when its socket's send buffer (TUNSETSNDBUF, INT_MAX unless
-  // someone lowered it) is full, which lib/io.ts checks before choosing this
+  // someone lowered it) is full, which lib/datapath/io.ts checks before choosing this
   // engine; if it happens anyway, the frames written past the first EAGAIN
   // are counted in TX_REORDERED, the unwritten ones are moved (in order) to
   // the front of the remaining list, and this queue writes in order with
@@ -686,7 +686,7 @@ class QueueIo : public Napi::ObjectWrap<QueueIo> {
   }
 
   // pollRef(on): whether an armed poll keeps the event loop alive (uv_ref /
-  // uv_unref; no syscall).  lib/io.ts leaves reads armed between batches
+  // uv_unref; no syscall).  lib/datapath/io.ts leaves reads armed between batches
   // (saving an epoll_ctl pair per wakeup) but only keeps the loop alive
   // while someone actually waits.
   Napi::Value PollRef(const Napi::CallbackInfo& info) {

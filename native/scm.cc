@@ -6,7 +6,7 @@
 // FdPoll, a libuv uv_poll_t on a socket fd so the library learns when it is
 // readable/writable without busy polling.  All sockets are non-blocking: a
 // call that would block returns a "try again" value (-1, false or null)
-// instead of throwing, and lib/scm.ts waits for the next FdPoll callback.
+// instead of throwing, and lib/sys/scm.ts waits for the next FdPoll callback.
 //
 // Ownership rules kept here:
 // - every fd created here is O_CLOEXEC (received fds too: MSG_CMSG_CLOEXEC);

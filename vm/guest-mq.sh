@@ -18,11 +18,11 @@
 #
 # Checkpoints (MQ_SYNC=1): the script writes $MQTAP_GUEST_RESULTS/sync/at-NAME
 # (with a line of data) and waits up to 120 s for sync/ok-NAME, which the host
-# (lib/guest.ts watchCheckpoints) creates after looking at its side: "boot",
+# (lib/qemu/guest.ts watchCheckpoints) creates after looking at its side: "boot",
 # "combined-1", "combined-MAX", "addr" (the host pings the guest then),
 # "traffic".
 #
-# Output: "mq ..." lines on stdout (parsed by lib/guest.ts parseMqGuestOutput):
+# Output: "mq ..." lines on stdout (parsed by lib/qemu/guest.ts parseMqGuestOutput):
 #   mq cpus N
 #   mq nic NAME MAC DRIVER MAX_COMBINED CUR_COMBINED
 #   mq set-channels N RC CUR_COMBINED

@@ -11,7 +11,7 @@
 #       Only write DIR/job.sh and print the QEMU argv (without the binary),
 #       NUL-separated, to stdout. After QEMU exits, DIR holds stdout, stderr
 #       and exitcode (init-error if the guest's init failed). This is what
-#       lib/guest.ts uses: the QEMU command line exists only here.
+#       lib/qemu/guest.ts uses: the QEMU command line exists only here.
 #
 # Options:
 #   --cwd DIR          working directory in the guest (default: the current

@@ -14,8 +14,8 @@
  * gets its own wait on top).  fds received with a reply belong to the
  * returned ReceivedFds; a late reply (after its timeout) has its fds closed.
  */
-import { ErrorCodes, MqtapError } from '../errors';
-import { ReceivedFds, UnixSocket } from '../scm';
+import { ErrorCodes, MqtapError } from '../sys/errors';
+import { ReceivedFds, UnixSocket } from '../sys/scm';
 import {
   DEFAULT_SOCKET,
   MAX_FDS_PER_MESSAGE,

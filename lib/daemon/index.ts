@@ -1,5 +1,5 @@
 /**
- * The management daemon, its client and its wire protocol (docs/daemon.md).
+ * lib/daemon/ — at the top of lib/: the management daemon, its client and its wire protocol (docs/daemon.md).
  */
 export { MqtapDaemon, type DaemonOptions } from './server';
 export {

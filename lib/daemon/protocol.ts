@@ -17,9 +17,9 @@
  * This module is pure (no syscalls): parsing and validating requests and
  * replies, shared by the daemon, the client and the unit tests.
  */
-import { ErrorCodes, MqtapError, invalidArg } from '../errors';
-import { MAX_QUEUES, parseMac, rejectUnknownKeys, validateBoolean, validateIfName, validateInt, validateMtu, validateOneOf, validateVnetHdrSize, type VnetHdrSize } from '../validate';
-import { validateQemuId } from '../qemu';
+import { ErrorCodes, MqtapError, invalidArg } from '../sys/errors';
+import { MAX_QUEUES, parseMac, rejectUnknownKeys, validateBoolean, validateIfName, validateInt, validateMtu, validateOneOf, validateVnetHdrSize, type VnetHdrSize } from '../sys/validate';
+import { validateQemuId } from '../qemu/qemu';
 
 export const PROTOCOL_VERSION = 1;
 /** Largest request the daemon reads (bigger: EMSGSIZE). */

@@ -1,6 +1,6 @@
 /**
  * The netdevs a daemon holds, and every operation on them.  Synchronous
- * syscalls (lib/netdev.ts, lib/tap.ts) except hotplug/unplug, which talk to
+ * syscalls (lib/vhost/netdev.ts, lib/tap/tap.ts) except hotplug/unplug, which talk to
  * QEMU; operations on one netdev run one at a time (a per-netdev queue), so
  * an unplug waiting for the guest cannot interleave with a set-active.
  *
@@ -15,15 +15,15 @@
  * for a tap-only netdev each queue's attach state is read back (TUNGETIFF
  * reports IFF_DETACH_QUEUE per fd) and reset to the daemon's.
  */
-import { ErrorCodes, MqtapError } from '../errors';
-import { withContext } from '../errors';
-import { getTap, listTaps, type TapLinkInfo } from '../links';
-import type { Logger } from '../log';
-import { K, native } from '../native';
-import { openNetdev, type Netdev } from '../netdev';
-import { hotplugNetdev, unplugNetdev } from '../hotplug';
-import { QmpClient } from '../qmp';
-import { deleteTap } from '../tap';
+import { ErrorCodes, MqtapError } from '../sys/errors';
+import { withContext } from '../sys/errors';
+import { getTap, listTaps, type TapLinkInfo } from '../tap/links';
+import type { Logger } from '../sys/log';
+import { K, native } from '../sys/native';
+import { openNetdev, type Netdev } from '../vhost/netdev';
+import { hotplugNetdev, unplugNetdev } from '../qemu/hotplug';
+import { QmpClient } from '../qemu/qmp';
+import { deleteTap } from '../tap/tap';
 import { daemonError, type CreateArgs, type DeleteArgs, type HotplugArgs, type OpenArgs, type SetActiveArgs, type UnplugArgs, type VhostArg } from './protocol';
 import { STATE_VERSION, type Lease, type NetdevState, type StateStore } from './state';
 

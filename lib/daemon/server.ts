@@ -23,9 +23,9 @@
  */
 import { mkdirSync, readFileSync } from 'node:fs';
 import { dirname, join } from 'node:path';
-import { MqtapError } from '../errors';
-import { silentLogger, type Logger } from '../log';
-import { UnixServer, type UnixSocket } from '../scm';
+import { MqtapError } from '../sys/errors';
+import { silentLogger, type Logger } from '../sys/log';
+import { UnixServer, type UnixSocket } from '../sys/scm';
 import {
   DEFAULT_SOCKET,
   DEFAULT_STATE_DIR,

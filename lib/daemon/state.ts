@@ -11,8 +11,8 @@
  */
 import { mkdirSync, readdirSync, readFileSync, renameSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { fsStep } from '../errors';
-import { validateIfName } from '../validate';
+import { fsStep } from '../sys/errors';
+import { validateIfName } from '../sys/validate';
 
 export const STATE_VERSION = 1;
 

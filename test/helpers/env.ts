@@ -12,10 +12,10 @@
 import { execFileSync, spawnSync, type SpawnSyncReturns } from 'node:child_process';
 import { existsSync, readFileSync, readdirSync } from 'node:fs';
 import { afterAll, afterEach, beforeAll } from 'vitest';
-import { listTaps } from '../../lib/links.js';
-import { native } from '../../lib/native.js';
-import { isolateNetns, type IsolatedNetns } from '../../lib/netns.js';
-import { deleteTap, type Tap } from '../../lib/tap.js';
+import { listTaps } from '../../lib/tap/links.js';
+import { native } from '../../lib/sys/native.js';
+import { isolateNetns, type IsolatedNetns } from '../../lib/sys/netns.js';
+import { deleteTap, type Tap } from '../../lib/tap/tap.js';
 
 export const CAP_NET_ADMIN = 12;
 

@@ -1,5 +1,5 @@
 /** Error helpers shared by the unit and integration tests (no kernel, no native calls). */
-import { MqtapError } from '../../lib/errors.js';
+import { MqtapError } from '../../lib/sys/errors.js';
 
 /** Captures what a function throws (fails the test when it does not throw, or throws something other than an MqtapError). */
 export function catchError(fn: () => unknown): MqtapError {

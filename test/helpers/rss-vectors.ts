@@ -3,7 +3,7 @@
  * 82599 datasheet, 7.1.2.8.3 "RSS Verification Suite", and DPDK's
  * app/test/test_thash.c). Columns: destination, source, hash over the
  * addresses only, hash over addresses + TCP ports.  For the tests of
- * lib/steering.ts (Toeplitz) and lib/bpf.ts (the same hash in eBPF).
+ * lib/datapath/steering.ts (Toeplitz) and lib/datapath/bpf.ts (the same hash in eBPF).
  */
 export const IPV4_VECTORS = [
   { dst: '161.142.100.80', dport: 1766, src: '66.9.149.187', sport: 2794, ip: 0x323e8fc2, tcp: 0x51ccc178 },

@@ -1,7 +1,7 @@
 /** Small async helpers shared by the integration and guest tests. */
 import { readdirSync, readlinkSync } from 'node:fs';
 import { expect } from 'vitest';
-import { MqtapError } from '../../lib/errors';
+import { MqtapError } from '../../lib/sys/errors';
 
 /** Polls `cond` every 25 ms until it holds; throws after `timeoutMs` naming `what`. */
 export async function waitFor(what: string, cond: () => boolean | Promise<boolean>, timeoutMs = 20_000): Promise<void> {

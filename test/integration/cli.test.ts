@@ -7,9 +7,9 @@ import { cpSync, existsSync, mkdtempSync, readFileSync, rmSync, symlinkSync } fr
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
-import { isolateNetns, type IsolatedNetns } from '../../lib/netns';
-import { getTap, listTaps } from '../../lib/links';
-import { deleteTap } from '../../lib/tap';
+import { isolateNetns, type IsolatedNetns } from '../../lib/sys/netns';
+import { getTap, listTaps } from '../../lib/tap/links';
+import { deleteTap } from '../../lib/tap/tap';
 
 const ROOT = join(__dirname, '..', '..');
 const CLI = join(ROOT, 'dist', 'bin', 'mqtap.js');

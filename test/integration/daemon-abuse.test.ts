@@ -13,11 +13,11 @@ import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { DaemonClient } from '../../lib/daemon/client.js';
 import { type Op } from '../../lib/daemon/protocol.js';
-import { MqtapError } from '../../lib/errors.js';
-import { getTap, listTaps } from '../../lib/links.js';
-import { native } from '../../lib/native.js';
-import { ReceivedFds, UnixServer, UnixSocket } from '../../lib/scm.js';
-import { deleteTap } from '../../lib/tap.js';
+import { MqtapError } from '../../lib/sys/errors.js';
+import { getTap, listTaps } from '../../lib/tap/links.js';
+import { native } from '../../lib/sys/native.js';
+import { ReceivedFds, UnixServer, UnixSocket } from '../../lib/sys/scm.js';
+import { deleteTap } from '../../lib/tap/tap.js';
 import { skipNote, tapEnv, useIsolatedNetns } from '../helpers/env.js';
 import { waitFor } from '../helpers/wait';
 

@@ -13,8 +13,8 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { DaemonClient } from '../../lib/daemon/client.js';
-import { getTap, listTaps } from '../../lib/links.js';
-import { deleteTap } from '../../lib/tap.js';
+import { getTap, listTaps } from '../../lib/tap/links.js';
+import { deleteTap } from '../../lib/tap/tap.js';
 import { haveCommand, skipNote, tapEnv, useIsolatedNetns } from '../helpers/env.js';
 import { rejection, tunFds, waitFor } from '../helpers/wait';
 

@@ -16,9 +16,9 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { DaemonClient } from '../../lib/daemon/client.js';
-import { getTap, listTaps } from '../../lib/links.js';
-import { K, native } from '../../lib/native.js';
-import { deleteTap, openTap } from '../../lib/tap.js';
+import { getTap, listTaps } from '../../lib/tap/links.js';
+import { K, native } from '../../lib/sys/native.js';
+import { deleteTap, openTap } from '../../lib/tap/tap.js';
 import { haveCommand, skipNote, tapEnv, useIsolatedNetns } from '../helpers/env.js';
 import { rejection, waitFor } from '../helpers/wait';
 

@@ -6,10 +6,10 @@
  * that existed before is untouched.  Runs in a throw-away network namespace.
  */
 import { describe, expect, it } from 'vitest';
-import { MqtapError } from '../../lib/errors.js';
-import { getLink, getTap, listTaps, type LinkInfo } from '../../lib/links.js';
-import type { Logger } from '../../lib/log.js';
-import { openTap, type OpenTapOptions } from '../../lib/tap.js';
+import { MqtapError } from '../../lib/sys/errors.js';
+import { getLink, getTap, listTaps, type LinkInfo } from '../../lib/tap/links.js';
+import type { Logger } from '../../lib/sys/log.js';
+import { openTap, type OpenTapOptions } from '../../lib/tap/tap.js';
 import {
   catchError,
   fdCount,
@@ -85,7 +85,7 @@ describe.skipIf(!env.ok)(`existing devices and all-or-nothing${skipNote(env)}`, 
       run('ip', ['link', 'del', 'ex2']);
     });
 
-    // BUG for 'require' (lib/tap.ts attachFirst): the warning is only logged
+    // BUG for 'require' (lib/tap/tap.ts attachFirst): the warning is only logged
     // on the 'allow' path; 'require' changes the device-wide flag silently.
     it.each(['allow', 'require'] as const)(
       "existing: '%s' to a tap without vnet_hdr (no queues open) with vnetHdr: true changes the device flag, with a warning",
@@ -224,7 +224,7 @@ describe.skipIf(!env.ok)(`existing devices and all-or-nothing${skipNote(env)}`, 
           const e = withFewFds(6, { name: 'aon2', existing: 'require', queues: 16 });
           expect(e.code).toBe('EMFILE');
           expect(e.queue).toBeGreaterThanOrEqual(2);
-          // BUG (lib/tap.ts openTap): the first attached queue made the kernel
+          // BUG (lib/tap/tap.ts openTap): the first attached queue made the kernel
           // adopt this call's flags (IFF_VNET_HDR) for the whole device, and
           // the rollback does not put the device's original flags back.
           expect(getTap('aon2')!.tun.vnetHdr).toBe(false);

@@ -23,10 +23,10 @@ import net from 'node:net';
 import { randomBytes } from 'node:crypto';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { afterEach, beforeAll, describe, expect, it } from 'vitest';
-import { applyOffloads, openQueueIO, type FrameBatch, type QueueIO } from '../../lib/io.js';
-import { getLink } from '../../lib/links.js';
-import { openTap, type Offloads, type Tap } from '../../lib/tap.js';
-import { VNET_HDR_F, VNET_HDR_GSO, encodeVnetHdr, vnetHdrForTcpGso } from '../../lib/vnethdr.js';
+import { applyOffloads, openQueueIO, type FrameBatch, type QueueIO } from '../../lib/datapath/io.js';
+import { getLink } from '../../lib/tap/links.js';
+import { openTap, type Offloads, type Tap } from '../../lib/tap/tap.js';
+import { VNET_HDR_F, VNET_HDR_GSO, encodeVnetHdr, vnetHdrForTcpGso } from '../../lib/datapath/vnethdr.js';
 import { run, skipNote, tapEnv, useIsolatedNetns } from '../helpers/env.js';
 
 const env = tapEnv();

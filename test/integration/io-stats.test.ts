@@ -7,7 +7,7 @@
  *     kernel sent, spread over several queues; on SIGINT it detaches again;
  *   - a tap whose queues are held elsewhere (here: by this test process,
  *     which writes known frames on known queues and reads what the kernel
- *     sends): the kernel's per-queue counters (lib/qstats.ts) — mq child
+ *     sends): the kernel's per-queue counters (lib/datapath/qstats.ts) — mq child
  *     qdiscs for kernel -> queue, a tcx ingress counter for queue -> kernel
  *     — equal exactly what was written and read per queue, through the
  *     library and through the CLI; the CLI takes no frame away, attaches no
@@ -25,12 +25,12 @@ import { join } from 'node:path';
 import type { Readable } from 'node:stream';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
-import { loadProgram, queueCountProgram, QUEUE_COUNT_ENTRIES, QUEUE_COUNT_VALUE_SIZE } from '../../lib/bpf.js';
-import { openTapIO, type QueueIO, type QueueIOStats } from '../../lib/io.js';
-import { getTap } from '../../lib/links.js';
-import { K, native } from '../../lib/native.js';
-import { openQueueStats, tcxIngressPrograms, type QueueCounters } from '../../lib/qstats.js';
-import { openTap, type Tap } from '../../lib/tap.js';
+import { loadProgram, queueCountProgram, QUEUE_COUNT_ENTRIES, QUEUE_COUNT_VALUE_SIZE } from '../../lib/datapath/bpf.js';
+import { openTapIO, type QueueIO, type QueueIOStats } from '../../lib/datapath/io.js';
+import { getTap } from '../../lib/tap/links.js';
+import { K, native } from '../../lib/sys/native.js';
+import { openQueueStats, tcxIngressPrograms, type QueueCounters } from '../../lib/datapath/qstats.js';
+import { openTap, type Tap } from '../../lib/tap/tap.js';
 import { fdCount, haveCommand, run, skipNote, tapEnv, useIsolatedNetns } from '../helpers/env.js';
 import { waitFor } from '../helpers/wait.js';
 

@@ -1,5 +1,5 @@
 /**
- * Batched frame I/O (lib/io.ts) on real taps, inside a throw-away network
+ * Batched frame I/O (lib/datapath/io.ts) on real taps, inside a throw-away network
  * namespace with link-local addresses only and no default route:
  *
  *   - kernel -> tap: datagrams sent with node:dgram to a neighbour behind the
@@ -21,12 +21,12 @@ import dgram from 'node:dgram';
 import { readlinkSync } from 'node:fs';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { afterEach, beforeAll, describe, expect, it } from 'vitest';
-import { MqtapError } from '../../lib/errors.js';
-import { parseUdp4Frame, udp4Frame } from '../../lib/frames.js';
-import { getSendBuffer, openFdIO, openQueueIO, openTapIO, setSendBuffer, type IoEngine, type QueueIO } from '../../lib/io.js';
-import { getLink } from '../../lib/links.js';
-import { native } from '../../lib/native.js';
-import { deleteTap, openTap, type OpenTapOptions, type Tap } from '../../lib/tap.js';
+import { MqtapError } from '../../lib/sys/errors.js';
+import { parseUdp4Frame, udp4Frame } from '../../lib/datapath/frames.js';
+import { getSendBuffer, openFdIO, openQueueIO, openTapIO, setSendBuffer, type IoEngine, type QueueIO } from '../../lib/datapath/io.js';
+import { getLink } from '../../lib/tap/links.js';
+import { native } from '../../lib/sys/native.js';
+import { deleteTap, openTap, type OpenTapOptions, type Tap } from '../../lib/tap/tap.js';
 import { haveCommand, openFds, reuseFdNumber, run, skipNote, tapEnv, tryRun, useIsolatedNetns, useTapTracker } from '../helpers/env.js';
 
 const env = tapEnv();

@@ -1,6 +1,6 @@
 /**
  * What the kernel reports about taps made by openTap, read two independent
- * ways: rtnetlink through lib/links.ts and iproute2's `ip -d -j link show`.
+ * ways: rtnetlink through lib/tap/links.ts and iproute2's `ip -d -j link show`.
  * Also link settings (mtu, mac, up, vnetHdrSize, owner/group), persistence
  * and deleteTap.  Runs in a throw-away network namespace.
  */
@@ -8,10 +8,10 @@ import { spawn } from 'node:child_process';
 import { readlinkSync } from 'node:fs';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { describe, expect, it } from 'vitest';
-import { ErrorCodes } from '../../lib/errors.js';
-import { getLink, getTap, listLinks, listTaps } from '../../lib/links.js';
-import { K, native } from '../../lib/native.js';
-import { deleteTap, openTap } from '../../lib/tap.js';
+import { ErrorCodes } from '../../lib/sys/errors.js';
+import { getLink, getTap, listLinks, listTaps } from '../../lib/tap/links.js';
+import { K, native } from '../../lib/sys/native.js';
+import { deleteTap, openTap } from '../../lib/tap/tap.js';
 import { catchError, fdCount, ipLink, ipLinkNames, run, skipNote, tapEnv, useIsolatedNetns, useTapTracker } from '../helpers/env.js';
 
 const env = tapEnv();
@@ -204,7 +204,7 @@ describe.skipIf(!env.ok)(`kernel view${skipNote(env)}`, () => {
       }
     });
 
-    // BUG (lib/validate.ts validateIfName): the kernel's dev_valid_name()
+    // BUG (lib/sys/validate.ts validateIfName): the kernel's dev_valid_name()
     // uses isspace() on every byte, and its ctype table counts 0xA0 as a
     // space, so any name whose UTF-8 contains byte 0xA0 ('à' is C3 A0) is
     // refused by TUNSETIFF with EINVAL (and the hint then wrongly says the
@@ -259,7 +259,7 @@ describe.skipIf(!env.ok)(`kernel view${skipNote(env)}`, () => {
       expect(fdCount()).toBe(before);
     });
 
-    // BUG (lib/netns.ts netnsPath): a bare namespace name is checked with
+    // BUG (lib/sys/netns.ts netnsPath): a bare namespace name is checked with
     // validateIfName, i.e. as an interface name (at most 15 bytes, no ':'),
     // but `ip netns` names are file names under /run/netns; CNI's are like
     // 'cni-1f0e5a8c-9b7d-4c3e-a2f1-0d6e8b9c7a54' (40 bytes) and are refused

@@ -17,12 +17,12 @@ import { closeSync, existsSync, openSync, readFileSync, readdirSync, readlinkSyn
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { afterEach, describe, expect, it } from 'vitest';
-import { getTap, listTaps } from '../../lib/links';
-import { native } from '../../lib/native';
-import { openNetdev, type Netdev } from '../../lib/netdev';
-import { launchQemu, type ClosableNetdev } from '../../lib/qemu';
-import { probeVhostNet } from '../../lib/vhost';
-import { deleteTap } from '../../lib/tap';
+import { getTap, listTaps } from '../../lib/tap/links';
+import { native } from '../../lib/sys/native';
+import { openNetdev, type Netdev } from '../../lib/vhost/netdev';
+import { launchQemu, type ClosableNetdev } from '../../lib/qemu/qemu';
+import { probeVhostNet } from '../../lib/vhost/vhost';
+import { deleteTap } from '../../lib/tap/tap';
 import { catchError, fdCount, skipNote, tapEnv, useIsolatedNetns } from '../helpers/env';
 
 const ROOT = join(__dirname, '..', '..');

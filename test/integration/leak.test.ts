@@ -6,9 +6,9 @@
  * holds.  Runs in a throw-away network namespace.
  */
 import { describe, expect, it } from 'vitest';
-import { ErrorCodes, MqtapError } from '../../lib/errors.js';
-import { getLink, getTap, listTaps } from '../../lib/links.js';
-import { deleteTap, openTap } from '../../lib/tap.js';
+import { ErrorCodes, MqtapError } from '../../lib/sys/errors.js';
+import { getLink, getTap, listTaps } from '../../lib/tap/links.js';
+import { deleteTap, openTap } from '../../lib/tap/tap.js';
 import { fdCount, openFds, skipNote, tapEnv, useIsolatedNetns, useTapTracker } from '../helpers/env.js';
 
 const env = tapEnv();

@@ -18,8 +18,8 @@ import { chmodSync, existsSync, mkdtempSync, readFileSync, readlinkSync, rmSync,
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { getLink, getTap } from '../../lib/links.js';
-import { deleteTap, openTap, type OpenTapOptions } from '../../lib/tap.js';
+import { getLink, getTap } from '../../lib/tap/links.js';
+import { deleteTap, openTap, type OpenTapOptions } from '../../lib/tap/tap.js';
 import { CAP_NET_ADMIN, haveCommand, ipLink, skipNote, tapEnv, useIsolatedNetns, useTapTracker } from '../helpers/env.js';
 
 const DIST = resolve(__dirname, '../../dist/lib/index.js');

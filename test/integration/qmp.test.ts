@@ -12,10 +12,10 @@ import { existsSync, mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { hotplugFds, hotplugNetdev, unplugNetdev } from '../../lib/hotplug.js';
-import { getTap, listTaps } from '../../lib/links.js';
-import { openNetdev, type Netdev } from '../../lib/netdev.js';
-import { QmpClient, QmpError } from '../../lib/qmp.js';
+import { hotplugFds, hotplugNetdev, unplugNetdev } from '../../lib/qemu/hotplug.js';
+import { getTap, listTaps } from '../../lib/tap/links.js';
+import { openNetdev, type Netdev } from '../../lib/vhost/netdev.js';
+import { QmpClient, QmpError } from '../../lib/qemu/qmp.js';
 import { haveCommand, skipNote, tapEnv, useIsolatedNetns } from '../helpers/env.js';
 import { rejection, tunFds, waitFor } from '../helpers/wait';
 

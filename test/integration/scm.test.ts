@@ -1,5 +1,5 @@
 /**
- * SCM_RIGHTS fd passing on the real kernel (lib/scm.ts + native/scm.cc):
+ * SCM_RIGHTS fd passing on the real kernel (lib/sys/scm.ts + native/scm.cc):
  * fds arrive as copies of the same open file, O_CLOEXEC, owned by a
  * ReceivedFds; truncated control data (MSG_CTRUNC) and truncated messages
  * (MSG_TRUNC) are errors that close whatever arrived; message boundaries on
@@ -12,9 +12,9 @@ import { lstatSync, mkdtempSync, readdirSync, rmSync, writeFileSync } from 'node
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
-import { ErrorCodes, MqtapError } from '../../lib/errors.js';
-import { K, native } from '../../lib/native.js';
-import { ReceivedFds, SCM_MAX_FD, UnixServer, UnixSocket } from '../../lib/scm.js';
+import { ErrorCodes, MqtapError } from '../../lib/sys/errors.js';
+import { K, native } from '../../lib/sys/native.js';
+import { ReceivedFds, SCM_MAX_FD, UnixServer, UnixSocket } from '../../lib/sys/scm.js';
 
 const cleanups: Array<() => void> = [];
 afterEach(() => {

@@ -6,12 +6,12 @@ import { spawnSync } from 'node:child_process';
 import { existsSync, readFileSync } from 'node:fs';
 import { release } from 'node:os';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
-import { MqtapError } from '../../lib/errors';
-import { isolateNetns, type IsolatedNetns } from '../../lib/netns';
-import { deleteTap, openTap, type Tap } from '../../lib/tap';
-import { getTap, listTaps } from '../../lib/links';
-import { native } from '../../lib/native';
-import { applyOffloads } from '../../lib/io';
+import { MqtapError } from '../../lib/sys/errors';
+import { isolateNetns, type IsolatedNetns } from '../../lib/sys/netns';
+import { deleteTap, openTap, type Tap } from '../../lib/tap/tap';
+import { getTap, listTaps } from '../../lib/tap/links';
+import { native } from '../../lib/sys/native';
+import { applyOffloads } from '../../lib/datapath/io';
 
 function capNetAdmin(): boolean {
   const m = /^CapEff:\s*([0-9a-f]+)$/m.exec(readFileSync('/proc/self/status', 'utf8'));
@@ -56,7 +56,7 @@ describe.skipIf(!!reason)(`tap device settings${reason ? ` (skipped: ${reason})`
     tap.setOffloads({});
     tap.setOffloads({ csum: true, tso4: true, tsoEcn: true });
     expect(() => tap!.setOffloads({ tso4: true })).toThrow(/need csum/);
-    // applyOffloads (lib/io.ts) follows the same rules, USO probing aside
+    // applyOffloads (lib/datapath/io.ts) follows the same rules, USO probing aside
     expect(() => applyOffloads(tap!, { tso4: true })).toThrow(/need csum/);
     expect(() => applyOffloads(tap!, { csum: true, tsoEcn: true })).toThrow(/tsoEcn needs tso4 or tso6/);
     expect(() => applyOffloads(tap!, { uso: 'if-available' })).toThrow(/need csum/);

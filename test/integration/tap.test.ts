@@ -6,11 +6,11 @@
  * against the kernel's own view (rtnetlink IFLA_TUN_* via getTap).
  */
 import { describe, expect, it } from 'vitest';
-import { ErrorCodes, MqtapError } from '../../lib/errors.js';
-import { getLink, getTap, listTaps } from '../../lib/links.js';
-import type { Logger } from '../../lib/log.js';
-import { K, native } from '../../lib/native.js';
-import { deleteTap, openTap, type Tap } from '../../lib/tap.js';
+import { ErrorCodes, MqtapError } from '../../lib/sys/errors.js';
+import { getLink, getTap, listTaps } from '../../lib/tap/links.js';
+import type { Logger } from '../../lib/sys/log.js';
+import { K, native } from '../../lib/sys/native.js';
+import { deleteTap, openTap, type Tap } from '../../lib/tap/tap.js';
 import { catchError, fdCount, skipNote, tapEnv, useIsolatedNetns, useTapTracker, reuseFdNumber } from '../helpers/env.js';
 
 const env = tapEnv();

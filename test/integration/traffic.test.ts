@@ -16,10 +16,10 @@ import dgram from 'node:dgram';
 import { writeSync } from 'node:fs';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { afterEach, describe, expect, it } from 'vitest';
-import { drainFrames, parseUdp4Frame, udp4Frame } from '../../lib/frames.js';
-import { getLink } from '../../lib/links.js';
-import { native } from '../../lib/native.js';
-import { openTap, type OpenTapOptions, type Tap } from '../../lib/tap.js';
+import { drainFrames, parseUdp4Frame, udp4Frame } from '../../lib/datapath/frames.js';
+import { getLink } from '../../lib/tap/links.js';
+import { native } from '../../lib/sys/native.js';
+import { openTap, type OpenTapOptions, type Tap } from '../../lib/tap/tap.js';
 import { run, skipNote, tapEnv, useIsolatedNetns, useTapTracker } from '../helpers/env.js';
 
 const env = tapEnv();

@@ -1,9 +1,9 @@
 /**
- * The steering program generator (lib/bpf.ts), without the kernel: the
+ * The steering program generator (lib/datapath/bpf.ts), without the kernel: the
  * generated instructions run in a small BPF interpreter below (the subset
  * the generator emits, with the kernel's LD_ABS/LD_IND semantics: network
  * byte order, out of bounds ends the program with 0) and must agree with the
- * userspace model (steeringQueue) and with lib/steering.ts's Toeplitz hash,
+ * userspace model (steeringQueue) and with lib/datapath/steering.ts's Toeplitz hash,
  * including Microsoft's published RSS verification vectors.
  *
  * The interpreter also models what the per-queue counting program
@@ -26,10 +26,10 @@ import {
   type BpfInsn,
   type BpfProgram,
   type RssConfig,
-} from '../../lib/bpf.js';
-import { native } from '../../lib/native.js';
+} from '../../lib/datapath/bpf.js';
+import { native } from '../../lib/sys/native.js';
 import { IPV4_VECTORS, IPV6_VECTORS } from '../helpers/rss-vectors.js';
-import { MICROSOFT_RSS_KEY, defaultIndirectionTable, rssInputIPv4, rssInputIPv6, rssQueue, toeplitzHash } from '../../lib/steering.js';
+import { MICROSOFT_RSS_KEY, defaultIndirectionTable, rssInputIPv4, rssInputIPv6, rssQueue, toeplitzHash } from '../../lib/datapath/steering.js';
 
 const BC = native.bpfConstants;
 

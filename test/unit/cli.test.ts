@@ -2,7 +2,7 @@
 import { CommanderError } from 'commander';
 import { describe, expect, it } from 'vitest';
 import { EXIT, buildProgram, exitCodeFor } from '../../bin/mqtap';
-import { ErrorCodes, MqtapError, invalidArg } from '../../lib/errors';
+import { ErrorCodes, MqtapError, invalidArg } from '../../lib/sys/errors';
 
 /** Parses argv and returns the command's options and arguments instead of running it. */
 function parse(argv: string[]): { args: unknown[]; opts: Record<string, unknown>; globals: Record<string, unknown> } {

@@ -4,7 +4,7 @@
  * sockets.
  */
 import { describe, expect, it } from 'vitest';
-import { MqtapError } from '../../lib/errors.js';
+import { MqtapError } from '../../lib/sys/errors.js';
 import {
   MAX_FDS_PER_MESSAGE,
   MAX_REPLY_BYTES,

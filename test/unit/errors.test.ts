@@ -1,11 +1,11 @@
 /**
- * Error translation (lib/errors.ts) and the addon's use of it.  Needs no
+ * Error translation (lib/sys/errors.ts) and the addon's use of it.  Needs no
  * root; the two cases that open /dev/net/tun skip when it cannot be opened.
  */
 import { accessSync, constants as fsConstants, openSync, closeSync } from 'node:fs';
 import { describe, expect, it } from 'vitest';
-import { ErrorCodes, MqtapError, errnoName, invalidArg, withContext } from '../../lib/errors.js';
-import { K, native } from '../../lib/native.js';
+import { ErrorCodes, MqtapError, errnoName, invalidArg, withContext } from '../../lib/sys/errors.js';
+import { K, native } from '../../lib/sys/native.js';
 import { catchError } from '../helpers/errors.js';
 
 const ERRNO = { EPERM: 1, ENOENT: 2, E2BIG: 7, EBADF: 9, EACCES: 13, EBUSY: 16, EEXIST: 17, ENODEV: 19, EINVAL: 22, EMFILE: 24, EBADFD: 77, EOPNOTSUPP: 95 } as const;
@@ -94,7 +94,7 @@ describe('MqtapError from {op, syscall, errno}', () => {
     expect(new MqtapError({ op: 'X', code: 'ERR_X', cause }).cause).toBe(cause);
   });
 
-  // BUG (lib/errors.ts errnoName): libuv's error map has no EBADFD (77), so
+  // BUG (lib/sys/errors.ts errnoName): libuv's error map has no EBADFD (77), so
   // the code becomes 'errno 77' and the HINTS.EBADFD entry can never match.
   // The tun driver answers EBADFD for every ioctl on an fd not attached to a
   // device (e.g. TUNGETIFF after the tap was deleted).
@@ -104,7 +104,7 @@ describe('MqtapError from {op, syscall, errno}', () => {
     expect(e.hint).toMatch(/not attached to a tap/);
   });
 
-  // BUG (lib/errors.ts): on Linux EOPNOTSUPP == ENOTSUP == 95 and libuv names
+  // BUG (lib/sys/errors.ts): on Linux EOPNOTSUPP == ENOTSUP == 95 and libuv names
   // it 'ENOTSUP', so the 'RTM_DELLINK:EOPNOTSUPP' hint is unreachable.
   it('EOPNOTSUPP from RTM_DELLINK gets its hint', () => {
     const e = new MqtapError({ op: 'RTM_DELLINK', syscall: 'netlink', errno: ERRNO.EOPNOTSUPP });

@@ -1,12 +1,12 @@
 /**
- * lib/frames.ts without a kernel: the Internet checksum against published
+ * lib/datapath/frames.ts without a kernel: the Internet checksum against published
  * examples (RFC 1071, Wikipedia's IPv4 header checksum), byte-exact header
  * and frame layouts, the UDP frame parser on good and malformed frames,
  * argument validation, and drainFrames over a non-blocking socketpair.
  */
 import { writeSync } from 'node:fs';
 import { describe, expect, it } from 'vitest';
-import { ErrorCodes } from '../../lib/errors.js';
+import { ErrorCodes } from '../../lib/sys/errors.js';
 import {
   ETHERTYPE,
   ETH_ZLEN,
@@ -19,9 +19,9 @@ import {
   parseUdp4Frame,
   udp4Frame,
   type Udp4FrameOptions,
-} from '../../lib/frames.js';
+} from '../../lib/datapath/frames.js';
 import * as lib from '../../lib/index.js';
-import { native } from '../../lib/native.js';
+import { native } from '../../lib/sys/native.js';
 import { catchError } from '../helpers/errors.js';
 
 const hex = (s: string): Buffer => Buffer.from(s.replace(/\s+/g, ''), 'hex');

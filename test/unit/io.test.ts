@@ -1,5 +1,5 @@
 /**
- * Batched frame I/O (lib/io.ts, native/io.cc) without a tap and without
+ * Batched frame I/O (lib/datapath/io.ts, native/io.cc) without a tap and without
  * root: a SOCK_SEQPACKET socketpair keeps message boundaries the way a tap
  * queue keeps frame boundaries, so a QueueIO on each end exercises batching,
  * byte-exact delivery, order, backpressure (EAGAIN -> POLLOUT), the batch
@@ -10,9 +10,9 @@ import { spawnSync } from 'node:child_process';
 import { existsSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
-import { MqtapError } from '../../lib/errors.js';
-import { openFdIO, totalStats, type FrameBatch, type IoEngine, type QueueIO } from '../../lib/io.js';
-import { native } from '../../lib/native.js';
+import { MqtapError } from '../../lib/sys/errors.js';
+import { openFdIO, totalStats, type FrameBatch, type IoEngine, type QueueIO } from '../../lib/datapath/io.js';
+import { native } from '../../lib/sys/native.js';
 
 const SOCK_SEQPACKET = (native.constants as unknown as { SOCK_SEQPACKET?: number }).SOCK_SEQPACKET ?? 5;
 const havePair = typeof (native as { unixSocketPair?: unknown }).unixSocketPair === 'function';

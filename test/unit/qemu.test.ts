@@ -1,5 +1,5 @@
 /**
- * lib/qemu.ts without a kernel: the QEMU arguments for pre-opened tap and
+ * lib/qemu/qemu.ts without a kernel: the QEMU arguments for pre-opened tap and
  * vhost fds (fd numbering, vectors = 2N+2, device properties), QEMU's
  * -netdev tap rules applied before QEMU sees them, the parser QEMU's option
  * syntax needs (',,', type=, JSON), and planLaunch (placeholders, several
@@ -10,8 +10,8 @@ import { spawnSync } from 'node:child_process';
 import { existsSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
-import { MqtapError } from '../../lib/errors';
-import { checkTapNetdevOptions, parseNetdevArg, planLaunch, qemuEscape, qemuNetdevArgs, validateQemuId, type ClosableNetdev } from '../../lib/qemu';
+import { MqtapError } from '../../lib/sys/errors';
+import { checkTapNetdevOptions, parseNetdevArg, planLaunch, qemuEscape, qemuNetdevArgs, validateQemuId, type ClosableNetdev } from '../../lib/qemu/qemu';
 
 /** A stand-in netdev: fd numbers only (verifyFds: false keeps them away from the kernel). */
 function fake(name: string, tap: number[], vhost: number[] = []): ClosableNetdev {

@@ -10,11 +10,11 @@ import { mkdtempSync, readdirSync, readlinkSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
-import { ErrorCodes } from '../../lib/errors.js';
-import { hotplugFds, unplugNetdev } from '../../lib/hotplug.js';
-import { native } from '../../lib/native.js';
-import { QmpClient, QmpError } from '../../lib/qmp.js';
-import { UnixServer, type ReceivedFds, type UnixSocket } from '../../lib/scm.js';
+import { ErrorCodes } from '../../lib/sys/errors.js';
+import { hotplugFds, unplugNetdev } from '../../lib/qemu/hotplug.js';
+import { native } from '../../lib/sys/native.js';
+import { QmpClient, QmpError } from '../../lib/qemu/qmp.js';
+import { UnixServer, type ReceivedFds, type UnixSocket } from '../../lib/sys/scm.js';
 import { rejection } from '../helpers/wait';
 
 interface Logged {

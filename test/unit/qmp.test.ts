@@ -1,12 +1,12 @@
 /**
- * QMP framing and the hotplug command builders (lib/qmp.ts, lib/hotplug.ts):
+ * QMP framing and the hotplug command builders (lib/qemu/qmp.ts, lib/qemu/hotplug.ts):
  * pure functions, no QEMU, no root.
  */
 import { describe, expect, it } from 'vitest';
-import { MqtapError } from '../../lib/errors.js';
-import { deviceAddArgs, fdNamesFor, netdevAddArgs } from '../../lib/hotplug.js';
-import { validateQemuId } from '../../lib/qemu';
-import { QmpLineParser, encodeCommand } from '../../lib/qmp.js';
+import { MqtapError } from '../../lib/sys/errors.js';
+import { deviceAddArgs, fdNamesFor, netdevAddArgs } from '../../lib/qemu/hotplug.js';
+import { validateQemuId } from '../../lib/qemu/qemu';
+import { QmpLineParser, encodeCommand } from '../../lib/qemu/qmp.js';
 
 describe('QmpLineParser', () => {
   it('splits CRLF-terminated JSON objects, across and within chunks', () => {

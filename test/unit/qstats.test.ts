@@ -1,5 +1,5 @@
 /**
- * Per-queue kernel counters without the kernel (lib/qstats.ts, the rates of
+ * Per-queue kernel counters without the kernel (lib/datapath/qstats.ts, the rates of
  * bin/cmd-data.ts): which qdisc counts which tx queue (mq children :1..:N,
  * any mq handle, single-queue devices, roots that have no per-queue
  * counters and the reasons given), tc handle formatting, the possible-CPU
@@ -8,9 +8,9 @@
  */
 import { describe, expect, it } from 'vitest';
 import { kernelRates, renderStats, type StatsSample } from '../../bin/cmd-data';
-import { K, type RawQdisc } from '../../lib/native';
-import { MqtapError } from '../../lib/errors';
-import { formatTcHandle, mapQdiscsToQueues, possibleCpus, tcxUnavailableReason, type QueueCounters } from '../../lib/qstats';
+import { K, type RawQdisc } from '../../lib/sys/native';
+import { MqtapError } from '../../lib/sys/errors';
+import { formatTcHandle, mapQdiscsToQueues, possibleCpus, tcxUnavailableReason, type QueueCounters } from '../../lib/datapath/qstats';
 
 function qd(kind: string, handle: number, parent: number, packets = 0, bytes = 0, drops = 0): RawQdisc {
   return { ifindex: 7, kind, handle, parent, packets, bytes, drops, overlimits: 0, requeues: 0, qlen: 0, backlog: 0 };

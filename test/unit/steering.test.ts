@@ -8,7 +8,7 @@ import {
   rssInputIPv6,
   rssQueue,
   toeplitzHash,
-} from '../../lib/steering.js';
+} from '../../lib/datapath/steering.js';
 import { IPV4_VECTORS, IPV6_VECTORS } from '../helpers/rss-vectors.js';
 
 const hex32 = (n: number): string => `0x${n.toString(16).padStart(8, '0')}`;

@@ -1,5 +1,5 @@
 /**
- * Input validation (lib/validate.ts, openTap's option checks in lib/tap.ts).
+ * Input validation (lib/sys/validate.ts, openTap's option checks in lib/tap/tap.ts).
  * Needs no root and no /dev/net/tun: every case here must be refused in
  * JavaScript before any syscall.  The last block proves that by spying on
  * every native function and by pointing devicePath at a path that would fail
@@ -7,10 +7,10 @@
  */
 import { readdirSync } from 'node:fs';
 import { afterEach, describe, expect, it, vi } from 'vitest';
-import { ErrorCodes, MqtapError } from '../../lib/errors.js';
-import { getLink } from '../../lib/links.js';
-import { K, native } from '../../lib/native.js';
-import { deleteTap, offloadFlags, openTap, type OpenTapOptions } from '../../lib/tap.js';
+import { ErrorCodes, MqtapError } from '../../lib/sys/errors.js';
+import { getLink } from '../../lib/tap/links.js';
+import { K, native } from '../../lib/sys/native.js';
+import { deleteTap, offloadFlags, openTap, type OpenTapOptions } from '../../lib/tap/tap.js';
 import {
   MAX_IFNAME_BYTES,
   MAX_MTU,
@@ -23,7 +23,7 @@ import {
   validateMtu,
   validateQueueCount,
   validateVnetHdrSize,
-} from '../../lib/validate.js';
+} from '../../lib/sys/validate.js';
 
 /** Runs fn, expects an ERR_INVALID_ARG MqtapError, returns it. */
 function invalid(fn: () => unknown): MqtapError {
@@ -71,7 +71,7 @@ describe('validateIfName', () => {
     expect(invalid(() => validateIfName('eth0:1')).message).toMatch(/":"/);
   });
 
-  // BUG (lib/validate.ts validateIfName): the kernel's dev_valid_name() runs
+  // BUG (lib/sys/validate.ts validateIfName): the kernel's dev_valid_name() runs
   // isspace() on each byte and its ctype table marks 0xA0 as a space, so a
   // name whose UTF-8 contains byte 0xA0 ('à' = C3 A0, 'Ġ' = C4 A0, ...) is
   // refused by the kernel (EINVAL) but passes validation.
@@ -123,7 +123,7 @@ describe('queue counts', () => {
     expect(invalid(() => validateQueueCount(Number.NaN)).message).toMatch(/integer/);
   });
 
-  // BUG (lib/validate.ts validateInt, also validateBoolean/validateOneOf/
+  // BUG (lib/sys/validate.ts validateInt, also validateBoolean/validateOneOf/
   // validateVnetHdrSize/parseMac): the message is built with
   // JSON.stringify(value), which throws "TypeError: Do not know how to
   // serialize a BigInt", so a BigInt escapes as a TypeError instead of an

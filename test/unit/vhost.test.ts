@@ -6,8 +6,8 @@
  */
 import { readdirSync } from 'node:fs';
 import { describe, expect, it } from 'vitest';
-import { ErrorCodes } from '../../lib/errors.js';
-import { openNetdev, type OpenNetdevOptions } from '../../lib/netdev.js';
+import { ErrorCodes } from '../../lib/sys/errors.js';
+import { openNetdev, type OpenNetdevOptions } from '../../lib/vhost/netdev.js';
 import {
   BACKEND_FEATURE_BITS,
   DRIVER_FEATURES,
@@ -21,7 +21,7 @@ import {
   featureMask,
   probeVhostNet,
   vnetHdrSizeFor,
-} from '../../lib/vhost.js';
+} from '../../lib/vhost/vhost.js';
 import { catchError } from '../helpers/errors.js';
 
 const bit = (n: number): bigint => 1n << BigInt(n);

@@ -13,7 +13,7 @@ import {
   type VnetHdr,
   type VnetHdrField,
   type VnetHdrSize,
-} from '../../lib/vnethdr.js';
+} from '../../lib/datapath/vnethdr.js';
 import { prng } from '../helpers/prng.js';
 
 const SIZES: readonly VnetHdrSize[] = [10, 12];

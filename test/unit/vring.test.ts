@@ -6,9 +6,9 @@
  * the vhost worker would).
  */
 import { describe, expect, it } from 'vitest';
-import { ErrorCodes } from '../../lib/errors.js';
-import { native } from '../../lib/native.js';
-import { MAX_QUEUE_SIZE, SplitVirtqueue, vringLayout, type VringLayout } from '../../lib/vring.js';
+import { ErrorCodes } from '../../lib/sys/errors.js';
+import { native } from '../../lib/sys/native.js';
+import { MAX_QUEUE_SIZE, SplitVirtqueue, vringLayout, type VringLayout } from '../../lib/vhost/vring.js';
 import { catchError } from '../helpers/errors.js';
 import { prng } from '../helpers/prng.js';
 
@@ -16,7 +16,7 @@ const VRING_DESC_F_WRITE = 2; // virtio spec 2.7.5
 
 /**
  * The device side of one split virtqueue, written from the virtio spec (2.7)
- * independently of lib/vring.ts: it consumes published avail entries and
+ * independently of lib/vhost/vring.ts: it consumes published avail entries and
  * completes them (in any order) by writing used elements and the used index.
  */
 class FakeDevice {

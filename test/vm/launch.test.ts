@@ -21,12 +21,12 @@ import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import { existsSync, readFileSync, statSync } from 'node:fs';
 import * as path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { getTap, listTaps } from '../../lib/links';
-import { isolateNetns, type IsolatedNetns } from '../../lib/netns';
-import { openNetdev } from '../../lib/netdev';
-import { launchQemu, pdeathsigWrapper } from '../../lib/qemu';
-import { deleteTap } from '../../lib/tap';
-import { probeVhostNet } from '../../lib/vhost';
+import { getTap, listTaps } from '../../lib/tap/links';
+import { isolateNetns, type IsolatedNetns } from '../../lib/sys/netns';
+import { openNetdev } from '../../lib/vhost/netdev';
+import { launchQemu, pdeathsigWrapper } from '../../lib/qemu/qemu';
+import { deleteTap } from '../../lib/tap/tap';
+import { probeVhostNet } from '../../lib/vhost/vhost';
 import { fdCount, tapEnv } from '../helpers/env';
 import {
   REPO_ROOT,

@@ -15,7 +15,7 @@ const { setTimeout: sleep } = require('node:timers/promises');
 
 const REPO = path.resolve(__dirname, '..', '..', '..');
 const lib = require(path.join(REPO, 'dist', 'lib', 'index.js'));
-const { native, K } = require(path.join(REPO, 'dist', 'lib', 'native.js'));
+const { native, K } = require(path.join(REPO, 'dist', 'lib', 'sys', 'native.js'));
 
 /** Link-local addressing used by every script: the tap is LOCAL, a static neighbour PEER sits behind it. */
 const LOCAL = '169.254.10.1';

@@ -18,11 +18,8 @@ const path = require('node:path');
 
 const REPO = path.resolve(__dirname, '..', '..', '..');
 const D = path.join(REPO, 'dist', 'lib');
-const { isolateNetns } = require(path.join(D, 'netns.js'));
-const { getTap, listTaps } = require(path.join(D, 'links.js'));
-const { deleteTap } = require(path.join(D, 'tap.js'));
-const { probeVhostNet } = require(path.join(D, 'vhost.js'));
-const guest = require(path.join(D, 'guest.js'));
+const { isolateNetns, getTap, listTaps, deleteTap, probeVhostNet } = require(path.join(D, 'index.js'));
+const guest = require(path.join(D, 'qemu', 'guest.js'));
 const CLI = path.join(REPO, 'dist', 'bin', 'mqtap.js');
 
 const TAP = 'nv0';

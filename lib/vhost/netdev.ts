@@ -3,11 +3,11 @@
  * QEMU's `-netdev tap,fds=...,vhostfds=...` takes and virtio-net's
  * VQ_PAIRS_SET counts.
  */
-import { ErrorCodes, MqtapError, invalidArg, withContext } from './errors';
-import { silentLogger, type Logger } from './log';
-import { native } from './native';
-import { openTap, type OpenTapOptions, type QueueStates, type Tap, type TapQueue } from './tap';
-import { validateIfName, validateInt, validateOneOf, validateQueueCount } from './validate';
+import { ErrorCodes, MqtapError, invalidArg, withContext } from '../sys/errors';
+import { silentLogger, type Logger } from '../sys/log';
+import { native } from '../sys/native';
+import { openTap, type OpenTapOptions, type QueueStates, type Tap, type TapQueue } from '../tap/tap';
+import { validateIfName, validateInt, validateOneOf, validateQueueCount } from '../sys/validate';
 import { VhostPairDriver, probeVhostNet, type PairDriverOptions } from './vhost';
 
 export type VhostMode = 'on' | 'off' | 'auto';

@@ -15,9 +15,9 @@
  *   recognised by id and dropped.
  */
 import { EventEmitter } from 'node:events';
-import { ErrorCodes, MqtapError, invalidArg } from './errors';
-import { silentLogger, type Logger } from './log';
-import { UnixSocket } from './scm';
+import { ErrorCodes, MqtapError, invalidArg } from '../sys/errors';
+import { silentLogger, type Logger } from '../sys/log';
+import { UnixSocket } from '../sys/scm';
 
 export interface QmpGreeting {
   QMP: {

@@ -1,4 +1,8 @@
 /**
+ * lib/datapath/ — the userspace data path: per-queue frame I/O (this file),
+ * the virtio-net header and GSO, steering (Toeplitz + eBPF), per-queue
+ * counters, frame building and parsing.
+ *
  * Per-queue frame I/O: batches of frames in both directions, driven by the
  * event loop, with buffers that are reused and backpressure that waits
  * instead of spinning or dropping.  See docs/datapath.md.
@@ -36,9 +40,9 @@
  * poll is gone before the fd number is released.
  */
 import { setImmediate as immediate } from 'node:timers/promises';
-import { ErrorCodes, MqtapError, invalidArg, withContext } from './errors';
-import { K, native } from './native';
-import { TapQueue, offloadFlags, type Tap } from './tap';
+import { ErrorCodes, MqtapError, invalidArg, withContext } from '../sys/errors';
+import { K, native } from '../sys/native';
+import { TapQueue, offloadFlags, type Tap } from '../tap/tap';
 import { decodeVnetHdr, type VnetHdr, type VnetHdrSize } from './vnethdr';
 
 const IOC = native.ioConstants;
@@ -222,7 +226,7 @@ export class FrameBatch implements Iterable<Buffer> {
     return this.#slab.subarray(off + this.hdrLen, off + this.#desc[2 * i + 1]!);
   }
 
-  /** Frame i's virtio-net header, decoded and validated (lib/vnethdr.ts). */
+  /** Frame i's virtio-net header, decoded and validated (lib/datapath/vnethdr.ts). */
   header(i: number): VnetHdr {
     this.#check(i);
     if (this.hdrLen !== 10 && this.hdrLen !== 12) throw invalidArg(`this queue has a ${this.hdrLen}-byte header; only 10 and 12 can be decoded`);
@@ -1038,7 +1042,7 @@ export interface OffloadResult {
  * `uso: 'if-available'` a kernel without it (EINVAL: tun rejects unknown
  * bits, "so the user can test for new features by trying to set them") gets
  * the same request without USO.  The flags and their rules are
- * lib/tap.ts's offloadFlags (Tap.setOffloads without the USO probing).
+ * lib/tap/tap.ts's offloadFlags (Tap.setOffloads without the USO probing).
  */
 export function applyOffloads(tap: Tap, req: OffloadRequest): OffloadResult {
   if (typeof req !== 'object' || req === null) throw invalidArg('offloads must be an object');

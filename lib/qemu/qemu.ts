@@ -1,4 +1,8 @@
 /**
+ * lib/qemu/ — handing queues to QEMU: at launch (this file), at run time over
+ * QMP (qmp.ts, hotplug.ts), and the small guest that `mqtap demo` and the
+ * tests boot (guest.ts).
+ *
  * Handing a netdev to QEMU at launch, the way libvirt does:
  * `-netdev tap,id=ID,fds=A:B:...[,vhost=on,vhostfds=C:D:...]` with the fds
  * mapped into the child (tap fds first, then vhost fds, from fd 3 up) and the
@@ -25,11 +29,11 @@ import type { ChildProcess } from 'node:child_process';
 import { spawnSync } from 'node:child_process';
 import { accessSync, constants as fsConstants, fstatSync } from 'node:fs';
 import * as path from 'node:path';
-import { ErrorCodes, invalidArg, MqtapError } from './errors';
-import { silentLogger, type Logger } from './log';
-import { K, native } from './native';
-import { spawnWithFds, type ChildExit } from './spawn';
-import { MAX_QUEUES, formatMac, parseMac } from './validate';
+import { ErrorCodes, invalidArg, MqtapError } from '../sys/errors';
+import { silentLogger, type Logger } from '../sys/log';
+import { K, native } from '../sys/native';
+import { spawnWithFds, type ChildExit } from '../sys/spawn';
+import { MAX_QUEUES, formatMac, parseMac } from '../sys/validate';
 
 /** What qemuNetdevArgs needs of a netdev: its name and its open fds (a Netdev from openNetdev has them). */
 export interface NetdevFds {

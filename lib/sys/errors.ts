@@ -50,7 +50,7 @@ export const ErrorCodes = {
 
 const systemErrors: Map<number, [string, string]> = getSystemErrorMap();
 
-/** Set by lib/native.ts: glibc's strerrorname_np/strerror, which know every Linux errno (libuv lacks EBADFD, calls EOPNOTSUPP ENOTSUP). */
+/** Set by lib/sys/native.ts: glibc's strerrorname_np/strerror, which know every Linux errno (libuv lacks EBADFD, calls EOPNOTSUPP ENOTSUP). */
 let nativeErrno: ((errno: number) => [string, string] | null) | undefined;
 
 /** @internal */

@@ -1,4 +1,7 @@
 /**
+ * lib/vhost/ — kernel vhost-net (this file), the userspace split-vring driver
+ * (vring.ts) and queue pairs of tap queue + vhost-net fd (netdev.ts).
+ *
  * vhost-net: probing, feature bits, and a userspace driver for one queue
  * pair (like the kernel's tools/virtio/vhost_net_test.c): split virtqueues in
  * process memory, a memory table mapping "guest" address = process address,
@@ -16,8 +19,8 @@
  */
 import { existsSync } from 'node:fs';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { ErrorCodes, MqtapError, invalidArg, withContext } from './errors';
-import { K, native } from './native';
+import { ErrorCodes, MqtapError, invalidArg, withContext } from '../sys/errors';
+import { K, native } from '../sys/native';
 import { SplitVirtqueue, vringLayout } from './vring';
 
 export const VHOST_NET_RX = 0;

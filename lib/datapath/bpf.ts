@@ -34,7 +34,7 @@
  * openTap() and never disabled, slot i is TapQueue i.
  *
  * `steeringQueue()` computes in JavaScript what rssProgram() computes in the
- * kernel (lib/steering.ts does the Toeplitz hash), so the placement of a
+ * kernel (lib/datapath/steering.ts does the Toeplitz hash), so the placement of a
  * flow can be predicted, and tests check that both agree.
  *
  * One program here is not a steering program:
@@ -44,12 +44,12 @@
  *                        into the kernel, by skb->queue_mapping (tun records
  *                        the queue there), in a per-CPU array map, and lets
  *                        every frame through (TCX_NEXT).  Used by `mqtap
- *                        stats` through lib/qstats.ts.
+ *                        stats` through lib/datapath/qstats.ts.
  */
-import { ErrorCodes, MqtapError, invalidArg, withContext } from './errors';
-import { native } from './native';
+import { ErrorCodes, MqtapError, invalidArg, withContext } from '../sys/errors';
+import { native } from '../sys/native';
 import { MICROSOFT_RSS_KEY, defaultIndirectionTable, toeplitzHash } from './steering';
-import type { Tap } from './tap';
+import type { Tap } from '../tap/tap';
 
 const BC = native.bpfConstants;
 
@@ -438,7 +438,7 @@ export function queueCountProgram(mapFd: number): BpfProgram {
  * The RSS hash input rssProgram() uses for this Ethernet frame (4-tuple for
  * TCP/UDP, 2-tuple for other IP and for IPv4 fragments), or undefined for a
  * frame that is neither IPv4 nor (with ipv6) IPv6.  Same layout as
- * lib/steering.ts rssInputIPv4/rssInputIPv6.
+ * lib/datapath/steering.ts rssInputIPv4/rssInputIPv6.
  */
 export function rssInput(frame: Uint8Array, opts: { ipv6?: boolean } = {}): Buffer | undefined {
   const f = Buffer.from(frame.buffer, frame.byteOffset, frame.byteLength);

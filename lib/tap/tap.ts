@@ -1,4 +1,7 @@
 /**
+ * lib/tap/ — multi-queue taps, their lifecycle (this file), the kernel's view
+ * of them over rtnetlink (links.ts) and what the kernel can do (probe.ts).
+ *
  * Multi-queue taps: open N queues of one device, enable/disable them, add
  * more, and close them, all or nothing.
  *
@@ -12,11 +15,11 @@
  * numbers are not: detaching a queue moves the kernel's last queue into the
  * freed slot, so nothing here relies on kernel slot order.
  */
-import { ErrorCodes, MqtapError, invalidArg, withContext } from './errors';
+import { ErrorCodes, MqtapError, invalidArg, withContext } from '../sys/errors';
 import { getLink, isTapLink, type LinkInfo, type TapLinkInfo } from './links';
-import { silentLogger, type Logger } from './log';
-import { K, native } from './native';
-import { withNetns } from './netns';
+import { silentLogger, type Logger } from '../sys/log';
+import { K, native } from '../sys/native';
+import { withNetns } from '../sys/netns';
 import {
   MAX_QUEUES,
   isTemplate,
@@ -31,7 +34,7 @@ import {
   validateQueueCount,
   validateVnetHdrSize,
   type VnetHdrSize,
-} from './validate';
+} from '../sys/validate';
 
 export type QueueState = 'enabled' | 'disabled' | 'closed';
 export type ExistingPolicy = 'forbid' | 'allow' | 'require';
@@ -293,7 +296,7 @@ export class TapQueue {
   /**
    * @internal Runs `fn` once, right before close() closes the fd (also when
    * Tap.close() or Symbol.dispose closes it).  Returns a function that
-   * removes the hook.  Used by lib/io.ts to stop polling first.
+   * removes the hook.  Used by lib/datapath/io.ts to stop polling first.
    */
   _onBeforeClose(fn: () => void): () => void {
     if (this.#state === 'closed') throw new MqtapError({ op: 'HOOK', code: ErrorCodes.CLOSED, ifname: this.#tap.name, queue: this.index, message: `${this.#tap.name} queue ${this.index} is closed` });

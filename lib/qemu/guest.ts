@@ -23,12 +23,12 @@ import { pdeathsigWrapper } from './qemu';
 /** The package root: the directory holding vm/ (the repository, or node_modules/mqtap). */
 function findPackageRoot(): string {
   let dir = __dirname;
-  for (let i = 0; i < 4; i++) {
+  for (let i = 0; i < 5; i++) {
     if (existsSync(path.join(dir, 'vm', 'run-in-guest.sh'))) return dir;
     dir = path.dirname(dir);
   }
-  // lib/ (sources, under vitest) or dist/lib/ (compiled): the root is one or two levels up.
-  return path.resolve(__dirname, path.basename(path.dirname(__dirname)) === 'dist' ? '../..' : '..');
+  // lib/qemu/ (sources, under vitest) or dist/lib/qemu/ (compiled): the root is two or three levels up.
+  return path.resolve(__dirname, path.basename(path.resolve(__dirname, '../..')) === 'dist' ? '../../..' : '../..');
 }
 
 /** The repository (package) root: the default working directory of guest commands. */

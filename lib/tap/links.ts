@@ -2,11 +2,11 @@
  * The kernel's own view of links, read over rtnetlink (RTM_GETLINK with the
  * tun driver's IFLA_TUN_* attributes), never by parsing `ip` output.
  */
-import { K, native, type LinkStats, type RawLink } from './native';
+import { K, native, type LinkStats, type RawLink } from '../sys/native';
 
 export type { LinkStats };
-import { withNetns } from './netns';
-import { validateIfName } from './validate';
+import { withNetns } from '../sys/netns';
+import { validateIfName } from '../sys/validate';
 
 export type OperState = 'unknown' | 'notpresent' | 'down' | 'lowerlayerdown' | 'testing' | 'dormant' | 'up';
 

@@ -3,7 +3,7 @@
  * and frame builders, a UDP frame parser, and a reader that drains a
  * non-blocking queue fd.  For tests, self-tests and diagnostics that write
  * hand-made frames to a tap queue and look at what the kernel sends back; the
- * batched data path itself is lib/io.ts.
+ * batched data path itself is lib/datapath/io.ts.
  *
  * Layouts (no VLAN tag, no frame check sequence; all fields network order):
  *
@@ -18,16 +18,16 @@
  * ```
  *
  * A virtio-net header, when the queue has one, goes before all this: prefix
- * `Buffer.alloc(hdrLen)` (or see lib/vnethdr.ts).  Builders validate their
+ * `Buffer.alloc(hdrLen)` (or see lib/datapath/vnethdr.ts).  Builders validate their
  * arguments before building anything and throw an `MqtapError` with code
  * `ERR_INVALID_ARG`, as the rest of the library does.
  *
  * @module
  */
 import { readSync } from 'node:fs';
-import { invalidArg } from './errors';
+import { invalidArg } from '../sys/errors';
 import { addressBytes, type IpAddress } from './steering';
-import { formatMac, macBytes, rejectUnknownKeys, show, validateBoolean, validateInt } from './validate';
+import { formatMac, macBytes, rejectUnknownKeys, show, validateBoolean, validateInt } from '../sys/validate';
 
 /** EtherType values used by this package's frames (IEEE 802 numbers). */
 export const ETHERTYPE = Object.freeze({

@@ -19,7 +19,7 @@
  *   queue → kernel ("tx"): tun records the queue a frame was written on in
  *     the skb (skb_record_rx_queue: queue_mapping = queue + 1) before
  *     handing it to the stack.  A tc program on the device's tcx ingress
- *     hook (lib/bpf.ts queueCountProgram) counts frames and bytes per
+ *     hook (lib/datapath/bpf.ts queueCountProgram) counts frames and bytes per
  *     queue_mapping in a per-CPU array and lets every frame through.  It is
  *     attached through a bpf_link (BPF_LINK_CREATE, BPF_TCX_INGRESS, Linux
  *     6.6+), first in the device's tcx chain; the attachment lives exactly
@@ -29,16 +29,16 @@
  *     them), as skbs: a GSO frame written whole counts once with all its
  *     bytes.
  *
- * Queue numbers are the kernel's slots (see lib/bpf.ts): for a tap whose
+ * Queue numbers are the kernel's slots (see lib/datapath/bpf.ts): for a tap whose
  * queues were opened in order and never disabled, slot i is queue i.
  */
 import { readFileSync } from 'node:fs';
 import { release } from 'node:os';
 import { QUEUE_COUNT_ENTRIES, QUEUE_COUNT_VALUE_SIZE, loadProgram, queueCountProgram } from './bpf';
-import { ErrorCodes, MqtapError, withContext } from './errors';
-import { getTap, type LinkStats, type LookupOptions, type TapLinkInfo } from './links';
-import { K, native, type RawQdisc } from './native';
-import { withNetns } from './netns';
+import { ErrorCodes, MqtapError, withContext } from '../sys/errors';
+import { getTap, type LinkStats, type LookupOptions, type TapLinkInfo } from '../tap/links';
+import { K, native, type RawQdisc } from '../sys/native';
+import { withNetns } from '../sys/netns';
 
 const BC = native.bpfConstants;
 

@@ -26,11 +26,11 @@
  * when QEMU closes its copies on `netdev_del` (if nobody else holds one).
  */
 import { randomBytes } from 'node:crypto';
-import { ErrorCodes, MqtapError, invalidArg } from './errors';
-import { silentLogger, type Logger } from './log';
-import type { Netdev } from './netdev';
+import { ErrorCodes, MqtapError, invalidArg } from '../sys/errors';
+import { silentLogger, type Logger } from '../sys/log';
+import type { Netdev } from '../vhost/netdev';
 import { QmpError, type QmpClient } from './qmp';
-import { MAX_QUEUES, parseMac } from './validate';
+import { MAX_QUEUES, parseMac } from '../sys/validate';
 import { validateQemuId } from './qemu';
 
 /** QEMU's id_wellformed(): a letter, then letters, digits, '-', '.', '_'. */

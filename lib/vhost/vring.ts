@@ -25,8 +25,8 @@
  * and not yet returned in the used ring).  Every transition is checked, so an
  * id can neither be lost nor handed to the device twice.
  */
-import { invalidArg } from './errors';
-import { K, native } from './native';
+import { invalidArg } from '../sys/errors';
+import { K, native } from '../sys/native';
 
 /** struct vring_desc / vring_used_elem sizes, from <linux/virtio_ring.h>. */
 const VRING_DESC_SIZE = K.SIZEOF_VRING_DESC;

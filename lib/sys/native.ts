@@ -1,4 +1,8 @@
 /**
+ * lib/sys/ — the system layer, at the bottom: the addon's typed face (this file),
+ * the one error class, validation, namespaces, child processes, fd passing,
+ * logging.  It imports nothing else from lib/.
+ *
  * The typed face of the native addon (native/*.cc).  Nothing outside lib/
  * imports the addon directly; every function here is one syscall (or one
  * rtnetlink exchange) with no policy.  See docs/architecture.md.
@@ -221,7 +225,7 @@ export interface NativeBinding {
   eventfdOpen(initval?: number): number;
   eventfdRead(fd: number): bigint | null;
   eventfdWrite(fd: number, value?: bigint): void;
-  // ---- BEGIN SCM section (native/scm.cc; owner: daemon/QMP, see lib/scm.ts) ----
+  // ---- BEGIN SCM section (native/scm.cc; owner: daemon/QMP, see lib/sys/scm.ts) ----
   /** socket(AF_UNIX, type | SOCK_CLOEXEC | SOCK_NONBLOCK, 0). */
   unixSocket(type: number): number;
   /** socketpair(AF_UNIX, type | SOCK_CLOEXEC | SOCK_NONBLOCK): [a, b]. */
@@ -243,7 +247,7 @@ export interface NativeBinding {
   /** libuv uv_poll_t on an fd; callback(status, events) with UV_READABLE/UV_WRITABLE/UV_DISCONNECT bits. */
   FdPoll: new (fd: number, callback: (status: number, events: number) => void) => { start(events: number): void; stop(): void; close(): void; ref(): void; unref(): void };
   // ---- END SCM section ----
-  // ---- BEGIN DATA PATH section (native/io.cc, native/bpf.cc; owner: data path, see lib/io.ts, lib/bpf.ts) ----
+  // ---- BEGIN DATA PATH section (native/io.cc, native/bpf.cc; owner: data path, see lib/datapath/io.ts, lib/datapath/bpf.ts) ----
   /** Batched frame I/O on one queue fd (never closes it); see native/io.cc. */
   QueueIo: new (
     fd: number,

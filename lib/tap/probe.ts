@@ -2,9 +2,9 @@
  * What this kernel's tun driver supports (TUNGETFEATURES on a fresh fd).
  */
 import { release } from 'node:os';
-import { MqtapError } from './errors';
-import { K, native } from './native';
-import { MAX_QUEUES, VNET_HDR_SIZES } from './validate';
+import { MqtapError } from '../sys/errors';
+import { K, native } from '../sys/native';
+import { MAX_QUEUES, VNET_HDR_SIZES } from '../sys/validate';
 import { OFFLOAD_KEYS } from './tap';
 
 export interface TunFeatures {
