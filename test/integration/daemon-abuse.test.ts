@@ -216,7 +216,7 @@ DaemonClient.connect(${JSON.stringify(d.socket)}).then((c) => {
 
   it('a client that never reads its replies (fds included) and is killed: no leak; its lease is still released by another client', async () => {
     const script = `
-const { UnixSocket } = require(${JSON.stringify(join(ROOT, 'dist', 'lib', 'scm.js'))});
+const { UnixSocket } = require(${JSON.stringify(join(ROOT, 'dist', 'lib', 'sys', 'scm.js'))});
 UnixSocket.connect(${JSON.stringify(d.socket)}, { type: 'seqpacket' }).then(async (s) => {
   s.pause();
   const sends = [];

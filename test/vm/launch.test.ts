@@ -58,7 +58,7 @@ const GUEST_IP = '169.254.77.2';
 
 /** The CLI under test runs from dist/: it must be built from the current sources. */
 function assertDistFresh(): void {
-  for (const f of ['lib/qemu', 'lib/guest', 'bin/cmd-launch']) {
+  for (const f of ['lib/qemu/qemu', 'lib/qemu/guest', 'bin/cmd-launch']) {
     const src = statSync(path.join(REPO_ROOT, `${f}.ts`)).mtimeMs;
     const out = path.join(REPO_ROOT, 'dist', `${f}.js`);
     if (!existsSync(out) || statSync(out).mtimeMs < src) throw new Error(`dist/${f}.js is older than ${f}.ts: run \`npx tsc -p tsconfig.json\` first`);
