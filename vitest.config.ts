@@ -11,5 +11,7 @@ export default defineConfig({
     testTimeout: 60_000,
     hookTimeout: 120_000,
     reporters: ['default', './test/summary-reporter.ts'],
+    // npm run test:asan: a leak check in each worker after each file (test/asan/setup.ts).
+    setupFiles: process.env.MQTAP_ADDON ? ['./test/asan/setup.ts'] : [],
   },
 });

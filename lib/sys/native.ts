@@ -8,6 +8,7 @@
  * rtnetlink exchange) with no policy.  See docs/architecture.md.
  */
 import bindings from 'bindings';
+import { resolve } from 'node:path';
 import { MqtapError, _setErrnoDescriber, type NativeErrorProps } from './errors';
 
 /** Kernel constants read from the kernel headers when the addon was built. */
@@ -339,7 +340,10 @@ export interface VhostVringAddr {
 function load(): NativeBinding {
   let binding: NativeBinding;
   try {
-    binding = bindings('mqtap') as NativeBinding;
+    // MQTAP_ADDON names another build of the same addon (the sanitizer build
+    // that `npm run test:asan` runs the suites against).
+    const override = process.env.MQTAP_ADDON;
+    binding = (override ? require(resolve(override)) : bindings('mqtap')) as NativeBinding;
   } catch (cause) {
     throw new MqtapError({
       op: 'LOAD_ADDON',
