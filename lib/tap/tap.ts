@@ -189,6 +189,17 @@ function explainSetIff(err: unknown, name: string): unknown {
   return err;
 }
 
+/**
+ * @internal Work tied to a queue's state changes (TapQueue._onEnableDisable).
+ * A hook that throws makes the state change fail (and be undone).
+ */
+export interface QueueStateHook {
+  /** Runs right after the queue is attached (TUNSETQUEUE IFF_ATTACH_QUEUE). */
+  afterEnable(): void;
+  /** Runs right before the queue is detached (TUNSETQUEUE IFF_DETACH_QUEUE). */
+  beforeDisable(): void;
+}
+
 /** One queue of a tap: an fd from /dev/net/tun attached to the device. */
 export class TapQueue {
   readonly index: number;
@@ -196,6 +207,7 @@ export class TapQueue {
   #state: QueueState;
   readonly #tap: Tap;
   #beforeClose: Set<() => void> | undefined;
+  #stateHooks: QueueStateHook[] | undefined;
 
   /** @internal */
   constructor(tap: Tap, index: number, fd: number, state: 'enabled' | 'disabled') {
@@ -228,7 +240,7 @@ export class TapQueue {
   enable(): void {
     const fd = this.#live('TUNSETQUEUE');
     if (this.#state === 'enabled') return;
-    this.#setQueue(fd, K.IFF_ATTACH_QUEUE, 'enabled');
+    this.#transition(fd, 'enabled');
   }
 
   /**
@@ -242,7 +254,7 @@ export class TapQueue {
     if (this.#state === 'disabled') return;
     if (!opts.allowNone && this.#tap.activeQueueCount() <= 1)
       throw invalidArg(`${this.#tap.name} queue ${this.index} is the last enabled queue; a tap needs at least one`, 'enable another queue first, close the tap, or pass { allowNone: true } to pause the whole tap');
-    this.#setQueue(fd, K.IFF_DETACH_QUEUE, 'disabled');
+    this.#transition(fd, 'disabled');
   }
 
   /** @internal one TUNSETQUEUE, state updated only on success. */
@@ -256,11 +268,60 @@ export class TapQueue {
     this.#tap.logger.debug({ ifname: this.#tap.name, queue: this.index, state: next }, 'queue state');
   }
 
+  /**
+   * @internal One state change with its hooks, all or nothing.  Enabling:
+   * TUNSETQUEUE attach, then every hook's afterEnable (in the order they
+   * were added).  Disabling: every hook's beforeDisable (last added first),
+   * then TUNSETQUEUE detach.  When a step fails the steps already taken are
+   * undone in reverse order and the error is thrown; when undoing fails too,
+   * the error has code ERR_PARTIAL_STATE.
+   */
+  #transition(fd: number, next: 'enabled' | 'disabled'): void {
+    const hooks = this.#stateHooks ? [...this.#stateHooks] : [];
+    const undo: Array<() => void> = [];
+    try {
+      if (next === 'enabled') {
+        this.#setQueue(fd, K.IFF_ATTACH_QUEUE, 'enabled');
+        undo.push(() => this.#setQueue(fd, K.IFF_DETACH_QUEUE, 'disabled'));
+        for (const h of hooks) {
+          h.afterEnable();
+          undo.push(() => h.beforeDisable());
+        }
+      } else {
+        for (const h of hooks.reverse()) {
+          h.beforeDisable();
+          undo.push(() => h.afterEnable());
+        }
+        this.#setQueue(fd, K.IFF_DETACH_QUEUE, 'disabled');
+      }
+    } catch (err) {
+      const failures: string[] = [];
+      for (const u of undo.reverse()) {
+        try {
+          u();
+        } catch (undoErr) {
+          failures.push((undoErr as Error).message);
+        }
+      }
+      const e = withContext(err, { ifname: this.#tap.name, queue: this.index });
+      if (failures.length === 0) throw e;
+      throw new MqtapError({
+        op: 'TUNSETQUEUE',
+        code: ErrorCodes.PARTIAL,
+        ifname: this.#tap.name,
+        queue: this.index,
+        message: `${this.#tap.name} queue ${this.index}: becoming ${next} failed (${(err as Error).message}) and could not be undone (${failures.join('; ')}); queue now ${this.#state}`,
+        hint: 'inspect with `mqtap show`, then enable or disable the queue again, or close it',
+        cause: err,
+      });
+    }
+  }
+
   /** @internal used by Tap.setActiveQueues: no last-queue check. */
   _set(next: 'enabled' | 'disabled'): void {
     const fd = this.#live('TUNSETQUEUE');
     if (this.#state === next) return;
-    this.#setQueue(fd, next === 'enabled' ? K.IFF_ATTACH_QUEUE : K.IFF_DETACH_QUEUE, next);
+    this.#transition(fd, next);
   }
 
   /**
@@ -282,6 +343,7 @@ export class TapQueue {
         }
       }
     }
+    this.#stateHooks = undefined;
     const fd = this.#fd;
     this.#fd = -1;
     this.#state = 'closed';
@@ -303,6 +365,24 @@ export class TapQueue {
     (this.#beforeClose ??= new Set()).add(fn);
     return () => {
       this.#beforeClose?.delete(fn);
+    };
+  }
+
+  /**
+   * @internal Adds work that must happen around this queue's state changes,
+   * whoever asks for them (enable(), disable(), Tap.setActiveQueues):
+   * `afterEnable` right after the queue is attached, `beforeDisable` right
+   * before it is detached (see #transition for the order and the undo).
+   * Returns a function that removes the hook.  Used by lib/vhost/netdev.ts:
+   * a driven pair's backend is unbound before its queue is detached and
+   * bound again after it is attached.
+   */
+  _onEnableDisable(hook: QueueStateHook): () => void {
+    if (this.#state === 'closed') throw new MqtapError({ op: 'HOOK', code: ErrorCodes.CLOSED, ifname: this.#tap.name, queue: this.index, message: `${this.#tap.name} queue ${this.index} is closed` });
+    (this.#stateHooks ??= []).push(hook);
+    return () => {
+      const i = this.#stateHooks?.indexOf(hook) ?? -1;
+      if (i >= 0) this.#stateHooks!.splice(i, 1);
     };
   }
 
@@ -440,6 +520,8 @@ export class Tap {
       }
     } catch (err) {
       const undoFailures: string[] = [];
+      // A step that could not undo its own half (a hook ran, the queue did not follow).
+      if (err instanceof MqtapError && err.code === ErrorCodes.PARTIAL) undoFailures.push(err.message);
       for (const s of done.reverse()) {
         try {
           s.q._set(s.to === 'enabled' ? 'disabled' : 'enabled');
