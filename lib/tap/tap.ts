@@ -712,30 +712,91 @@ function attachFirst(fd: number, p: Plan, flags: number): { name: string; existi
   }
 }
 
-function applySettings(tap: Tap, fd0: number, p: Plan, created: boolean): void {
-  const step = (what: string, fn: () => void): void => {
+/**
+ * How to put back one setting openTap changed on a device that existed before
+ * it (`restore` undefined: the old value cannot be put back).
+ */
+interface SettingUndo {
+  what: string;
+  restore: (() => void) | undefined;
+}
+
+/**
+ * Applies the settings, recording in `undo` (for a device that existed
+ * before) how to put each one back, so that openTap's rollback can restore
+ * them in reverse order.  The previous values come from the kernel
+ * (rtnetlink and TUNGETVNETHDRSZ) right before the changes.
+ *
+ * Order: settings whose old value can be restored first (header size,
+ * owner/group when the device had one, mtu, mac, up), then those that cannot
+ * be undone (offloads: there is no TUNGETOFFLOAD; owner/group on a device
+ * without one: TUNSETOWNER/TUNSETGROUP cannot clear them), then persistence
+ * (until then, closing the fds removes a device this call created).  So a
+ * failure before the last steps leaves nothing changed for good.
+ */
+function applySettings(tap: Tap, fd0: number, p: Plan, created: boolean, undo: SettingUndo[]): void {
+  const step = (what: string, fn: () => void, restore?: () => void): void => {
     try {
       fn();
     } catch (err) {
       throw withContext(err, { ifname: tap.name });
     }
+    if (!created) undo.push({ what, restore });
     p.logger.debug({ ifname: tap.name, step: what }, 'tap setting applied');
   };
-  if (p.vnetHdrSize !== undefined) step('vnetHdrSize', () => native.tunSetVnetHdrSz(fd0, p.vnetHdrSize!));
-  if (p.offloads !== undefined) step('offloads', () => native.tunSetOffload(fd0, p.offloads!));
-  if (p.owner !== undefined) step('owner', () => native.tunSetOwner(fd0, p.owner!));
-  if (p.group !== undefined) step('group', () => native.tunSetGroup(fd0, p.group!));
-  if (p.mtu !== undefined) step('mtu', () => native.ifSetMtu(tap.name, p.mtu!));
-  if (p.mac !== undefined) step('mac', () => native.ifSetMac(tap.name, p.mac!));
-  if (p.up !== undefined) {
-    step('up', () => {
-      const flags = native.ifGetFlags(tap.name);
-      const want = p.up ? flags | K.IFF_UP : flags & ~K.IFF_UP;
-      if (want !== flags) native.ifSetFlags(tap.name, want);
-    });
+  const before = created ? undefined : getLink(tap.name);
+  const was = before && isTapLink(before) ? before : undefined;
+  if (!created && !was)
+    throw new MqtapError({ op: 'LOOKUP', code: 'ENODEV', errno: 19, ifname: tap.name, message: `${tap.name} disappeared while it was being opened`, hint: 'another program deleted or renamed it; try again' });
+  const setUp = (up: boolean): void => {
+    const flags = native.ifGetFlags(tap.name);
+    const want = up ? flags | K.IFF_UP : flags & ~K.IFF_UP;
+    if (want !== flags) native.ifSetFlags(tap.name, want);
+  };
+  const owner = (): void => step('owner', () => native.tunSetOwner(fd0, p.owner!), was?.tun.owner != null ? () => native.tunSetOwner(fd0, was.tun.owner!) : undefined);
+  const group = (): void => step('group', () => native.tunSetGroup(fd0, p.group!), was?.tun.group != null ? () => native.tunSetGroup(fd0, was.tun.group!) : undefined);
+  const ownerUndoable = created || was?.tun.owner != null;
+  const groupUndoable = created || was?.tun.group != null;
+  if (p.vnetHdrSize !== undefined) {
+    const size = created ? 0 : native.tunGetVnetHdrSz(fd0);
+    step('vnetHdrSize', () => native.tunSetVnetHdrSz(fd0, p.vnetHdrSize!), () => native.tunSetVnetHdrSz(fd0, size));
   }
+  if (p.owner !== undefined && ownerUndoable) owner();
+  if (p.group !== undefined && groupUndoable) group();
+  if (p.mtu !== undefined) step('mtu', () => native.ifSetMtu(tap.name, p.mtu!), () => native.ifSetMtu(tap.name, was!.mtu));
+  if (p.mac !== undefined) {
+    const old = was?.address ? parseMac(was.address) : undefined;
+    step('mac', () => native.ifSetMac(tap.name, p.mac!), old ? () => native.ifSetMac(tap.name, old) : undefined);
+  }
+  if (p.up !== undefined) step('up', () => setUp(p.up!), () => setUp(was!.up));
+  // Not undoable: after every step that can be.
+  if (p.offloads !== undefined) step('offloads', () => native.tunSetOffload(fd0, p.offloads!));
+  if (p.owner !== undefined && !ownerUndoable) owner();
+  if (p.group !== undefined && !groupUndoable) group();
   // Persistence last: until here, closing the fds removes a device we created.
-  if (p.persist !== undefined && (p.persist || !created)) step('persist', () => native.tunSetPersist(fd0, p.persist!));
+  if (p.persist !== undefined && (p.persist || !created)) step('persist', () => native.tunSetPersist(fd0, p.persist!), () => native.tunSetPersist(fd0, was!.tun.persist));
+}
+
+/**
+ * openTap's rollback of the settings it changed on an existing device, last
+ * first, while its fds are still open.  Returns what could not be put back.
+ */
+function restoreSettings(p: Plan, name: string, undo: SettingUndo[]): string[] {
+  const left: string[] = [];
+  for (const u of undo.reverse()) {
+    if (!u.restore) {
+      left.push(`${u.what} (its previous value cannot be set again)`);
+      continue;
+    }
+    try {
+      u.restore();
+      p.logger.debug({ ifname: name, step: u.what }, 'tap setting restored');
+    } catch (err) {
+      left.push(`${u.what} (${(err as Error).message})`);
+    }
+  }
+  if (left.length) p.logger.warn({ ifname: name, notRestored: left }, 'rollback could not restore every setting of the existing device');
+  return left;
 }
 
 /**
@@ -753,6 +814,7 @@ export function openTap(opts: OpenTapOptions): Tap {
     let tap: Tap | undefined;
     let queue = 0;
     let existing: LinkInfo | undefined;
+    const undo: SettingUndo[] = [];
     try {
       const fd0 = native.tunOpen(p.devicePath);
       let first: { name: string; existing: LinkInfo | undefined };
@@ -770,9 +832,11 @@ export function openTap(opts: OpenTapOptions): Tap {
       tap._push(fd0, 'enabled');
       for (queue = 1; queue < p.queues; queue++) tap._push(tap._attachNew(), 'enabled');
       queue = -1;
-      applySettings(tap, fd0, p, !existing);
+      applySettings(tap, fd0, p, !existing, undo);
     } catch (err) {
+      let notRestored: string[] = [];
       if (tap) {
+        notRestored = restoreSettings(p, tap.name, undo);
         try {
           tap.close();
           if (existing) restoreDeviceFlags(p, existing);
@@ -781,6 +845,7 @@ export function openTap(opts: OpenTapOptions): Tap {
         }
       }
       const e = queue >= 0 && !(err instanceof MqtapError && err.op === 'LOOKUP') ? withContext(explainSetIff(err, tap?.name ?? p.name), { ifname: tap?.name ?? p.name, queue }) : err;
+      if (notRestored.length && e instanceof MqtapError) e.setMessage(`${e.message}; the rollback could not restore: ${notRestored.join(', ')}`);
       p.logger.error({ ifname: p.name, queue, err: e }, 'openTap failed; everything opened was closed');
       throw e;
     }
