@@ -61,8 +61,9 @@ export class QueuePair {
    * backend is unbound before the queue is detached or closed, and bound
    * again after the queue is attached.
    */
-  _setDriver(d: VhostPairDriver): void {
+  _setDriver(d: VhostPairDriver | undefined): void {
     this.#dropDriver();
+    if (!d) return;
     this.#driver = d;
     // A driver stopped by hand (d.stop()) has nothing left to bind or unbind.
     this.#unhook = [

@@ -345,6 +345,16 @@ describe('a driven pair: every way of changing its tap queue goes through the dr
     expect(events).toEqual(['detach 2', 'detach 1', 'attach 1', 'attach 2', 'close(2) 2', 'close(2) 1', 'stop 0', 'close(2) 0']);
   });
 
+  it('_setDriver(undefined) forgets the driver and its hooks (without stopping it)', () => {
+    const { nd, drivers } = fakeNetdev(2);
+    nd.pairs[1]!._setDriver(undefined);
+    expect(nd.pairs[1]!.driver).toBeUndefined();
+    nd.pairs[1]!.tapQueue.disable();
+    nd.pairs[1]!.tapQueue.close();
+    expect(events).toEqual(['detach 1', 'close(2) 1']);
+    expect(drivers[1]!.stops).toBe(0);
+  });
+
   it('a new driver on the same pair replaces the old one\'s hooks', () => {
     const { nd, drivers } = fakeNetdev(2);
     drivers[1]!.stop();
