@@ -189,6 +189,17 @@ function explainSetIff(err: unknown, name: string): unknown {
   return err;
 }
 
+/**
+ * @internal Work tied to a queue's state changes (TapQueue._onEnableDisable).
+ * A hook that throws makes the state change fail (and be undone).
+ */
+export interface QueueStateHook {
+  /** Runs right after the queue is attached (TUNSETQUEUE IFF_ATTACH_QUEUE). */
+  afterEnable(): void;
+  /** Runs right before the queue is detached (TUNSETQUEUE IFF_DETACH_QUEUE). */
+  beforeDisable(): void;
+}
+
 /** One queue of a tap: an fd from /dev/net/tun attached to the device. */
 export class TapQueue {
   readonly index: number;
@@ -196,6 +207,7 @@ export class TapQueue {
   #state: QueueState;
   readonly #tap: Tap;
   #beforeClose: Set<() => void> | undefined;
+  #stateHooks: QueueStateHook[] | undefined;
 
   /** @internal */
   constructor(tap: Tap, index: number, fd: number, state: 'enabled' | 'disabled') {
@@ -228,7 +240,7 @@ export class TapQueue {
   enable(): void {
     const fd = this.#live('TUNSETQUEUE');
     if (this.#state === 'enabled') return;
-    this.#setQueue(fd, K.IFF_ATTACH_QUEUE, 'enabled');
+    this.#transition(fd, 'enabled');
   }
 
   /**
@@ -242,7 +254,7 @@ export class TapQueue {
     if (this.#state === 'disabled') return;
     if (!opts.allowNone && this.#tap.activeQueueCount() <= 1)
       throw invalidArg(`${this.#tap.name} queue ${this.index} is the last enabled queue; a tap needs at least one`, 'enable another queue first, close the tap, or pass { allowNone: true } to pause the whole tap');
-    this.#setQueue(fd, K.IFF_DETACH_QUEUE, 'disabled');
+    this.#transition(fd, 'disabled');
   }
 
   /** @internal one TUNSETQUEUE, state updated only on success. */
@@ -256,11 +268,60 @@ export class TapQueue {
     this.#tap.logger.debug({ ifname: this.#tap.name, queue: this.index, state: next }, 'queue state');
   }
 
+  /**
+   * @internal One state change with its hooks, all or nothing.  Enabling:
+   * TUNSETQUEUE attach, then every hook's afterEnable (in the order they
+   * were added).  Disabling: every hook's beforeDisable (last added first),
+   * then TUNSETQUEUE detach.  When a step fails the steps already taken are
+   * undone in reverse order and the error is thrown; when undoing fails too,
+   * the error has code ERR_PARTIAL_STATE.
+   */
+  #transition(fd: number, next: 'enabled' | 'disabled'): void {
+    const hooks = this.#stateHooks ? [...this.#stateHooks] : [];
+    const undo: Array<() => void> = [];
+    try {
+      if (next === 'enabled') {
+        this.#setQueue(fd, K.IFF_ATTACH_QUEUE, 'enabled');
+        undo.push(() => this.#setQueue(fd, K.IFF_DETACH_QUEUE, 'disabled'));
+        for (const h of hooks) {
+          h.afterEnable();
+          undo.push(() => h.beforeDisable());
+        }
+      } else {
+        for (const h of hooks.reverse()) {
+          h.beforeDisable();
+          undo.push(() => h.afterEnable());
+        }
+        this.#setQueue(fd, K.IFF_DETACH_QUEUE, 'disabled');
+      }
+    } catch (err) {
+      const failures: string[] = [];
+      for (const u of undo.reverse()) {
+        try {
+          u();
+        } catch (undoErr) {
+          failures.push((undoErr as Error).message);
+        }
+      }
+      const e = withContext(err, { ifname: this.#tap.name, queue: this.index });
+      if (failures.length === 0) throw e;
+      throw new MqtapError({
+        op: 'TUNSETQUEUE',
+        code: ErrorCodes.PARTIAL,
+        ifname: this.#tap.name,
+        queue: this.index,
+        message: `${this.#tap.name} queue ${this.index}: becoming ${next} failed (${(err as Error).message}) and could not be undone (${failures.join('; ')}); queue now ${this.#state}`,
+        hint: 'inspect with `mqtap show`, then enable or disable the queue again, or close it',
+        cause: err,
+      });
+    }
+  }
+
   /** @internal used by Tap.setActiveQueues: no last-queue check. */
   _set(next: 'enabled' | 'disabled'): void {
     const fd = this.#live('TUNSETQUEUE');
     if (this.#state === next) return;
-    this.#setQueue(fd, next === 'enabled' ? K.IFF_ATTACH_QUEUE : K.IFF_DETACH_QUEUE, next);
+    this.#transition(fd, next);
   }
 
   /**
@@ -282,6 +343,7 @@ export class TapQueue {
         }
       }
     }
+    this.#stateHooks = undefined;
     const fd = this.#fd;
     this.#fd = -1;
     this.#state = 'closed';
@@ -303,6 +365,24 @@ export class TapQueue {
     (this.#beforeClose ??= new Set()).add(fn);
     return () => {
       this.#beforeClose?.delete(fn);
+    };
+  }
+
+  /**
+   * @internal Adds work that must happen around this queue's state changes,
+   * whoever asks for them (enable(), disable(), Tap.setActiveQueues):
+   * `afterEnable` right after the queue is attached, `beforeDisable` right
+   * before it is detached (see #transition for the order and the undo).
+   * Returns a function that removes the hook.  Used by lib/vhost/netdev.ts:
+   * a driven pair's backend is unbound before its queue is detached and
+   * bound again after it is attached.
+   */
+  _onEnableDisable(hook: QueueStateHook): () => void {
+    if (this.#state === 'closed') throw new MqtapError({ op: 'HOOK', code: ErrorCodes.CLOSED, ifname: this.#tap.name, queue: this.index, message: `${this.#tap.name} queue ${this.index} is closed` });
+    (this.#stateHooks ??= []).push(hook);
+    return () => {
+      const i = this.#stateHooks?.indexOf(hook) ?? -1;
+      if (i >= 0) this.#stateHooks!.splice(i, 1);
     };
   }
 
@@ -440,6 +520,8 @@ export class Tap {
       }
     } catch (err) {
       const undoFailures: string[] = [];
+      // A step that could not undo its own half (a hook ran, the queue did not follow).
+      if (err instanceof MqtapError && err.code === ErrorCodes.PARTIAL) undoFailures.push(err.message);
       for (const s of done.reverse()) {
         try {
           s.q._set(s.to === 'enabled' ? 'disabled' : 'enabled');
@@ -630,30 +712,91 @@ function attachFirst(fd: number, p: Plan, flags: number): { name: string; existi
   }
 }
 
-function applySettings(tap: Tap, fd0: number, p: Plan, created: boolean): void {
-  const step = (what: string, fn: () => void): void => {
+/**
+ * How to put back one setting openTap changed on a device that existed before
+ * it (`restore` undefined: the old value cannot be put back).
+ */
+interface SettingUndo {
+  what: string;
+  restore: (() => void) | undefined;
+}
+
+/**
+ * Applies the settings, recording in `undo` (for a device that existed
+ * before) how to put each one back, so that openTap's rollback can restore
+ * them in reverse order.  The previous values come from the kernel
+ * (rtnetlink and TUNGETVNETHDRSZ) right before the changes.
+ *
+ * Order: settings whose old value can be restored first (header size,
+ * owner/group when the device had one, mtu, mac, up), then those that cannot
+ * be undone (offloads: there is no TUNGETOFFLOAD; owner/group on a device
+ * without one: TUNSETOWNER/TUNSETGROUP cannot clear them), then persistence
+ * (until then, closing the fds removes a device this call created).  So a
+ * failure before the last steps leaves nothing changed for good.
+ */
+function applySettings(tap: Tap, fd0: number, p: Plan, created: boolean, undo: SettingUndo[]): void {
+  const step = (what: string, fn: () => void, restore?: () => void): void => {
     try {
       fn();
     } catch (err) {
       throw withContext(err, { ifname: tap.name });
     }
+    if (!created) undo.push({ what, restore });
     p.logger.debug({ ifname: tap.name, step: what }, 'tap setting applied');
   };
-  if (p.vnetHdrSize !== undefined) step('vnetHdrSize', () => native.tunSetVnetHdrSz(fd0, p.vnetHdrSize!));
-  if (p.offloads !== undefined) step('offloads', () => native.tunSetOffload(fd0, p.offloads!));
-  if (p.owner !== undefined) step('owner', () => native.tunSetOwner(fd0, p.owner!));
-  if (p.group !== undefined) step('group', () => native.tunSetGroup(fd0, p.group!));
-  if (p.mtu !== undefined) step('mtu', () => native.ifSetMtu(tap.name, p.mtu!));
-  if (p.mac !== undefined) step('mac', () => native.ifSetMac(tap.name, p.mac!));
-  if (p.up !== undefined) {
-    step('up', () => {
-      const flags = native.ifGetFlags(tap.name);
-      const want = p.up ? flags | K.IFF_UP : flags & ~K.IFF_UP;
-      if (want !== flags) native.ifSetFlags(tap.name, want);
-    });
+  const before = created ? undefined : getLink(tap.name);
+  const was = before && isTapLink(before) ? before : undefined;
+  if (!created && !was)
+    throw new MqtapError({ op: 'LOOKUP', code: 'ENODEV', errno: 19, ifname: tap.name, message: `${tap.name} disappeared while it was being opened`, hint: 'another program deleted or renamed it; try again' });
+  const setUp = (up: boolean): void => {
+    const flags = native.ifGetFlags(tap.name);
+    const want = up ? flags | K.IFF_UP : flags & ~K.IFF_UP;
+    if (want !== flags) native.ifSetFlags(tap.name, want);
+  };
+  const owner = (): void => step('owner', () => native.tunSetOwner(fd0, p.owner!), was?.tun.owner != null ? () => native.tunSetOwner(fd0, was.tun.owner!) : undefined);
+  const group = (): void => step('group', () => native.tunSetGroup(fd0, p.group!), was?.tun.group != null ? () => native.tunSetGroup(fd0, was.tun.group!) : undefined);
+  const ownerUndoable = created || was?.tun.owner != null;
+  const groupUndoable = created || was?.tun.group != null;
+  if (p.vnetHdrSize !== undefined) {
+    const size = created ? 0 : native.tunGetVnetHdrSz(fd0);
+    step('vnetHdrSize', () => native.tunSetVnetHdrSz(fd0, p.vnetHdrSize!), () => native.tunSetVnetHdrSz(fd0, size));
   }
+  if (p.owner !== undefined && ownerUndoable) owner();
+  if (p.group !== undefined && groupUndoable) group();
+  if (p.mtu !== undefined) step('mtu', () => native.ifSetMtu(tap.name, p.mtu!), () => native.ifSetMtu(tap.name, was!.mtu));
+  if (p.mac !== undefined) {
+    const old = was?.address ? parseMac(was.address) : undefined;
+    step('mac', () => native.ifSetMac(tap.name, p.mac!), old ? () => native.ifSetMac(tap.name, old) : undefined);
+  }
+  if (p.up !== undefined) step('up', () => setUp(p.up!), () => setUp(was!.up));
+  // Not undoable: after every step that can be.
+  if (p.offloads !== undefined) step('offloads', () => native.tunSetOffload(fd0, p.offloads!));
+  if (p.owner !== undefined && !ownerUndoable) owner();
+  if (p.group !== undefined && !groupUndoable) group();
   // Persistence last: until here, closing the fds removes a device we created.
-  if (p.persist !== undefined && (p.persist || !created)) step('persist', () => native.tunSetPersist(fd0, p.persist!));
+  if (p.persist !== undefined && (p.persist || !created)) step('persist', () => native.tunSetPersist(fd0, p.persist!), () => native.tunSetPersist(fd0, was!.tun.persist));
+}
+
+/**
+ * openTap's rollback of the settings it changed on an existing device, last
+ * first, while its fds are still open.  Returns what could not be put back.
+ */
+function restoreSettings(p: Plan, name: string, undo: SettingUndo[]): string[] {
+  const left: string[] = [];
+  for (const u of undo.reverse()) {
+    if (!u.restore) {
+      left.push(`${u.what} (its previous value cannot be set again)`);
+      continue;
+    }
+    try {
+      u.restore();
+      p.logger.debug({ ifname: name, step: u.what }, 'tap setting restored');
+    } catch (err) {
+      left.push(`${u.what} (${(err as Error).message})`);
+    }
+  }
+  if (left.length) p.logger.warn({ ifname: name, notRestored: left }, 'rollback could not restore every setting of the existing device');
+  return left;
 }
 
 /**
@@ -671,6 +814,7 @@ export function openTap(opts: OpenTapOptions): Tap {
     let tap: Tap | undefined;
     let queue = 0;
     let existing: LinkInfo | undefined;
+    const undo: SettingUndo[] = [];
     try {
       const fd0 = native.tunOpen(p.devicePath);
       let first: { name: string; existing: LinkInfo | undefined };
@@ -688,9 +832,11 @@ export function openTap(opts: OpenTapOptions): Tap {
       tap._push(fd0, 'enabled');
       for (queue = 1; queue < p.queues; queue++) tap._push(tap._attachNew(), 'enabled');
       queue = -1;
-      applySettings(tap, fd0, p, !existing);
+      applySettings(tap, fd0, p, !existing, undo);
     } catch (err) {
+      let notRestored: string[] = [];
       if (tap) {
+        notRestored = restoreSettings(p, tap.name, undo);
         try {
           tap.close();
           if (existing) restoreDeviceFlags(p, existing);
@@ -699,6 +845,7 @@ export function openTap(opts: OpenTapOptions): Tap {
         }
       }
       const e = queue >= 0 && !(err instanceof MqtapError && err.op === 'LOOKUP') ? withContext(explainSetIff(err, tap?.name ?? p.name), { ifname: tap?.name ?? p.name, queue }) : err;
+      if (notRestored.length && e instanceof MqtapError) e.setMessage(`${e.message}; the rollback could not restore: ${notRestored.join(', ')}`);
       p.logger.error({ ifname: p.name, queue, err: e }, 'openTap failed; everything opened was closed');
       throw e;
     }

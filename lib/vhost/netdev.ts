@@ -6,7 +6,7 @@
 import { ErrorCodes, MqtapError, invalidArg, withContext } from '../sys/errors';
 import { silentLogger, type Logger } from '../sys/log';
 import { native } from '../sys/native';
-import { openTap, type OpenTapOptions, type QueueStates, type Tap, type TapQueue } from '../tap/tap';
+import { openTap, type OpenTapOptions, type Tap, type TapQueue } from '../tap/tap';
 import { validateIfName, validateInt, validateOneOf, validateQueueCount } from '../sys/validate';
 import { VhostPairDriver, probeVhostNet, type PairDriverOptions } from './vhost';
 
@@ -29,6 +29,8 @@ export class QueuePair {
   readonly tapQueue: TapQueue;
   #vhostFd: number;
   #driver: VhostPairDriver | undefined;
+  /** Removes the driver's hooks from the tap queue. */
+  #unhook: Array<() => void> = [];
 
   /** @internal */
   constructor(index: number, tapQueue: TapQueue, vhostFd: number) {
@@ -52,9 +54,39 @@ export class QueuePair {
     return this.#driver?.stopped ? undefined : this.#driver;
   }
 
-  /** @internal */
+  /**
+   * @internal Makes `d` this pair's driver and ties it to the tap queue, so
+   * that whoever changes the queue (queue.enable()/disable()/close(),
+   * tap.setActiveQueues(), tap.close(), setActivePairs) goes through it: the
+   * backend is unbound before the queue is detached or closed, and bound
+   * again after the queue is attached.
+   */
   _setDriver(d: VhostPairDriver | undefined): void {
+    this.#dropDriver();
+    if (!d) return;
     this.#driver = d;
+    // A driver stopped by hand (d.stop()) has nothing left to bind or unbind.
+    this.#unhook = [
+      this.tapQueue._onEnableDisable({
+        afterEnable: () => {
+          if (!d.stopped) d.bind();
+        },
+        beforeDisable: () => {
+          if (!d.stopped) d.unbind();
+        },
+      }),
+      this.tapQueue._onBeforeClose(() => {
+        if (this.#driver === d) this.stopDriver();
+      }),
+    ];
+  }
+
+  /** Forgets the driver and removes its hooks; returns it. */
+  #dropDriver(): VhostPairDriver | undefined {
+    for (const u of this.#unhook.splice(0)) u();
+    const d = this.#driver;
+    this.#driver = undefined;
+    return d;
   }
 
   /**
@@ -63,9 +95,7 @@ export class QueuePair {
    * again or handed to another process.
    */
   stopDriver(): void {
-    const d = this.#driver;
-    this.#driver = undefined;
-    d?.stop();
+    this.#dropDriver()?.stop();
   }
 
   /**
@@ -174,76 +204,18 @@ export class Netdev {
 
   /**
    * Makes pairs 0..k-1 enabled and the rest disabled (virtio-net's
-   * VQ_PAIRS_SET).  Enables before it disables, so there is always an
-   * enabled pair.  For a pair this process drives, the vhost backend is
-   * unbound before its tap queue is detached and bound after it is attached.
-   * On failure the steps taken are undone; if that fails too, the error has
-   * code ERR_PARTIAL_STATE and `state` lists every pair.
+   * VQ_PAIRS_SET): tap.setActiveQueues(k), with its order (enable before
+   * disable, so there is always an enabled pair), its undo and its
+   * ERR_PARTIAL_STATE.  For a pair this process drives, the driver's hooks on
+   * the tap queue unbind the vhost backend before the queue is detached and
+   * bind it after the queue is attached (as they do for queue.enable(),
+   * queue.disable() and tap.setActiveQueues() called directly).
    */
   setActivePairs(k: number): void {
     const open = this.pairs.filter((p) => p.state !== 'closed');
     if (open.length === 0) throw new MqtapError({ op: 'SET_ACTIVE', code: ErrorCodes.CLOSED, ifname: this.name, message: `${this.name} is closed` });
     validateInt(k, 'active pairs', 1, open.length, `${this.name} has ${open.length} open pair(s)`);
-    type Step = { pair: QueuePair; to: 'enabled' | 'disabled' };
-    const steps: Step[] = [
-      ...open.slice(0, k).filter((p) => p.state === 'disabled').map((pair) => ({ pair, to: 'enabled' as const })),
-      ...open.slice(k).filter((p) => p.state === 'enabled').reverse().map((pair) => ({ pair, to: 'disabled' as const })),
-    ];
-    const apply = (s: Step, to: 'enabled' | 'disabled'): void => {
-      const d = s.pair.driver;
-      if (to === 'enabled') {
-        s.pair.tapQueue._set('enabled');
-        if (d) {
-          try {
-            d.bind();
-          } catch (err) {
-            s.pair.tapQueue._set('disabled');
-            throw err;
-          }
-        }
-      } else {
-        d?.unbind();
-        try {
-          s.pair.tapQueue._set('disabled');
-        } catch (err) {
-          d?.bind();
-          throw err;
-        }
-      }
-    };
-    const done: Step[] = [];
-    try {
-      for (const s of steps) {
-        apply(s, s.to);
-        done.push(s);
-      }
-    } catch (err) {
-      const undo: string[] = [];
-      for (const s of done.reverse()) {
-        try {
-          apply(s, s.to === 'enabled' ? 'disabled' : 'enabled');
-        } catch (e) {
-          undo.push(`pair ${s.pair.index}: ${(e as Error).message}`);
-        }
-      }
-      const failed = steps[done.length]!;
-      const e = withContext(err, { ifname: this.name, queue: failed.pair.index });
-      if (undo.length === 0) {
-        if (e instanceof MqtapError) e.setMessage(`setActivePairs(${k}): ${e.message}; previous state restored`);
-        throw e;
-      }
-      const state: QueueStates = this.pairs.map((p) => ({ index: p.index, state: p.state }));
-      const partial = new MqtapError({
-        op: 'SET_ACTIVE',
-        code: ErrorCodes.PARTIAL,
-        ifname: this.name,
-        message: `setActivePairs(${k}) on ${this.name} failed (${(err as Error).message}) and could not be undone (${undo.join('; ')}); pairs now: ${state.map((s) => `${s.index}=${s.state}`).join(' ')}`,
-        hint: 'call setActivePairs again or close the netdev',
-        cause: err,
-      });
-      (partial as MqtapError & { state: QueueStates }).state = state;
-      throw partial;
-    }
+    this.tap.setActiveQueues(k);
     this.logger.info({ ifname: this.name, active: k }, 'active pairs set');
   }
 

@@ -247,6 +247,24 @@ export function checkTapForVhost(tapFd: number, hdrLen: number, queue?: number):
     });
 }
 
+/**
+ * Ring memory that must never be freed: VHOST_RESET_OWNER failed on it, so
+ * the vhost worker may still own the fd's memory table and write into these
+ * pages (the fd is the caller's and may stay open for as long as the process
+ * lives).  The allocPages finalizer would munmap them once unreferenced; this
+ * list keeps them referenced instead.  Only error paths add to it.
+ */
+const keptRingMemory: ArrayBuffer[] = [];
+
+function keepRingMemory(mem: ArrayBuffer | undefined): void {
+  if (mem && !keptRingMemory.includes(mem)) keptRingMemory.push(mem);
+}
+
+/** @internal Bytes of ring memory kept because VHOST_RESET_OWNER failed (diagnostics, tests). */
+export function _keptRingMemoryBytes(): number {
+  return keptRingMemory.reduce((n, m) => n + m.byteLength, 0);
+}
+
 export interface PairDriverOptions {
   /** Ring size per virtqueue (power of two, 1..32768).  Default 256. */
   queueSize?: number;
@@ -275,7 +293,9 @@ export interface RxPacket {
  * Drives one vhost-net fd + one tap queue fd from this process.  Owns the
  * ring memory and the eventfds; the vhost fd and the tap fd stay owned by
  * their QueuePair / TapQueue (or the caller, for raw fds).  The memory is
- * kept alive until stop(): the vhost worker writes into it.
+ * kept alive until stop(): the vhost worker writes into it.  When
+ * VHOST_RESET_OWNER fails (in stop() or on the constructor's error path) the
+ * memory is never freed: the worker may still own it.
  */
 export class VhostPairDriver {
   readonly vhostFd: number;
@@ -373,7 +393,9 @@ export class VhostPairDriver {
         try {
           native.vhostResetOwner(vhostFd);
         } catch {
-          /* the original error is the one to report */
+          // The original error is the one to report.  The worker may still
+          // own the memory table: the pages must outlive this object.
+          keepRingMemory(this.#mem);
         }
       }
       this.#mem = undefined;
@@ -580,8 +602,10 @@ export class VhostPairDriver {
       return true;
     });
     this.#closeEventfds();
-    // Keep the memory referenced if the worker may still own it (reset failed on an open fd).
+    // Keep the memory referenced if the worker may still own it (reset failed
+    // on an open fd), also once this object is gone (a pair drops its driver).
     if (reset) this.#mem = undefined;
+    else keepRingMemory(this.#mem);
     if (first) throw withContext(first, {});
     return rx !== undefined && tx !== undefined ? { rx, tx } : undefined;
   }

@@ -3,11 +3,14 @@
  * the hints for names taken by something that is not a multi-queue tap, and
  * the all-or-nothing promise: when queue k of N (or a later setting) fails
  * for real, no fd is left, a device the call created is gone, and a device
- * that existed before is untouched.  Runs in a throw-away network namespace.
+ * that existed before is untouched: every setting openTap changed on it
+ * (header size, owner, group, mtu, mac, up, persist, the vnet_hdr flag) is
+ * put back, last first.  Runs in a throw-away network namespace.
  */
-import { describe, expect, it } from 'vitest';
+import { afterEach, describe, expect, it, vi } from 'vitest';
 import { MqtapError } from '../../lib/sys/errors.js';
-import { getLink, getTap, listTaps, type LinkInfo } from '../../lib/tap/links.js';
+import { native } from '../../lib/sys/native.js';
+import { getLink, getTap, listTaps, type LinkInfo, type TapLinkInfo } from '../../lib/tap/links.js';
 import type { Logger } from '../../lib/sys/log.js';
 import { openTap, type OpenTapOptions } from '../../lib/tap/tap.js';
 import {
@@ -255,6 +258,123 @@ describe.skipIf(!env.ok)(`existing devices and all-or-nothing${skipNote(env)}`, 
       expect(getLink('aon3x')).toBeUndefined();
       expect(getLink('aon3')).toBeUndefined();
       expect(listTaps()).toEqual([]);
+    });
+  });
+  describe('an existing tap whose settings openTap changed before a later step failed: every one put back', () => {
+    afterEach(() => {
+      vi.restoreAllMocks();
+    });
+
+    /** A persistent tap as `ip tuntap add` makes it (no vnet_hdr), with known settings. */
+    function makeTap(name: string, opts: { owner?: boolean } = {}): void {
+      run('ip', ['tuntap', 'add', 'dev', name, 'mode', 'tap', 'multi_queue', ...(opts.owner === false ? [] : ['user', '1001', 'group', '1002'])]);
+      run('ip', ['link', 'set', 'dev', name, 'mtu', '1400', 'address', '02:00:00:00:0b:01']);
+    }
+
+    /** The device's virtio-net header size, read through a queue opened without changing the flag. */
+    function hdrSize(name: string): number {
+      const t = openTap({ name, existing: 'require', vnetHdr: false });
+      try {
+        return t.vnetHdrSize();
+      } finally {
+        t.close();
+      }
+    }
+
+    /**
+     * snapshot() without the qdisc: the first IFF_UP gives a device its default
+     * qdisc (noop -> mq), which stays after it goes down again; not a setting.
+     */
+    function settings(name: string): ReturnType<typeof snapshot> {
+      const { rt, ip } = snapshot(name);
+      return { rt, ip: { ...(ip as Record<string, unknown>), qdisc: undefined } };
+    }
+
+    /** Makes the next call of native[fn] fail as the kernel would (errno), after the real calls before it. */
+    function failNext(fn: 'tunSetOffload' | 'ifSetMac' | 'tunSetPersist', op: string, errno: number): void {
+      vi.spyOn(native, fn).mockImplementationOnce(() => {
+        throw new MqtapError({ op, syscall: 'ioctl', errno });
+      });
+    }
+
+    const CHANGE_ALL: Omit<OpenTapOptions, 'name'> = {
+      existing: 'require',
+      queues: 3,
+      vnetHdr: true,
+      vnetHdrSize: 12,
+      owner: 2001,
+      group: 2002,
+      mtu: 9000,
+      mac: '02:00:00:00:0b:02',
+      up: true,
+      offloads: { csum: true, tso4: true, uso4: true, uso6: true },
+      persist: false,
+    };
+
+    it('the offloads refused (as by a kernel before 6.2 for USO) after header size, owner, group, mtu, mac and up changed: all restored, last first', () => {
+      makeTap('rb0');
+      try {
+        const snap = settings('rb0');
+        expect(getTap('rb0')).toMatchObject({ mtu: 1400, address: '02:00:00:00:0b:01', up: false, tun: { owner: 1001, group: 1002, persist: true, vnetHdr: false } });
+        const size = hdrSize('rb0');
+        expect(size).toBe(10);
+        // Real calls, watched for their order.
+        const spies = (['tunSetVnetHdrSz', 'tunSetOwner', 'tunSetGroup', 'ifSetMtu', 'ifSetMac', 'ifSetFlags'] as const).map((f) => vi.spyOn(native, f));
+        failNext('tunSetOffload', 'TUNSETOFFLOAD', 22);
+        const e = failsCleanly({ name: 'rb0', ...CHANGE_ALL });
+        expect(e).toMatchObject({ op: 'TUNSETOFFLOAD', code: 'EINVAL', ifname: 'rb0' });
+        expect(e.message).not.toMatch(/could not restore/);
+        // Each setting was changed once and restored once, the restores in reverse order.
+        const order = spies.flatMap((s) => s.mock.invocationCallOrder.map((n, i) => ({ n, what: `${s.getMockName()}#${i}` }))).sort((a, b) => a.n - b.n);
+        expect(order.map((o) => o.what)).toEqual([
+          'tunSetVnetHdrSz#0', 'tunSetOwner#0', 'tunSetGroup#0', 'ifSetMtu#0', 'ifSetMac#0', 'ifSetFlags#0',
+          'ifSetFlags#1', 'ifSetMac#1', 'ifSetMtu#1', 'tunSetGroup#1', 'tunSetOwner#1', 'tunSetVnetHdrSz#1',
+        ]);
+        vi.restoreAllMocks();
+        // The kernel's view: as before, by rtnetlink and by `ip -d -j link`.
+        expect(getTap('rb0')).toMatchObject({ mtu: 1400, address: '02:00:00:00:0b:01', up: false, tun: { owner: 1001, group: 1002, persist: true, vnetHdr: false, numQueues: 0 } });
+        expect(settings('rb0')).toEqual(snap);
+        expect(hdrSize('rb0')).toBe(size);
+      } finally {
+        run('ip', ['link', 'del', 'rb0']);
+      }
+    });
+
+    it('the mac refused after header size, owner, group and mtu changed: those restored, up never touched', () => {
+      makeTap('rb1');
+      try {
+        const snap = settings('rb1');
+        failNext('ifSetMac', 'SIOCSIFHWADDR', 99);
+        const flags = vi.spyOn(native, 'ifSetFlags');
+        const e = failsCleanly({ name: 'rb1', ...CHANGE_ALL });
+        expect(e).toMatchObject({ op: 'SIOCSIFHWADDR', code: 'EADDRNOTAVAIL', ifname: 'rb1' });
+        expect(flags).not.toHaveBeenCalled();
+        vi.restoreAllMocks();
+        expect(settings('rb1')).toEqual(snap);
+        expect(hdrSize('rb1')).toBe(10);
+      } finally {
+        run('ip', ['link', 'del', 'rb1']);
+      }
+    });
+
+    it('a tap without owner: the owner is set only after every undoable step, and the error says it could not be put back', () => {
+      makeTap('rb2', { owner: false });
+      try {
+        expect(getTap('rb2')!.tun).toMatchObject({ owner: null, group: null });
+        const snap = settings('rb2');
+        failNext('tunSetPersist', 'TUNSETPERSIST', 1);
+        const e = failsCleanly({ name: 'rb2', ...CHANGE_ALL, offloads: undefined });
+        expect(e).toMatchObject({ op: 'TUNSETPERSIST', code: 'EPERM' });
+        expect(e.message).toMatch(/the rollback could not restore: group \(its previous value cannot be set again\), owner \(its previous value cannot be set again\)$/);
+        vi.restoreAllMocks();
+        // TUNSETOWNER/TUNSETGROUP cannot clear an owner: those two stay, everything else is back.
+        const { rt } = settings('rb2');
+        expect(getTap('rb2')!.tun).toMatchObject({ owner: 2001, group: 2002 });
+        expect({ ...rt, tun: { ...(rt as TapLinkInfo).tun, owner: null, group: null } }).toEqual(snap.rt);
+        expect(hdrSize('rb2')).toBe(10);
+      } finally {
+        run('ip', ['link', 'del', 'rb2']);
+      }
     });
   });
 });

@@ -3,7 +3,7 @@
  * runs node scripts (test/vm/scripts/*.js) in the guest VM (QEMU TCG, Debian
  * 6.1 kernel; see test/vm/README.md).  Each script creates its own throw-away
  * network namespace in the guest, uses link-local addresses only, and prints
- * one JSON document; the assertions are here.  One boot runs three
+ * one JSON document; the assertions are here.  One boot runs four
  * scripts side by side:
  *
  *   basics.js: probe, ownership, features, header sizes, mergeable buffers,
@@ -11,7 +11,9 @@
  *   traffic.js: 1, 2 and 4 pairs, frames both ways on every pair,
  *   setActivePairs 4 -> 2 -> 4;
  *   cli.js: `mqtap vhost-selftest`, `mqtap exec --vhost on` with a child that
- *   drives the handed vhost fds itself.
+ *   drives the handed vhost fds itself;
+ *   lifecycle.js: a driven pair's tap queue disabled, enabled, closed
+ *   directly (TapQueue / Tap, not Netdev): the driver follows.
  *
  * Both directions are byte-exact: TX ring -> vhost -> tap -> kernel is
  * checked by a UDP socket receiving each payload exactly once; kernel -> tap
@@ -83,8 +85,8 @@ let boot: Promise<Record<string, Json>> | undefined;
 function guestResults(): Promise<Record<string, Json>> {
   boot ??= (async () => {
     assertDistFresh();
-    const { results, run } = await bootScripts(['basics', 'traffic', 'cli']);
-    console.log(`guest boot with basics.js, traffic.js and cli.js: ${run.durationMs} ms`);
+    const { results, run } = await bootScripts(['basics', 'traffic', 'cli', 'lifecycle']);
+    console.log(`guest boot with basics.js, traffic.js, cli.js and lifecycle.js: ${run.durationMs} ms`);
     return results;
   })();
   return boot;
@@ -228,10 +230,16 @@ describe.skipIf(!vm.ok)(`vhost-net in the guest: library${skipNote}`, () => {
             // A descriptor outside the memory table: the worker signals VHOST_SET_VRING_ERR's eventfd.
             expect(r.errEventfd).toBeGreaterThan(0);
           }
-          // After the first close the device is still there: the tap fds are open, or the
-          // vhost backend still holds the tap queue's file.
-          expect(r.afterFirstClose.present).toBe(true);
-          expect(r.afterFirstClose.kernel).toBe(way === 'lib' ? 2 : 1);
+          if (way === 'lib' && order === 'tap-first') {
+            // Closing a driven pair's tap queue stops its driver first (backend unbound):
+            // no backend holds the queues' files, so the device goes with the last one.
+            expect(r.afterFirstClose).toMatchObject({ present: false, kernel: null });
+          } else {
+            // After the first close the device is still there: the tap fds are open, or the
+            // vhost backend still holds the tap queue's file (raw fds, nobody unbinds it).
+            expect(r.afterFirstClose.present).toBe(true);
+            expect(r.afterFirstClose.kernel).toBe(way === 'lib' ? 2 : 1);
+          }
           expect(r.gone).toBe(true);
           expect(r.fdsAfter).toBe(r.fdsBefore);
         });
@@ -308,6 +316,79 @@ describe.skipIf(!vm.ok)(`vhost-net in the guest: library${skipNote}`, () => {
 
   it('the traffic script left nothing behind in its namespace', () => {
     expect(traffic.tapsLeft).toEqual([]);
+  });
+});
+
+describe.skipIf(!vm.ok)(`vhost-net in the guest: a driven pair's tap queue changed directly${skipNote}`, () => {
+  let lifecycle: Json;
+
+  beforeAll(async () => {
+    ({ lifecycle } = await guestResults());
+  }, BOOT_TIMEOUT);
+
+  it('queue.disable() on a driven pair unbinds the backend first: the kernel detaches the queue, a kicked frame stays on the ring', () => {
+    const r = ok(lifecycle.disable, 'disable');
+    expectRoundTrip(r.before, [0, 1], 2, 2);
+    expect(r.down.kernel).toEqual({ numQueues: 1, numDisabledQueues: 1 });
+    expect(r.down.states).toEqual(['enabled', 'disabled']);
+    expect(r.down.bound).toEqual([true, false]);
+    expect(r.down.driven).toEqual([true, true]);
+    expect(r.down.sendOnDisabled).toMatchObject({ code: 'ERR_CLOSED' });
+    // A backend still bound to the detached queue would consume the frame (and the tap drop it).
+    expect(r.down.parked).toEqual({ inFlightAfterKick: 1, receivedWhileDisabled: 0 });
+    expectRoundTrip(r.down.trip, [0], 2, 2);
+  });
+
+  it('queue.enable() attaches, then binds again: the parked frame goes out and both pairs move frames both ways', () => {
+    const r = ok(lifecycle.disable, 'disable');
+    expect(r.up.kernel).toEqual({ numQueues: 2, numDisabledQueues: 0 });
+    expect(r.up.states).toEqual(['enabled', 'enabled']);
+    expect(r.up.bound).toEqual([true, true]);
+    expect(r.up.parked.flushed).toBe(true);
+    expect(r.up.parked.received).toEqual([{ port: r.up.parked.expectedPort, msg: 'parked on a queue disabled directly' }]);
+    expectRoundTrip(r.up.trip, [0, 1], 2, 2);
+    expect(r.errors).toEqual([0, 0]);
+    expect(r.gone).toBe(true);
+    expect(r.fdsAfter).toBe(r.fdsBefore);
+  });
+
+  it('tap.setActiveQueues() on a driven netdev unbinds and binds like setActivePairs', () => {
+    const r = ok(lifecycle.setActiveQueues, 'setActiveQueues');
+    expect(r.down.kernel).toEqual({ numQueues: 1, numDisabledQueues: 1 });
+    expect(r.down.bound).toEqual([true, false]);
+    expectRoundTrip(r.down.trip, [0], 2, 2);
+    expect(r.up.kernel).toEqual({ numQueues: 2, numDisabledQueues: 0 });
+    expect(r.up.bound).toEqual([true, true]);
+    expectRoundTrip(r.up.trip, [0, 1], 2, 2);
+    expect(r.fdsAfter).toBe(r.fdsBefore);
+  });
+
+  it('queue.close() on a driven pair stops the driver first: the kernel releases the queue at once, no driver fd is left', () => {
+    const r = ok(lifecycle.close, 'close');
+    expect(r.after.kernel).toEqual({ numQueues: 1, numDisabledQueues: 0 });
+    expect(r.after.stopped).toEqual([false, true]);
+    expect(r.after.driven).toEqual([true, false]);
+    expect(r.after.states).toEqual(['enabled', 'closed']);
+    // The tap queue fd and the driver's five eventfds (2 kick, 2 call, 1 err).
+    expect(r.after.fdsClosed).toBe(6);
+    expect(r.after.vhostFdOpen).toBe(true);
+    expect(r.after.useStopped).toMatchObject({ code: 'ERR_CLOSED' });
+    expect(r.after.driveClosed).toMatchObject({ code: 'ERR_CLOSED', op: 'VHOST_DRIVER' });
+    expectRoundTrip(r.after.trip, [0], 2, 1);
+    expect(r.gone).toBe(true);
+    expect(r.fdsAfter).toBe(r.fdsBefore);
+  });
+
+  it('tap.close() on a driven netdev stops every driver: the device is gone at once; Netdev.close() leaves no fd', () => {
+    const r = ok(lifecycle.tapClose, 'tapClose');
+    expect(r.after).toEqual({ present: false, stopped: [true, true], driven: [false, false], vhostFds: [true, true] });
+    expect(r.gone).toBe(true);
+    expect(r.fdsAfter).toBe(r.fdsBefore);
+  });
+
+  it('the lifecycle script left nothing behind in its namespace', () => {
+    expect(lifecycle.tapsLeft).toEqual([]);
+    expect(lifecycle.fdsAtEnd).toBe(lifecycle.fdsAtStart);
   });
 });
 
