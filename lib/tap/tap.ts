@@ -699,7 +699,7 @@ export function openTap(opts: OpenTapOptions): Tap {
         }
       }
       const e = queue >= 0 && !(err instanceof MqtapError && err.op === 'LOOKUP') ? withContext(explainSetIff(err, tap?.name ?? p.name), { ifname: tap?.name ?? p.name, queue }) : err;
-      p.logger.error({ ifname: p.name, queue, err: e }, 'openTap failed; everything opened was closed');
+      p.logger.debug({ ifname: p.name, queue, err: e }, 'openTap failed; everything opened was closed'); // the caller gets `e` and reports it
       throw e;
     }
     p.logger.info({ ifname: tap.name, queues: p.queues, created: tap.created, fds: tap.fds() }, 'tap opened');
