@@ -11,7 +11,7 @@ import { getLink, isTapLink, listTaps, type TapLinkInfo } from '../lib/tap/links
 import { probeTun } from '../lib/tap/probe';
 import { spawnWithFds } from '../lib/sys/spawn';
 import { openNetdev, type VhostMode } from '../lib/vhost/netdev';
-import { deleteTap, openTap, type ExistingPolicy } from '../lib/tap/tap';
+import { deleteTap, openTap, requireMultiQueueTap, type ExistingPolicy } from '../lib/tap/tap';
 import { probeVhostNet } from '../lib/vhost/vhost';
 import { register as registerDemo } from './demo';
 import { EXIT, childFds, exitCodeFor, hdrSizeArg, intArg, json, logger, netnsOpt, out, version, type CliContext, type GlobalOpts, type Runner } from './context';
@@ -97,22 +97,49 @@ interface CreateOpts {
   vnetHdrSize?: number;
 }
 
+/**
+ * `create` on a name that exists: when it is not a multi-queue tap (a
+ * single-queue tap, a tun device, another kind), say what it is and how to
+ * re-create it, as `exec` does, rather than only "already exists".
+ */
+function explainExisting(err: unknown, name: string, g: GlobalOpts): unknown {
+  if (!(err instanceof MqtapError) || err.op !== 'LOOKUP' || err.code !== 'EEXIST') return err;
+  let link;
+  try {
+    link = getLink(name, netnsOpt(g));
+  } catch {
+    return err;
+  }
+  if (!link) return err;
+  try {
+    requireMultiQueueTap(name, link);
+  } catch (why) {
+    return why;
+  }
+  return err;
+}
+
 function cmdCreate(name: string, o: CreateOpts, g: GlobalOpts): number {
-  const tap = openTap({
-    name,
-    queues: o.queues,
-    existing: 'forbid',
-    persist: true,
-    vnetHdr: o.vnetHdr,
-    ...(o.vnetHdrSize !== undefined ? { vnetHdrSize: o.vnetHdrSize as 10 } : {}),
-    ...(o.owner !== undefined ? { owner: resolveId(o.owner, 'owner') } : {}),
-    ...(o.group !== undefined ? { group: resolveId(o.group, 'group') } : {}),
-    ...(o.mtu !== undefined ? { mtu: o.mtu } : {}),
-    ...(o.mac !== undefined ? { mac: o.mac } : {}),
-    ...(o.up ? { up: true } : {}),
-    ...netnsOpt(g),
-    logger: logger(g),
-  });
+  let tap;
+  try {
+    tap = openTap({
+      name,
+      queues: o.queues,
+      existing: 'forbid',
+      persist: true,
+      vnetHdr: o.vnetHdr,
+      ...(o.vnetHdrSize !== undefined ? { vnetHdrSize: o.vnetHdrSize as 10 } : {}),
+      ...(o.owner !== undefined ? { owner: resolveId(o.owner, 'owner') } : {}),
+      ...(o.group !== undefined ? { group: resolveId(o.group, 'group') } : {}),
+      ...(o.mtu !== undefined ? { mtu: o.mtu } : {}),
+      ...(o.mac !== undefined ? { mac: o.mac } : {}),
+      ...(o.up ? { up: true } : {}),
+      ...netnsOpt(g),
+      logger: logger(g),
+    });
+  } catch (err) {
+    throw explainExisting(err, name, g);
+  }
   const created = tap.name;
   tap.close();
   const info = getLink(created, netnsOpt(g));

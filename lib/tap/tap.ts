@@ -572,7 +572,7 @@ function alreadyExists(name: string): MqtapError {
 }
 
 /** Throws unless `link` is a multi-queue tap this library can attach to. */
-function requireMultiQueueTap(name: string, link: LinkInfo): void {
+export function requireMultiQueueTap(name: string, link: LinkInfo): void {
   if (isTapLink(link) && link.tun.multiQueue && link.tun.type === 'tap' && !link.tun.pi) return;
   // Refuse before TUNSETIFF: the kernel would answer EINVAL/EBUSY, less clearly.
   throw explainSetIff(new MqtapError({ op: 'LOOKUP', code: 'EINVAL', errno: 22, ifname: name, message: `${name} exists but is not a multi-queue tap` }), name);

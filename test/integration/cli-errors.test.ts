@@ -90,6 +90,8 @@ interface Case {
   exit: number;
   /** What the message must say. */
   says: RegExp;
+  /** What the hint must say, where it matters. */
+  hintSays?: RegExp;
   wrap?: Wrapper;
   /** Commander found it while parsing (no code of ours ran, so there is no stack of ours to show). */
   parser?: boolean;
@@ -110,6 +112,13 @@ const CASES: Record<string, Case> = {
   'create: --queues not a number': { args: ['create', 'ok0', '--queues', 'four'], exit: 2, says: /--queues must be a whole number/, parser: true },
   'create: no name': { args: ['create'], exit: 2, says: /missing required argument 'name'/, parser: true },
   'create: an existing multi-queue tap': { args: ['create', 'mq0'], exit: 6, says: /mq0 already exists/ },
+  'create: an existing single-queue tap': {
+    args: ['create', 'sq0'],
+    exit: 6,
+    says: /sq0 exists but is not a multi-queue tap/,
+    hintSays: /"sq0" is a single-queue tap \(made without multi_queue\): delete it .* re-create it with `mqtap create sq0 --queues N`/,
+  },
+  'create: a device that is not a tap': { args: ['create', 'lo'], exit: 6, says: /lo exists but is not a multi-queue tap/, hintSays: /"lo" is taken by a device that is not a tap/ },
   'create: without CAP_NET_ADMIN': { args: ['create', 'ok0'], exit: 4, says: /TUNSETIFF failed: EPERM/, wrap: 'no-net-admin' },
   // delete, show
   'delete: unknown tap': { args: ['delete', 'nope0'], exit: 3, says: /no device named nope0/ },
@@ -117,7 +126,7 @@ const CASES: Record<string, Case> = {
   'show: unknown tap': { args: ['show', 'nope0'], exit: 3, says: /no tap named nope0/ },
   'show: --netns names no namespace': { args: ['--netns', 'mqtap-no-such-ns', 'show'], exit: 3, says: /NS_OPEN .* ENOENT/ },
   // exec
-  'exec: single-queue tap': { args: ['exec', 'sq0', '--queues', '2', '--', 'true'], exit: 6, says: /sq0 exists but is not a multi-queue tap/ },
+  'exec: single-queue tap': { args: ['exec', 'sq0', '--queues', '2', '--', 'true'], exit: 6, says: /sq0 exists but is not a multi-queue tap/, hintSays: /"sq0" is a single-queue tap \(made without multi_queue\)/ },
   'exec: --existing require, unknown tap': { args: ['exec', 'nope0', '--existing', 'require', '--', 'true'], exit: 3, says: /no tap named nope0/ },
   'exec: --active > --queues': { args: ['exec', 'ok0', '--queues', '2', '--active', '3', '--', 'true'], exit: 2, says: /active pairs must be between 1 and 2/ },
   'exec: command not found': { args: ['exec', 'xq%d', '--', '/nonexistent/mqtap-cmd'], exit: 127, says: /cannot run \/nonexistent\/mqtap-cmd: command not found/ },
@@ -193,6 +202,7 @@ describe.skipIf(!base.ok && !REQUIRED)(`CLI errors: one message, one hint, no st
       expect(lines.filter((l) => l.startsWith('hint: ')), r.stderr).toHaveLength(1);
       expect(lines.find((l) => l.startsWith('mqtap: '))).toMatch(c.says);
       expect(lines.find((l) => l.startsWith('hint: '))!.length, 'a hint that says something').toBeGreaterThan('hint: '.length + 10);
+      if (c.hintSays) expect(lines.find((l) => l.startsWith('hint: '))).toMatch(c.hintSays);
       expect(r.stderr).not.toMatch(/stack/i);
       expect(r.stderr).not.toMatch(/"err"/);
       expect(r.stderr).not.toMatch(/\bat .+:\d+:\d+/);
