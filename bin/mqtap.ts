@@ -68,7 +68,9 @@ function cmdFeatures(g: GlobalOpts): number {
         ['vhost backend features', v.backendFeatures ? v.backendFeatures.names.join(' ') || v.backendFeatures.hex : null],
       ]),
     );
-    if (!v.usable && v.error?.hint) process.stderr.write(`vhost-net: ${v.error.hint}\n`);
+    // Part of the report, so on stdout: after the table and a blank line, never
+    // glued to its last row however stdout and stderr are captured.
+    if (!v.usable && v.error?.hint) out(`\nnote: vhost-net is optional (mqtap launch --vhost auto goes on without it); to use it: ${v.error.hint}`);
   }
   if (p.multiQueueTap) return EXIT.OK;
   const why = p.error
