@@ -80,26 +80,42 @@ export function hdrSizeArg(value: string): number {
 const LEVELS: Record<number, string> = { 10: 'trace', 20: 'debug', 30: 'info', 40: 'warning', 50: 'error', 60: 'fatal' };
 const NOISE = new Set(['level', 'time', 'name', 'msg', 'pid', 'hostname']);
 
-/** pino lines rendered for a person: "mqtap: warning: message (key=value ...)". */
-function textLine(line: string): string {
+/** An error as pino's serializer writes it: `{type, message, stack, ...}`. */
+function isSerializedError(v: unknown): v is { message: string; stack?: string; code?: unknown } {
+  return typeof v === 'object' && v !== null && typeof (v as { message?: unknown }).message === 'string' && ('stack' in v || 'type' in v);
+}
+
+/**
+ * pino lines rendered for a person: "mqtap: warning: message (key=value ...)".
+ * An error value shows as its message (and code); its stack only with
+ * `withStacks` (--debug), on the lines after.
+ */
+export function textLine(line: string, withStacks = false): string {
   let o: Record<string, unknown>;
   try {
     o = JSON.parse(line) as Record<string, unknown>;
   } catch {
     return line;
   }
+  const stacks: string[] = [];
   const extra = Object.entries(o)
     .filter(([k]) => !NOISE.has(k))
-    .map(([k, v]) => `${k}=${typeof v === 'string' ? v : JSON.stringify(v)}`)
+    .map(([k, v]) => {
+      if (isSerializedError(v)) {
+        if (withStacks && v.stack) stacks.push(v.stack);
+        return `${k}=${JSON.stringify(typeof v.code === 'string' ? `${v.message} [${v.code}]` : v.message)}`;
+      }
+      return `${k}=${typeof v === 'string' ? v : JSON.stringify(v)}`;
+    })
     .join(' ');
-  return `mqtap: ${LEVELS[o.level as number] ?? 'log'}: ${String(o.msg ?? '')}${extra ? ` (${extra})` : ''}\n`;
+  return `mqtap: ${LEVELS[o.level as number] ?? 'log'}: ${String(o.msg ?? '')}${extra ? ` (${extra})` : ''}\n${stacks.map((st) => `${st}\n`).join('')}`;
 }
 
 /** The CLI's logger: stderr, level warn by default; readable text unless --log-format json. */
 export function logger(g: GlobalOpts): Logger {
   const level = (g.logLevel ?? (g.debug ? 'debug' : 'warn')) as 'warn';
   if (g.logFormat === 'json') return stderrLogger(level);
-  return pino({ level, base: { name: 'mqtap' } }, { write: (line: string) => void process.stderr.write(textLine(line)) });
+  return pino({ level, base: { name: 'mqtap' } }, { write: (line: string) => void process.stderr.write(textLine(line, !!g.debug)) });
 }
 
 export function out(text: string): void {

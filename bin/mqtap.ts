@@ -11,7 +11,7 @@ import { getLink, isTapLink, listTaps, type TapLinkInfo } from '../lib/tap/links
 import { probeTun } from '../lib/tap/probe';
 import { spawnWithFds } from '../lib/sys/spawn';
 import { openNetdev, type VhostMode } from '../lib/vhost/netdev';
-import { deleteTap, openTap, type ExistingPolicy } from '../lib/tap/tap';
+import { deleteTap, openTap, requireMultiQueueTap, type ExistingPolicy } from '../lib/tap/tap';
 import { probeVhostNet } from '../lib/vhost/vhost';
 import { register as registerDemo } from './demo';
 import { EXIT, childFds, exitCodeFor, hdrSizeArg, intArg, json, logger, netnsOpt, out, version, type CliContext, type GlobalOpts, type Runner } from './context';
@@ -52,7 +52,7 @@ function cmdFeatures(g: GlobalOpts): number {
     out(
       keyValues([
         ['kernel', p.kernel],
-        ['/dev/net/tun', p.available ? 'ok' : `unavailable (${p.error?.message ?? 'unknown'})`],
+        ['/dev/net/tun', p.available ? 'ok' : `unavailable (${p.error?.code ?? 'unknown'})`],
         ['tap (IFF_TAP)', f?.tap],
         ['multi-queue (IFF_MULTI_QUEUE)', f?.multiQueue],
         ['virtio-net header (IFF_VNET_HDR)', f?.vnetHdr],
@@ -68,11 +68,24 @@ function cmdFeatures(g: GlobalOpts): number {
         ['vhost backend features', v.backendFeatures ? v.backendFeatures.names.join(' ') || v.backendFeatures.hex : null],
       ]),
     );
-    if (p.error?.hint) process.stderr.write(`hint: ${p.error.hint}\n`);
-    if (!v.usable && v.error?.hint) process.stderr.write(`vhost-net: ${v.error.hint}\n`);
+    // Part of the report, so on stdout: after the table and a blank line, never
+    // glued to its last row however stdout and stderr are captured.
+    if (!v.usable && v.error?.hint) out(`\nnote: vhost-net is optional (mqtap launch --vhost auto goes on without it); to use it: ${v.error.hint}`);
   }
-  if (!p.available && p.error?.code && (p.error.code === 'EACCES' || p.error.code === 'EPERM')) return EXIT.PERMISSION;
-  return p.multiQueueTap ? EXIT.OK : EXIT.UNAVAILABLE;
+  if (p.multiQueueTap) return EXIT.OK;
+  const why = p.error
+    ? { message: `multi-queue taps are not usable here: ${p.error.message}`, hint: p.error.hint }
+    : {
+        message: `multi-queue taps are not usable here: the tun driver lacks ${[lacking(p, 'tap', 'IFF_TAP'), lacking(p, 'multiQueue', 'IFF_MULTI_QUEUE'), lacking(p, 'vnetHdr', 'IFF_VNET_HDR'), lacking(p, 'noPi', 'IFF_NO_PI')].filter(Boolean).join(', ')}`,
+        hint: 'multi-queue taps need Linux 3.8 or later',
+      };
+  process.stderr.write(`mqtap: ${why.message}\nhint: ${why.hint ?? 'load the tun driver (`modprobe tun`)'}\n`);
+  return p.error?.code === 'EACCES' || p.error?.code === 'EPERM' ? EXIT.PERMISSION : EXIT.UNAVAILABLE;
+}
+
+/** The flag's name when TUNGETFEATURES did not offer it. */
+function lacking(p: ReturnType<typeof probeTun>, key: 'tap' | 'multiQueue' | 'vnetHdr' | 'noPi', flag: string): string | undefined {
+  return p.features?.[key] ? undefined : flag;
 }
 
 interface CreateOpts {
@@ -86,22 +99,49 @@ interface CreateOpts {
   vnetHdrSize?: number;
 }
 
+/**
+ * `create` on a name that exists: when it is not a multi-queue tap (a
+ * single-queue tap, a tun device, another kind), say what it is and how to
+ * re-create it, as `exec` does, rather than only "already exists".
+ */
+function explainExisting(err: unknown, name: string, g: GlobalOpts): unknown {
+  if (!(err instanceof MqtapError) || err.op !== 'LOOKUP' || err.code !== 'EEXIST') return err;
+  let link;
+  try {
+    link = getLink(name, netnsOpt(g));
+  } catch {
+    return err;
+  }
+  if (!link) return err;
+  try {
+    requireMultiQueueTap(name, link);
+  } catch (why) {
+    return why;
+  }
+  return err;
+}
+
 function cmdCreate(name: string, o: CreateOpts, g: GlobalOpts): number {
-  const tap = openTap({
-    name,
-    queues: o.queues,
-    existing: 'forbid',
-    persist: true,
-    vnetHdr: o.vnetHdr,
-    ...(o.vnetHdrSize !== undefined ? { vnetHdrSize: o.vnetHdrSize as 10 } : {}),
-    ...(o.owner !== undefined ? { owner: resolveId(o.owner, 'owner') } : {}),
-    ...(o.group !== undefined ? { group: resolveId(o.group, 'group') } : {}),
-    ...(o.mtu !== undefined ? { mtu: o.mtu } : {}),
-    ...(o.mac !== undefined ? { mac: o.mac } : {}),
-    ...(o.up ? { up: true } : {}),
-    ...netnsOpt(g),
-    logger: logger(g),
-  });
+  let tap;
+  try {
+    tap = openTap({
+      name,
+      queues: o.queues,
+      existing: 'forbid',
+      persist: true,
+      vnetHdr: o.vnetHdr,
+      ...(o.vnetHdrSize !== undefined ? { vnetHdrSize: o.vnetHdrSize as 10 } : {}),
+      ...(o.owner !== undefined ? { owner: resolveId(o.owner, 'owner') } : {}),
+      ...(o.group !== undefined ? { group: resolveId(o.group, 'group') } : {}),
+      ...(o.mtu !== undefined ? { mtu: o.mtu } : {}),
+      ...(o.mac !== undefined ? { mac: o.mac } : {}),
+      ...(o.up ? { up: true } : {}),
+      ...netnsOpt(g),
+      logger: logger(g),
+    });
+  } catch (err) {
+    throw explainExisting(err, name, g);
+  }
   const created = tap.name;
   tap.close();
   const info = getLink(created, netnsOpt(g));
@@ -174,19 +214,51 @@ async function cmdExec(name: string, argv: string[], o: ExecOpts, g: GlobalOpts)
   }
 }
 
+/** `mqtap client list`: a command's full name, for hints. */
+function commandPath(cmd: Command): string {
+  const names: string[] = [];
+  for (let c: Command | null = cmd; c; c = c.parent) names.unshift(c.name());
+  return names.join(' ');
+}
+
+/** The command being run (set before its action), for the fallback hint. */
+let activeCommand = 'mqtap';
+
+/**
+ * Every error is reported as one `mqtap: MESSAGE` line and one `hint: HINT`
+ * line on stderr (with --json, also as {"error": ...} on stdout), the stack
+ * only with --debug.  The library logs an error it throws at debug level
+ * only, so nothing else repeats it.
+ */
 function reportError(err: unknown, g: GlobalOpts): number {
   const code = exitCodeFor(err);
-  if (err instanceof CommanderError) return code; // commander already printed it
-  if (g.json) json({ error: err instanceof MqtapError ? err.toJSON() : { message: String(err) } });
+  if (err instanceof CommanderError) return code; // printed by commanderOutput()
   if (err instanceof MqtapError) {
-    process.stderr.write(`mqtap: ${err.message}\n`);
-    if (err.hint) process.stderr.write(`hint: ${err.hint}\n`);
+    err.hint ??= err.isUsageError ? `see \`${activeCommand} --help\`` : 'run again with --debug to see each step mqtap took';
+    if (g.json) json({ error: err.toJSON() });
+    process.stderr.write(`mqtap: ${err.message}\nhint: ${err.hint}\n`);
     if (g.debug) process.stderr.write(`${err.stack ?? ''}\n`);
   } else {
+    if (g.json) json({ error: { message: String(err) } });
     process.stderr.write(`mqtap: internal error: ${(err as Error)?.message ?? String(err)}\n`);
-    process.stderr.write(g.debug ? `${(err as Error)?.stack ?? ''}\n` : 'run again with --debug for the stack trace, and please report it\n');
+    process.stderr.write(g.debug ? `hint: please report it, with this stack trace\n${(err as Error)?.stack ?? ''}\n` : 'hint: run again with --debug for the stack trace, and please report it\n');
   }
   return code;
+}
+
+/**
+ * Commander's own errors (unknown command or option, missing argument, a
+ * value an option's parser refused) in the same form: `mqtap: ...` and
+ * `hint: see \`mqtap COMMAND --help\`` (with commander's "Did you mean" in it).
+ */
+function commanderOutput(cmd: Command): { outputError: (str: string, write: (str: string) => void) => void } {
+  return {
+    outputError: (str, write) => {
+      const [first = '', ...rest] = str.trim().replace(/^error: /, '').split('\n');
+      const suggestion = rest.map((l) => l.trim().replace(/^\((.*)\)$/, '$1')).filter(Boolean).join(' ');
+      write(`mqtap: ${first}\nhint: ${suggestion ? `${suggestion} ` : ''}see \`${commandPath(cmd)} --help\`\n`);
+    },
+  };
 }
 
 export function buildProgram(run: Runner): Command {
@@ -199,8 +271,10 @@ export function buildProgram(run: Runner): Command {
     .option('--netns <name|path>', 'work inside this network namespace (name under /run/netns, or a path)')
     .option('--socket <path>', 'send daemon operations (create, list, show, set-active, acquire, release, hotplug, unplug, delete, ...) to the mqtap daemon at PATH')
     .enablePositionalOptions()
-    .showHelpAfterError('(run with --help for usage)')
-    .exitOverride();
+    .exitOverride()
+    .hook('preAction', (_program, action) => {
+      activeCommand = commandPath(action);
+    });
 
   const globals = (cmd: Command): GlobalOpts => cmd.optsWithGlobals<GlobalOpts>();
 
@@ -266,6 +340,11 @@ export function buildProgram(run: Runner): Command {
   registerDemo(program, ctx);
   registerDaemon(program, ctx);
   registerData(program, ctx);
+  const errorsLikeOurs = (cmd: Command): void => {
+    cmd.configureOutput(commanderOutput(cmd));
+    cmd.commands.forEach(errorsLikeOurs);
+  };
+  errorsLikeOurs(program);
   return program;
 }
 

@@ -190,7 +190,7 @@ export async function hotplugFds(qmp: QmpClient, opts: HotplugFdsOptions): Promi
         }
       }
     }
-    log.error({ qmp: qmp.path, id, netdevId, step, err, left }, 'hotplug failed');
+    log.debug({ qmp: qmp.path, id, netdevId, step, err, left }, 'hotplug failed'); // the caller gets the error (with `left`) and reports it
     if (left.length === 0) {
       if (err instanceof MqtapError) err.setMessage(`hotplug ${id}: ${step} failed: ${err.message}; everything done so far was undone`);
       throw err;

@@ -654,7 +654,7 @@ function alreadyExists(name: string): MqtapError {
 }
 
 /** Throws unless `link` is a multi-queue tap this library can attach to. */
-function requireMultiQueueTap(name: string, link: LinkInfo): void {
+export function requireMultiQueueTap(name: string, link: LinkInfo): void {
   if (isTapLink(link) && link.tun.multiQueue && link.tun.type === 'tap' && !link.tun.pi) return;
   // Refuse before TUNSETIFF: the kernel would answer EINVAL/EBUSY, less clearly.
   throw explainSetIff(new MqtapError({ op: 'LOOKUP', code: 'EINVAL', errno: 22, ifname: name, message: `${name} exists but is not a multi-queue tap` }), name);
@@ -846,7 +846,7 @@ export function openTap(opts: OpenTapOptions): Tap {
       }
       const e = queue >= 0 && !(err instanceof MqtapError && err.op === 'LOOKUP') ? withContext(explainSetIff(err, tap?.name ?? p.name), { ifname: tap?.name ?? p.name, queue }) : err;
       if (notRestored.length && e instanceof MqtapError) e.setMessage(`${e.message}; the rollback could not restore: ${notRestored.join(', ')}`);
-      p.logger.error({ ifname: p.name, queue, err: e }, 'openTap failed; everything opened was closed');
+      p.logger.debug({ ifname: p.name, queue, err: e }, 'openTap failed; everything opened was closed'); // the caller gets `e` and reports it
       throw e;
     }
     p.logger.info({ ifname: tap.name, queues: p.queues, created: tap.created, fds: tap.fds() }, 'tap opened');
