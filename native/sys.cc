@@ -8,6 +8,7 @@
 #include <fcntl.h>
 #include <linux/close_range.h>
 #include <sched.h>
+#include <sys/file.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -98,6 +99,20 @@ Napi::Value Unshare(const Napi::CallbackInfo& info) {
   return info.Env().Undefined();
 }
 
+// flock(fd, operation): an advisory whole-file lock (LOCK_SH/LOCK_EX,
+// LOCK_NB, LOCK_UN) tied to the open file description, released when its
+// last fd closes or the process dies.  With LOCK_NB a lock held elsewhere
+// is EWOULDBLOCK (EAGAIN); what that means is lib/'s business.
+Napi::Value Flock(const Napi::CallbackInfo& info) {
+  int fd = ArgFd(info, 0);
+  int op = ArgInt(info, 1);
+  int r;
+  do r = flock(fd, op);
+  while (r < 0 && errno == EINTR);
+  if (r < 0) ThrowSys(info.Env(), "FLOCK", "flock", errno);
+  return info.Env().Undefined();
+}
+
 // gettid(2): the JS thread's id, to name its own namespace file.
 Napi::Value GetTid(const Napi::CallbackInfo& info) { return Napi::Number::New(info.Env(), gettid()); }
 
@@ -114,10 +129,15 @@ void InitSys(Napi::Env env, Napi::Object exports) {
   exports.Set("setns", Napi::Function::New(env, SetNs, "setns"));
   exports.Set("unshare", Napi::Function::New(env, Unshare, "unshare"));
   exports.Set("gettid", Napi::Function::New(env, GetTid, "gettid"));
+  exports.Set("flock", Napi::Function::New(env, Flock, "flock"));
   Napi::Object c = Constants(exports);
   MQTAP_CONST(c, CLONE_NEWNET);
   MQTAP_CONST(c, FD_CLOEXEC);
   MQTAP_CONST(c, O_NONBLOCK);
+  MQTAP_CONST(c, LOCK_SH);
+  MQTAP_CONST(c, LOCK_EX);
+  MQTAP_CONST(c, LOCK_NB);
+  MQTAP_CONST(c, LOCK_UN);
 }
 
 }  // namespace mqtap

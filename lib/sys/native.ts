@@ -98,6 +98,11 @@ export interface NativeConstants {
   readonly SIZEOF_VRING_USED_ELEM: number;
   readonly FD_CLOEXEC: number;
   readonly O_NONBLOCK: number;
+  /** flock(2) operations (<sys/file.h>). */
+  readonly LOCK_SH: number;
+  readonly LOCK_EX: number;
+  readonly LOCK_NB: number;
+  readonly LOCK_UN: number;
 }
 
 /** IFLA_TUN_* attributes as the kernel reports them (raw values). */
@@ -202,6 +207,8 @@ export interface NativeBinding {
   setns(fd: number, nstype: number): void;
   unshare(flags: number): void;
   gettid(): number;
+  /** flock(fd, operation): LOCK_SH/LOCK_EX (| LOCK_NB) or LOCK_UN.  A lock held elsewhere with LOCK_NB: MqtapError op 'FLOCK', code EAGAIN (EWOULDBLOCK). */
+  flock(fd: number, operation: number): void;
   // vhost-net
   vhostOpen(path?: string): number;
   vhostSetOwner(fd: number): void;

@@ -1,0 +1,53 @@
+/**
+ * The addon's small syscall wrappers on their own, without root: flock(2)
+ * (the daemon's state-dir lock).  Errors are MqtapErrors with op, syscall
+ * and errno; nothing is left open.
+ */
+import { closeSync, mkdtempSync, openSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterAll, describe, expect, it } from 'vitest';
+import { MqtapError } from '../../lib/sys/errors.js';
+import { K, native } from '../../lib/sys/native.js';
+
+const dir = mkdtempSync(join(tmpdir(), 'mqtap-native-'));
+afterAll(() => rmSync(dir, { recursive: true, force: true }));
+
+function thrown(fn: () => unknown): MqtapError {
+  try {
+    fn();
+  } catch (e) {
+    return e as MqtapError;
+  }
+  throw new Error('expected a throw');
+}
+
+describe('flock', () => {
+  it('LOCK_EX|LOCK_NB: a second open file description gets EAGAIN (op FLOCK) until the first is closed', () => {
+    const file = join(dir, 'lock');
+    const a = openSync(file, 'w');
+    const b = openSync(file, 'r');
+    try {
+      native.flock(a, K.LOCK_EX | K.LOCK_NB);
+      const e = thrown(() => native.flock(b, K.LOCK_EX | K.LOCK_NB));
+      expect(e).toBeInstanceOf(MqtapError);
+      expect(e).toMatchObject({ op: 'FLOCK', syscall: 'flock', code: 'EAGAIN' });
+      native.flock(a, K.LOCK_UN);
+      native.flock(b, K.LOCK_EX | K.LOCK_NB);
+      expect(() => native.flock(a, K.LOCK_SH | K.LOCK_NB)).toThrow(MqtapError);
+    } finally {
+      closeSync(a);
+      closeSync(b);
+    }
+  });
+
+  it('a bad fd or operation: EBADF / EINVAL as MqtapError', () => {
+    expect(thrown(() => native.flock(1_000_000, K.LOCK_EX))).toMatchObject({ op: 'FLOCK', code: 'EBADF' });
+    const f = openSync(join(dir, 'x'), 'w');
+    try {
+      expect(thrown(() => native.flock(f, 0))).toMatchObject({ op: 'FLOCK', code: 'EINVAL' });
+    } finally {
+      closeSync(f);
+    }
+  });
+});
