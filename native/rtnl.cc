@@ -206,8 +206,10 @@ int ReadReplies(Napi::Env env, NetlinkSocket* sock, uint32_t seq, bool dump, uin
   }
 }
 
-// rtnlGetLinks(name?): every link in this network namespace, or just `name`
-// (an empty array when it does not exist).
+// rtnlGetLinks(name?): every link in this network namespace, or just `name`.
+// A name the kernel does not know is an error (ENODEV, the name in the
+// detail), never an empty list: whether a missing device is fine is lib/'s
+// decision (lib/tap/links.ts getLink).
 Napi::Value RtnlGetLinks(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   bool one = info.Length() > 0 && !info[0].IsUndefined() && !info[0].IsNull();
@@ -225,8 +227,7 @@ Napi::Value RtnlGetLinks(const Napi::CallbackInfo& info) {
   Napi::Array out = Napi::Array::New(env);
   std::string ext;
   int err = ReadReplies(env, &sock, 1, !one, RTM_NEWLINK, [&](const struct nlmsghdr* h) { out.Set(out.Length(), DecodeLink(env, h)); }, &ext);
-  if (err == -ENODEV && one) return Napi::Array::New(env);
-  if (err != 0) ThrowSys(env, "RTM_GETLINK", "netlink", -err, ext);
+  if (err != 0) ThrowSys(env, "RTM_GETLINK", "netlink", -err, one ? (ext.empty() ? name : name + ": " + ext) : ext);
   return out;
 }
 

@@ -192,6 +192,7 @@ export interface NativeBinding {
   ifSetFlags(name: string, flags: number): void;
   ifNameToIndex(name: string): number;
   // rtnetlink
+  /** Every link, or the one named (a missing one: MqtapError op RTM_GETLINK, code ENODEV, detail = the name). */
   rtnlGetLinks(name?: string): RawLink[];
   rtnlDelLink(index: number): void;
   /** RTM_GETQDISC dump: every qdisc of the device with this ifindex, with its counters. */
@@ -228,6 +229,7 @@ export interface NativeBinding {
   vhostNetSetBackend(fd: number, index: number, tapFd: number): void;
   // memory and eventfds
   allocPages(bytes: number): ArrayBuffer;
+  /** The address of allocPages memory (the buffer or a view into it); any other memory is a TypeError. */
   addressOf(buf: ArrayBuffer | ArrayBufferView): bigint;
   eventfdOpen(initval?: number): number;
   eventfdRead(fd: number): bigint | null;
@@ -297,6 +299,7 @@ export interface NativeBinding {
   /** bpf(BPF_MAP_CREATE): a new map fd (O_CLOEXEC). */
   bpfMapCreate(mapType: number, keySize: number, valueSize: number, maxEntries: number, mapFlags: number, name: string): number;
   /** bpf(BPF_MAP_LOOKUP_ELEM) into `value` (per-CPU maps: round_up(value_size, 8) bytes per possible CPU); false when the key is absent. */
+  /** false: no such key.  key/value smaller than the map's key size / value size (per possible CPU for per-CPU maps): TypeError. */
   bpfMapLookupElem(mapFd: number, key: Uint8Array, value: Uint8Array): boolean;
   /** bpf(BPF_LINK_CREATE) on a device (tcx): a new link fd (O_CLOEXEC); closing it detaches the program. */
   bpfLinkCreate(progFd: number, targetIfindex: number, attachType: number, flags: number): number;

@@ -51,3 +51,23 @@ describe('flock', () => {
     }
   });
 });
+
+describe('addressOf: allocPages memory only', () => {
+  it('the buffer from allocPages and views into it: the address of their first byte', () => {
+    const mem = native.allocPages(3 * K.PAGE_SIZE);
+    const base = native.addressOf(mem);
+    expect(base % BigInt(K.PAGE_SIZE)).toBe(0n);
+    expect(native.addressOf(new Uint8Array(mem, 100, 8))).toBe(base + 100n);
+    expect(native.addressOf(new Uint32Array(mem, 4096))).toBe(base + 4096n);
+    expect(native.addressOf(new DataView(mem, 8, 8))).toBe(base + 8n);
+    expect(native.addressOf(new Uint8Array(mem, mem.byteLength - 1, 1))).toBe(base + BigInt(mem.byteLength - 1));
+  });
+
+  it('any other memory is a TypeError: a Buffer, a plain ArrayBuffer, a view of one, a SharedArrayBuffer, a non-buffer', () => {
+    for (const b of [Buffer.alloc(64), Buffer.allocUnsafe(16), new ArrayBuffer(4096), new Uint8Array(4096), new DataView(new ArrayBuffer(16)), new Uint8Array(new SharedArrayBuffer(64))]) {
+      expect(() => native.addressOf(b)).toThrow(TypeError);
+      expect(() => native.addressOf(b)).toThrow(/only memory from allocPages/);
+    }
+    expect(() => native.addressOf(42 as unknown as ArrayBuffer)).toThrow(TypeError);
+  });
+});
