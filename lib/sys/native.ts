@@ -260,20 +260,23 @@ export interface NativeBinding {
   /** Batched frame I/O on one queue fd (never closes it); see native/io.cc. */
   QueueIo: new (
     fd: number,
-    options: { rx: 'poll' | 'uring'; tx: 'poll' | 'uring'; batch: number; slotSize: number; hdrLen: number },
+    /** rxDropErrnos/txDropErrnos: errnos that drop one frame (counted) instead of stopping the call: lib/ decides (lib/datapath/io.ts). */
+    options: { rx: 'poll' | 'uring'; tx: 'poll' | 'uring'; batch: number; slotSize: number; hdrLen: number; rxDropErrnos: number[]; txDropErrnos: number[] },
     onPoll: (status: number, events: number) => void,
   ) => {
     /** `batch` slots of `slotSize` bytes each. */
     readonly slab: ArrayBuffer;
     /** Float64 counters[COUNTERS] | Int32 state[STATES] | Uint32 rxDesc[2 * batch]. */
     readonly control: ArrayBuffer;
-    /** The engines in use (uring falls back to poll for good if io_uring_enter ever fails). */
+    /** The engines in use (io_uring_enter failing is reported in state word 6, RING_ERRNO; lib/ then calls stopUring()). */
     readonly engine: { rx: 'poll' | 'uring'; tx: 'poll' | 'uring' };
     /** False while the uring engine writes unordered batches (see TxUring in native/io.cc). */
     readonly ordered: boolean;
     rxRead(): number;
     txWrite(buffers: ArrayBuffer[], desc: Uint32Array, start: number, count: number, withHdr: boolean): number;
     pollSet(events: number): void;
+    /** No io_uring from now on: plain read/write syscalls, in order. */
+    stopUring(): void;
     /** uv_ref / uv_unref of the poll handle. */
     pollRef(on: boolean): void;
     close(): void;
@@ -289,6 +292,9 @@ export interface NativeBinding {
     readonly EAGAIN: number;
     readonly EMSGSIZE: number;
     readonly EINVAL: number;
+    readonly EFAULT: number;
+    readonly ENOMEM: number;
+    readonly ENOBUFS: number;
     readonly COUNTERS: number;
     readonly STATES: number;
     readonly MAX_BATCH: number;
