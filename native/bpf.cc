@@ -74,14 +74,6 @@ namespace {
 
 long SysBpf(int cmd, union bpf_attr* attr) { return syscall(__NR_bpf, cmd, attr, sizeof *attr); }
 
-// Bytes of a Buffer / typed array argument.
-void ArgBytes(const Napi::CallbackInfo& info, size_t i, uint8_t** data, size_t* len) {
-  if (info.Length() <= i || !info[i].IsTypedArray()) ThrowArg(info.Env(), "argument " + std::to_string(i) + ": Buffer expected");
-  Napi::TypedArray t = info[i].As<Napi::TypedArray>();
-  *data = static_cast<uint8_t*>(t.ArrayBuffer().Data()) + t.ByteOffset();
-  *len = t.ByteLength();
-}
-
 // bpfProgLoad(progType, insns, license, name, logBuf | null, logLevel,
 // expectedAttachType?) -> fd.  insns: struct bpf_insn[] (8 bytes each, host
 // byte order).  With logBuf, the verifier writes its log there
@@ -183,9 +175,7 @@ Napi::Value BpfMapCreate(const Napi::CallbackInfo& info) {
 // cannot be read or parsed.  Read once: the set is fixed at boot.
 unsigned PossibleCpus() {
   static unsigned cached = [] {
-    int fd;
-    do fd = open("/sys/devices/system/cpu/possible", O_RDONLY | O_CLOEXEC);
-    while (fd < 0 && errno == EINTR);
+    int fd = OpenCloexec("/sys/devices/system/cpu/possible", O_RDONLY);
     if (fd < 0) return 0u;
     char buf[256];
     ssize_t n = read(fd, buf, sizeof buf - 1);

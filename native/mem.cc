@@ -137,8 +137,7 @@ Napi::Value EventfdRead(const Napi::CallbackInfo& info) {
   int fd = ArgFd(info, 0);
   uint64_t v = 0;
   ssize_t n;
-  do n = read(fd, &v, sizeof v);
-  while (n < 0 && errno == EINTR);
+  n = NoEintr([&] { return read(fd, &v, sizeof v); });
   if (n < 0 && errno == EAGAIN) return info.Env().Null();
   if (n != sizeof v) ThrowSys(info.Env(), "EVENTFD_READ", "read", n < 0 ? errno : EIO);
   return Napi::BigInt::New(info.Env(), v);
@@ -147,15 +146,9 @@ Napi::Value EventfdRead(const Napi::CallbackInfo& info) {
 // Adds to the counter (a kick).
 Napi::Value EventfdWrite(const Napi::CallbackInfo& info) {
   int fd = ArgFd(info, 0);
-  uint64_t v = 1;
-  if (info.Length() > 1) {
-    bool lossless = false;
-    if (!info[1].IsBigInt()) ThrowArg(info.Env(), "argument 1: bigint expected");
-    v = info[1].As<Napi::BigInt>().Uint64Value(&lossless);
-  }
+  uint64_t v = info.Length() > 1 ? ArgU64(info, 1) : 1;
   ssize_t n;
-  do n = write(fd, &v, sizeof v);
-  while (n < 0 && errno == EINTR);
+  n = NoEintr([&] { return write(fd, &v, sizeof v); });
   if (n != sizeof v) ThrowSys(info.Env(), "EVENTFD_WRITE", "write", n < 0 ? errno : EIO);
   return info.Env().Undefined();
 }

@@ -41,16 +41,14 @@ class NetlinkSocket {
     memset(&kernel, 0, sizeof kernel);
     kernel.nl_family = AF_NETLINK;
     ssize_t n;
-    do n = sendto(fd_, msg, msg->nlmsg_len, 0, reinterpret_cast<struct sockaddr*>(&kernel), sizeof kernel);
-    while (n < 0 && errno == EINTR);
+    n = NoEintr([&] { return sendto(fd_, msg, msg->nlmsg_len, 0, reinterpret_cast<struct sockaddr*>(&kernel), sizeof kernel); });
     if (n < 0) ThrowSys(env_, op_, "sendto", errno);
   }
 
   // One datagram (possibly several netlink messages).  Returns its length.
   size_t Recv(std::vector<char>* buf) {
     ssize_t n;
-    do n = recv(fd_, buf->data(), buf->size(), MSG_TRUNC);
-    while (n < 0 && errno == EINTR);
+    n = NoEintr([&] { return recv(fd_, buf->data(), buf->size(), MSG_TRUNC); });
     if (n < 0) ThrowSys(env_, op_, "recv", errno);
     if (static_cast<size_t>(n) > buf->size()) ThrowSys(env_, op_, "recv", EMSGSIZE, "netlink reply truncated");
     return static_cast<size_t>(n);

@@ -76,9 +76,7 @@ Napi::Value CloexecFrom(const Napi::CallbackInfo& info) {
 // or /proc/self/task/TID/ns/net.
 Napi::Value OpenNs(const Napi::CallbackInfo& info) {
   std::string path = ArgString(info, 0);
-  int fd;
-  do fd = open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  while (fd < 0 && errno == EINTR);
+  int fd = OpenCloexec(path, O_RDONLY);
   if (fd < 0) ThrowSys(info.Env(), "NS_OPEN", "open", errno, path);
   return Napi::Number::New(info.Env(), fd);
 }
@@ -107,8 +105,7 @@ Napi::Value Flock(const Napi::CallbackInfo& info) {
   int fd = ArgFd(info, 0);
   int op = ArgInt(info, 1);
   int r;
-  do r = flock(fd, op);
-  while (r < 0 && errno == EINTR);
+  r = NoEintr([&] { return flock(fd, op); });
   if (r < 0) ThrowSys(info.Env(), "FLOCK", "flock", errno);
   return info.Env().Undefined();
 }

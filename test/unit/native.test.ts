@@ -1,9 +1,10 @@
 /**
  * The addon's small syscall wrappers on their own, without root: flock(2)
- * (the daemon's state-dir lock).  Errors are MqtapErrors with op, syscall
+ * (the daemon's state-dir lock), addressOf (allocPages memory only), and
+ * the helpers shared through native/common.h (one copy each).  Errors are MqtapErrors with op, syscall
  * and errno; nothing is left open.
  */
-import { closeSync, mkdtempSync, openSync, rmSync } from 'node:fs';
+import { closeSync, mkdtempSync, openSync, readdirSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
@@ -69,5 +70,36 @@ describe('addressOf: allocPages memory only', () => {
       expect(() => native.addressOf(b)).toThrow(/only memory from allocPages/);
     }
     expect(() => native.addressOf(42 as unknown as ArrayBuffer)).toThrow(TypeError);
+  });
+});
+
+describe('native/common.h: helpers live once', () => {
+  const NATIVE = join(__dirname, '..', '..', 'native');
+  const sources = readdirSync(NATIVE).filter((f) => f.endsWith('.cc'));
+  /** The code of a source file, comments left out. */
+  const text = (f: string): string => readFileSync(join(NATIVE, f), 'utf8').replace(/\/\/.*$/gm, '');
+
+  it.each([
+    ['an EINTR retry loop (use NoEintr)', /while \(\w+ < 0 && errno == EINTR\)/],
+    ['an open(2) of its own (use OpenCloexec: O_CLOEXEC + EINTR)', /[^\w.]open\(/],
+    ['an ifreq set up by hand (use IfReqFor)', /memset\(&ifr\b/],
+    ['a BigInt -> u64 conversion (use ToU64/ArgU64)', /Uint64Value\(/],
+    ['its own Buffer-bytes accessor (use ArgBytes)', /void ArgBytes\(/],
+  ])('no native/*.cc except errors.cc has %s', (_what, re) => {
+    const offenders = sources.filter((f) => f !== 'errors.cc' && re.test(text(f)));
+    expect(offenders).toEqual([]);
+  });
+
+  it('BigInt arguments outside 0..2^64-1 are TypeErrors (eventfdWrite used to truncate them)', () => {
+    const fd = native.eventfdOpen();
+    try {
+      expect(() => native.eventfdWrite(fd, 2n ** 64n + 1n)).toThrow(/bigint out of uint64 range/);
+      expect(() => native.eventfdWrite(fd, -1n)).toThrow(TypeError);
+      expect(native.eventfdRead(fd)).toBeNull(); // nothing was added
+      native.eventfdWrite(fd, 5n);
+      expect(native.eventfdRead(fd)).toBe(5n);
+    } finally {
+      native.close(fd);
+    }
   });
 });
