@@ -8,13 +8,14 @@
  *    exactly that list (a refused frame with an empty list stops the call).
  * Real taps in a throw-away network namespace.
  */
+import { readlinkSync } from 'node:fs';
 import { describe, expect, it } from 'vitest';
 import { MqtapError } from '../../lib/sys/errors.js';
 import type { Logger } from '../../lib/sys/log.js';
 import { native } from '../../lib/sys/native.js';
 import { openQueueIO, RX_DROP_ERRNOS, TX_DROP_ERRNOS } from '../../lib/datapath/io.js';
 import { openTap } from '../../lib/tap/tap.js';
-import { catchError, fdCount, haveCommand, limitFreeFds, skipNote, tapEnv, useIsolatedNetns, useTapTracker } from '../helpers/env.js';
+import { catchError, fdCount, haveCommand, limitFreeFds, openFds, skipNote, tapEnv, useIsolatedNetns, useTapTracker } from '../helpers/env.js';
 
 const env = tapEnv();
 const IOC = native.ioConstants;
@@ -30,6 +31,14 @@ function uringAvailable(): boolean {
   } finally {
     native.close(a);
     native.close(b);
+  }
+}
+
+function readlinkOr(path: string): string {
+  try {
+    return readlinkSync(path);
+  } catch {
+    return '';
   }
 }
 
@@ -95,6 +104,41 @@ describe.skipIf(!env.ok)(`data path policy in lib/datapath/io.ts${skipNote(env)}
     expect(io.engine).toEqual({ rx: 'poll', tx: 'uring' });
     expect(io.engineNote).toBeUndefined();
     io.close();
+  });
+
+  it.skipIf(!uringAvailable())('io_uring_enter failing mid-write: the addon reports it, lib/ stops the ring, logs why, and the batch is written with plain syscalls', async () => {
+    const tap = track(openTap({ name: 'ioe2', queues: 1, up: true, vnetHdr: false }));
+    const { logger, lines } = recorder();
+    const rings = (): number[] => openFds().filter((fd) => readlinkOr(`/proc/self/fd/${fd}`) === 'anon_inode:[io_uring]');
+    const before = new Set(rings());
+    const io = openQueueIO(tap.queues[0]!, { engine: { rx: 'poll', tx: 'uring' }, logger });
+    try {
+      const ring = rings().find((fd) => !before.has(fd));
+      expect(ring, 'the ring fd').toBeDefined();
+      // Put an eventfd in the ring's place (same number: the lowest free one):
+      // io_uring_enter on it fails (EOPNOTSUPP), as a broken ring would.  The
+      // ring's teardown closes that number, so the eventfd is not closed here.
+      native.close(ring!);
+      const standIn = native.eventfdOpen();
+      if (standIn !== ring) {
+        native.close(standIn);
+        console.warn('io_uring_enter failure case not run: the ring fd number was taken by another thread');
+        return;
+      }
+      const frame = Buffer.alloc(60);
+      frame.set([0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 2, 0, 0, 0, 0, 1, 0x88, 0xb5]);
+      const r = await io.writeBatch([frame, Buffer.from(frame), Buffer.from(frame)]);
+      expect(r.frames).toBe(3);
+      expect(r.waits).toBe(0); // not mistaken for an EAGAIN
+      expect(io.engine).toEqual({ rx: 'poll', tx: 'poll' });
+      expect(io.engineNote).toBe('io_uring_enter failed (EOPNOTSUPP): poll engine from then on');
+      const line = lines.find((l) => l.msg === 'io_uring failed; this queue goes on with the poll engine');
+      expect(line?.obj).toMatchObject({ ifname: 'ioe2', queue: 0, err: { code: 'EOPNOTSUPP' } });
+      expect(readlinkOr(`/proc/self/fd/${ring!}`)).not.toBe('anon_inode:[eventfd]'); // closed by the teardown
+      expect(io.stats().tx.frames).toBe(3);
+    } finally {
+      io.close();
+    }
   });
 
   it('lib/ chooses which errnos drop a frame; the addon applies that list, on both engines', () => {
