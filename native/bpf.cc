@@ -18,8 +18,11 @@
 #include <linux/if_tun.h>
 #include <linux/pkt_cls.h>
 #include <sys/ioctl.h>
+#include <fcntl.h>
 #include <sys/syscall.h>
 #include <unistd.h>
+
+#include <cstdlib>
 
 #include <cstddef>
 #include <cstring>
@@ -70,14 +73,6 @@ namespace mqtap {
 namespace {
 
 long SysBpf(int cmd, union bpf_attr* attr) { return syscall(__NR_bpf, cmd, attr, sizeof *attr); }
-
-// Bytes of a Buffer / typed array argument.
-void ArgBytes(const Napi::CallbackInfo& info, size_t i, uint8_t** data, size_t* len) {
-  if (info.Length() <= i || !info[i].IsTypedArray()) ThrowArg(info.Env(), "argument " + std::to_string(i) + ": Buffer expected");
-  Napi::TypedArray t = info[i].As<Napi::TypedArray>();
-  *data = static_cast<uint8_t*>(t.ArrayBuffer().Data()) + t.ByteOffset();
-  *len = t.ByteLength();
-}
 
 // bpfProgLoad(progType, insns, license, name, logBuf | null, logLevel,
 // expectedAttachType?) -> fd.  insns: struct bpf_insn[] (8 bytes each, host
@@ -175,11 +170,59 @@ Napi::Value BpfMapCreate(const Napi::CallbackInfo& info) {
   return Napi::Number::New(env, static_cast<double>(fd));
 }
 
+// The number of possible CPUs, as the kernel's num_possible_cpus(): the
+// CPUs listed in /sys/devices/system/cpu/possible ("0-3,8-11").  0 when it
+// cannot be read or parsed.  Read once: the set is fixed at boot.
+unsigned PossibleCpus() {
+  static unsigned cached = [] {
+    int fd = OpenCloexec("/sys/devices/system/cpu/possible", O_RDONLY);
+    if (fd < 0) return 0u;
+    char buf[256];
+    ssize_t n = read(fd, buf, sizeof buf - 1);
+    close(fd);
+    if (n <= 0) return 0u;
+    buf[n] = 0;
+    unsigned count = 0;
+    for (char* p = buf; *p != 0 && *p != '\n';) {
+      char* end;
+      unsigned long a = strtoul(p, &end, 10), b = a;
+      if (end == p) return 0u;
+      p = end;
+      if (*p == '-') {
+        b = strtoul(p + 1, &end, 10);
+        if (end == p + 1 || b < a) return 0u;
+        p = end;
+      }
+      count += static_cast<unsigned>(b - a + 1);
+      if (*p == ',') p++;
+    }
+    return count;
+  }();
+  return cached;
+}
+
+// The bytes BPF_MAP_LOOKUP_ELEM writes for one value of this map (the
+// kernel's bpf_map_value_size): value_size, or for per-CPU maps
+// round_up(value_size, 8) per possible CPU.  0 when unknown.
+size_t LookupValueSize(const struct bpf_map_info& m) {
+  switch (m.type) {
+    case BPF_MAP_TYPE_PERCPU_HASH:
+    case BPF_MAP_TYPE_PERCPU_ARRAY:
+    case BPF_MAP_TYPE_LRU_PERCPU_HASH:
+    case BPF_MAP_TYPE_PERCPU_CGROUP_STORAGE:
+      return static_cast<size_t>((m.value_size + 7u) & ~7u) * PossibleCpus();
+    default:
+      return m.value_size;
+  }
+}
+
 // bpfMapLookupElem(mapFd, key, value) -> true, or false when the map has no
 // such key (ENOENT).  key: key_size bytes; value: value_size bytes, or for
 // per-CPU maps round_up(value_size, 8) bytes per possible CPU (CPU 0 first).
-// The kernel writes value in full; its size is the caller's responsibility
-// (lib/ computes it), so the buffer must be at least that large.
+// The kernel writes value in full and reads key_size bytes of key, so the
+// sizes are checked here against the map's own (BPF_OBJ_GET_INFO_BY_FD), not
+// taken on trust: a buffer that is too small is a TypeError, before the
+// lookup.
 Napi::Value BpfMapLookupElem(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   int map = ArgFd(info, 0);
@@ -190,7 +233,21 @@ Napi::Value BpfMapLookupElem(const Napi::CallbackInfo& info) {
   size_t value_len;
   ArgBytes(info, 2, &value, &value_len);
   if (key_len == 0 || value_len == 0) ThrowArg(env, "bpfMapLookupElem: key and value must not be empty");
+  struct bpf_map_info mi;
+  memset(&mi, 0, sizeof mi);
   union bpf_attr attr;
+  memset(&attr, 0, sizeof attr);
+  attr.info.bpf_fd = static_cast<uint32_t>(map);
+  attr.info.info_len = sizeof mi;
+  attr.info.info = reinterpret_cast<uint64_t>(&mi);
+  if (SysBpf(BPF_OBJ_GET_INFO_BY_FD, &attr) < 0) ThrowSys(env, "BPF_MAP_LOOKUP_ELEM", "bpf", errno, "BPF_OBJ_GET_INFO_BY_FD");
+  size_t need = LookupValueSize(mi);
+  if (need == 0) ThrowSys(env, "BPF_MAP_LOOKUP_ELEM", "open", EIO, "/sys/devices/system/cpu/possible: the number of possible CPUs is unknown");
+  if (key_len < mi.key_size)
+    ThrowArg(env, "bpfMapLookupElem: key is " + std::to_string(key_len) + " bytes; the map's keys are " + std::to_string(mi.key_size));
+  if (value_len < need)
+    ThrowArg(env, "bpfMapLookupElem: value buffer is " + std::to_string(value_len) + " bytes; a value of this map is " + std::to_string(need) +
+                      (need != mi.value_size ? " (" + std::to_string(mi.value_size) + " rounded to 8, per possible CPU)" : std::string()));
   memset(&attr, 0, sizeof attr);
   attr.map_fd = static_cast<uint32_t>(map);
   attr.key = reinterpret_cast<uint64_t>(key);

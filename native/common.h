@@ -8,7 +8,10 @@
 #include <napi.h>
 
 #include <cerrno>
+#include <cstdint>
 #include <string>
+
+struct ifreq;
 
 namespace mqtap {
 
@@ -31,6 +34,33 @@ bool ArgBool(const Napi::CallbackInfo& info, size_t i);
 std::string ArgString(const Napi::CallbackInfo& info, size_t i);
 // An interface name that fits IFNAMSIZ (including the NUL).
 std::string ArgIfName(const Napi::CallbackInfo& info, size_t i);
+
+// A 64-bit unsigned value passed as a BigInt (feature masks, addresses,
+// counters); anything else, or a BigInt outside 0..2^64-1, is a TypeError
+// naming `what`.
+uint64_t ToU64(Napi::Env env, Napi::Value v, const std::string& what);
+uint64_t ArgU64(const Napi::CallbackInfo& info, size_t i);
+// The bytes of a Buffer / typed array argument (a view: no copy).
+void ArgBytes(const Napi::CallbackInfo& info, size_t i, uint8_t** data, size_t* len);
+
+// Calls f() again while it fails with EINTR (f returns < 0 and sets errno
+// on failure, as a libc call does).  The result of the last call.
+template <typename F>
+auto NoEintr(F&& f) -> decltype(f()) {
+  decltype(f()) r;
+  do r = f();
+  while (r < 0 && errno == EINTR);
+  return r;
+}
+
+// open(path, flags | O_CLOEXEC), EINTR retried: every fd the addon opens is
+// close-on-exec.  -1 with errno on failure.
+int OpenCloexec(const std::string& path, int flags);
+
+// A zeroed struct ifreq (<net/if.h>: include it where this is used; not
+// here, since <linux/if.h> users cannot have both) carrying `name` (shorter than IFNAMSIZ: ArgIfName
+// checked it; "" for the ioctls that fill the name in).
+struct ifreq IfReqFor(const std::string& name = std::string());
 
 // Zeroed anonymous memory (mmap, committed lazily, page-aligned, never
 // moved) as an ArrayBuffer that unmaps it when collected.  Throws

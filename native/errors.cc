@@ -4,6 +4,7 @@
 // (lib/sys/errors.ts) and handed to the addon once at load time; C++ only
 // constructs it.  The class turns errno into `code`/message/hint, so the
 // native side never flattens errno into a string.
+#include <fcntl.h>
 #include <net/if.h>
 
 #include <cstring>
@@ -97,6 +98,36 @@ std::string ArgIfName(const Napi::CallbackInfo& info, size_t i) {
   std::string name = ArgString(info, i);
   if (name.size() >= IFNAMSIZ || name.find('\0') != std::string::npos) ThrowArg(info.Env(), "argument " + std::to_string(i) + ": interface name must be shorter than IFNAMSIZ");
   return name;
+}
+
+uint64_t ToU64(Napi::Env env, Napi::Value v, const std::string& what) {
+  if (!v.IsBigInt()) ThrowArg(env, what + ": bigint expected");
+  bool lossless = false;
+  uint64_t r = v.As<Napi::BigInt>().Uint64Value(&lossless);
+  if (!lossless) ThrowArg(env, what + ": bigint out of uint64 range");
+  return r;
+}
+
+uint64_t ArgU64(const Napi::CallbackInfo& info, size_t i) {
+  return ToU64(info.Env(), info.Length() > i ? info[i] : info.Env().Undefined(), "argument " + std::to_string(i));
+}
+
+void ArgBytes(const Napi::CallbackInfo& info, size_t i, uint8_t** data, size_t* len) {
+  if (info.Length() <= i || !info[i].IsTypedArray()) ThrowArg(info.Env(), "argument " + std::to_string(i) + ": Buffer expected");
+  Napi::TypedArray t = info[i].As<Napi::TypedArray>();
+  *data = static_cast<uint8_t*>(t.ArrayBuffer().Data()) + t.ByteOffset();
+  *len = t.ByteLength();
+}
+
+int OpenCloexec(const std::string& path, int flags) {
+  return NoEintr([&] { return open(path.c_str(), flags | O_CLOEXEC); });
+}
+
+struct ifreq IfReqFor(const std::string& name) {
+  struct ifreq ifr;
+  memset(&ifr, 0, sizeof ifr);
+  memcpy(ifr.ifr_name, name.data(), std::min(name.size(), sizeof ifr.ifr_name - 1));
+  return ifr;
 }
 
 Napi::Object Constants(Napi::Object exports) {

@@ -28,6 +28,13 @@
 //
 // Counters (frames, bytes, drops, EAGAIN, syscalls) live in a small shared
 // memory block that lib/datapath/io.ts reads without calling in here.
+//
+// Policy is lib/datapath/io.ts's, not this file's: which errnos drop one frame
+// (and the call goes on) rather than stop the call is a list lib/ passes in
+// (applied here per frame, without a call into JavaScript); when
+// io_uring_enter itself fails, this file only reports it (ST_RING_ERRNO)
+// and lib/ decides what to do (it calls stopUring() and goes on with plain
+// syscalls); when io_uring is not available at all, lib/ chooses 'poll'.
 #include <errno.h>
 #include <fcntl.h>
 #include <linux/if_tun.h>
@@ -40,6 +47,7 @@
 #include <unistd.h>
 #include <uv.h>
 
+#include <bitset>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
@@ -77,6 +85,7 @@ enum StateWord {
   ST_DROP_ERRNO,    // txWrite: errno of the first refused frame
   ST_DROP_INDEX,    // txWrite: list index of the first refused frame
   ST_RX_DROP_ERRNO, // rxRead: errno/reason of the last rx drop (EMSGSIZE = truncated)
+  ST_RING_ERRNO,    // io_uring_enter failed with this errno (the ring is not used again until lib/ calls stopUring)
 };
 constexpr size_t kCtlHeader = kCounters * sizeof(double) + kStates * sizeof(int32_t);
 
@@ -86,9 +95,8 @@ constexpr unsigned kMaxBatch = 1024;
 // of streaming through a 4 MB slab.
 constexpr size_t kRxByteBudget = 512 * 1024;
 
-// Errors that concern one frame only: the kernel refused (and dropped) it,
-// the queue is fine.  Anything else stops the call and is thrown.
-bool PerFrameError(int err) { return err == EINVAL || err == EMSGSIZE || err == EFAULT || err == ENOMEM || err == ENOBUFS; }
+// errnos up to this bound can be named in the drop lists.
+constexpr int kMaxErrno = 4096;
 
 // ---------------------------------------------------------------- io_uring
 
@@ -273,13 +281,18 @@ struct TxFrame {
 
 // ---------------------------------------------------------------- QueueIo
 
-// new QueueIo(fd, { rx: 'poll' | 'uring', tx: 'poll' | 'uring', batch, slotSize, hdrLen }, onPoll)
+// new QueueIo(fd, { rx: 'poll' | 'uring', tx: 'poll' | 'uring', batch, slotSize, hdrLen,
+//                   rxDropErrnos: number[], txDropErrnos: number[] }, onPoll)
+//   rxDropErrnos / txDropErrnos: errnos that mean "the kernel dropped (or
+//              refused) this one frame": counted as a drop, the call goes on.
+//              Any other errno stops the call and is thrown.  lib/ decides.
 //   .slab      ArrayBuffer: batch slots of slotSize bytes (mmap, committed lazily)
 //   .control   ArrayBuffer: Float64 counters[16] | Int32 state[8] | Uint32 rxDesc[2*batch]
 //   .engine    { rx, tx }: the engines in use
 //   .rxRead()  -> frames read into the slab (0: nothing waiting)
 //   .txWrite(buffers, desc, start, count, withHdr) -> see TxWrite
 //   .pollSet(events)   UV_READABLE|UV_WRITABLE, 0 stops
+//   .stopUring()  stops using io_uring for good (plain syscalls from now on)
 //   .close()   stops polling and tears the engine down; the fd stays open
 class QueueIo : public Napi::ObjectWrap<QueueIo> {
  public:
@@ -287,7 +300,7 @@ class QueueIo : public Napi::ObjectWrap<QueueIo> {
     return DefineClass(env, "QueueIo",
                        {InstanceMethod<&QueueIo::RxRead>("rxRead"), InstanceMethod<&QueueIo::TxWrite>("txWrite"),
                         InstanceMethod<&QueueIo::PollSet>("pollSet"), InstanceMethod<&QueueIo::PollRef>("pollRef"),
-                        InstanceMethod<&QueueIo::Close>("close"),
+                        InstanceMethod<&QueueIo::Close>("close"), InstanceMethod<&QueueIo::StopUring>("stopUring"),
                         InstanceAccessor<&QueueIo::GetSlab>("slab"), InstanceAccessor<&QueueIo::GetControl>("control"),
                         InstanceAccessor<&QueueIo::GetEngine>("engine"), InstanceAccessor<&QueueIo::GetOrdered>("ordered")});
   }
@@ -307,6 +320,8 @@ class QueueIo : public Napi::ObjectWrap<QueueIo> {
     if (slot_size_ < 64 || slot_size_ > (1u << 20) || hdr_len_ > 64 || hdr_len_ >= slot_size_) ThrowArg(env, "QueueIo: bad slot or header size");
     rx_uring_ = rx == "uring";
     tx_uring_ = tx == "uring";
+    ErrnoSet(env, o.Get("rxDropErrnos"), "rxDropErrnos", &rx_drop_);
+    ErrnoSet(env, o.Get("txDropErrnos"), "txDropErrnos", &tx_drop_);
 
     // Shared control block: counters, state words, rx descriptors.
     size_t ctl_len = kCtlHeader + 2 * batch_ * sizeof(uint32_t);
@@ -341,6 +356,19 @@ class QueueIo : public Napi::ObjectWrap<QueueIo> {
   ~QueueIo() override { Teardown(); }
 
  private:
+  static void ErrnoSet(Napi::Env env, Napi::Value v, const char* what, std::bitset<kMaxErrno>* out) {
+    if (!v.IsArray()) ThrowArg(env, std::string("QueueIo: ") + what + " must be an array of errno numbers");
+    Napi::Array a = v.As<Napi::Array>();
+    for (uint32_t i = 0; i < a.Length(); i++) {
+      Napi::Value e = a.Get(i);
+      double d = e.IsNumber() ? e.As<Napi::Number>().DoubleValue() : -1;
+      if (!(d >= 1 && d < kMaxErrno) || d != static_cast<int>(d)) ThrowArg(env, std::string("QueueIo: ") + what + ": errno numbers are 1.." + std::to_string(kMaxErrno - 1));
+      out->set(static_cast<size_t>(d));
+    }
+  }
+  bool RxDrops(int err) const { return err > 0 && err < kMaxErrno && rx_drop_[err]; }
+  bool TxDrops(int err) const { return err > 0 && err < kMaxErrno && tx_drop_[err]; }
+
   void Live(Napi::Env env, const char* op) {
     if (fd_ < 0) ThrowSys(env, op, "none", EBADF, "queue I/O is closed");
     // The shared blocks are written through raw pointers: refuse to go on if
@@ -367,7 +395,7 @@ class QueueIo : public Napi::ObjectWrap<QueueIo> {
       ThrowSys(env, "READ", rx_uring_ ? "io_uring_enter" : "read", err);
     }
     if (rx_eof_) return Napi::Number::New(env, -1);
-    unsigned got = rx_uring_ ? RxUring() : RxPoll();
+    unsigned got = rx_uring_ && RingOk() ? RxUring() : RxPoll();
     if (got > 0) counters_[RX_BATCHES] += 1;
     if (got == 0 && rx_eof_) return Napi::Number::New(env, -1);
     if (got == 0 && rx_pending_errno_ != 0) {
@@ -406,9 +434,9 @@ class QueueIo : public Napi::ObjectWrap<QueueIo> {
       if (n < 0) {
         if (errno == EINTR) continue;
         if (errno == EAGAIN) break;
-        if (errno == EINVAL) {  // the kernel dropped a frame it could not describe
+        if (RxDrops(errno)) {  // e.g. EINVAL: the kernel dropped a frame it could not describe
           counters_[RX_DROPS] += 1;
-          state_[ST_RX_DROP_ERRNO] = EINVAL;
+          state_[ST_RX_DROP_ERRNO] = errno;
           continue;
         }
         rx_pending_errno_ = errno;
@@ -427,12 +455,9 @@ class QueueIo : public Napi::ObjectWrap<QueueIo> {
   }
 
   // io_uring_enter itself failed (never seen; see Ring::SubmitAndWait): what
-  // completed was processed; the queue goes on with plain syscalls.
-  void FallBack() {
-    ring_.reset();
-    rx_uring_ = tx_uring_ = false;
-    ordered_ = true;
-  }
+  // completed was processed.  Reported to lib/ (ST_RING_ERRNO), which decides.
+  void RingFailed(int err) { state_[ST_RING_ERRNO] = err; }
+  bool RingOk() const { return state_[ST_RING_ERRNO] == 0; }
 
   unsigned RxUring() {
     unsigned got = 0;
@@ -463,9 +488,9 @@ class QueueIo : public Napi::ObjectWrap<QueueIo> {
         answered++;
       } else if (c.res == -EAGAIN || c.res == -ECANCELED) {
         // nothing was waiting for this read
-      } else if (c.res == -EINVAL) {  // the kernel dropped a frame it could not describe
+      } else if (RxDrops(-c.res)) {  // e.g. EINVAL: the kernel dropped a frame it could not describe
         counters_[RX_DROPS] += 1;
-        state_[ST_RX_DROP_ERRNO] = EINVAL;
+        state_[ST_RX_DROP_ERRNO] = -c.res;
         answered++;
       } else if (rx_pending_errno_ == 0) {
         rx_pending_errno_ = -c.res;
@@ -478,7 +503,7 @@ class QueueIo : public Napi::ObjectWrap<QueueIo> {
       avg /= got;
       rx_want_ = std::max(4u, std::min<unsigned>(rx_want_, static_cast<unsigned>(kRxByteBudget / std::max<size_t>(avg, 1))));
     }
-    if (err != 0) FallBack();
+    if (err != 0) RingFailed(err);
     return got;
   }
 
@@ -531,7 +556,7 @@ class QueueIo : public Napi::ObjectWrap<QueueIo> {
     state_[ST_COUNT] = static_cast<int32_t>(count);
     bool prepend = !with_hdr && hdr_len_ > 0;
     uint32_t hdr_bytes = with_hdr ? hdr_len_ : 0;
-    uint32_t next = (tx_uring_ && !ordered_) ? TxUring(env, desc, start, count, prepend, hdr_bytes) : TxPoll(env, start, count, prepend, hdr_bytes);
+    uint32_t next = (tx_uring_ && !ordered_ && RingOk()) ? TxUring(env, desc, start, count, prepend, hdr_bytes) : TxPoll(env, start, count, prepend, hdr_bytes);
     state_[ST_NEXT] = static_cast<int32_t>(next);
     return Napi::Number::New(env, next);
   }
@@ -568,7 +593,7 @@ class QueueIo : public Napi::ObjectWrap<QueueIo> {
           counters_[TX_EAGAIN] += 1;
           return i;
         }
-        if (!PerFrameError(errno)) ThrowSys(env, "WRITE", prepend ? "writev" : "write", errno);
+        if (!TxDrops(errno)) ThrowSys(env, "WRITE", prepend ? "writev" : "write", errno);
         TxDrop(i, errno);
       } else {
         TxDone(f.len, hdr_bytes);
@@ -630,13 +655,13 @@ class QueueIo : public Napi::ObjectWrap<QueueIo> {
           if (first_again < k) counters_[TX_REORDERED] += 1;
         } else if (r == -EAGAIN) {
           if (first_again == k) first_again = j;
-        } else if (PerFrameError(-r)) {
+        } else if (TxDrops(-r)) {
           TxDrop(i + j, -r);
         } else if (fatal == 0) {
           fatal = -r;
         }
       }
-      if (err != 0) FallBack();
+      if (err != 0) RingFailed(err);
       if (fatal != 0) ThrowSys(env, "WRITE", "io_uring_enter", fatal);
       if (first_again < k) {
         // Keep the unwritten frames (EAGAIN'd ones of this batch, then the
@@ -661,7 +686,7 @@ class QueueIo : public Napi::ObjectWrap<QueueIo> {
         return i;
       }
       i += k;
-      if (!tx_uring_) return TxPoll(env, i, count, prepend, hdr_bytes);
+      if (err != 0) return i;  // lib/ sees ST_RING_ERRNO and decides how to go on
     }
     return i;
   }
@@ -700,6 +725,17 @@ class QueueIo : public Napi::ObjectWrap<QueueIo> {
     poll_.Close();
     if (ring_) ring_.reset();
     fd_ = -1;
+  }
+
+  // stopUring(): no io_uring from now on (the ring is torn down; reads and
+  // writes are plain syscalls, in order).  lib/ calls it when ST_RING_ERRNO
+  // says io_uring_enter failed.
+  Napi::Value StopUring(const Napi::CallbackInfo& info) {
+    ring_.reset();
+    rx_uring_ = tx_uring_ = false;
+    ordered_ = true;
+    state_[ST_RING_ERRNO] = 0;
+    return info.Env().Undefined();
   }
 
   Napi::Value Close(const Napi::CallbackInfo& info) {
@@ -746,6 +782,8 @@ class QueueIo : public Napi::ObjectWrap<QueueIo> {
   std::vector<size_t> sizes_;
   std::vector<TxFrame> frames_;
   std::vector<int> res_;
+  std::bitset<kMaxErrno> rx_drop_;
+  std::bitset<kMaxErrno> tx_drop_;
 };
 
 // TUNGETSNDBUF / TUNSETSNDBUF: the per-queue socket send buffer a tap write
@@ -782,6 +820,9 @@ void InitIo(Napi::Env env, Napi::Object exports) {
   MQTAP_CONST(c, EAGAIN);
   MQTAP_CONST(c, EMSGSIZE);
   MQTAP_CONST(c, EINVAL);
+  MQTAP_CONST(c, EFAULT);
+  MQTAP_CONST(c, ENOMEM);
+  MQTAP_CONST(c, ENOBUFS);
   c.Set("COUNTERS", Napi::Number::New(env, kCounters));
   c.Set("STATES", Napi::Number::New(env, kStates));
   c.Set("MAX_BATCH", Napi::Number::New(env, kMaxBatch));

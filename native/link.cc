@@ -31,20 +31,13 @@ class ControlSocket {
   int fd_;
 };
 
-struct ifreq IfReq(const std::string& name) {
-  struct ifreq ifr;
-  memset(&ifr, 0, sizeof ifr);
-  memcpy(ifr.ifr_name, name.data(), name.size());
-  return ifr;
-}
-
 void Ioctl(Napi::Env env, const char* op, unsigned long request, struct ifreq* ifr) {
   ControlSocket sock(env, op);
   if (ioctl(sock.fd(), request, ifr) < 0) ThrowSys(env, op, "ioctl", errno, ifr->ifr_name);
 }
 
 Napi::Value IfSetMtu(const Napi::CallbackInfo& info) {
-  struct ifreq ifr = IfReq(ArgIfName(info, 0));
+  struct ifreq ifr = IfReqFor(ArgIfName(info, 0));
   ifr.ifr_mtu = ArgInt(info, 1);
   Ioctl(info.Env(), "SIOCSIFMTU", SIOCSIFMTU, &ifr);
   return info.Env().Undefined();
@@ -52,7 +45,7 @@ Napi::Value IfSetMtu(const Napi::CallbackInfo& info) {
 
 // SIOCSIFHWADDR with an Ethernet address (a 6-byte Buffer).
 Napi::Value IfSetMac(const Napi::CallbackInfo& info) {
-  struct ifreq ifr = IfReq(ArgIfName(info, 0));
+  struct ifreq ifr = IfReqFor(ArgIfName(info, 0));
   if (info.Length() < 2 || !info[1].IsBuffer() || info[1].As<Napi::Buffer<uint8_t>>().Length() != 6)
     ThrowArg(info.Env(), "argument 1: 6-byte Buffer expected");
   ifr.ifr_hwaddr.sa_family = ARPHRD_ETHER;
@@ -62,13 +55,13 @@ Napi::Value IfSetMac(const Napi::CallbackInfo& info) {
 }
 
 Napi::Value IfGetFlags(const Napi::CallbackInfo& info) {
-  struct ifreq ifr = IfReq(ArgIfName(info, 0));
+  struct ifreq ifr = IfReqFor(ArgIfName(info, 0));
   Ioctl(info.Env(), "SIOCGIFFLAGS", SIOCGIFFLAGS, &ifr);
   return Napi::Number::New(info.Env(), static_cast<unsigned short>(ifr.ifr_flags));
 }
 
 Napi::Value IfSetFlags(const Napi::CallbackInfo& info) {
-  struct ifreq ifr = IfReq(ArgIfName(info, 0));
+  struct ifreq ifr = IfReqFor(ArgIfName(info, 0));
   ifr.ifr_flags = static_cast<short>(ArgUint(info, 1));
   Ioctl(info.Env(), "SIOCSIFFLAGS", SIOCSIFFLAGS, &ifr);
   return info.Env().Undefined();

@@ -5,9 +5,20 @@
 // at a stable address for its whole life, and unmapped by the ArrayBuffer's
 // finalizer, so the memory is owned by (and freed with) a JS object.  The
 // ring logic itself (descriptors, avail/used indices) lives in TypeScript.
+//
+// addressOf() hands a process address to the kernel (vhost memory table,
+// vring addresses), which keeps using it behind JavaScript's back.  Only
+// memory that cannot move or be freed while its ArrayBuffer lives qualifies,
+// so addressOf() accepts allocPages() memory only: the live allocPages
+// ranges are kept in a registry (entered on allocation, removed by the
+// finalizer before munmap), and anything else (a Buffer from Node's pool, a
+// plain ArrayBuffer the GC may move or free) is a TypeError.
 #include <sys/eventfd.h>
 #include <sys/mman.h>
 #include <unistd.h>
+
+#include <map>
+#include <mutex>
 
 #include "common.h"
 
@@ -17,27 +28,53 @@ namespace {
 struct Mapping {
   void* addr;
   size_t len;
+  bool registered;
 };
 
+// Live allocPages ranges: start address -> length.  Process-wide (worker
+// threads load the addon too; finalizers run on their threads).
+std::mutex g_pages_mu;
+std::map<uintptr_t, size_t> g_pages;
+
 void Unmap(Napi::Env, void*, Mapping* m) {
+  if (m->registered) {
+    std::lock_guard<std::mutex> lock(g_pages_mu);
+    g_pages.erase(reinterpret_cast<uintptr_t>(m->addr));
+  }
   munmap(m->addr, m->len);
   delete m;
 }
 
-}  // namespace
+// Whether [p, p+len) lies inside one live allocPages range.
+bool InAllocatedPages(uintptr_t p, size_t len) {
+  std::lock_guard<std::mutex> lock(g_pages_mu);
+  auto it = g_pages.upper_bound(p);
+  if (it == g_pages.begin()) return false;
+  --it;
+  return p >= it->first && p - it->first <= it->second && len <= it->second - (p - it->first);
+}
 
-Napi::ArrayBuffer MappedArrayBuffer(Napi::Env env, size_t len, const char* op) {
+Napi::ArrayBuffer NewMapped(Napi::Env env, size_t len, const char* op, bool registered) {
   void* addr = mmap(nullptr, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
   if (addr == MAP_FAILED) ThrowSys(env, op, "mmap", errno);
-  auto* m = new Mapping{addr, len};
+  auto* m = new Mapping{addr, len, registered};
   try {
-    return Napi::ArrayBuffer::New(env, addr, len, Unmap, m);
+    Napi::ArrayBuffer ab = Napi::ArrayBuffer::New(env, addr, len, Unmap, m);
+    if (registered) {
+      std::lock_guard<std::mutex> lock(g_pages_mu);
+      g_pages[reinterpret_cast<uintptr_t>(addr)] = len;
+    }
+    return ab;
   } catch (...) {  // the finalizer was never attached: unmap here
     munmap(addr, len);
     delete m;
     throw;
   }
 }
+
+}  // namespace
+
+Napi::ArrayBuffer MappedArrayBuffer(Napi::Env env, size_t len, const char* op) { return NewMapped(env, len, op, false); }
 
 namespace {
 
@@ -48,23 +85,42 @@ Napi::Value AllocPages(const Napi::CallbackInfo& info) {
   if (bytes == 0) ThrowArg(env, "allocPages: size must be > 0");
   long page = sysconf(_SC_PAGESIZE);
   size_t len = (static_cast<size_t>(bytes) + page - 1) / page * page;
-  return MappedArrayBuffer(env, len, "ALLOC_PAGES");
+  return NewMapped(env, len, "ALLOC_PAGES", true);
 }
 
 // addressOf(arrayBuffer | typed array): the process address of its first
 // byte, as a BigInt (what vhost's memory table and vring addresses want).
+// Only for memory from allocPages (the ArrayBuffer itself or a view into
+// it): anything else is a TypeError (see the top of this file).
 Napi::Value AddressOf(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   if (info.Length() < 1) ThrowArg(env, "addressOf: buffer expected");
   uintptr_t p;
+  size_t len;
   if (info[0].IsArrayBuffer()) {
-    p = reinterpret_cast<uintptr_t>(info[0].As<Napi::ArrayBuffer>().Data());
-  } else if (info[0].IsTypedArray()) {
-    Napi::TypedArray t = info[0].As<Napi::TypedArray>();
-    p = reinterpret_cast<uintptr_t>(t.ArrayBuffer().Data()) + t.ByteOffset();
+    Napi::ArrayBuffer ab = info[0].As<Napi::ArrayBuffer>();
+    p = reinterpret_cast<uintptr_t>(ab.Data());
+    len = ab.ByteLength();
+  } else if (info[0].IsTypedArray() || info[0].IsDataView()) {
+    // The raw calls give the view's first byte directly, whatever backs it
+    // (a SharedArrayBuffer too, which the C++ wrappers refuse).
+    void* data = nullptr;
+    napi_status st;
+    if (info[0].IsTypedArray()) {
+      napi_typedarray_type type;
+      size_t n;
+      st = napi_get_typedarray_info(env, info[0], &type, &n, &data, nullptr, nullptr);
+      if (st == napi_ok) len = info[0].As<Napi::TypedArray>().ByteLength();
+    } else {
+      st = napi_get_dataview_info(env, info[0], &len, &data, nullptr, nullptr);
+    }
+    if (st != napi_ok) ThrowArg(env, "addressOf: unreadable view");
+    p = reinterpret_cast<uintptr_t>(data);
   } else {
     ThrowArg(env, "addressOf: ArrayBuffer or typed array expected");
   }
+  if (p == 0 || !InAllocatedPages(p, len))
+    ThrowArg(env, "addressOf: only memory from allocPages() has a stable address the kernel may keep (this buffer is not, or no longer, allocPages memory)");
   return Napi::BigInt::New(env, static_cast<uint64_t>(p));
 }
 
@@ -81,8 +137,7 @@ Napi::Value EventfdRead(const Napi::CallbackInfo& info) {
   int fd = ArgFd(info, 0);
   uint64_t v = 0;
   ssize_t n;
-  do n = read(fd, &v, sizeof v);
-  while (n < 0 && errno == EINTR);
+  n = NoEintr([&] { return read(fd, &v, sizeof v); });
   if (n < 0 && errno == EAGAIN) return info.Env().Null();
   if (n != sizeof v) ThrowSys(info.Env(), "EVENTFD_READ", "read", n < 0 ? errno : EIO);
   return Napi::BigInt::New(info.Env(), v);
@@ -91,15 +146,9 @@ Napi::Value EventfdRead(const Napi::CallbackInfo& info) {
 // Adds to the counter (a kick).
 Napi::Value EventfdWrite(const Napi::CallbackInfo& info) {
   int fd = ArgFd(info, 0);
-  uint64_t v = 1;
-  if (info.Length() > 1) {
-    bool lossless = false;
-    if (!info[1].IsBigInt()) ThrowArg(info.Env(), "argument 1: bigint expected");
-    v = info[1].As<Napi::BigInt>().Uint64Value(&lossless);
-  }
+  uint64_t v = info.Length() > 1 ? ArgU64(info, 1) : 1;
   ssize_t n;
-  do n = write(fd, &v, sizeof v);
-  while (n < 0 && errno == EINTR);
+  n = NoEintr([&] { return write(fd, &v, sizeof v); });
   if (n != sizeof v) ThrowSys(info.Env(), "EVENTFD_WRITE", "write", n < 0 ? errno : EIO);
   return info.Env().Undefined();
 }

@@ -41,16 +41,14 @@ class NetlinkSocket {
     memset(&kernel, 0, sizeof kernel);
     kernel.nl_family = AF_NETLINK;
     ssize_t n;
-    do n = sendto(fd_, msg, msg->nlmsg_len, 0, reinterpret_cast<struct sockaddr*>(&kernel), sizeof kernel);
-    while (n < 0 && errno == EINTR);
+    n = NoEintr([&] { return sendto(fd_, msg, msg->nlmsg_len, 0, reinterpret_cast<struct sockaddr*>(&kernel), sizeof kernel); });
     if (n < 0) ThrowSys(env_, op_, "sendto", errno);
   }
 
   // One datagram (possibly several netlink messages).  Returns its length.
   size_t Recv(std::vector<char>* buf) {
     ssize_t n;
-    do n = recv(fd_, buf->data(), buf->size(), MSG_TRUNC);
-    while (n < 0 && errno == EINTR);
+    n = NoEintr([&] { return recv(fd_, buf->data(), buf->size(), MSG_TRUNC); });
     if (n < 0) ThrowSys(env_, op_, "recv", errno);
     if (static_cast<size_t>(n) > buf->size()) ThrowSys(env_, op_, "recv", EMSGSIZE, "netlink reply truncated");
     return static_cast<size_t>(n);
@@ -206,8 +204,10 @@ int ReadReplies(Napi::Env env, NetlinkSocket* sock, uint32_t seq, bool dump, uin
   }
 }
 
-// rtnlGetLinks(name?): every link in this network namespace, or just `name`
-// (an empty array when it does not exist).
+// rtnlGetLinks(name?): every link in this network namespace, or just `name`.
+// A name the kernel does not know is an error (ENODEV, the name in the
+// detail), never an empty list: whether a missing device is fine is lib/'s
+// decision (lib/tap/links.ts getLink).
 Napi::Value RtnlGetLinks(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   bool one = info.Length() > 0 && !info[0].IsUndefined() && !info[0].IsNull();
@@ -225,8 +225,7 @@ Napi::Value RtnlGetLinks(const Napi::CallbackInfo& info) {
   Napi::Array out = Napi::Array::New(env);
   std::string ext;
   int err = ReadReplies(env, &sock, 1, !one, RTM_NEWLINK, [&](const struct nlmsghdr* h) { out.Set(out.Length(), DecodeLink(env, h)); }, &ext);
-  if (err == -ENODEV && one) return Napi::Array::New(env);
-  if (err != 0) ThrowSys(env, "RTM_GETLINK", "netlink", -err, ext);
+  if (err != 0) ThrowSys(env, "RTM_GETLINK", "netlink", -err, one ? (ext.empty() ? name : name + ": " + ext) : ext);
   return out;
 }
 

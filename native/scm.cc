@@ -98,8 +98,7 @@ Napi::Value UnixListen(const Napi::CallbackInfo& info) {
 Napi::Value UnixAccept(const Napi::CallbackInfo& info) {
   int fd = ArgFd(info, 0);
   int c;
-  do c = accept4(fd, nullptr, nullptr, SOCK_CLOEXEC | SOCK_NONBLOCK);
-  while (c < 0 && errno == EINTR);
+  c = NoEintr([&] { return accept4(fd, nullptr, nullptr, SOCK_CLOEXEC | SOCK_NONBLOCK); });
   if (c < 0) {
     if (errno == EAGAIN || errno == EWOULDBLOCK) return Napi::Number::New(info.Env(), -1);
     ThrowSys(info.Env(), "ACCEPT", "accept4", errno);
@@ -115,8 +114,7 @@ Napi::Value UnixConnect(const Napi::CallbackInfo& info) {
   struct sockaddr_un addr;
   socklen_t len = FillAddr(info.Env(), "CONNECT", path, &addr);
   int r;
-  do r = connect(fd, reinterpret_cast<struct sockaddr*>(&addr), len);
-  while (r < 0 && errno == EINTR);
+  r = NoEintr([&] { return connect(fd, reinterpret_cast<struct sockaddr*>(&addr), len); });
   if (r < 0) {
     if (errno == EAGAIN) return Napi::Boolean::New(info.Env(), false);
     ThrowSys(info.Env(), "CONNECT", "connect", errno, path);
@@ -170,8 +168,7 @@ Napi::Value ScmSend(const Napi::CallbackInfo& info) {
     memcpy(CMSG_DATA(cmsg), fds.data(), sizeof(int) * fds.size());
   }
   ssize_t n;
-  do n = sendmsg(fd, &msg, MSG_NOSIGNAL | MSG_DONTWAIT);
-  while (n < 0 && errno == EINTR);
+  n = NoEintr([&] { return sendmsg(fd, &msg, MSG_NOSIGNAL | MSG_DONTWAIT); });
   if (n < 0) {
     if (errno == EAGAIN || errno == EWOULDBLOCK) return Napi::Number::New(env, -1);
     ThrowSys(env, "SENDMSG", "sendmsg", errno, fds.empty() ? std::string() : std::to_string(fds.size()) + " fd(s)");
@@ -208,8 +205,7 @@ Napi::Value ScmRecv(const Napi::CallbackInfo& info) {
   msg.msg_control = control.data();
   msg.msg_controllen = maxFds > 0 ? control.size() : 0;
   ssize_t n;
-  do n = recvmsg(fd, &msg, MSG_CMSG_CLOEXEC | MSG_DONTWAIT);
-  while (n < 0 && errno == EINTR);
+  n = NoEintr([&] { return recvmsg(fd, &msg, MSG_CMSG_CLOEXEC | MSG_DONTWAIT); });
   if (n < 0) {
     if (errno == EAGAIN || errno == EWOULDBLOCK) return env.Null();
     ThrowSys(env, "RECVMSG", "recvmsg", errno);

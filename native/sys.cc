@@ -8,6 +8,7 @@
 #include <fcntl.h>
 #include <linux/close_range.h>
 #include <sched.h>
+#include <sys/file.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -75,9 +76,7 @@ Napi::Value CloexecFrom(const Napi::CallbackInfo& info) {
 // or /proc/self/task/TID/ns/net.
 Napi::Value OpenNs(const Napi::CallbackInfo& info) {
   std::string path = ArgString(info, 0);
-  int fd;
-  do fd = open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  while (fd < 0 && errno == EINTR);
+  int fd = OpenCloexec(path, O_RDONLY);
   if (fd < 0) ThrowSys(info.Env(), "NS_OPEN", "open", errno, path);
   return Napi::Number::New(info.Env(), fd);
 }
@@ -98,6 +97,19 @@ Napi::Value Unshare(const Napi::CallbackInfo& info) {
   return info.Env().Undefined();
 }
 
+// flock(fd, operation): an advisory whole-file lock (LOCK_SH/LOCK_EX,
+// LOCK_NB, LOCK_UN) tied to the open file description, released when its
+// last fd closes or the process dies.  With LOCK_NB a lock held elsewhere
+// is EWOULDBLOCK (EAGAIN); what that means is lib/'s business.
+Napi::Value Flock(const Napi::CallbackInfo& info) {
+  int fd = ArgFd(info, 0);
+  int op = ArgInt(info, 1);
+  int r;
+  r = NoEintr([&] { return flock(fd, op); });
+  if (r < 0) ThrowSys(info.Env(), "FLOCK", "flock", errno);
+  return info.Env().Undefined();
+}
+
 // gettid(2): the JS thread's id, to name its own namespace file.
 Napi::Value GetTid(const Napi::CallbackInfo& info) { return Napi::Number::New(info.Env(), gettid()); }
 
@@ -114,10 +126,15 @@ void InitSys(Napi::Env env, Napi::Object exports) {
   exports.Set("setns", Napi::Function::New(env, SetNs, "setns"));
   exports.Set("unshare", Napi::Function::New(env, Unshare, "unshare"));
   exports.Set("gettid", Napi::Function::New(env, GetTid, "gettid"));
+  exports.Set("flock", Napi::Function::New(env, Flock, "flock"));
   Napi::Object c = Constants(exports);
   MQTAP_CONST(c, CLONE_NEWNET);
   MQTAP_CONST(c, FD_CLOEXEC);
   MQTAP_CONST(c, O_NONBLOCK);
+  MQTAP_CONST(c, LOCK_SH);
+  MQTAP_CONST(c, LOCK_EX);
+  MQTAP_CONST(c, LOCK_NB);
+  MQTAP_CONST(c, LOCK_UN);
 }
 
 }  // namespace mqtap

@@ -32,9 +32,7 @@ namespace {
 // when the library maps it explicitly (dup2 clears the flag on the copy).
 Napi::Value TunOpen(const Napi::CallbackInfo& info) {
   std::string path = info.Length() > 0 && !info[0].IsUndefined() ? ArgString(info, 0) : "/dev/net/tun";
-  int fd;
-  do fd = open(path.c_str(), O_RDWR | O_CLOEXEC);
-  while (fd < 0 && errno == EINTR);
+  int fd = OpenCloexec(path, O_RDWR);
   if (fd < 0) ThrowSys(info.Env(), "TUN_OPEN", "open", errno, path);
   return Napi::Number::New(info.Env(), fd);
 }
@@ -45,9 +43,7 @@ Napi::Value TunSetIff(const Napi::CallbackInfo& info) {
   int fd = ArgFd(info, 0);
   std::string name = ArgIfName(info, 1);
   uint32_t flags = ArgUint(info, 2);
-  struct ifreq ifr;
-  memset(&ifr, 0, sizeof ifr);
-  memcpy(ifr.ifr_name, name.data(), name.size());
+  struct ifreq ifr = IfReqFor(name);
   ifr.ifr_flags = static_cast<short>(flags);
   if (ioctl(fd, TUNSETIFF, &ifr) < 0) ThrowSys(info.Env(), "TUNSETIFF", "ioctl", errno, name);
   return Napi::String::New(info.Env(), ifr.ifr_name, strnlen(ifr.ifr_name, IFNAMSIZ));
@@ -57,8 +53,7 @@ Napi::Value TunSetIff(const Napi::CallbackInfo& info) {
 // Fails with EBADFD on a tun fd that is not attached to a device.
 Napi::Value TunGetIff(const Napi::CallbackInfo& info) {
   int fd = ArgFd(info, 0);
-  struct ifreq ifr;
-  memset(&ifr, 0, sizeof ifr);
+  struct ifreq ifr = IfReqFor();
   if (ioctl(fd, TUNGETIFF, &ifr) < 0) ThrowSys(info.Env(), "TUNGETIFF", "ioctl", errno);
   Napi::Object out = Napi::Object::New(info.Env());
   out.Set("name", Napi::String::New(info.Env(), ifr.ifr_name, strnlen(ifr.ifr_name, IFNAMSIZ)));
@@ -72,8 +67,7 @@ Napi::Value TunGetIff(const Napi::CallbackInfo& info) {
 Napi::Value TunSetQueue(const Napi::CallbackInfo& info) {
   int fd = ArgFd(info, 0);
   uint32_t flags = ArgUint(info, 1);
-  struct ifreq ifr;
-  memset(&ifr, 0, sizeof ifr);
+  struct ifreq ifr = IfReqFor();
   ifr.ifr_flags = static_cast<short>(flags);
   if (ioctl(fd, TUNSETQUEUE, &ifr) < 0) ThrowSys(info.Env(), "TUNSETQUEUE", "ioctl", errno);
   return info.Env().Undefined();

@@ -18,29 +18,12 @@
 namespace mqtap {
 namespace {
 
-uint64_t ArgU64(const Napi::CallbackInfo& info, size_t i) {
-  if (info.Length() <= i || !info[i].IsBigInt()) ThrowArg(info.Env(), "argument " + std::to_string(i) + ": bigint expected");
-  bool lossless = false;
-  uint64_t v = info[i].As<Napi::BigInt>().Uint64Value(&lossless);
-  if (!lossless) ThrowArg(info.Env(), "argument " + std::to_string(i) + ": bigint out of uint64 range");
-  return v;
-}
-
-uint64_t PropU64(Napi::Env env, Napi::Object o, const char* key) {
-  Napi::Value v = o.Get(key);
-  if (!v.IsBigInt()) ThrowArg(env, std::string(key) + ": bigint expected");
-  bool lossless = false;
-  uint64_t r = v.As<Napi::BigInt>().Uint64Value(&lossless);
-  if (!lossless) ThrowArg(env, std::string(key) + ": out of uint64 range");
-  return r;
-}
+uint64_t PropU64(Napi::Env env, Napi::Object o, const char* key) { return ToU64(env, o.Get(key), key); }
 
 // open(2) /dev/vhost-net.  Non-blocking like QEMU's, and close-on-exec.
 Napi::Value VhostOpen(const Napi::CallbackInfo& info) {
   std::string path = info.Length() > 0 && !info[0].IsUndefined() ? ArgString(info, 0) : "/dev/vhost-net";
-  int fd;
-  do fd = open(path.c_str(), O_RDWR | O_CLOEXEC | O_NONBLOCK);
-  while (fd < 0 && errno == EINTR);
+  int fd = OpenCloexec(path, O_RDWR | O_NONBLOCK);
   if (fd < 0) ThrowSys(info.Env(), "VHOST_OPEN", "open", errno, path);
   return Napi::Number::New(info.Env(), fd);
 }

@@ -198,6 +198,8 @@ export class MqtapDaemon {
   readonly logger: Logger;
   readonly registry: Registry;
   readonly #opts: DaemonOptions;
+  /** Holds the state dir's lock until stop() is done. */
+  readonly #state: StateStore;
   #server: UnixServer | undefined;
   readonly #conns = new Set<Connection>();
   readonly #running = new Set<Promise<void>>();
@@ -206,8 +208,9 @@ export class MqtapDaemon {
   /** Settles once stop() finished. */
   readonly stopped: Promise<void>;
 
-  private constructor(opts: DaemonOptions, registry: Registry, logger: Logger) {
+  private constructor(opts: DaemonOptions, registry: Registry, state: StateStore, logger: Logger) {
     this.#opts = opts;
+    this.#state = state;
     this.socketPath = opts.socketPath ?? DEFAULT_SOCKET;
     this.stateDir = opts.stateDir ?? DEFAULT_STATE_DIR;
     this.registry = registry;
@@ -226,7 +229,19 @@ export class MqtapDaemon {
     if (opts.maxClients !== undefined && (!Number.isInteger(opts.maxClients) || opts.maxClients < 1))
       throw new MqtapError({ op: 'VALIDATE', code: 'ERR_INVALID_ARG', message: 'maxClients must be a positive integer' });
     const state = new StateStore(stateDir);
+    // First: create and lock the state dir (one daemon per state dir).  A
+    // second daemon stops here, before it reads a state file, creates a
+    // socket or attaches a queue to the first one's taps.
     state.init();
+    try {
+      return await MqtapDaemon.#startLocked(opts, state, stateDir, socketPath, logger);
+    } catch (err) {
+      state.unlock();
+      throw err;
+    }
+  }
+
+  static async #startLocked(opts: DaemonOptions, state: StateStore, stateDir: string, socketPath: string, logger: Logger): Promise<MqtapDaemon> {
     mkdirSync(dirname(socketPath), { recursive: true, mode: 0o755 });
     const registry = new Registry({
       state,
@@ -237,7 +252,7 @@ export class MqtapDaemon {
       ...(opts.devicePath !== undefined ? { devicePath: opts.devicePath } : {}),
       ...(opts.vhostDevicePath !== undefined ? { vhostDevicePath: opts.vhostDevicePath } : {}),
     });
-    const d = new MqtapDaemon({ ...opts, socketPath, stateDir }, registry, logger);
+    const d = new MqtapDaemon({ ...opts, socketPath, stateDir }, registry, state, logger);
     // Listen first: a second daemon started on a socket already served fails
     // here, before it attaches queues to the running one's taps.  Adopting is
     // synchronous, so no connection is accepted before it is done.
@@ -381,6 +396,7 @@ export class MqtapDaemon {
       }
       const held = this.registry.names();
       this.registry.closeAll();
+      this.#state.unlock();
       this.logger.info({ closed: held }, 'daemon stopped; persistent taps stay');
       this.#resolveStopped();
     })();

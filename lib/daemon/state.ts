@@ -8,13 +8,25 @@
  * Default state dir: /run/mqtap (tmpfs: a reboot forgets it, as it forgets
  * the taps).  The dir is created 0755 (the default socket lives in it and
  * group members must reach it), `netdevs/` 0700, the files 0600.
+ *
+ * One daemon per state dir: init() takes flock(LOCK_EX|LOCK_NB) on
+ * `<stateDir>/daemon.lock` right after creating the dir, before anything
+ * else in it is read or written, and the daemon holds it (an O_CLOEXEC fd)
+ * until it stops or dies (the kernel drops the lock with the last fd).  The
+ * file holds the holder's pid, for the message a second daemon gets.  The
+ * file itself stays: removing it would let two daemons lock two different
+ * files of the same name.
  */
-import { mkdirSync, readdirSync, readFileSync, renameSync, rmSync, writeFileSync } from 'node:fs';
+import { closeSync, constants as fsc, ftruncateSync, mkdirSync, openSync, readdirSync, readFileSync, renameSync, rmSync, writeSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { fsStep } from '../sys/errors';
+import { MqtapError, fsStep } from '../sys/errors';
+import { K, native } from '../sys/native';
 import { validateIfName } from '../sys/validate';
 
 export const STATE_VERSION = 1;
+
+/** The lock file in the state dir (see the module comment). */
+export const LOCK_FILE = 'daemon.lock';
 
 /** Who holds a netdev's fds besides the daemon. */
 export type Lease =
@@ -45,11 +57,79 @@ export class StateStore {
     this.netdevDir = join(dir, 'netdevs');
   }
 
-  /** Creates the directories (the state dir 0755, netdevs/ 0700). */
+  #lockFd = -1;
+
+  /**
+   * Creates the state dir (0755), locks it (see lock()), then creates
+   * netdevs/ (0700).  On a failure after the lock, the lock is released.
+   */
   init(): void {
     const hint = 'run the daemon as root, or give it a writable --state-dir';
     fsStep('STATE_DIR', this.dir, () => mkdirSync(this.dir, { recursive: true, mode: 0o755 }), hint);
-    fsStep('STATE_DIR', this.netdevDir, () => mkdirSync(this.netdevDir, { recursive: true, mode: 0o700 }), hint);
+    this.lock();
+    try {
+      fsStep('STATE_DIR', this.netdevDir, () => mkdirSync(this.netdevDir, { recursive: true, mode: 0o700 }), hint);
+    } catch (err) {
+      this.unlock();
+      throw err;
+    }
+  }
+
+  /** The lock file's path. */
+  get lockFile(): string {
+    return join(this.dir, LOCK_FILE);
+  }
+
+  /** Whether this store holds the state dir's lock. */
+  get locked(): boolean {
+    return this.#lockFd >= 0;
+  }
+
+  /**
+   * flock(LOCK_EX|LOCK_NB) on the lock file (created 0600, never followed
+   * through a symlink; the fd is O_CLOEXEC as every fd Node opens), then the
+   * pid written into it.  Held by another process: MqtapError code EBUSY
+   * (op STATE_LOCK) naming the dir and the holder's pid; the file is left
+   * as it was and no fd stays open.
+   */
+  lock(): void {
+    if (this.#lockFd >= 0) return;
+    const file = this.lockFile;
+    const fd = fsStep('STATE_LOCK', file, () => openSync(file, fsc.O_RDWR | fsc.O_CREAT | fsc.O_NOFOLLOW, 0o600), 'run the daemon as root, or give it a writable --state-dir');
+    try {
+      native.flock(fd, K.LOCK_EX | K.LOCK_NB);
+    } catch (err) {
+      closeSync(fd);
+      if (err instanceof MqtapError && (err.code === 'EAGAIN' || err.code === 'EWOULDBLOCK')) {
+        const pid = holderPid(file);
+        throw new MqtapError({
+          op: 'STATE_LOCK',
+          code: 'EBUSY',
+          errno: 16,
+          detail: file,
+          message: `the state directory ${this.dir} is in use by another mqtap daemon${pid !== undefined ? ` (pid ${pid})` : ''}`,
+          hint: `stop that daemon first${pid !== undefined ? ` (kill ${pid})` : ''}, or give this one its own --state-dir; two daemons must not share ${this.dir}`,
+          cause: err,
+        });
+      }
+      throw err;
+    }
+    try {
+      const pid = Buffer.from(`${process.pid}\n`);
+      ftruncateSync(fd, 0);
+      writeSync(fd, pid, 0, pid.length, 0);
+    } catch {
+      /* the pid is only for messages; the lock is what counts */
+    }
+    this.#lockFd = fd;
+  }
+
+  /** Releases the lock (closing its fd).  Idempotent. */
+  unlock(): void {
+    const fd = this.#lockFd;
+    if (fd < 0) return;
+    this.#lockFd = -1;
+    closeSync(fd);
   }
 
   #file(name: string): string {
@@ -93,5 +173,15 @@ export class StateStore {
       }
     }
     return out;
+  }
+}
+
+/** The pid recorded in a lock file, if it is one. */
+function holderPid(file: string): number | undefined {
+  try {
+    const n = Number(readFileSync(file, 'utf8').trim());
+    return Number.isInteger(n) && n > 0 ? n : undefined;
+  } catch {
+    return undefined;
   }
 }

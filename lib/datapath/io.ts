@@ -41,6 +41,7 @@
  */
 import { setImmediate as immediate } from 'node:timers/promises';
 import { ErrorCodes, MqtapError, invalidArg, withContext } from '../sys/errors';
+import { silentLogger, type Logger } from '../sys/log';
 import { K, native } from '../sys/native';
 import { TapQueue, offloadFlags, type Tap } from '../tap/tap';
 import { decodeVnetHdr, type VnetHdr, type VnetHdrSize } from './vnethdr';
@@ -67,7 +68,21 @@ const C = {
   TX_REORDERED: 13,
 } as const;
 /** State words (enum StateWord). */
-const S = { NEXT: 0, COUNT: 1, DROPPED: 2, DROP_ERRNO: 3, DROP_INDEX: 4 } as const;
+const S = { NEXT: 0, COUNT: 1, DROPPED: 2, DROP_ERRNO: 3, DROP_INDEX: 4, RX_DROP_ERRNO: 5, RING_ERRNO: 6 } as const;
+
+/**
+ * Which errnos drop one frame rather than stop the call (policy: this file's;
+ * native/io.cc applies the lists per frame without calling back).
+ *  - receive: EINVAL, tun could not describe the frame in a virtio-net
+ *    header and dropped it; the queue is fine.
+ *  - send: EINVAL (a header or frame tun refuses), EMSGSIZE (too long),
+ *    EFAULT (bad GSO layout), ENOMEM/ENOBUFS (no memory for this skb): the
+ *    kernel refused this frame, the next one may well go through.
+ * Anything else (EBADFD: the device is gone, EIO, ...) stops the call and is
+ * thrown: no point writing the rest.
+ */
+export const RX_DROP_ERRNOS: readonly number[] = Object.freeze([IOC.EINVAL]);
+export const TX_DROP_ERRNOS: readonly number[] = Object.freeze([IOC.EINVAL, IOC.EMSGSIZE, IOC.EFAULT, IOC.ENOMEM, IOC.ENOBUFS]);
 
 /** How the syscalls are made: one per frame (`poll`), or batched through io_uring (`uring`). */
 export type IoEngine = 'poll' | 'uring';
@@ -90,6 +105,8 @@ export interface QueueIOOptions {
   slotSize?: number;
   /** Batches read back to back before yielding to the event loop.  Default 16. */
   yieldEvery?: number;
+  /** Where engine decisions are logged (io_uring unavailable or failing: poll instead).  Default: silent. */
+  logger?: Logger;
 }
 
 /** Counters of one direction. */
@@ -311,11 +328,12 @@ interface IoPlan {
   batch: number;
   slotSize: number | undefined;
   yieldEvery: number;
+  logger: Logger;
 }
 
 function planIo(opts: QueueIOOptions): IoPlan {
   if (typeof opts !== 'object' || opts === null) throw invalidArg('QueueIO options must be an object');
-  for (const k of Object.keys(opts)) if (!['engine', 'batch', 'slotSize', 'yieldEvery'].includes(k)) throw invalidArg(`unknown QueueIO option "${k}"`);
+  for (const k of Object.keys(opts)) if (!['engine', 'batch', 'slotSize', 'yieldEvery', 'logger'].includes(k)) throw invalidArg(`unknown QueueIO option "${k}"`);
   const int = (v: unknown, name: string, min: number, max: number): number => {
     if (typeof v !== 'number' || !Number.isInteger(v) || v < min || v > max) throw invalidArg(`${name} must be an integer in ${min}..${max}`);
     return v;
@@ -334,6 +352,7 @@ function planIo(opts: QueueIOOptions): IoPlan {
     batch: opts.batch === undefined ? 64 : int(opts.batch, 'batch', 1, IOC.MAX_BATCH),
     slotSize: opts.slotSize === undefined ? undefined : int(opts.slotSize, 'slotSize', 128, 1 << 20),
     yieldEvery: opts.yieldEvery === undefined ? 16 : int(opts.yieldEvery, 'yieldEvery', 1, 1 << 20),
+    logger: opts.logger ?? silentLogger,
   };
 }
 
@@ -362,6 +381,8 @@ export class QueueIO implements AsyncIterable<FrameBatch> {
   readonly #fd: number;
   readonly #restoreNonBlock: boolean;
   #closed = false;
+  readonly #log: Logger;
+  #engineNote: string | undefined;
   #rxBusy = false;
   #rxWaiter: (() => void) | undefined;
   /** READABLE stays armed between batches while the consumer keeps coming back (see #onPoll). */
@@ -392,8 +413,13 @@ export class QueueIO implements AsyncIterable<FrameBatch> {
     this.#restoreNonBlock = (native.getFlFlags(fd) & native.constants.O_NONBLOCK) === 0;
     const auto = defaultEngines(init.sndbuf);
     const want = { rx: plan.rx === 'auto' ? auto.rx : plan.rx, tx: plan.tx === 'auto' ? auto.tx : plan.tx };
+    this.#log = plan.logger;
     const make = (e: { rx: IoEngine; tx: IoEngine }): InstanceType<typeof native.QueueIo> =>
-      new native.QueueIo(fd, { ...e, batch: this.batchSize, slotSize: this.slotSize, hdrLen: this.hdrLen }, (status, events) => this.#onPoll(status, events));
+      new native.QueueIo(
+        fd,
+        { ...e, batch: this.batchSize, slotSize: this.slotSize, hdrLen: this.hdrLen, rxDropErrnos: [...RX_DROP_ERRNOS], txDropErrnos: [...TX_DROP_ERRNOS] },
+        (status, events) => this.#onPoll(status, events),
+      );
     let n: InstanceType<typeof native.QueueIo>;
     try {
       n = make(want);
@@ -402,6 +428,8 @@ export class QueueIO implements AsyncIterable<FrameBatch> {
       const explicit = plan.rx === 'uring' || plan.tx === 'uring';
       if (!(err instanceof MqtapError) || err.op !== 'IO_URING_SETUP' || explicit) throw this.#ctx(err);
       n = make({ rx: 'poll', tx: 'poll' });
+      this.#engineNote = `io_uring is unavailable (io_uring_setup: ${err.code}): poll engine`;
+      this.#log.warn({ ...this.#where(), err: { code: err.code, errno: err.errno }, wanted: want, engine: { rx: 'poll', tx: 'poll' }, reason: this.#engineNote }, 'io_uring unavailable; using the poll engine');
     }
     this.#native = n;
     this.#slab = Buffer.from(n.slab);
@@ -416,6 +444,30 @@ export class QueueIO implements AsyncIterable<FrameBatch> {
   /** The engines in use. */
   get engine(): { rx: IoEngine; tx: IoEngine } {
     return this.#native.engine;
+  }
+
+  /** Why the engines differ from what was asked ('auto' or explicit), if they do: io_uring unavailable or failing. */
+  get engineNote(): string | undefined {
+    return this.#engineNote;
+  }
+
+  #where(): Record<string, unknown> {
+    return { ...(this.#ifname !== undefined ? { ifname: this.#ifname } : {}), ...(this.queue ? { queue: this.queue.index } : {}), fd: this.#fd };
+  }
+
+  /**
+   * native/io.cc reported that io_uring_enter itself failed (ST_RING_ERRNO):
+   * what had completed was counted; the queue goes on with plain read/write
+   * syscalls for good (the ring is torn down).  Policy: here.
+   */
+  #checkRing(): boolean {
+    const err = this.#state[S.RING_ERRNO]!;
+    if (err === 0) return false;
+    this.#native.stopUring();
+    const e = new MqtapError({ op: 'IO_URING_ENTER', syscall: 'io_uring_enter', errno: err });
+    this.#engineNote = `io_uring_enter failed (${e.code}): poll engine from then on`;
+    this.#log.warn({ ...this.#where(), err: { code: e.code, errno: err }, engine: this.engine, reason: this.#engineNote }, 'io_uring failed; this queue goes on with the poll engine');
+    return true;
   }
 
   get closed(): boolean {
@@ -522,8 +574,10 @@ export class QueueIO implements AsyncIterable<FrameBatch> {
     try {
       n = this.#native.rxRead();
     } catch (err) {
+      this.#checkRing();
       throw this.#ctx(err);
     }
+    this.#checkRing();
     if (n < 0) return null;
     return n > 0 ? new FrameBatch(this, this._gen, this.#slab, this.#rxDesc, n, this.hdrLen) : undefined;
   }
@@ -805,6 +859,8 @@ export class QueueIO implements AsyncIterable<FrameBatch> {
         if (job.dropped === 0) job.dropErrno = this.#state[S.DROP_ERRNO]!;
         job.dropped += dropped;
       }
+      // Not an EAGAIN when the ring failed: go on at once without it.
+      if (this.#checkRing() && job.next < job.count) continue;
       if (job.next < job.count) {
         // EAGAIN: wait for POLLOUT, then go on from job.next.
         if (job.fromSlab) this.#ownFrames(job);

@@ -3,6 +3,9 @@
  * QMP, and removing it again.
  *
  * Hot-add, all or nothing:
+ *   0. the fds are checked as launch checks them (qemu.ts verifyNetdevFds):
+ *      attached queues of one tap, vhost fds /dev/vhost-net, one per queue;
+ *      nothing is sent to QEMU when they are not;
  *   1. `getfd` each tap queue fd, then each vhost-net fd, one command per fd
  *      with the fd attached (SCM_RIGHTS) to that command's bytes, under a
  *      unique name (`mqtap-<id>-<nonce>-t<i>` / `...-v<i>`);
@@ -31,7 +34,7 @@ import { silentLogger, type Logger } from '../sys/log';
 import type { Netdev } from '../vhost/netdev';
 import { QmpError, type QmpClient } from './qmp';
 import { MAX_QUEUES, parseMac } from '../sys/validate';
-import { validateQemuId } from './qemu';
+import { checkFdCounts, validateQemuId, verifyNetdevFds } from './qemu';
 
 /** QEMU's id_wellformed(): a letter, then letters, digits, '-', '.', '_'. */
 
@@ -40,7 +43,7 @@ export interface HotplugFdsOptions {
   id: string;
   /** Netdev id.  Default `<id>-netdev`. */
   netdevId?: string;
-  /** Tap queue fds, one per queue pair (all attached: QEMU assumes so). */
+  /** Tap queue fds, one per queue pair: attached queues of one tap (QEMU assumes so; checked, see verifyFds). */
   tapFds: readonly number[];
   /** vhost-net fds, one per pair; omit (or empty) for no vhost. */
   vhostFds?: readonly number[];
@@ -53,6 +56,13 @@ export interface HotplugFdsOptions {
   /** Per QMP command.  Default: the client's. */
   timeoutMs?: number;
   logger?: Logger;
+  /**
+   * Check the fds before anything is sent to QEMU, as launch does (default
+   * true): tap fds are attached queues of one tap with consistent vnet_hdr,
+   * vhost fds are /dev/vhost-net, one vhost fd per tap fd.  false only for
+   * tests with stand-in fds.
+   */
+  verifyFds?: boolean;
 }
 
 export interface HotplugResult {
@@ -121,10 +131,15 @@ export async function hotplugFds(qmp: QmpClient, opts: HotplugFdsOptions): Promi
   const tapFds = validateFds(opts.tapFds, 'tapFds');
   const vhostFds = validateFds(opts.vhostFds ?? [], 'vhostFds');
   if (tapFds.length < 1 || tapFds.length > MAX_QUEUES) throw invalidArg(`tapFds: 1 to ${MAX_QUEUES} queue fds (got ${tapFds.length})`);
-  if (vhostFds.length > 0 && vhostFds.length !== tapFds.length) throw invalidArg(`vhostFds: one per queue pair (${tapFds.length}), got ${vhostFds.length}`);
   if (opts.mac !== undefined) parseMac(opts.mac);
   if (opts.bus !== undefined && (typeof opts.bus !== 'string' || opts.bus === '')) throw invalidArg('bus must be a non-empty string');
   if (opts.addr !== undefined && (typeof opts.addr !== 'string' || !/^[0-9a-fA-F]{1,2}(\.[0-7])?$/.test(opts.addr))) throw invalidArg('addr must look like "0" or "1f.0"');
+  if (opts.verifyFds !== undefined && typeof opts.verifyFds !== 'boolean') throw invalidArg('verifyFds must be a boolean');
+  // The same checks as launch, before the first getfd: QEMU aborts on a
+  // detached queue and mixes queues of two taps without a word.
+  const check = { name: `hotplug ${id}`, op: 'HOTPLUG' };
+  if (opts.verifyFds === false) checkFdCounts(check.name, tapFds, vhostFds);
+  else verifyNetdevFds(check, tapFds, vhostFds);
   const log = opts.logger ?? silentLogger;
   const queues = tapFds.length;
   const vhost = vhostFds.length > 0;

@@ -208,15 +208,8 @@ export function qemuNetdevArgs(netdev: NetdevFds, opts: QemuNetdevOptions = {}):
   const n = tapFds.length;
   if (n === 0) throw new MqtapError({ op: 'QEMU_ARGS', code: ErrorCodes.CLOSED, ifname: netdev.name, message: `${netdev.name} has no open queues` });
   if (n > MAX_QUEUES) throw invalidArg(`${netdev.name}: ${n} queues; a tap (and so QEMU's -netdev tap) takes at most ${MAX_QUEUES}`);
-  if (vhostFds.length && vhostFds.length !== n)
-    throw invalidArg(`${netdev.name}: ${n} tap fd(s) but ${vhostFds.length} vhost-net fd(s); QEMU needs exactly one vhost-net fd per tap queue (vhostfds= count = fds= count)`);
-  if (opts.verifyFds !== false) {
-    const all = [...tapFds, ...vhostFds];
-    const dup = all.find((fd, i) => all.indexOf(fd) !== i);
-    if (dup !== undefined) throw invalidArg(`${netdev.name}: fd ${dup} is handed twice`);
-    verifyTapFds(netdev.name, tapFds);
-    vhostFds.forEach((fd, i) => verifyVhostFd(netdev.name, i, fd));
-  }
+  checkFdCounts(netdev.name, tapFds, vhostFds);
+  if (opts.verifyFds !== false) verifyNetdevFds({ name: netdev.name, op: 'QEMU_ARGS' }, tapFds, vhostFds);
   const fds = tapFds.map((_, i) => fdBase + i);
   const vhostfds = vhostFds.map((_, i) => fdBase + n + i);
   const netdevOpts = ['tap', `id=${id}`, `fds=${fds.join(':')}`];
@@ -248,16 +241,54 @@ export function qemuNetdevArgs(netdev: NetdevFds, opts: QemuNetdevOptions = {}):
   };
 }
 
+/** vhostfds= count = fds= count (or no vhost fds at all). */
+export function checkFdCounts(name: string, tapFds: readonly number[], vhostFds: readonly number[]): void {
+  if (vhostFds.length && vhostFds.length !== tapFds.length)
+    throw invalidArg(`${name}: ${tapFds.length} tap fd(s) but ${vhostFds.length} vhost-net fd(s); QEMU needs exactly one vhost-net fd per tap queue (vhostfds= count = fds= count)`);
+}
+
+/** Who is checking: `name` labels the messages (a tap name, or e.g. 'hotplug nic1'), `op` goes into the error. */
+export interface FdCheckContext {
+  name: string;
+  op: string;
+  /** The tap the fds must belong to (default: `name` when it is a plain tap name). */
+  ifname?: string;
+}
+
+/**
+ * The checks QEMU's `-netdev tap,fds=...,vhostfds=...` (at launch or through
+ * netdev_add) needs, before anything is handed over: as many vhost fds as
+ * tap fds (or none), no fd twice, every tap fd an attached queue of one tap
+ * (see verifyTapFds), every vhost fd /dev/vhost-net.  Used by
+ * qemuNetdevArgs (launch) and hotplugFds (QMP).  Throws MqtapError with
+ * `op` = ctx.op; reads only (TUNGETIFF, fstat): nothing to undo.
+ */
+export function verifyNetdevFds(ctx: FdCheckContext, tapFds: readonly number[], vhostFds: readonly number[]): void {
+  checkFdCounts(ctx.name, tapFds, vhostFds);
+  const all = [...tapFds, ...vhostFds];
+  const dup = all.find((fd, i) => all.indexOf(fd) !== i);
+  if (dup !== undefined) throw invalidArg(`${ctx.name}: fd ${dup} is handed twice`);
+  verifyTapFds(ctx, tapFds);
+  vhostFds.forEach((fd, i) => verifyVhostFd(ctx, i, fd));
+}
+
 /**
  * Every tap fd must be a queue of the same tap (TUNGETIFF answers), a tap
  * and not a tun, multi-queue when there are several, attached (QEMU aborts
  * on a detached one at reset), with the same vnet_hdr flag (QEMU refuses
  * "vnet_hdr not consistent across given tap fds").
  */
-function verifyTapFds(name: string, fds: readonly number[]): void {
+/** The tap the fds must belong to, when known: ctx.ifname, or ctx.name when it is a plain tap name (not a template, not a label). */
+function expectedTap(ctx: FdCheckContext): string | undefined {
+  return ctx.ifname ?? (ctx.name !== '' && !ctx.name.includes('%') && !ctx.name.includes(' ') ? ctx.name : undefined);
+}
+
+function verifyTapFds(ctx: FdCheckContext, fds: readonly number[]): void {
+  const { name, op } = ctx;
+  const want = expectedTap(ctx);
   let first: { ifname: string; vnetHdr: boolean } | undefined;
   const fail = (i: number, _fd: number, code: string, message: string, hint?: string): never => {
-    throw new MqtapError({ op: 'QEMU_ARGS', code, ifname: name, queue: i, message, ...(hint ? { hint } : {}) });
+    throw new MqtapError({ op, code, ifname: want ?? first?.ifname ?? name, queue: i, message, ...(hint ? { hint } : {}) });
   };
   fds.forEach((fd, i) => {
     let info: { name: string; flags: number };
@@ -276,8 +307,8 @@ function verifyTapFds(name: string, fds: readonly number[]): void {
       return fail(i, fd, code, `${name} queue ${i} (fd ${fd}) is not a tap queue: ${why}`, 'hand QEMU the fds of an open Netdev/Tap (openNetdev), nothing else');
     }
     if ((info.flags & K.IFF_TAP) === 0) fail(i, fd, 'EINVAL', `${name} queue ${i} (fd ${fd}) belongs to ${info.name}, a tun (layer 3) device; QEMU's -netdev tap needs a tap`);
-    if (i === 0 && name !== '' && !name.includes('%') && info.name !== name)
-      fail(i, fd, 'EINVAL', `${name} queue ${i} (fd ${fd}) is a queue of ${info.name}, not of ${name}`);
+    if (i === 0 && want !== undefined && info.name !== want)
+      fail(i, fd, 'EINVAL', `${name} queue ${i} (fd ${fd}) is a queue of ${info.name}, not of ${want}`);
     if (first !== undefined && info.name !== first.ifname)
       fail(i, fd, 'EINVAL', `fd ${fd} is a queue of ${info.name} but fd ${fds[0]} is a queue of ${first.ifname}: one -netdev takes the queues of one tap`);
     if (fds.length > 1 && (info.flags & K.IFF_MULTI_QUEUE) === 0) fail(i, fd, 'EINVAL', `${info.name} is a single-queue tap; ${fds.length} fds need a multi-queue tap`);
@@ -300,17 +331,19 @@ const VHOST_NET_MAJOR = 10;
 const VHOST_NET_MINOR = 238;
 
 /** A vhost fd must be an open /dev/vhost-net (misc char device 10:238). */
-function verifyVhostFd(name: string, i: number, fd: number): void {
+function verifyVhostFd(ctx: FdCheckContext, i: number, fd: number): void {
+  const { name, op } = ctx;
+  const ifname = expectedTap(ctx);
   let st;
   try {
     st = fstatSync(fd);
   } catch (err) {
-    throw new MqtapError({ op: 'QEMU_ARGS', code: (err as NodeJS.ErrnoException).code ?? 'EBADF', ifname: name, queue: i, message: `${name} vhost fd ${i} (fd ${fd}) is not open (closed?)` });
+    throw new MqtapError({ op, code: (err as NodeJS.ErrnoException).code ?? 'EBADF', ...(ifname !== undefined ? { ifname } : {}), queue: i, message: `${name} vhost fd ${i} (fd ${fd}) is not open (closed?)` });
   }
   const major = Number((BigInt(st.rdev) >> 8n) & 0xfffn);
   const minor = Number((BigInt(st.rdev) & 0xffn) | ((BigInt(st.rdev) >> 12n) & ~0xffn));
   if (!st.isCharacterDevice() || major !== VHOST_NET_MAJOR || minor !== VHOST_NET_MINOR)
-    throw new MqtapError({ op: 'QEMU_ARGS', code: 'EINVAL', ifname: name, queue: i, message: `${name} vhost fd ${i} (fd ${fd}) is not /dev/vhost-net` });
+    throw new MqtapError({ op, code: 'EINVAL', ...(ifname !== undefined ? { ifname } : {}), queue: i, message: `${name} vhost fd ${i} (fd ${fd}) is not /dev/vhost-net` });
 }
 
 export interface LaunchNetdev {

@@ -99,6 +99,11 @@ export interface NativeConstants {
   readonly SIZEOF_VRING_USED_ELEM: number;
   readonly FD_CLOEXEC: number;
   readonly O_NONBLOCK: number;
+  /** flock(2) operations (<sys/file.h>). */
+  readonly LOCK_SH: number;
+  readonly LOCK_EX: number;
+  readonly LOCK_NB: number;
+  readonly LOCK_UN: number;
 }
 
 /** IFLA_TUN_* attributes as the kernel reports them (raw values). */
@@ -188,6 +193,7 @@ export interface NativeBinding {
   ifSetFlags(name: string, flags: number): void;
   ifNameToIndex(name: string): number;
   // rtnetlink
+  /** Every link, or the one named (a missing one: MqtapError op RTM_GETLINK, code ENODEV, detail = the name). */
   rtnlGetLinks(name?: string): RawLink[];
   rtnlDelLink(index: number): void;
   /** RTM_GETQDISC dump: every qdisc of the device with this ifindex, with its counters. */
@@ -203,6 +209,8 @@ export interface NativeBinding {
   setns(fd: number, nstype: number): void;
   unshare(flags: number): void;
   gettid(): number;
+  /** flock(fd, operation): LOCK_SH/LOCK_EX (| LOCK_NB) or LOCK_UN.  A lock held elsewhere with LOCK_NB: MqtapError op 'FLOCK', code EAGAIN (EWOULDBLOCK). */
+  flock(fd: number, operation: number): void;
   // vhost-net
   vhostOpen(path?: string): number;
   vhostSetOwner(fd: number): void;
@@ -222,6 +230,7 @@ export interface NativeBinding {
   vhostNetSetBackend(fd: number, index: number, tapFd: number): void;
   // memory and eventfds
   allocPages(bytes: number): ArrayBuffer;
+  /** The address of allocPages memory (the buffer or a view into it); any other memory is a TypeError. */
   addressOf(buf: ArrayBuffer | ArrayBufferView): bigint;
   eventfdOpen(initval?: number): number;
   eventfdRead(fd: number): bigint | null;
@@ -252,20 +261,23 @@ export interface NativeBinding {
   /** Batched frame I/O on one queue fd (never closes it); see native/io.cc. */
   QueueIo: new (
     fd: number,
-    options: { rx: 'poll' | 'uring'; tx: 'poll' | 'uring'; batch: number; slotSize: number; hdrLen: number },
+    /** rxDropErrnos/txDropErrnos: errnos that drop one frame (counted) instead of stopping the call: lib/ decides (lib/datapath/io.ts). */
+    options: { rx: 'poll' | 'uring'; tx: 'poll' | 'uring'; batch: number; slotSize: number; hdrLen: number; rxDropErrnos: number[]; txDropErrnos: number[] },
     onPoll: (status: number, events: number) => void,
   ) => {
     /** `batch` slots of `slotSize` bytes each. */
     readonly slab: ArrayBuffer;
     /** Float64 counters[COUNTERS] | Int32 state[STATES] | Uint32 rxDesc[2 * batch]. */
     readonly control: ArrayBuffer;
-    /** The engines in use (uring falls back to poll for good if io_uring_enter ever fails). */
+    /** The engines in use (io_uring_enter failing is reported in state word 6, RING_ERRNO; lib/ then calls stopUring()). */
     readonly engine: { rx: 'poll' | 'uring'; tx: 'poll' | 'uring' };
     /** False while the uring engine writes unordered batches (see TxUring in native/io.cc). */
     readonly ordered: boolean;
     rxRead(): number;
     txWrite(buffers: ArrayBuffer[], desc: Uint32Array, start: number, count: number, withHdr: boolean): number;
     pollSet(events: number): void;
+    /** No io_uring from now on: plain read/write syscalls, in order. */
+    stopUring(): void;
     /** uv_ref / uv_unref of the poll handle. */
     pollRef(on: boolean): void;
     close(): void;
@@ -281,6 +293,9 @@ export interface NativeBinding {
     readonly EAGAIN: number;
     readonly EMSGSIZE: number;
     readonly EINVAL: number;
+    readonly EFAULT: number;
+    readonly ENOMEM: number;
+    readonly ENOBUFS: number;
     readonly COUNTERS: number;
     readonly STATES: number;
     readonly MAX_BATCH: number;
@@ -291,6 +306,7 @@ export interface NativeBinding {
   /** bpf(BPF_MAP_CREATE): a new map fd (O_CLOEXEC). */
   bpfMapCreate(mapType: number, keySize: number, valueSize: number, maxEntries: number, mapFlags: number, name: string): number;
   /** bpf(BPF_MAP_LOOKUP_ELEM) into `value` (per-CPU maps: round_up(value_size, 8) bytes per possible CPU); false when the key is absent. */
+  /** false: no such key.  key/value smaller than the map's key size / value size (per possible CPU for per-CPU maps): TypeError. */
   bpfMapLookupElem(mapFd: number, key: Uint8Array, value: Uint8Array): boolean;
   /** bpf(BPF_LINK_CREATE) on a device (tcx): a new link fd (O_CLOEXEC); closing it detaches the program. */
   bpfLinkCreate(progFd: number, targetIfindex: number, attachType: number, flags: number): number;

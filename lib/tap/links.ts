@@ -2,6 +2,7 @@
  * The kernel's own view of links, read over rtnetlink (RTM_GETLINK with the
  * tun driver's IFLA_TUN_* attributes), never by parsing `ip` output.
  */
+import { MqtapError } from '../sys/errors';
 import { K, native, type LinkStats, type RawLink } from '../sys/native';
 
 export type { LinkStats };
@@ -96,10 +97,16 @@ export interface LookupOptions {
   netns?: string;
 }
 
-/** One link by name, or undefined when there is none. */
+/** One link by name, or undefined when there is none (the kernel's ENODEV; any other error is thrown). */
 export function getLink(name: string, opts: LookupOptions = {}): LinkInfo | undefined {
   validateIfName(name);
-  const raw = withNetns(opts.netns, () => native.rtnlGetLinks(name));
+  let raw: RawLink[];
+  try {
+    raw = withNetns(opts.netns, () => native.rtnlGetLinks(name));
+  } catch (err) {
+    if (err instanceof MqtapError && err.op === 'RTM_GETLINK' && err.code === 'ENODEV') return undefined;
+    throw err;
+  }
   return raw[0] ? toLinkInfo(raw[0]) : undefined;
 }
 

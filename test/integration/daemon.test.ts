@@ -11,7 +11,7 @@
  * authorization (file mode, SO_PEERCRED refusal, --group).
  */
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
-import { chmodSync, closeSync, existsSync, lstatSync, mkdirSync, mkdtempSync, openSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { chmodSync, closeSync, existsSync, lstatSync, mkdirSync, mkdtempSync, openSync, readdirSync, readFileSync, readlinkSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
@@ -368,11 +368,50 @@ describe.skipIf(!!reason)(`mqtap daemon${reason ? ` (skipped: ${reason})` : skip
     c.close();
     const before = getTap('dq0')!.tun;
     const r = spawnSync(process.execPath, [CLI, 'daemon', '--socket', daemon!.socket, '--state-dir', join(dir, 'state')], { encoding: 'utf8', timeout: 20_000 });
-    expect(r.status, r.stderr).not.toBe(0);
-    expect(r.stderr).toMatch(/already listening/);
+    expect(r.status, r.stderr).toBe(6);
+    expect(r.stderr).toMatch(/state directory .* is in use by another mqtap daemon/);
     expect(getTap('dq0')!.tun).toMatchObject({ numQueues: before.numQueues, numDisabledQueues: before.numDisabledQueues });
     const c2 = await connect();
     await c2.delete('dq0');
+  });
+
+  it('a second daemon on ANOTHER socket with the same state dir: exit 6 naming the dir and the first pid; it adopts nothing, creates no socket; the first is unaffected', async () => {
+    const c = await connect();
+    await c.create({ name: 'dl0', pairs: 2, vhost: 'off', persist: true, active: 1 });
+    const stateDir = join(dir, 'state');
+    const stateFile = join(stateDir, 'netdevs', 'dl0.json');
+    const lockFile = join(stateDir, 'daemon.lock');
+    const saved = readFileSync(stateFile, 'utf8');
+    const mtime = lstatSync(stateFile).mtimeMs;
+    expect(readFileSync(lockFile, 'utf8').trim()).toBe(String(daemon!.pid));
+    // The first daemon holds the lock on an O_CLOEXEC fd (a QEMU it spawned must not inherit it).
+    const lockFd = readdirSync(`/proc/${daemon!.pid}/fd`).find((fd) => {
+      try {
+        return readlinkSync(`/proc/${daemon!.pid}/fd/${fd}`) === lockFile;
+      } catch {
+        return false;
+      }
+    });
+    expect(lockFd, 'the daemon holds an fd on its lock file').toBeDefined();
+    const flags = parseInt(/^flags:\s+([0-7]+)/m.exec(readFileSync(`/proc/${daemon!.pid}/fdinfo/${lockFd}`, 'utf8'))![1]!, 8);
+    expect(flags & 0o2000000).toBe(0o2000000);
+    const before = getTap('dl0')!.tun;
+
+    const other = join(dir, 'other.sock');
+    const r = spawnSync(process.execPath, [CLI, '--log-level', 'debug', 'daemon', '--socket', other, '--state-dir', stateDir], { encoding: 'utf8', timeout: 20_000 });
+    expect(r.status, r.stderr).toBe(6);
+    expect(r.stderr).toContain(`the state directory ${stateDir} is in use by another mqtap daemon (pid ${daemon!.pid})`);
+    expect(r.stderr).toMatch(new RegExp(`hint: stop that daemon first \\(kill ${daemon!.pid}\\), or give this one its own --state-dir`));
+    expect(r.stderr).not.toMatch(/adopt|listening|\n\s+at /);
+    expect(existsSync(other)).toBe(false);
+    expect(readFileSync(stateFile, 'utf8')).toBe(saved);
+    expect(lstatSync(stateFile).mtimeMs).toBe(mtime);
+    expect(readFileSync(lockFile, 'utf8').trim()).toBe(String(daemon!.pid));
+    expect(getTap('dl0')!.tun).toMatchObject({ numQueues: before.numQueues, numDisabledQueues: before.numDisabledQueues });
+    expect(daemon!.proc.exitCode).toBeNull();
+    const c2 = await connect();
+    expect((await c2.show('dl0')).active).toBe(1);
+    await c2.delete('dl0');
   });
 
   it('a state file that is not valid JSON is reported and left alone; the daemon still starts', async () => {

@@ -41,7 +41,7 @@ function uringAvailable(): boolean {
   try {
     const [a, b] = native.unixSocketPair(5);
     try {
-      new native.QueueIo(a, { rx: 'uring', tx: 'uring', batch: 4, slotSize: 256, hdrLen: 0 }, () => undefined).close();
+      new native.QueueIo(a, { rx: 'uring', tx: 'uring', batch: 4, slotSize: 256, hdrLen: 0, rxDropErrnos: [], txDropErrnos: [] }, () => undefined).close();
       return true;
     } finally {
       native.close(a);

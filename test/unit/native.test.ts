@@ -1,0 +1,105 @@
+/**
+ * The addon's small syscall wrappers on their own, without root: flock(2)
+ * (the daemon's state-dir lock), addressOf (allocPages memory only), and
+ * the helpers shared through native/common.h (one copy each).  Errors are MqtapErrors with op, syscall
+ * and errno; nothing is left open.
+ */
+import { closeSync, mkdtempSync, openSync, readdirSync, readFileSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterAll, describe, expect, it } from 'vitest';
+import { MqtapError } from '../../lib/sys/errors.js';
+import { K, native } from '../../lib/sys/native.js';
+
+const dir = mkdtempSync(join(tmpdir(), 'mqtap-native-'));
+afterAll(() => rmSync(dir, { recursive: true, force: true }));
+
+function thrown(fn: () => unknown): MqtapError {
+  try {
+    fn();
+  } catch (e) {
+    return e as MqtapError;
+  }
+  throw new Error('expected a throw');
+}
+
+describe('flock', () => {
+  it('LOCK_EX|LOCK_NB: a second open file description gets EAGAIN (op FLOCK) until the first is closed', () => {
+    const file = join(dir, 'lock');
+    const a = openSync(file, 'w');
+    const b = openSync(file, 'r');
+    try {
+      native.flock(a, K.LOCK_EX | K.LOCK_NB);
+      const e = thrown(() => native.flock(b, K.LOCK_EX | K.LOCK_NB));
+      expect(e).toBeInstanceOf(MqtapError);
+      expect(e).toMatchObject({ op: 'FLOCK', syscall: 'flock', code: 'EAGAIN' });
+      native.flock(a, K.LOCK_UN);
+      native.flock(b, K.LOCK_EX | K.LOCK_NB);
+      expect(() => native.flock(a, K.LOCK_SH | K.LOCK_NB)).toThrow(MqtapError);
+    } finally {
+      closeSync(a);
+      closeSync(b);
+    }
+  });
+
+  it('a bad fd or operation: EBADF / EINVAL as MqtapError', () => {
+    expect(thrown(() => native.flock(1_000_000, K.LOCK_EX))).toMatchObject({ op: 'FLOCK', code: 'EBADF' });
+    const f = openSync(join(dir, 'x'), 'w');
+    try {
+      expect(thrown(() => native.flock(f, 0))).toMatchObject({ op: 'FLOCK', code: 'EINVAL' });
+    } finally {
+      closeSync(f);
+    }
+  });
+});
+
+describe('addressOf: allocPages memory only', () => {
+  it('the buffer from allocPages and views into it: the address of their first byte', () => {
+    const mem = native.allocPages(3 * K.PAGE_SIZE);
+    const base = native.addressOf(mem);
+    expect(base % BigInt(K.PAGE_SIZE)).toBe(0n);
+    expect(native.addressOf(new Uint8Array(mem, 100, 8))).toBe(base + 100n);
+    expect(native.addressOf(new Uint32Array(mem, 4096))).toBe(base + 4096n);
+    expect(native.addressOf(new DataView(mem, 8, 8))).toBe(base + 8n);
+    expect(native.addressOf(new Uint8Array(mem, mem.byteLength - 1, 1))).toBe(base + BigInt(mem.byteLength - 1));
+  });
+
+  it('any other memory is a TypeError: a Buffer, a plain ArrayBuffer, a view of one, a SharedArrayBuffer, a non-buffer', () => {
+    for (const b of [Buffer.alloc(64), Buffer.allocUnsafe(16), new ArrayBuffer(4096), new Uint8Array(4096), new DataView(new ArrayBuffer(16)), new Uint8Array(new SharedArrayBuffer(64))]) {
+      expect(() => native.addressOf(b)).toThrow(TypeError);
+      expect(() => native.addressOf(b)).toThrow(/only memory from allocPages/);
+    }
+    expect(() => native.addressOf(42 as unknown as ArrayBuffer)).toThrow(TypeError);
+  });
+});
+
+describe('native/common.h: helpers live once', () => {
+  const NATIVE = join(__dirname, '..', '..', 'native');
+  const sources = readdirSync(NATIVE).filter((f) => f.endsWith('.cc'));
+  /** The code of a source file, comments left out. */
+  const text = (f: string): string => readFileSync(join(NATIVE, f), 'utf8').replace(/\/\/.*$/gm, '');
+
+  it.each([
+    ['an EINTR retry loop (use NoEintr)', /while \(\w+ < 0 && errno == EINTR\)/],
+    ['an open(2) of its own (use OpenCloexec: O_CLOEXEC + EINTR)', /[^\w.]open\(/],
+    ['an ifreq set up by hand (use IfReqFor)', /memset\(&ifr\b/],
+    ['a BigInt -> u64 conversion (use ToU64/ArgU64)', /Uint64Value\(/],
+    ['its own Buffer-bytes accessor (use ArgBytes)', /void ArgBytes\(/],
+  ])('no native/*.cc except errors.cc has %s', (_what, re) => {
+    const offenders = sources.filter((f) => f !== 'errors.cc' && re.test(text(f)));
+    expect(offenders).toEqual([]);
+  });
+
+  it('BigInt arguments outside 0..2^64-1 are TypeErrors (eventfdWrite used to truncate them)', () => {
+    const fd = native.eventfdOpen();
+    try {
+      expect(() => native.eventfdWrite(fd, 2n ** 64n + 1n)).toThrow(/bigint out of uint64 range/);
+      expect(() => native.eventfdWrite(fd, -1n)).toThrow(TypeError);
+      expect(native.eventfdRead(fd)).toBeNull(); // nothing was added
+      native.eventfdWrite(fd, 5n);
+      expect(native.eventfdRead(fd)).toBe(5n);
+    } finally {
+      native.close(fd);
+    }
+  });
+});
