@@ -28,7 +28,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { getLink, getTap } from '../../lib/tap/links.js';
 import { deleteTap, openTap, type OpenTapOptions } from '../../lib/tap/tap.js';
 import { makeNodeDir, modeAllowsRw, type NodeDir } from '../helpers/devnode.js';
-import { CAP_NET_ADMIN, haveCommand, ipLink, skipNote, tapEnv, useIsolatedNetns, useTapTracker } from '../helpers/env.js';
+import { CAP_NET_ADMIN, ipLink, need, needCommand, skipNote, tapEnv, useIsolatedNetns, useTapTracker } from '../helpers/env.js';
 
 const DIST = resolve(__dirname, '../../dist/lib/index.js');
 const DEFAULT_TUN = '/dev/net/tun';
@@ -39,13 +39,12 @@ const OTHER = 23456;
 function permEnv(): { ok: boolean; reason: string } {
   const base = tapEnv();
   if (!base.ok) return base;
-  let reason = '';
-  if (process.getuid?.() !== 0) reason = 'not running as root (the child changes uid, mknod needs root)';
-  else if (!haveCommand('setpriv')) reason = 'setpriv (util-linux) is missing';
-  else if (!haveCommand('mknod')) reason = 'mknod (coreutils) is missing';
-  else if (!existsSync(DIST)) reason = `${DIST} is missing: build it with \`npx tsc -p tsconfig.json\` (npm test does)`;
-  if (reason) console.warn(`mqtap permission tests skipped: ${reason}`);
-  return { ok: reason === '', reason };
+  if (process.getuid?.() !== 0) return need('root', 'not running as root (the child changes uid, mknod needs root)');
+  for (const cmd of ['setpriv', 'mknod']) {
+    const c = needCommand(cmd);
+    if (!c.ok) return c;
+  }
+  return need('dist', existsSync(DIST) ? '' : `${DIST} is missing: build it with \`npx tsc -p tsconfig.json\` (npm test does)`);
 }
 
 const env = permEnv();
