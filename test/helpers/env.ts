@@ -275,3 +275,26 @@ export function netnsSysctls(opts: { ipForward?: boolean } = {}): void {
   }
   if (opts.ipForward) writeFileSync('/proc/sys/net/ipv4/ip_forward', '1');
 }
+
+const loadable = new Map<string, string>();
+
+/**
+ * '' when uid `uid` (gid the same, no groups, no capabilities) can load the
+ * built module `path`, else why not: tests that run library code as another
+ * user need the checkout readable by others, which a clone under a 0700 home
+ * (/root) is not.  Needs setpriv (check needCommand('setpriv') first).
+ */
+export function cannotLoadAs(uid: number, path: string): string {
+  const key = `${uid}:${path}`;
+  let why = loadable.get(key);
+  if (why === undefined) {
+    const r = spawnSync('setpriv', [`--reuid=${uid}`, `--regid=${uid}`, '--clear-groups', process.execPath, '-e', `require(${JSON.stringify(path)})`], {
+      encoding: 'utf8',
+      cwd: '/',
+    });
+    const first = (r.stderr ?? '').split('\n').find((l) => /Error|EACCES|denied/.test(l)) ?? (r.error?.message ?? `exit ${r.status}`);
+    why = r.status === 0 ? '' : `uid ${uid} cannot load ${path}: ${first.trim()} (the checkout must be readable by other users: clone it outside a 0700 home, or chmod o+rx its parents)`;
+    loadable.set(key, why);
+  }
+  return why;
+}
