@@ -63,7 +63,7 @@ export function need(name: string, missing: string): TapEnv {
 /** Which Debian package has a command the tests run (for the messages; .ci/run installs them). */
 const PACKAGE_OF: Record<string, string> = {
   ip: 'iproute2', tc: 'iproute2', ethtool: 'ethtool', setpriv: 'util-linux', prlimit: 'util-linux', unshare: 'util-linux',
-  nsenter: 'util-linux', mknod: 'coreutils', getent: 'libc-bin', 'qemu-system-x86_64': 'qemu-system-x86',
+  nsenter: 'util-linux', mknod: 'coreutils', getent: 'libc-bin', busybox: 'busybox-static', 'qemu-system-x86_64': 'qemu-system-x86',
 };
 
 /** need() for a command on PATH: `needCommand('setpriv').ok`. */
