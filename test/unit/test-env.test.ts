@@ -51,6 +51,7 @@ describe('need', () => {
 
   it('missing and required: throws, naming the capability and why', () => {
     process.env.MQTAP_REQUIRE = 'tcx';
+    delete process.env.MQTAP_VM_REQUIRED;
     expect(() => need('tcx', 'no tcx here')).toThrow(/tcx is required here \(MQTAP_REQUIRE=tcx\) but missing: no tcx here/);
   });
 
