@@ -84,8 +84,10 @@ function tunPath(e: MqtapError): string {
 
 /** Hints keyed by 'OP:CODE', then by 'CODE'.  Library code may override with context. */
 const HINTS: Record<string, HintFn> = {
-  'TUN_OPEN:ENOENT': () =>
-    '/dev/net/tun does not exist: load the tun driver (`modprobe tun`); in a container, pass the device in (e.g. `--device /dev/net/tun`)',
+  'TUN_OPEN:ENOENT': (e) =>
+    tunPath(e) === DEFAULT_TUN
+      ? '/dev/net/tun does not exist: load the tun driver (`modprobe tun`); in a container, pass the device in (e.g. `--device /dev/net/tun`)'
+      : `${tunPath(e)} does not exist: devicePath must name the tun device's node (character device 10:200, normally /dev/net/tun; if that is missing too, \`modprobe tun\`)`,
   'TUN_OPEN:ENODEV': () => 'the tun driver is not available in this kernel: load it with `modprobe tun`',
   'TUN_OPEN:ENXIO': () => 'the tun driver is not available in this kernel: load it with `modprobe tun`',
   'TUN_OPEN:EACCES': (e) => {

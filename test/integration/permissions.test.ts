@@ -28,7 +28,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { getLink, getTap } from '../../lib/tap/links.js';
 import { deleteTap, openTap, type OpenTapOptions } from '../../lib/tap/tap.js';
 import { makeNodeDir, modeAllowsRw, type NodeDir } from '../helpers/devnode.js';
-import { CAP_NET_ADMIN, ipLink, need, needCommand, skipNote, tapEnv, useIsolatedNetns, useTapTracker } from '../helpers/env.js';
+import { CAP_NET_ADMIN, catchError, ipLink, need, needCommand, skipNote, tapEnv, useIsolatedNetns, useTapTracker } from '../helpers/env.js';
 
 const DIST = resolve(__dirname, '../../dist/lib/index.js');
 const DEFAULT_TUN = '/dev/net/tun';
@@ -262,6 +262,15 @@ describe.skipIf(!env.ok)(`permissions${skipNote(env)}`, () => {
       expectTunsetiffEperm(r, 'perm3');
       expect(getLink('perm3')).toBeUndefined();
     });
+  });
+
+  it('a devicePath that does not exist: ENOENT at TUN_OPEN, the hint names that path', () => {
+    const missing = join(nodes!.dir, 'no-such-node');
+    const e = catchError(() => openTap({ name: 'perm5', devicePath: missing }));
+    expect(e).toMatchObject({ code: 'ENOENT', op: 'TUN_OPEN', detail: missing });
+    expect(e.hint).toContain(`${missing} does not exist`);
+    expect(e.hint).toMatch(/10:200/);
+    expect(getLink('perm5')).toBeUndefined();
   });
 
   describe(`the host's ${DEFAULT_TUN} (mode ${octal(DEFAULT_MODE)})`, () => {
