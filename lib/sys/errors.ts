@@ -75,14 +75,30 @@ type HintFn = (e: MqtapError) => string | undefined;
 
 const PRIV = 'run as root or give the process CAP_NET_ADMIN (e.g. `sudo`, or `setcap cap_net_admin+ep` on the binary)';
 
+const DEFAULT_TUN = '/dev/net/tun';
+
+/** The tun node an open failed on: the path the addon reports (openTap's devicePath), else the default. */
+function tunPath(e: MqtapError): string {
+  return e.detail?.startsWith('/') ? e.detail : DEFAULT_TUN;
+}
+
 /** Hints keyed by 'OP:CODE', then by 'CODE'.  Library code may override with context. */
 const HINTS: Record<string, HintFn> = {
-  'TUN_OPEN:ENOENT': () =>
-    '/dev/net/tun does not exist: load the tun driver (`modprobe tun`); in a container, pass the device in (e.g. `--device /dev/net/tun`)',
+  'TUN_OPEN:ENOENT': (e) =>
+    tunPath(e) === DEFAULT_TUN
+      ? '/dev/net/tun does not exist: load the tun driver (`modprobe tun`); in a container, pass the device in (e.g. `--device /dev/net/tun`)'
+      : `${tunPath(e)} does not exist: devicePath must name the tun device's node (character device 10:200, normally /dev/net/tun; if that is missing too, \`modprobe tun\`)`,
   'TUN_OPEN:ENODEV': () => 'the tun driver is not available in this kernel: load it with `modprobe tun`',
   'TUN_OPEN:ENXIO': () => 'the tun driver is not available in this kernel: load it with `modprobe tun`',
-  'TUN_OPEN:EACCES': () => `no permission to open /dev/net/tun: ${PRIV}, and check the device node's mode (ls -l /dev/net/tun)`,
-  'TUN_OPEN:EPERM': () => `no permission to open /dev/net/tun: ${PRIV}`,
+  'TUN_OPEN:EACCES': (e) => {
+    const path = tunPath(e);
+    const fs = path === DEFAULT_TUN ? '' : `, on a filesystem not mounted nodev (findmnt -T ${path})`;
+    return (
+      `no permission to open ${path}: opening it needs read and write access to the device node (CAP_NET_ADMIN alone does not give it): ` +
+      `run as root, or check the node's mode (ls -l ${path}; most distributions make it 0666)${fs}; creating a tap then still needs CAP_NET_ADMIN`
+    );
+  },
+  'TUN_OPEN:EPERM': (e) => `no permission to open ${tunPath(e)}: ${PRIV}`,
   'TUN_OPEN:EMFILE': () => 'this process is out of file descriptors: raise the limit (`ulimit -n`) or open fewer queues',
   'TUN_OPEN:ENFILE': () => 'the system is out of file descriptors (fs.file-max)',
   'TUNSETIFF:EPERM': () =>

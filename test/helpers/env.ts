@@ -10,7 +10,7 @@
  * away with its last reference.
  */
 import { execFileSync, spawnSync, type SpawnSyncReturns } from 'node:child_process';
-import { existsSync, readFileSync, readdirSync } from 'node:fs';
+import { existsSync, readFileSync, readdirSync, writeFileSync } from 'node:fs';
 import { afterAll, afterEach, beforeAll } from 'vitest';
 import { listTaps } from '../../lib/tap/links.js';
 import { native } from '../../lib/sys/native.js';
@@ -34,27 +34,69 @@ export interface TapEnv {
   reason: string;
 }
 
+/**
+ * The capabilities this run must have: `MQTAP_REQUIRE=all` (as .ci/run sets)
+ * or a comma list of names ('tap,bpf,tcx,io_uring,uso,setpriv,...');
+ * `MQTAP_VM_REQUIRED=1` implies 'qemu'.  Outside CI nothing is required.
+ */
+export function isRequired(name: string, envv: NodeJS.ProcessEnv = process.env): boolean {
+  const list = (envv.MQTAP_REQUIRE ?? '').split(',').map((s) => s.trim()).filter(Boolean);
+  if (list.includes('all') || list.includes(name)) return true;
+  return name === 'qemu' && envv.MQTAP_VM_REQUIRED === '1';
+}
+
+/**
+ * The one place a test decides between running, skipping and failing:
+ * `missing` is '' when the capability `name` is there, else why not.  A
+ * missing capability that this run requires (isRequired) throws, so the test
+ * (or, at import, the whole file) fails loudly; otherwise the reason is
+ * printed and returned, for `describe.skipIf(!x.ok)` / `ctx.skip()`.
+ */
+export function need(name: string, missing: string): TapEnv {
+  if (!missing) return { ok: true, reason: '' };
+  if (isRequired(name))
+    throw new Error(`${name} is required here (MQTAP_REQUIRE=${process.env.MQTAP_REQUIRE ?? ''}${process.env.MQTAP_VM_REQUIRED ? `, MQTAP_VM_REQUIRED=${process.env.MQTAP_VM_REQUIRED}` : ''}) but missing: ${missing}`);
+  console.warn(`mqtap tests: ${name} unavailable, skipping what needs it: ${missing}`);
+  return { ok: false, reason: missing };
+}
+
+/** Which Debian package has a command the tests run (for the messages; .ci/run installs them). */
+const PACKAGE_OF: Record<string, string> = {
+  ip: 'iproute2', tc: 'iproute2', ethtool: 'ethtool', setpriv: 'util-linux', prlimit: 'util-linux', unshare: 'util-linux',
+  nsenter: 'util-linux', mknod: 'coreutils', getent: 'libc-bin', busybox: 'busybox-static', 'qemu-system-x86_64': 'qemu-system-x86',
+};
+
+/** need() for a command on PATH: `needCommand('setpriv').ok`. */
+export function needCommand(cmd: string): TapEnv {
+  const pkg = PACKAGE_OF[cmd];
+  return need(cmd, haveCommand(cmd) ? '' : `${cmd} is not installed${pkg ? ` (apt-get install ${pkg})` : ''}`);
+}
+
 let cachedEnv: TapEnv | undefined;
 
 /**
  * Whether this process can run the tap integration tests: /dev/net/tun
- * exists, CapEff has CAP_NET_ADMIN and unshare(CLONE_NEWNET) works (tried
- * once: the probe namespace is left again at once and disappears).
+ * exists and opens, CapEff has CAP_NET_ADMIN, iproute2's `ip` is there and
+ * unshare(CLONE_NEWNET) works (tried once: the probe namespace is left again
+ * at once and disappears).  Missing, it skips with the reason, or fails where
+ * 'tap' is required (need()).
  */
 export function tapEnv(): TapEnv {
   if (cachedEnv) return cachedEnv;
   let reason = '';
   if (!existsSync('/dev/net/tun')) reason = '/dev/net/tun is missing (modprobe tun)';
   else if (!hasCap(CAP_NET_ADMIN)) reason = 'the process lacks CAP_NET_ADMIN (CapEff bit 12)';
+  else if (!haveCommand('ip')) reason = 'ip is not installed (apt-get install iproute2): the tests cross-check with it';
   else {
     try {
+      // A node that exists may still refuse (a container's device cgroup, a nodev /dev).
+      native.close(native.tunOpen());
       isolateNetns().restore();
     } catch (err) {
-      reason = `unshare(CLONE_NEWNET) failed: ${(err as Error).message}`;
+      reason = `${(err as Error).message}`;
     }
   }
-  cachedEnv = { ok: reason === '', reason };
-  if (!cachedEnv.ok) console.warn(`mqtap integration tests skipped: ${reason}`);
+  cachedEnv = need('tap', reason);
   return cachedEnv;
 }
 
@@ -195,7 +237,7 @@ export function limitFreeFds(free: number): () => void {
 }
 
 export function haveCommand(cmd: string): boolean {
-  return tryRun('sh', ['-c', `command -v ${cmd}`]).status === 0;
+  return tryRun('sh', ['-c', `command -v '${cmd}'`]).status === 0;
 }
 
 /**
@@ -217,4 +259,42 @@ export function reuseFdNumber(fd: number): number {
   } finally {
     for (const e of extra) native.close(e);
   }
+}
+
+/**
+ * Settings for the current (throw-away) network namespace, written to
+ * /proc/sys directly (no procps `sysctl` needed): IPv6 off for all and new
+ * devices, so no router solicitations reach the queues (a kernel booted with
+ * ipv6.disable=1 has no such files, and nothing to turn off), and optionally
+ * IPv4 forwarding on.
+ */
+export function netnsSysctls(opts: { ipForward?: boolean } = {}): void {
+  for (const which of ['all', 'default']) {
+    const p = `/proc/sys/net/ipv6/conf/${which}/disable_ipv6`;
+    if (existsSync(p)) writeFileSync(p, '1');
+  }
+  if (opts.ipForward) writeFileSync('/proc/sys/net/ipv4/ip_forward', '1');
+}
+
+const loadable = new Map<string, string>();
+
+/**
+ * '' when uid `uid` (gid the same, no groups, no capabilities) can load the
+ * built module `path`, else why not: tests that run library code as another
+ * user need the checkout readable by others, which a clone under a 0700 home
+ * (/root) is not.  Needs setpriv (check needCommand('setpriv') first).
+ */
+export function cannotLoadAs(uid: number, path: string): string {
+  const key = `${uid}:${path}`;
+  let why = loadable.get(key);
+  if (why === undefined) {
+    const r = spawnSync('setpriv', [`--reuid=${uid}`, `--regid=${uid}`, '--clear-groups', process.execPath, '-e', `require(${JSON.stringify(path)})`], {
+      encoding: 'utf8',
+      cwd: '/',
+    });
+    const first = (r.stderr ?? '').split('\n').find((l) => /Error|EACCES|denied/.test(l)) ?? (r.error?.message ?? `exit ${r.status}`);
+    why = r.status === 0 ? '' : `uid ${uid} cannot load ${path}: ${first.trim()} (the checkout must be readable by other users: clone it outside a 0700 home, or chmod o+rx its parents)`;
+    loadable.set(key, why);
+  }
+  return why;
 }

@@ -15,14 +15,16 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { DaemonClient } from '../../lib/daemon/client.js';
 import { getTap, listTaps } from '../../lib/tap/links.js';
 import { deleteTap } from '../../lib/tap/tap.js';
-import { haveCommand, skipNote, tapEnv, useIsolatedNetns } from '../helpers/env.js';
+import { haveCommand, need, skipNote, tapEnv, useIsolatedNetns } from '../helpers/env.js';
 import { rejection, tunFds, waitFor } from '../helpers/wait';
 
 const ROOT = join(__dirname, '..', '..');
 const CLI = join(ROOT, 'dist', 'bin', 'mqtap.js');
 const QEMU = process.env.MQTAP_VM_QEMU || 'qemu-system-x86_64';
 const env = tapEnv();
-const reason = !env.ok ? env.reason : !haveCommand(QEMU) ? `${QEMU} not found` : !existsSync(CLI) ? 'dist/bin/mqtap.js is not built (npx tsc -p tsconfig.json)' : '';
+const reason =
+  (!env.ok ? env.reason : need('qemu', haveCommand(QEMU) ? '' : `${QEMU} not found (apt-get install qemu-system-x86)`).reason) ||
+  (!existsSync(CLI) ? 'dist/bin/mqtap.js is not built (npx tsc -p tsconfig.json)' : '');
 if (reason) console.warn(`daemon + QMP tests skipped: ${reason}`);
 
 function exited(p: ChildProcess, ms = 20_000): Promise<void> {

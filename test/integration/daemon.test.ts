@@ -19,11 +19,14 @@ import { DaemonClient } from '../../lib/daemon/client.js';
 import { getTap, listTaps } from '../../lib/tap/links.js';
 import { K, native } from '../../lib/sys/native.js';
 import { deleteTap, openTap } from '../../lib/tap/tap.js';
-import { haveCommand, skipNote, tapEnv, useIsolatedNetns } from '../helpers/env.js';
+import { probeVhostNet } from '../../lib/vhost/vhost.js';
+import { cannotLoadAs, need, needCommand, skipNote, tapEnv, useIsolatedNetns } from '../helpers/env.js';
 import { rejection, waitFor } from '../helpers/wait';
 
 const ROOT = join(__dirname, '..', '..');
 const CLI = join(ROOT, 'dist', 'bin', 'mqtap.js');
+/** Loaded by children running as uid 65534 (the checkout must be readable by them). */
+const CLIENT_JS = join(ROOT, 'dist', 'lib', 'daemon', 'client.js');
 const env = tapEnv();
 const reason = !env.ok ? env.reason : !existsSync(CLI) ? 'dist/bin/mqtap.js is not built (npx tsc -p tsconfig.json)' : '';
 if (reason) console.warn(`daemon integration tests skipped: ${reason}`);
@@ -188,7 +191,7 @@ describe.skipIf(!!reason)(`mqtap daemon${reason ? ` (skipped: ${reason})` : skip
 
   it("vhost 'auto' uses vhost-net where it is, falls back to tap-only where not", async () => {
     const c = await connect();
-    const hasVhost = existsSync('/dev/vhost-net');
+    const hasVhost = probeVhostNet().usable; // a node that exists but does not open (no module, a container) means fallback too
     const a = await c.create({ name: 'dv1', pairs: 2, vhost: 'auto' });
     expect(a.vhost).toBe(hasVhost);
     await c.delete('dv1');
@@ -316,7 +319,7 @@ describe.skipIf(!!reason)(`mqtap daemon${reason ? ` (skipped: ${reason})` : skip
     expect(readdirSync(join(dir, 'state', 'netdevs'))).toEqual([]);
   }, 60_000);
 
-  it.skipIf(!haveCommand('setpriv'))('authorization: file mode keeps other uids out; SO_PEERCRED refuses them even past the file mode; --group admits members', async () => {
+  it.skipIf(!needCommand('setpriv').ok || !need('checkout readable by uid 65534', cannotLoadAs(65534, CLIENT_JS)).ok)('authorization: file mode keeps other uids out; SO_PEERCRED refuses them even past the file mode; --group admits members', async () => {
     // Let other uids traverse the temp dir, so that the socket's own mode is what stops them.
     chmodSync(dir, 0o711);
     // 0600 socket: uid 65534 cannot even connect.
@@ -347,7 +350,7 @@ describe.skipIf(!!reason)(`mqtap daemon${reason ? ` (skipped: ${reason})` : skip
     expect(outsider.out).toMatchObject({ ok: false, code: 'EACCES' });
   }, 60_000);
 
-  it.skipIf(!haveCommand('setpriv'))('a state dir it may not create: exit 4 with the path and a hint, no stack trace, nothing left', () => {
+  it.skipIf(!needCommand('setpriv').ok || !need('checkout readable by uid 65534', cannotLoadAs(65534, CLIENT_JS)).ok)('a state dir it may not create: exit 4 with the path and a hint, no stack trace, nothing left', () => {
     const dir = mkdtempSync(join(tmpdir(), 'mqtap-ro-'));
     chmodSync(dir, 0o755); // root's: nobody may not create state/ in it
     try {

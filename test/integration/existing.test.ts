@@ -17,6 +17,7 @@ import {
   catchError,
   fdCount,
   haveCommand,
+  needCommand,
   ipLink,
   limitFreeFds,
   run,
@@ -187,7 +188,7 @@ describe.skipIf(!env.ok)(`existing devices and all-or-nothing${skipNote(env)}`, 
       }
     });
 
-    describe.skipIf(!haveCommand('prlimit'))(`out of fds part-way (RLIMIT_NOFILE via prlimit)${haveCommand('prlimit') ? '' : ' (skipped: no prlimit)'}`, () => {
+    describe.skipIf(!needCommand('prlimit').ok)(`out of fds part-way (RLIMIT_NOFILE via prlimit)${haveCommand('prlimit') ? '' : ' (skipped: no prlimit)'}`, () => {
       /** openTap with only `free` fds left in the process; the limit is restored before asserting. */
       function withFewFds(free: number, opts: OpenTapOptions): MqtapError {
         const before = fdCount();

@@ -27,7 +27,7 @@ import { applyOffloads, openQueueIO, type FrameBatch, type QueueIO } from '../..
 import { getLink } from '../../lib/tap/links.js';
 import { openTap, type Offloads, type Tap } from '../../lib/tap/tap.js';
 import { VNET_HDR_F, VNET_HDR_GSO, encodeVnetHdr, vnetHdrForTcpGso } from '../../lib/datapath/vnethdr.js';
-import { run, skipNote, tapEnv, useIsolatedNetns } from '../helpers/env.js';
+import { need, netnsSysctls, run, skipNote, tapEnv, useIsolatedNetns } from '../helpers/env.js';
 
 const env = tapEnv();
 
@@ -186,7 +186,7 @@ describe.skipIf(!env.ok)(`GSO through taps${skipNote(env)}`, () => {
   }
 
   beforeAll(() => {
-    run('sysctl', ['-qw', 'net.ipv6.conf.all.disable_ipv6=1', 'net.ipv6.conf.default.disable_ipv6=1', 'net.ipv4.ip_forward=1']);
+    netnsSysctls({ ipForward: true });
     a = upTap(A);
     b = upTap(B);
     c = upTap(C);
@@ -318,7 +318,7 @@ describe.skipIf(!env.ok)(`GSO through taps${skipNote(env)}`, () => {
 
   it('USO: a UDP GSO frame is segmented for a tap without USO and delivered whole to one with it', async (ctx) => {
     if (uso !== 'on') {
-      console.warn(`USO skipped: the kernel did not take TUN_F_USO4|TUN_F_USO6 (${uso})`);
+      need('uso', `the kernel did not take TUN_F_USO4|TUN_F_USO6 (${uso}); USO needs Linux 6.2+`);
       return ctx.skip();
     }
     const seg = 1000;

@@ -27,7 +27,8 @@ import { getSendBuffer, openFdIO, openQueueIO, openTapIO, setSendBuffer, type Io
 import { getLink } from '../../lib/tap/links.js';
 import { native } from '../../lib/sys/native.js';
 import { deleteTap, openTap, type OpenTapOptions, type Tap } from '../../lib/tap/tap.js';
-import { haveCommand, openFds, reuseFdNumber, run, skipNote, tapEnv, tryRun, useIsolatedNetns, useTapTracker } from '../helpers/env.js';
+import { need, needCommand, netnsSysctls, openFds, reuseFdNumber, run, skipNote, tapEnv, tryRun, useIsolatedNetns, useTapTracker } from '../helpers/env.js';
+import { uringMissingReason } from '../helpers/probes.js';
 
 const env = tapEnv();
 
@@ -53,7 +54,7 @@ function uringAvailable(): boolean {
 }
 const URING = uringAvailable();
 const ENGINES: IoEngine[] = URING ? ['poll', 'uring'] : ['poll'];
-if (env.ok && !URING) console.warn('io integration: io_uring unavailable, uring cases skipped');
+if (env.ok && !URING) need('io_uring', uringMissingReason());
 
 /** Ethernet + IPv4 + UDP (checksum 0) from PEER to LOCAL. */
 function udpFrame(srcPort: number, dstPort: number, payload: Buffer): Buffer {
@@ -91,7 +92,7 @@ describe.skipIf(!env.ok)(`queue I/O on taps${skipNote(env)}`, () => {
   const ios: QueueIO[] = [];
   beforeAll(() => {
     // No IPv6 in this namespace: no DAD/MLD frames among the ones counted.
-    run('sysctl', ['-qw', 'net.ipv6.conf.all.disable_ipv6=1', 'net.ipv6.conf.default.disable_ipv6=1']);
+    netnsSysctls();
   });
   afterEach(() => {
     for (const io of ios.splice(0)) io.close();
@@ -215,7 +216,7 @@ describe.skipIf(!env.ok)(`queue I/O on taps${skipNote(env)}`, () => {
     });
 
     it('backpressure: a writer faster than the path waits on POLLOUT, loses nothing, keeps the order', async (ctx) => {
-      if (!haveCommand('tc')) return ctx.skip();
+      if (!needCommand('tc').ok) return ctx.skip();
       // A -> bridge -> B, with B's qdisc a slow token bucket: frames wait in
       // the qdisc, still charged to A's send buffer, so A's writes say EAGAIN.
       const a = track(openTap({ name: 'bpa0', queues: 1, up: true, mac: '02:00:00:00:5a:01' }));
@@ -226,7 +227,7 @@ describe.skipIf(!env.ok)(`queue I/O on taps${skipNote(env)}`, () => {
         run('ip', ['link', 'set', 'bpb0', 'master', 'bpbr0']);
         run('ip', ['link', 'set', 'bpbr0', 'up']);
         const tbf = tryRun('tc', ['qdisc', 'replace', 'dev', 'bpb0', 'root', 'tbf', 'rate', '20mbit', 'burst', '16kb', 'limit', '8mb']);
-        if (tbf.status !== 0) return ctx.skip();
+        if (!need('tbf', tbf.status === 0 ? '' : `tc qdisc tbf refused (CONFIG_NET_SCH_TBF?): ${tbf.stderr.trim()}`).ok) return ctx.skip();
         setSendBuffer(a, 32 * 1024);
         expect(getSendBuffer(a)).toBe(32 * 1024);
         const [w] = openAll(a, engine);

@@ -12,7 +12,7 @@ import { ErrorCodes } from '../../lib/sys/errors.js';
 import { getLink, getTap, listLinks, listTaps } from '../../lib/tap/links.js';
 import { K, native } from '../../lib/sys/native.js';
 import { deleteTap, openTap } from '../../lib/tap/tap.js';
-import { catchError, fdCount, ipLink, ipLinkNames, run, skipNote, tapEnv, useIsolatedNetns, useTapTracker } from '../helpers/env.js';
+import { catchError, fdCount, ipLink, ipLinkNames, needCommand, run, skipNote, tapEnv, useIsolatedNetns, useTapTracker } from '../helpers/env.js';
 
 const env = tapEnv();
 
@@ -216,7 +216,8 @@ describe.skipIf(!env.ok)(`kernel view${skipNote(env)}`, () => {
     });
   });
 
-  describe('the netns option', () => {
+  // A namespace held by another process: util-linux's unshare starts it, nsenter looks inside.
+  describe.skipIf(!needCommand('unshare').ok || !needCommand('nsenter').ok)('the netns option', () => {
     it('opens, inspects and deletes a tap in another namespace; the thread comes back', async () => {
       // Another namespace, held by a process we start (and stop).
       const holder = spawn('unshare', ['--net', 'sleep', '60'], { stdio: 'ignore' });

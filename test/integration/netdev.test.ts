@@ -14,7 +14,7 @@
  */
 import { spawnSync } from 'node:child_process';
 import dgram from 'node:dgram';
-import { existsSync, writeFileSync, writeSync } from 'node:fs';
+import { existsSync, writeSync } from 'node:fs';
 import * as path from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import pino from 'pino';
@@ -26,7 +26,7 @@ import { K, native } from '../../lib/sys/native.js';
 import { openNetdev, type Netdev, type OpenNetdevOptions } from '../../lib/vhost/netdev.js';
 import { openTap, type Tap } from '../../lib/tap/tap.js';
 import { checkTapForVhost } from '../../lib/vhost/vhost.js';
-import { catchError, fdCount, run, skipNote, tapEnv, useIsolatedNetns } from '../helpers/env.js';
+import { catchError, fdCount, netnsSysctls, run, skipNote, tapEnv, useIsolatedNetns } from '../helpers/env.js';
 
 const env = tapEnv();
 const vhostHere = existsSync('/dev/vhost-net');
@@ -87,7 +87,7 @@ describe.skipIf(!env.ok)(`netdev on this host${skipNote(env)}`, () => {
 
   beforeAll(() => {
     // No IPv6 on new devices in this namespace: no router solicitations on the queues.
-    writeFileSync('/proc/sys/net/ipv6/conf/default/disable_ipv6', '1');
+    netnsSysctls();
     // First child process before any fd count: libuv keeps a SIGCHLD pipe open from then on.
     run('ip', ['-V']);
   });

@@ -16,7 +16,7 @@ import { hotplugFds, hotplugNetdev, unplugNetdev } from '../../lib/qemu/hotplug.
 import { getTap, listTaps } from '../../lib/tap/links.js';
 import { openNetdev, type Netdev } from '../../lib/vhost/netdev.js';
 import { QmpClient, QmpError } from '../../lib/qemu/qmp.js';
-import { haveCommand, skipNote, tapEnv, useIsolatedNetns } from '../helpers/env.js';
+import { haveCommand, need, skipNote, tapEnv, useIsolatedNetns } from '../helpers/env.js';
 import { rejection, tunFds, waitFor } from '../helpers/wait';
 
 const ROOT = join(__dirname, '..', '..');
@@ -24,7 +24,9 @@ const CLI = join(ROOT, 'dist', 'bin', 'mqtap.js');
 const QEMU = process.env.MQTAP_VM_QEMU || 'qemu-system-x86_64';
 
 const env = tapEnv();
-const reason = !env.ok ? env.reason : !haveCommand(QEMU) ? `${QEMU} not found (apt-get install qemu-system-x86)` : !existsSync(CLI) ? 'dist/bin/mqtap.js is not built (npx tsc -p tsconfig.json)' : '';
+const reason =
+  (!env.ok ? env.reason : need('qemu', haveCommand(QEMU) ? '' : `${QEMU} not found (apt-get install qemu-system-x86)`).reason) ||
+  (!existsSync(CLI) ? 'dist/bin/mqtap.js is not built (npx tsc -p tsconfig.json)' : '');
 if (reason) console.warn(`QMP integration tests skipped: ${reason}`);
 
 function cli(args: string[]): { status: number | null; stdout: string; stderr: string } {

@@ -32,7 +32,7 @@ import { parseUdp4Frame, udp4Frame } from '../../lib/datapath/frames.js';
 import { openTapIO, type QueueIO } from '../../lib/datapath/io.js';
 import { MICROSOFT_RSS_KEY, defaultIndirectionTable, rssInputIPv4, rssQueue, toeplitzHash } from '../../lib/datapath/steering.js';
 import { openTap, type Tap } from '../../lib/tap/tap.js';
-import { run, skipNote, tapEnv, useIsolatedNetns, useTapTracker } from '../helpers/env.js';
+import { need, netnsSysctls, run, skipNote, tapEnv, useIsolatedNetns, useTapTracker } from '../helpers/env.js';
 import { IPV4_VECTORS } from '../helpers/rss-vectors.js';
 
 const env = tapEnv();
@@ -52,7 +52,7 @@ function bpfAvailable(): string {
   }
 }
 const noBpf = bpfAvailable();
-if (env.ok && noBpf) console.warn(`steering eBPF tests skipped: ${noBpf}`);
+if (env.ok && noBpf) need('bpf', noBpf);
 
 /** Ethernet/IPv4/UDP from PEER:sport to LOCAL:dport. */
 function udpFrame(sport: number, dport: number, payload: Buffer): Buffer {
@@ -109,7 +109,7 @@ describe.skipIf(!env.ok)(`steering${skipNote(env)}`, () => {
   const ios: QueueIO[] = [];
   const sockets: dgram.Socket[] = [];
   beforeAll(() => {
-    run('sysctl', ['-qw', 'net.ipv6.conf.all.disable_ipv6=1', 'net.ipv6.conf.default.disable_ipv6=1']);
+    netnsSysctls();
   });
   afterEach(() => {
     for (const io of ios.splice(0)) io.close();

@@ -3,7 +3,6 @@
  * (rtnetlink) and the matching TUNGET* ioctls.  Runs in its own namespace.
  */
 import { spawnSync } from 'node:child_process';
-import { existsSync, readFileSync } from 'node:fs';
 import { release } from 'node:os';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { MqtapError } from '../../lib/sys/errors';
@@ -13,12 +12,9 @@ import { getTap, listTaps } from '../../lib/tap/links';
 import { native } from '../../lib/sys/native';
 import { applyOffloads } from '../../lib/datapath/io';
 
-function capNetAdmin(): boolean {
-  const m = /^CapEff:\s*([0-9a-f]+)$/m.exec(readFileSync('/proc/self/status', 'utf8'));
-  return m ? (BigInt(`0x${m[1]}`) & (1n << 12n)) !== 0n : false;
-}
-const reason = !existsSync('/dev/net/tun') ? '/dev/net/tun is missing' : !capNetAdmin() ? 'needs CAP_NET_ADMIN (run as root)' : '';
-if (reason) console.warn(`tap settings tests skipped: ${reason}`);
+import { needCommand, tapEnv } from '../helpers/env';
+
+const reason = tapEnv().reason;
 
 describe.skipIf(!!reason)(`tap device settings${reason ? ` (skipped: ${reason})` : ''}`, () => {
   let ns: IsolatedNetns;
@@ -91,7 +87,7 @@ describe.skipIf(!!reason)(`tap device settings${reason ? ` (skipped: ${reason})`
       if (r.error) return 'no ethtool';
       return /^tx-udp-segmentation: (\S+)/m.exec(r.stdout)?.[1] ?? 'missing';
     };
-    if (feature() === 'no ethtool') return void console.warn('ethtool not installed: USO checked only by TUNSETOFFLOAD succeeding');
+    if (feature() === 'no ethtool' && !needCommand('ethtool').ok) return; // USO checked only by TUNSETOFFLOAD succeeding
     expect(feature()).toBe('on');
     tap!.setOffloads({ csum: true, tso4: true });
     expect(feature()).toBe('off');

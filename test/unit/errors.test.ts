@@ -7,6 +7,7 @@ import { describe, expect, it } from 'vitest';
 import { ErrorCodes, MqtapError, errnoName, invalidArg, withContext } from '../../lib/sys/errors.js';
 import { K, native } from '../../lib/sys/native.js';
 import { catchError } from '../helpers/errors.js';
+import { need } from '../helpers/env.js';
 
 const ERRNO = { EPERM: 1, ENOENT: 2, E2BIG: 7, EBADF: 9, EACCES: 13, EBUSY: 16, EEXIST: 17, ENODEV: 19, EINVAL: 22, EMFILE: 24, EBADFD: 77, EOPNOTSUPP: 95 } as const;
 
@@ -227,7 +228,8 @@ describe('the addon throws MqtapError', () => {
     expect(() => native.ifSetMtu('x'.repeat(16), 1500)).toThrow(TypeError);
   });
 
-  describe.skipIf(!tunUsable())(`with /dev/net/tun${tunUsable() ? '' : ' (skipped: /dev/net/tun cannot be opened)'}`, () => {
+  const tun = need('tap', tunUsable() ? '' : '/dev/net/tun cannot be opened read-write by this user');
+  describe.skipIf(!tun.ok)(`with /dev/net/tun${tun.ok ? '' : ` (skipped: ${tun.reason})`}`, () => {
     it('TUNGETIFF on a fresh (unattached) tun fd -> EBADFD with the "not attached" hint', () => {
       const fd = native.tunOpen();
       try {

@@ -13,6 +13,8 @@ import { afterEach, describe, expect, it } from 'vitest';
 import { MqtapError } from '../../lib/sys/errors.js';
 import { openFdIO, totalStats, type FrameBatch, type IoEngine, type QueueIO } from '../../lib/datapath/io.js';
 import { native } from '../../lib/sys/native.js';
+import { need } from '../helpers/env.js';
+import { uringMissingReason } from '../helpers/probes.js';
 
 const SOCK_SEQPACKET = (native.constants as unknown as { SOCK_SEQPACKET?: number }).SOCK_SEQPACKET ?? 5;
 const havePair = typeof (native as { unixSocketPair?: unknown }).unixSocketPair === 'function';
@@ -30,7 +32,7 @@ try {
   uringOk = false;
 }
 const ENGINES: IoEngine[] = uringOk ? ['poll', 'uring'] : ['poll'];
-if (!uringOk) console.warn('io_uring unavailable here: the uring engine cases are skipped');
+if (!uringOk) need('io_uring', uringMissingReason());
 
 const fds: number[] = [];
 const ios: QueueIO[] = [];

@@ -31,7 +31,7 @@ import { DaemonClient } from '../../lib/daemon/client.js';
 import { getTap, listTaps } from '../../lib/tap/links.js';
 import { isolateNetns, type IsolatedNetns } from '../../lib/sys/netns.js';
 import { deleteTap } from '../../lib/tap/tap.js';
-import { haveCommand, tapEnv } from '../helpers/env.js';
+import { haveCommand, needCommand, tapEnv } from '../helpers/env.js';
 import { REPO_ROOT, guestQemuArgs, qemuBinary, vmAvailable } from './harness.js';
 import { tunFds } from '../helpers/wait';
 
@@ -46,7 +46,8 @@ function why(): string {
   const t = tapEnv();
   if (!t.ok) return t.reason;
   if (!existsSync(CLI)) return 'dist/bin/mqtap.js is not built (npx tsc -p tsconfig.json)';
-  for (const cmd of ['ethtool', 'busybox', 'ip']) if (!haveCommand(cmd)) return `${cmd} is not installed on the host (the guest runs the host's binaries)`;
+  // The guest runs the host's binaries; missing where the run requires them (MQTAP_REQUIRE), needCommand throws.
+  for (const cmd of ['ethtool', 'busybox', 'ip']) if (!needCommand(cmd).ok) return `${cmd} is not installed on the host (the guest runs the host's binaries)`;
   return '';
 }
 const reason = why();
