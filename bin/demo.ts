@@ -14,8 +14,9 @@
  * busybox or the guest kernel is missing it says how to get them (`--fetch`
  * as root installs the packages; the kernel is fetched into the cache).
  */
-import { execFileSync, spawnSync } from 'node:child_process';
-import { readFileSync, writeSync } from 'node:fs';
+import { execFileSync, spawn, spawnSync } from 'node:child_process';
+import { appendFileSync, closeSync, mkdtempSync, openSync, readFileSync, writeSync } from 'node:fs';
+import * as os from 'node:os';
 import * as path from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { type Command } from 'commander';
@@ -80,6 +81,8 @@ export interface DemoResult {
 export interface DemoOptions {
   queues: number;
   log: (line: string) => void;
+  /** Raw text to the terminal (partial lines: --fetch's progress); default: whole lines through `log`. */
+  write?: (text: string) => void;
   logger: Logger;
   /** Run the guest part (default true). */
   guest?: boolean;
@@ -252,14 +255,125 @@ function isRoot(): boolean {
   return typeof process.getuid === 'function' && process.getuid() === 0;
 }
 
-/** apt-get install (to stderr, so --json stays clean); one apt-get update and a retry if the first try fails. */
-function aptInstall(pkgs: string[], log: (line: string) => void): boolean {
-  const run = (args: string[]): boolean =>
-    spawnSync('apt-get', args, { stdio: ['ignore', 2, 2], env: { ...process.env, DEBIAN_FRONTEND: 'noninteractive' }, timeout: 20 * 60_000 }).status === 0;
-  log(`  installing ${pkgs.join(' ')} (apt-get install -y --no-install-recommends ...)`);
-  if (run(['install', '-y', '-qq', '--no-install-recommends', ...pkgs])) return true;
-  log('  apt-get install failed; running apt-get update and trying again');
-  return run(['update', '-qq']) && run(['install', '-y', '-qq', '--no-install-recommends', ...pkgs]);
+// ---------------------------------------------------------------------------
+// --fetch: apt-get, one line per step; apt's own output goes to a log file.
+
+/** One command run as a step of --fetch. */
+export interface FetchStep {
+  /** What the line says, e.g. 'apt-get update' or 'installing qemu-system-x86 busybox-static'. */
+  label: string;
+  argv: string[];
+  env?: Record<string, string>;
+  /** Kill it after this long (default 20 min). */
+  timeoutMs?: number;
+}
+
+export interface FetchStepResult {
+  ok: boolean;
+  /** Exit status; null when killed (see signal) or when it could not start (see error). */
+  status: number | null;
+  signal: NodeJS.Signals | null;
+  timedOut: boolean;
+  error?: string;
+  durationMs: number;
+}
+
+export interface FetchIo {
+  /** The log file every step appends its command line and output to (kept afterwards). */
+  logFile: string;
+  /** Raw text to the terminal (partial lines allowed). */
+  write: (text: string) => void;
+  /** Lines of the log's tail shown when the fetch fails (default 20). */
+  tailLines?: number;
+  /** Seconds between progress dots while a step runs (default 5; 0: none). */
+  dotEverySec?: number;
+}
+
+const seconds = (ms: number): string => (ms < 10_000 ? `${(ms / 1000).toFixed(1)} s` : `${Math.round(ms / 1000)} s`);
+
+/**
+ * Runs one step: `fetch: LABEL … ` (a dot every few seconds), then `ok (12 s)`
+ * or `failed (exit 100, 3.4 s)` on the same line.  The command's stdout and
+ * stderr go to the end of `io.logFile`, after a `$ argv` line; nothing of it
+ * reaches the terminal.
+ */
+export async function runFetchStep(step: FetchStep, io: FetchIo): Promise<FetchStepResult> {
+  const started = Date.now();
+  appendFileSync(io.logFile, `\n$ ${step.argv.join(' ')}\n`);
+  io.write(`fetch: ${step.label} … `);
+  const fd = openSync(io.logFile, 'a');
+  const dotMs = (io.dotEverySec ?? 5) * 1000;
+  const dots = dotMs > 0 ? setInterval(() => io.write('.'), dotMs) : undefined;
+  let r: Omit<FetchStepResult, 'durationMs' | 'ok'>;
+  try {
+    r = await new Promise((resolve) => {
+      let timedOut = false;
+      const child = spawn(step.argv[0]!, step.argv.slice(1), { stdio: ['ignore', fd, fd], env: { ...process.env, ...step.env } });
+      const timer = setTimeout(() => {
+        timedOut = true;
+        child.kill('SIGKILL');
+      }, step.timeoutMs ?? 20 * 60_000);
+      child.once('error', (err) => {
+        clearTimeout(timer);
+        resolve({ status: null, signal: null, timedOut, error: err.message });
+      });
+      child.once('close', (status, signal) => {
+        clearTimeout(timer);
+        resolve({ status, signal, timedOut });
+      });
+    });
+  } finally {
+    if (dots) clearInterval(dots);
+    closeSync(fd);
+  }
+  const durationMs = Date.now() - started;
+  const ok = r.status === 0;
+  if (r.error) appendFileSync(io.logFile, `(could not run ${step.argv[0]}: ${r.error})\n`);
+  const why = r.error ? `cannot run ${step.argv[0]}: ${r.error}` : r.timedOut ? 'timed out' : r.signal ? `killed by ${r.signal}` : `exit ${r.status}`;
+  io.write(ok ? `ok (${seconds(durationMs)})\n` : `failed (${why}, ${seconds(durationMs)})\n`);
+  return { ok, ...r, durationMs };
+}
+
+/** The last `n` lines of a file ('' if unreadable). */
+function fileTail(file: string, n: number): string {
+  return tail(readPartial(file), n);
+}
+
+/**
+ * apt-get install `pkgs` as steps: install; if that fails, apt-get update and
+ * install again.  Prints one line per step and, when it fails in the end, the
+ * tail of the log with a hint.  `aptGet` is the command (tests pass a fake).
+ */
+export async function aptFetch(pkgs: string[], io: FetchIo, aptGet: string[] = ['apt-get']): Promise<{ ok: boolean; steps: Array<FetchStep & FetchStepResult> }> {
+  const steps: Array<FetchStep & FetchStepResult> = [];
+  const env = { DEBIAN_FRONTEND: 'noninteractive' };
+  const run = async (s: FetchStep): Promise<boolean> => {
+    const r = await runFetchStep(s, io);
+    steps.push({ ...s, ...r });
+    return r.ok;
+  };
+  const install: FetchStep = { label: `installing ${pkgs.join(' ')}`, argv: [...aptGet, 'install', '-y', '--no-install-recommends', ...pkgs], env };
+  io.write(`fetch: apt-get output goes to ${io.logFile}\n`);
+  const ok =
+    (await run(install)) ||
+    ((await run({ label: 'apt-get update', argv: [...aptGet, 'update'], env })) && (await run({ ...install, label: `${install.label} again` })));
+  if (!ok) {
+    const n = io.tailLines ?? 20;
+    const body = fileTail(io.logFile, n)
+      .split('\n')
+      .map((l) => `  | ${l}`)
+      .join('\n');
+    io.write(
+      `fetch: FAILED; the last ${n} lines of ${io.logFile}:\n${body}\n` +
+        `  hint: read the whole log above; check the network and /etc/apt/sources.list*, then run \`apt-get update && apt-get install -y --no-install-recommends ${pkgs.join(' ')}\` by hand\n`,
+    );
+  }
+  return { ok, steps };
+}
+
+/** A new log file for --fetch (in a fresh private temp dir, kept afterwards). */
+function fetchLogFile(): string {
+  return path.join(mkdtempSync(path.join(os.tmpdir(), 'mqtap-fetch-')), 'apt.log');
 }
 
 function qemuVersion(bin: string): string {
@@ -274,6 +388,17 @@ function hostView(tap: string): { numQueues: number; numDisabledQueues: number }
 
 const viewText = (v: { numQueues: number; numDisabledQueues: number } | null | undefined): string =>
   v ? `numqueues ${v.numQueues}, numdisabled ${v.numDisabledQueues}` : 'tap gone';
+
+/** A raw writer on top of a line logger: text is held until its line is complete. */
+function lineWriter(log: (line: string) => void): (text: string) => void {
+  let held = '';
+  return (text) => {
+    held += text;
+    const lines = held.split('\n');
+    held = lines.pop()!;
+    for (const l of lines) log(l);
+  };
+}
 
 function readPartial(file: string): string {
   try {
@@ -296,9 +421,10 @@ async function guestPart(opts: DemoOptions, result: DemoResult, step: StepFn, in
   // 1. What the guest needs.
   let req = checkGuestRequirements({ tools: GUEST_TOOLS });
   let fetched = false;
+  let fetchLog: string | undefined;
   if (!req.ok && req.aptPackages.length && opts.fetch) {
     if (!isRoot()) log(`  --fetch needs root to run: ${req.fix}`);
-    else if (aptInstall(req.aptPackages, log)) {
+    else if ((await aptFetch(req.aptPackages, { logFile: (fetchLog = fetchLogFile()), write: opts.write ?? lineWriter(log) })).ok) {
       fetched = true;
       req = checkGuestRequirements({ tools: GUEST_TOOLS });
     }
@@ -306,13 +432,15 @@ async function guestPart(opts: DemoOptions, result: DemoResult, step: StepFn, in
   if (!req.ok) {
     const fix = fetched
       ? `still missing after apt-get install; set MQTAP_VM_QEMU or PATH, or see vm/README.md`
-      : req.aptPackages.length
-        ? `${req.fix}   (or: ${isRoot() ? '' : 'as root, '}mqtap demo --fetch)`
+      : fetchLog
+        ? `${req.fix}   (--fetch failed: apt-get's output is in ${fetchLog})`
+        : req.aptPackages.length
+          ? `${req.fix}   (or: ${isRoot() ? '' : 'as root, '}mqtap demo --fetch)`
         : (req.fix ?? 'see vm/README.md');
     step(
       'guest',
       !required,
-      { reason: req.reason, fix, missing: req.items.filter((i) => !i.ok).map((i) => i.what), required },
+      { reason: req.reason, fix, missing: req.items.filter((i) => !i.ok).map((i) => i.what), required, ...(fetchLog ? { fetchLog } : {}) },
       `guest part not run: ${req.reason}\n    to get it: ${fix}${required ? '\n    (MQTAP_VM_REQUIRED=1: this is a failure)' : ''}`,
       required ? {} : { skipped: true },
     );
@@ -533,7 +661,15 @@ export interface DemoCmdOpts {
 
 async function cmdDemo(o: DemoCmdOpts, g: GlobalOpts): Promise<number> {
   validateQueueCount(o.queues);
-  const r = await runDemo({ queues: o.queues, guest: o.guest, fetch: !!o.fetch, guestTimeoutMs: o.guestTimeout * 1000, log: g.json ? () => undefined : out, logger: logger(g) });
+  const r = await runDemo({
+    queues: o.queues,
+    guest: o.guest,
+    fetch: !!o.fetch,
+    guestTimeoutMs: o.guestTimeout * 1000,
+    log: g.json ? () => undefined : out,
+    write: g.json ? () => undefined : (text) => void process.stdout.write(text),
+    logger: logger(g),
+  });
   if (g.json) json(r);
   const ok = r.steps.every((s) => s.ok);
   const skipped = r.steps.filter((s) => s.skipped);
