@@ -18,10 +18,9 @@
  *     lack them), the other still counts;
  *   - the human view has a bar per queue; an unknown name exits 3.
  */
-import { spawn, spawnSync, type ChildProcessByStdio } from 'node:child_process';
+import { spawn, type ChildProcessByStdio } from 'node:child_process';
 import dgram from 'node:dgram';
-import { existsSync, readFileSync, readdirSync, readlinkSync } from 'node:fs';
-import { join } from 'node:path';
+import { readFileSync, readdirSync, readlinkSync } from 'node:fs';
 import type { Readable } from 'node:stream';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
@@ -31,12 +30,12 @@ import { getTap } from '../../lib/tap/links.js';
 import { K, native } from '../../lib/sys/native.js';
 import { openQueueStats, tcxIngressPrograms, type QueueCounters } from '../../lib/datapath/qstats.js';
 import { openTap, type Tap } from '../../lib/tap/tap.js';
+import { CLI, cliBuiltReason, runCli } from '../helpers/cli';
 import { fdCount, haveCommand, run, skipNote, tapEnv, useIsolatedNetns } from '../helpers/env.js';
 import { waitFor } from '../helpers/wait.js';
 
-const CLI = join(__dirname, '..', '..', 'dist', 'bin', 'mqtap.js');
 const base = tapEnv();
-const env = base.ok && !existsSync(CLI) ? { ok: false, reason: 'dist/bin/mqtap.js is not built (npx tsc -p tsconfig.json)' } : base;
+const env = base.ok && cliBuiltReason() ? { ok: false, reason: cliBuiltReason() } : base;
 
 const NAME = 'sts0';
 const LOCAL = '169.254.93.1';
@@ -171,8 +170,8 @@ describe.skipIf(!env.ok)(`mqtap stats${skipNote(env)}`, () => {
   it('a tap held elsewhere: reads the kernel\'s per-queue counters and attaches no queue', () => {
     const holder = openTap({ name: NAME, existing: 'require', queues: 1 });
     try {
-      const r = spawnSync(process.execPath, [CLI, 'stats', NAME, '--interval', '150', '--json'], { encoding: 'utf8', timeout: 30_000 });
-      expect(r.status, r.stderr).toBe(0);
+      const r = runCli(['stats', NAME, '--interval', '150', '--json'], { timeoutMs: 30_000 });
+      expect(r.code, r.stderr).toBe(0);
       const sample = JSON.parse(r.stdout.trim()) as Sample;
       expect(sample.mode).toBe('kernel');
       expect(sample.queues!.map((q) => q.queue)).toEqual([0]);
@@ -185,13 +184,13 @@ describe.skipIf(!env.ok)(`mqtap stats${skipNote(env)}`, () => {
   });
 
   it('draws a bar per queue, and exits 3 for an unknown tap', () => {
-    const r = spawnSync(process.execPath, [CLI, 'stats', NAME, '--queues', '2', '--interval', '150'], { encoding: 'utf8', timeout: 30_000 });
-    expect(r.status, r.stderr).toBe(0);
+    const r = runCli(['stats', NAME, '--queues', '2', '--interval', '150'], { timeoutMs: 30_000 });
+    expect(r.code, r.stderr).toBe(0);
     expect(r.stdout).toMatch(/^QUEUE\s+RX FRAMES\/S/m);
     expect(r.stdout.split('\n').filter((l) => /^[01]\s/.test(l))).toHaveLength(2);
     expect(r.stdout).toMatch(/\|/);
-    const missing = spawnSync(process.execPath, [CLI, 'stats', 'nosuch0'], { encoding: 'utf8', timeout: 30_000 });
-    expect(missing.status).toBe(3);
+    const missing = runCli(['stats', 'nosuch0'], { timeoutMs: 30_000 });
+    expect(missing.code).toBe(3);
     expect(missing.stderr).toMatch(/no tap named nosuch0/);
   });
   describe('queues held elsewhere: the kernel\'s per-queue counters', () => {
@@ -360,8 +359,8 @@ describe.skipIf(!env.ok)(`mqtap stats${skipNote(env)}`, () => {
       }
       // the link fd died with the process: the kernel detached the program (release may finish just after the exit is reported)
       await waitFor('the tcx program to go', () => tcxIngressPrograms(ifindex).length === 0);
-      const again = spawnSync(process.execPath, [CLI, 'stats', HELD, '--interval', '150', '--json'], { encoding: 'utf8', timeout: 30_000 });
-      expect(again.status, again.stderr).toBe(0);
+      const again = runCli(['stats', HELD, '--interval', '150', '--json'], { timeoutMs: 30_000 });
+      expect(again.code, again.stderr).toBe(0);
       const sample = JSON.parse(again.stdout.trim()) as Sample;
       expect(sample.mode).toBe('kernel');
       expect(sample.sources!.tx).toBe('tcx ingress counter');
@@ -371,21 +370,21 @@ describe.skipIf(!env.ok)(`mqtap stats${skipNote(env)}`, () => {
     it('a root qdisc that is not mq: per-queue rx unavailable with the reason; with --no-bpf as well: device mode', () => {
       run('tc', ['qdisc', 'replace', 'dev', HELD, 'root', 'handle', '1:', 'pfifo']);
       try {
-        const r = spawnSync(process.execPath, [CLI, 'stats', HELD, '--interval', '150', '--json'], { encoding: 'utf8', timeout: 30_000 });
-        expect(r.status, r.stderr).toBe(0);
+        const r = runCli(['stats', HELD, '--interval', '150', '--json'], { timeoutMs: 30_000 });
+        expect(r.code, r.stderr).toBe(0);
         const s1 = JSON.parse(r.stdout.trim()) as Sample;
         expect(s1.mode).toBe('kernel');
         expect(s1.sources).toEqual({ rx: null, tx: 'tcx ingress counter' });
         expect(s1.unavailable!.rx).toMatch(/root qdisc is pfifo 1:, not mq/);
         expect(s1.queues!.every((q) => q.rxFrames === null && q.rxPps === null && q.txFrames === 0)).toBe(true);
 
-        const human = spawnSync(process.execPath, [CLI, 'stats', HELD, '--interval', '150'], { encoding: 'utf8', timeout: 30_000 });
-        expect(human.status, human.stderr).toBe(0);
+        const human = runCli(['stats', HELD, '--interval', '150'], { timeoutMs: 30_000 });
+        expect(human.code, human.stderr).toBe(0);
         expect(human.stdout).toMatch(/^0\s+-\s+-\s+0 f\/s/m);
         expect(human.stdout).toMatch(/per-queue rx unavailable: the root qdisc is pfifo 1:, not mq/);
 
-        const r2 = spawnSync(process.execPath, [CLI, 'stats', HELD, '--interval', '150', '--json', '--no-bpf'], { encoding: 'utf8', timeout: 30_000 });
-        expect(r2.status, r2.stderr).toBe(0);
+        const r2 = runCli(['stats', HELD, '--interval', '150', '--json', '--no-bpf'], { timeoutMs: 30_000 });
+        expect(r2.code, r2.stderr).toBe(0);
         const s2 = JSON.parse(r2.stdout.trim()) as Sample;
         expect(s2.mode).toBe('device');
         expect(s2.queues).toBeUndefined();
@@ -408,11 +407,8 @@ describe.skipIf(!env.ok)(`mqtap stats${skipNote(env)}`, () => {
 
     it.skipIf(!haveCommand('setpriv'))('without CAP_BPF: per-queue rx still, tx unavailable with the reason, exit 0', () => {
       // root, but with CAP_BPF, CAP_SYS_ADMIN and CAP_PERFMON gone from the bounding set (and so from the exec'd CLI)
-      const r = spawnSync('setpriv', ['--bounding-set', '-bpf,-sys_admin,-perfmon', '--inh-caps', '-all', process.execPath, CLI, 'stats', HELD, '--interval', '150', '--json'], {
-        encoding: 'utf8',
-        timeout: 30_000,
-      });
-      expect(r.status, r.stderr).toBe(0);
+      const r = runCli(['stats', HELD, '--interval', '150', '--json'], { wrapper: ['setpriv', '--bounding-set', '-bpf,-sys_admin,-perfmon', '--inh-caps', '-all'], timeoutMs: 30_000 });
+      expect(r.code, r.stderr).toBe(0);
       const s = JSON.parse(r.stdout.trim()) as Sample;
       expect(s.mode).toBe('kernel');
       expect(s.sources).toEqual({ rx: 'qdisc mq 0: children', tx: null });
@@ -422,8 +418,8 @@ describe.skipIf(!env.ok)(`mqtap stats${skipNote(env)}`, () => {
     });
 
     it('exits 3 with a clear message when the tap does not exist (--json: the error as JSON)', () => {
-      const r = spawnSync(process.execPath, [CLI, 'stats', 'nosuch1', '--json'], { encoding: 'utf8', timeout: 30_000 });
-      expect(r.status).toBe(3);
+      const r = runCli(['stats', 'nosuch1', '--json'], { timeoutMs: 30_000 });
+      expect(r.code).toBe(3);
       expect(r.stderr).toMatch(/no tap named nosuch1/);
       const e = (JSON.parse(r.stdout) as { error: { code: string; op: string; message: string } }).error;
       expect(e).toMatchObject({ code: 'ENODEV', op: 'LOOKUP', message: 'no tap named nosuch1' });
