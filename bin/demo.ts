@@ -23,16 +23,11 @@ import { type Command } from 'commander';
 import { MqtapError } from '../lib/sys/errors';
 import { drainFrames, ethernetFrame, ETH_ZLEN, ETHERTYPE, IPPROTO } from '../lib/datapath/frames';
 import {
+  bootMqGuest,
   checkGuestRequirements,
   ensureGuestImage,
-  guestQemuArgs,
   hostPing,
-  makeResultsDir,
-  mqGuestCommand,
-  parseMqGuestOutput,
   qemuBinary,
-  removeTree,
-  watchCheckpoints,
   type Checkpoint,
   type MqGuestReport,
   type PingResult,
@@ -478,27 +473,22 @@ async function guestPart(opts: DemoOptions, result: DemoResult, step: StepFn, in
   const ns = isolateNetns();
   let nd: Netdev | undefined;
   let launched: LaunchedQemu | undefined;
-  let resultsDir: string | undefined;
-  let watcher: ReturnType<typeof watchCheckpoints> | undefined;
   const started = Date.now();
   try {
     nd = openNetdev({ name: 'mqdemo%d', pairs: n, vhost: vhost ? 'on' : 'off', up: true, logger: opts.logger });
     const tap = nd.name;
     execFileSync('ip', ['addr', 'add', `${HOST_IP}/24`, 'dev', tap], { stdio: ['ignore', 'ignore', 'pipe'] });
-    resultsDir = await makeResultsDir('mqtap-demo-');
-    const mq = mqGuestCommand({ hostIp: HOST_IP, guestIp: GUEST_IP });
-    const args = await guestQemuArgs({ ...mq, resultsDir, consoleFile: path.join(resultsDir, 'console.log') });
     checkInterrupt();
     const hostViews: Record<string, { numQueues: number; numDisabledQueues: number } | null> = { opened: hostView(tap) };
     let pingGuest: PingResult | null = null;
     let hostStats: { rxPackets: number; txPackets: number } | undefined;
-    const stdoutFile = path.join(resultsDir, 'stdout');
+    let qemuErr = '';
 
     // Every checkpoint: the guest stopped after a change; look at the tap from here.
-    const onCheckpoint = async (cp: Checkpoint): Promise<string> => {
+    const onCheckpoint = async (cp: Checkpoint, report: () => MqGuestReport): Promise<string> => {
       const view = hostView(tap);
       hostViews[cp.name] = view;
-      const so = parseMqGuestOutput(readPartial(stdoutFile));
+      const so = report();
       if (cp.name === 'boot') {
         const nic = so.nics[0];
         const ok = !!nic && nic.driver === 'virtio_net' && nic.maxCombined === n && view?.numQueues === nic.combined && view?.numDisabledQueues === n - (nic.combined ?? 0);
@@ -529,55 +519,52 @@ async function guestPart(opts: DemoOptions, result: DemoResult, step: StepFn, in
       }
       return `host: ${viewText(view)}`;
     };
-    watcher = watchCheckpoints(resultsDir, onCheckpoint);
-
-    launched = launchQemu({
-      netdevs: [{ netdev: nd, options: { id: 'net0', mac: GUEST_MAC, deviceProps: { romfile: '' } } }],
-      qemu: [qemuBinary(), ...args],
-      stdio: 'pipe',
-      killWithParent: true,
-      logger: opts.logger,
-    });
-    nd = undefined; // launchQemu owns it now
-    // (the signal itself is relayed to QEMU by launchQemu; make sure it does not linger)
-    const stop = (): void => void setTimeout(() => launched?.child.kill('SIGKILL'), 10_000).unref();
-    interrupt.listeners.add(stop);
-    launched.child.stdout?.resume();
-    let qemuErr = '';
-    launched.child.stderr?.on('data', (d: Buffer) => (qemuErr += d.toString()));
-    const p = launched.plan.netdevs[0]!;
-    step(
-      'launch',
-      launched.pid !== undefined,
-      { tap, pid: launched.pid, fds: p.fds, vhostfds: p.vhostfds, vhost, netdev: p.netdevArg, device: p.deviceArg, argv: launched.plan.argv, host: hostViews.opened },
-      `launched QEMU (pid ${launched.pid}) with ${tap}'s ${n} queues as fds ${p.fds.join(':')}${p.vhostfds.length ? ` and vhost fds ${p.vhostfds.join(':')}` : ''}:\n` +
-        `      -netdev ${p.netdevArg}\n      -device ${p.deviceArg}\n    host side: ${tap} has ${HOST_IP}/24 (link-local, this namespace only); booting the guest (QEMU TCG: ~10-40 s) ...`,
-    );
 
     const timeoutMs = opts.guestTimeoutMs ?? 300_000;
-    let timedOut = false;
-    const timer = setTimeout(() => {
-      timedOut = true;
-      launched?.child.kill('SIGKILL');
-    }, timeoutMs);
-    let status: number | null = null;
-    try {
-      status = (await launched.exited).status;
-    } finally {
-      clearTimeout(timer);
-    }
-    await watcher.stop();
+    const boot = await bootMqGuest({
+      mq: { hostIp: HOST_IP, guestIp: GUEST_IP },
+      resultsPrefix: 'mqtap-demo-',
+      timeoutMs,
+      onCheckpoint,
+      start: (args) => {
+        checkInterrupt();
+        const l = launchQemu({
+          netdevs: [{ netdev: nd!, options: { id: 'net0', mac: GUEST_MAC, deviceProps: { romfile: '' } } }],
+          qemu: [qemuBinary(), ...args],
+          stdio: 'pipe',
+          killWithParent: true,
+          logger: opts.logger,
+        });
+        launched = l;
+        nd = undefined; // launchQemu owns it now
+        // (the signal itself is relayed to QEMU by launchQemu; make sure it does not linger)
+        interrupt.listeners.add(() => void setTimeout(() => l.child.kill('SIGKILL'), 10_000).unref());
+        l.child.stdout?.resume();
+        l.child.stderr?.on('data', (d: Buffer) => (qemuErr += d.toString()));
+        const p = l.plan.netdevs[0]!;
+        step(
+          'launch',
+          l.pid !== undefined,
+          { tap, pid: l.pid, fds: p.fds, vhostfds: p.vhostfds, vhost, netdev: p.netdevArg, device: p.deviceArg, argv: l.plan.argv, host: hostViews.opened },
+          `launched QEMU (pid ${l.pid}) with ${tap}'s ${n} queues as fds ${p.fds.join(':')}${p.vhostfds.length ? ` and vhost fds ${p.vhostfds.join(':')}` : ''}:\n` +
+            `      -netdev ${p.netdevArg}\n      -device ${p.deviceArg}\n    host side: ${tap} has ${HOST_IP}/24 (link-local, this namespace only); booting the guest (QEMU TCG: ~10-40 s) ...`,
+        );
+        return l;
+      },
+    });
+    const qemu = launched!;
+    const status = (await qemu.exited).status;
+    const timedOut = boot.timedOut;
     if (interrupt.signal) {
       const gone = getTap(tap) === undefined;
       step('guest', false, { interrupted: interrupt.signal, qemuStatus: status, tapGone: gone }, `interrupted by ${interrupt.signal}: QEMU stopped (status ${status}); ${tap} ${gone ? 'is gone' : 'is STILL THERE'}; cleaning up`);
       return;
     }
-    const so = parseMqGuestOutput(readPartial(stdoutFile));
-    const exitText = readPartial(path.join(resultsDir, 'exitcode')).trim();
-    const guestExit = /^\d+$/.test(exitText) ? Number(exitText) : null;
-    const consoleTail = tail(readPartial(path.join(resultsDir, 'console.log')), 25);
+    const so = boot.report;
+    const guestExit = boot.guestExitCode;
+    const consoleTail = tail(boot.console, 25);
     const seen = new Set(result.steps.map((s) => s.step));
-    const diag = { console: consoleTail, guestStderr: tail(readPartial(path.join(resultsDir, 'stderr')), 20), qemuStderr: tail(qemuErr, 10), timedOut };
+    const diag = { console: consoleTail, guestStderr: tail(boot.stderr, 20), qemuStderr: tail(qemuErr, 10), timedOut };
     if (!seen.has('guest-boot')) step('guest-boot', false, diag, `the guest did not get to its first checkpoint${timedOut ? ` within ${timeoutMs / 1000} s` : ''}; console:\n${consoleTail}`);
 
     // Pings both ways.
@@ -620,9 +607,9 @@ async function guestPart(opts: DemoOptions, result: DemoResult, step: StepFn, in
     result.guest = {
       tap,
       vhost,
-      argv: launched.plan.argv,
+      argv: qemu.plan.argv,
       report: so,
-      checkpoints: [...watcher.seen],
+      checkpoints: boot.checkpoints,
       hostViews,
       pingGuest: pg,
       qemuStatus: status,
@@ -633,17 +620,12 @@ async function guestPart(opts: DemoOptions, result: DemoResult, step: StepFn, in
     if (interrupt.signal) step('guest', false, { interrupted: interrupt.signal }, `interrupted by ${interrupt.signal}; cleaning up`);
     else step('guest', false, { error: err instanceof MqtapError ? err.toJSON() : String(err) }, `guest part failed: ${(err as Error).message}`);
   } finally {
-    if (launched && launched.child.exitCode === null && launched.child.signalCode === null) {
-      launched.child.kill('SIGKILL');
-      await Promise.race([launched.exited.catch(() => undefined), sleep(10_000)]);
-    }
-    await watcher?.stop();
+    // bootMqGuest has stopped QEMU and removed its results dir, whatever happened.
     try {
       nd?.close();
     } catch {
       /* closing a netdev launchQemu did not take */
     }
-    removeTree(resultsDir);
     ns.restore();
   }
 }
