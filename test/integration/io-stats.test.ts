@@ -126,22 +126,10 @@ describe.skipIf(!env.ok)(`mqtap stats${skipNote(env)}`, () => {
 
   it('attaches its own queues to an idle tap and counts every frame per queue', async () => {
     expect(getTap(NAME)!.tun.numQueues).toBe(0);
-    const child = spawn(process.execPath, [CLI, 'stats', NAME, '--queues', '4', '--interval', '200', '--watch', '--json'], { stdio: ['ignore', 'pipe', 'pipe'] });
-    const samples: Sample[] = [];
-    let buf = '';
-    let stderr = '';
-    child.stdout.on('data', (d: Buffer) => {
-      buf += d.toString();
-      for (let i = buf.indexOf('\n'); i >= 0; i = buf.indexOf('\n')) {
-        samples.push(JSON.parse(buf.slice(0, i)) as Sample);
-        buf = buf.slice(i + 1);
-      }
-    });
-    child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
-    const exited = new Promise<number | null>((resolve) => child.once('exit', (code) => resolve(code)));
+    const { child, samples, stderr: err, exited } = watchStats([NAME, '--queues', '4', '--interval', '200', '--watch', '--json']);
     try {
       for (let i = 0; i < 500 && getTap(NAME)!.tun.numQueues < 4; i++) await sleep(20);
-      expect(getTap(NAME)!.tun.numQueues, stderr).toBe(4);
+      expect(getTap(NAME)!.tun.numQueues, err()).toBe(4);
       const s = dgram.createSocket('udp4');
       sockets.push(s);
       await new Promise<void>((resolve) => s.bind(0, LOCAL, () => resolve()));
@@ -150,7 +138,7 @@ describe.skipIf(!env.ok)(`mqtap stats${skipNote(env)}`, () => {
       const counted = (): number => samples.reduce((a, x) => a + (x.queues ?? []).reduce((b, q) => b + (q.rxFrames ?? 0), 0), 0);
       for (let i = 0; i < 500 && counted() < SENT; i++) await sleep(20);
       child.kill('SIGINT');
-      expect(await exited, stderr).toBe(0);
+      expect(await exited, err()).toBe(0);
       expect(samples.length).toBeGreaterThan(0);
       for (const x of samples) {
         expect(x.mode).toBe('queues');
