@@ -6,18 +6,13 @@
 import { execFileSync } from 'node:child_process';
 import { join } from 'node:path';
 import { openTap } from '../lib/tap/tap';
+import { median } from './stats';
 
 export interface ControlRow {
   queues: number;
   createUs: number;
   toggleUs: number;
   closeUs: number;
-}
-
-function median(xs: number[]): number {
-  const s = [...xs].sort((a, b) => a - b);
-  const m = s.length >> 1;
-  return s.length % 2 ? s[m]! : (s[m - 1]! + s[m]!) / 2;
 }
 
 function nowUs(): number {

@@ -28,10 +28,12 @@ import { execFileSync, spawn, type ChildProcess } from 'node:child_process';
 import { existsSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { Worker, isMainThread, parentPort, workerData } from 'node:worker_threads';
+import { IPPROTO, ipv4Checksum, ipv4PseudoHeaderSum } from '../lib/datapath/frames';
 import { openQueueIO, type IoEngine, type QueueIO } from '../lib/datapath/io';
 import { getLink } from '../lib/tap/links';
 import { native } from '../lib/sys/native';
 import { deleteTap, openTap } from '../lib/tap/tap';
+import { median, textTable } from './stats';
 
 export type Size = 60 | 1514 | 'gso';
 export type Dir = 'write' | 'read';
@@ -67,17 +69,6 @@ const SRC_MAC = [0x02, 0x6d, 0x71, 0x74, 0x61, 0x71];
 const GSO_MSS = 1448;
 const GSO_SEGS = 45;
 
-function csum(buf: Buffer, start: number, len: number, sum = 0): number {
-  for (let i = 0; i + 1 < len; i += 2) sum += buf.readUInt16BE(start + i);
-  if (len & 1) sum += buf[start + len - 1]! << 8;
-  return sum;
-}
-
-function fold(sum: number): number {
-  while (sum > 0xffff) sum = (sum & 0xffff) + (sum >>> 16);
-  return sum;
-}
-
 /**
  * 12-byte virtio-net header + Ethernet frame, like tapio's build_frame();
  * source port 40000 + flow (tapio --flow): each queue writes its own flow.
@@ -101,7 +92,7 @@ export function benchFrame(size: Size, flow = 0): Buffer {
   b[ip + 9] = gso ? 6 : 17;
   Buffer.from([169, 254, 77, 1]).copy(b, ip + 12);
   Buffer.from([169, 254, 77, 2]).copy(b, ip + 16);
-  b.writeUInt16BE(~fold(csum(b, ip, 20)) & 0xffff, ip + 10);
+  b.writeUInt16BE(ipv4Checksum(b.subarray(ip, ip + 20)), ip + 10);
   const l4 = ip + 20;
   if (!gso) {
     b.writeUInt16BE(40000 + flow, l4);
@@ -119,8 +110,7 @@ export function benchFrame(size: Size, flow = 0): Buffer {
   b.writeUInt16BE(0xffff, l4 + 14);
   for (let i = 14 + 20 + 20; i < len; i++) b[f + i] = i & 0xff;
   // CHECKSUM_PARTIAL: the check field holds the folded pseudo-header sum.
-  const ph = csum(b, ip + 12, 8) + 6 + (ipTot - 20);
-  b.writeUInt16BE(fold(ph), l4 + 16);
+  b.writeUInt16BE(ipv4PseudoHeaderSum(b.subarray(ip + 12, ip + 16), b.subarray(ip + 16, ip + 20), IPPROTO.TCP, ipTot - 20), l4 + 16);
   b[0] = 1; // NEEDS_CSUM
   b[1] = 1; // GSO_TCPV4
   b.writeUInt16LE(54, 2);
@@ -546,12 +536,6 @@ export interface DataBenchOptions {
   log?: (line: string) => void;
 }
 
-function median(xs: number[]): number {
-  const s = [...xs].sort((a, b) => a - b);
-  const m = s.length >> 1;
-  return s.length % 2 ? s[m]! : (s[m - 1]! + s[m]!) / 2;
-}
-
 /** The median run (by aggregate pps) of repeated runs. */
 function medianRun(runs: DataRun[]): DataRun & { repeats: number; ppsAll: number[]; cpuUsPerFrame: number; cpuAll: number[] } {
   const sorted = [...runs].sort((a, b) => a.pps - b.pps);
@@ -675,9 +659,7 @@ export function dataTable(results: DataResult[], libEngine: string = 'auto'): st
       lib && r.dir === 'write' ? fmtPps(lib.perQueue.reduce((a, q) => a + ((q as { distinct?: { pps: number } }).distinct?.pps ?? 0), 0)) : '',
     ]);
   }
-  const w = head.map((h, i) => Math.max(h.length, ...rows.map((x) => x[i]!.length)));
-  const line = (x: string[]): string => x.map((c, i) => (i < 3 ? c.padEnd(w[i]!) : c.padStart(w[i]!))).join('  ');
-  return [line(head), ...rows.map(line)].join('\n');
+  return textTable(head, rows, 3);
 }
 
 if (!isMainThread && (workerData as WorkerJob | undefined)?.dir) {

@@ -22,6 +22,7 @@ import type { IoEngine } from '../lib/datapath/io';
 import { isolateNetns } from '../lib/sys/netns';
 import { buildCControl, compareControl, type ControlRow } from './control';
 import { dataTable, runDataBench, type Dir, type Size } from './data';
+import { textTable } from './stats';
 
 const ROOT = join(__dirname, '..', '..');
 const SRC = join(ROOT, 'bench', 'c');
@@ -53,9 +54,7 @@ function controlTable(lib: ControlRow[], c: ControlRow[]): string {
       `${(l.closeUs / k.closeUs).toFixed(2)}x`,
     ];
   });
-  const w = head.map((h, i) => Math.max(h.length, ...rows.map((r) => r[i]!.length)));
-  const line = (r: string[]): string => r.map((c, i) => c.padStart(w[i]!)).join('  ');
-  return [line(head), ...rows.map(line)].join('\n');
+  return textTable(head, rows);
 }
 
 function control(): void {

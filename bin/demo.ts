@@ -14,24 +14,20 @@
  * busybox or the guest kernel is missing it says how to get them (`--fetch`
  * as root installs the packages; the kernel is fetched into the cache).
  */
-import { execFileSync, spawnSync } from 'node:child_process';
-import { readFileSync, writeSync } from 'node:fs';
+import { execFileSync, spawn, spawnSync } from 'node:child_process';
+import { appendFileSync, closeSync, mkdtempSync, openSync, readFileSync, writeSync } from 'node:fs';
+import * as os from 'node:os';
 import * as path from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { type Command } from 'commander';
 import { MqtapError } from '../lib/sys/errors';
 import { drainFrames, ethernetFrame, ETH_ZLEN, ETHERTYPE, IPPROTO } from '../lib/datapath/frames';
 import {
+  bootMqGuest,
   checkGuestRequirements,
   ensureGuestImage,
-  guestQemuArgs,
   hostPing,
-  makeResultsDir,
-  mqGuestCommand,
-  parseMqGuestOutput,
   qemuBinary,
-  removeTree,
-  watchCheckpoints,
   type Checkpoint,
   type MqGuestReport,
   type PingResult,
@@ -80,6 +76,8 @@ export interface DemoResult {
 export interface DemoOptions {
   queues: number;
   log: (line: string) => void;
+  /** Raw text to the terminal (partial lines: --fetch's progress); default: whole lines through `log`. */
+  write?: (text: string) => void;
   logger: Logger;
   /** Run the guest part (default true). */
   guest?: boolean;
@@ -252,14 +250,125 @@ function isRoot(): boolean {
   return typeof process.getuid === 'function' && process.getuid() === 0;
 }
 
-/** apt-get install (to stderr, so --json stays clean); one apt-get update and a retry if the first try fails. */
-function aptInstall(pkgs: string[], log: (line: string) => void): boolean {
-  const run = (args: string[]): boolean =>
-    spawnSync('apt-get', args, { stdio: ['ignore', 2, 2], env: { ...process.env, DEBIAN_FRONTEND: 'noninteractive' }, timeout: 20 * 60_000 }).status === 0;
-  log(`  installing ${pkgs.join(' ')} (apt-get install -y --no-install-recommends ...)`);
-  if (run(['install', '-y', '-qq', '--no-install-recommends', ...pkgs])) return true;
-  log('  apt-get install failed; running apt-get update and trying again');
-  return run(['update', '-qq']) && run(['install', '-y', '-qq', '--no-install-recommends', ...pkgs]);
+// ---------------------------------------------------------------------------
+// --fetch: apt-get, one line per step; apt's own output goes to a log file.
+
+/** One command run as a step of --fetch. */
+export interface FetchStep {
+  /** What the line says, e.g. 'apt-get update' or 'installing qemu-system-x86 busybox-static'. */
+  label: string;
+  argv: string[];
+  env?: Record<string, string>;
+  /** Kill it after this long (default 20 min). */
+  timeoutMs?: number;
+}
+
+export interface FetchStepResult {
+  ok: boolean;
+  /** Exit status; null when killed (see signal) or when it could not start (see error). */
+  status: number | null;
+  signal: NodeJS.Signals | null;
+  timedOut: boolean;
+  error?: string;
+  durationMs: number;
+}
+
+export interface FetchIo {
+  /** The log file every step appends its command line and output to (kept afterwards). */
+  logFile: string;
+  /** Raw text to the terminal (partial lines allowed). */
+  write: (text: string) => void;
+  /** Lines of the log's tail shown when the fetch fails (default 20). */
+  tailLines?: number;
+  /** Seconds between progress dots while a step runs (default 5; 0: none). */
+  dotEverySec?: number;
+}
+
+const seconds = (ms: number): string => (ms < 10_000 ? `${(ms / 1000).toFixed(1)} s` : `${Math.round(ms / 1000)} s`);
+
+/**
+ * Runs one step: `fetch: LABEL … ` (a dot every few seconds), then `ok (12 s)`
+ * or `failed (exit 100, 3.4 s)` on the same line.  The command's stdout and
+ * stderr go to the end of `io.logFile`, after a `$ argv` line; nothing of it
+ * reaches the terminal.
+ */
+export async function runFetchStep(step: FetchStep, io: FetchIo): Promise<FetchStepResult> {
+  const started = Date.now();
+  appendFileSync(io.logFile, `\n$ ${step.argv.join(' ')}\n`);
+  io.write(`fetch: ${step.label} … `);
+  const fd = openSync(io.logFile, 'a');
+  const dotMs = (io.dotEverySec ?? 5) * 1000;
+  const dots = dotMs > 0 ? setInterval(() => io.write('.'), dotMs) : undefined;
+  let r: Omit<FetchStepResult, 'durationMs' | 'ok'>;
+  try {
+    r = await new Promise((resolve) => {
+      let timedOut = false;
+      const child = spawn(step.argv[0]!, step.argv.slice(1), { stdio: ['ignore', fd, fd], env: { ...process.env, ...step.env } });
+      const timer = setTimeout(() => {
+        timedOut = true;
+        child.kill('SIGKILL');
+      }, step.timeoutMs ?? 20 * 60_000);
+      child.once('error', (err) => {
+        clearTimeout(timer);
+        resolve({ status: null, signal: null, timedOut, error: err.message });
+      });
+      child.once('close', (status, signal) => {
+        clearTimeout(timer);
+        resolve({ status, signal, timedOut });
+      });
+    });
+  } finally {
+    if (dots) clearInterval(dots);
+    closeSync(fd);
+  }
+  const durationMs = Date.now() - started;
+  const ok = r.status === 0;
+  if (r.error) appendFileSync(io.logFile, `(could not run ${step.argv[0]}: ${r.error})\n`);
+  const why = r.error ? `cannot run ${step.argv[0]}: ${r.error}` : r.timedOut ? 'timed out' : r.signal ? `killed by ${r.signal}` : `exit ${r.status}`;
+  io.write(ok ? `ok (${seconds(durationMs)})\n` : `failed (${why}, ${seconds(durationMs)})\n`);
+  return { ok, ...r, durationMs };
+}
+
+/** The last `n` lines of a file ('' if unreadable). */
+function fileTail(file: string, n: number): string {
+  return tail(readPartial(file), n);
+}
+
+/**
+ * apt-get install `pkgs` as steps: install; if that fails, apt-get update and
+ * install again.  Prints one line per step and, when it fails in the end, the
+ * tail of the log with a hint.  `aptGet` is the command (tests pass a fake).
+ */
+export async function aptFetch(pkgs: string[], io: FetchIo, aptGet: string[] = ['apt-get']): Promise<{ ok: boolean; steps: Array<FetchStep & FetchStepResult> }> {
+  const steps: Array<FetchStep & FetchStepResult> = [];
+  const env = { DEBIAN_FRONTEND: 'noninteractive' };
+  const run = async (s: FetchStep): Promise<boolean> => {
+    const r = await runFetchStep(s, io);
+    steps.push({ ...s, ...r });
+    return r.ok;
+  };
+  const install: FetchStep = { label: `installing ${pkgs.join(' ')}`, argv: [...aptGet, 'install', '-y', '--no-install-recommends', ...pkgs], env };
+  io.write(`fetch: apt-get output goes to ${io.logFile}\n`);
+  const ok =
+    (await run(install)) ||
+    ((await run({ label: 'apt-get update', argv: [...aptGet, 'update'], env })) && (await run({ ...install, label: `${install.label} again` })));
+  if (!ok) {
+    const n = io.tailLines ?? 20;
+    const body = fileTail(io.logFile, n)
+      .split('\n')
+      .map((l) => `  | ${l}`)
+      .join('\n');
+    io.write(
+      `fetch: FAILED; the last ${n} lines of ${io.logFile}:\n${body}\n` +
+        `  hint: read the whole log above; check the network and /etc/apt/sources.list*, then run \`apt-get update && apt-get install -y --no-install-recommends ${pkgs.join(' ')}\` by hand\n`,
+    );
+  }
+  return { ok, steps };
+}
+
+/** A new log file for --fetch (in a fresh private temp dir, kept afterwards). */
+function fetchLogFile(): string {
+  return path.join(mkdtempSync(path.join(os.tmpdir(), 'mqtap-fetch-')), 'apt.log');
 }
 
 function qemuVersion(bin: string): string {
@@ -274,6 +383,17 @@ function hostView(tap: string): { numQueues: number; numDisabledQueues: number }
 
 const viewText = (v: { numQueues: number; numDisabledQueues: number } | null | undefined): string =>
   v ? `numqueues ${v.numQueues}, numdisabled ${v.numDisabledQueues}` : 'tap gone';
+
+/** A raw writer on top of a line logger: text is held until its line is complete. */
+function lineWriter(log: (line: string) => void): (text: string) => void {
+  let held = '';
+  return (text) => {
+    held += text;
+    const lines = held.split('\n');
+    held = lines.pop()!;
+    for (const l of lines) log(l);
+  };
+}
 
 function readPartial(file: string): string {
   try {
@@ -296,9 +416,10 @@ async function guestPart(opts: DemoOptions, result: DemoResult, step: StepFn, in
   // 1. What the guest needs.
   let req = checkGuestRequirements({ tools: GUEST_TOOLS });
   let fetched = false;
+  let fetchLog: string | undefined;
   if (!req.ok && req.aptPackages.length && opts.fetch) {
     if (!isRoot()) log(`  --fetch needs root to run: ${req.fix}`);
-    else if (aptInstall(req.aptPackages, log)) {
+    else if ((await aptFetch(req.aptPackages, { logFile: (fetchLog = fetchLogFile()), write: opts.write ?? lineWriter(log) })).ok) {
       fetched = true;
       req = checkGuestRequirements({ tools: GUEST_TOOLS });
     }
@@ -306,13 +427,15 @@ async function guestPart(opts: DemoOptions, result: DemoResult, step: StepFn, in
   if (!req.ok) {
     const fix = fetched
       ? `still missing after apt-get install; set MQTAP_VM_QEMU or PATH, or see vm/README.md`
-      : req.aptPackages.length
-        ? `${req.fix}   (or: ${isRoot() ? '' : 'as root, '}mqtap demo --fetch)`
+      : fetchLog
+        ? `${req.fix}   (--fetch failed: apt-get's output is in ${fetchLog})`
+        : req.aptPackages.length
+          ? `${req.fix}   (or: ${isRoot() ? '' : 'as root, '}mqtap demo --fetch)`
         : (req.fix ?? 'see vm/README.md');
     step(
       'guest',
       !required,
-      { reason: req.reason, fix, missing: req.items.filter((i) => !i.ok).map((i) => i.what), required },
+      { reason: req.reason, fix, missing: req.items.filter((i) => !i.ok).map((i) => i.what), required, ...(fetchLog ? { fetchLog } : {}) },
       `guest part not run: ${req.reason}\n    to get it: ${fix}${required ? '\n    (MQTAP_VM_REQUIRED=1: this is a failure)' : ''}`,
       required ? {} : { skipped: true },
     );
@@ -350,27 +473,22 @@ async function guestPart(opts: DemoOptions, result: DemoResult, step: StepFn, in
   const ns = isolateNetns();
   let nd: Netdev | undefined;
   let launched: LaunchedQemu | undefined;
-  let resultsDir: string | undefined;
-  let watcher: ReturnType<typeof watchCheckpoints> | undefined;
   const started = Date.now();
   try {
     nd = openNetdev({ name: 'mqdemo%d', pairs: n, vhost: vhost ? 'on' : 'off', up: true, logger: opts.logger });
     const tap = nd.name;
     execFileSync('ip', ['addr', 'add', `${HOST_IP}/24`, 'dev', tap], { stdio: ['ignore', 'ignore', 'pipe'] });
-    resultsDir = await makeResultsDir('mqtap-demo-');
-    const mq = mqGuestCommand({ hostIp: HOST_IP, guestIp: GUEST_IP });
-    const args = await guestQemuArgs({ ...mq, resultsDir, consoleFile: path.join(resultsDir, 'console.log') });
     checkInterrupt();
     const hostViews: Record<string, { numQueues: number; numDisabledQueues: number } | null> = { opened: hostView(tap) };
     let pingGuest: PingResult | null = null;
     let hostStats: { rxPackets: number; txPackets: number } | undefined;
-    const stdoutFile = path.join(resultsDir, 'stdout');
+    let qemuErr = '';
 
     // Every checkpoint: the guest stopped after a change; look at the tap from here.
-    const onCheckpoint = async (cp: Checkpoint): Promise<string> => {
+    const onCheckpoint = async (cp: Checkpoint, report: () => MqGuestReport): Promise<string> => {
       const view = hostView(tap);
       hostViews[cp.name] = view;
-      const so = parseMqGuestOutput(readPartial(stdoutFile));
+      const so = report();
       if (cp.name === 'boot') {
         const nic = so.nics[0];
         const ok = !!nic && nic.driver === 'virtio_net' && nic.maxCombined === n && view?.numQueues === nic.combined && view?.numDisabledQueues === n - (nic.combined ?? 0);
@@ -401,55 +519,52 @@ async function guestPart(opts: DemoOptions, result: DemoResult, step: StepFn, in
       }
       return `host: ${viewText(view)}`;
     };
-    watcher = watchCheckpoints(resultsDir, onCheckpoint);
-
-    launched = launchQemu({
-      netdevs: [{ netdev: nd, options: { id: 'net0', mac: GUEST_MAC, deviceProps: { romfile: '' } } }],
-      qemu: [qemuBinary(), ...args],
-      stdio: 'pipe',
-      killWithParent: true,
-      logger: opts.logger,
-    });
-    nd = undefined; // launchQemu owns it now
-    // (the signal itself is relayed to QEMU by launchQemu; make sure it does not linger)
-    const stop = (): void => void setTimeout(() => launched?.child.kill('SIGKILL'), 10_000).unref();
-    interrupt.listeners.add(stop);
-    launched.child.stdout?.resume();
-    let qemuErr = '';
-    launched.child.stderr?.on('data', (d: Buffer) => (qemuErr += d.toString()));
-    const p = launched.plan.netdevs[0]!;
-    step(
-      'launch',
-      launched.pid !== undefined,
-      { tap, pid: launched.pid, fds: p.fds, vhostfds: p.vhostfds, vhost, netdev: p.netdevArg, device: p.deviceArg, argv: launched.plan.argv, host: hostViews.opened },
-      `launched QEMU (pid ${launched.pid}) with ${tap}'s ${n} queues as fds ${p.fds.join(':')}${p.vhostfds.length ? ` and vhost fds ${p.vhostfds.join(':')}` : ''}:\n` +
-        `      -netdev ${p.netdevArg}\n      -device ${p.deviceArg}\n    host side: ${tap} has ${HOST_IP}/24 (link-local, this namespace only); booting the guest (QEMU TCG: ~10-40 s) ...`,
-    );
 
     const timeoutMs = opts.guestTimeoutMs ?? 300_000;
-    let timedOut = false;
-    const timer = setTimeout(() => {
-      timedOut = true;
-      launched?.child.kill('SIGKILL');
-    }, timeoutMs);
-    let status: number | null = null;
-    try {
-      status = (await launched.exited).status;
-    } finally {
-      clearTimeout(timer);
-    }
-    await watcher.stop();
+    const boot = await bootMqGuest({
+      mq: { hostIp: HOST_IP, guestIp: GUEST_IP },
+      resultsPrefix: 'mqtap-demo-',
+      timeoutMs,
+      onCheckpoint,
+      start: (args) => {
+        checkInterrupt();
+        const l = launchQemu({
+          netdevs: [{ netdev: nd!, options: { id: 'net0', mac: GUEST_MAC, deviceProps: { romfile: '' } } }],
+          qemu: [qemuBinary(), ...args],
+          stdio: 'pipe',
+          killWithParent: true,
+          logger: opts.logger,
+        });
+        launched = l;
+        nd = undefined; // launchQemu owns it now
+        // (the signal itself is relayed to QEMU by launchQemu; make sure it does not linger)
+        interrupt.listeners.add(() => void setTimeout(() => l.child.kill('SIGKILL'), 10_000).unref());
+        l.child.stdout?.resume();
+        l.child.stderr?.on('data', (d: Buffer) => (qemuErr += d.toString()));
+        const p = l.plan.netdevs[0]!;
+        step(
+          'launch',
+          l.pid !== undefined,
+          { tap, pid: l.pid, fds: p.fds, vhostfds: p.vhostfds, vhost, netdev: p.netdevArg, device: p.deviceArg, argv: l.plan.argv, host: hostViews.opened },
+          `launched QEMU (pid ${l.pid}) with ${tap}'s ${n} queues as fds ${p.fds.join(':')}${p.vhostfds.length ? ` and vhost fds ${p.vhostfds.join(':')}` : ''}:\n` +
+            `      -netdev ${p.netdevArg}\n      -device ${p.deviceArg}\n    host side: ${tap} has ${HOST_IP}/24 (link-local, this namespace only); booting the guest (QEMU TCG: ~10-40 s) ...`,
+        );
+        return l;
+      },
+    });
+    const qemu = launched!;
+    const status = (await qemu.exited).status;
+    const timedOut = boot.timedOut;
     if (interrupt.signal) {
       const gone = getTap(tap) === undefined;
       step('guest', false, { interrupted: interrupt.signal, qemuStatus: status, tapGone: gone }, `interrupted by ${interrupt.signal}: QEMU stopped (status ${status}); ${tap} ${gone ? 'is gone' : 'is STILL THERE'}; cleaning up`);
       return;
     }
-    const so = parseMqGuestOutput(readPartial(stdoutFile));
-    const exitText = readPartial(path.join(resultsDir, 'exitcode')).trim();
-    const guestExit = /^\d+$/.test(exitText) ? Number(exitText) : null;
-    const consoleTail = tail(readPartial(path.join(resultsDir, 'console.log')), 25);
+    const so = boot.report;
+    const guestExit = boot.guestExitCode;
+    const consoleTail = tail(boot.console, 25);
     const seen = new Set(result.steps.map((s) => s.step));
-    const diag = { console: consoleTail, guestStderr: tail(readPartial(path.join(resultsDir, 'stderr')), 20), qemuStderr: tail(qemuErr, 10), timedOut };
+    const diag = { console: consoleTail, guestStderr: tail(boot.stderr, 20), qemuStderr: tail(qemuErr, 10), timedOut };
     if (!seen.has('guest-boot')) step('guest-boot', false, diag, `the guest did not get to its first checkpoint${timedOut ? ` within ${timeoutMs / 1000} s` : ''}; console:\n${consoleTail}`);
 
     // Pings both ways.
@@ -492,9 +607,9 @@ async function guestPart(opts: DemoOptions, result: DemoResult, step: StepFn, in
     result.guest = {
       tap,
       vhost,
-      argv: launched.plan.argv,
+      argv: qemu.plan.argv,
       report: so,
-      checkpoints: [...watcher.seen],
+      checkpoints: boot.checkpoints,
       hostViews,
       pingGuest: pg,
       qemuStatus: status,
@@ -505,17 +620,12 @@ async function guestPart(opts: DemoOptions, result: DemoResult, step: StepFn, in
     if (interrupt.signal) step('guest', false, { interrupted: interrupt.signal }, `interrupted by ${interrupt.signal}; cleaning up`);
     else step('guest', false, { error: err instanceof MqtapError ? err.toJSON() : String(err) }, `guest part failed: ${(err as Error).message}`);
   } finally {
-    if (launched && launched.child.exitCode === null && launched.child.signalCode === null) {
-      launched.child.kill('SIGKILL');
-      await Promise.race([launched.exited.catch(() => undefined), sleep(10_000)]);
-    }
-    await watcher?.stop();
+    // bootMqGuest has stopped QEMU and removed its results dir, whatever happened.
     try {
       nd?.close();
     } catch {
       /* closing a netdev launchQemu did not take */
     }
-    removeTree(resultsDir);
     ns.restore();
   }
 }
@@ -533,7 +643,15 @@ export interface DemoCmdOpts {
 
 async function cmdDemo(o: DemoCmdOpts, g: GlobalOpts): Promise<number> {
   validateQueueCount(o.queues);
-  const r = await runDemo({ queues: o.queues, guest: o.guest, fetch: !!o.fetch, guestTimeoutMs: o.guestTimeout * 1000, log: g.json ? () => undefined : out, logger: logger(g) });
+  const r = await runDemo({
+    queues: o.queues,
+    guest: o.guest,
+    fetch: !!o.fetch,
+    guestTimeoutMs: o.guestTimeout * 1000,
+    log: g.json ? () => undefined : out,
+    write: g.json ? () => undefined : (text) => void process.stdout.write(text),
+    logger: logger(g),
+  });
   if (g.json) json(r);
   const ok = r.steps.every((s) => s.ok);
   const skipped = r.steps.filter((s) => s.skipped);

@@ -118,6 +118,38 @@ export function ipv4Checksum(header: Uint8Array): number {
   return ~onesComplementSum(bytesArg(header, 'header')) & 0xffff;
 }
 
+/**
+ * The ones' complement sum of the IPv4 pseudo header of a TCP or UDP segment
+ * (RFC 793 section 3.1, RFC 768): source address, destination address, a zero
+ * byte, `protocol`, and `l4Length` (the segment's length, header included),
+ * folded to 16 bits and not inverted.  It is what the checksum field holds in
+ * a frame handed over with CHECKSUM_PARTIAL (virtio-net NEEDS_CSUM: whoever
+ * sends it adds the segment and inverts), and the starting sum of
+ * {@link l4Checksum4}.
+ */
+export function ipv4PseudoHeaderSum(srcIp: IpAddress, dstIp: IpAddress, protocol: number, l4Length: number): number {
+  const src = ipv4Arg(srcIp, 'srcIp');
+  const dst = ipv4Arg(dstIp, 'dstIp');
+  const proto = validateInt(protocol, 'protocol', 0, 255);
+  const len = validateInt(l4Length, 'l4Length', 0, 0xffff - IPV4_HLEN, 'a TCP/UDP segment over IPv4 is at most 65515 bytes');
+  return onesComplementSum(Buffer.concat([src, dst]), proto + len);
+}
+
+/**
+ * The TCP or UDP checksum of `segment` (its header and payload) over IPv4:
+ * the ones' complement of the sum of the pseudo header and the segment.  Over
+ * a segment whose checksum field is zero it is the value to store (for UDP a
+ * computed 0 goes on the wire as 0xffff, RFC 768); over a segment with a
+ * correct checksum it is 0 (how a receiver checks one).
+ *
+ * @example l4Checksum4('153.18.8.105', '171.2.14.10', IPPROTO.UDP, Buffer.from('043f000d000f000054455354494e47', 'hex')) === 0x6914
+ *   // Forouzan, TCP/IP Protocol Suite: "checksum calculation of a simple UDP user datagram"
+ */
+export function l4Checksum4(srcIp: IpAddress, dstIp: IpAddress, protocol: number, segment: Uint8Array): number {
+  const seg = bytesArg(segment, 'segment');
+  return ~onesComplementSum(seg, ipv4PseudoHeaderSum(srcIp, dstIp, protocol, seg.length)) & 0xffff;
+}
+
 export interface EthernetFrameOptions {
   dstMac: MacAddress;
   srcMac: MacAddress;

@@ -794,3 +794,130 @@ export async function makeResultsDir(prefix = 'mqtap-guest-'): Promise<string> {
   liveDirs.add(dir);
   return dir;
 }
+
+// ---------------------------------------------------------------------------
+// One boot of the multi-queue guest, whoever starts QEMU.
+
+/** QEMU as the caller started it for {@link bootMqGuest}. */
+export interface StartedGuestQemu {
+  /** The process whose exit ends the boot (QEMU, or `mqtap launch` running it). */
+  child: ChildProcess;
+  /** Waited for too after the child exits (e.g. launchQemu's `exited`, which closes the netdevs). */
+  exited?: Promise<unknown>;
+}
+
+export interface MqGuestBootOptions {
+  /** vm/guest-mq.sh's scenario (default: the full one with its default addresses). */
+  mq?: MqGuestOptions;
+  /**
+   * Starts QEMU: `qemuArgs` boot the guest (no binary, no NIC; put
+   * qemuBinary() in front and add the netdevs), e.g. through launchQemu or
+   * `mqtap launch`.  It may throw: the boot then cleans up and rethrows.
+   */
+  start: (qemuArgs: string[]) => StartedGuestQemu | Promise<StartedGuestQemu>;
+  /**
+   * Runs at each checkpoint while the guest waits (see watchCheckpoints);
+   * `report()` parses what the guest has printed so far.  Its return value
+   * is the guest's acknowledgement.
+   */
+  onCheckpoint?: (cp: Checkpoint, report: () => MqGuestReport) => string | void | Promise<string | void>;
+  /** SIGKILL the started process after this long (default 300 000 ms). */
+  timeoutMs?: number;
+  /** Prefix of the temp results dir (default 'mqtap-guest-'). */
+  resultsPrefix?: string;
+}
+
+export interface MqGuestBoot {
+  /** How the started process ended (signal SIGKILL and timedOut: the timeout). */
+  exit: { code: number | null; signal: NodeJS.Signals | null };
+  timedOut: boolean;
+  /** vm/guest-mq.sh's report. */
+  report: MqGuestReport;
+  /** The guest command's exit status (null: none reported). */
+  guestExitCode: number | null;
+  checkpoints: Checkpoint[];
+  /** The guest command's stdout and stderr, and the serial console (\r removed). */
+  stdout: string;
+  stderr: string;
+  console: string;
+  /** From the call until the process exited. */
+  durationMs: number;
+}
+
+function readText(file: string): string {
+  try {
+    return readFileSync(file, 'utf8');
+  } catch {
+    return '';
+  }
+}
+
+/**
+ * Boots the guest once with vm/guest-mq.sh: makes a results dir, builds the
+ * QEMU arguments, watches the checkpoints (calling `onCheckpoint` at each),
+ * lets `start` launch QEMU, waits for it to exit (killing it after
+ * `timeoutMs`), and returns what the guest reported.  Whatever happens, when
+ * it returns or throws the process it started is gone (SIGKILLed if it still
+ * ran), the watcher stopped and the results dir removed.
+ */
+export async function bootMqGuest(opts: MqGuestBootOptions): Promise<MqGuestBoot> {
+  const started = Date.now();
+  const resultsDir = await makeResultsDir(opts.resultsPrefix ?? 'mqtap-guest-');
+  const stdoutFile = path.join(resultsDir, 'stdout');
+  const consoleFile = path.join(resultsDir, 'console.log');
+  const report = (): MqGuestReport => parseMqGuestOutput(readText(stdoutFile));
+  let watcher: CheckpointWatcher | undefined;
+  let proc: StartedGuestQemu | undefined;
+  try {
+    const args = await guestQemuArgs({ ...mqGuestCommand(opts.mq), resultsDir, consoleFile });
+    watcher = watchCheckpoints(resultsDir, (cp) => opts.onCheckpoint?.(cp, report));
+    proc = await opts.start(args);
+    const child = proc.child;
+    const exit = await new Promise<{ code: number | null; signal: NodeJS.Signals | null; timedOut: boolean }>((resolve) => {
+      let timedOut = false;
+      const timer = setTimeout(() => {
+        timedOut = true;
+        child.kill('SIGKILL');
+      }, opts.timeoutMs ?? 300_000);
+      const done = (code: number | null, signal: NodeJS.Signals | null): void => {
+        clearTimeout(timer);
+        resolve({ code, signal, timedOut });
+      };
+      if (child.exitCode !== null || child.signalCode !== null) done(child.exitCode, child.signalCode as NodeJS.Signals | null);
+      else {
+        child.once('exit', done);
+        child.once('error', () => done(child.exitCode, child.signalCode as NodeJS.Signals | null)); // could not start: no 'exit' may follow
+      }
+    });
+    await proc.exited?.catch(() => undefined);
+    await watcher.stop();
+    const exitText = readText(path.join(resultsDir, 'exitcode')).trim();
+    return {
+      exit: { code: exit.code, signal: exit.signal },
+      timedOut: exit.timedOut,
+      report: report(),
+      guestExitCode: /^\d+$/.test(exitText) ? Number(exitText) : null,
+      checkpoints: [...watcher.seen],
+      stdout: readText(stdoutFile),
+      stderr: readText(path.join(resultsDir, 'stderr')),
+      console: readText(consoleFile).replace(/\r/g, ''),
+      durationMs: Date.now() - started,
+    };
+  } finally {
+    const c = proc?.child;
+    if (c && c.exitCode === null && c.signalCode === null) {
+      c.kill('SIGKILL');
+      await new Promise<void>((resolve) => {
+        const t = setTimeout(resolve, 10_000);
+        c.once('exit', () => {
+          clearTimeout(t);
+          resolve();
+        });
+      });
+      await proc?.exited?.catch(() => undefined);
+    }
+    await watcher?.stop();
+    removeTree(resultsDir);
+    liveDirs.delete(resultsDir);
+  }
+}

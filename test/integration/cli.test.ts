@@ -2,7 +2,7 @@
  * The mqtap CLI against the real kernel, inside a throw-away network
  * namespace (children spawned after isolateNetns() start in it too).
  */
-import { spawn, spawnSync, type SpawnOptions } from 'node:child_process';
+import { spawn, spawnSync } from 'node:child_process';
 import { cpSync, existsSync, mkdtempSync, readFileSync, rmSync, symlinkSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -10,9 +10,8 @@ import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { isolateNetns, type IsolatedNetns } from '../../lib/sys/netns';
 import { getTap, listTaps } from '../../lib/tap/links';
 import { deleteTap } from '../../lib/tap/tap';
+import { CLI, ROOT, cliBuiltReason, runCli, type CliRun, type RunCliOptions } from '../helpers/cli';
 
-const ROOT = join(__dirname, '..', '..');
-const CLI = join(ROOT, 'dist', 'bin', 'mqtap.js');
 
 function capNetAdmin(): boolean {
   const m = /^CapEff:\s*([0-9a-f]+)$/m.exec(readFileSync('/proc/self/status', 'utf8'));
@@ -23,21 +22,11 @@ const reason = !existsSync('/dev/net/tun')
   ? '/dev/net/tun is missing'
   : !capNetAdmin()
     ? 'needs CAP_NET_ADMIN (run as root)'
-    : !existsSync(CLI)
-      ? 'dist/bin/mqtap.js is not built (npm run build)'
-      : '';
+    : cliBuiltReason();
 if (reason) console.warn(`cli integration tests skipped: ${reason}`);
 
-interface Run {
-  status: number | null;
-  stdout: string;
-  stderr: string;
-}
-
-function mqtap(args: string[], opts: SpawnOptions = {}): Run {
-  const r = spawnSync(process.execPath, [CLI, ...args], { encoding: 'utf8', timeout: 30_000, ...opts } as Parameters<typeof spawnSync>[2]);
-  return { status: r.status, stdout: String(r.stdout), stderr: String(r.stderr) };
-}
+/** `mqtap ARGS` to completion (30 s at most). */
+const mqtap = (args: string[], opts: RunCliOptions = {}): CliRun => runCli(args, { timeoutMs: 30_000, ...opts });
 
 function ipLink(name: string): Record<string, unknown> & { linkinfo: { info_kind: string; info_data: Record<string, unknown> } } {
   const r = spawnSync('ip', ['-d', '-j', 'link', 'show', name], { encoding: 'utf8' });
@@ -59,10 +48,10 @@ describe.skipIf(!!reason)(`mqtap CLI${reason ? ` (skipped: ${reason})` : ''}`, (
 
   it('features reports multi-queue support, as a table and as JSON', () => {
     const human = mqtap(['features']);
-    expect(human.status).toBe(0);
+    expect(human.code).toBe(0);
     expect(human.stdout).toMatch(/multi-queue \(IFF_MULTI_QUEUE\):\s+yes/);
     const j = mqtap(['features', '--json']);
-    expect(j.status).toBe(0);
+    expect(j.code).toBe(0);
     const parsed = JSON.parse(j.stdout) as { tun: { available: boolean; features: { multiQueue: boolean }; maxQueues: number } };
     expect(parsed.tun.available).toBe(true);
     expect(parsed.tun.features.multiQueue).toBe(true);
@@ -75,7 +64,7 @@ describe.skipIf(!!reason)(`mqtap CLI${reason ? ` (skipped: ${reason})` : ''}`, (
 
   it('create makes a persistent multi-queue tap with the given settings; show and ip agree; delete removes it', () => {
     const c = mqtap(['create', 'cq0', '--queues', '4', '--mtu', '9000', '--mac', '52:54:00:12:34:56', '--owner', '0', '--group', '0', '--up', '--json']);
-    expect(c.status, c.stderr).toBe(0);
+    expect(c.code, c.stderr).toBe(0);
     const created = JSON.parse(c.stdout) as { name: string; mtu: number; address: string; up: boolean; tun: Record<string, unknown> };
     expect(created).toMatchObject({ name: 'cq0', mtu: 9000, address: '52:54:00:12:34:56', up: true });
     expect(created.tun).toMatchObject({ type: 'tap', multiQueue: true, vnetHdr: true, persist: true, owner: 0, group: 0, numQueues: 0, numDisabledQueues: 0 });
@@ -86,41 +75,41 @@ describe.skipIf(!!reason)(`mqtap CLI${reason ? ` (skipped: ${reason})` : ''}`, (
     expect(viaIp.mtu).toBe(9000);
 
     const table = mqtap(['show']);
-    expect(table.status).toBe(0);
+    expect(table.code).toBe(0);
     expect(table.stdout).toMatch(/^NAME\s+TYPE\s+MQ\s+VNET_HDR\s+PERSIST/m);
     expect(table.stdout).toMatch(/^cq0\s+tap\s+yes\s+yes\s+yes\s+0\s+0\s+0\s+0\s+9000\s+52:54:00:12:34:56/m);
 
     const again = mqtap(['create', 'cq0']);
-    expect(again.status).toBe(6);
+    expect(again.code).toBe(6);
     expect(again.stderr).toMatch(/already exists/);
     expect(again.stderr).not.toMatch(/\n\s+at /); // no stack trace for a user error
 
     const d = mqtap(['delete', 'cq0']);
-    expect(d.status).toBe(0);
+    expect(d.code).toBe(0);
     expect(getTap('cq0')).toBeUndefined();
     const gone = mqtap(['delete', 'cq0']);
-    expect(gone.status).toBe(3);
+    expect(gone.code).toBe(3);
     expect(gone.stderr).toMatch(/no device named cq0/);
   });
 
   it('--no-vnet-hdr creates a tap without the virtio-net header', () => {
-    expect(mqtap(['create', 'cq1', '--no-vnet-hdr']).status).toBe(0);
+    expect(mqtap(['create', 'cq1', '--no-vnet-hdr']).code).toBe(0);
     expect(getTap('cq1')?.tun.vnetHdr).toBe(false);
   });
 
   it('show NAME --json and errors for missing or non-tap names', () => {
-    expect(mqtap(['create', 'cq2', '-q', '2']).status).toBe(0);
+    expect(mqtap(['create', 'cq2', '-q', '2']).code).toBe(0);
     const one = mqtap(['show', 'cq2', '--json']);
-    expect(one.status).toBe(0);
+    expect(one.code).toBe(0);
     expect(JSON.parse(one.stdout)).toMatchObject({ name: 'cq2', kind: 'tun', tun: { multiQueue: true } });
     const missing = mqtap(['show', 'nope0', '--json']);
-    expect(missing.status).toBe(3);
+    expect(missing.code).toBe(3);
     expect(JSON.parse(missing.stdout).error).toMatchObject({ code: 'ENODEV' });
     const lo = mqtap(['show', 'lo']);
-    expect(lo.status).toBe(3);
+    expect(lo.code).toBe(3);
     expect(lo.stderr).toMatch(/not a tun\/tap device/);
     const delLo = mqtap(['delete', 'lo']);
-    expect(delLo.status).toBe(6);
+    expect(delLo.code).toBe(6);
     expect(spawnSync('ip', ['link', 'show', 'lo']).status).toBe(0);
   });
 
@@ -137,7 +126,7 @@ describe.skipIf(!!reason)(`mqtap CLI${reason ? ` (skipped: ${reason})` : ''}`, (
       ['bogus'],
     ]) {
       const r = mqtap(args);
-      expect(r.status, `${args.join(' ')}: ${r.stderr}`).toBe(2);
+      expect(r.code, `${args.join(' ')}: ${r.stderr}`).toBe(2);
       expect(r.stderr).not.toMatch(/\n\s+at /);
     }
     expect(listTaps()).toEqual([]);
@@ -145,7 +134,7 @@ describe.skipIf(!!reason)(`mqtap CLI${reason ? ` (skipped: ${reason})` : ''}`, (
 
   it('demo (host part) runs every step and leaves nothing behind', () => {
     const r = mqtap(['demo', '--json', '--no-guest']);
-    expect(r.status, r.stderr).toBe(0);
+    expect(r.code, r.stderr).toBe(0);
     const out = JSON.parse(r.stdout) as { tap: string; steps: Array<{ step: string; ok: boolean }> };
     expect(out.steps.map((s) => s.step)).toEqual(['probe', 'netns', 'open', 'active', 'tx', 'rx', 'handoff', 'close']);
     expect(out.steps.every((s) => s.ok)).toBe(true);
@@ -154,14 +143,14 @@ describe.skipIf(!!reason)(`mqtap CLI${reason ? ` (skipped: ${reason})` : ''}`, (
 
   it('--debug shows the stack trace', () => {
     const r = mqtap(['--debug', 'delete', 'nope0']);
-    expect(r.status).toBe(3);
+    expect(r.code).toBe(3);
     expect(r.stderr).toMatch(/\n\s+at /);
   });
 
   it('a single-queue tap of that name: clear error naming multi_queue, device untouched', () => {
     expect(spawnSync('ip', ['tuntap', 'add', 'dev', 'sq0', 'mode', 'tap']).status).toBe(0);
     const r = mqtap(['exec', 'sq0', '--queues', '2', '--', 'true']);
-    expect(r.status).toBe(6);
+    expect(r.code).toBe(6);
     expect(r.stderr).toMatch(/single-queue tap/);
     expect(r.stderr).toMatch(/multi_queue/);
     expect(getTap('sq0')?.tun).toMatchObject({ multiQueue: false, persist: true });
@@ -177,7 +166,7 @@ describe.skipIf(!!reason)(`mqtap CLI${reason ? ` (skipped: ${reason})` : ''}`, (
 
     it('hands exactly the queue fds as 3.. and each is a queue of NAME (TUNGETIFF in the child)', () => {
       const r = mqtap(['exec', 'xq%d', '--queues', '4', '--', process.execPath, '-e', probe]);
-      expect(r.status, r.stderr).toBe(0);
+      expect(r.code, r.stderr).toBe(0);
       const out = JSON.parse(r.stdout) as { ifname: string; queues: string; fds: number[]; owners: string[] };
       expect(out.ifname).toMatch(/^xq\d+$/);
       expect(out.queues).toBe('4');
@@ -209,19 +198,19 @@ describe.skipIf(!!reason)(`mqtap CLI${reason ? ` (skipped: ${reason})` : ''}`, (
     });
 
     it('--active K enables K queues and disables the rest (kernel view from inside the child)', () => {
-      expect(mqtap(['create', 'eq0']).status).toBe(0);
+      expect(mqtap(['create', 'eq0']).code).toBe(0);
       const r = mqtap(['exec', 'eq0', '--queues', '4', '--active', '2', '--existing', 'require', '--', 'ip', '-d', '-j', 'link', 'show', 'eq0']);
-      expect(r.status, r.stderr).toBe(0);
+      expect(r.code, r.stderr).toBe(0);
       expect(JSON.parse(r.stdout)[0].linkinfo.info_data).toMatchObject({ numqueues: 2, numdisabled: 2 });
       // persistent device stays, its queues are released
       expect(getTap('eq0')?.tun).toMatchObject({ persist: true, numQueues: 0, numDisabledQueues: 0 });
     });
 
     it("exits with the command's status, and 128+N when a signal kills it", () => {
-      expect(mqtap(['exec', 'xq%d', '--', 'sh', '-c', 'exit 7']).status).toBe(7);
-      expect(mqtap(['exec', 'xq%d', '--', 'sh', '-c', 'kill -KILL $$']).status).toBe(137);
+      expect(mqtap(['exec', 'xq%d', '--', 'sh', '-c', 'exit 7']).code).toBe(7);
+      expect(mqtap(['exec', 'xq%d', '--', 'sh', '-c', 'kill -KILL $$']).code).toBe(137);
       const missing = mqtap(['exec', 'xq%d', '--', '/nonexistent/program']);
-      expect(missing.status).toBe(127);
+      expect(missing.code).toBe(127);
       expect(missing.stderr).toMatch(/command not found/);
       expect(listTaps()).toEqual([]);
     });
@@ -251,7 +240,7 @@ describe.skipIf(!!reason)(`mqtap CLI${reason ? ` (skipped: ${reason})` : ''}`, (
       // The child signals mqtap first thing; mqtap must relay it, not die of it.
       for (let i = 0; i < 5; i++) {
         const r = mqtap(['exec', 'eq%d', '--', 'sh', '-c', 'trap "exit 42" TERM; kill -TERM $PPID; while :; do sleep 0.05; done']);
-        expect(r.status, r.stderr).toBe(42);
+        expect(r.code, r.stderr).toBe(42);
       }
       expect(listTaps()).toEqual([]);
     });
@@ -259,14 +248,14 @@ describe.skipIf(!!reason)(`mqtap CLI${reason ? ` (skipped: ${reason})` : ''}`, (
     it('--vhost on without vhost-net: exit 5 with the modprobe hint, nothing left; --vhost auto falls back with a warning', () => {
       const vhostHere = existsSync('/dev/vhost-net');
       const on = mqtap(['exec', 'vq%d', '--queues', '2', '--vhost', 'on', '--', 'true']);
-      if (vhostHere) expect(on.status).toBe(0);
+      if (vhostHere) expect(on.code).toBe(0);
       else {
-        expect(on.status).toBe(5);
+        expect(on.code).toBe(5);
         expect(on.stderr).toMatch(/modprobe vhost_net/);
       }
       expect(listTaps()).toEqual([]);
       const auto = mqtap(['exec', 'vq%d', '--queues', '2', '--vhost', 'auto', '--', 'sh', '-c', 'echo "$MQTAP_FDS|${MQTAP_VHOSTFDS-none}"']);
-      expect(auto.status, auto.stderr).toBe(0);
+      expect(auto.code, auto.stderr).toBe(0);
       if (!vhostHere) {
         expect(auto.stdout.trim()).toBe('3:4|none');
         expect(auto.stderr).toMatch(/vhost-net unavailable; continuing without it/);
@@ -276,7 +265,7 @@ describe.skipIf(!!reason)(`mqtap CLI${reason ? ` (skipped: ${reason})` : ''}`, (
 
     it('a failing open leaves nothing behind and names the step', () => {
       const r = mqtap(['exec', 'eq1', '--existing', 'require', '--', 'true']);
-      expect(r.status).toBe(3);
+      expect(r.code).toBe(3);
       expect(r.stderr).toMatch(/no tap named eq1/);
       expect(r.stderr).toMatch(/mqtap create eq1/);
       expect(listTaps()).toEqual([]);
@@ -300,7 +289,7 @@ describe.skipIf(!!reason)(`mqtap CLI${reason ? ` (skipped: ${reason})` : ''}`, (
 
     it('--netns naming no namespace: exit 3 with the path, no stack trace', () => {
       const r = mqtap(['--netns', 'mqtap-no-such-ns', 'show']);
-      expect(r.status, r.stderr).toBe(3);
+      expect(r.code, r.stderr).toBe(3);
       expect(r.stderr).toMatch(/\/run\/netns\/mqtap-no-such-ns/);
       expect(r.stderr).not.toMatch(/\n\s+at /);
     });

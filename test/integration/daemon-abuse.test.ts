@@ -7,7 +7,7 @@
  * (/proc/PID/fd) is back where it was, and its state agrees with the kernel.
  */
 import { spawn, type ChildProcess } from 'node:child_process';
-import { closeSync, existsSync, mkdirSync, mkdtempSync, openSync, readdirSync, readFileSync, rmSync } from 'node:fs';
+import { mkdtempSync, readdirSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -18,14 +18,14 @@ import { getTap, listTaps } from '../../lib/tap/links.js';
 import { native } from '../../lib/sys/native.js';
 import { ReceivedFds, UnixServer, UnixSocket } from '../../lib/sys/scm.js';
 import { deleteTap } from '../../lib/tap/tap.js';
+import { ROOT, cliBuiltReason } from '../helpers/cli';
+import { DaemonProcess } from '../helpers/daemon';
 import { skipNote, tapEnv, useIsolatedNetns } from '../helpers/env.js';
 import { waitFor } from '../helpers/wait';
 
-const ROOT = join(__dirname, '..', '..');
-const CLI = join(ROOT, 'dist', 'bin', 'mqtap.js');
 const CLIENT_JS = join(ROOT, 'dist', 'lib', 'daemon', 'client.js');
 const env = tapEnv();
-const reason = !env.ok ? env.reason : !existsSync(CLI) ? 'dist/bin/mqtap.js is not built (npx tsc -p tsconfig.json)' : '';
+const reason = !env.ok ? env.reason : cliBuiltReason();
 if (reason) console.warn(`daemon abuse tests skipped: ${reason}`);
 
 async function codeOf(p: Promise<unknown>): Promise<string> {
@@ -36,38 +36,6 @@ async function codeOf(p: Promise<unknown>): Promise<string> {
     throw err;
   }
   return 'no error';
-}
-
-class Daemon {
-  readonly proc: ChildProcess;
-  readonly socket: string;
-  readonly logFile: string;
-  readonly exit: Promise<{ code: number | null; signal: NodeJS.Signals | null }>;
-
-  constructor(dir: string, args: string[]) {
-    mkdirSync(dir, { recursive: true });
-    this.socket = join(dir, 'mqtap.sock');
-    this.logFile = join(dir, 'daemon.log');
-    const log = openSync(this.logFile, 'w');
-    this.proc = spawn(process.execPath, [CLI, '--log-level', 'info', 'daemon', '--socket', this.socket, '--state-dir', join(dir, 'state'), ...args], { stdio: ['ignore', 'ignore', log] });
-    closeSync(log);
-    this.exit = new Promise((r) => this.proc.once('exit', (code, signal) => r({ code, signal })));
-  }
-
-  get alive(): boolean {
-    return this.proc.exitCode === null && this.proc.signalCode === null;
-  }
-
-  fdCount(): number {
-    return readdirSync(`/proc/${this.proc.pid}/fd`).length;
-  }
-
-  logLines(): Array<Record<string, unknown>> {
-    return readFileSync(this.logFile, 'utf8')
-      .split('\n')
-      .filter(Boolean)
-      .map((l) => JSON.parse(l) as Record<string, unknown>);
-  }
 }
 
 /** A raw seqpacket connection with a queue of the messages it receives. */
@@ -99,7 +67,7 @@ async function rawConnection(socket: string): Promise<{ s: UnixSocket; next: () 
 describe.skipIf(!!reason)(`mqtap daemon under abuse${reason ? ` (skipped: ${reason})` : skipNote(env)}`, () => {
   useIsolatedNetns();
   let dir: string;
-  let d: Daemon;
+  let d: DaemonProcess;
   let baseline: number;
   const children: ChildProcess[] = [];
   const servers: UnixServer[] = [];
@@ -113,8 +81,7 @@ describe.skipIf(!!reason)(`mqtap daemon under abuse${reason ? ` (skipped: ${reas
 
   beforeAll(async () => {
     dir = mkdtempSync(join(tmpdir(), 'mqtap-abuse-'));
-    d = new Daemon(dir, ['--qmp-timeout', '1500', '--max-clients', '128']);
-    await waitFor('the daemon socket', () => existsSync(d.socket) || !d.alive);
+    d = await DaemonProcess.start({ dir, args: ['--qmp-timeout', '1500', '--max-clients', '128'] });
     const c = await DaemonClient.connect(d.socket);
     await c.create({ name: 'ab0', pairs: 4, vhost: 'off', active: 2 });
     const withClient = d.fdCount();
@@ -127,10 +94,7 @@ describe.skipIf(!!reason)(`mqtap daemon under abuse${reason ? ` (skipped: ${reas
     for (const c of children) if (c.exitCode === null && c.signalCode === null) c.kill('SIGKILL');
     for (const s of servers) s.close();
     if (d?.alive) {
-      d.proc.kill('SIGTERM');
-      const t = setTimeout(() => d.proc.kill('SIGKILL'), 20_000);
-      const exit = await d.exit;
-      clearTimeout(t);
+      const exit = await d.stop('SIGTERM', 20_000);
       expect(exit, 'the daemon stops cleanly after all this').toEqual({ code: 0, signal: null });
       expect(d.logLines().filter((l) => Number(l.level) >= 50), 'no error-level log lines').toEqual([]);
     }

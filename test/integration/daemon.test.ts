@@ -10,8 +10,8 @@
  * release, delete, SIGTERM + restart re-adopting persistent taps, and
  * authorization (file mode, SO_PEERCRED refusal, --group).
  */
-import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
-import { chmodSync, closeSync, existsSync, lstatSync, mkdirSync, mkdtempSync, openSync, readdirSync, readFileSync, readlinkSync, rmSync, writeFileSync } from 'node:fs';
+import { spawnSync } from 'node:child_process';
+import { chmodSync, existsSync, lstatSync, mkdtempSync, readdirSync, readFileSync, readlinkSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
@@ -20,76 +20,19 @@ import { getTap, listTaps } from '../../lib/tap/links.js';
 import { K, native } from '../../lib/sys/native.js';
 import { deleteTap, openTap } from '../../lib/tap/tap.js';
 import { probeVhostNet } from '../../lib/vhost/vhost.js';
+import { ROOT, CLI, cliBuiltReason, runCli } from '../helpers/cli';
+import { DaemonProcess } from '../helpers/daemon';
 import { cannotLoadAs, need, needCommand, skipNote, tapEnv, useIsolatedNetns } from '../helpers/env.js';
 import { rejection, waitFor } from '../helpers/wait';
 
-const ROOT = join(__dirname, '..', '..');
-const CLI = join(ROOT, 'dist', 'bin', 'mqtap.js');
 /** Loaded by children running as uid 65534 (the checkout must be readable by them). */
 const CLIENT_JS = join(ROOT, 'dist', 'lib', 'daemon', 'client.js');
 const env = tapEnv();
-const reason = !env.ok ? env.reason : !existsSync(CLI) ? 'dist/bin/mqtap.js is not built (npx tsc -p tsconfig.json)' : '';
+const reason = !env.ok ? env.reason : cliBuiltReason();
 if (reason) console.warn(`daemon integration tests skipped: ${reason}`);
 
-/** A daemon process with its log in a file. */
-class Daemon {
-  readonly proc: ChildProcess;
-  readonly socket: string;
-  readonly logFile: string;
-  exit: Promise<{ code: number | null; signal: NodeJS.Signals | null }>;
-
-  constructor(readonly dir: string, args: string[] = []) {
-    this.socket = join(dir, 'mqtap.sock');
-    this.logFile = join(dir, `daemon-${Date.now()}-${Math.random().toString(36).slice(2)}.log`);
-    mkdirSync(dir, { recursive: true });
-    const log = openSync(this.logFile, 'w');
-    this.proc = spawn(process.execPath, [CLI, '--log-level', 'info', 'daemon', '--socket', this.socket, '--state-dir', join(dir, 'state'), ...args], { stdio: ['ignore', 'ignore', log] });
-    closeSync(log);
-    this.exit = new Promise((r) => this.proc.once('exit', (code, signal) => r({ code, signal })));
-  }
-
-  static async start(dir: string, args: string[] = []): Promise<Daemon> {
-    const d = new Daemon(dir, args);
-    await waitFor('the daemon socket', () => existsSync(d.socket) || d.proc.exitCode !== null);
-    if (d.proc.exitCode !== null) throw new Error(`the daemon exited: ${d.log()}`);
-    return d;
-  }
-
-  get pid(): number {
-    return this.proc.pid!;
-  }
-
-  fdCount(): number {
-    return readdirSync(`/proc/${this.pid}/fd`).length;
-  }
-
-  log(): string {
-    return readFileSync(this.logFile, 'utf8');
-  }
-
-  logLines(): Array<Record<string, unknown>> {
-    return this.log()
-      .split('\n')
-      .filter(Boolean)
-      .map((l) => JSON.parse(l) as Record<string, unknown>);
-  }
-
-  async stop(signal: NodeJS.Signals = 'SIGTERM'): Promise<{ code: number | null; signal: NodeJS.Signals | null }> {
-    if (this.proc.exitCode === null && this.proc.signalCode === null) this.proc.kill(signal);
-    let timer: NodeJS.Timeout | undefined;
-    const r = await Promise.race([
-      this.exit,
-      new Promise<never>((_, rej) => {
-        timer = setTimeout(() => {
-          this.proc.kill('SIGKILL');
-          rej(new Error('the daemon did not stop within 20 s'));
-        }, 20_000);
-      }),
-    ]);
-    clearTimeout(timer);
-    return r;
-  }
-}
+/** A daemon whose socket, state dir and log are in `dir`. */
+const startDaemon = (dir: string, args: string[] = []): Promise<DaemonProcess> => DaemonProcess.start({ dir, args });
 
 /** Runs a node script as another user (setpriv), with dist/ on hand; returns its stdout JSON. */
 function runAs(uid: number, extra: string[], script: string): { status: number | null; out: Record<string, unknown>; stderr: string } {
@@ -115,13 +58,13 @@ DaemonClient.connect(${JSON.stringify(socket)}, { timeoutMs: 10000 }).then(
 describe.skipIf(!!reason)(`mqtap daemon${reason ? ` (skipped: ${reason})` : skipNote(env)}`, () => {
   useIsolatedNetns();
   let dir: string;
-  let daemon: Daemon | undefined;
+  let daemon: DaemonProcess | undefined;
   const clients: DaemonClient[] = [];
-  const extraDaemons: Daemon[] = [];
+  const extraDaemons: DaemonProcess[] = [];
 
   beforeAll(async () => {
     dir = mkdtempSync(join(tmpdir(), 'mqtap-daemon-'));
-    daemon = await Daemon.start(dir);
+    daemon = await startDaemon(dir);
   }, 30_000);
 
   afterEach(() => {
@@ -300,7 +243,7 @@ describe.skipIf(!!reason)(`mqtap daemon${reason ? ` (skipped: ${reason})` : skip
     // dp2 vanishes while no daemon runs: its state file must be dropped on restart.
     deleteTap('dp2');
 
-    daemon = await Daemon.start(dir);
+    daemon = await startDaemon(dir);
     const c2 = await connect();
     const l = await c2.list();
     expect(l.map((n) => n.name).sort()).toEqual(['dp0', 'dp1']);
@@ -339,7 +282,7 @@ describe.skipIf(!!reason)(`mqtap daemon${reason ? ` (skipped: ${reason})` : skip
 
     // A daemon serving gid 4242: socket 0660 root:4242; a uid 65534 member is served.
     const gdir = join(dir, 'group');
-    const g = await Daemon.start(gdir, ['--group', '4242']);
+    const g = await startDaemon(gdir, ['--group', '4242']);
     extraDaemons.push(g);
     const st = lstatSync(g.socket);
     expect(st.mode & 0o777).toBe(0o660);
@@ -354,8 +297,8 @@ describe.skipIf(!!reason)(`mqtap daemon${reason ? ` (skipped: ${reason})` : skip
     const dir = mkdtempSync(join(tmpdir(), 'mqtap-ro-'));
     chmodSync(dir, 0o755); // root's: nobody may not create state/ in it
     try {
-      const r = spawnSync('setpriv', ['--reuid=65534', '--regid=65534', '--clear-groups', process.execPath, CLI, 'daemon', '--socket', join(dir, 's.sock'), '--state-dir', join(dir, 'state')], { encoding: 'utf8' });
-      expect(r.status, r.stderr).toBe(4);
+      const r = runCli(['daemon', '--socket', join(dir, 's.sock'), '--state-dir', join(dir, 'state')], { wrapper: ['setpriv', '--reuid=65534', '--regid=65534', '--clear-groups'] });
+      expect(r.code, r.stderr).toBe(4);
       expect(r.stderr).toMatch(/STATE_DIR: mkdir .*\/state: permission denied/);
       expect(r.stderr).toMatch(/hint: .*writable --state-dir/);
       expect(r.stderr).not.toMatch(/internal error|\n\s+at /);
@@ -370,8 +313,8 @@ describe.skipIf(!!reason)(`mqtap daemon${reason ? ` (skipped: ${reason})` : skip
     await c.create({ name: 'dq0', pairs: 2, vhost: 'off', persist: true });
     c.close();
     const before = getTap('dq0')!.tun;
-    const r = spawnSync(process.execPath, [CLI, 'daemon', '--socket', daemon!.socket, '--state-dir', join(dir, 'state')], { encoding: 'utf8', timeout: 20_000 });
-    expect(r.status, r.stderr).toBe(6);
+    const r = runCli(['daemon', '--socket', daemon!.socket, '--state-dir', join(dir, 'state')], { timeoutMs: 20_000 });
+    expect(r.code, r.stderr).toBe(6);
     expect(r.stderr).toMatch(/state directory .* is in use by another mqtap daemon/);
     expect(getTap('dq0')!.tun).toMatchObject({ numQueues: before.numQueues, numDisabledQueues: before.numDisabledQueues });
     const c2 = await connect();
@@ -420,9 +363,9 @@ describe.skipIf(!!reason)(`mqtap daemon${reason ? ` (skipped: ${reason})` : skip
   it('a state file that is not valid JSON is reported and left alone; the daemon still starts', async () => {
     const sdir = join(dir, 'badstate');
     const nd = join(sdir, 'state', 'netdevs');
-    await Daemon.start(sdir).then((d) => d.stop());
+    await startDaemon(sdir).then((d) => d.stop());
     writeFileSync(join(nd, 'junk.json'), '{not json');
-    const d = await Daemon.start(sdir);
+    const d = await startDaemon(sdir);
     extraDaemons.push(d);
     await waitFor('the log line', () => /unreadable state file left alone/.test(d.log()));
     expect(existsSync(join(nd, 'junk.json'))).toBe(true);

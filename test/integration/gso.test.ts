@@ -23,6 +23,7 @@ import net from 'node:net';
 import { randomBytes } from 'node:crypto';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { afterEach, beforeAll, describe, expect, it } from 'vitest';
+import { ETHERTYPE, IPPROTO, ethernetFrame, ipv4Checksum, ipv4Header, ipv4PseudoHeaderSum, l4Checksum4 } from '../../lib/datapath/frames.js';
 import { applyOffloads, openQueueIO, type FrameBatch, type QueueIO } from '../../lib/datapath/io.js';
 import { getLink } from '../../lib/tap/links.js';
 import { openTap, type Offloads, type Tap } from '../../lib/tap/tap.js';
@@ -37,49 +38,14 @@ const C = { name: 'gsc0', mac: '02:00:00:00:0c:01', local: '169.254.30.1', peer:
 
 // ------------------------------------------------------------------ packets
 
-function ip4(a: string): Buffer {
-  return Buffer.from(a.split('.').map(Number));
-}
-
-function macBytes(m: string): Buffer {
-  return Buffer.from(m.split(':').map((h) => parseInt(h, 16)));
-}
-
-function sum16(b: Buffer, sum = 0): number {
-  for (let i = 0; i + 1 < b.length; i += 2) sum += b.readUInt16BE(i);
-  if (b.length & 1) sum += b[b.length - 1]! << 8;
-  return sum;
-}
-
-function fold(sum: number): number {
-  while (sum > 0xffff) sum = (sum & 0xffff) + (sum >>> 16);
-  return sum;
-}
-
-/** Sum of the IPv4 pseudo header (not folded, not inverted). */
-function pseudo(src: Buffer, dst: Buffer, proto: number, len: number): number {
-  return sum16(src) + sum16(dst) + proto + len;
-}
-
-/** Full L4 checksum over pseudo header + segment: 0 means valid when the check field is included. */
+/** The TCP/UDP checksum over the IPv4 pseudo header and the segment of packet `ip`: 0 means valid (check field included). */
 function l4Verify(ip: Buffer): number {
   const ihl = (ip[0]! & 0x0f) * 4;
-  const seg = ip.subarray(ihl, ip.readUInt16BE(2));
-  return ~fold(pseudo(ip.subarray(12, 16), ip.subarray(16, 20), ip[9]!, seg.length) + sum16(seg)) & 0xffff;
+  return l4Checksum4(ip.subarray(12, 16), ip.subarray(16, 20), ip[9]!, ip.subarray(ihl, ip.readUInt16BE(2)));
 }
 
 function ipHeader(src: string, dst: string, proto: number, payloadLen: number, id = 0x4242): Buffer {
-  const ip = Buffer.alloc(20);
-  ip[0] = 0x45;
-  ip.writeUInt16BE(20 + payloadLen, 2);
-  ip.writeUInt16BE(id, 4);
-  ip.writeUInt16BE(0x4000, 6);
-  ip[8] = 64;
-  ip[9] = proto;
-  ip4(src).copy(ip, 12);
-  ip4(dst).copy(ip, 16);
-  ip.writeUInt16BE(~fold(sum16(ip)) & 0xffff, 10);
-  return ip;
+  return ipv4Header({ srcIp: src, dstIp: dst, protocol: proto, payloadLength: payloadLen, id });
 }
 
 interface TcpSeg {
@@ -110,9 +76,8 @@ function tcpFrame(dstMac: string, srcMac: string, src: string, dst: string, t: T
   tcp.writeUInt16BE(t.window, 14);
   opt.copy(tcp, 20);
   const len = tcp.length + t.payload.length;
-  const ps = pseudo(ip4(src), ip4(dst), 6, len);
-  tcp.writeUInt16BE(partial ? fold(ps) : ~fold(ps + sum16(tcp) + sum16(t.payload)) & 0xffff, 16);
-  return Buffer.concat([macBytes(dstMac), macBytes(srcMac), Buffer.from([0x08, 0x00]), ipHeader(src, dst, 6, len), tcp, t.payload]);
+  tcp.writeUInt16BE(partial ? ipv4PseudoHeaderSum(src, dst, IPPROTO.TCP, len) : l4Checksum4(src, dst, IPPROTO.TCP, Buffer.concat([tcp, t.payload])), 16);
+  return ethernetFrame({ dstMac, srcMac, etherType: ETHERTYPE.IPV4, payload: Buffer.concat([ipHeader(src, dst, IPPROTO.TCP, len), tcp, t.payload]) });
 }
 
 interface ParsedTcp extends TcpSeg {
@@ -222,7 +187,7 @@ describe.skipIf(!env.ok)(`GSO through taps${skipNote(env)}`, () => {
       expect(g.tcp.src).toBe(A.peer);
       expect(g.tcp.dst).toBe(B.peer);
       expect(g.tcp.ip[8], 'TTL decremented: forwarded').toBe(63);
-      expect(~fold(sum16(g.tcp.ip.subarray(0, 20))) & 0xffff, 'IPv4 header checksum').toBe(0);
+      expect(ipv4Checksum(g.tcp.ip.subarray(0, 20)), 'IPv4 header checksum').toBe(0);
       expect(l4Verify(g.tcp.ip), `TCP checksum of segment ${i}`).toBe(0);
       expect(g.tcp.seq).toBe((seq + off) >>> 0);
       expect(g.tcp.flags & PSH ? i : -1, 'PSH only on the last segment').toBe(g.tcp.flags & PSH ? 44 : -1);
@@ -328,8 +293,8 @@ describe.skipIf(!env.ok)(`GSO through taps${skipNote(env)}`, () => {
       udp.writeUInt16BE(40001, 0);
       udp.writeUInt16BE(9, 2);
       udp.writeUInt16BE(8 + payload.length, 4);
-      udp.writeUInt16BE(fold(pseudo(ip4(A.peer), ip4(dst), 17, 8 + payload.length)), 6); // partial
-      const f = Buffer.concat([macBytes(A.mac), macBytes(A.peerMac), Buffer.from([0x08, 0x00]), ipHeader(A.peer, dst, 17, 8 + payload.length), udp, payload]);
+      udp.writeUInt16BE(ipv4PseudoHeaderSum(A.peer, dst, IPPROTO.UDP, 8 + payload.length), 6); // partial
+      const f = ethernetFrame({ dstMac: A.mac, srcMac: A.peerMac, etherType: ETHERTYPE.IPV4, payload: Buffer.concat([ipHeader(A.peer, dst, IPPROTO.UDP, 8 + payload.length), udp, payload]) });
       const hdr = encodeVnetHdr({ flags: VNET_HDR_F.NEEDS_CSUM, gsoType: VNET_HDR_GSO.UDP_L4, hdrLen: 42, gsoSize: seg, csumStart: 34, csumOffset: 6 }, 10);
       return Buffer.concat([hdr, f]);
     };

@@ -18,10 +18,9 @@
  *     lack them), the other still counts;
  *   - the human view has a bar per queue; an unknown name exits 3.
  */
-import { spawn, spawnSync, type ChildProcessByStdio } from 'node:child_process';
+import { spawn, type ChildProcessByStdio } from 'node:child_process';
 import dgram from 'node:dgram';
-import { existsSync, readFileSync, readdirSync, readlinkSync } from 'node:fs';
-import { join } from 'node:path';
+import { readFileSync, readdirSync, readlinkSync } from 'node:fs';
 import type { Readable } from 'node:stream';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
@@ -31,13 +30,13 @@ import { getTap } from '../../lib/tap/links.js';
 import { K, native } from '../../lib/sys/native.js';
 import { openQueueStats, tcxIngressPrograms, type QueueCounters } from '../../lib/datapath/qstats.js';
 import { openTap, type Tap } from '../../lib/tap/tap.js';
+import { CLI, cliBuiltReason, runCli } from '../helpers/cli';
 import { fdCount, need, needCommand, netnsSysctls, run, skipNote, tapEnv, useIsolatedNetns } from '../helpers/env.js';
 import { tcxMissing } from '../helpers/probes.js';
 import { waitFor } from '../helpers/wait.js';
 
-const CLI = join(__dirname, '..', '..', 'dist', 'bin', 'mqtap.js');
 const base = tapEnv();
-const env = !base.ok ? base : !existsSync(CLI) ? { ok: false, reason: 'dist/bin/mqtap.js is not built (npx tsc -p tsconfig.json)' } : need('tcx', tcxMissing());
+const env = !base.ok ? base : cliBuiltReason() ? { ok: false, reason: cliBuiltReason() } : need('tcx', tcxMissing());
 
 const NAME = 'sts0';
 const LOCAL = '169.254.93.1';
@@ -128,22 +127,10 @@ describe.skipIf(!env.ok)(`mqtap stats${skipNote(env)}`, () => {
 
   it('attaches its own queues to an idle tap and counts every frame per queue', async () => {
     expect(getTap(NAME)!.tun.numQueues).toBe(0);
-    const child = spawn(process.execPath, [CLI, 'stats', NAME, '--queues', '4', '--interval', '200', '--watch', '--json'], { stdio: ['ignore', 'pipe', 'pipe'] });
-    const samples: Sample[] = [];
-    let buf = '';
-    let stderr = '';
-    child.stdout.on('data', (d: Buffer) => {
-      buf += d.toString();
-      for (let i = buf.indexOf('\n'); i >= 0; i = buf.indexOf('\n')) {
-        samples.push(JSON.parse(buf.slice(0, i)) as Sample);
-        buf = buf.slice(i + 1);
-      }
-    });
-    child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
-    const exited = new Promise<number | null>((resolve) => child.once('exit', (code) => resolve(code)));
+    const { child, samples, stderr: err, exited } = watchStats([NAME, '--queues', '4', '--interval', '200', '--watch', '--json']);
     try {
       for (let i = 0; i < 500 && getTap(NAME)!.tun.numQueues < 4; i++) await sleep(20);
-      expect(getTap(NAME)!.tun.numQueues, stderr).toBe(4);
+      expect(getTap(NAME)!.tun.numQueues, err()).toBe(4);
       const s = dgram.createSocket('udp4');
       sockets.push(s);
       await new Promise<void>((resolve) => s.bind(0, LOCAL, () => resolve()));
@@ -152,7 +139,7 @@ describe.skipIf(!env.ok)(`mqtap stats${skipNote(env)}`, () => {
       const counted = (): number => samples.reduce((a, x) => a + (x.queues ?? []).reduce((b, q) => b + (q.rxFrames ?? 0), 0), 0);
       for (let i = 0; i < 500 && counted() < SENT; i++) await sleep(20);
       child.kill('SIGINT');
-      expect(await exited, stderr).toBe(0);
+      expect(await exited, err()).toBe(0);
       expect(samples.length).toBeGreaterThan(0);
       for (const x of samples) {
         expect(x.mode).toBe('queues');
@@ -172,8 +159,8 @@ describe.skipIf(!env.ok)(`mqtap stats${skipNote(env)}`, () => {
   it('a tap held elsewhere: reads the kernel\'s per-queue counters and attaches no queue', () => {
     const holder = openTap({ name: NAME, existing: 'require', queues: 1 });
     try {
-      const r = spawnSync(process.execPath, [CLI, 'stats', NAME, '--interval', '150', '--json'], { encoding: 'utf8', timeout: 30_000 });
-      expect(r.status, r.stderr).toBe(0);
+      const r = runCli(['stats', NAME, '--interval', '150', '--json'], { timeoutMs: 30_000 });
+      expect(r.code, r.stderr).toBe(0);
       const sample = JSON.parse(r.stdout.trim()) as Sample;
       expect(sample.mode).toBe('kernel');
       expect(sample.queues!.map((q) => q.queue)).toEqual([0]);
@@ -186,13 +173,13 @@ describe.skipIf(!env.ok)(`mqtap stats${skipNote(env)}`, () => {
   });
 
   it('draws a bar per queue, and exits 3 for an unknown tap', () => {
-    const r = spawnSync(process.execPath, [CLI, 'stats', NAME, '--queues', '2', '--interval', '150'], { encoding: 'utf8', timeout: 30_000 });
-    expect(r.status, r.stderr).toBe(0);
+    const r = runCli(['stats', NAME, '--queues', '2', '--interval', '150'], { timeoutMs: 30_000 });
+    expect(r.code, r.stderr).toBe(0);
     expect(r.stdout).toMatch(/^QUEUE\s+RX FRAMES\/S/m);
     expect(r.stdout.split('\n').filter((l) => /^[01]\s/.test(l))).toHaveLength(2);
     expect(r.stdout).toMatch(/\|/);
-    const missing = spawnSync(process.execPath, [CLI, 'stats', 'nosuch0'], { encoding: 'utf8', timeout: 30_000 });
-    expect(missing.status).toBe(3);
+    const missing = runCli(['stats', 'nosuch0'], { timeoutMs: 30_000 });
+    expect(missing.code).toBe(3);
     expect(missing.stderr).toMatch(/no tap named nosuch0/);
   });
   describe('queues held elsewhere: the kernel\'s per-queue counters', () => {
@@ -361,8 +348,8 @@ describe.skipIf(!env.ok)(`mqtap stats${skipNote(env)}`, () => {
       }
       // the link fd died with the process: the kernel detached the program (release may finish just after the exit is reported)
       await waitFor('the tcx program to go', () => tcxIngressPrograms(ifindex).length === 0);
-      const again = spawnSync(process.execPath, [CLI, 'stats', HELD, '--interval', '150', '--json'], { encoding: 'utf8', timeout: 30_000 });
-      expect(again.status, again.stderr).toBe(0);
+      const again = runCli(['stats', HELD, '--interval', '150', '--json'], { timeoutMs: 30_000 });
+      expect(again.code, again.stderr).toBe(0);
       const sample = JSON.parse(again.stdout.trim()) as Sample;
       expect(sample.mode).toBe('kernel');
       expect(sample.sources!.tx).toBe('tcx ingress counter');
@@ -372,21 +359,21 @@ describe.skipIf(!env.ok)(`mqtap stats${skipNote(env)}`, () => {
     it('a root qdisc that is not mq: per-queue rx unavailable with the reason; with --no-bpf as well: device mode', () => {
       run('tc', ['qdisc', 'replace', 'dev', HELD, 'root', 'handle', '1:', 'pfifo']);
       try {
-        const r = spawnSync(process.execPath, [CLI, 'stats', HELD, '--interval', '150', '--json'], { encoding: 'utf8', timeout: 30_000 });
-        expect(r.status, r.stderr).toBe(0);
+        const r = runCli(['stats', HELD, '--interval', '150', '--json'], { timeoutMs: 30_000 });
+        expect(r.code, r.stderr).toBe(0);
         const s1 = JSON.parse(r.stdout.trim()) as Sample;
         expect(s1.mode).toBe('kernel');
         expect(s1.sources).toEqual({ rx: null, tx: 'tcx ingress counter' });
         expect(s1.unavailable!.rx).toMatch(/root qdisc is pfifo 1:, not mq/);
         expect(s1.queues!.every((q) => q.rxFrames === null && q.rxPps === null && q.txFrames === 0)).toBe(true);
 
-        const human = spawnSync(process.execPath, [CLI, 'stats', HELD, '--interval', '150'], { encoding: 'utf8', timeout: 30_000 });
-        expect(human.status, human.stderr).toBe(0);
+        const human = runCli(['stats', HELD, '--interval', '150'], { timeoutMs: 30_000 });
+        expect(human.code, human.stderr).toBe(0);
         expect(human.stdout).toMatch(/^0\s+-\s+-\s+0 f\/s/m);
         expect(human.stdout).toMatch(/per-queue rx unavailable: the root qdisc is pfifo 1:, not mq/);
 
-        const r2 = spawnSync(process.execPath, [CLI, 'stats', HELD, '--interval', '150', '--json', '--no-bpf'], { encoding: 'utf8', timeout: 30_000 });
-        expect(r2.status, r2.stderr).toBe(0);
+        const r2 = runCli(['stats', HELD, '--interval', '150', '--json', '--no-bpf'], { timeoutMs: 30_000 });
+        expect(r2.code, r2.stderr).toBe(0);
         const s2 = JSON.parse(r2.stdout.trim()) as Sample;
         expect(s2.mode).toBe('device');
         expect(s2.queues).toBeUndefined();
@@ -409,11 +396,8 @@ describe.skipIf(!env.ok)(`mqtap stats${skipNote(env)}`, () => {
 
     it.skipIf(!needCommand('setpriv').ok)('without CAP_BPF: per-queue rx still, tx unavailable with the reason, exit 0', () => {
       // root, but with CAP_BPF, CAP_SYS_ADMIN and CAP_PERFMON gone from the bounding set (and so from the exec'd CLI)
-      const r = spawnSync('setpriv', ['--bounding-set', '-bpf,-sys_admin,-perfmon', '--inh-caps', '-all', process.execPath, CLI, 'stats', HELD, '--interval', '150', '--json'], {
-        encoding: 'utf8',
-        timeout: 30_000,
-      });
-      expect(r.status, r.stderr).toBe(0);
+      const r = runCli(['stats', HELD, '--interval', '150', '--json'], { wrapper: ['setpriv', '--bounding-set', '-bpf,-sys_admin,-perfmon', '--inh-caps', '-all'], timeoutMs: 30_000 });
+      expect(r.code, r.stderr).toBe(0);
       const s = JSON.parse(r.stdout.trim()) as Sample;
       expect(s.mode).toBe('kernel');
       expect(s.sources).toEqual({ rx: 'qdisc mq 0: children', tx: null });
@@ -425,8 +409,8 @@ describe.skipIf(!env.ok)(`mqtap stats${skipNote(env)}`, () => {
     });
 
     it('exits 3 with a clear message when the tap does not exist (--json: the error as JSON)', () => {
-      const r = spawnSync(process.execPath, [CLI, 'stats', 'nosuch1', '--json'], { encoding: 'utf8', timeout: 30_000 });
-      expect(r.status).toBe(3);
+      const r = runCli(['stats', 'nosuch1', '--json'], { timeoutMs: 30_000 });
+      expect(r.code).toBe(3);
       expect(r.stderr).toMatch(/no tap named nosuch1/);
       const e = (JSON.parse(r.stdout) as { error: { code: string; op: string; message: string } }).error;
       expect(e).toMatchObject({ code: 'ENODEV', op: 'LOOKUP', message: 'no tap named nosuch1' });

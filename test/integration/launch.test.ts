@@ -12,9 +12,8 @@
  * QEMU exiting at once, QEMU SIGKILLed) gives a clear error and leaves no
  * tap and no fd behind.
  */
-import { spawn, spawnSync, type ChildProcess, type SpawnOptions } from 'node:child_process';
+import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import { closeSync, existsSync, openSync, readFileSync, readdirSync, readlinkSync } from 'node:fs';
-import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { afterEach, describe, expect, it } from 'vitest';
 import { getTap, listTaps } from '../../lib/tap/links';
@@ -23,39 +22,18 @@ import { openNetdev, type Netdev } from '../../lib/vhost/netdev';
 import { launchQemu, type ClosableNetdev } from '../../lib/qemu/qemu';
 import { probeVhostNet } from '../../lib/vhost/vhost';
 import { deleteTap } from '../../lib/tap/tap';
+import { CLI, cliBuiltReason, runCli } from '../helpers/cli';
 import { catchError, fdCount, skipNote, tapEnv, useIsolatedNetns } from '../helpers/env';
+import { PAUSED_MACHINE, QEMU, qemuMissingReason } from '../helpers/qemu';
 
-const ROOT = join(__dirname, '..', '..');
-const CLI = join(ROOT, 'dist', 'bin', 'mqtap.js');
-const QEMU = process.env.MQTAP_VM_QEMU || 'qemu-system-x86_64';
 /** A machine that realizes the device and resets it, and then waits (CPUs stopped): no guest needed. */
-const PAUSED = ['-M', 'q35', '-nodefaults', '-no-user-config', '-display', 'none', '-S', '-monitor', 'none', '-serial', 'none'];
-
-function findQemu(): string | undefined {
-  const r = spawnSync('sh', ['-c', `command -v ${QEMU}`], { encoding: 'utf8' });
-  return r.status === 0 ? r.stdout.trim() : undefined;
-}
+const PAUSED = PAUSED_MACHINE;
 
 const env = tapEnv();
-const qemuPath = findQemu();
-let reason = env.ok ? '' : env.reason;
-if (!reason && !existsSync(CLI)) reason = 'dist/bin/mqtap.js is not built (npm run build)';
-if (!reason && !qemuPath) {
-  if (process.env.MQTAP_VM_REQUIRED === '1') throw new Error(`${QEMU} is required (MQTAP_VM_REQUIRED=1) but not installed`);
-  reason = `${QEMU} not found (apt-get install -y qemu-system-x86)`;
-}
+const reason = env.ok ? cliBuiltReason() || qemuMissingReason() : env.reason;
 if (reason) console.warn(`launch integration tests skipped: ${reason}`);
 
-interface Run {
-  status: number | null;
-  stdout: string;
-  stderr: string;
-}
-
-function mqtap(args: string[], opts: SpawnOptions = {}): Run {
-  const r = spawnSync(process.execPath, [CLI, ...args], { encoding: 'utf8', timeout: 60_000, ...opts } as Parameters<typeof spawnSync>[2]);
-  return { status: r.status, stdout: String(r.stdout), stderr: String(r.stderr) };
-}
+const mqtap = runCli;
 
 /** fd number -> what it is, from /proc/PID/fd and fdinfo ('tun:NAME' for a tap queue). */
 function fdsOf(pid: number): Map<number, string> {
@@ -333,7 +311,7 @@ describe.skipIf(!!reason)(`launch: QEMU with pre-opened tap fds (real kernel, pa
 
     it('QEMU exiting at once: its own message, then mqtap\'s, its status, no tap', () => {
       const r = mqtap(['launch', '--queues', '2', '--vhost', 'off', '--', QEMU, '-no-such-option']);
-      expect(r.status).toBe(1);
+      expect(r.code).toBe(1);
       expect(r.stderr).toMatch(/-no-such-option: invalid option/);
       expect(r.stderr).toMatch(/exited with status 1 after [\d.]+ s; closed its queues: mqt\d+ is gone/);
       expect(listTaps()).toEqual([]);
@@ -341,7 +319,7 @@ describe.skipIf(!!reason)(`launch: QEMU with pre-opened tap fds (real kernel, pa
 
     it('QEMU binary missing: exit 127 with the install hint, no tap created', () => {
       const r = mqtap(['launch', '--queues', '2', '--vhost', 'off', '--', 'qemu-system-x86_64-missing']);
-      expect(r.status).toBe(127);
+      expect(r.code).toBe(127);
       expect(r.stderr).toMatch(/cannot run qemu-system-x86_64-missing: command not found/);
       expect(r.stderr).toMatch(/apt-get install -y qemu-system-x86/);
       expect(listTaps()).toEqual([]);
@@ -355,26 +333,26 @@ describe.skipIf(!!reason)(`launch: QEMU with pre-opened tap fds (real kernel, pa
         ['--queues', '4', '--active', '2', '--', QEMU],
       ]) {
         const r = mqtap(['launch', '--vhost', 'off', ...args]);
-        expect(r.status, `${args.join(' ')}: ${r.stderr}`).toBe(2);
+        expect(r.code, `${args.join(' ')}: ${r.stderr}`).toBe(2);
         expect(r.stderr).not.toMatch(/\n\s+at /);
         expect(listTaps()).toEqual([]);
       }
     });
 
     it('--existing require on a persistent tap: the tap stays after QEMU, with its queues released', async () => {
-      expect(mqtap(['create', 'lp0', '--queues', '2']).status).toBe(0);
+      expect(mqtap(['create', 'lp0', '--queues', '2']).code).toBe(0);
       const { c, stderr, started } = await startLaunch(['--name', 'lp0', '--existing', 'require', '--queues', '2']);
       expect(await until(20_000, () => (getTap('lp0')?.tun.numQueues === 1 ? true : undefined)), stderr()).toBe(true);
       expect(await handlesSigterm(started.pid)).toBe(true);
       c.kill('SIGTERM');
       expect(await new Promise((resolve) => c.once('exit', resolve))).toBe(0);
       expect(getTap('lp0')?.tun).toMatchObject({ persist: true, numQueues: 0, numDisabledQueues: 0 });
-      expect(mqtap(['launch', '--name', 'nope0', '--existing', 'require', '--', QEMU]).status).toBe(3);
+      expect(mqtap(['launch', '--name', 'nope0', '--existing', 'require', '--', QEMU]).code).toBe(3);
     });
 
     it.skipIf(probeVhostNet().usable)('--vhost on without vhost-net here: exit 5 with the modprobe hint, no tap', () => {
       const r = mqtap(['launch', '--queues', '2', '--vhost', 'on', '--', QEMU, ...PAUSED]);
-      expect(r.status).toBe(5);
+      expect(r.code).toBe(5);
       expect(r.stderr).toMatch(/modprobe vhost_net/);
       expect(listTaps()).toEqual([]);
     });

@@ -12,10 +12,8 @@
  *   (the kernel's numqueues/numdisabled compared);
  *   `mqtap vhost-selftest` exits 5 with the hint.
  */
-import { spawnSync } from 'node:child_process';
 import dgram from 'node:dgram';
 import { existsSync, writeSync } from 'node:fs';
-import * as path from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import pino from 'pino';
 import { afterEach, beforeAll, describe, expect, it } from 'vitest';
@@ -26,6 +24,7 @@ import { K, native } from '../../lib/sys/native.js';
 import { openNetdev, type Netdev, type OpenNetdevOptions } from '../../lib/vhost/netdev.js';
 import { openTap, type Tap } from '../../lib/tap/tap.js';
 import { checkTapForVhost } from '../../lib/vhost/vhost.js';
+import { runCli } from '../helpers/cli';
 import { catchError, fdCount, netnsSysctls, run, skipNote, tapEnv, useIsolatedNetns } from '../helpers/env.js';
 
 const env = tapEnv();
@@ -35,7 +34,6 @@ const LOCAL = '169.254.61.1';
 const PEER = '169.254.61.2';
 const TAP_MAC = '02:00:00:00:3d:01';
 const PEER_MAC = '02:00:00:00:3d:02';
-const REPO = path.resolve(__dirname, '..', '..');
 
 interface LogLine {
   level: number;
@@ -62,10 +60,7 @@ function kernelQueues(name: string): { numQueues: number; numDisabledQueues: num
   return { numQueues: t.tun.numQueues, numDisabledQueues: t.tun.numDisabledQueues };
 }
 
-function mqtap(args: string[]): { status: number | null; stdout: string; stderr: string } {
-  const r = spawnSync(process.execPath, [path.join(REPO, 'dist', 'bin', 'mqtap.js'), ...args], { encoding: 'utf8', timeout: 60_000 });
-  return { status: r.status, stdout: r.stdout, stderr: r.stderr };
-}
+const mqtap = runCli;
 
 describe.skipIf(!env.ok)(`netdev on this host${skipNote(env)}`, () => {
   useIsolatedNetns();
@@ -153,12 +148,12 @@ describe.skipIf(!env.ok)(`netdev on this host${skipNote(env)}`, () => {
 
     it('mqtap vhost-selftest: exit 5 with the hint, nothing created', () => {
       const human = mqtap(['vhost-selftest', '--pairs', '2']);
-      expect(human.status, human.stderr).toBe(5);
+      expect(human.code, human.stderr).toBe(5);
       expect(human.stderr).toMatch(/^mqtap: vhost-net is not available: VHOST_OPEN \/dev\/vhost-net failed: ENOENT/m);
       expect(human.stderr).toMatch(/^hint: .*modprobe vhost_net/m);
       expect(human.stdout).toBe('');
       const j = mqtap(['vhost-selftest', '--json']);
-      expect(j.status).toBe(5);
+      expect(j.code).toBe(5);
       expect(JSON.parse(j.stdout)).toMatchObject({ ok: false, error: { code: 'ENOENT', hint: expect.stringMatching(/modprobe vhost_net/) } });
       expect(listTaps()).toEqual([]);
     });

@@ -7,8 +7,7 @@
  * device: here it times out cleanly; test/vm/hotplug.test.ts does the real
  * thing.  Also the `mqtap hotplug` / `mqtap unplug` CLI.
  */
-import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
-import { existsSync, mkdtempSync, rmSync } from 'node:fs';
+import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -16,60 +15,33 @@ import { hotplugFds, hotplugNetdev, unplugNetdev } from '../../lib/qemu/hotplug.
 import { getTap, listTaps } from '../../lib/tap/links.js';
 import { openNetdev, type Netdev } from '../../lib/vhost/netdev.js';
 import { QmpClient, QmpError } from '../../lib/qemu/qmp.js';
-import { haveCommand, need, skipNote, tapEnv, useIsolatedNetns } from '../helpers/env.js';
+import { cliBuiltReason, runCli } from '../helpers/cli';
+import { skipNote, tapEnv, useIsolatedNetns } from '../helpers/env.js';
+import { qemuMissingReason, startPausedQemu, type PausedQemu } from '../helpers/qemu';
 import { rejection, tunFds, waitFor } from '../helpers/wait';
 
-const ROOT = join(__dirname, '..', '..');
-const CLI = join(ROOT, 'dist', 'bin', 'mqtap.js');
-const QEMU = process.env.MQTAP_VM_QEMU || 'qemu-system-x86_64';
-
 const env = tapEnv();
-const reason =
-  (!env.ok ? env.reason : need('qemu', haveCommand(QEMU) ? '' : `${QEMU} not found (apt-get install qemu-system-x86)`).reason) ||
-  (!existsSync(CLI) ? 'dist/bin/mqtap.js is not built (npx tsc -p tsconfig.json)' : '');
+const reason = !env.ok ? env.reason : qemuMissingReason() || cliBuiltReason();
 if (reason) console.warn(`QMP integration tests skipped: ${reason}`);
-
-function cli(args: string[]): { status: number | null; stdout: string; stderr: string } {
-  const r = spawnSync(process.execPath, [CLI, ...args], { encoding: 'utf8', timeout: 60_000 });
-  return { status: r.status, stdout: r.stdout, stderr: r.stderr };
-}
 
 describe.skipIf(!!reason)(`QMP and hot-add against a real QEMU${reason ? ` (skipped: ${reason})` : skipNote(env)}`, () => {
   useIsolatedNetns();
   let dir: string;
   let qmpPath: string;
-  let qemu: ChildProcess;
+  let qemu: PausedQemu | undefined;
   let qemuPid: number;
   const netdevs: Netdev[] = [];
 
   beforeAll(async () => {
     dir = mkdtempSync(join(tmpdir(), 'mqtap-qmp-'));
     qmpPath = join(dir, 'qmp.sock');
-    const args = [
-      '-machine', 'q35', '-accel', 'tcg', '-S', '-nodefaults', '-no-user-config', '-display', 'none', '-m', '64',
-      '-qmp', `unix:${qmpPath},server=on,wait=off`,
-      '-device', 'pcie-root-port,id=rp0,chassis=1', '-device', 'pcie-root-port,id=rp1,chassis=2', '-device', 'pcie-root-port,id=rp2,chassis=3',
-    ];
-    const wrap = haveCommand('setpriv') ? ['setpriv', '--pdeathsig', 'KILL', '--', QEMU] : [QEMU];
-    qemu = spawn(wrap[0]!, [...wrap.slice(1), ...args], { stdio: ['ignore', 'ignore', 'pipe'] });
-    qemu.stderr!.on('data', (b: Buffer) => process.stderr.write(`qemu: ${b.toString()}`));
-    await waitFor('the QMP socket', () => existsSync(qmpPath) || qemu.exitCode !== null, 30_000);
-    expect(qemu.exitCode).toBeNull();
-    qemuPid = qemu.pid!; // setpriv execs QEMU: same pid
+    qemu = await startPausedQemu({ qmpPath, rootPorts: 3, forwardStderr: true });
+    qemuPid = qemu.pid;
   }, 60_000);
 
   afterAll(async () => {
     for (const n of netdevs) n.close();
-    if (qemu && qemu.exitCode === null && qemu.signalCode === null) {
-      qemu.kill('SIGKILL');
-      await new Promise<void>((r) => {
-        const t = setTimeout(r, 10_000);
-        qemu.once('exit', () => {
-          clearTimeout(t);
-          r();
-        });
-      });
-    }
+    await qemu?.stop();
     if (dir) rmSync(dir, { recursive: true, force: true });
   });
 
@@ -174,8 +146,8 @@ describe.skipIf(!!reason)(`QMP and hot-add against a real QEMU${reason ? ` (skip
 
   it('CLI: mqtap hotplug creates a non-persistent tap that lives on in QEMU; mqtap unplug reports the guest timeout', async () => {
     const before = tunFds(qemuPid);
-    const r = cli(['hotplug', '--qmp', qmpPath, '--queues', '2', '--name', 'qcli0', '--vhost', 'off', '--id', 'nic4', '--bus', 'rp2', '--json']);
-    expect(r.status, r.stderr).toBe(0);
+    const r = runCli(['hotplug', '--qmp', qmpPath, '--queues', '2', '--name', 'qcli0', '--vhost', 'off', '--id', 'nic4', '--bus', 'rp2', '--json']);
+    expect(r.code, r.stderr).toBe(0);
     expect(JSON.parse(r.stdout)).toMatchObject({ tap: 'qcli0', persist: false, id: 'nic4', netdevId: 'nic4-netdev', queues: 2, vhost: false });
     const t = getTap('qcli0');
     expect(t, 'the CLI exited; QEMU holds the only queues').toBeDefined();
@@ -183,13 +155,13 @@ describe.skipIf(!!reason)(`QMP and hot-add against a real QEMU${reason ? ` (skip
     expect(t!.tun.numQueues + t!.tun.numDisabledQueues).toBe(2);
     expect(tunFds(qemuPid)).toBe(before + 2);
 
-    const u = cli(['unplug', '--qmp', qmpPath, '--id', 'nic4', '--unplug-timeout', '1000']);
-    expect(u.status).toBe(1);
+    const u = runCli(['unplug', '--qmp', qmpPath, '--id', 'nic4', '--unplug-timeout', '1000']);
+    expect(u.code).toBe(1);
     expect(u.stderr).toMatch(/DEVICE_DELETED timed out/);
     expect(u.stderr).toMatch(/hint: the guest did not release nic4/);
 
-    const bad = cli(['hotplug', '--qmp', join(dir, 'none.sock'), '--queues', '1', '--name', 'qcli1', '--vhost', 'off', '--id', 'nic5']);
-    expect(bad.status).toBe(1);
+    const bad = runCli(['hotplug', '--qmp', join(dir, 'none.sock'), '--queues', '1', '--name', 'qcli1', '--vhost', 'off', '--id', 'nic5']);
+    expect(bad.code).toBe(1);
     expect(bad.stderr).toMatch(/ENOENT/);
     expect(getTap('qcli1'), 'a failed hotplug leaves no tap').toBeUndefined();
   }, 60_000);
@@ -197,8 +169,7 @@ describe.skipIf(!!reason)(`QMP and hot-add against a real QEMU${reason ? ` (skip
   it('QEMU going away closes its copies: every non-persistent tap it held disappears', async () => {
     for (const n of netdevs.splice(0)) n.close();
     expect(listTaps().length).toBeGreaterThan(0);
-    qemu.kill('SIGKILL');
-    await new Promise<void>((r) => (qemu.exitCode !== null || qemu.signalCode !== null ? r() : qemu.once('exit', () => r())));
+    await qemu!.stop();
     await waitFor('the taps to disappear', () => listTaps().length === 0);
     expect(listTaps()).toEqual([]);
   });

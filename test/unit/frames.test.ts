@@ -1,6 +1,7 @@
 /**
  * lib/datapath/frames.ts without a kernel: the Internet checksum against published
- * examples (RFC 1071, Wikipedia's IPv4 header checksum), byte-exact header
+ * examples (RFC 1071, Wikipedia's IPv4 header checksum, Forouzan's UDP
+ * checksum with its pseudo header), byte-exact header
  * and frame layouts, the UDP frame parser on good and malformed frames,
  * argument validation, and drainFrames over a non-blocking socketpair.
  */
@@ -15,6 +16,8 @@ import {
   ethernetFrame,
   ipv4Checksum,
   ipv4Header,
+  ipv4PseudoHeaderSum,
+  l4Checksum4,
   onesComplementSum,
   parseUdp4Frame,
   udp4Frame,
@@ -90,6 +93,41 @@ describe('onesComplementSum / ipv4Checksum', () => {
     expectInvalid(() => ipv4Checksum(null as never), /header must be a Buffer or Uint8Array \(got null\)/);
     expectInvalid(() => onesComplementSum(Buffer.alloc(2), -1), /initial must be between 0 and 4294967295/);
     expectInvalid(() => onesComplementSum(Buffer.alloc(2), 1.5), /initial must be an integer/);
+  });
+});
+
+/**
+ * Forouzan, "TCP/IP Protocol Suite", "Checksum calculation of a simple UDP user datagram": 153.18.8.105 ->
+ * 171.2.14.10, ports 1087 -> 13, length 15, data "TESTING"; the checksum is 0x6914 (01101001 00010100).
+ */
+const FOROUZAN = { src: '153.18.8.105', dst: '171.2.14.10', udp: hex('043f 000d 000f 0000 54455354494e47'), checksum: 0x6914 };
+
+describe('ipv4PseudoHeaderSum / l4Checksum4 (TCP and UDP over IPv4)', () => {
+  it("Forouzan's UDP checksum example: 6914, and 0 over the datagram that carries it", () => {
+    expect(l4Checksum4(FOROUZAN.src, FOROUZAN.dst, IPPROTO.UDP, FOROUZAN.udp)).toBe(FOROUZAN.checksum);
+    const filled = Buffer.from(FOROUZAN.udp);
+    filled.writeUInt16BE(FOROUZAN.checksum, 6);
+    expect(l4Checksum4(FOROUZAN.src, FOROUZAN.dst, IPPROTO.UDP, filled)).toBe(0);
+    // the pseudo header counts: another destination, the protocol or the length break it
+    expect(l4Checksum4(FOROUZAN.src, '171.2.14.11', IPPROTO.UDP, filled)).not.toBe(0);
+    expect(l4Checksum4(FOROUZAN.src, FOROUZAN.dst, IPPROTO.TCP, filled)).not.toBe(0);
+    expect(l4Checksum4(FOROUZAN.src, FOROUZAN.dst, IPPROTO.UDP, Buffer.concat([filled, Buffer.alloc(2)]))).not.toBe(0);
+  });
+
+  it('the pseudo-header sum, by hand: addresses + protocol + length, folded, not inverted (the CHECKSUM_PARTIAL seed)', () => {
+    // 9912 + 0869 + ab02 + 0e0a + 0011 + 000f = 0x1_5aa7 -> 0x5aa8
+    expect(ipv4PseudoHeaderSum(FOROUZAN.src, FOROUZAN.dst, IPPROTO.UDP, 15)).toBe(0x5aa8);
+    expect(ipv4PseudoHeaderSum(Buffer.from([153, 18, 8, 105]), Buffer.from([171, 2, 14, 10]), 17, 15)).toBe(0x5aa8);
+    // seed + segment, inverted, is the full checksum
+    expect(~onesComplementSum(FOROUZAN.udp, ipv4PseudoHeaderSum(FOROUZAN.src, FOROUZAN.dst, 17, 15)) & 0xffff).toBe(FOROUZAN.checksum);
+  });
+
+  it('refuses bad addresses, protocols, lengths and segments', () => {
+    expectInvalid(() => ipv4PseudoHeaderSum('1.2.3', '1.2.3.4', 6, 20), /srcIp/);
+    expectInvalid(() => ipv4PseudoHeaderSum('1.2.3.4', Buffer.alloc(16), 6, 20), /dstIp/);
+    expectInvalid(() => ipv4PseudoHeaderSum('1.2.3.4', '1.2.3.5', 256, 20), /protocol must be between 0 and 255/);
+    expectInvalid(() => ipv4PseudoHeaderSum('1.2.3.4', '1.2.3.5', 6, 65516), /l4Length must be between 0 and 65515/);
+    expectInvalid(() => l4Checksum4('1.2.3.4', '1.2.3.5', 6, 'tcp' as never), /segment must be a Buffer or Uint8Array \(got string\)/);
   });
 });
 

@@ -6,12 +6,10 @@
  * netdevs, the user's own -netdev/-device).  Plus `mqtap launch --dry-run`,
  * which opens nothing.
  */
-import { spawnSync } from 'node:child_process';
-import { existsSync } from 'node:fs';
-import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { MqtapError } from '../../lib/sys/errors';
 import { checkTapNetdevOptions, parseNetdevArg, planLaunch, qemuEscape, qemuNetdevArgs, validateQemuId, type ClosableNetdev } from '../../lib/qemu/qemu';
+import { cliBuiltReason, runCli, type CliRun } from '../helpers/cli';
 
 /** A stand-in netdev: fd numbers only (verifyFds: false keeps them away from the kernel). */
 function fake(name: string, tap: number[], vhost: number[] = []): ClosableNetdev {
@@ -225,17 +223,14 @@ describe('planLaunch', () => {
   });
 });
 
-const CLI = join(__dirname, '..', '..', 'dist', 'bin', 'mqtap.js');
+const notBuilt = cliBuiltReason();
 
-describe.skipIf(!existsSync(CLI))(`mqtap launch --dry-run (opens nothing)${existsSync(CLI) ? '' : ' (skipped: dist/ not built)'}`, () => {
-  const run = (args: string[]): { status: number | null; stdout: string; stderr: string } => {
-    const r = spawnSync(process.execPath, [CLI, 'launch', ...args], { encoding: 'utf8', timeout: 30_000 });
-    return { status: r.status, stdout: r.stdout, stderr: r.stderr };
-  };
+describe.skipIf(!!notBuilt)(`mqtap launch --dry-run (opens nothing)${notBuilt ? ` (skipped: ${notBuilt})` : ''}`, () => {
+  const run = (args: string[]): CliRun => runCli(['launch', ...args], { timeoutMs: 30_000 });
 
   it('prints the final command, shell-quoted, with the fd numbers QEMU will see', () => {
     const r = run(['--queues', '4', '--vhost', 'off', '--mac', '52:54:00:00:00:01', '--dry-run', '--', 'qemu-system-x86_64', '-append', 'console=ttyS0 quiet']);
-    expect(r.status, r.stderr).toBe(0);
+    expect(r.code, r.stderr).toBe(0);
     expect(r.stdout.trim()).toBe(
       "qemu-system-x86_64 -append 'console=ttyS0 quiet' -netdev tap,id=net0,fds=3:4:5:6,vhost=off -device virtio-net-pci,netdev=net0,mq=on,vectors=10,mac=52:54:00:00:00:01,romfile=",
     );
@@ -243,7 +238,7 @@ describe.skipIf(!existsSync(CLI))(`mqtap launch --dry-run (opens nothing)${exist
 
   it('--json: tap, fds, vhostfds and the final argv; --device-prop overrides the romfile= default', () => {
     const r = run(['--name', 'vm7', '--queues', '2', '--vhost', 'on', '--id', 'hn0', '--device-prop', 'romfile=efi-virtio.rom', '--dry-run', '--json', '--', 'qemu-system-x86_64']);
-    expect(r.status, r.stderr).toBe(0);
+    expect(r.code, r.stderr).toBe(0);
     expect(JSON.parse(r.stdout)).toEqual({
       dryRun: true,
       tap: 'vm7',
@@ -268,7 +263,7 @@ describe.skipIf(!existsSync(CLI))(`mqtap launch --dry-run (opens nothing)${exist
       [['--vhost', 'off', '--dry-run', '--', 'q', '-netdev', 'tap,id=net0,fds=${MQTAP_FDS_NET0},queues=4'], /queues= cannot be used with fds=/],
     ] as Array<[string[], RegExp]>) {
       const r = run(args);
-      expect(r.status, `${args.join(' ')}: ${r.stderr}`).toBe(2);
+      expect(r.code, `${args.join(' ')}: ${r.stderr}`).toBe(2);
       expect(r.stderr).toMatch(msg);
       expect(r.stderr).not.toMatch(/\n\s+at /);
     }

@@ -31,11 +31,15 @@ import { DaemonClient } from '../../lib/daemon/client.js';
 import { getTap, listTaps } from '../../lib/tap/links.js';
 import { isolateNetns, type IsolatedNetns } from '../../lib/sys/netns.js';
 import { deleteTap } from '../../lib/tap/tap.js';
-import { haveCommand, needCommand, tapEnv } from '../helpers/env.js';
-import { REPO_ROOT, guestQemuArgs, qemuBinary, vmAvailable } from './harness.js';
+import { needCommand, tapEnv } from '../helpers/env.js';
+import { guestQemuArgs, qemuBinary, vmAvailable } from './harness.js';
 import { tunFds } from '../helpers/wait';
+import { cliBuiltReason, runCliAsync, type CliRun } from '../helpers/cli';
+import { DaemonProcess } from '../helpers/daemon';
+import { stopChild } from '../helpers/proc';
+import { qmpArgs } from '../helpers/qemu';
+import { pdeathsigWrapper } from '../../lib/qemu/qemu.js';
 
-const CLI = join(REPO_ROOT, 'dist', 'bin', 'mqtap.js');
 const GUEST_SCRIPT = join(__dirname, 'scripts', 'hotplug-guest.sh');
 const HOST_IP = '169.254.77.1';
 const GUEST_IP = '169.254.77.2';
@@ -45,7 +49,7 @@ function why(): string {
   if (!vm.ok) return vm.reason;
   const t = tapEnv();
   if (!t.ok) return t.reason;
-  if (!existsSync(CLI)) return 'dist/bin/mqtap.js is not built (npx tsc -p tsconfig.json)';
+  if (cliBuiltReason()) return cliBuiltReason();
   // The guest runs the host's binaries; missing where the run requires them (MQTAP_REQUIRE), needCommand throws.
   for (const cmd of ['ethtool', 'busybox', 'ip']) if (!needCommand(cmd).ok) return `${cmd} is not installed on the host (the guest runs the host's binaries)`;
   return '';
@@ -58,45 +62,18 @@ function sh(cmd: string, args: string[], timeout = 60_000): { status: number | n
   return { status: r.status, stdout: r.stdout ?? '', stderr: r.stderr ?? '' };
 }
 
-/** Runs the CLI (in this thread's network namespace) without blocking the event loop. */
-function mqtap(args: string[], timeoutMs = 180_000): Promise<{ status: number | null; stdout: string; stderr: string }> {
-  return new Promise((resolve) => {
-    const p = spawn(process.execPath, [CLI, ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
-    let stdout = '';
-    let stderr = '';
-    p.stdout!.on('data', (b: Buffer) => (stdout += b.toString()));
-    p.stderr!.on('data', (b: Buffer) => (stderr += b.toString()));
-    const t = setTimeout(() => p.kill('SIGKILL'), timeoutMs);
-    p.on('close', (status) => {
-      clearTimeout(t);
-      resolve({ status, stdout, stderr });
-    });
-  });
-}
+/** The CLI (in this thread's network namespace), without blocking the event loop: the guest needs this process meanwhile. */
+const mqtap = (args: string[]): Promise<CliRun> => runCliAsync(args, { timeoutMs: 180_000 });
 
 describe.skipIf(!!reason)(`hot-plugging a multi-queue tap into a running guest${reason ? ` (skipped: ${reason})` : ''}`, () => {
   let work: string | undefined;
   let qemu: ChildProcess | undefined;
-  let daemon: ChildProcess | undefined;
+  let daemon: DaemonProcess | undefined;
   let ns: IsolatedNetns | undefined;
 
   afterAll(async () => {
-    const kill = async (p: ChildProcess | undefined, sig: NodeJS.Signals): Promise<void> => {
-      if (!p || p.exitCode !== null || p.signalCode !== null) return;
-      p.kill(sig);
-      await new Promise<void>((r) => {
-        const t = setTimeout(() => {
-          p.kill('SIGKILL');
-          r();
-        }, 15_000);
-        p.once('exit', () => {
-          clearTimeout(t);
-          r();
-        });
-      });
-    };
-    await kill(daemon, 'SIGTERM');
-    await kill(qemu, 'SIGKILL');
+    await daemon?.dispose();
+    await stopChild(qemu, 'SIGKILL', 15_000);
     if (ns) {
       for (const t of listTaps()) deleteTap(t.name);
       ns.restore();
@@ -114,8 +91,8 @@ describe.skipIf(!!reason)(`hot-plugging a multi-queue tap into a running guest${
     const statusFile = join(results, 'status');
 
     const argv = await guestQemuArgs({ cmd: ['/bin/sh', GUEST_SCRIPT], resultsDir: results, consoleFile, env: { HOTPLUG_CYCLES: '2', HOTPLUG_GUEST_IP: GUEST_IP, HOTPLUG_HOST_IP: HOST_IP } });
-    argv.push('-qmp', `unix:${qmp},server=on,wait=off`, '-device', 'pcie-root-port,id=rp0,chassis=1,slot=1');
-    const wrap = haveCommand('setpriv') ? ['setpriv', '--pdeathsig', 'KILL', '--', qemuBinary()] : [qemuBinary()];
+    argv.push(...qmpArgs(qmp), '-device', 'pcie-root-port,id=rp0,chassis=1,slot=1');
+    const wrap = [...pdeathsigWrapper('SIGKILL'), qemuBinary()];
     const qlog = openSync(join(work, 'qemu.stderr'), 'w');
     qemu = spawn(wrap[0]!, [...wrap.slice(1), ...argv], { stdio: ['ignore', 'ignore', qlog] });
     closeSync(qlog);
@@ -152,7 +129,7 @@ describe.skipIf(!!reason)(`hot-plugging a multi-queue tap into a running guest${
 
     // ---- cycle 1: the CLI
     const hp = await mqtap(['hotplug', '--qmp', qmp, '--queues', '4', '--name', 'mqhp0', '--vhost', 'off', '--id', 'nic1', '--bus', 'rp0', '--mac', '52:54:00:00:77:02', '--json']);
-    expect(hp.status, hp.stderr).toBe(0);
+    expect(hp.code, hp.stderr).toBe(0);
     expect(JSON.parse(hp.stdout)).toMatchObject({ tap: 'mqhp0', persist: false, id: 'nic1', queues: 4, vhost: false });
     expect(getTap('mqhp0'), 'QEMU holds the only queues of the non-persistent tap').toBeDefined();
     expect(tunFds(qemuPid)).toBe(4);
@@ -184,19 +161,15 @@ describe.skipIf(!!reason)(`hot-plugging a multi-queue tap into a running guest${
     expect(stats.txPackets).toBeGreaterThanOrEqual(6);
 
     const un = await mqtap(['unplug', '--qmp', qmp, '--id', 'nic1', '--unplug-timeout', '180000', '--json']);
-    expect(un.status, `${un.stderr}${context()}`).toBe(0);
+    expect(un.code, `${un.stderr}${context()}`).toBe(0);
     expect(JSON.parse(un.stdout)).toEqual({ unplugged: 'nic1', netdevId: 'nic1-netdev' });
     await waitStatus(/^cycle 1: eth0 gone$/m);
     await waitFor('QEMU to close the tap fds', () => tunFds(qemuPid) === 0, 30_000);
     await waitFor('the non-persistent tap to disappear', () => getTap('mqhp0') === undefined, 30_000);
 
     // ---- cycle 2: the daemon
-    const socket = join(work, 'mqtap.sock');
-    const dlog = openSync(join(work, 'daemon.log'), 'w');
-    daemon = spawn(process.execPath, [CLI, '--log-level', 'info', 'daemon', '--socket', socket, '--state-dir', join(work, 'state'), '--unplug-timeout', '180000'], { stdio: ['ignore', 'ignore', dlog] });
-    closeSync(dlog);
-    await waitFor('the daemon socket', () => existsSync(socket), 30_000);
-    const c = await DaemonClient.connect(socket, { timeoutMs: 60_000 });
+    daemon = await DaemonProcess.start({ dir: work, args: ['--unplug-timeout', '180000'], timeoutMs: 30_000 });
+    const c = await DaemonClient.connect(daemon.socket, { timeoutMs: 60_000 });
     try {
       await c.create({ name: 'mqhp1', pairs: 4, vhost: 'off', active: 1 });
       const plugged = await c.hotplug('mqhp1', { qmp, id: 'nic2', bus: 'rp0', mac: '52:54:00:00:77:03' });

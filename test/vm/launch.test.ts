@@ -18,7 +18,8 @@
  * Each boot takes ~15-40 s (TCG, more on a loaded machine).
  */
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
-import { existsSync, readFileSync, statSync } from 'node:fs';
+import { existsSync, readdirSync, statSync } from 'node:fs';
+import { tmpdir } from 'node:os';
 import * as path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { getTap, listTaps } from '../../lib/tap/links';
@@ -27,19 +28,15 @@ import { openNetdev } from '../../lib/vhost/netdev';
 import { launchQemu, pdeathsigWrapper } from '../../lib/qemu/qemu';
 import { deleteTap } from '../../lib/tap/tap';
 import { probeVhostNet } from '../../lib/vhost/vhost';
+import { CLI, runCli } from '../helpers/cli';
 import { fdCount, tapEnv } from '../helpers/env';
 import {
   REPO_ROOT,
+  bootMqGuest,
   ensureGuestImage,
-  guestQemuArgs,
   hostPing,
-  makeResultsDir,
-  mqGuestCommand,
-  parseMqGuestOutput,
   qemuBinary,
-  removeTree,
   vmAvailable,
-  watchCheckpoints,
   type Checkpoint,
   type MqGuestReport,
   type PingResult,
@@ -50,7 +47,6 @@ const tap = tapEnv();
 const reason = !vm.ok ? vm.reason : !tap.ok ? tap.reason : '';
 if (reason) console.warn(`test/vm/launch.test.ts skipped: ${reason}`);
 
-const CLI = path.join(REPO_ROOT, 'dist', 'bin', 'mqtap.js');
 const GUEST_TIMEOUT = 240_000;
 const HOOK_TIMEOUT = 300_000;
 const HOST_IP = '169.254.77.1';
@@ -65,34 +61,11 @@ function assertDistFresh(): void {
   }
 }
 
-function readOr(file: string): string {
-  try {
-    return readFileSync(file, 'utf8');
-  } catch {
-    return '';
-  }
-}
-
 type View = { numQueues: number; numDisabledQueues: number } | null;
 const view = (name: string): View => {
   const t = getTap(name)?.tun;
   return t ? { numQueues: t.numQueues, numDisabledQueues: t.numDisabledQueues } : null;
 };
-
-/** Waits for a child's exit, SIGKILLing it after `ms`. */
-function waitExit(c: ChildProcess, ms: number): Promise<{ code: number | null; signal: NodeJS.Signals | null; timedOut: boolean }> {
-  return new Promise((resolve) => {
-    let timedOut = false;
-    const t = setTimeout(() => {
-      timedOut = true;
-      c.kill('SIGKILL');
-    }, ms);
-    c.once('exit', (code, signal) => {
-      clearTimeout(t);
-      resolve({ code, signal, timedOut });
-    });
-  });
-}
 
 describe.skipIf(!!reason)(`mqtap launch with a real guest${reason ? ` (skipped: ${reason})` : ''}`, () => {
   let ns: IsolatedNetns | undefined;
@@ -126,48 +99,47 @@ describe.skipIf(!!reason)(`mqtap launch with a real guest${reason ? ` (skipped: 
     };
 
     beforeAll(async () => {
-      const mk = spawnSync(process.execPath, [CLI, 'create', TAP, '--queues', '4'], { encoding: 'utf8' });
-      expect(mk.status, mk.stderr).toBe(0);
+      const mk = runCli(['create', TAP, '--queues', '4']);
+      expect(mk.code, mk.stderr).toBe(0);
       for (const args of [['addr', 'add', `${HOST_IP}/24`, 'dev', TAP], ['link', 'set', TAP, 'up']]) {
         const r = spawnSync('ip', args, { encoding: 'utf8' });
         expect(r.status, r.stderr).toBe(0);
       }
-      const resultsDir = await makeResultsDir('mqtap-launch-test-');
-      const started = Date.now();
-      try {
-        const args = await guestQemuArgs({ ...mqGuestCommand({ hostIp: HOST_IP, guestIp: GUEST_IP }), resultsDir, consoleFile: path.join(resultsDir, 'console.log') });
-        const views: Record<string, View> = { beforeLaunch: view(TAP) };
-        let pingGuest: PingResult | undefined;
-        const watcher = watchCheckpoints(resultsDir, async (cp) => {
+      const views: Record<string, View> = { beforeLaunch: view(TAP) };
+      let pingGuest: PingResult | undefined;
+      let stderr = '';
+      const boot = await bootMqGuest({
+        mq: { hostIp: HOST_IP, guestIp: GUEST_IP },
+        resultsPrefix: 'mqtap-launch-test-',
+        timeoutMs: GUEST_TIMEOUT,
+        onCheckpoint: async (cp) => {
           views[cp.name] = view(TAP);
           if (cp.name === 'addr') pingGuest = await hostPing(GUEST_IP, { count: 3, deadlineSec: 30 });
-        });
-        // setpriv --pdeathsig: mqtap (and through it QEMU) dies with this test process.
-        const argv = [...pdeathsigWrapper('SIGKILL'), process.execPath, CLI, 'launch', '--name', TAP, '--existing', 'require', '--queues', '4', '--mac', MAC, '--json', '--', qemuBinary(), ...args];
-        const c = spawn(argv[0]!, argv.slice(1), { stdio: ['ignore', 'ignore', 'pipe'] });
-        let stderr = '';
-        c.stderr!.on('data', (d: Buffer) => (stderr += d.toString()));
-        const st = await waitExit(c, GUEST_TIMEOUT);
-        await watcher.stop();
-        const line = (ev: string): Record<string, unknown> => JSON.parse(stderr.split('\n').find((l) => l.includes(`"event":"${ev}"`)) ?? '{}') as Record<string, unknown>;
-        const stdout = readOr(path.join(resultsDir, 'stdout'));
-        run = {
-          ...st,
-          stderr,
-          started: line('started') as typeof run.started,
-          exited: line('exited'),
-          report: parseMqGuestOutput(stdout),
-          guestExit: readOr(path.join(resultsDir, 'exitcode')).trim(),
-          checkpoints: [...watcher.seen],
-          views,
-          pingGuest,
-          diag: `mqtap stderr:\n${stderr}\nguest stdout:\n${stdout}\nguest stderr:\n${readOr(path.join(resultsDir, 'stderr'))}\nconsole:\n${readOr(path.join(resultsDir, 'console.log')).slice(-3000)}`,
-          ms: Date.now() - started,
-        };
-        console.log(`CLI boot: ${run.ms} ms`);
-      } finally {
-        removeTree(resultsDir);
-      }
+        },
+        start: (args) => {
+          // setpriv --pdeathsig: mqtap (and through it QEMU) dies with this test process.
+          const argv = [...pdeathsigWrapper('SIGKILL'), process.execPath, CLI, 'launch', '--name', TAP, '--existing', 'require', '--queues', '4', '--mac', MAC, '--json', '--', qemuBinary(), ...args];
+          const c = spawn(argv[0]!, argv.slice(1), { stdio: ['ignore', 'ignore', 'pipe'] });
+          c.stderr!.on('data', (d: Buffer) => (stderr += d.toString()));
+          return { child: c };
+        },
+      });
+      const line = (ev: string): Record<string, unknown> => JSON.parse(stderr.split('\n').find((l) => l.includes(`"event":"${ev}"`)) ?? '{}') as Record<string, unknown>;
+      run = {
+        ...boot.exit,
+        timedOut: boot.timedOut,
+        stderr,
+        started: line('started') as typeof run.started,
+        exited: line('exited'),
+        report: boot.report,
+        guestExit: boot.guestExitCode === null ? '' : String(boot.guestExitCode),
+        checkpoints: boot.checkpoints,
+        views,
+        pingGuest,
+        diag: `mqtap stderr:\n${stderr}\nguest stdout:\n${boot.stdout}\nguest stderr:\n${boot.stderr}\nconsole:\n${boot.console.slice(-3000)}`,
+        ms: boot.durationMs,
+      };
+      console.log(`CLI boot: ${run.ms} ms`);
     }, HOOK_TIMEOUT);
 
     it("launch exits with QEMU's status 0; --json names the tap, fds 3:4:5:6 and the final argv", () => {
@@ -231,6 +203,35 @@ describe.skipIf(!!reason)(`mqtap launch with a real guest${reason ? ` (skipped: 
     });
   });
 
+  describe('bootMqGuest cleans up whatever happens', () => {
+    const ours = (): string[] => readdirSync(tmpdir()).filter((f) => f.startsWith('mqtap-boot-test-'));
+
+    it('start throws: the error comes through, no checkpoint watcher, no results dir left', async () => {
+      await expect(
+        bootMqGuest({
+          resultsPrefix: 'mqtap-boot-test-',
+          start: () => {
+            throw new Error('no QEMU today');
+          },
+        }),
+      ).rejects.toThrow('no QEMU today');
+      expect(ours()).toEqual([]);
+    }, HOOK_TIMEOUT);
+
+    it('a process that outlives timeoutMs is SIGKILLed; the boot reports timedOut, no guest report, no results dir left', async () => {
+      let child: ChildProcess | undefined;
+      const boot = await bootMqGuest({
+        resultsPrefix: 'mqtap-boot-test-',
+        timeoutMs: 300,
+        start: () => ({ child: (child = spawn('sleep', ['600'], { stdio: 'ignore' })) }),
+      });
+      expect(boot).toMatchObject({ exit: { code: null, signal: 'SIGKILL' }, timedOut: true, guestExitCode: null, checkpoints: [] });
+      expect(boot.report.done).toBe(false);
+      expect(child!.signalCode).toBe('SIGKILL');
+      expect(ours()).toEqual([]);
+    }, HOOK_TIMEOUT);
+  });
+
   describe('library: two netdevs x 2 queue pairs in one launch', () => {
     it('the guest sees eth0 and eth1 with 2 queue pairs each; both taps are in use, then gone', async () => {
       const fdsBefore = fdCount();
@@ -243,36 +244,39 @@ describe.skipIf(!!reason)(`mqtap launch with a real guest${reason ? ` (skipped: 
         throw err;
       }
       const names = [a.name, b.name];
-      const resultsDir = await makeResultsDir('mqtap-launch-test-');
-      let l: ReturnType<typeof launchQemu> | undefined;
       try {
-        const args = await guestQemuArgs({ ...mqGuestCommand({ mode: 'list' }), resultsDir, consoleFile: path.join(resultsDir, 'console.log') });
         const views: Record<string, View[]> = {};
-        const watcher = watchCheckpoints(resultsDir, (cp) => {
-          views[cp.name] = names.map(view);
+        let plan: Array<[string, number[]]> = [];
+        const boot = await bootMqGuest({
+          mq: { mode: 'list' },
+          resultsPrefix: 'mqtap-launch-test-',
+          timeoutMs: GUEST_TIMEOUT,
+          onCheckpoint: (cp) => {
+            views[cp.name] = names.map(view);
+          },
+          start: (args) => {
+            const l = launchQemu({
+              netdevs: [
+                { netdev: a, options: { id: 'n0', mac: '52:54:00:6d:72:0a', deviceProps: { romfile: '' } } },
+                { netdev: b!, options: { id: 'n1', mac: '52:54:00:6d:72:0b', deviceProps: { romfile: '' } } },
+              ],
+              qemu: [qemuBinary(), ...args],
+              stdio: 'pipe',
+              killWithParent: true,
+            });
+            l.child.stdout!.resume();
+            l.child.stderr!.resume();
+            plan = l.plan.netdevs.map((n) => [n.id, n.fds]);
+            return l;
+          },
         });
-        l = launchQemu({
-          netdevs: [
-            { netdev: a, options: { id: 'n0', mac: '52:54:00:6d:72:0a', deviceProps: { romfile: '' } } },
-            { netdev: b, options: { id: 'n1', mac: '52:54:00:6d:72:0b', deviceProps: { romfile: '' } } },
-          ],
-          qemu: [qemuBinary(), ...args],
-          stdio: 'pipe',
-          killWithParent: true,
-        });
-        l.child.stdout!.resume();
-        l.child.stderr!.resume();
-        expect(l.plan.netdevs.map((n) => [n.id, n.fds])).toEqual([
+        expect(plan).toEqual([
           ['n0', [3, 4]],
           ['n1', [5, 6]],
         ]);
-        const timer = setTimeout(() => l?.child.kill('SIGKILL'), GUEST_TIMEOUT);
-        const st = await l.exited;
-        clearTimeout(timer);
-        await watcher.stop();
-        const report = parseMqGuestOutput(readOr(path.join(resultsDir, 'stdout')));
-        const diag = `guest stdout:\n${readOr(path.join(resultsDir, 'stdout'))}\nconsole:\n${readOr(path.join(resultsDir, 'console.log')).slice(-3000)}`;
-        expect(st.status, diag).toBe(0);
+        const report = boot.report;
+        const diag = `guest stdout:\n${boot.stdout}\nconsole:\n${boot.console.slice(-3000)}`;
+        expect(boot.exit.code, diag).toBe(0);
         const inUse = Math.min(2, report.cpus ?? 1);
         expect(report.nics, diag).toEqual([
           { name: 'eth0', mac: '52:54:00:6d:72:0a', driver: 'virtio_net', maxCombined: 2, combined: inUse },
@@ -284,11 +288,8 @@ describe.skipIf(!!reason)(`mqtap launch with a real guest${reason ? ` (skipped: 
         ]);
         expect(names.map(view)).toEqual([null, null]);
       } finally {
-        if (l && l.child.exitCode === null && l.child.signalCode === null) l.child.kill('SIGKILL');
-        await l?.exited.catch(() => undefined);
         a.close();
         b.close();
-        removeTree(resultsDir);
       }
       expect(listTaps()).toEqual([]);
       expect(fdCount()).toBe(fdsBefore);
