@@ -821,7 +821,7 @@ struct Engine {
             uint16_t nb = static_cast<uint16_t>(staged.size() / 2);
             WriteAt(firstIov, 10, &nb, 2);
             placed = true;
-          } else if (staged.size() / 2 >= 0xffff) {
+          } else if (staged.size() / 2 >= g.num) {  // needs more chains than the ring has: would wait forever
             g.lastAvail = first;
             drop = true;
             break;
@@ -878,7 +878,7 @@ void Worker(Pair* pp) {
     Ring& tx = p.rings[1];
     bool more = (rx.more && rx.state.load() == RUNNING) || (tx.more && tx.state.load() == RUNNING);
     int n = epoll_wait(p.ep, evs, 8, more ? 0 : -1);
-    if (n < 0 && errno != EINTR) break;
+    if (n < 0) n = 0;  // EINTR; the worker never leaves on its own (Exec waits for it)
     for (int i = 0; i < n; i++) {
       switch (evs[i].data.u32) {
         case TAG_CTL: {
