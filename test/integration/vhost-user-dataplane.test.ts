@@ -335,6 +335,53 @@ describe.skipIf(!env.ok)(`vhost-user data plane${skipNote(env)}`, () => {
     expect([...got.keys()].sort()).toEqual([38000, 38001, 38002, 38003]);
   });
 
+  it('calls honour the guest: VRING_AVAIL_F_NO_INTERRUPT without EVENT_IDX, used_event with it', async () => {
+    const { dp, mem } = setup();
+    const s = await bindUdp(LOCAL);
+    cleanup.push(() => s.close());
+    const got = new Set<number>();
+    s.on('message', (_m, rinfo) => got.add(rinfo.port));
+    let port = 40100;
+    /** Sends `n` frames on the TX ring of `pair` and waits until they are used. */
+    const round = async (pair: number, r: DriverRing, n: number): Promise<void> => {
+      const heads: number[] = [];
+      for (let i = 0; i < n; i++) {
+        const slot = (r.availIdx + i) % r.num;
+        putTx(r, slot, udp4Frame({ dstMac: TAP_MAC, srcMac: PEER_MAC, srcIp: PEER, dstIp: LOCAL, srcPort: port++, dstPort: s.address().port, payload: Buffer.from('c') }));
+        heads.push(slot);
+      }
+      const want = (r.availIdx + n) & 0xffff;
+      r.publish(heads);
+      await until(() => r.usedIdx() === want && dp.ringStatus(pair, 'tx').lastAvailIdx === want);
+      expect(r.usedIdx()).toBe(want);
+      r.collect();
+      await sleep(20); // a call would have been written with the used index
+    };
+    // No EVENT_IDX: the flag silences every call.
+    const a = ring(mem, 16);
+    a.availFlags(1); // VRING_AVAIL_F_NO_INTERRUPT
+    dp.startRing(0, 'tx', a.config(), feats());
+    for (let k = 0; k < 3; k++) await round(0, a, 4);
+    expect(dp.counters(0).calls).toBe(0n);
+    expect(native.eventfdRead(a.call)).toBeNull();
+    a.availFlags(0);
+    await round(0, a, 4);
+    expect(dp.counters(0).calls).toBe(1n);
+    expect(native.eventfdRead(a.call)).toBe(1n);
+    // EVENT_IDX: the first used entries always signal; then only when used idx passes used_event.
+    const b = ring(mem, 16);
+    b.setUsedEvent(0x8000);
+    dp.startRing(1, 'tx', b.config(), feats({ eventIdx: true }));
+    await round(1, b, 4);
+    expect(dp.counters(1).calls).toBe(1n);
+    for (let k = 0; k < 3; k++) await round(1, b, 4);
+    expect(dp.counters(1).calls, 'used_event far ahead: no call').toBe(1n);
+    b.setUsedEvent(b.usedIdx()); // interrupt me when the next entry is used
+    await round(1, b, 4);
+    expect(dp.counters(1).calls).toBe(2n);
+    expect(native.eventfdRead(b.call)).toBe(2n);
+  });
+
   it('buffers that straddle the border between two regions are split there, both ways (GPA and user addresses differ)', async () => {
     const { dp, mem } = setup();
     const s = await bindUdp(LOCAL);
