@@ -1,5 +1,5 @@
 // The vhost-user data plane (lib/vhost-user/dataplane.ts holds the typed
-// wrapper, lib/vhost-user/dataplane-api.ts the contract, docs/vhost-user.md
+// wrapper, lib/vhost-user/dataplane-api.ts the contract, docs/vhost-user-dataplane.md
 // the design).
 //
 // QEMU (the "frontend") shares the guest's memory (memfd regions) and split
