@@ -657,7 +657,8 @@ describe.skipIf(!env.ok)(`vhost-user data plane${skipNote(env)}`, () => {
     }
     // A running ring pins its region; stopped, the region goes.
     dp.startRing(0, 'tx', r.config(), feats());
-    expect(() => dp.removeRegion(GPA_BASE)).toThrow(expect.objectContaining({ op: 'VHOST_USER_REM_MEM_REG', code: 'EBUSY' }));
+    expect(() => dp.removeRegion(GPA_BASE)).toThrow(expect.objectContaining({ op: 'VHOST_USER_REM_MEM_REG', code: 'EBUSY', hint: expect.stringMatching(/stop its rings/) }));
+    expect(() => dp.startRing(0, 'tx', r.config(), feats())).toThrow(expect.objectContaining({ op: 'VHOST_USER_START_RING', code: 'EBUSY', hint: expect.stringMatching(/stop it first/) }));
     expect(mem.mappings()).toBe(2);
     dp.stopRing(0, 'tx');
     dp.removeRegion(GPA_BASE);
