@@ -26,10 +26,12 @@
 // (a range must lie in the mapped regions; it is split at region borders),
 // every descriptor is copied once before use, chains are counted (a loop or a
 // chain longer than the ring fails the ring), indices are checked against
-// the ring size.  The regions table is guarded by a shared_mutex: workers
+// the ring size.  The regions table is guarded by a writer-preferring
+// read/write lock: workers
 // hold it shared while they touch guest memory, removeRegion takes it
 // exclusively before munmap.
 #include <errno.h>
+#include <pthread.h>
 #include <fcntl.h>
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
@@ -44,7 +46,6 @@
 #include <functional>
 #include <memory>
 #include <mutex>
-#include <shared_mutex>
 #include <string>
 #include <thread>
 #include <vector>
@@ -67,6 +68,42 @@ constexpr uint32_t kMaxPairs = 256;
 constexpr int kBudget = 256;              // frames per ring per wake-up before looking at other events
 constexpr size_t kBounce = 65536 + 64;   // largest tap frame (GSO) + vnet header
 constexpr size_t kIovMax = 1024;          // IOV_MAX
+
+// A read/write lock that prefers writers: workers take it shared around each
+// batch, back to back, so a reader-preferring lock (glibc's default, and
+// std::shared_mutex) could starve removeRegion.  Meets SharedLockable.
+class RwLock {
+ public:
+  RwLock() {
+    pthread_rwlockattr_t a;
+    pthread_rwlockattr_init(&a);
+    pthread_rwlockattr_setkind_np(&a, PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP);
+    pthread_rwlock_init(&l_, &a);
+    pthread_rwlockattr_destroy(&a);
+  }
+  ~RwLock() { pthread_rwlock_destroy(&l_); }
+  RwLock(const RwLock&) = delete;
+  RwLock& operator=(const RwLock&) = delete;
+  void lock() { pthread_rwlock_wrlock(&l_); }
+  void unlock() { pthread_rwlock_unlock(&l_); }
+  void lock_shared() { pthread_rwlock_rdlock(&l_); }
+  void unlock_shared() { pthread_rwlock_unlock(&l_); }
+
+ private:
+  pthread_rwlock_t l_;
+};
+
+template <typename L>
+class SharedLock {  // std::shared_lock needs <shared_mutex>; this is all we use of it
+ public:
+  explicit SharedLock(L& l) : l_(l) { l_.lock_shared(); }
+  ~SharedLock() { l_.unlock_shared(); }
+  SharedLock(const SharedLock&) = delete;
+  SharedLock& operator=(const SharedLock&) = delete;
+
+ private:
+  L& l_;
+};
 
 enum RingState : int { STOPPED = 0, RUNNING = 1, FAILED = 2 };
 enum Tag : uint32_t { TAG_CTL = 0, TAG_TX_KICK = 1, TAG_RX_KICK = 2, TAG_TAP = 3 };
@@ -237,7 +274,7 @@ class DataPlane : public Napi::ObjectWrap<DataPlane> {
     return nullptr;
   }
 
-  std::shared_mutex regionsMu_;
+  RwLock regionsMu_;
 
  private:
   std::vector<Region> regions_;
@@ -297,7 +334,7 @@ class DataPlane : public Napi::ObjectWrap<DataPlane> {
     if (size == 0) ThrowSys(env, op, "mmap", EINVAL, "zero-size region");
     if (gpa + size < gpa || ua + size < ua || off + size < off) ThrowSys(env, op, "mmap", EINVAL, "region wraps around the address space");
     {
-      std::shared_lock<std::shared_mutex> lk(regionsMu_);
+      SharedLock<RwLock> lk(regionsMu_);
       for (const Region& r : regions_) {
         if (gpa < r.gpa + r.size && r.gpa < gpa + size) ThrowSys(env, op, "mmap", EINVAL, "region overlaps another in guest-physical space");
         if (ua < r.ua + r.size && r.ua < ua + size) ThrowSys(env, op, "mmap", EINVAL, "region overlaps another in QEMU's address space");
@@ -311,7 +348,7 @@ class DataPlane : public Napi::ObjectWrap<DataPlane> {
     size_t len = static_cast<size_t>(size + (off - base));
     void* m = mmap(nullptr, len, PROT_READ | PROT_WRITE, MAP_SHARED, fd, static_cast<off_t>(base));
     if (m == MAP_FAILED) ThrowSys(env, op, "mmap", errno);
-    std::unique_lock<std::shared_mutex> lk(regionsMu_);
+    std::unique_lock<RwLock> lk(regionsMu_);
     regions_.push_back(Region{gpa, size, ua, static_cast<uint8_t*>(m) + (off - base), m, len});
     return env.Undefined();
   }
@@ -322,7 +359,7 @@ class DataPlane : public Napi::ObjectWrap<DataPlane> {
     const char* op = "VHOST_USER_REM_MEM_REG";
     Live(env, op);
     uint64_t gpa = ArgU64(info, 0);
-    std::unique_lock<std::shared_mutex> lk(regionsMu_);
+    std::unique_lock<RwLock> lk(regionsMu_);
     size_t i = 0;
     while (i < regions_.size() && regions_[i].gpa != gpa) i++;
     if (i == regions_.size()) ThrowSys(env, op, "munmap", ENOENT, "no region starts at that guest-physical address");
@@ -394,7 +431,7 @@ class DataPlane : public Napi::ObjectWrap<DataPlane> {
     if (other.state.load() == RUNNING && other.kick == kick) ThrowSys(env, op, "vring", EINVAL, "both rings of a pair cannot share a kick eventfd");
     if (kick == p.tap) ThrowSys(env, op, "vring", EINVAL, "the kick fd is the tap fd");
     {
-      std::shared_lock<std::shared_mutex> lk(regionsMu_);
+      SharedLock<RwLock> lk(regionsMu_);
       uint8_t* d = UaToHost(descUa, 16ull * num);
       uint8_t* a = UaToHost(availUa, 6ull + 2 * num);
       uint8_t* u = UaToHost(usedUa, 6ull + 8 * num);
@@ -425,7 +462,7 @@ class DataPlane : public Napi::ObjectWrap<DataPlane> {
         return;
       }
       {
-        std::shared_lock<std::shared_mutex> lk(regionsMu_);
+        SharedLock<RwLock> lk(regionsMu_);
         g.usedIdx = LoadAcquire(g.UsedIdx());
       }
       {
@@ -534,7 +571,7 @@ class DataPlane : public Napi::ObjectWrap<DataPlane> {
       p.ep = p.ctl = -1;
       p.tap = -1;
     }
-    std::unique_lock<std::shared_mutex> lk(regionsMu_);
+    std::unique_lock<RwLock> lk(regionsMu_);
     for (const Region& r : regions_) munmap(r.mapBase, r.mapLen);
     regions_.clear();
     if (notify_ >= 0) close(notify_);
@@ -918,7 +955,7 @@ void Worker(Pair* pp) {
       }
     }
     if (p.quit) break;
-    std::shared_lock<std::shared_mutex> lk(p.dp->regionsMu_);
+    SharedLock<RwLock> lk(p.dp->regionsMu_);
     if (tx.state.load() == RUNNING && tx.more) e.Tx();
     if (rx.state.load() == RUNNING && rx.more) {
       if (p.tap >= 0 && !p.tapArmed && !p.pending) e.Arm(true);
