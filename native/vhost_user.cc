@@ -68,6 +68,7 @@ constexpr uint32_t kMaxPairs = 256;
 constexpr int kBudget = 256;              // frames per ring per wake-up before looking at other events
 constexpr size_t kBounce = 65536 + 64;   // largest tap frame (GSO) + vnet header
 constexpr size_t kIovMax = 1024;          // IOV_MAX
+constexpr uint32_t kMaxIndirect = 65536;  // entries of one indirect table (as the kernel's vhost: USHRT_MAX + 1)
 
 // A read/write lock that prefers writers: workers take it shared around each
 // batch, back to back, so a reader-preferring lock (glibc's default, and
@@ -641,6 +642,7 @@ struct Engine {
         const Desc* t = reinterpret_cast<const Desc*>(dp.GpaToHost(d.addr, d.len));
         if (t == nullptr) return "indirect table [0x" + Hex(d.addr) + ", +" + std::to_string(d.len) + ") is outside guest memory";
         uint32_t n = d.len / sizeof(Desc), j = 0, cnt = 0;
+        if (n > kMaxIndirect) return "indirect table too long (" + std::to_string(n) + " entries, at most " + std::to_string(kMaxIndirect) + ")";
         for (;;) {
           if (++cnt > n) return "indirect chain loops or is longer than its table (" + std::to_string(n) + ")";
           Desc e = ReadDesc(&t[j]);
