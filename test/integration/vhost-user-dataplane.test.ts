@@ -175,6 +175,20 @@ describe.skipIf(!env.ok)(`vhost-user data plane${skipNote(env)}`, () => {
       await until(() => got.has(29999));
       expect(got.get(29999)?.toString()).toBe('again');
       expect(dp.stopRing(0, 'tx')).toEqual({ state: 'stopped', lastAvailIdx: PER + 1 });
+      // No tap for a pair: what its guest sends is returned to it and counted as dropped.
+      dp.setTap(1, -1);
+      const r1 = rings[1]!;
+      const linkBefore = getLink(tap.name)!.stats!.rxPackets;
+      const heads: number[] = [];
+      for (let i = 0; i < 5; i++) {
+        putTx(r1, PER + i, udp4Frame({ dstMac: TAP_MAC, srcMac: PEER_MAC, srcIp: PEER, dstIp: LOCAL, srcPort: 29000 + i, dstPort: port, payload: Buffer.from('void') }));
+        heads.push(PER + i);
+      }
+      r1.publish(heads);
+      await until(() => r1.usedIdx() === PER + 5);
+      expect(r1.usedIdx()).toBe(PER + 5);
+      expect(dp.counters(1)).toMatchObject({ txFrames: BigInt(PER), txDropped: 5n });
+      expect(getLink(tap.name)!.stats!.rxPackets).toBe(linkBefore);
     });
 
     it('RX: datagrams to the peer land in the 4 pairs\' RX rings byte-exact, each exactly once', async () => {
