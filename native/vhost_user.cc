@@ -68,6 +68,7 @@ constexpr uint32_t kMaxPairs = 256;
 constexpr int kBudget = 256;              // frames per ring per wake-up before looking at other events
 constexpr size_t kBounce = 65536 + 64;   // largest tap frame (GSO) + vnet header
 constexpr size_t kIovMax = 1024;          // IOV_MAX
+constexpr int kTapRetryMs = 100;           // a broken tap fd (device deleted) is looked at again this often
 constexpr uint32_t kMaxIndirect = 65536;  // entries of one indirect table (as the kernel's vhost: USHRT_MAX + 1)
 
 // A read/write lock that prefers writers: workers take it shared around each
@@ -204,7 +205,9 @@ struct Pair {
   bool quit = false;  // worker-owned
   Ring rings[2];      // 0 rx, 1 tx
   int tap = -1;       // worker-owned while the thread runs
-  bool tapArmed = false;
+  bool tapArmed = false;  // watched for EPOLLIN (implies tapInEp)
+  bool tapInEp = false;   // registered in ep
+  bool tapErr = false;    // taken out of ep after EPOLLERR/EPOLLHUP or a read error; retried every kTapRetryMs
   std::vector<uint8_t> bounce;
   size_t pendingLen = 0;  // an RX frame read from the tap, waiting for guest buffers
   bool pending = false;
@@ -386,9 +389,9 @@ class DataPlane : public Napi::ObjectWrap<DataPlane> {
     int fd = ArgFdOrNone(info, 1);
     int err = 0;
     Exec(p, [&] {
-      if (p.tap >= 0 && p.ep >= 0) epoll_ctl(p.ep, EPOLL_CTL_DEL, p.tap, nullptr);
+      if (p.tapInEp) epoll_ctl(p.ep, EPOLL_CTL_DEL, p.tap, nullptr);
       p.tap = -1;
-      p.tapArmed = false;
+      p.tapArmed = p.tapInEp = p.tapErr = false;
       if (fd >= 0 && p.ep >= 0) {
         epoll_event ev{};
         ev.data.u32 = TAG_TAP;
@@ -397,6 +400,7 @@ class DataPlane : public Napi::ObjectWrap<DataPlane> {
           err = errno;
           return;
         }
+        p.tapInEp = true;
       }
       p.tap = fd;
       p.rings[0].more = p.rings[0].state.load() == RUNNING;
@@ -609,12 +613,30 @@ struct Engine {
   }
 
   void Arm(bool on) {
-    if (p.tap < 0 || p.tapArmed == on) return;
+    if (p.tap < 0 || !p.tapInEp || p.tapArmed == on) return;
     epoll_event ev{};
     ev.events = on ? static_cast<uint32_t>(EPOLLIN) : 0u;
     ev.data.u32 = TAG_TAP;
     epoll_ctl(p.ep, EPOLL_CTL_MOD, p.tap, &ev);
     p.tapArmed = on;
+  }
+
+  // The tap fd reports an error for good (its device was deleted) or fails
+  // reads: stop watching it (level-triggered EPOLLERR would spin the worker);
+  // the loop adds it back every kTapRetryMs and on an RX kick.
+  void TapBroken() {
+    if (p.tapInEp) epoll_ctl(p.ep, EPOLL_CTL_DEL, p.tap, nullptr);
+    p.tapInEp = p.tapArmed = false;
+    p.tapErr = true;
+  }
+
+  void TapRetry() {
+    epoll_event ev{};
+    ev.data.u32 = TAG_TAP;
+    if (epoll_ctl(p.ep, EPOLL_CTL_ADD, p.tap, &ev) != 0) return;
+    p.tapInEp = true;
+    p.tapErr = false;
+    p.rings[0].more = p.rings[0].state.load() == RUNNING;
   }
 
   // Walks one chain from head: its segments (all device-readable for TX,
@@ -804,7 +826,8 @@ struct Engine {
         do r = read(p.tap, p.bounce.data(), p.bounce.size());
         while (r < 0 && errno == EINTR);
         if (r < 0) {
-          Arm(true);  // EAGAIN (or a dead queue): wait for the tap
+          if (errno == EAGAIN) Arm(true);  // wait for the tap
+          else TapBroken();                // e.g. EBADFD: the device is gone
           break;
         }
         if (static_cast<size_t>(r) < g.f.hdr) {
@@ -916,8 +939,10 @@ void Worker(Pair* pp) {
     Ring& rx = p.rings[0];
     Ring& tx = p.rings[1];
     bool more = (rx.more && rx.state.load() == RUNNING) || (tx.more && tx.state.load() == RUNNING);
-    int n = epoll_wait(p.ep, evs, 8, more ? 0 : -1);
+    bool retry = p.tapErr && p.tap >= 0;
+    int n = epoll_wait(p.ep, evs, 8, more ? 0 : retry ? kTapRetryMs : -1);
     if (n < 0) n = 0;  // EINTR; the worker never leaves on its own (Exec waits for it)
+    bool rxKick = false;
     for (int i = 0; i < n; i++) {
       switch (evs[i].data.u32) {
         case TAG_CTL: {
@@ -948,15 +973,18 @@ void Worker(Pair* pp) {
             Drain(rx.kick);
             Add(p.c.kicks);
             rx.more = true;
+            rxKick = true;
             e.Arm(true);
           }
           break;
         case TAG_TAP:
-          rx.more = true;
+          if (evs[i].events & (EPOLLERR | EPOLLHUP)) e.TapBroken();
+          else rx.more = true;
           break;
       }
     }
     if (p.quit) break;
+    if (retry && p.tapErr && (n == 0 || rxKick)) e.TapRetry();
     SharedLock<RwLock> lk(p.dp->regionsMu_);
     if (tx.state.load() == RUNNING && tx.more) e.Tx();
     if (rx.state.load() == RUNNING && rx.more) {
@@ -979,6 +1007,7 @@ void DataPlane::StartWorker(Napi::Env env, Pair& p) {
     epoll_event tv{};
     tv.data.u32 = TAG_TAP;
     if (epoll_ctl(p.ep, EPOLL_CTL_ADD, p.tap, &tv) != 0) err = errno;
+    else p.tapInEp = true;
   }
   if (err == 0) {
     try {

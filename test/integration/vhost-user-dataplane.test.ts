@@ -637,6 +637,68 @@ describe.skipIf(!env.ok)(`vhost-user data plane${skipNote(env)}`, () => {
     expect(received).toBe(sent + 1);
   });
 
+  it('a detached tap queue costs no CPU, and its pair receives again once it is attached (no RX kick needed)', async () => {
+    const { dp, mem, tap } = setup();
+    const rings: DriverRing[] = [];
+    for (let p = 0; p < PAIRS; p++) {
+      const r = ring(mem, 64);
+      rings.push(r);
+      postRx(r);
+      dp.startRing(p, 'rx', r.config(), feats());
+    }
+    const tx = ring(mem, 8);
+    dp.startRing(3, 'tx', tx.config(), feats()); // the pair's worker keeps running with the ring
+    tap.queues[3]!.disable();
+    // Stopped or running, the RX ring of the detached queue must not spin its worker.
+    for (const stop of [false, true]) {
+      if (stop) dp.stopRing(3, 'rx');
+      await sleep(50);
+      const t0 = process.cpuUsage();
+      const w0 = Date.now();
+      await sleep(400);
+      const cpu = process.cpuUsage(t0);
+      const ms = (cpu.user + cpu.system) / 1000;
+      expect(ms, `CPU over ${Date.now() - w0} ms with queue 3 detached (ring ${stop ? 'stopped' : 'running'})`).toBeLessThan(150);
+    }
+    dp.startRing(3, 'rx', rings[3]!.config(dp.ringStatus(3, 'rx').lastAvailIdx), feats());
+    tap.queues[3]!.enable(); // after the ring started, and no RX kick: the worker must notice on its own
+    const s = await bindUdp(LOCAL);
+    cleanup.push(() => s.close());
+    const got = new Map<number, { pair: number; payload: Buffer; numBuffers: number; lens: number[] }>();
+    let port = 42000;
+    await until(() => {
+      collectRx(rings, got);
+      if (![...got.values()].some((g) => g.pair === 3)) void send(s, Buffer.from('back'), port++);
+      return [...got.values()].some((g) => g.pair === 3);
+    });
+    expect([...got.values()].some((g) => g.pair === 3), 'pair 3 receives again').toBe(true);
+  });
+
+  it('the tap deleted under running rings (its fds report EPOLLERR for good): no busy loop, guest frames dropped and counted', async () => {
+    const { dp, mem, tap } = setup();
+    const rx: DriverRing[] = [];
+    const tx: DriverRing[] = [];
+    for (let p = 0; p < PAIRS; p++) {
+      rx.push(ring(mem, 16));
+      postRx(rx[p]!);
+      dp.startRing(p, 'rx', rx[p]!.config(), feats());
+      tx.push(ring(mem, 16));
+      dp.startRing(p, 'tx', tx[p]!.config(), feats());
+    }
+    run('ip', ['link', 'del', tap.name]);
+    await sleep(50);
+    const t0 = process.cpuUsage();
+    await sleep(400);
+    const cpu = process.cpuUsage(t0);
+    expect((cpu.user + cpu.system) / 1000, 'CPU (ms) over 400 ms with the tap gone').toBeLessThan(150);
+    putTx(tx[0]!, 0, Buffer.alloc(60));
+    tx[0]!.publish([0]);
+    await until(() => tx[0]!.usedIdx() === 1);
+    expect(tx[0]!.usedIdx()).toBe(1);
+    expect(dp.counters(0)).toMatchObject({ txFrames: 0n, txDropped: 1n });
+    for (let p = 0; p < PAIRS; p++) expect(dp.ringStatus(p, 'rx').state).toBe('running');
+  });
+
   it('close() mid-traffic joins the workers and leaves no fd, no mapping and no thread behind', async () => {
     const name = `vu${seq}`;
     const tap = track(openTap({ name, queues: PAIRS, vnetHdrSize: 12, mac: TAP_MAC }));
