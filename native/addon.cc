@@ -28,6 +28,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   mqtap::InitScm(env, exports);
   mqtap::InitIo(env, exports);
   mqtap::InitBpf(env, exports);
+  mqtap::InitVhostUser(env, exports);
 #if defined(__SANITIZE_ADDRESS__)
   exports.Set("lsanCheck", Napi::Function::New(env, LsanCheck, "lsanCheck"));
 #endif

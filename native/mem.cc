@@ -76,6 +76,25 @@ Napi::ArrayBuffer NewMapped(Napi::Env env, size_t len, const char* op, bool regi
 
 Napi::ArrayBuffer MappedArrayBuffer(Napi::Env env, size_t len, const char* op) { return NewMapped(env, len, op, false); }
 
+// A MAP_SHARED mapping of an fd (vhost-user tests map a memfd as QEMU does).
+// Like allocPages() memory it stays at one address until its finalizer
+// unmaps it, so it is registered and addressOf() accepts it.
+Napi::ArrayBuffer MappedArrayBuffer(Napi::Env env, size_t len, const char* op, int fd, off_t offset) {
+  void* addr = mmap(nullptr, len, PROT_READ | PROT_WRITE, MAP_SHARED, fd, offset);
+  if (addr == MAP_FAILED) ThrowSys(env, op, "mmap", errno);
+  auto* m = new Mapping{addr, len, true};
+  try {
+    Napi::ArrayBuffer ab = Napi::ArrayBuffer::New(env, addr, len, Unmap, m);
+    std::lock_guard<std::mutex> lock(g_pages_mu);
+    g_pages[reinterpret_cast<uintptr_t>(addr)] = len;
+    return ab;
+  } catch (...) {  // the finalizer was never attached: unmap here
+    munmap(addr, len);
+    delete m;
+    throw;
+  }
+}
+
 namespace {
 
 // allocPages(bytes): zeroed, page-aligned memory as an ArrayBuffer.
