@@ -14,6 +14,8 @@
         "native/scm.cc",
         "native/io.cc",
         "native/bpf.cc",
+        "native/vhost_user.cc",
+        "native/vhost_user_consts.c",
         "native/virtio_consts.c"
       ],
       "include_dirs": ["<!(node -p \"require('node-addon-api').include_dir\")"],

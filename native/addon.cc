@@ -14,6 +14,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   mqtap::InitScm(env, exports);
   mqtap::InitIo(env, exports);
   mqtap::InitBpf(env, exports);
+  mqtap::InitVhostUser(env, exports);
   return exports;
 }
 

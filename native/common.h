@@ -6,6 +6,7 @@
 #pragma once
 
 #include <napi.h>
+#include <sys/types.h>
 
 #include <cerrno>
 #include <string>
@@ -37,6 +38,9 @@ std::string ArgIfName(const Napi::CallbackInfo& info, size_t i);
 // MqtapError(op, mmap) on failure.  Shared by allocPages (mem.cc) and the
 // receive slab of QueueIo (io.cc).
 Napi::ArrayBuffer MappedArrayBuffer(Napi::Env env, size_t len, const char* op);
+// The same over mmap(MAP_SHARED) of `fd` at `offset` (page-aligned): memory a
+// test shares with the vhost-user data plane (native/vhost_user.cc).
+Napi::ArrayBuffer MappedArrayBuffer(Napi::Env env, size_t len, const char* op, int fd, off_t offset);
 
 // The `constants` object on the exports, created on first use.  Values come
 // from the kernel headers the addon was built against, never typed by hand.
@@ -54,5 +58,6 @@ void InitMem(Napi::Env env, Napi::Object exports);
 void InitScm(Napi::Env env, Napi::Object exports);
 void InitIo(Napi::Env env, Napi::Object exports);
 void InitBpf(Napi::Env env, Napi::Object exports);
+void InitVhostUser(Napi::Env env, Napi::Object exports);
 
 }  // namespace mqtap

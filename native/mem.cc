@@ -39,6 +39,19 @@ Napi::ArrayBuffer MappedArrayBuffer(Napi::Env env, size_t len, const char* op) {
   }
 }
 
+Napi::ArrayBuffer MappedArrayBuffer(Napi::Env env, size_t len, const char* op, int fd, off_t offset) {
+  void* addr = mmap(nullptr, len, PROT_READ | PROT_WRITE, MAP_SHARED, fd, offset);
+  if (addr == MAP_FAILED) ThrowSys(env, op, "mmap", errno);
+  auto* m = new Mapping{addr, len};
+  try {
+    return Napi::ArrayBuffer::New(env, addr, len, Unmap, m);
+  } catch (...) {
+    munmap(addr, len);
+    delete m;
+    throw;
+  }
+}
+
 namespace {
 
 // allocPages(bytes): zeroed, page-aligned memory as an ArrayBuffer.

@@ -320,6 +320,35 @@ export interface NativeBinding {
     readonly SKB_QUEUE_MAPPING: number;
   };
   // ---- END DATA PATH section ----
+  // ---- BEGIN VHOST-USER section (native/vhost_user.cc; owner: vhost-user data plane, see lib/vhost-user/dataplane.ts) ----
+  /** The per-connection vhost-user data plane: one worker thread per queue pair (see native/vhost_user.cc). */
+  VhostUserDataPlane: new (pairs: number) => NativeVhostUserDataPlane;
+  /** memfd_create(name, MFD_CLOEXEC). */
+  memfdCreate(name: string): number;
+  ftruncate(fd: number, bytes: number): void;
+  /** fstat(fd).st_size. */
+  fdSize(fd: number): bigint;
+  /** mmap(MAP_SHARED, read/write) of fd at a page-aligned offset, as an ArrayBuffer that unmaps it when collected. */
+  mmapShared(fd: number, bytes: number, offset?: number): ArrayBuffer;
+  // ---- END VHOST-USER section ----
+}
+
+/** native/vhost_user.cc's class; lib/vhost-user/dataplane.ts is its typed, validated face. */
+export interface NativeVhostUserDataPlane {
+  addRegion(guestPhysAddr: bigint, size: bigint, userAddr: bigint, mmapOffset: bigint, fd: number): void;
+  removeRegion(guestPhysAddr: bigint): void;
+  setTap(pair: number, fd: number): void;
+  startRing(
+    pair: number, tx: boolean, num: number, descAddr: bigint, availAddr: bigint, usedAddr: bigint, base: number,
+    kickFd: number, callFd: number, errFd: number, eventIdx: boolean, mrgRxbuf: boolean, indirectDesc: boolean, vnetHdrSize: number,
+  ): void;
+  stopRing(pair: number, tx: boolean): { state: 'stopped' | 'failed'; reason?: string; lastAvailIdx: number };
+  ringStatus(pair: number, tx: boolean): { state: 'stopped' | 'running' | 'failed'; reason?: string; lastAvailIdx: number };
+  counters(pair: number): {
+    txFrames: bigint; txBytes: bigint; txDropped: bigint; rxFrames: bigint; rxBytes: bigint; rxDropped: bigint; kicks: bigint; calls: bigint;
+  };
+  readonly notifyFd: number;
+  close(): void;
 }
 
 export interface VhostMemRegion {

@@ -1,0 +1,1008 @@
+// The vhost-user data plane (lib/vhost-user/dataplane.ts holds the typed
+// wrapper, lib/vhost-user/dataplane-api.ts the contract, docs/vhost-user.md
+// the design).
+//
+// QEMU (the "frontend") shares the guest's memory (memfd regions) and split
+// virtqueues with us; each queue pair i (virtqueue 2i = RX, 2i+1 = TX) is
+// bridged to one tap queue fd.  Like the kernel's vhost worker, each pair has
+// one thread: it sleeps in epoll_wait on the TX and RX kick eventfds, the tap
+// fd and a control eventfd, and moves frames:
+//
+//   TX  guest -> tap: each avail chain's readable descriptors are one frame
+//       (starting with the virtio-net header, which IS the tap's vnet header),
+//       written with one writev(2) straight from guest memory.
+//   RX  tap -> guest: a frame is read into a per-pair bounce buffer, then
+//       copied into one device-writable chain (or, with MRG_RXBUF, several,
+//       num_buffers set in the header).  With no guest buffer the tap is not
+//       read: frames wait in the kernel until the RX kick.
+//
+// No policy: rings start and stop when JavaScript says so (synchronously:
+// the control eventfd hands the worker a function and waits until it ran).
+// A ring stops on its own only when the guest's ring is malformed; then its
+// state is 'failed' with a reason, its err eventfd and the plane's notify
+// eventfd are signalled, and the rest goes on.
+//
+// Guest memory is untrusted: every address is translated with bounds checks
+// (a range must lie in the mapped regions; it is split at region borders),
+// every descriptor is copied once before use, chains are counted (a loop or a
+// chain longer than the ring fails the ring), indices are checked against
+// the ring size.  The regions table is guarded by a shared_mutex: workers
+// hold it shared while they touch guest memory, removeRegion takes it
+// exclusively before munmap.
+#include <errno.h>
+#include <fcntl.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <condition_variable>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <shared_mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "common.h"
+
+// From <linux/virtio_ring.h>, through native/vhost_user_consts.c.
+extern "C" {
+extern const uint16_t mqtap_vring_desc_f_next, mqtap_vring_desc_f_write, mqtap_vring_desc_f_indirect;
+extern const uint16_t mqtap_vring_used_f_no_notify, mqtap_vring_avail_f_no_interrupt;
+}
+
+static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "virtio 1.x rings are little-endian; this data plane reads them natively");
+
+namespace mqtap {
+namespace {
+
+constexpr uint32_t kMaxQueueSize = 32768;
+constexpr uint32_t kMaxPairs = 256;
+constexpr int kBudget = 256;              // frames per ring per wake-up before looking at other events
+constexpr size_t kBounce = 65536 + 64;   // largest tap frame (GSO) + vnet header
+constexpr size_t kIovMax = 1024;          // IOV_MAX
+
+enum RingState : int { STOPPED = 0, RUNNING = 1, FAILED = 2 };
+enum Tag : uint32_t { TAG_CTL = 0, TAG_TX_KICK = 1, TAG_RX_KICK = 2, TAG_TAP = 3 };
+
+struct Desc {
+  uint64_t addr;
+  uint32_t len;
+  uint16_t flags;
+  uint16_t next;
+};
+static_assert(sizeof(Desc) == 16, "vring_desc layout");
+
+struct Region {
+  uint64_t gpa, size, ua;
+  uint8_t* host;   // host address of gpa
+  void* mapBase;   // what mmap returned
+  size_t mapLen;
+};
+
+struct Features {
+  bool eventIdx = false, mrg = false, indirect = false;
+  uint32_t hdr = 12;
+};
+
+struct Ring {
+  // Set by startRing before the worker sees the ring; constant while running.
+  uint32_t num = 0;
+  Desc* desc = nullptr;
+  uint16_t* avail = nullptr;  // flags, idx, ring[num], used_event
+  uint16_t* used = nullptr;   // flags, idx, then {u32 id, u32 len}[num], avail_event
+  uint64_t descUa = 0, availUa = 0, usedUa = 0;
+  int kick = -1, call = -1, err = -1;
+  Features f;
+  // Worker-owned while running.
+  uint16_t lastAvail = 0, usedIdx = 0, signalledUsed = 0;
+  bool signalledValid = false;
+  bool more = false;  // work may be left (budget ran out)
+  // Read by JavaScript.
+  std::atomic<int> state{STOPPED};
+  std::atomic<uint32_t> lastAvailPub{0};
+  std::string reason;  // under Pair::mu
+
+  uint16_t* UsedFlags() { return used; }
+  uint16_t* UsedIdx() { return used + 1; }
+  uint32_t* UsedElem(uint32_t slot) { return reinterpret_cast<uint32_t*>(used + 2) + 2 * slot; }
+  uint16_t* AvailEvent() { return reinterpret_cast<uint16_t*>(reinterpret_cast<uint8_t*>(used) + 4 + 8 * num); }
+  uint16_t* UsedEvent() { return avail + 2 + num; }
+};
+
+struct Counters {
+  std::atomic<uint64_t> txFrames{0}, txBytes{0}, txDropped{0}, rxFrames{0}, rxBytes{0}, rxDropped{0}, kicks{0}, calls{0};
+};
+
+inline void Add(std::atomic<uint64_t>& c, uint64_t n = 1) { c.fetch_add(n, std::memory_order_relaxed); }
+
+inline uint16_t LoadAcquire(uint16_t* p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
+inline uint16_t LoadRelaxed(uint16_t* p) { return __atomic_load_n(p, __ATOMIC_RELAXED); }
+inline void StoreRelease(uint16_t* p, uint16_t v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
+inline void StoreRelaxed(uint16_t* p, uint16_t v) { __atomic_store_n(p, v, __ATOMIC_RELAXED); }
+
+// One copy of a descriptor the guest may be rewriting under us.
+inline Desc ReadDesc(const Desc* d) {
+  Desc out;
+  out.addr = __atomic_load_n(&d->addr, __ATOMIC_RELAXED);
+  out.len = __atomic_load_n(&d->len, __ATOMIC_RELAXED);
+  out.flags = __atomic_load_n(&d->flags, __ATOMIC_RELAXED);
+  out.next = __atomic_load_n(&d->next, __ATOMIC_RELAXED);
+  return out;
+}
+
+void Signal(int fd) {
+  if (fd < 0) return;
+  uint64_t one = 1;
+  ssize_t n;
+  do n = write(fd, &one, sizeof one);
+  while (n < 0 && errno == EINTR);
+}
+
+void Drain(int fd) {
+  uint64_t v;
+  ssize_t n;
+  do n = read(fd, &v, sizeof v);
+  while (n < 0 && errno == EINTR);
+}
+
+class DataPlane;
+
+struct Pair {
+  DataPlane* dp = nullptr;
+  uint32_t index = 0;
+  std::thread th;
+  int ep = -1, ctl = -1;
+  std::mutex mu;
+  std::condition_variable cv;
+  std::function<void()> cmd;
+  bool cmdPending = false, cmdDone = false;
+  bool quit = false;  // worker-owned
+  Ring rings[2];      // 0 rx, 1 tx
+  int tap = -1;       // worker-owned while the thread runs
+  bool tapArmed = false;
+  std::vector<uint8_t> bounce;
+  size_t pendingLen = 0;  // an RX frame read from the tap, waiting for guest buffers
+  bool pending = false;
+  Counters c;
+};
+
+class DataPlane : public Napi::ObjectWrap<DataPlane> {
+ public:
+  static Napi::Function Define(Napi::Env env) {
+    return DefineClass(env, "VhostUserDataPlane",
+                       {InstanceMethod<&DataPlane::AddRegion>("addRegion"), InstanceMethod<&DataPlane::RemoveRegion>("removeRegion"),
+                        InstanceMethod<&DataPlane::SetTap>("setTap"), InstanceMethod<&DataPlane::StartRing>("startRing"),
+                        InstanceMethod<&DataPlane::StopRing>("stopRing"), InstanceMethod<&DataPlane::RingStatus>("ringStatus"),
+                        InstanceMethod<&DataPlane::GetCounters>("counters"), InstanceMethod<&DataPlane::Close>("close"),
+                        InstanceAccessor<&DataPlane::GetNotifyFd>("notifyFd")});
+  }
+
+  explicit DataPlane(const Napi::CallbackInfo& info) : Napi::ObjectWrap<DataPlane>(info) {
+    Napi::Env env = info.Env();
+    uint32_t n = ArgUint(info, 0);
+    if (n < 1 || n > kMaxPairs) ThrowArg(env, "VhostUserDataPlane: pairs must be 1.." + std::to_string(kMaxPairs));
+    notify_ = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    if (notify_ < 0) ThrowSys(env, "VHOST_USER_DATAPLANE", "eventfd", errno);
+    for (uint32_t i = 0; i < n; i++) {
+      pairs_.emplace_back(new Pair());
+      pairs_.back()->dp = this;
+      pairs_.back()->index = i;
+    }
+  }
+
+  ~DataPlane() override { Shutdown(); }
+
+  // Translates a QEMU-virtual range that must lie in one region.
+  uint8_t* UaToHost(uint64_t ua, uint64_t len) {
+    for (const Region& r : regions_) {
+      if (ua >= r.ua && ua - r.ua <= r.size && len <= r.size - (ua - r.ua)) return r.host + (ua - r.ua);
+    }
+    return nullptr;
+  }
+
+  // Translates a guest-physical range into host segments appended to iov
+  // (split at region borders).  False when any byte is outside the regions.
+  bool GpaToIov(uint64_t gpa, uint64_t len, std::vector<iovec>& iov) {
+    if (len > 0 && gpa + len < gpa) return false;
+    while (len > 0) {
+      const Region* hit = nullptr;
+      for (const Region& r : regions_) {
+        if (gpa >= r.gpa && gpa - r.gpa < r.size) {
+          hit = &r;
+          break;
+        }
+      }
+      if (hit == nullptr) return false;
+      uint64_t off = gpa - hit->gpa;
+      uint64_t n = std::min<uint64_t>(len, hit->size - off);
+      iov.push_back(iovec{hit->host + off, static_cast<size_t>(n)});
+      gpa += n;
+      len -= n;
+    }
+    return true;
+  }
+
+  // A contiguous guest-physical range (indirect tables): one region only.
+  uint8_t* GpaToHost(uint64_t gpa, uint64_t len) {
+    for (const Region& r : regions_) {
+      if (gpa >= r.gpa && gpa - r.gpa <= r.size && len <= r.size - (gpa - r.gpa)) return r.host + (gpa - r.gpa);
+    }
+    return nullptr;
+  }
+
+  std::shared_mutex regionsMu_;
+
+ private:
+  std::vector<Region> regions_;
+  std::vector<std::unique_ptr<Pair>> pairs_;
+  int notify_ = -1;
+  bool closed_ = false;
+
+  friend void Worker(Pair* p);
+  friend struct Engine;
+
+  Pair& ArgPair(const Napi::CallbackInfo& info, size_t i) {
+    uint32_t n = ArgUint(info, i);
+    if (n >= pairs_.size()) ThrowArg(info.Env(), "pair " + std::to_string(n) + " out of range (0.." + std::to_string(pairs_.size() - 1) + ")");
+    return *pairs_[n];
+  }
+
+  void Live(Napi::Env env, const char* op) {
+    if (closed_) ThrowSys(env, op, "close", EBADF, "the data plane is closed");
+  }
+
+  static uint64_t ArgU64(const Napi::CallbackInfo& info, size_t i) {
+    if (info.Length() <= i || !info[i].IsBigInt()) ThrowArg(info.Env(), "argument " + std::to_string(i) + ": bigint expected");
+    bool lossless = false;
+    uint64_t v = info[i].As<Napi::BigInt>().Uint64Value(&lossless);
+    if (!lossless) ThrowArg(info.Env(), "argument " + std::to_string(i) + ": bigint out of u64 range");
+    return v;
+  }
+
+  static int ArgFdOrNone(const Napi::CallbackInfo& info, size_t i) {
+    if (info.Length() > i && info[i].IsNumber() && info[i].As<Napi::Number>().Int32Value() == -1) return -1;
+    return ArgFd(info, i);
+  }
+
+  // Runs fn on the pair's worker (or here when it has none) and waits.
+  static void Exec(Pair& p, const std::function<void()>& fn) {
+    if (!p.th.joinable()) {
+      fn();
+      return;
+    }
+    std::unique_lock<std::mutex> lk(p.mu);
+    p.cmd = fn;
+    p.cmdPending = true;
+    p.cmdDone = false;
+    Signal(p.ctl);
+    p.cv.wait(lk, [&] { return p.cmdDone; });
+  }
+
+  void StartWorker(Napi::Env env, Pair& p);
+
+  // addRegion(gpa, size, userAddr, mmapOffset, fd)
+  Napi::Value AddRegion(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    const char* op = "VHOST_USER_ADD_MEM_REG";
+    Live(env, op);
+    uint64_t gpa = ArgU64(info, 0), size = ArgU64(info, 1), ua = ArgU64(info, 2), off = ArgU64(info, 3);
+    int fd = ArgFd(info, 4);
+    if (size == 0) ThrowSys(env, op, "mmap", EINVAL, "zero-size region");
+    if (gpa + size < gpa || ua + size < ua || off + size < off) ThrowSys(env, op, "mmap", EINVAL, "region wraps around the address space");
+    {
+      std::shared_lock<std::shared_mutex> lk(regionsMu_);
+      for (const Region& r : regions_) {
+        if (gpa < r.gpa + r.size && r.gpa < gpa + size) ThrowSys(env, op, "mmap", EINVAL, "region overlaps another in guest-physical space");
+        if (ua < r.ua + r.size && r.ua < ua + size) ThrowSys(env, op, "mmap", EINVAL, "region overlaps another in QEMU's address space");
+      }
+    }
+    struct stat st;
+    if (fstat(fd, &st) != 0) ThrowSys(env, op, "fstat", errno);
+    if (st.st_size < 0 || off + size > static_cast<uint64_t>(st.st_size)) ThrowSys(env, op, "fstat", EINVAL, "region ends past the end of its fd");
+    uint64_t page = static_cast<uint64_t>(sysconf(_SC_PAGESIZE));
+    uint64_t base = off & ~(page - 1);
+    size_t len = static_cast<size_t>(size + (off - base));
+    void* m = mmap(nullptr, len, PROT_READ | PROT_WRITE, MAP_SHARED, fd, static_cast<off_t>(base));
+    if (m == MAP_FAILED) ThrowSys(env, op, "mmap", errno);
+    std::unique_lock<std::shared_mutex> lk(regionsMu_);
+    regions_.push_back(Region{gpa, size, ua, static_cast<uint8_t*>(m) + (off - base), m, len});
+    return env.Undefined();
+  }
+
+  // removeRegion(gpa): refuses while a running ring's desc/avail/used is in it.
+  Napi::Value RemoveRegion(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    const char* op = "VHOST_USER_REM_MEM_REG";
+    Live(env, op);
+    uint64_t gpa = ArgU64(info, 0);
+    std::unique_lock<std::shared_mutex> lk(regionsMu_);
+    size_t i = 0;
+    while (i < regions_.size() && regions_[i].gpa != gpa) i++;
+    if (i == regions_.size()) ThrowSys(env, op, "munmap", ENOENT, "no region starts at that guest-physical address");
+    const Region& r = regions_[i];
+    for (auto& p : pairs_) {
+      for (Ring& g : p->rings) {
+        if (g.state.load() != RUNNING) continue;
+        uint64_t ends[3][2] = {{g.descUa, 16ull * g.num}, {g.availUa, 6ull + 2 * g.num}, {g.usedUa, 6ull + 8 * g.num}};
+        for (auto& e : ends)
+          if (e[0] < r.ua + r.size && r.ua < e[0] + e[1]) ThrowSys(env, op, "munmap", EBUSY, "a running ring lives in that region");
+      }
+    }
+    munmap(r.mapBase, r.mapLen);
+    regions_.erase(regions_.begin() + static_cast<long>(i));
+    return env.Undefined();
+  }
+
+  // setTap(pair, fd | -1)
+  Napi::Value SetTap(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    Live(env, "VHOST_USER_SET_TAP");
+    Pair& p = ArgPair(info, 0);
+    int fd = ArgFdOrNone(info, 1);
+    int err = 0;
+    Exec(p, [&] {
+      if (p.tap >= 0 && p.ep >= 0) epoll_ctl(p.ep, EPOLL_CTL_DEL, p.tap, nullptr);
+      p.tap = -1;
+      p.tapArmed = false;
+      if (fd >= 0 && p.ep >= 0) {
+        epoll_event ev{};
+        ev.data.u32 = TAG_TAP;
+        ev.events = 0;
+        if (epoll_ctl(p.ep, EPOLL_CTL_ADD, fd, &ev) != 0) {
+          err = errno;
+          return;
+        }
+      }
+      p.tap = fd;
+      p.rings[0].more = p.rings[0].state.load() == RUNNING;
+    });
+    if (err != 0) ThrowSys(env, "VHOST_USER_SET_TAP", "epoll_ctl", err);
+    return env.Undefined();
+  }
+
+  // startRing(pair, isTx, num, descUa, availUa, usedUa, base, kick, call, err, eventIdx, mrg, indirect, hdr)
+  Napi::Value StartRing(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    const char* op = "VHOST_USER_START_RING";
+    Live(env, op);
+    Pair& p = ArgPair(info, 0);
+    bool tx = ArgBool(info, 1);
+    uint32_t num = ArgUint(info, 2);
+    uint64_t descUa = ArgU64(info, 3), availUa = ArgU64(info, 4), usedUa = ArgU64(info, 5);
+    uint32_t base = ArgUint(info, 6);
+    int kick = ArgFd(info, 7), call = ArgFdOrNone(info, 8), errFd = ArgFdOrNone(info, 9);
+    Features f;
+    f.eventIdx = ArgBool(info, 10);
+    f.mrg = ArgBool(info, 11);
+    f.indirect = ArgBool(info, 12);
+    f.hdr = ArgUint(info, 13);
+    if (num == 0 || num > kMaxQueueSize || (num & (num - 1)) != 0) ThrowSys(env, op, "vring", EINVAL, "ring size must be a power of two 1..32768");
+    if (base > 0xffff) ThrowSys(env, op, "vring", EINVAL, "base must be 0..65535");
+    if (f.hdr != 10 && f.hdr != 12) ThrowSys(env, op, "vring", EINVAL, "vnet header size must be 10 or 12");
+    if (f.mrg && f.hdr != 12) ThrowSys(env, op, "vring", EINVAL, "MRG_RXBUF needs the 12-byte header");
+    if ((descUa & 15) || (availUa & 1) || (usedUa & 3)) ThrowSys(env, op, "vring", EINVAL, "misaligned ring address (desc 16, avail 2, used 4)");
+    Ring& g = p.rings[tx ? 1 : 0];
+    Ring& other = p.rings[tx ? 0 : 1];
+    if (g.state.load() == RUNNING) ThrowSys(env, op, "vring", EBUSY, "the ring is running: stop it first");
+    if (other.state.load() == RUNNING && other.kick == kick) ThrowSys(env, op, "vring", EINVAL, "both rings of a pair cannot share a kick eventfd");
+    if (kick == p.tap) ThrowSys(env, op, "vring", EINVAL, "the kick fd is the tap fd");
+    {
+      std::shared_lock<std::shared_mutex> lk(regionsMu_);
+      uint8_t* d = UaToHost(descUa, 16ull * num);
+      uint8_t* a = UaToHost(availUa, 6ull + 2 * num);
+      uint8_t* u = UaToHost(usedUa, 6ull + 8 * num);
+      if (d == nullptr || a == nullptr || u == nullptr) ThrowSys(env, op, "vring", EFAULT, "a ring part is not inside one mapped region");
+      g.desc = reinterpret_cast<Desc*>(d);
+      g.avail = reinterpret_cast<uint16_t*>(a);
+      g.used = reinterpret_cast<uint16_t*>(u);
+    }
+    if (!p.th.joinable()) StartWorker(env, p);
+    g.num = num;
+    g.descUa = descUa;
+    g.availUa = availUa;
+    g.usedUa = usedUa;
+    g.kick = kick;
+    g.call = call;
+    g.err = errFd;
+    g.f = f;
+    g.lastAvail = static_cast<uint16_t>(base);
+    g.lastAvailPub.store(base);
+    g.signalledValid = false;
+    int err = 0;
+    Exec(p, [&] {
+      epoll_event ev{};
+      ev.events = EPOLLIN;
+      ev.data.u32 = tx ? TAG_TX_KICK : TAG_RX_KICK;
+      if (epoll_ctl(p.ep, EPOLL_CTL_ADD, kick, &ev) != 0) {
+        err = errno;
+        return;
+      }
+      {
+        std::shared_lock<std::shared_mutex> lk(regionsMu_);
+        g.usedIdx = LoadAcquire(g.UsedIdx());
+      }
+      {
+        std::lock_guard<std::mutex> lk(p.mu);
+        g.reason.clear();
+      }
+      g.more = true;  // a kick may have come before we watched it
+      g.state.store(RUNNING);
+    });
+    if (err != 0) ThrowSys(env, op, "epoll_ctl", err);
+    return env.Undefined();
+  }
+
+  // stopRing(pair, isTx) -> status before stopping ('failed' keeps its reason); the ring is 'stopped' after.
+  Napi::Value StopRing(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    Live(env, "VHOST_USER_STOP_RING");
+    Pair& p = ArgPair(info, 0);
+    bool tx = ArgBool(info, 1);
+    Ring& g = p.rings[tx ? 1 : 0];
+    int before = STOPPED;
+    std::string reason;
+    Exec(p, [&] { before = StopHere(p, g, tx); });
+    {
+      std::lock_guard<std::mutex> lk(p.mu);
+      reason = g.reason;
+    }
+    Napi::Object o = Napi::Object::New(env);
+    o.Set("state", before == FAILED ? "failed" : "stopped");
+    if (before == FAILED) o.Set("reason", reason);
+    o.Set("lastAvailIdx", Napi::Number::New(env, g.lastAvailPub.load()));
+    return o;
+  }
+
+  // On the worker: forget the ring.  Returns the state it had.
+  static int StopHere(Pair& p, Ring& g, bool tx) {
+    int before = g.state.load();
+    if (before == RUNNING && p.ep >= 0) epoll_ctl(p.ep, EPOLL_CTL_DEL, g.kick, nullptr);
+    if (!tx && p.tapArmed) {
+      epoll_event ev{};
+      ev.data.u32 = TAG_TAP;
+      epoll_ctl(p.ep, EPOLL_CTL_MOD, p.tap, &ev);
+      p.tapArmed = false;
+    }
+    g.lastAvailPub.store(g.lastAvail);
+    g.state.store(STOPPED);
+    g.more = false;
+    return before;
+  }
+
+  Napi::Value RingStatus(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    Pair& p = ArgPair(info, 0);
+    bool tx = ArgBool(info, 1);
+    Ring& g = p.rings[tx ? 1 : 0];
+    int state = g.state.load();
+    Napi::Object o = Napi::Object::New(env);
+    o.Set("state", state == RUNNING ? "running" : state == FAILED ? "failed" : "stopped");
+    if (state == FAILED) {
+      std::lock_guard<std::mutex> lk(p.mu);
+      o.Set("reason", g.reason);
+    }
+    o.Set("lastAvailIdx", Napi::Number::New(env, g.lastAvailPub.load()));
+    return o;
+  }
+
+  Napi::Value GetCounters(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    Pair& p = ArgPair(info, 0);
+    Napi::Object o = Napi::Object::New(env);
+    auto set = [&](const char* k, std::atomic<uint64_t>& v) { o.Set(k, Napi::BigInt::New(env, v.load(std::memory_order_relaxed))); };
+    set("txFrames", p.c.txFrames);
+    set("txBytes", p.c.txBytes);
+    set("txDropped", p.c.txDropped);
+    set("rxFrames", p.c.rxFrames);
+    set("rxBytes", p.c.rxBytes);
+    set("rxDropped", p.c.rxDropped);
+    set("kicks", p.c.kicks);
+    set("calls", p.c.calls);
+    return o;
+  }
+
+  Napi::Value GetNotifyFd(const Napi::CallbackInfo& info) { return Napi::Number::New(info.Env(), notify_); }
+
+  Napi::Value Close(const Napi::CallbackInfo& info) {
+    Shutdown();
+    return info.Env().Undefined();
+  }
+
+  // Stops every worker (joins it), unmaps every region, closes our fds.
+  void Shutdown() {
+    if (closed_) return;
+    closed_ = true;
+    for (auto& pp : pairs_) {
+      Pair& p = *pp;
+      if (p.th.joinable()) {
+        Exec(p, [&] {
+          StopHere(p, p.rings[0], false);
+          StopHere(p, p.rings[1], true);
+          p.quit = true;
+        });
+        p.th.join();
+      }
+      if (p.ep >= 0) close(p.ep);
+      if (p.ctl >= 0) close(p.ctl);
+      p.ep = p.ctl = -1;
+      p.tap = -1;
+    }
+    std::unique_lock<std::shared_mutex> lk(regionsMu_);
+    for (const Region& r : regions_) munmap(r.mapBase, r.mapLen);
+    regions_.clear();
+    if (notify_ >= 0) close(notify_);
+    notify_ = -1;
+  }
+
+
+ public:
+  int notifyFd() const { return notify_; }
+};
+
+// ---- the worker ---------------------------------------------------------
+
+struct Engine {
+  Pair& p;
+  DataPlane& dp;
+  std::vector<iovec> iov;
+  std::vector<uint32_t> staged;  // RX: (head, len) pairs
+  std::vector<iovec> firstIov;   // RX: the first chain's segments (num_buffers goes there)
+
+  // Marks the ring failed; the worker lets go of it at once.
+  void Fail(Ring& g, bool tx, const std::string& why) {
+    {
+      std::lock_guard<std::mutex> lk(p.mu);
+      g.reason = why;
+    }
+    epoll_ctl(p.ep, EPOLL_CTL_DEL, g.kick, nullptr);
+    if (!tx && p.tapArmed) Arm(false);
+    g.lastAvailPub.store(g.lastAvail);
+    g.more = false;
+    g.state.store(FAILED);
+    Signal(g.err);
+    Signal(dp.notifyFd());
+  }
+
+  void Arm(bool on) {
+    if (p.tap < 0 || p.tapArmed == on) return;
+    epoll_event ev{};
+    ev.events = on ? static_cast<uint32_t>(EPOLLIN) : 0u;
+    ev.data.u32 = TAG_TAP;
+    epoll_ctl(p.ep, EPOLL_CTL_MOD, p.tap, &ev);
+    p.tapArmed = on;
+  }
+
+  // Walks one chain from head: its segments (all device-readable for TX,
+  // all device-writable for RX) go to iov, their total to `total`.  Empty
+  // string: fine; else why the ring is malformed.
+  std::string Walk(Ring& g, uint16_t head, bool wantWrite, std::vector<iovec>& out, uint64_t& total) {
+    out.clear();
+    total = 0;
+    if (head >= g.num) return "head index " + std::to_string(head) + " >= ring size " + std::to_string(g.num);
+    uint32_t idx = head, seen = 0;
+    auto seg = [&](const Desc& d) -> std::string {
+      bool w = (d.flags & mqtap_vring_desc_f_write) != 0;
+      if (w != wantWrite) return wantWrite ? "device-readable descriptor in an RX chain" : "device-writable descriptor in a TX chain";
+      if (!dp.GpaToIov(d.addr, d.len, out)) return "descriptor [0x" + Hex(d.addr) + ", +" + std::to_string(d.len) + ") is outside guest memory";
+      total += d.len;
+      return std::string();
+    };
+    for (;;) {
+      if (idx >= g.num) return "next index " + std::to_string(idx) + " >= ring size " + std::to_string(g.num);
+      if (++seen > g.num) return "descriptor chain loops or is longer than the ring (" + std::to_string(g.num) + ")";
+      Desc d = ReadDesc(&g.desc[idx]);
+      if (d.flags & mqtap_vring_desc_f_indirect) {
+        if (!g.f.indirect) return "indirect descriptor without VIRTIO_RING_F_INDIRECT_DESC";
+        if (d.len == 0 || d.len % sizeof(Desc) != 0) return "indirect table length " + std::to_string(d.len) + " is not a multiple of 16";
+        const Desc* t = reinterpret_cast<const Desc*>(dp.GpaToHost(d.addr, d.len));
+        if (t == nullptr) return "indirect table [0x" + Hex(d.addr) + ", +" + std::to_string(d.len) + ") is outside guest memory";
+        uint32_t n = d.len / sizeof(Desc), j = 0, cnt = 0;
+        for (;;) {
+          if (++cnt > n) return "indirect chain loops or is longer than its table (" + std::to_string(n) + ")";
+          Desc e = ReadDesc(&t[j]);
+          if (e.flags & mqtap_vring_desc_f_indirect) return "nested indirect descriptor";
+          std::string why = seg(e);
+          if (!why.empty()) return why;
+          if (!(e.flags & mqtap_vring_desc_f_next)) break;
+          j = e.next;
+          if (j >= n) return "indirect next index " + std::to_string(j) + " >= table size " + std::to_string(n);
+        }
+      } else {
+        std::string why = seg(d);
+        if (!why.empty()) return why;
+      }
+      if (!(d.flags & mqtap_vring_desc_f_next)) break;
+      idx = d.next;
+    }
+    return std::string();
+  }
+
+  static std::string Hex(uint64_t v) {
+    char b[24];
+    snprintf(b, sizeof b, "%llx", static_cast<unsigned long long>(v));
+    return b;
+  }
+
+  // Avail entries waiting (checked against the ring size).  -1: the guest moved idx too far.
+  int Waiting(Ring& g, uint16_t& aidx) {
+    aidx = LoadAcquire(g.avail + 1);
+    uint16_t n = static_cast<uint16_t>(aidx - g.lastAvail);
+    if (n > g.num) return -1;
+    return n;
+  }
+
+  void NotifyOff(Ring& g) {
+    if (!g.f.eventIdx) StoreRelaxed(g.UsedFlags(), static_cast<uint16_t>(LoadRelaxed(g.UsedFlags()) | mqtap_vring_used_f_no_notify));
+  }
+
+  // Asks for a kick when the guest adds past `aidx`, then looks again (no lost wake-up).
+  // True when there is work after all.
+  bool NotifyOnAndRecheck(Ring& g, uint16_t aidx) {
+    if (g.f.eventIdx) StoreRelaxed(g.AvailEvent(), aidx);
+    else StoreRelaxed(g.UsedFlags(), static_cast<uint16_t>(LoadRelaxed(g.UsedFlags()) & ~mqtap_vring_used_f_no_notify));
+    std::atomic_thread_fence(std::memory_order_seq_cst);
+    uint16_t now = LoadAcquire(g.avail + 1);
+    if (now != aidx) {
+      NotifyOff(g);
+      return true;
+    }
+    return false;
+  }
+
+  void PutUsed(Ring& g, uint32_t head, uint32_t len) {
+    uint32_t* e = g.UsedElem(g.usedIdx & (g.num - 1));
+    __atomic_store_n(e, head, __ATOMIC_RELAXED);
+    __atomic_store_n(e + 1, len, __ATOMIC_RELAXED);
+    g.usedIdx++;
+  }
+
+  // Publishes the used index and signals the call eventfd if the guest wants it.
+  void Publish(Ring& g) {
+    StoreRelease(g.UsedIdx(), g.usedIdx);
+    std::atomic_thread_fence(std::memory_order_seq_cst);
+    bool need;
+    if (g.f.eventIdx) {
+      uint16_t ev = LoadRelaxed(g.UsedEvent());
+      uint16_t old = g.signalledUsed, nw = g.usedIdx;
+      need = !g.signalledValid || static_cast<uint16_t>(nw - ev - 1) < static_cast<uint16_t>(nw - old);
+    } else {
+      need = (LoadRelaxed(g.avail) & mqtap_vring_avail_f_no_interrupt) == 0;
+    }
+    g.signalledUsed = g.usedIdx;
+    g.signalledValid = true;
+    if (need && g.call >= 0) {
+      Signal(g.call);
+      Add(p.c.calls);
+    }
+  }
+
+  void Tx() {
+    Ring& g = p.rings[1];
+    g.more = false;
+    uint16_t start = g.usedIdx;
+    NotifyOff(g);
+    for (int done = 0;;) {
+      if (done >= kBudget) {
+        g.more = true;
+        break;
+      }
+      uint16_t aidx;
+      int n = Waiting(g, aidx);
+      if (n < 0) return Fail(g, true, "avail idx jumped by more than the ring size (" + std::to_string(static_cast<uint16_t>(aidx - g.lastAvail)) + " > " + std::to_string(g.num) + ")");
+      if (n == 0) {
+        if (NotifyOnAndRecheck(g, aidx)) continue;
+        break;
+      }
+      for (; n > 0 && done < kBudget; n--, done++) {
+        uint16_t head = LoadRelaxed(g.avail + 2 + (g.lastAvail & (g.num - 1)));
+        uint64_t total = 0;
+        std::string why = Walk(g, head, false, iov, total);
+        if (!why.empty()) {
+          if (g.usedIdx != start) Publish(g);
+          return Fail(g, true, why);
+        }
+        bool ok = false;
+        if (p.tap >= 0 && total >= g.f.hdr && iov.size() <= kIovMax) {
+          ssize_t w;
+          do w = writev(p.tap, iov.data(), static_cast<int>(iov.size()));
+          while (w < 0 && errno == EINTR);
+          ok = w >= 0;
+        }
+        if (ok) {
+          Add(p.c.txFrames);
+          Add(p.c.txBytes, total - g.f.hdr);
+        } else {
+          Add(p.c.txDropped);
+        }
+        PutUsed(g, head, 0);
+        g.lastAvail++;
+      }
+      g.lastAvailPub.store(g.lastAvail);
+    }
+    g.lastAvailPub.store(g.lastAvail);
+    if (g.usedIdx != start) Publish(g);
+  }
+
+  // Copies bounce[off, off+len) into the segments.
+  static void Scatter(const std::vector<iovec>& v, const uint8_t* src, size_t len) {
+    for (const iovec& s : v) {
+      if (len == 0) break;
+      size_t n = std::min(len, s.iov_len);
+      memcpy(s.iov_base, src, n);
+      src += n;
+      len -= n;
+    }
+  }
+
+  void Rx() {
+    Ring& g = p.rings[0];
+    g.more = false;
+    if (p.tap < 0) return;
+    uint16_t start = g.usedIdx;
+    NotifyOff(g);
+    for (int done = 0;; done++) {
+      if (done >= kBudget) {
+        g.more = true;
+        break;
+      }
+      uint16_t aidx;
+      if (!p.pending) {
+        int n = Waiting(g, aidx);
+        if (n < 0) return FailRx(g, start, aidx);
+        if (n == 0) {
+          if (NotifyOnAndRecheck(g, aidx)) continue;
+          Arm(false);  // no guest buffer: leave frames in the kernel until the RX kick
+          break;
+        }
+        ssize_t r;
+        do r = read(p.tap, p.bounce.data(), p.bounce.size());
+        while (r < 0 && errno == EINTR);
+        if (r < 0) {
+          Arm(true);  // EAGAIN (or a dead queue): wait for the tap
+          break;
+        }
+        if (static_cast<size_t>(r) < g.f.hdr) {
+          Add(p.c.rxDropped);
+          continue;
+        }
+        p.pending = true;
+        p.pendingLen = static_cast<size_t>(r);
+        memset(p.bounce.data() + 10, 0, g.f.hdr - 10);  // the tap leaves num_buffers alone
+      }
+      // Place the pending frame: one chain, or several with MRG_RXBUF.
+      uint16_t first = g.lastAvail;
+      size_t len = p.pendingLen, off = 0;
+      staged.clear();
+      bool placed = false, wait = false, drop = false;
+      while (!placed) {
+        int n = Waiting(g, aidx);
+        if (n < 0) return FailRx(g, start, aidx);
+        if (n == 0) {
+          g.lastAvail = first;  // nothing published: the chains go back
+          if (NotifyOnAndRecheck(g, aidx)) continue;
+          wait = true;
+          break;
+        }
+        uint16_t head = LoadRelaxed(g.avail + 2 + (g.lastAvail & (g.num - 1)));
+        uint64_t cap = 0;
+        std::string why = Walk(g, head, true, iov, cap);
+        if (!why.empty()) {
+          g.lastAvail = first;
+          if (g.usedIdx != start) Publish(g);
+          return Fail(g, false, why);
+        }
+        g.lastAvail++;
+        if (!g.f.mrg) {
+          if (cap < len) {  // does not fit one chain: drop the frame, keep the chain
+            g.lastAvail = first;
+            drop = true;
+            break;
+          }
+          if (g.f.hdr == 12) p.bounce[10] = 1;  // VERSION_1 without MRG_RXBUF: num_buffers is 1
+          Scatter(iov, p.bounce.data(), len);
+          staged.push_back(head);
+          staged.push_back(static_cast<uint32_t>(len));
+          placed = true;
+        } else {
+          if (staged.empty()) firstIov = iov;
+          size_t n2 = static_cast<size_t>(std::min<uint64_t>(cap, len - off));
+          Scatter(iov, p.bounce.data() + off, n2);
+          off += n2;
+          staged.push_back(head);
+          staged.push_back(static_cast<uint32_t>(n2));
+          if (off == len) {
+            uint16_t nb = static_cast<uint16_t>(staged.size() / 2);
+            WriteAt(firstIov, 10, &nb, 2);
+            placed = true;
+          } else if (staged.size() / 2 >= g.num) {  // needs more chains than the ring has: would wait forever
+            g.lastAvail = first;
+            drop = true;
+            break;
+          }
+        }
+      }
+      if (wait) {
+        Arm(false);
+        break;
+      }
+      p.pending = false;
+      if (drop) {
+        Add(p.c.rxDropped);
+        continue;
+      }
+      for (size_t i = 0; i < staged.size(); i += 2) PutUsed(g, staged[i], staged[i + 1]);
+      Add(p.c.rxFrames);
+      Add(p.c.rxBytes, len - g.f.hdr);
+      g.lastAvailPub.store(g.lastAvail);
+    }
+    g.lastAvailPub.store(g.lastAvail);
+    if (g.usedIdx != start) Publish(g);
+  }
+
+  void FailRx(Ring& g, uint16_t start, uint16_t aidx) {
+    if (g.usedIdx != start) Publish(g);
+    Fail(g, false, "avail idx jumped by more than the ring size (" + std::to_string(static_cast<uint16_t>(aidx - g.lastAvail)) + " > " + std::to_string(g.num) + ")");
+  }
+
+  // Writes `n` bytes at byte offset `at` of a chain's segments (ignored past its end).
+  static void WriteAt(const std::vector<iovec>& v, size_t at, const void* src, size_t n) {
+    const uint8_t* s = static_cast<const uint8_t*>(src);
+    for (const iovec& seg : v) {
+      if (n == 0) return;
+      if (at >= seg.iov_len) {
+        at -= seg.iov_len;
+        continue;
+      }
+      size_t k = std::min(n, seg.iov_len - at);
+      memcpy(static_cast<uint8_t*>(seg.iov_base) + at, s, k);
+      s += k;
+      n -= k;
+      at = 0;
+    }
+  }
+};
+
+void Worker(Pair* pp) {
+  Pair& p = *pp;
+  Engine e{p, *p.dp, {}, {}, {}};
+  epoll_event evs[8];
+  while (!p.quit) {
+    Ring& rx = p.rings[0];
+    Ring& tx = p.rings[1];
+    bool more = (rx.more && rx.state.load() == RUNNING) || (tx.more && tx.state.load() == RUNNING);
+    int n = epoll_wait(p.ep, evs, 8, more ? 0 : -1);
+    if (n < 0) n = 0;  // EINTR; the worker never leaves on its own (Exec waits for it)
+    for (int i = 0; i < n; i++) {
+      switch (evs[i].data.u32) {
+        case TAG_CTL: {
+          Drain(p.ctl);
+          std::function<void()> fn;
+          {
+            std::lock_guard<std::mutex> lk(p.mu);
+            if (p.cmdPending) fn = std::move(p.cmd);
+            p.cmdPending = false;
+          }
+          if (fn) {
+            fn();
+            std::lock_guard<std::mutex> lk(p.mu);
+            p.cmdDone = true;
+            p.cv.notify_all();
+          }
+          break;
+        }
+        case TAG_TX_KICK:
+          if (tx.state.load() == RUNNING) {
+            Drain(tx.kick);
+            Add(p.c.kicks);
+            tx.more = true;
+          }
+          break;
+        case TAG_RX_KICK:
+          if (rx.state.load() == RUNNING) {
+            Drain(rx.kick);
+            Add(p.c.kicks);
+            rx.more = true;
+            e.Arm(true);
+          }
+          break;
+        case TAG_TAP:
+          rx.more = true;
+          break;
+      }
+    }
+    if (p.quit) break;
+    std::shared_lock<std::shared_mutex> lk(p.dp->regionsMu_);
+    if (tx.state.load() == RUNNING && tx.more) e.Tx();
+    if (rx.state.load() == RUNNING && rx.more) {
+      if (p.tap >= 0 && !p.tapArmed && !p.pending) e.Arm(true);
+      e.Rx();
+    }
+  }
+}
+
+void DataPlane::StartWorker(Napi::Env env, Pair& p) {
+  p.ep = epoll_create1(EPOLL_CLOEXEC);
+  if (p.ep < 0) ThrowSys(env, "VHOST_USER_START_RING", "epoll_create1", errno);
+  p.ctl = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+  int err = p.ctl < 0 ? errno : 0;
+  epoll_event ev{};
+  ev.events = EPOLLIN;
+  ev.data.u32 = TAG_CTL;
+  if (err == 0 && epoll_ctl(p.ep, EPOLL_CTL_ADD, p.ctl, &ev) != 0) err = errno;
+  if (err == 0 && p.tap >= 0) {
+    epoll_event tv{};
+    tv.data.u32 = TAG_TAP;
+    if (epoll_ctl(p.ep, EPOLL_CTL_ADD, p.tap, &tv) != 0) err = errno;
+  }
+  if (err == 0) {
+    try {
+      p.bounce.resize(kBounce);
+      p.quit = false;
+      p.th = std::thread(Worker, &p);
+    } catch (const std::system_error& x) {
+      err = x.code().value();
+    } catch (const std::bad_alloc&) {
+      err = ENOMEM;
+    }
+  }
+  if (err != 0) {
+    close(p.ep);
+    if (p.ctl >= 0) close(p.ctl);
+    p.ep = p.ctl = -1;
+    ThrowSys(env, "VHOST_USER_START_RING", "pthread_create", err);
+  }
+}
+
+// memfdCreate(name): memfd_create(name, MFD_CLOEXEC).
+Napi::Value MemfdCreate(const Napi::CallbackInfo& info) {
+  std::string name = ArgString(info, 0);
+  int fd = memfd_create(name.c_str(), MFD_CLOEXEC);
+  if (fd < 0) ThrowSys(info.Env(), "MEMFD_CREATE", "memfd_create", errno);
+  return Napi::Number::New(info.Env(), fd);
+}
+
+// ftruncate(fd, bytes)
+Napi::Value Ftruncate(const Napi::CallbackInfo& info) {
+  int fd = ArgFd(info, 0);
+  if (info.Length() < 2 || !info[1].IsNumber()) ThrowArg(info.Env(), "argument 1: number expected");
+  double v = info[1].As<Napi::Number>().DoubleValue();
+  if (!(v >= 0 && v <= 9007199254740991.0) || v != static_cast<double>(static_cast<int64_t>(v))) ThrowArg(info.Env(), "argument 1: size out of range");
+  if (ftruncate(fd, static_cast<off_t>(v)) != 0) ThrowSys(info.Env(), "FTRUNCATE", "ftruncate", errno);
+  return info.Env().Undefined();
+}
+
+// fdSize(fd): fstat's st_size as a bigint.
+Napi::Value FdSize(const Napi::CallbackInfo& info) {
+  int fd = ArgFd(info, 0);
+  struct stat st;
+  if (fstat(fd, &st) != 0) ThrowSys(info.Env(), "FSTAT", "fstat", errno);
+  return Napi::BigInt::New(info.Env(), static_cast<int64_t>(st.st_size));
+}
+
+// mmapShared(fd, bytes, offset): MAP_SHARED read/write as an ArrayBuffer (unmapped when collected).
+Napi::Value MmapShared(const Napi::CallbackInfo& info) {
+  int fd = ArgFd(info, 0);
+  uint32_t len = ArgUint(info, 1);
+  uint32_t off = info.Length() > 2 ? ArgUint(info, 2) : 0;
+  if (len == 0) ThrowArg(info.Env(), "mmapShared: size must be > 0");
+  return MappedArrayBuffer(info.Env(), len, "MMAP_SHARED", fd, off);
+}
+
+}  // namespace
+
+void InitVhostUser(Napi::Env env, Napi::Object exports) {
+  exports.Set("VhostUserDataPlane", DataPlane::Define(env));
+  exports.Set("memfdCreate", Napi::Function::New(env, MemfdCreate, "memfdCreate"));
+  exports.Set("ftruncate", Napi::Function::New(env, Ftruncate, "ftruncate"));
+  exports.Set("fdSize", Napi::Function::New(env, FdSize, "fdSize"));
+  exports.Set("mmapShared", Napi::Function::New(env, MmapShared, "mmapShared"));
+}
+
+}  // namespace mqtap
