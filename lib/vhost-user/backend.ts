@@ -18,13 +18,14 @@
  */
 import { EventEmitter } from 'node:events';
 import { readFileSync } from 'node:fs';
-import { ErrorCodes, MqtapError, invalidArg } from '../sys/errors';
+import { invalidArg, type MqtapError } from '../sys/errors';
 import { silentLogger, type Logger } from '../sys/log';
 import { UnixServer, UnixSocket } from '../sys/scm';
 import { rejectUnknownKeys, validateBoolean, validateId, validateQueueCount } from '../sys/validate';
 import { openTap, type ExistingPolicy, type Tap } from '../tap/tap';
 import { VhostUserConnection, offeredFeatures, type PairsState, type VhostUserOffloads } from './connection';
 import type { DataPlane, PairCounters } from './dataplane-api';
+import { openDataPlane } from './dataplane';
 import { MAX_MEM_REGIONS } from './protocol';
 
 export interface ServeVhostUserOptions {
@@ -55,19 +56,6 @@ export interface ServeVhostUserOptions {
 
 const KEYS = ['socket', 'tap', 'name', 'queues', 'existing', 'client', 'offloads', 'group', 'allowUids', 'retryMs', 'dataPlane', 'netns', 'logger'] as const;
 const OFFLOAD_KEYS = ['csum', 'tso4', 'tso6', 'ecn'] as const;
-
-function nativeDataPlane(pairs: number): DataPlane {
-  let mod: { openDataPlane?: (pairs: number) => DataPlane } | undefined;
-  try {
-    // eslint-disable-next-line @typescript-eslint/no-require-imports
-    mod = require('./dataplane') as { openDataPlane?: (pairs: number) => DataPlane };
-  } catch {
-    mod = undefined;
-  }
-  if (!mod?.openDataPlane)
-    throw new MqtapError({ op: 'VHOST_USER_DATAPLANE', code: ErrorCodes.UNSUPPORTED, message: 'this build of mqtap has no vhost-user data plane (lib/vhost-user/dataplane.ts, native/vhost_user.cc)', hint: 'rebuild mqtap with the native vhost-user data plane, or pass dataPlane: ...' });
-  return mod.openDataPlane(pairs);
-}
 
 /** Supplementary groups of a process (for the group check), from /proc. */
 function groupsOf(pid: number): number[] {
@@ -106,7 +94,7 @@ export class VhostUserBackend extends EventEmitter {
     this.tap = tap;
     this.#ownsTap = ownsTap;
     this.#log = opts.logger ?? silentLogger;
-    this.#makeDataPlane = opts.dataPlane ?? nativeDataPlane;
+    this.#makeDataPlane = opts.dataPlane ?? openDataPlane;
     this.features = offeredFeatures(opts.offloads);
   }
 
