@@ -127,7 +127,7 @@ export class ScriptedFrontend {
   }
 
   /** The next reply (rejects after `ms` or when the socket closes first). */
-  async reply(ms = 2000): Promise<Message> {
+  async reply(ms = 5000): Promise<Message> {
     const deadline = Date.now() + ms;
     while (this.#replies.length === 0) {
       if (this.closed) throw new Error('closed before a reply');
@@ -197,7 +197,7 @@ export function memRegion(i: number): MemRegionDesc {
 }
 
 /** Resolves when `cond()` holds (polling), rejects after `ms`. */
-export async function until(cond: () => boolean, ms = 2000): Promise<void> {
+export async function until(cond: () => boolean, ms = 5000): Promise<void> {
   const deadline = Date.now() + ms;
   while (!cond()) {
     if (Date.now() > deadline) throw new Error('condition not met in time');
