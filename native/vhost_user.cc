@@ -1,5 +1,5 @@
 // The vhost-user data plane (lib/vhost-user/dataplane.ts holds the typed
-// wrapper, lib/vhost-user/dataplane-api.ts the contract, docs/vhost-user.md
+// wrapper, lib/vhost-user/dataplane-api.ts the contract, docs/vhost-user-dataplane.md
 // the design).
 //
 // QEMU (the "frontend") shares the guest's memory (memfd regions) and split
@@ -26,10 +26,12 @@
 // (a range must lie in the mapped regions; it is split at region borders),
 // every descriptor is copied once before use, chains are counted (a loop or a
 // chain longer than the ring fails the ring), indices are checked against
-// the ring size.  The regions table is guarded by a shared_mutex: workers
+// the ring size.  The regions table is guarded by a writer-preferring
+// read/write lock: workers
 // hold it shared while they touch guest memory, removeRegion takes it
 // exclusively before munmap.
 #include <errno.h>
+#include <pthread.h>
 #include <fcntl.h>
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
@@ -44,7 +46,6 @@
 #include <functional>
 #include <memory>
 #include <mutex>
-#include <shared_mutex>
 #include <string>
 #include <thread>
 #include <vector>
@@ -67,6 +68,44 @@ constexpr uint32_t kMaxPairs = 256;
 constexpr int kBudget = 256;              // frames per ring per wake-up before looking at other events
 constexpr size_t kBounce = 65536 + 64;   // largest tap frame (GSO) + vnet header
 constexpr size_t kIovMax = 1024;          // IOV_MAX
+constexpr int kTapRetryMs = 100;           // a broken tap fd (device deleted) is looked at again this often
+constexpr uint32_t kMaxIndirect = 65536;  // entries of one indirect table (as the kernel's vhost: USHRT_MAX + 1)
+
+// A read/write lock that prefers writers: workers take it shared around each
+// batch, back to back, so a reader-preferring lock (glibc's default, and
+// std::shared_mutex) could starve removeRegion.  Meets SharedLockable.
+class RwLock {
+ public:
+  RwLock() {
+    pthread_rwlockattr_t a;
+    pthread_rwlockattr_init(&a);
+    pthread_rwlockattr_setkind_np(&a, PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP);
+    pthread_rwlock_init(&l_, &a);
+    pthread_rwlockattr_destroy(&a);
+  }
+  ~RwLock() { pthread_rwlock_destroy(&l_); }
+  RwLock(const RwLock&) = delete;
+  RwLock& operator=(const RwLock&) = delete;
+  void lock() { pthread_rwlock_wrlock(&l_); }
+  void unlock() { pthread_rwlock_unlock(&l_); }
+  void lock_shared() { pthread_rwlock_rdlock(&l_); }
+  void unlock_shared() { pthread_rwlock_unlock(&l_); }
+
+ private:
+  pthread_rwlock_t l_;
+};
+
+template <typename L>
+class SharedLock {  // std::shared_lock needs <shared_mutex>; this is all we use of it
+ public:
+  explicit SharedLock(L& l) : l_(l) { l_.lock_shared(); }
+  ~SharedLock() { l_.unlock_shared(); }
+  SharedLock(const SharedLock&) = delete;
+  SharedLock& operator=(const SharedLock&) = delete;
+
+ private:
+  L& l_;
+};
 
 enum RingState : int { STOPPED = 0, RUNNING = 1, FAILED = 2 };
 enum Tag : uint32_t { TAG_CTL = 0, TAG_TX_KICK = 1, TAG_RX_KICK = 2, TAG_TAP = 3 };
@@ -166,7 +205,9 @@ struct Pair {
   bool quit = false;  // worker-owned
   Ring rings[2];      // 0 rx, 1 tx
   int tap = -1;       // worker-owned while the thread runs
-  bool tapArmed = false;
+  bool tapArmed = false;  // watched for EPOLLIN (implies tapInEp)
+  bool tapInEp = false;   // registered in ep
+  bool tapErr = false;    // taken out of ep after EPOLLERR/EPOLLHUP or a read error; retried every kTapRetryMs
   std::vector<uint8_t> bounce;
   size_t pendingLen = 0;  // an RX frame read from the tap, waiting for guest buffers
   bool pending = false;
@@ -237,7 +278,7 @@ class DataPlane : public Napi::ObjectWrap<DataPlane> {
     return nullptr;
   }
 
-  std::shared_mutex regionsMu_;
+  RwLock regionsMu_;
 
  private:
   std::vector<Region> regions_;
@@ -297,7 +338,7 @@ class DataPlane : public Napi::ObjectWrap<DataPlane> {
     if (size == 0) ThrowSys(env, op, "mmap", EINVAL, "zero-size region");
     if (gpa + size < gpa || ua + size < ua || off + size < off) ThrowSys(env, op, "mmap", EINVAL, "region wraps around the address space");
     {
-      std::shared_lock<std::shared_mutex> lk(regionsMu_);
+      SharedLock<RwLock> lk(regionsMu_);
       for (const Region& r : regions_) {
         if (gpa < r.gpa + r.size && r.gpa < gpa + size) ThrowSys(env, op, "mmap", EINVAL, "region overlaps another in guest-physical space");
         if (ua < r.ua + r.size && r.ua < ua + size) ThrowSys(env, op, "mmap", EINVAL, "region overlaps another in QEMU's address space");
@@ -311,7 +352,7 @@ class DataPlane : public Napi::ObjectWrap<DataPlane> {
     size_t len = static_cast<size_t>(size + (off - base));
     void* m = mmap(nullptr, len, PROT_READ | PROT_WRITE, MAP_SHARED, fd, static_cast<off_t>(base));
     if (m == MAP_FAILED) ThrowSys(env, op, "mmap", errno);
-    std::unique_lock<std::shared_mutex> lk(regionsMu_);
+    std::unique_lock<RwLock> lk(regionsMu_);
     regions_.push_back(Region{gpa, size, ua, static_cast<uint8_t*>(m) + (off - base), m, len});
     return env.Undefined();
   }
@@ -322,7 +363,7 @@ class DataPlane : public Napi::ObjectWrap<DataPlane> {
     const char* op = "VHOST_USER_REM_MEM_REG";
     Live(env, op);
     uint64_t gpa = ArgU64(info, 0);
-    std::unique_lock<std::shared_mutex> lk(regionsMu_);
+    std::unique_lock<RwLock> lk(regionsMu_);
     size_t i = 0;
     while (i < regions_.size() && regions_[i].gpa != gpa) i++;
     if (i == regions_.size()) ThrowSys(env, op, "munmap", ENOENT, "no region starts at that guest-physical address");
@@ -348,9 +389,9 @@ class DataPlane : public Napi::ObjectWrap<DataPlane> {
     int fd = ArgFdOrNone(info, 1);
     int err = 0;
     Exec(p, [&] {
-      if (p.tap >= 0 && p.ep >= 0) epoll_ctl(p.ep, EPOLL_CTL_DEL, p.tap, nullptr);
+      if (p.tapInEp) epoll_ctl(p.ep, EPOLL_CTL_DEL, p.tap, nullptr);
       p.tap = -1;
-      p.tapArmed = false;
+      p.tapArmed = p.tapInEp = p.tapErr = false;
       if (fd >= 0 && p.ep >= 0) {
         epoll_event ev{};
         ev.data.u32 = TAG_TAP;
@@ -359,6 +400,7 @@ class DataPlane : public Napi::ObjectWrap<DataPlane> {
           err = errno;
           return;
         }
+        p.tapInEp = true;
       }
       p.tap = fd;
       p.rings[0].more = p.rings[0].state.load() == RUNNING;
@@ -394,7 +436,7 @@ class DataPlane : public Napi::ObjectWrap<DataPlane> {
     if (other.state.load() == RUNNING && other.kick == kick) ThrowSys(env, op, "vring", EINVAL, "both rings of a pair cannot share a kick eventfd");
     if (kick == p.tap) ThrowSys(env, op, "vring", EINVAL, "the kick fd is the tap fd");
     {
-      std::shared_lock<std::shared_mutex> lk(regionsMu_);
+      SharedLock<RwLock> lk(regionsMu_);
       uint8_t* d = UaToHost(descUa, 16ull * num);
       uint8_t* a = UaToHost(availUa, 6ull + 2 * num);
       uint8_t* u = UaToHost(usedUa, 6ull + 8 * num);
@@ -425,7 +467,7 @@ class DataPlane : public Napi::ObjectWrap<DataPlane> {
         return;
       }
       {
-        std::shared_lock<std::shared_mutex> lk(regionsMu_);
+        SharedLock<RwLock> lk(regionsMu_);
         g.usedIdx = LoadAcquire(g.UsedIdx());
       }
       {
@@ -534,7 +576,7 @@ class DataPlane : public Napi::ObjectWrap<DataPlane> {
       p.ep = p.ctl = -1;
       p.tap = -1;
     }
-    std::unique_lock<std::shared_mutex> lk(regionsMu_);
+    std::unique_lock<RwLock> lk(regionsMu_);
     for (const Region& r : regions_) munmap(r.mapBase, r.mapLen);
     regions_.clear();
     if (notify_ >= 0) close(notify_);
@@ -571,12 +613,30 @@ struct Engine {
   }
 
   void Arm(bool on) {
-    if (p.tap < 0 || p.tapArmed == on) return;
+    if (p.tap < 0 || !p.tapInEp || p.tapArmed == on) return;
     epoll_event ev{};
     ev.events = on ? static_cast<uint32_t>(EPOLLIN) : 0u;
     ev.data.u32 = TAG_TAP;
     epoll_ctl(p.ep, EPOLL_CTL_MOD, p.tap, &ev);
     p.tapArmed = on;
+  }
+
+  // The tap fd reports an error for good (its device was deleted) or fails
+  // reads: stop watching it (level-triggered EPOLLERR would spin the worker);
+  // the loop adds it back every kTapRetryMs and on an RX kick.
+  void TapBroken() {
+    if (p.tapInEp) epoll_ctl(p.ep, EPOLL_CTL_DEL, p.tap, nullptr);
+    p.tapInEp = p.tapArmed = false;
+    p.tapErr = true;
+  }
+
+  void TapRetry() {
+    epoll_event ev{};
+    ev.data.u32 = TAG_TAP;
+    if (epoll_ctl(p.ep, EPOLL_CTL_ADD, p.tap, &ev) != 0) return;
+    p.tapInEp = true;
+    p.tapErr = false;
+    p.rings[0].more = p.rings[0].state.load() == RUNNING;
   }
 
   // Walks one chain from head: its segments (all device-readable for TX,
@@ -604,6 +664,7 @@ struct Engine {
         const Desc* t = reinterpret_cast<const Desc*>(dp.GpaToHost(d.addr, d.len));
         if (t == nullptr) return "indirect table [0x" + Hex(d.addr) + ", +" + std::to_string(d.len) + ") is outside guest memory";
         uint32_t n = d.len / sizeof(Desc), j = 0, cnt = 0;
+        if (n > kMaxIndirect) return "indirect table too long (" + std::to_string(n) + " entries, at most " + std::to_string(kMaxIndirect) + ")";
         for (;;) {
           if (++cnt > n) return "indirect chain loops or is longer than its table (" + std::to_string(n) + ")";
           Desc e = ReadDesc(&t[j]);
@@ -765,7 +826,8 @@ struct Engine {
         do r = read(p.tap, p.bounce.data(), p.bounce.size());
         while (r < 0 && errno == EINTR);
         if (r < 0) {
-          Arm(true);  // EAGAIN (or a dead queue): wait for the tap
+          if (errno == EAGAIN) Arm(true);  // wait for the tap
+          else TapBroken();                // e.g. EBADFD: the device is gone
           break;
         }
         if (static_cast<size_t>(r) < g.f.hdr) {
@@ -877,8 +939,10 @@ void Worker(Pair* pp) {
     Ring& rx = p.rings[0];
     Ring& tx = p.rings[1];
     bool more = (rx.more && rx.state.load() == RUNNING) || (tx.more && tx.state.load() == RUNNING);
-    int n = epoll_wait(p.ep, evs, 8, more ? 0 : -1);
+    bool retry = p.tapErr && p.tap >= 0;
+    int n = epoll_wait(p.ep, evs, 8, more ? 0 : retry ? kTapRetryMs : -1);
     if (n < 0) n = 0;  // EINTR; the worker never leaves on its own (Exec waits for it)
+    bool rxKick = false;
     for (int i = 0; i < n; i++) {
       switch (evs[i].data.u32) {
         case TAG_CTL: {
@@ -909,16 +973,19 @@ void Worker(Pair* pp) {
             Drain(rx.kick);
             Add(p.c.kicks);
             rx.more = true;
+            rxKick = true;
             e.Arm(true);
           }
           break;
         case TAG_TAP:
-          rx.more = true;
+          if (evs[i].events & (EPOLLERR | EPOLLHUP)) e.TapBroken();
+          else rx.more = true;
           break;
       }
     }
     if (p.quit) break;
-    std::shared_lock<std::shared_mutex> lk(p.dp->regionsMu_);
+    if (retry && p.tapErr && (n == 0 || rxKick)) e.TapRetry();
+    SharedLock<RwLock> lk(p.dp->regionsMu_);
     if (tx.state.load() == RUNNING && tx.more) e.Tx();
     if (rx.state.load() == RUNNING && rx.more) {
       if (p.tap >= 0 && !p.tapArmed && !p.pending) e.Arm(true);
@@ -940,6 +1007,7 @@ void DataPlane::StartWorker(Napi::Env env, Pair& p) {
     epoll_event tv{};
     tv.data.u32 = TAG_TAP;
     if (epoll_ctl(p.ep, EPOLL_CTL_ADD, p.tap, &tv) != 0) err = errno;
+    else p.tapInEp = true;
   }
   if (err == 0) {
     try {

@@ -92,6 +92,8 @@ export class DriverRing {
   readonly bufSize: number;
   readonly #availIdx: Uint16Array;
   readonly #usedIdx: Uint16Array;
+  readonly #usedFlags: Uint16Array;
+  readonly #availEvent: Uint16Array;
   availIdx = 0;
   lastUsed = 0;
 
@@ -105,6 +107,8 @@ export class DriverRing {
     this.bufOff = mem.alloc(num * bufSize, 64);
     this.#availIdx = new Uint16Array(mem.buf, this.availOff + 2, 1);
     this.#usedIdx = new Uint16Array(mem.buf, this.usedOff + 2, 1);
+    this.#usedFlags = new Uint16Array(mem.buf, this.usedOff, 1);
+    this.#availEvent = new Uint16Array(mem.buf, this.usedOff + 4 + 8 * num, 1);
     this.kick = native.eventfdOpen();
     this.call = native.eventfdOpen();
     this.err = native.eventfdOpen();
@@ -135,14 +139,38 @@ export class DriverRing {
     this.mem.view.setUint16(o + 14, next, true);
   }
 
+  /**
+   * When set, publish() kicks only when the device asked for it, as a real
+   * driver does: with EVENT_IDX when the new avail index passes avail_event,
+   * else unless the used ring's VRING_USED_F_NO_NOTIFY is set.  A device that
+   * forgets to re-arm then stalls.
+   */
+  suppressKicks: 'never' | 'flags' | 'eventIdx' = 'never';
+  kicksSent = 0;
+  kicksSaved = 0;
+
   /** Puts heads in the avail ring, then publishes the index (a seq-cst store), then kicks. */
   publish(heads: number[], kick = true): void {
+    const old = this.availIdx;
     for (const h of heads) {
       this.mem.view.setUint16(this.availOff + 4 + 2 * (this.availIdx % this.num), h, true);
       this.availIdx = (this.availIdx + 1) & 0xffff;
     }
-    Atomics.store(this.#availIdx, 0, this.availIdx);
-    if (kick) native.eventfdWrite(this.kick);
+    Atomics.store(this.#availIdx, 0, this.availIdx); // seq-cst: also the fence before reading avail_event / flags
+    if (!kick) return;
+    let need = true;
+    if (this.suppressKicks === 'eventIdx') {
+      const ev = Atomics.load(this.#availEvent, 0);
+      need = ((this.availIdx - ev - 1) & 0xffff) < ((this.availIdx - old) & 0xffff);
+    } else if (this.suppressKicks === 'flags') {
+      need = (Atomics.load(this.#usedFlags, 0) & 1) === 0;
+    }
+    if (need) {
+      native.eventfdWrite(this.kick);
+      this.kicksSent++;
+    } else {
+      this.kicksSaved++;
+    }
   }
 
   /** Writes the avail index as is (for the index-jump case). */

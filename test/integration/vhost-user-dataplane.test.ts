@@ -175,6 +175,20 @@ describe.skipIf(!env.ok)(`vhost-user data plane${skipNote(env)}`, () => {
       await until(() => got.has(29999));
       expect(got.get(29999)?.toString()).toBe('again');
       expect(dp.stopRing(0, 'tx')).toEqual({ state: 'stopped', lastAvailIdx: PER + 1 });
+      // No tap for a pair: what its guest sends is returned to it and counted as dropped.
+      dp.setTap(1, -1);
+      const r1 = rings[1]!;
+      const linkBefore = getLink(tap.name)!.stats!.rxPackets;
+      const heads: number[] = [];
+      for (let i = 0; i < 5; i++) {
+        putTx(r1, PER + i, udp4Frame({ dstMac: TAP_MAC, srcMac: PEER_MAC, srcIp: PEER, dstIp: LOCAL, srcPort: 29000 + i, dstPort: port, payload: Buffer.from('void') }));
+        heads.push(PER + i);
+      }
+      r1.publish(heads);
+      await until(() => r1.usedIdx() === PER + 5);
+      expect(r1.usedIdx()).toBe(PER + 5);
+      expect(dp.counters(1)).toMatchObject({ txFrames: BigInt(PER), txDropped: 5n });
+      expect(getLink(tap.name)!.stats!.rxPackets).toBe(linkBefore);
     });
 
     it('RX: datagrams to the peer land in the 4 pairs\' RX rings byte-exact, each exactly once', async () => {
@@ -335,6 +349,174 @@ describe.skipIf(!env.ok)(`vhost-user data plane${skipNote(env)}`, () => {
     expect([...got.keys()].sort()).toEqual([38000, 38001, 38002, 38003]);
   });
 
+  it.each([
+    { mode: 'flags' as const, eventIdx: false },
+    { mode: 'eventIdx' as const, eventIdx: true },
+  ])('a driver that kicks only when asked ($mode) loses no wake-up: TX rounds and RX refills all go through', async ({ mode, eventIdx }) => {
+    const { dp, mem, tap } = setup();
+    const s = await bindUdp(LOCAL);
+    cleanup.push(() => s.close());
+    const linkBefore = getLink(tap.name)!.stats!.rxPackets;
+    // TX on pair 0: 200 rounds of 1..8 frames, each round published as soon as the previous is used.
+    const tx = ring(mem, 16, 256);
+    tx.suppressKicks = mode;
+    dp.startRing(0, 'tx', tx.config(), feats({ eventIdx }));
+    const frame = udp4Frame({ dstMac: TAP_MAC, srcMac: PEER_MAC, srcIp: PEER, dstIp: LOCAL, srcPort: 43000, dstPort: 9, payload: Buffer.alloc(100) });
+    let total = 0;
+    for (let round = 0; round < 200; round++) {
+      const k = 1 + (round % 8);
+      const heads: number[] = [];
+      for (let i = 0; i < k; i++) {
+        const slot = (tx.availIdx + i) % tx.num;
+        putTx(tx, slot, frame);
+        heads.push(slot);
+      }
+      tx.publish(heads);
+      total += k;
+      const drained = (): boolean => tx.usedIdx() === tx.availIdx;
+      const room = (): boolean => ((tx.availIdx - tx.usedIdx()) & 0xffff) <= tx.num - 8;
+      const ok = round % 3 !== 0 ? drained : room; // sometimes publish while the device works
+      await until(ok, 2000);
+      if (!ok()) break; // stalled: a lost wake-up (reported below)
+    }
+    await until(() => tx.usedIdx() === tx.availIdx, 2000);
+    expect(tx.usedIdx(), `TX used idx (kicks sent ${tx.kicksSent}, saved ${tx.kicksSaved})`).toBe(total & 0xffff);
+    expect(dp.counters(0).txFrames).toBe(BigInt(total));
+    expect(getLink(tap.name)!.stats!.rxPackets - linkBefore).toBe(total);
+    // RX on every pair: 2 buffers each, refilled (kicks suppressed as allowed) as they are used.
+    const rings: DriverRing[] = [];
+    for (let p = 0; p < PAIRS; p++) {
+      const r = ring(mem, 2);
+      r.suppressKicks = mode;
+      rings.push(r);
+      postRx(r);
+      dp.startRing(p, 'rx', r.config(), feats({ eventIdx }));
+    }
+    const N = 120;
+    const got = new Set<number>();
+    let udp = 0;
+    const refill = (): void => {
+      for (const r of rings) {
+        const used = r.collect();
+        for (const u of used) {
+          const d = parseUdp4Frame(Buffer.from(mem.u8.subarray(r.bufOffset(u.id) + HDR, r.bufOffset(u.id) + u.len)));
+          if (d && d.dstIp === PEER) {
+            got.add(d.dstPort);
+            udp++;
+          }
+        }
+        if (used.length) r.publish(used.map((u) => u.id));
+      }
+    };
+    for (let i = 0; i < N; i++) {
+      await send(s, Buffer.from(`refill ${i}`), 44000 + (i % 64));
+      if (i % 4 === 3) refill(); // the tap holds what does not fit meanwhile
+    }
+    await until(() => {
+      refill();
+      return udp >= N;
+    });
+    expect(udp, `UDP frames in the guest (kicks sent ${rings.map((r) => r.kicksSent).join()}, saved ${rings.map((r) => r.kicksSaved).join()})`).toBe(N);
+    expect(got.size).toBe(64);
+    for (let p = 0; p < PAIRS; p++) expect(dp.counters(p).rxDropped).toBe(0n);
+  });
+
+  it('calls honour the guest: VRING_AVAIL_F_NO_INTERRUPT without EVENT_IDX, used_event with it', async () => {
+    const { dp, mem } = setup();
+    const s = await bindUdp(LOCAL);
+    cleanup.push(() => s.close());
+    const got = new Set<number>();
+    s.on('message', (_m, rinfo) => got.add(rinfo.port));
+    let port = 40100;
+    /** Sends `n` frames on the TX ring of `pair` and waits until they are used. */
+    const round = async (pair: number, r: DriverRing, n: number): Promise<void> => {
+      const heads: number[] = [];
+      for (let i = 0; i < n; i++) {
+        const slot = (r.availIdx + i) % r.num;
+        putTx(r, slot, udp4Frame({ dstMac: TAP_MAC, srcMac: PEER_MAC, srcIp: PEER, dstIp: LOCAL, srcPort: port++, dstPort: s.address().port, payload: Buffer.from('c') }));
+        heads.push(slot);
+      }
+      const want = (r.availIdx + n) & 0xffff;
+      r.publish(heads);
+      await until(() => r.usedIdx() === want && dp.ringStatus(pair, 'tx').lastAvailIdx === want);
+      expect(r.usedIdx()).toBe(want);
+      r.collect();
+      await sleep(20); // a call would have been written with the used index
+    };
+    // No EVENT_IDX: the flag silences every call.
+    const a = ring(mem, 16);
+    a.availFlags(1); // VRING_AVAIL_F_NO_INTERRUPT
+    dp.startRing(0, 'tx', a.config(), feats());
+    for (let k = 0; k < 3; k++) await round(0, a, 4);
+    expect(dp.counters(0).calls).toBe(0n);
+    expect(native.eventfdRead(a.call)).toBeNull();
+    a.availFlags(0);
+    await round(0, a, 4);
+    expect(dp.counters(0).calls).toBe(1n);
+    expect(native.eventfdRead(a.call)).toBe(1n);
+    // EVENT_IDX: the first used entries always signal; then only when used idx passes used_event.
+    const b = ring(mem, 16);
+    b.setUsedEvent(0x8000);
+    dp.startRing(1, 'tx', b.config(), feats({ eventIdx: true }));
+    await round(1, b, 4);
+    expect(dp.counters(1).calls).toBe(1n);
+    for (let k = 0; k < 3; k++) await round(1, b, 4);
+    expect(dp.counters(1).calls, 'used_event far ahead: no call').toBe(1n);
+    b.setUsedEvent(b.usedIdx()); // interrupt me when the next entry is used
+    await round(1, b, 4);
+    expect(dp.counters(1).calls).toBe(2n);
+    expect(native.eventfdRead(b.call)).toBe(2n);
+  });
+
+  it('buffers that straddle the border between two regions are split there, both ways (GPA and user addresses differ)', async () => {
+    const { dp, mem } = setup();
+    const s = await bindUdp(LOCAL);
+    cleanup.push(() => s.close());
+    const got = new Map<number, Buffer>();
+    s.on('message', (m, rinfo) => got.set(rinfo.port, m));
+    const border = mem.size / 2;
+    // TX: header alone in one descriptor, the frame in a second one that crosses the border.
+    const tx = ring(mem, 8);
+    dp.startRing(0, 'tx', tx.config(), feats());
+    const payload = Buffer.alloc(900, 'border-tx ');
+    const frame = udp4Frame({ dstMac: TAP_MAC, srcMac: PEER_MAC, srcIp: PEER, dstIp: LOCAL, srcPort: 39000, dstPort: s.address().port, payload });
+    const hdrOff = tx.bufOffset(0);
+    mem.u8.fill(0, hdrOff, hdrOff + HDR);
+    const fOff = border - 300;
+    mem.u8.set(frame, fOff);
+    tx.setDesc(0, mem.gpa(hdrOff), HDR, F_NEXT, 1);
+    tx.setDesc(1, mem.gpa(fOff), frame.length, 0);
+    tx.publish([0]);
+    await until(() => got.has(39000));
+    expect(got.get(39000)?.equals(payload)).toBe(true);
+    expect(dp.counters(0).txBytes).toBe(BigInt(frame.length));
+    // RX: every pair's buffers cross the border (one buffer per pair, 2048 bytes from border - 1000 + 2048 * p).
+    const rings: DriverRing[] = [];
+    for (let p = 0; p < PAIRS; p++) {
+      const r = ring(mem, 8);
+      rings.push(r);
+      const off = border - 1000 - 4096 * p;
+      r.setDesc(0, mem.gpa(off), 2048 + 4096 * p, F_WRITE);
+      r.publish([0]);
+      dp.startRing(p, 'rx', r.config(), feats());
+    }
+    const flows = new Map<number, number>(); // pair -> port received
+    let port = 39100;
+    await until(() => {
+      for (const [p, r] of rings.entries()) {
+        for (const u of r.collect()) {
+          const off = border - 1000 - 4096 * p;
+          const d = parseUdp4Frame(Buffer.from(mem.u8.subarray(off + HDR, off + u.len)));
+          if (d && d.dstIp === PEER && d.payload.equals(Buffer.alloc(1200, d.dstPort % 256))) flows.set(p, d.dstPort);
+          r.publish([0]);
+        }
+      }
+      if (flows.size < PAIRS) void send(s, Buffer.alloc(1200, port % 256), port++);
+      return flows.size >= PAIRS;
+    });
+    expect(flows.size, 'every pair got a frame written across the border').toBe(PAIRS);
+  });
+
   it('no guest buffers: the tap is not read (nothing dropped) until the RX kick, then every frame arrives', async () => {
     const { dp, mem } = setup();
     const rings: DriverRing[] = [];
@@ -391,6 +573,7 @@ describe.skipIf(!env.ok)(`vhost-user data plane${skipNote(env)}`, () => {
     { what: 'indirect descriptor without the feature', reason: /without VIRTIO_RING_F_INDIRECT_DESC/, build: (r) => { r.setDesc(0, r.mem.gpa(r.bufOffset(0)), 32, F_INDIRECT); r.publish([0]); } },
     { what: 'indirect table outside guest memory', indirect: true, reason: /indirect table .* outside guest memory/, build: (r) => { r.setDesc(0, GPA_BASE + (1n << 40n), 32, F_INDIRECT); r.publish([0]); } },
     { what: 'indirect table length not a multiple of 16', indirect: true, reason: /not a multiple of 16/, build: (r) => { r.setDesc(0, r.mem.gpa(r.bufOffset(0)), 33, F_INDIRECT); r.publish([0]); } },
+    { what: 'indirect table longer than 65536 entries', indirect: true, reason: /indirect table too long/, build: (r) => { r.setDesc(0, r.mem.gpa(r.mem.size / 2), 65537 * 16, F_INDIRECT); r.publish([0]); } },
     { what: 'nested indirect descriptor', indirect: true, reason: /nested indirect/, build: (r) => { const t = r.bufOffset(1); r.setDesc(0, r.mem.gpa(r.bufOffset(2)), 32, F_INDIRECT, 0, t); r.setDesc(0, r.mem.gpa(t), 16, F_INDIRECT); r.publish([0]); } },
     { what: 'indirect chain loop', indirect: true, reason: /indirect chain loops/, build: (r) => { const t = r.bufOffset(1); r.setDesc(0, r.mem.gpa(r.bufOffset(2)), 20, F_NEXT, 1, t); r.setDesc(1, r.mem.gpa(r.bufOffset(2)), 20, F_NEXT, 0, t); r.setDesc(0, r.mem.gpa(t), 32, F_INDIRECT); r.publish([0]); } },
     { what: 'indirect next outside its table', indirect: true, reason: /indirect next index/, build: (r) => { const t = r.bufOffset(1); r.setDesc(0, r.mem.gpa(r.bufOffset(2)), 20, F_NEXT, 7, t); r.setDesc(0, r.mem.gpa(t), 32, F_INDIRECT); r.publish([0]); } },
@@ -463,6 +646,129 @@ describe.skipIf(!env.ok)(`vhost-user data plane${skipNote(env)}`, () => {
       expect([...got.values()].some((g) => g.pair === p), `pair ${p} still receives`).toBe(true);
       expect(dp.ringStatus(p, 'rx').state).toBe('running');
     }
+  });
+
+  it('removing the region a running ring\'s buffers live in, mid-traffic: the frames go out or the ring fails, never a stray access', async () => {
+    const { dp, mem, tap } = setup();
+    const rxBefore = getLink(tap.name)!.stats!.rxPackets;
+    const extra = new GuestMem(`mqtap-vu-extra-${process.pid}-${seq++}`, 1 << 20);
+    cleanup.push(() => extra.close());
+    const GPA2 = 0x8000_0000n;
+    const s = await bindUdp(LOCAL);
+    cleanup.push(() => s.close());
+    let received = 0;
+    s.on('message', () => received++);
+    const frame = udp4Frame({ dstMac: TAP_MAC, srcMac: PEER_MAC, srcIp: PEER, dstIp: LOCAL, srcPort: 41000, dstPort: s.address().port, payload: Buffer.alloc(1400, 7) });
+    const NUM = 64;
+    let sent = 0;
+    let failures = 0;
+    let r = ring(mem, NUM, 64);
+    dp.startRing(0, 'tx', r.config(), feats());
+    for (let iter = 0; iter < 40; iter++) {
+      dp.addRegion({ guestPhysAddr: GPA2, size: 1n << 20n, userAddr: extra.ua, mmapOffset: 0n, fd: extra.fd });
+      const heads: number[] = [];
+      for (let i = 0; i < NUM; i++) {
+        const off = i * 2048;
+        extra.u8.fill(0, off, off + HDR);
+        extra.u8.set(frame, off + HDR);
+        const slot = (r.availIdx + i) % NUM;
+        r.setDesc(slot, GPA2 + BigInt(off), HDR + frame.length, 0);
+        heads.push(slot);
+      }
+      r.publish(heads);
+      if (iter % 2 === 1) await sleep(1); // sometimes let the worker start first
+      dp.removeRegion(GPA2); // waits for the worker's batch; the rest of the chains now point nowhere
+      expect(extra.mappings(), 'only the test\'s own mapping').toBe(1);
+      await until(() => r.usedIdx() === r.availIdx || dp.ringStatus(0, 'tx').state === 'failed', 2000);
+      const st = dp.ringStatus(0, 'tx');
+      if (st.state === 'failed') {
+        expect(st.reason).toMatch(/outside guest memory/);
+        failures++;
+        native.eventfdRead(dp.notifyFd);
+        expect(dp.stopRing(0, 'tx').state).toBe('failed');
+        r = ring(mem, NUM, 64); // a fresh ring, as after a device reset
+        dp.startRing(0, 'tx', r.config(), feats());
+      } else {
+        expect(r.usedIdx()).toBe(r.availIdx);
+        r.collect();
+      }
+    }
+    // What the worker wrote is what the kernel got from the tap (the socket may drop under this burst).
+    sent = Number(dp.counters(0).txFrames);
+    expect(getLink(tap.name)!.stats!.rxPackets - rxBefore).toBe(sent);
+    expect(sent, 'frames went out').toBeGreaterThan(0);
+    console.log(`region removal mid-traffic: ${sent} frames sent, ring failed (and was reset) in ${failures} of 40 rounds`);
+    await until(() => received >= sent, 2000);
+    received = sent; // only the next datagram matters below
+    // The pair still works with memory that stays.
+    dp.addRegion({ guestPhysAddr: GPA2, size: 1n << 20n, userAddr: extra.ua, mmapOffset: 0n, fd: extra.fd });
+    const slot = r.availIdx % NUM;
+    r.setDesc(slot, GPA2, HDR + frame.length, 0);
+    r.publish([slot]);
+    await until(() => received > sent);
+    expect(received).toBe(sent + 1);
+  });
+
+  it('a detached tap queue costs no CPU, and its pair receives again once it is attached (no RX kick needed)', async () => {
+    const { dp, mem, tap } = setup();
+    const rings: DriverRing[] = [];
+    for (let p = 0; p < PAIRS; p++) {
+      const r = ring(mem, 64);
+      rings.push(r);
+      postRx(r);
+      dp.startRing(p, 'rx', r.config(), feats());
+    }
+    const tx = ring(mem, 8);
+    dp.startRing(3, 'tx', tx.config(), feats()); // the pair's worker keeps running with the ring
+    tap.queues[3]!.disable();
+    // Stopped or running, the RX ring of the detached queue must not spin its worker.
+    for (const stop of [false, true]) {
+      if (stop) dp.stopRing(3, 'rx');
+      await sleep(50);
+      const t0 = process.cpuUsage();
+      const w0 = Date.now();
+      await sleep(400);
+      const cpu = process.cpuUsage(t0);
+      const ms = (cpu.user + cpu.system) / 1000;
+      expect(ms, `CPU over ${Date.now() - w0} ms with queue 3 detached (ring ${stop ? 'stopped' : 'running'})`).toBeLessThan(150);
+    }
+    dp.startRing(3, 'rx', rings[3]!.config(dp.ringStatus(3, 'rx').lastAvailIdx), feats());
+    tap.queues[3]!.enable(); // after the ring started, and no RX kick: the worker must notice on its own
+    const s = await bindUdp(LOCAL);
+    cleanup.push(() => s.close());
+    const got = new Map<number, { pair: number; payload: Buffer; numBuffers: number; lens: number[] }>();
+    let port = 42000;
+    await until(() => {
+      collectRx(rings, got);
+      if (![...got.values()].some((g) => g.pair === 3)) void send(s, Buffer.from('back'), port++);
+      return [...got.values()].some((g) => g.pair === 3);
+    });
+    expect([...got.values()].some((g) => g.pair === 3), 'pair 3 receives again').toBe(true);
+  });
+
+  it('the tap deleted under running rings (its fds report EPOLLERR for good): no busy loop, guest frames dropped and counted', async () => {
+    const { dp, mem, tap } = setup();
+    const rx: DriverRing[] = [];
+    const tx: DriverRing[] = [];
+    for (let p = 0; p < PAIRS; p++) {
+      rx.push(ring(mem, 16));
+      postRx(rx[p]!);
+      dp.startRing(p, 'rx', rx[p]!.config(), feats());
+      tx.push(ring(mem, 16));
+      dp.startRing(p, 'tx', tx[p]!.config(), feats());
+    }
+    run('ip', ['link', 'del', tap.name]);
+    await sleep(50);
+    const t0 = process.cpuUsage();
+    await sleep(400);
+    const cpu = process.cpuUsage(t0);
+    expect((cpu.user + cpu.system) / 1000, 'CPU (ms) over 400 ms with the tap gone').toBeLessThan(150);
+    putTx(tx[0]!, 0, Buffer.alloc(60));
+    tx[0]!.publish([0]);
+    await until(() => tx[0]!.usedIdx() === 1);
+    expect(tx[0]!.usedIdx()).toBe(1);
+    expect(dp.counters(0)).toMatchObject({ txFrames: 0n, txDropped: 1n });
+    for (let p = 0; p < PAIRS; p++) expect(dp.ringStatus(p, 'rx').state).toBe('running');
   });
 
   it('close() mid-traffic joins the workers and leaves no fd, no mapping and no thread behind', async () => {
@@ -561,7 +867,8 @@ describe.skipIf(!env.ok)(`vhost-user data plane${skipNote(env)}`, () => {
     }
     // A running ring pins its region; stopped, the region goes.
     dp.startRing(0, 'tx', r.config(), feats());
-    expect(() => dp.removeRegion(GPA_BASE)).toThrow(expect.objectContaining({ op: 'VHOST_USER_REM_MEM_REG', code: 'EBUSY' }));
+    expect(() => dp.removeRegion(GPA_BASE)).toThrow(expect.objectContaining({ op: 'VHOST_USER_REM_MEM_REG', code: 'EBUSY', hint: expect.stringMatching(/stop its rings/) }));
+    expect(() => dp.startRing(0, 'tx', r.config(), feats())).toThrow(expect.objectContaining({ op: 'VHOST_USER_START_RING', code: 'EBUSY', hint: expect.stringMatching(/stop it first/) }));
     expect(mem.mappings()).toBe(2);
     dp.stopRing(0, 'tx');
     dp.removeRegion(GPA_BASE);
