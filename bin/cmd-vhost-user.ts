@@ -57,7 +57,24 @@ async function cmdVhostUser(o: VhostUserOpts, g: GlobalOpts): Promise<number> {
     ...netnsOpt(g),
     logger: log,
   };
-  const be = await serveVhostUser(opts);
+  // Signals are caught from before the socket exists: a SIGTERM right after "ready" (or during
+  // start-up) is a clean stop, never the default action that would leave the socket file behind.
+  let stopRequested: () => void = () => undefined;
+  const stop = new Promise<void>((resolve) => (stopRequested = resolve));
+  const onSignal = (sig: NodeJS.Signals): void => {
+    log.info({ signal: sig }, 'stopping');
+    stopRequested();
+  };
+  process.on('SIGINT', onSignal);
+  process.on('SIGTERM', onSignal);
+  let be: Awaited<ReturnType<typeof serveVhostUser>>;
+  try {
+    be = await serveVhostUser(opts);
+  } catch (err) {
+    process.off('SIGINT', onSignal);
+    process.off('SIGTERM', onSignal);
+    throw err;
+  }
   be.on('connected', (peer: { pid: number; uid: number; gid: number }) => report('connected', { peer }, `front-end connected (pid ${peer.pid}, uid ${peer.uid})`));
   be.on('features', (acked: bigint, names: string[]) => report('features', { features: `0x${acked.toString(16)}`, names }, `features negotiated: ${names.join(' ')}`));
   be.on('pairs', (s: PairsState) => report('pairs', { ...s }, `pairs: tap queues attached [${s.enabled.join(',')}], running [${s.live.join(',')}]`));
@@ -67,17 +84,12 @@ async function cmdVhostUser(o: VhostUserOpts, g: GlobalOpts): Promise<number> {
     { socket: be.socket, tap: be.tap.name, queues: be.pairs, client: be.client },
     `${be.client ? 'connecting to' : 'listening on'} ${be.socket} for ${be.tap.name} (${be.pairs} pair(s)); QEMU: -chardev socket,id=vu0,path=${be.socket}${be.client ? ',server=on' : ''} -netdev vhost-user,id=n0,chardev=vu0,queues=${be.pairs}`,
   );
-  let onSignal: ((sig: NodeJS.Signals) => void) | undefined;
-  await new Promise<void>((resolve) => {
-    onSignal = (sig: NodeJS.Signals): void => {
-      log.info({ signal: sig }, 'stopping');
-      resolve();
-    };
-    process.on('SIGINT', onSignal);
-    process.on('SIGTERM', onSignal);
-  });
-  process.off('SIGINT', onSignal!);
-  process.off('SIGTERM', onSignal!);
+  try {
+    await stop;
+  } finally {
+    process.off('SIGINT', onSignal);
+    process.off('SIGTERM', onSignal);
+  }
   await be.close();
   report('stopped', { tap: be.tap.name, connections: be.connections }, `stopped after ${be.connections} connection(s); ${be.tap.name} closed`);
   return EXIT.OK;

@@ -49,6 +49,29 @@ describe.skipIf(!env.ok)(`mqtap vhost-user${skipNote(env)}`, () => {
     expect(getTap('vucli0')).toBeUndefined();
   });
 
+  it('SIGTERM the moment "ready" is written is a clean stop (signals are handled from start-up on)', async () => {
+    const dir = mkdtempSync(join(tmpdir(), 'mqtap-vucli-'));
+    cleanups.push(() => rmSync(dir, { recursive: true, force: true }));
+    const socket = join(dir, 'vu.sock');
+    for (let round = 0; round < 3; round++) {
+      const child = spawn(process.execPath, [CLI, 'vhost-user', '--socket', socket, '--name', 'vucli2', '--queues', '1', '--json'], { stdio: ['ignore', 'ignore', 'pipe'] });
+      cleanups.push(() => child.kill('SIGKILL'));
+      let stderr = '';
+      let sent = false;
+      child.stderr.on('data', (d: Buffer) => {
+        stderr += d.toString();
+        if (!sent && stderr.includes('"event":"ready"')) {
+          sent = true;
+          child.kill('SIGTERM'); // in the same tick the line arrives
+        }
+      });
+      const code = await new Promise<number | null>((res) => child.on('exit', (c) => res(c)));
+      expect(code, stderr).toBe(0);
+      expect(existsSync(socket)).toBe(false);
+      expect(getTap('vucli2')).toBeUndefined();
+    }
+  });
+
   it('bad options are usage errors and open nothing', () => {
     const dir = mkdtempSync(join(tmpdir(), 'mqtap-vucli-'));
     cleanups.push(() => rmSync(dir, { recursive: true, force: true }));
