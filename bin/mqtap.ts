@@ -19,6 +19,7 @@ import { register as registerVhost } from './cmd-vhost';
 import { register as registerLaunch } from './cmd-launch';
 import { register as registerDaemon, routeGlobalSocket } from './cmd-daemon';
 import { register as registerData } from './cmd-data';
+import { register as registerVhostUser } from './cmd-vhost-user';
 import { keyValues, table } from './format';
 
 export { EXIT, exitCodeFor };
@@ -340,6 +341,7 @@ export function buildProgram(run: Runner): Command {
   registerDemo(program, ctx);
   registerDaemon(program, ctx);
   registerData(program, ctx);
+  registerVhostUser(program, ctx);
   const errorsLikeOurs = (cmd: Command): void => {
     cmd.configureOutput(commanderOutput(cmd));
     cmd.commands.forEach(errorsLikeOurs);

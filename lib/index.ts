@@ -122,6 +122,22 @@ export {
   type QdiscQueueCounters,
   type TcxCounts,
 } from './datapath/qstats';
+export { serveVhostUser, VhostUserBackend, type ServeVhostUserOptions } from './vhost-user/backend';
+export { VhostUserConnection, offeredFeatures, OFFERED_PROTOCOL_FEATURES, type VhostUserOffloads, type PairsState, type ConnectionOptions as VhostUserConnectionOptions } from './vhost-user/connection';
+export type { DataPlane, DataPlaneFeatures, MemRegion, RingConfig, RingDir, RingStatus, PairCounters } from './vhost-user/dataplane-api';
+export {
+  encodeMessage as encodeVhostUserMessage,
+  decodeMessage as decodeVhostUserMessage,
+  VhostUserProtocolError,
+  Framer as VhostUserFramer,
+  REQUEST as VHOST_USER_REQUEST,
+  FEATURE as VHOST_USER_FEATURE,
+  PROTOCOL_FEATURE as VHOST_USER_PROTOCOL_FEATURE,
+  featureNames as vhostUserFeatureNames,
+  type Message as VhostUserMessage,
+  type Payload as VhostUserPayload,
+  type ProtocolErrorReason as VhostUserProtocolErrorReason,
+} from './vhost-user/protocol';
 export { withNetns, isolateNetns, netnsPath, type IsolatedNetns } from './sys/netns';
 export { silentLogger, stderrLogger, type Logger } from './sys/log';
 export {

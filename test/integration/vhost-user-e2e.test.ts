@@ -1,0 +1,171 @@
+/**
+ * End to end on the real kernel, in a throw-away namespace: serveVhostUser
+ * with the native data plane, a front-end speaking vhost-user over the real
+ * socket with guest memory in a memfd (test/helpers/vu-driver.ts, the way
+ * QEMU shares it), real frames both ways through the tap and the kernel's
+ * UDP stack, `ethtool -L` as an enable vector, and quit (GET_VRING_BASE,
+ * EOF): guest memory unmapped, no fd left.
+ */
+import dgram from 'node:dgram';
+import { mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterEach, describe, expect, it } from 'vitest';
+import { parseUdp4Frame, udp4Frame } from '../../lib/datapath/frames.js';
+import { UnixSocket } from '../../lib/sys/scm.js';
+import { getTap } from '../../lib/tap/links.js';
+import { openTap } from '../../lib/tap/tap.js';
+import { serveVhostUser } from '../../lib/vhost-user/backend.js';
+import { FEATURE, PROTOCOL_FEATURE, bit } from '../../lib/vhost-user/protocol.js';
+import { openFds, run, skipNote, tapEnv, useIsolatedNetns } from '../helpers/env.js';
+import { NEED_REPLY, ScriptedFrontend, until } from '../helpers/vhost-user.js';
+import { DriverRing, F_WRITE, GuestMem } from '../helpers/vu-driver.js';
+
+const env = tapEnv();
+const LOCAL = '169.254.79.1';
+const PEER = '169.254.79.2';
+const TAP_MAC = '02:00:00:00:02:01';
+const PEER_MAC = '02:00:00:00:02:02';
+const HDR = 12;
+const PROTO = bit(PROTOCOL_FEATURE.MQ) | bit(PROTOCOL_FEATURE.REPLY_ACK) | bit(PROTOCOL_FEATURE.CONFIGURE_MEM_SLOTS) | bit(PROTOCOL_FEATURE.STATUS);
+const ACKED = bit(FEATURE.VIRTIO_F_VERSION_1) | bit(FEATURE.VHOST_USER_F_PROTOCOL_FEATURES) | bit(FEATURE.VIRTIO_NET_F_MQ);
+
+const cleanups: Array<() => unknown> = [];
+afterEach(async () => {
+  for (const c of cleanups.splice(0).reverse()) {
+    try {
+      await c();
+    } catch {
+      /* best effort */
+    }
+  }
+});
+
+describe.skipIf(!env.ok)(`vhost-user end to end (native data plane)${skipNote(env)}`, () => {
+  useIsolatedNetns();
+
+  it('frames both ways over 2 pairs, ethtool -L 1, quit: memory unmapped, no fd left', async () => {
+    const fdsBefore = openFds().length;
+    const dir = mkdtempSync(join(tmpdir(), 'mqtap-vue2e-'));
+    cleanups.push(() => rmSync(dir, { recursive: true, force: true }));
+    const socket = join(dir, 'vu.sock');
+    const tap = openTap({ name: 'vue0', queues: 2, mac: TAP_MAC });
+    cleanups.push(() => tap.close());
+    run('sysctl', ['-qw', 'net.ipv6.conf.vue0.disable_ipv6=1']);
+    run('ip', ['addr', 'add', `${LOCAL}/24`, 'dev', 'vue0']);
+    run('ip', ['link', 'set', 'dev', 'vue0', 'up']);
+    run('ip', ['neigh', 'replace', PEER, 'lladdr', PEER_MAC, 'dev', 'vue0', 'nud', 'permanent']);
+    const be = await serveVhostUser({ socket, tap, queues: 2 });
+    cleanups.push(() => be.close());
+
+    const mem = new GuestMem(`mqtap-vue2e-${process.pid}`);
+    cleanups.push(() => mem.close());
+    const rings = [0, 1, 2, 3].map(() => new DriverRing(mem, 64));
+    cleanups.push(() => rings.forEach((r) => r.close()));
+    const fe = new ScriptedFrontend(await UnixSocket.connect(socket, { type: 'stream' }));
+    cleanups.push(() => fe.close());
+
+    // QEMU 7.2's order: init, the enable vector (pair 0), then features, memory (once per pair), rings, vector.
+    for (let p = 0; p < 2; p++) {
+      await fe.u64('GET_FEATURES');
+      await fe.send('SET_PROTOCOL_FEATURES', { kind: 'u64', value: PROTO });
+      await fe.send('SET_OWNER');
+    }
+    await fe.enableVector(2, 1);
+    for (let p = 0; p < 2; p++) {
+      await fe.send('SET_FEATURES', { kind: 'u64', value: ACKED });
+      for (const r of mem.regions()) {
+        await fe.send('ADD_MEM_REG', { kind: 'memRegion', region: { guestPhysAddr: r.guestPhysAddr, size: r.size, userAddr: r.userAddr, mmapOffset: r.mmapOffset } }, [r.fd], NEED_REPLY);
+        expect((await fe.reply()).payload).toEqual({ kind: 'u64', value: 0n });
+      }
+      for (const index of [2 * p, 2 * p + 1]) {
+        const r = rings[index]!;
+        const c = r.config();
+        await fe.send('SET_VRING_NUM', { kind: 'vringState', index, num: r.num });
+        await fe.send('SET_VRING_BASE', { kind: 'vringState', index, num: 0 });
+        await fe.send('SET_VRING_ADDR', { kind: 'vringAddr', index, flags: 0, descAddr: c.descAddr, usedAddr: c.usedAddr, availAddr: c.availAddr, logAddr: 0n });
+        await fe.send('SET_VRING_KICK', { kind: 'vringFd', index, noFd: false }, [r.kick]);
+        await fe.send('SET_VRING_CALL', { kind: 'vringFd', index, noFd: false }, [r.call]);
+      }
+    }
+    await fe.enableVector(2, 2);
+    await fe.u64('GET_STATUS');
+    expect(be.pairsState()).toEqual({ enabled: [0, 1], live: [0, 1] });
+    const mapped = mem.mappings();
+    expect(mapped).toBeGreaterThan(1); // ours plus the backend's
+
+    // RX buffers on both pairs.
+    for (const r of [rings[0]!, rings[2]!]) {
+      const heads: number[] = [];
+      for (let i = 0; i < r.num; i++) {
+        r.setDesc(i, r.mem.gpa(r.bufOffset(i)), r.bufSize, F_WRITE);
+        heads.push(i);
+      }
+      r.publish(heads);
+    }
+
+    // guest -> host on pair 1's TX ring: the kernel's UDP socket gets it.
+    const s = dgram.createSocket('udp4');
+    cleanups.push(() => s.close());
+    await new Promise<void>((res) => s.bind(0, LOCAL, () => res()));
+    const got: string[] = [];
+    s.on('message', (m) => got.push(m.toString()));
+    const tx = rings[3]!;
+    const frame = udp4Frame({ dstMac: TAP_MAC, srcMac: PEER_MAC, srcIp: PEER, dstIp: LOCAL, srcPort: 4000, dstPort: s.address().port, payload: Buffer.from('hello from the guest') });
+    const off = tx.bufOffset(0);
+    mem.u8.fill(0, off, off + HDR);
+    mem.u8.set(frame, off + HDR);
+    tx.setDesc(0, mem.gpa(off), HDR + frame.length, 0);
+    tx.publish([0]);
+    await until(() => got.length === 1, 5000);
+    expect(got).toEqual(['hello from the guest']);
+    expect(be.counters()[1]!.txFrames).toBe(1n);
+
+    // host -> guest: datagrams to the peer arrive in the RX rings of the live pairs.
+    const rxPayloads = (): string[] => {
+      const out: string[] = [];
+      for (const r of [rings[0]!, rings[2]!])
+        for (const u of r.collect()) {
+          const o = r.bufOffset(u.id);
+          const d = parseUdp4Frame(Buffer.from(mem.u8.subarray(o + HDR, o + u.len)));
+          if (d && d.dstIp === PEER) out.push(Buffer.from(d.payload).toString());
+        }
+      return out;
+    };
+    const seen: string[] = [];
+    for (let i = 0; i < 16; i++) await new Promise<void>((res, rej) => s.send(Buffer.from(`to guest ${i}`), 5000 + i, PEER, (e) => (e ? rej(e) : res())));
+    await until(() => (seen.push(...rxPayloads()), seen.length >= 16), 5000);
+    expect(seen.sort()).toEqual(Array.from({ length: 16 }, (_, i) => `to guest ${i}`).sort());
+
+    // ethtool -L combined 1: tap queue 1 detached in the kernel, pair 1 stopped; traffic still flows on pair 0.
+    await fe.enableVector(2, 1);
+    await fe.u64('GET_STATUS');
+    expect(getTap('vue0')!.tun).toMatchObject({ numQueues: 1, numDisabledQueues: 1 });
+    expect(be.pairsState()).toEqual({ enabled: [0], live: [0] });
+    const before1 = be.counters()[1]!.rxFrames;
+    seen.length = 0;
+    for (let i = 0; i < 8; i++) await new Promise<void>((res, rej) => s.send(Buffer.from(`one pair ${i}`), 6000 + i, PEER, (e) => (e ? rej(e) : res())));
+    await until(() => (seen.push(...rxPayloads()), seen.length >= 8), 5000);
+    expect(seen).toHaveLength(8);
+    expect(be.counters()[1]!.rxFrames).toBe(before1); // pair 1 is stopped
+
+    // quit: GET_VRING_BASE on every ring (TX ring 3 consumed one descriptor), then EOF.
+    const bases: number[] = [];
+    for (let i = 0; i < 4; i++) bases.push(await fe.getBase(i));
+    expect(bases[3]).toBe(1);
+    expect(bases[1]).toBe(0);
+    fe.close();
+    await until(() => !be.connected);
+    await until(() => mem.mappings() === 1);
+    expect(mem.mappings()).toBe(1); // only the test's own mapping is left
+    await be.close();
+    s.close();
+    rings.forEach((r) => r.close());
+    mem.close();
+    tap.close();
+    cleanups.length = 0;
+    rmSync(dir, { recursive: true, force: true });
+    await until(() => openFds().length === fdsBefore);
+    expect(openFds().length).toBe(fdsBefore);
+  });
+});
