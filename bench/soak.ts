@@ -5,7 +5,7 @@
  * a number that grows with the cycle count is a leak.
  *
  *   npm run soak                              all phases, default counts
- *   npm run soak -- --taps 10000 --daemon 1000
+ *   npm run soak -- --taps 10000 --daemon 1000 --vhost-user 1000
  *   npm run soak -- --only taps               one phase
  *
  * Phases:
@@ -14,6 +14,10 @@
  *  - daemon: a real `mqtap daemon` child; each session connects, creates or
  *            shows a netdev, acquires its fds (SCM_RIGHTS), closes them,
  *            releases, disconnects.  Counted in the daemon process.
+ *  - vhost-user: serveVhostUser on a 2-queue tap in this process; each cycle a
+ *            front-end (QEMU's message order, guest memory in a fresh memfd)
+ *            connects, sets up both pairs, sends a frame guest -> tap and
+ *            gets one tap -> guest, then quits (GET_VRING_BASE, EOF).
  *
  * Everything runs in a throw-away network namespace this process creates.
  * Run as root (CAP_NET_ADMIN).  RSS is taken after a forced GC (node
@@ -23,8 +27,16 @@ import { spawn, type ChildProcess } from 'node:child_process';
 import { mkdtempSync, readFileSync, readdirSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import dgram from 'node:dgram';
 import { DaemonClient } from '../lib/daemon/client';
+import { parseUdp4Frame, udp4Frame } from '../lib/datapath/frames';
+import { UnixSocket } from '../lib/sys/scm';
+import { serveVhostUser } from '../lib/vhost-user/backend';
+import { FEATURE, PROTOCOL_FEATURE, bit } from '../lib/vhost-user/protocol';
+import { NEED_REPLY, ScriptedFrontend, until } from '../test/helpers/vhost-user';
+import { DriverRing, F_WRITE, GuestMem } from '../test/helpers/vu-driver';
 import { isolateNetns } from '../lib/sys/netns';
+import { execFileSync } from 'node:child_process';
 import { listTaps } from '../lib/tap/links';
 import { openTap } from '../lib/tap/tap';
 
@@ -141,6 +153,116 @@ async function daemonPhase(sessions: number): Promise<void> {
   }
 }
 
+const VU_LOCAL = '169.254.81.1';
+const VU_PEER = '169.254.81.2';
+const VU_TAP_MAC = '02:00:00:00:03:01';
+const VU_PEER_MAC = '02:00:00:00:03:02';
+
+/** One front-end session in QEMU 7.2's message order: set up 2 pairs, one frame each way, quit. */
+async function vhostUserSession(socket: string, i: number, s: dgram.Socket, got: string[]): Promise<void> {
+  const mem = new GuestMem(`mqtap-soak-${process.pid}-${i}`, 1 << 20);
+  const rings = [0, 1, 2, 3].map(() => new DriverRing(mem, 16, 2048));
+  const fe = new ScriptedFrontend(await UnixSocket.connect(socket, { type: 'stream' }));
+  try {
+    const proto = bit(PROTOCOL_FEATURE.MQ) | bit(PROTOCOL_FEATURE.REPLY_ACK) | bit(PROTOCOL_FEATURE.CONFIGURE_MEM_SLOTS) | bit(PROTOCOL_FEATURE.STATUS);
+    const acked = bit(FEATURE.VIRTIO_F_VERSION_1) | bit(FEATURE.VHOST_USER_F_PROTOCOL_FEATURES) | bit(FEATURE.VIRTIO_NET_F_MQ);
+    for (let p = 0; p < 2; p++) {
+      await fe.u64('GET_FEATURES');
+      await fe.send('SET_PROTOCOL_FEATURES', { kind: 'u64', value: proto });
+      await fe.send('SET_OWNER');
+    }
+    await fe.enableVector(2, 1);
+    for (let p = 0; p < 2; p++) {
+      await fe.send('SET_FEATURES', { kind: 'u64', value: acked });
+      for (const r of mem.regions()) {
+        await fe.send('ADD_MEM_REG', { kind: 'memRegion', region: { guestPhysAddr: r.guestPhysAddr, size: r.size, userAddr: r.userAddr, mmapOffset: r.mmapOffset } }, [r.fd], NEED_REPLY);
+        await fe.reply();
+      }
+      for (const index of [2 * p, 2 * p + 1]) {
+        const r = rings[index]!;
+        const c = r.config();
+        await fe.send('SET_VRING_NUM', { kind: 'vringState', index, num: r.num });
+        await fe.send('SET_VRING_BASE', { kind: 'vringState', index, num: 0 });
+        await fe.send('SET_VRING_ADDR', { kind: 'vringAddr', index, flags: 0, descAddr: c.descAddr, usedAddr: c.usedAddr, availAddr: c.availAddr, logAddr: 0n });
+        await fe.send('SET_VRING_KICK', { kind: 'vringFd', index, noFd: false }, [r.kick]);
+        await fe.send('SET_VRING_CALL', { kind: 'vringFd', index, noFd: false }, [r.call]);
+      }
+    }
+    await fe.enableVector(2, 2);
+    await fe.u64('GET_STATUS');
+    // RX buffers on pair (i % 2); a frame guest -> tap on the other pair's TX ring.
+    const rx = rings[2 * (i % 2)]!;
+    for (let d = 0; d < rx.num; d++) rx.setDesc(d, mem.gpa(rx.bufOffset(d)), rx.bufSize, F_WRITE);
+    rx.publish(Array.from({ length: rx.num }, (_, d) => d));
+    const tx = rings[2 * ((i + 1) % 2) + 1]!;
+    const want = `soak ${i}`;
+    const frame = udp4Frame({ dstMac: VU_TAP_MAC, srcMac: VU_PEER_MAC, srcIp: VU_PEER, dstIp: VU_LOCAL, srcPort: 4000, dstPort: s.address().port, payload: Buffer.from(want) });
+    mem.u8.fill(0, tx.bufOffset(0), tx.bufOffset(0) + 12);
+    mem.u8.set(frame, tx.bufOffset(0) + 12);
+    tx.setDesc(0, mem.gpa(tx.bufOffset(0)), 12 + frame.length, 0);
+    tx.publish([0]);
+    await until(() => got.includes(want), 5000);
+    // tap -> guest: datagrams to the peer until one lands in the posted RX ring (the tap steers by flow).
+    let received = false;
+    for (let k = 0; k < 64 && !received; k++) {
+      await new Promise<void>((res, rej) => s.send(Buffer.from(`back ${i}`), 5000 + k, VU_PEER, (e) => (e ? rej(e) : res())));
+      await until(() => rx.usedIdx() !== 0, 20).catch(() => undefined);
+      received = rx.collect().some((u) => parseUdp4Frame(Buffer.from(mem.u8.subarray(rx.bufOffset(u.id) + 12, rx.bufOffset(u.id) + u.len)))?.dstIp === VU_PEER);
+    }
+    if (!received) throw new Error(`cycle ${i}: no frame reached the guest's RX ring`);
+    for (let r = 0; r < 4; r++) await fe.getBase(r);
+  } finally {
+    fe.close();
+    for (const r of rings) r.close();
+    mem.close();
+  }
+}
+
+async function vhostUserPhase(cycles: number): Promise<void> {
+  const dir = mkdtempSync(join(tmpdir(), 'mqtap-soak-vu-'));
+  const socket = join(dir, 'vu.sock');
+  const tap = openTap({ name: 'soakvu0', queues: 2, mac: VU_TAP_MAC });
+  const s = dgram.createSocket('udp4');
+  try {
+    const sysctl = (k: string, v: string): void => {
+      try {
+        execFileSync('sysctl', ['-qw', `${k}=${v}`]);
+      } catch {
+        /* IPv6 may be absent */
+      }
+    };
+    sysctl('net.ipv6.conf.soakvu0.disable_ipv6', '1');
+    execFileSync('ip', ['addr', 'add', `${VU_LOCAL}/24`, 'dev', 'soakvu0']);
+    execFileSync('ip', ['link', 'set', 'dev', 'soakvu0', 'up']);
+    execFileSync('ip', ['neigh', 'replace', VU_PEER, 'lladdr', VU_PEER_MAC, 'dev', 'soakvu0', 'nud', 'permanent']);
+    await new Promise<void>((res) => s.bind(0, VU_LOCAL, () => res()));
+    const got: string[] = [];
+    s.on('message', (m) => got.push(m.toString()));
+    const be = await serveVhostUser({ socket, tap, queues: 2 });
+    try {
+      // One cycle first, so lazily created state (JIT, pools) is not counted as growth.
+      await vhostUserSession(socket, 0, s, got);
+      await until(() => !be.connected, 5000);
+      const before = snapshot('self');
+      const t0 = process.hrtime.bigint();
+      for (let i = 1; i <= cycles; i++) {
+        await vhostUserSession(socket, i, s, got);
+        await until(() => !be.connected, 5000);
+        got.length = 0;
+        if (i % 100 === 0) process.stdout.write(`  vhost-user: ${i}/${cycles}\n`);
+      }
+      const seconds = Number(process.hrtime.bigint() - t0) / 1e9;
+      rows.push({ phase: 'vhost-user: connect, 2 pairs, a frame each way, quit (backend in this process)', cycles, seconds, before, after: snapshot('self') });
+    } finally {
+      await be.close();
+    }
+  } finally {
+    s.close();
+    tap.close();
+    rmSync(dir, { recursive: true, force: true });
+  }
+}
+
 function table(): string {
   const head = ['phase', 'cycles', 's', 'fds', 'taps', 'maps', 'RSS MiB'];
   const d = (a: number, b: number): string => (a === b ? `${a} = ${b}` : `${a} -> ${b} (${b > a ? '+' : ''}${b - a})`);
@@ -164,6 +286,7 @@ async function main(): Promise<void> {
   try {
     if (!only || only === 'taps') tapPhase(Number(arg('taps', '10000')));
     if (!only || only === 'daemon') await daemonPhase(Number(arg('daemon', '1000')));
+    if (!only || only === 'vhost-user') await vhostUserPhase(Number(arg('vhost-user', '1000')));
   } finally {
     ns.restore();
   }
