@@ -277,7 +277,9 @@ describe.skipIf(!!reason)(`mqtap CLI${reason ? ` (skipped: ${reason})` : ''}`, (
         cpSync(join(ROOT, 'dist'), join(dir, 'dist'), { recursive: true });
         cpSync(join(ROOT, 'package.json'), join(dir, 'package.json'));
         symlinkSync(join(ROOT, 'node_modules'), join(dir, 'node_modules'));
-        const r = spawnSync(process.execPath, [join(dir, 'dist', 'bin', 'mqtap.js'), 'show'], { encoding: 'utf8' });
+        // No MQTAP_ADDON either (npm run test:asan sets it to the sanitizer build): no addon at all.
+        const { MQTAP_ADDON: _addon, ...env } = process.env;
+        const r = spawnSync(process.execPath, [join(dir, 'dist', 'bin', 'mqtap.js'), 'show'], { encoding: 'utf8', env });
         expect(r.status, r.stderr).toBe(1);
         expect(r.stderr).toMatch(/^mqtap: cannot load the mqtap native addon/);
         expect(r.stderr).toMatch(/hint: build it with `npm install`/);
