@@ -6,6 +6,8 @@
  * netdevs, the user's own -netdev/-device).  Plus `mqtap launch --dry-run`,
  * which opens nothing.
  */
+import { existsSync, readdirSync } from 'node:fs';
+import { tmpdir } from 'node:os';
 import { describe, expect, it } from 'vitest';
 import { MqtapError } from '../../lib/sys/errors';
 import { checkTapNetdevOptions, formatQemuSize, parseNetdevArg, parseQemuMemSize, planLaunch, planVhostUserLaunch, qemuAccel, qemuEscape, qemuNetdevArgs, validateQemuId, type ClosableNetdev } from '../../lib/qemu/qemu';
@@ -361,6 +363,19 @@ describe.skipIf(!!notBuilt)(`mqtap launch --dry-run (opens nothing)${notBuilt ? 
     const bad = run(['--backend', 'vhost-user', '--queues', '2', '--dry-run', '--', 'q', '-numa', 'node']);
     expect(bad.code).toBe(2);
     expect(bad.stderr).toMatch(/-numa/);
+  });
+
+  it('--backend vhost-user refuses --vhost on (exit 2) and a missing QEMU (exit 127) before it opens a tap or makes a socket dir', () => {
+    const dirs = (): string[] => readdirSync(tmpdir()).filter((f) => f.startsWith('mqtap-launch-'));
+    const before = dirs();
+    const on = run(['--backend', 'vhost-user', '--vhost', 'on', '--name', 'vux9', '--', 'qemu-system-x86_64']);
+    expect(on.code).toBe(2);
+    expect(on.stderr).toMatch(/--vhost on/);
+    const missing = run(['--backend', 'vhost-user', '--name', 'vux9', '--queues', '2', '--', '/nonexistent/qemu-system-x86_64', '-m', '256']);
+    expect(missing.code, missing.stderr).toBe(127);
+    expect(missing.stderr).toMatch(/cannot run/);
+    expect(dirs()).toEqual(before);
+    expect(existsSync('/sys/class/net/vux9')).toBe(false);
   });
 
   it('usage errors exit 2 with a message and no stack trace', () => {
