@@ -616,3 +616,208 @@ export function launchQemu(opts: LaunchOptions): LaunchedQemu {
   );
   return { pid: child.pid, plan, exited, child };
 }
+
+// ---------------------------------------------------------------------------
+// vhost-user: what QEMU needs around a backend listening on a UNIX socket.
+
+/** QEMU's default guest RAM for x86 machines when no -m is given (hw/i386: 128 MiB). */
+export const QEMU_DEFAULT_RAM_BYTES = 128 * 1024 * 1024;
+
+const SIZE_UNITS: Record<string, number> = { '': 1, b: 1, k: 2 ** 10, m: 2 ** 20, g: 2 ** 30, t: 2 ** 40 };
+
+/**
+ * Parses the value of QEMU's `-m`: `512` (MiB), `512M`, `1G`, `1.5G`,
+ * `size=1G[,slots=N,maxmem=...]` (a number without suffix is MiB, as QEMU
+ * reads it).  Returns bytes.
+ */
+export function parseQemuMemSize(value: string): number {
+  let size: string | undefined;
+  for (const [i, part] of splitQemuOpts(value).entries()) {
+    const eq = part.indexOf('=');
+    if (eq < 0) {
+      if (i === 0) size = part;
+      else throw invalidArg(`-m ${value}: "${part}" is not key=value`);
+    } else if (part.slice(0, eq) === 'size') size = part.slice(eq + 1);
+    else if (!['slots', 'maxmem'].includes(part.slice(0, eq))) throw invalidArg(`-m ${value}: unknown option ${part.slice(0, eq)}= (QEMU knows size=, slots=, maxmem=)`);
+  }
+  const m = size === undefined ? null : /^(\d+(?:\.\d+)?)([bBkKmMgGtT]?)$/.exec(size.trim());
+  if (!m) throw invalidArg(`-m ${value}: no size QEMU would accept`, 'give -m 512 (MiB), -m 512M, -m 1G or -m size=1G');
+  const unit = m[2] ? SIZE_UNITS[m[2].toLowerCase()]! : SIZE_UNITS.m!;
+  const bytes = Math.round(Number(m[1]) * unit);
+  if (!Number.isFinite(bytes) || bytes < 2 ** 20) throw invalidArg(`-m ${value}: ${bytes} bytes is less than 1 MiB`);
+  return bytes;
+}
+
+/** A memory size as QEMU reads it, in the largest whole unit (1073741824 -> '1G', 536870912 -> '512M'). */
+export function formatQemuSize(bytes: number): string {
+  for (const [u, f] of [['T', 2 ** 40], ['G', 2 ** 30], ['M', 2 ** 20], ['K', 2 ** 10]] as const) if (bytes % f === 0) return `${bytes / f}${u}`;
+  return String(bytes);
+}
+
+/** The values of every `-NAME VALUE` (or `--NAME VALUE`) in args (args[0] is the binary). */
+function optionValues(args: readonly string[], name: string): string[] {
+  const out: string[] = [];
+  for (let i = 1; i < args.length - 1; i++) if (isOpt(args[i], name)) out.push(args[i + 1]!);
+  return out;
+}
+
+/**
+ * The accelerator QEMU will use, from its arguments: `-enable-kvm`,
+ * `-accel kvm[,...]` (several -accel are tried in order),
+ * `-machine ...,accel=kvm:tcg`.  KVM counts only when `kvmUsable` (QEMU
+ * falls back to the next accelerator, or fails, without /dev/kvm).  No
+ * accelerator given: TCG (QEMU's default for x86 system emulation).
+ */
+export function qemuAccel(args: readonly string[], kvmUsable: boolean): 'kvm' | 'tcg' {
+  const wanted: string[] = [];
+  if (args.slice(1).some((a) => a === '-enable-kvm' || a === '--enable-kvm')) wanted.push('kvm');
+  for (const v of optionValues(args, 'accel')) wanted.push(parseNetdevArg(v).type || (parseNetdevArg(v).options.get('accel') ?? ''));
+  for (const v of [...optionValues(args, 'machine'), ...optionValues(args, 'M')]) {
+    const acc = parseNetdevArg(v).options.get('accel');
+    if (acc) wanted.push(...acc.split(':'));
+  }
+  for (const a of wanted) {
+    if (a === 'kvm' && kvmUsable) return 'kvm';
+    if (a === 'tcg') return 'tcg';
+  }
+  return 'tcg';
+}
+
+export interface VhostUserLaunchOptions {
+  /** [binary, ...args]: the user's QEMU command line. */
+  qemu: readonly string[];
+  /** The backend's UNIX socket (it listens; QEMU connects, and reconnects after 1 s if it goes away). */
+  socket: string;
+  /** Queue pairs (1..256). */
+  queues: number;
+  /** netdev id (default 'net0'); the chardev is ID-vu, the memory backend mqtap-mem. */
+  id?: string;
+  mac?: string;
+  model?: string;
+  deviceProps?: Record<string, string | number | boolean>;
+  /** Whether KVM works here (/dev/kvm openable read-write); decides vectors with qemuAccel. */
+  kvmUsable: boolean;
+}
+
+export interface VhostUserLaunchPlan {
+  argv: string[];
+  accel: 'kvm' | 'tcg';
+  /** Guest RAM in bytes (from -m, or QEMU's default), shared through the memfd backend. */
+  memBytes: number;
+  netdevArg: string;
+  deviceArg: string;
+  chardevArg: string;
+  memArgs: string[];
+  warnings: string[];
+}
+
+export const VHOST_USER_MEM_ID = 'mqtap-mem';
+
+/**
+ * The QEMU command line for a vhost-user netdev served by mqtap at `socket`:
+ * the user's args plus
+ *
+ *   -object memory-backend-memfd,id=mqtap-mem,size=<-m>,share=on -numa node,memdev=mqtap-mem
+ *   -chardev socket,id=ID-vu,path=SOCKET,reconnect=1
+ *   -netdev vhost-user,id=ID,chardev=ID-vu,queues=N
+ *   -device virtio-net-pci,netdev=ID,mq=on,vectors=V[,mac=..][,props]
+ *
+ * Guest RAM must be shared for the backend to map it: the memfd is sized
+ * like the -m given (the last one, as QEMU does; 128M without).  V is 0
+ * under TCG: QEMU 7.2 segfaults in kvm_virtio_pci_irqfd_use when a
+ * vhost-user device with MSI-X vectors starts without KVM (INTx then; the
+ * guest works the same, slower); 2N+2 with KVM (one vector per virtqueue,
+ * config, control queue).  Refused: the user's args already choosing guest
+ * memory (-numa, -machine memory-backend=, -mem-path, an object with id
+ * mqtap-mem), a -netdev with the same id, or a -device for it with MSI-X
+ * vectors under TCG.
+ */
+export function planVhostUserLaunch(opts: VhostUserLaunchOptions): VhostUserLaunchPlan {
+  if (!Array.isArray(opts.qemu) || !opts.qemu.length || !opts.qemu[0]) throw invalidArg('qemu: give the QEMU binary and its arguments', 'e.g. mqtap launch --backend vhost-user --queues 4 -- qemu-system-x86_64 -m 1G ...');
+  if (typeof opts.socket !== 'string' || !opts.socket.startsWith('/')) throw invalidArg(`socket must be an absolute path (got ${String(opts.socket)})`);
+  const n = opts.queues;
+  if (!Number.isInteger(n) || n < 1 || n > MAX_QUEUES) throw invalidArg(`queues: ${String(n)}; 1 to ${MAX_QUEUES} queue pairs`);
+  const id = validateQemuId(opts.id ?? 'net0');
+  const chr = `${id}-vu`;
+  const argv = [...opts.qemu];
+  const warnings: string[] = [];
+  const hint = 'mqtap adds guest memory QEMU shares with the backend (-object memory-backend-memfd,...,share=on -numa node,memdev=mqtap-mem): leave guest memory to it, give only -m SIZE';
+
+  // Guest memory: the backend must be able to map it.
+  if (optionValues(argv, 'numa').length) throw invalidArg(`the QEMU arguments already have -numa ${optionValues(argv, 'numa')[0]}; vhost-user needs all guest RAM in one shared backend`, hint);
+  for (const v of [...optionValues(argv, 'machine'), ...optionValues(argv, 'M')]) {
+    const mb = parseNetdevArg(v).options.get('memory-backend');
+    if (mb !== undefined) throw invalidArg(`the QEMU arguments already set -machine memory-backend=${mb}; mqtap would add a second memory backend for guest RAM`, hint);
+  }
+  if (argv.slice(1).some((a) => isOpt(a, 'mem-path'))) throw invalidArg('-mem-path: guest RAM from a file cannot be shared with the vhost-user backend the way mqtap sets it up', hint);
+  for (const v of optionValues(argv, 'object')) {
+    if (parseNetdevArg(v).options.get('id') === VHOST_USER_MEM_ID) throw invalidArg(`the QEMU arguments already define an object with id=${VHOST_USER_MEM_ID}`, hint);
+  }
+  const ms = optionValues(argv, 'm');
+  const memBytes = ms.length ? parseQemuMemSize(ms[ms.length - 1]!) : QEMU_DEFAULT_RAM_BYTES;
+  const memArgs = ['-object', `memory-backend-memfd,id=${VHOST_USER_MEM_ID},size=${formatQemuSize(memBytes)},share=on`, '-numa', `node,memdev=${VHOST_USER_MEM_ID}`];
+
+  for (const v of optionValues(argv, 'netdev')) {
+    let nid: string | undefined;
+    try {
+      nid = parseNetdevArg(v).options.get('id');
+    } catch {
+      /* not ours to judge */
+    }
+    if (nid === id) throw invalidArg(`the QEMU arguments already define -netdev id=${id} (${v}); mqtap adds -netdev vhost-user,id=${id}`, 'drop it, or give mqtap another --id');
+  }
+  for (const v of optionValues(argv, 'chardev')) {
+    if (splitQemuOpts(v).includes(`id=${chr}`)) throw invalidArg(`the QEMU arguments already define -chardev id=${chr}; mqtap adds its own`, 'drop it, or give mqtap another --id');
+  }
+
+  const accel = qemuAccel(argv, opts.kvmUsable);
+  const chardevArg = `socket,id=${chr},path=${qemuEscape(opts.socket)},reconnect=1`;
+  const netdevArg = `vhost-user,id=${id},chardev=${chr},queues=${n}`;
+  const model = opts.model ?? 'virtio-net-pci';
+  if (!/^[A-Za-z0-9._-]+$/.test(model)) throw invalidArg(`device model ${JSON.stringify(model)} is not a QEMU device name`);
+  const pci = isPciModel(model);
+  const props = new Map<string, string>();
+  if (n > 1) props.set('mq', 'on');
+  if (pci && accel === 'tcg') props.set('vectors', '0');
+  else if (pci && n > 1) props.set('vectors', String(2 * n + 2));
+  if (opts.mac !== undefined) props.set('mac', formatMac(parseMac(opts.mac)));
+  for (const [k, v] of Object.entries(opts.deviceProps ?? {})) {
+    if (!/^[A-Za-z0-9_.-]+$/.test(k)) throw invalidArg(`device property ${JSON.stringify(k)} is not a QEMU property name`);
+    if (k === 'netdev') throw invalidArg('device property netdev= is set by mqtap (it is the netdev id)');
+    if (k === 'vectors' && pci && accel === 'tcg' && String(v) !== '0') throw tcgVectorsError(`--device-prop vectors=${String(v)}`);
+    props.set(k, typeof v === 'boolean' ? (v ? 'on' : 'off') : qemuEscape(String(v)));
+  }
+  const devRe = new RegExp(`(^|,)netdev=${id.replace(/[.]/g, '\\.')}(,|$)`);
+  const userDev = argv.findIndex((x, i) => i > 0 && isOpt(argv[i - 1], 'device') && devRe.test(x));
+  let deviceArg: string;
+  argv.push(...memArgs, '-chardev', chardevArg, '-netdev', netdevArg);
+  if (userDev >= 0) {
+    deviceArg = argv[userDev]!;
+    const vec = /(^|,)vectors=(\d+)(,|$)/.exec(deviceArg);
+    if (accel === 'tcg' && isPciModel(deviceArg.split(',')[0]!) && (!vec || vec[2] !== '0')) throw tcgVectorsError(`-device ${deviceArg}${vec ? '' : ' (QEMU\'s default vectors)'}`);
+    if (accel === 'kvm' && n > 1 && vec && Number(vec[2]) < 2 * n + 2)
+      warnings.push(`-device ${deviceArg}: vectors=${vec[2]} is fewer than 2N+2 = ${2 * n + 2} for ${n} queue pairs; the guest then shares interrupts between queues`);
+    if (n > 1 && /(^|,)mq=(off|false|no)(,|$)/.test(deviceArg)) warnings.push(`-device ${deviceArg}: mq=off: the guest will use one queue pair of ${n}`);
+  } else {
+    deviceArg = [model, `netdev=${id}`, ...[...props].map(([k, v]) => `${k}=${v}`)].join(',');
+    argv.push('-device', deviceArg);
+  }
+  return { argv, accel, memBytes, netdevArg, deviceArg, chardevArg, memArgs, warnings };
+}
+
+function tcgVectorsError(what: string): MqtapError {
+  return invalidArg(
+    `${what}: MSI-X vectors on a vhost-user virtio-net-pci without KVM crash QEMU 7.2 (SIGSEGV in kvm_virtio_pci_irqfd_use when the guest starts the NIC)`,
+    'under TCG use vectors=0 (mqtap sets it when it adds the -device); with KVM (-accel kvm and a usable /dev/kvm) vectors=2N+2',
+  );
+}
+
+/** Whether KVM can be used here: /dev/kvm exists and is readable and writable by this process. */
+export function kvmUsable(): boolean {
+  try {
+    accessSync('/dev/kvm', fsConstants.R_OK | fsConstants.W_OK);
+    return true;
+  } catch {
+    return false;
+  }
+}

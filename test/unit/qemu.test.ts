@@ -6,9 +6,11 @@
  * netdevs, the user's own -netdev/-device).  Plus `mqtap launch --dry-run`,
  * which opens nothing.
  */
+import { existsSync, readdirSync } from 'node:fs';
+import { tmpdir } from 'node:os';
 import { describe, expect, it } from 'vitest';
 import { MqtapError } from '../../lib/sys/errors';
-import { checkTapNetdevOptions, parseNetdevArg, planLaunch, qemuEscape, qemuNetdevArgs, validateQemuId, type ClosableNetdev } from '../../lib/qemu/qemu';
+import { checkTapNetdevOptions, formatQemuSize, parseNetdevArg, parseQemuMemSize, planLaunch, planVhostUserLaunch, qemuAccel, qemuEscape, qemuNetdevArgs, validateQemuId, type ClosableNetdev } from '../../lib/qemu/qemu';
 import { cliBuiltReason, runCli, type CliRun } from '../helpers/cli';
 
 /** A stand-in netdev: fd numbers only (verifyFds: false keeps them away from the kernel). */
@@ -223,6 +225,101 @@ describe('planLaunch', () => {
   });
 });
 
+describe('vhost-user launch arguments (planVhostUserLaunch)', () => {
+  const Q = 'qemu-system-x86_64';
+  const SOCK = '/tmp/d/vu.sock';
+  const plan = (qemu: string[], more: Partial<Parameters<typeof planVhostUserLaunch>[0]> = {}): ReturnType<typeof planVhostUserLaunch> =>
+    planVhostUserLaunch({ qemu: [Q, ...qemu], socket: SOCK, queues: 4, kvmUsable: false, ...more });
+
+  it('every -m form QEMU takes: bare MiB, suffixes K/M/G/T (any case), fractions, size=... with slots/maxmem', () => {
+    const cases: Array<[string, number]> = [
+      ['512', 512 * 2 ** 20],
+      ['512M', 512 * 2 ** 20],
+      ['512m', 512 * 2 ** 20],
+      ['1G', 2 ** 30],
+      ['1.5G', 1.5 * 2 ** 30],
+      ['2097152K', 2 ** 31],
+      ['1T', 2 ** 40],
+      ['size=1G', 2 ** 30],
+      ['size=768', 768 * 2 ** 20],
+      ['size=2G,slots=4,maxmem=8G', 2 ** 31],
+      ['1G,slots=2,maxmem=4G', 2 ** 30],
+    ];
+    for (const [v, bytes] of cases) expect(parseQemuMemSize(v), v).toBe(bytes);
+    for (const v of ['', 'lots', '1Q', 'size=', 'slots=2', '1G,foo=1', '0', '512K'])
+      expect(err(() => parseQemuMemSize(v)).code, v).toBe('ERR_INVALID_ARG');
+    expect([2 ** 30, 512 * 2 ** 20, 1.5 * 2 ** 30, 2 ** 40].map(formatQemuSize)).toEqual(['1G', '512M', '1536M', '1T']);
+  });
+
+  it('TCG (no accelerator given): shared memfd sized like -m, numa node on it, chardev with reconnect=1, queues=N, vectors=0', () => {
+    const p = plan(['-m', '512', '-nographic']);
+    expect(p.accel).toBe('tcg');
+    expect(p.memBytes).toBe(512 * 2 ** 20);
+    expect(p.argv).toEqual([
+      Q, '-m', '512', '-nographic',
+      '-object', 'memory-backend-memfd,id=mqtap-mem,size=512M,share=on',
+      '-numa', 'node,memdev=mqtap-mem',
+      '-chardev', `socket,id=net0-vu,path=${SOCK},reconnect=1`,
+      '-netdev', 'vhost-user,id=net0,chardev=net0-vu,queues=4',
+      '-device', 'virtio-net-pci,netdev=net0,mq=on,vectors=0',
+    ]);
+  });
+
+  it('the last -m wins (as in QEMU); none: QEMU default 128M; a comma in the socket path is escaped', () => {
+    expect(plan(['-m', '256M', '-m', 'size=1G']).memArgs[1]).toBe('memory-backend-memfd,id=mqtap-mem,size=1G,share=on');
+    expect(plan([]).memArgs[1]).toBe('memory-backend-memfd,id=mqtap-mem,size=128M,share=on');
+    expect(plan([], { socket: '/tmp/a,b/vu.sock' }).chardevArg).toBe('socket,id=net0-vu,path=/tmp/a,,b/vu.sock,reconnect=1');
+  });
+
+  it('KVM (usable /dev/kvm and -accel kvm, -enable-kvm or -machine accel=kvm): vectors=2N+2; without /dev/kvm the same args mean TCG: vectors=0', () => {
+    for (const args of [['-accel', 'kvm'], ['-enable-kvm'], ['-machine', 'q35,accel=kvm:tcg'], ['-accel', 'kvm', '-accel', 'tcg'], ['-M', 'accel=kvm']]) {
+      expect(qemuAccel([Q, ...args], true), args.join(' ')).toBe('kvm');
+      expect(qemuAccel([Q, ...args], false), args.join(' ')).toBe('tcg');
+      expect(plan(args, { kvmUsable: true }).deviceArg).toBe('virtio-net-pci,netdev=net0,mq=on,vectors=10');
+      expect(plan(args, { kvmUsable: false }).deviceArg).toBe('virtio-net-pci,netdev=net0,mq=on,vectors=0');
+    }
+    expect(qemuAccel([Q, '-accel', 'tcg', '-accel', 'kvm'], true)).toBe('tcg');
+    expect(qemuAccel([Q], true)).toBe('tcg');
+    expect(plan(['-accel', 'kvm'], { kvmUsable: true, queues: 2 }).deviceArg).toBe('virtio-net-pci,netdev=net0,mq=on,vectors=6');
+  });
+
+  it('1 pair: no mq; id, mac and device properties go where they belong', () => {
+    expect(plan([], { queues: 1 }).deviceArg).toBe('virtio-net-pci,netdev=net0,vectors=0');
+    const p = plan([], { id: 'vn1', mac: '52:54:00:00:00:09', deviceProps: { romfile: '' } });
+    expect(p.netdevArg).toBe('vhost-user,id=vn1,chardev=vn1-vu,queues=4');
+    expect(p.deviceArg).toBe('virtio-net-pci,netdev=vn1,mq=on,vectors=0,mac=52:54:00:00:00:09,romfile=');
+  });
+
+  it("the user's own -device for the netdev is kept; under TCG it must say vectors=0", () => {
+    const p = plan(['-device', 'virtio-net-pci,netdev=net0,vectors=0,mac=52:54:00:00:00:01']);
+    expect(p.argv.filter((a) => a === '-device')).toHaveLength(1);
+    expect(p.deviceArg).toBe('virtio-net-pci,netdev=net0,vectors=0,mac=52:54:00:00:00:01');
+    for (const dev of ['virtio-net-pci,netdev=net0,vectors=10', 'virtio-net-pci,netdev=net0']) expect(err(() => plan(['-device', dev])).message).toMatch(/kvm_virtio_pci_irqfd_use/);
+    expect(err(() => plan([], { deviceProps: { vectors: 10 } })).hint).toMatch(/vectors=0/);
+    expect(plan(['-accel', 'kvm', '-device', 'virtio-net-pci,netdev=net0,vectors=4'], { kvmUsable: true }).warnings[0]).toMatch(/fewer than 2N\+2 = 10/);
+  });
+
+  it('refuses what conflicts with its memory backend, netdev or chardev, with a hint', () => {
+    for (const [args, msg] of [
+      [['-numa', 'node,mem=512'], /-numa node,mem=512/],
+      [['-machine', 'q35,memory-backend=ram0'], /memory-backend=ram0/],
+      [['-M', 'memory-backend=x'], /memory-backend=x/],
+      [['-mem-path', '/dev/hugepages'], /-mem-path/],
+      [['-object', 'memory-backend-ram,id=mqtap-mem,size=1G'], /id=mqtap-mem/],
+      [['-netdev', 'user,id=net0'], /-netdev id=net0/],
+      [['-chardev', 'socket,id=net0-vu,path=/x'], /-chardev id=net0-vu/],
+      [['-m', 'lots'], /-m lots/],
+    ] as Array<[string[], RegExp]>) {
+      const e = err(() => plan(args));
+      expect(e.code, args.join(' ')).toBe('ERR_INVALID_ARG');
+      expect(e.message, args.join(' ')).toMatch(msg);
+      expect(e.hint, args.join(' ')).toBeTruthy();
+    }
+    expect(err(() => plan([], { socket: 'vu.sock' })).message).toMatch(/absolute/);
+    expect(err(() => plan([], { queues: 0 })).message).toMatch(/queues/);
+  });
+});
+
 const notBuilt = cliBuiltReason();
 
 describe.skipIf(!!notBuilt)(`mqtap launch --dry-run (opens nothing)${notBuilt ? ` (skipped: ${notBuilt})` : ''}`, () => {
@@ -250,6 +347,35 @@ describe.skipIf(!!notBuilt)(`mqtap launch --dry-run (opens nothing)${notBuilt ? 
       argv: ['qemu-system-x86_64', '-netdev', 'tap,id=hn0,fds=3:4,vhost=on,vhostfds=5:6', '-device', 'virtio-net-pci,netdev=hn0,mq=on,vectors=6,romfile=efi-virtio.rom'],
       warnings: [],
     });
+  });
+
+  it('--backend vhost-user --json: the socket in a temp dir, the accelerator, guest RAM and the final argv (vectors=0 without KVM)', () => {
+    const r = run(['--backend', 'vhost-user', '--name', 'vu3', '--queues', '4', '--dry-run', '--json', '--', 'qemu-system-x86_64', '-m', '1G']);
+    expect(r.code, r.stderr).toBe(0);
+    const j = JSON.parse(r.stdout) as { argv: string[]; socket: string };
+    expect(j).toMatchObject({ dryRun: true, backend: 'vhost-user', tap: 'vu3', id: 'net0', queues: 4, accel: 'tcg', memBytes: 2 ** 30, warnings: [] });
+    expect(j.socket).toMatch(/\/mqtap-launch-XXXXXX\/vu\.sock$/);
+    expect(j.argv.slice(3)).toEqual([
+      '-object', 'memory-backend-memfd,id=mqtap-mem,size=1G,share=on', '-numa', 'node,memdev=mqtap-mem',
+      '-chardev', `socket,id=net0-vu,path=${j.socket},reconnect=1`, '-netdev', 'vhost-user,id=net0,chardev=net0-vu,queues=4',
+      '-device', 'virtio-net-pci,netdev=net0,mq=on,vectors=0,romfile=',
+    ]);
+    const bad = run(['--backend', 'vhost-user', '--queues', '2', '--dry-run', '--', 'q', '-numa', 'node']);
+    expect(bad.code).toBe(2);
+    expect(bad.stderr).toMatch(/-numa/);
+  });
+
+  it('--backend vhost-user refuses --vhost on (exit 2) and a missing QEMU (exit 127) before it opens a tap or makes a socket dir', () => {
+    const dirs = (): string[] => readdirSync(tmpdir()).filter((f) => f.startsWith('mqtap-launch-'));
+    const before = dirs();
+    const on = run(['--backend', 'vhost-user', '--vhost', 'on', '--name', 'vux9', '--', 'qemu-system-x86_64']);
+    expect(on.code).toBe(2);
+    expect(on.stderr).toMatch(/--vhost on/);
+    const missing = run(['--backend', 'vhost-user', '--name', 'vux9', '--queues', '2', '--', '/nonexistent/qemu-system-x86_64', '-m', '256']);
+    expect(missing.code, missing.stderr).toBe(127);
+    expect(missing.stderr).toMatch(/cannot run/);
+    expect(dirs()).toEqual(before);
+    expect(existsSync('/sys/class/net/vux9')).toBe(false);
   });
 
   it('usage errors exit 2 with a message and no stack trace', () => {
