@@ -82,7 +82,7 @@ async function cmdVhostUser(o: VhostUserOpts, g: GlobalOpts): Promise<number> {
   report(
     'ready',
     { socket: be.socket, tap: be.tap.name, queues: be.pairs, client: be.client },
-    `${be.client ? 'connecting to' : 'listening on'} ${be.socket} for ${be.tap.name} (${be.pairs} pair(s)); QEMU: -chardev socket,id=vu0,path=${be.socket}${be.client ? ',server=on' : ''} -netdev vhost-user,id=n0,chardev=vu0,queues=${be.pairs}`,
+    `${be.client ? 'connecting to' : 'listening on'} ${be.socket} for ${be.tap.name} (${be.pairs} pair(s)); QEMU: -chardev socket,id=vu0,path=${be.socket}${be.client ? ',server=on' : ',reconnect=1'} -netdev vhost-user,id=n0,chardev=vu0,queues=${be.pairs} -device virtio-net-pci,netdev=n0,mq=on,vectors=${be.pairs > 1 ? '0 (TCG) or ' + (2 * be.pairs + 2) + ' (KVM)' : '0'}`,
   );
   try {
     await stop;
@@ -112,8 +112,10 @@ export function register(program: Command, ctx: CliContext): void {
       '\nServes one front-end after another until SIGINT/SIGTERM, then stops every ring, unmaps guest memory and closes the tap.\n\n' +
         'Example:\n  mqtap vhost-user --socket /run/vu0.sock --name vu0 --queues 4 &\n' +
         '  qemu-system-x86_64 -object memory-backend-memfd,id=mem,size=1G,share=on -numa node,memdev=mem \\\n' +
-        '    -chardev socket,id=vu0,path=/run/vu0.sock -netdev vhost-user,id=n0,chardev=vu0,queues=4 \\\n' +
-        '    -device virtio-net-pci,netdev=n0,mq=on,vectors=10 ...',
+        '    -chardev socket,id=vu0,path=/run/vu0.sock,reconnect=1 -netdev vhost-user,id=n0,chardev=vu0,queues=4 \\\n' +
+        '    -device virtio-net-pci,netdev=n0,mq=on,vectors=10 -accel kvm ...\n' +
+        'Under TCG (no KVM) give vectors=0: QEMU 7.2 crashes when vhost-user meets MSI-X vectors without KVM.\n' +
+        '`mqtap launch --backend vhost-user` adds all of this itself.',
     )
     .action((o: VhostUserOpts, cmd: Command) => ctx.run(() => cmdVhostUser(o, ctx.globals(cmd)), ctx.globals(cmd)));
 }
