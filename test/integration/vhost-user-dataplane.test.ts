@@ -24,6 +24,7 @@ import { openTap, type Tap } from '../../lib/tap/tap.js';
 import type { DataPlaneFeatures } from '../../lib/vhost-user/dataplane-api.js';
 import { openDataPlane, type NativeDataPlane } from '../../lib/vhost-user/dataplane.js';
 import { openFds, run, skipNote, tapEnv, useIsolatedNetns, useTapTracker } from '../helpers/env.js';
+import { bindUdp, sendUdp } from '../helpers/net.js';
 import { DriverRing, F_INDIRECT, F_NEXT, F_WRITE, GPA_BASE, GuestMem } from '../helpers/vu-driver.js';
 
 const env = tapEnv();
@@ -40,20 +41,8 @@ async function until(done: () => boolean, ms = 5000): Promise<void> {
   while (!done() && Date.now() < end) await sleep(5);
 }
 
-async function bindUdp(address: string): Promise<dgram.Socket> {
-  const s = dgram.createSocket('udp4');
-  await new Promise<void>((resolve, reject) => {
-    s.once('error', reject);
-    s.bind(0, address, () => {
-      s.off('error', reject);
-      resolve();
-    });
-  });
-  return s;
-}
-
 function send(s: dgram.Socket, payload: Buffer, port: number): Promise<void> {
-  return new Promise((resolve, reject) => s.send(payload, port, PEER, (err) => (err ? reject(err) : resolve())));
+  return sendUdp(s, payload, port, PEER);
 }
 
 describe.skipIf(!env.ok)(`vhost-user data plane${skipNote(env)}`, () => {
