@@ -22,7 +22,7 @@ import { createServer } from 'node:net';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { listTaps } from '../../lib/tap/links';
-import { ownDev, wrapperProblem } from '../helpers/devnodes';
+import { ownDev, wrapperProblem } from '../helpers/devnode';
 import { haveCommand, ipLink, skipNote, tapEnv, useIsolatedNetns } from '../helpers/env';
 
 const ROOT = join(__dirname, '..', '..');

@@ -13,7 +13,7 @@ import { spawnSync } from 'node:child_process';
 import { existsSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
-import { ownDev, wrapperProblem } from '../helpers/devnodes';
+import { ownDev, wrapperProblem } from '../helpers/devnode';
 import { haveCommand, skipNote, tapEnv, useIsolatedNetns } from '../helpers/env';
 
 const CLI = join(__dirname, '..', '..', 'dist', 'bin', 'mqtap.js');
