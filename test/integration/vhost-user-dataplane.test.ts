@@ -108,6 +108,30 @@ describe.skipIf(!env.ok)(`vhost-user data plane${skipNote(env)}`, () => {
     r.publish(heads);
   }
 
+  interface RingsOptions {
+    /** Bytes per buffer (default 2048). */
+    bufSize?: number;
+    /** The features each pair's ring starts with (default feats()). */
+    features?: DataPlaneFeatures | ((pair: number) => DataPlaneFeatures);
+    /** RX: post every buffer before the start (default true). */
+    post?: boolean;
+    /** Runs on each ring before it is posted and started. */
+    prepare?: (r: DriverRing) => void;
+  }
+
+  /** One `kind` ring of `num` buffers per pair, started (RX rings with every buffer posted first, unless post: false). */
+  function startRings(dp: NativeDataPlane, mem: GuestMem, kind: 'rx' | 'tx', num: number, o: RingsOptions = {}): DriverRing[] {
+    const rings: DriverRing[] = [];
+    for (let p = 0; p < PAIRS; p++) {
+      const r = ring(mem, num, o.bufSize);
+      o.prepare?.(r);
+      if (kind === 'rx' && o.post !== false) postRx(r);
+      dp.startRing(p, kind, r.config(), typeof o.features === 'function' ? o.features(p) : (o.features ?? feats()));
+      rings.push(r);
+    }
+    return rings;
+  }
+
   describe.each([
     { what: 'EVENT_IDX off', eventIdx: false },
     { what: 'EVENT_IDX on', eventIdx: true },
@@ -182,13 +206,7 @@ describe.skipIf(!env.ok)(`vhost-user data plane${skipNote(env)}`, () => {
 
     it('RX: datagrams to the peer land in the 4 pairs\' RX rings byte-exact, each exactly once', async () => {
       const { dp, mem } = setup();
-      const rings: DriverRing[] = [];
-      for (let p = 0; p < PAIRS; p++) {
-        const r = ring(mem, 128);
-        rings.push(r);
-        postRx(r);
-        dp.startRing(p, 'rx', r.config(), feats({ eventIdx }));
-      }
+      const rings = startRings(dp, mem, 'rx', 128, { features: feats({ eventIdx }) });
       const s = await bindUdp(LOCAL);
       cleanup.push(() => s.close());
       const N = 64;
@@ -260,13 +278,7 @@ describe.skipIf(!env.ok)(`vhost-user data plane${skipNote(env)}`, () => {
   ])('$what, 512-byte guest buffers', ({ mrg }) => {
     it(mrg ? 'a 1514-byte frame spans 3 buffers, num_buffers = 3, byte-exact' : 'a 1514-byte frame is dropped and counted, the buffers stay, small frames still arrive', async () => {
       const { dp, mem } = setup();
-      const rings: DriverRing[] = [];
-      for (let p = 0; p < PAIRS; p++) {
-        const r = ring(mem, 64, 512);
-        rings.push(r);
-        postRx(r);
-        dp.startRing(p, 'rx', r.config(), feats({ mrgRxbuf: mrg }));
-      }
+      const rings = startRings(dp, mem, 'rx', 64, { bufSize: 512, features: feats({ mrgRxbuf: mrg }) });
       const s = await bindUdp(LOCAL);
       cleanup.push(() => s.close());
       const N = 16;
@@ -304,13 +316,8 @@ describe.skipIf(!env.ok)(`vhost-user data plane${skipNote(env)}`, () => {
 
   it('MRG_RXBUF: a frame needing more buffers than the whole ring holds is dropped and counted, not a stall', async () => {
     const { dp, mem } = setup();
-    const rings: DriverRing[] = [];
-    for (let p = 0; p < PAIRS; p++) {
-      const r = ring(mem, 2, 512); // 1024 bytes in all: a 1514-byte frame can never fit
-      rings.push(r);
-      postRx(r);
-      dp.startRing(p, 'rx', r.config(), feats({ mrgRxbuf: true }));
-    }
+    // 2 x 512 = 1024 bytes in all: a 1514-byte frame can never fit.
+    const rings = startRings(dp, mem, 'rx', 2, { bufSize: 512, features: feats({ mrgRxbuf: true }) });
     const s = await bindUdp(LOCAL);
     cleanup.push(() => s.close());
     const dropped = (): bigint => [0, 1, 2, 3].reduce((a, p) => a + dp.counters(p).rxDropped, 0n);
@@ -373,14 +380,7 @@ describe.skipIf(!env.ok)(`vhost-user data plane${skipNote(env)}`, () => {
     expect(dp.counters(0).txFrames).toBe(BigInt(total));
     expect(getLink(tap.name)!.stats!.rxPackets - linkBefore).toBe(total);
     // RX on every pair: 2 buffers each, refilled (kicks suppressed as allowed) as they are used.
-    const rings: DriverRing[] = [];
-    for (let p = 0; p < PAIRS; p++) {
-      const r = ring(mem, 2);
-      r.suppressKicks = mode;
-      rings.push(r);
-      postRx(r);
-      dp.startRing(p, 'rx', r.config(), feats({ eventIdx }));
-    }
+    const rings = startRings(dp, mem, 'rx', 2, { features: feats({ eventIdx }), prepare: (r) => (r.suppressKicks = mode) });
     const N = 120;
     const got = new Set<number>();
     let udp = 0;
@@ -508,12 +508,7 @@ describe.skipIf(!env.ok)(`vhost-user data plane${skipNote(env)}`, () => {
 
   it('no guest buffers: the tap is not read (nothing dropped) until the RX kick, then every frame arrives', async () => {
     const { dp, mem } = setup();
-    const rings: DriverRing[] = [];
-    for (let p = 0; p < PAIRS; p++) {
-      const r = ring(mem, 64);
-      rings.push(r);
-      dp.startRing(p, 'rx', r.config(), feats({ eventIdx: p % 2 === 0 }));
-    }
+    const rings = startRings(dp, mem, 'rx', 64, { post: false, features: (p) => feats({ eventIdx: p % 2 === 0 }) });
     const s = await bindUdp(LOCAL);
     cleanup.push(() => s.close());
     const N = 24;
@@ -610,13 +605,7 @@ describe.skipIf(!env.ok)(`vhost-user data plane${skipNote(env)}`, () => {
 
   it('a malformed RX ring fails when a frame comes for it; the other pairs keep receiving', async () => {
     const { dp, mem } = setup();
-    const rings: DriverRing[] = [];
-    for (let p = 0; p < PAIRS; p++) {
-      const r = ring(mem, 64);
-      rings.push(r);
-      postRx(r);
-      dp.startRing(p, 'rx', r.config(), feats());
-    }
+    const rings = startRings(dp, mem, 'rx', 64);
     // Pair 0's first buffer is device-readable: not a receive buffer.
     rings[0]!.setDesc(0, mem.gpa(rings[0]!.bufOffset(0)), 2048, 0);
     const s = await bindUdp(LOCAL);
@@ -700,13 +689,7 @@ describe.skipIf(!env.ok)(`vhost-user data plane${skipNote(env)}`, () => {
 
   it('a detached tap queue costs no CPU, and its pair receives again once it is attached (no RX kick needed)', async () => {
     const { dp, mem, tap } = setup();
-    const rings: DriverRing[] = [];
-    for (let p = 0; p < PAIRS; p++) {
-      const r = ring(mem, 64);
-      rings.push(r);
-      postRx(r);
-      dp.startRing(p, 'rx', r.config(), feats());
-    }
+    const rings = startRings(dp, mem, 'rx', 64);
     const tx = ring(mem, 8);
     dp.startRing(3, 'tx', tx.config(), feats()); // the pair's worker keeps running with the ring
     tap.queues[3]!.disable();
@@ -737,15 +720,8 @@ describe.skipIf(!env.ok)(`vhost-user data plane${skipNote(env)}`, () => {
 
   it('the tap deleted under running rings (its fds report EPOLLERR for good): no busy loop, guest frames dropped and counted', async () => {
     const { dp, mem, tap } = setup();
-    const rx: DriverRing[] = [];
-    const tx: DriverRing[] = [];
-    for (let p = 0; p < PAIRS; p++) {
-      rx.push(ring(mem, 16));
-      postRx(rx[p]!);
-      dp.startRing(p, 'rx', rx[p]!.config(), feats());
-      tx.push(ring(mem, 16));
-      dp.startRing(p, 'tx', tx[p]!.config(), feats());
-    }
+    startRings(dp, mem, 'rx', 16);
+    const tx = startRings(dp, mem, 'tx', 16);
     run('ip', ['link', 'del', tap.name]);
     await sleep(50);
     const t0 = process.cpuUsage();
