@@ -11,18 +11,10 @@ import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { MqtapError } from '../../lib/sys/errors.js';
 import { K, native } from '../../lib/sys/native.js';
+import { catchError } from '../helpers/errors.js';
 
 const dir = mkdtempSync(join(tmpdir(), 'mqtap-native-'));
 afterAll(() => rmSync(dir, { recursive: true, force: true }));
-
-function thrown(fn: () => unknown): MqtapError {
-  try {
-    fn();
-  } catch (e) {
-    return e as MqtapError;
-  }
-  throw new Error('expected a throw');
-}
 
 describe('flock', () => {
   it('LOCK_EX|LOCK_NB: a second open file description gets EAGAIN (op FLOCK) until the first is closed', () => {
@@ -31,7 +23,7 @@ describe('flock', () => {
     const b = openSync(file, 'r');
     try {
       native.flock(a, K.LOCK_EX | K.LOCK_NB);
-      const e = thrown(() => native.flock(b, K.LOCK_EX | K.LOCK_NB));
+      const e = catchError(() => native.flock(b, K.LOCK_EX | K.LOCK_NB));
       expect(e).toBeInstanceOf(MqtapError);
       expect(e).toMatchObject({ op: 'FLOCK', syscall: 'flock', code: 'EAGAIN' });
       native.flock(a, K.LOCK_UN);
@@ -44,10 +36,10 @@ describe('flock', () => {
   });
 
   it('a bad fd or operation: EBADF / EINVAL as MqtapError', () => {
-    expect(thrown(() => native.flock(1_000_000, K.LOCK_EX))).toMatchObject({ op: 'FLOCK', code: 'EBADF' });
+    expect(catchError(() => native.flock(1_000_000, K.LOCK_EX))).toMatchObject({ op: 'FLOCK', code: 'EBADF' });
     const f = openSync(join(dir, 'x'), 'w');
     try {
-      expect(thrown(() => native.flock(f, 0))).toMatchObject({ op: 'FLOCK', code: 'EINVAL' });
+      expect(catchError(() => native.flock(f, 0))).toMatchObject({ op: 'FLOCK', code: 'EINVAL' });
     } finally {
       closeSync(f);
     }
@@ -103,11 +95,11 @@ describe('MappedArrayBuffer (native/mem.cc): one mmap for allocPages (anonymous)
   });
 
   it('a failed mmap is an MqtapError with the caller\'s op (EBADF, EINVAL for an unaligned offset)', () => {
-    expect(thrown(() => native.mmapShared(1_000_000, K.PAGE_SIZE, 0))).toMatchObject({ op: 'MMAP_SHARED', syscall: 'mmap', code: 'EBADF' });
+    expect(catchError(() => native.mmapShared(1_000_000, K.PAGE_SIZE, 0))).toMatchObject({ op: 'MMAP_SHARED', syscall: 'mmap', code: 'EBADF' });
     const fd = native.memfdCreate('mqtap-native-test');
     try {
       native.ftruncate(fd, 2 * K.PAGE_SIZE);
-      const e = thrown(() => native.mmapShared(fd, K.PAGE_SIZE, 100));
+      const e = catchError(() => native.mmapShared(fd, K.PAGE_SIZE, 100));
       expect(e).toBeInstanceOf(MqtapError);
       expect(e).toMatchObject({ op: 'MMAP_SHARED', syscall: 'mmap', code: 'EINVAL' });
     } finally {
