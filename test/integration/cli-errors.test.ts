@@ -17,12 +17,12 @@
  */
 import { chmodSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
-import { createServer } from 'node:net';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { listTaps } from '../../lib/tap/links';
 import { CLI, cliBuiltReason, runCliAsync, type CliRun } from '../helpers/cli';
 import { ownDev, wrapperProblem } from '../helpers/devnode';
+import { fakeQemu } from '../helpers/fake-qmp';
 import { haveCommand, ipLink, run, skipNote, tapEnv, useIsolatedNetns } from '../helpers/env';
 
 const REQUIRED = process.env.MQTAP_VM_REQUIRED === '1';
@@ -193,32 +193,18 @@ describe.skipIf(!base.ok && !REQUIRED)(`CLI errors: one message, one hint, no st
   }
 
   it('hotplug: QEMU refuses netdev_add (a fake QMP server): exit 1, the undone hotplug reported once', async () => {
-    // A QMP server that greets, accepts capabilities and getfd, refuses netdev_add
+    // A fake QEMU (test/helpers/fake-qmp) that greets, accepts capabilities and getfd, refuses netdev_add
     // and takes the closefd of the undo: hotplugFds logs the failure (debug)
     // and throws it; only the CLI reports it.
-    const path = join(tmp, 'fake-qmp.sock');
-    const commands: string[] = [];
-    const server = createServer((sock) => {
-      sock.write(`${JSON.stringify({ QMP: { version: { qemu: { major: 8, minor: 0, micro: 0 }, package: 'fake' }, capabilities: [] } })}\r\n`);
-      let pending = '';
-      sock.on('data', (d) => {
-        pending += d.toString('utf8');
-        for (let nl = pending.indexOf('\n'); nl >= 0; nl = pending.indexOf('\n')) {
-          const m = JSON.parse(pending.slice(0, nl)) as { execute: string; id?: unknown };
-          pending = pending.slice(nl + 1);
-          commands.push(m.execute);
-          const reply = m.execute === 'netdev_add' ? { error: { class: 'GenericError', desc: 'Duplicate ID' } } : { return: {} };
-          sock.write(`${JSON.stringify({ ...reply, id: m.id })}\r\n`);
-        }
-      });
+    const fake = await fakeQemu((cmd) => (cmd.execute === 'netdev_add' ? { error: { class: 'GenericError', desc: 'Duplicate ID' } } : { return: {} }), {
+      greeting: { QMP: { version: { qemu: { major: 8, minor: 0, micro: 0 }, package: 'fake' }, capabilities: [] } },
     });
-    await new Promise<void>((resolve) => server.listen(path, resolve));
     try {
       for (const debug of [false, true]) {
-        commands.length = 0;
-        const r = await mqtap({ args: ['hotplug', '--qmp', path, '--queues', '2', '--id', 'n1', '--vhost', 'off'], exit: 1, says: /./ }, debug);
+        fake.log.length = 0;
+        const r = await mqtap({ args: ['hotplug', '--qmp', fake.path, '--queues', '2', '--id', 'n1', '--vhost', 'off'], exit: 1, says: /./ }, debug);
         expect(r.code, r.stderr).toBe(1);
-        expect(commands).toEqual(['qmp_capabilities', 'getfd', 'getfd', 'netdev_add', 'closefd', 'closefd']);
+        expect(fake.commands()).toEqual(['qmp_capabilities', 'getfd', 'getfd', 'netdev_add', 'closefd', 'closefd']);
         const lines = r.stderr.split('\n');
         const reports = lines.filter((l) => l.startsWith('mqtap: ') && !l.startsWith('mqtap: debug: ') && !l.startsWith('mqtap: info: '));
         expect(reports, r.stderr).toEqual([expect.stringMatching(/^mqtap: hotplug n1: netdev_add failed: QMP netdev_add failed: Duplicate ID .*undone$/)]);
@@ -228,7 +214,7 @@ describe.skipIf(!base.ok && !REQUIRED)(`CLI errors: one message, one hint, no st
         expect(listTaps().map((t) => t.name).sort()).toEqual(FIXTURES);
       }
     } finally {
-      await new Promise<void>((resolve) => server.close(() => resolve()));
+      fake.close();
     }
   });
 
