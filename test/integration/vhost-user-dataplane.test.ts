@@ -88,6 +88,13 @@ describe.skipIf(!env.ok)(`vhost-user data plane${skipNote(env)}`, () => {
     return r;
   }
 
+  /** A UDP socket on LOCAL, closed after the test. */
+  async function udpSocket(): Promise<dgram.Socket> {
+    const s = await bindUdp(LOCAL);
+    cleanup.push(() => s.close());
+    return s;
+  }
+
   const feats = (o: Partial<DataPlaneFeatures> = {}): DataPlaneFeatures => ({ eventIdx: false, mrgRxbuf: false, indirectDesc: false, vnetHdrSize: 12, ...o });
 
   /** Puts frame i of a TX ring in buffer/descriptor `slot` (one descriptor: header + frame). */
@@ -138,8 +145,7 @@ describe.skipIf(!env.ok)(`vhost-user data plane${skipNote(env)}`, () => {
   ])('$what', ({ eventIdx }) => {
     it('TX: frames from 4 pairs reach the kernel byte-exact, counted by the kernel and by counters()', async () => {
       const { tap, dp, mem } = setup();
-      const s = await bindUdp(LOCAL);
-      cleanup.push(() => s.close());
+      const s = await udpSocket();
       const port = s.address().port;
       const got = new Map<number, Buffer>();
       s.on('message', (msg, rinfo) => got.set(rinfo.port, msg));
@@ -207,8 +213,7 @@ describe.skipIf(!env.ok)(`vhost-user data plane${skipNote(env)}`, () => {
     it('RX: datagrams to the peer land in the 4 pairs\' RX rings byte-exact, each exactly once', async () => {
       const { dp, mem } = setup();
       const rings = startRings(dp, mem, 'rx', 128, { features: feats({ eventIdx }) });
-      const s = await bindUdp(LOCAL);
-      cleanup.push(() => s.close());
+      const s = await udpSocket();
       const N = 64;
       for (let i = 0; i < N; i++) await send(s, Buffer.from(`to guest ${i} ${'q'.repeat(i * 3)}`), 30000 + i);
       const got = new Map<number, { pair: number; payload: Buffer; numBuffers: number }>();
@@ -279,8 +284,7 @@ describe.skipIf(!env.ok)(`vhost-user data plane${skipNote(env)}`, () => {
     it(mrg ? 'a 1514-byte frame spans 3 buffers, num_buffers = 3, byte-exact' : 'a 1514-byte frame is dropped and counted, the buffers stay, small frames still arrive', async () => {
       const { dp, mem } = setup();
       const rings = startRings(dp, mem, 'rx', 64, { bufSize: 512, features: feats({ mrgRxbuf: mrg }) });
-      const s = await bindUdp(LOCAL);
-      cleanup.push(() => s.close());
+      const s = await udpSocket();
       const N = 16;
       const big = (i: number): Buffer => Buffer.alloc(1472, `big ${i} `); // 14 + 20 + 8 + 1472 = 1514
       for (let i = 0; i < N; i++) await send(s, big(i), 31000 + i);
@@ -318,8 +322,7 @@ describe.skipIf(!env.ok)(`vhost-user data plane${skipNote(env)}`, () => {
     const { dp, mem } = setup();
     // 2 x 512 = 1024 bytes in all: a 1514-byte frame can never fit.
     const rings = startRings(dp, mem, 'rx', 2, { bufSize: 512, features: feats({ mrgRxbuf: true }) });
-    const s = await bindUdp(LOCAL);
-    cleanup.push(() => s.close());
+    const s = await udpSocket();
     const dropped = (): bigint => [0, 1, 2, 3].reduce((a, p) => a + dp.counters(p).rxDropped, 0n);
     for (let i = 0; i < 4; i++) await send(s, Buffer.alloc(1472, i), 38000 + i);
     await until(() => dropped() >= 4n);
@@ -350,8 +353,7 @@ describe.skipIf(!env.ok)(`vhost-user data plane${skipNote(env)}`, () => {
     { mode: 'eventIdx' as const, eventIdx: true },
   ])('a driver that kicks only when asked ($mode) loses no wake-up: TX rounds and RX refills all go through', async ({ mode, eventIdx }) => {
     const { dp, mem, tap } = setup();
-    const s = await bindUdp(LOCAL);
-    cleanup.push(() => s.close());
+    const s = await udpSocket();
     const linkBefore = getLink(tap.name)!.stats!.rxPackets;
     // TX on pair 0: 200 rounds of 1..8 frames, each round published as soon as the previous is used.
     const tx = ring(mem, 16, 256);
@@ -412,8 +414,7 @@ describe.skipIf(!env.ok)(`vhost-user data plane${skipNote(env)}`, () => {
 
   it('calls honour the guest: VRING_AVAIL_F_NO_INTERRUPT without EVENT_IDX, used_event with it', async () => {
     const { dp, mem } = setup();
-    const s = await bindUdp(LOCAL);
-    cleanup.push(() => s.close());
+    const s = await udpSocket();
     const got = new Set<number>();
     s.on('message', (_m, rinfo) => got.add(rinfo.port));
     let port = 40100;
@@ -459,8 +460,7 @@ describe.skipIf(!env.ok)(`vhost-user data plane${skipNote(env)}`, () => {
 
   it('buffers that straddle the border between two regions are split there, both ways (GPA and user addresses differ)', async () => {
     const { dp, mem } = setup();
-    const s = await bindUdp(LOCAL);
-    cleanup.push(() => s.close());
+    const s = await udpSocket();
     const got = new Map<number, Buffer>();
     s.on('message', (m, rinfo) => got.set(rinfo.port, m));
     const border = mem.size / 2;
@@ -509,8 +509,7 @@ describe.skipIf(!env.ok)(`vhost-user data plane${skipNote(env)}`, () => {
   it('no guest buffers: the tap is not read (nothing dropped) until the RX kick, then every frame arrives', async () => {
     const { dp, mem } = setup();
     const rings = startRings(dp, mem, 'rx', 64, { post: false, features: (p) => feats({ eventIdx: p % 2 === 0 }) });
-    const s = await bindUdp(LOCAL);
-    cleanup.push(() => s.close());
+    const s = await udpSocket();
     const N = 24;
     for (let i = 0; i < N; i++) await send(s, Buffer.from(`wait ${i}`), 33000 + i);
     await sleep(150);
@@ -565,8 +564,7 @@ describe.skipIf(!env.ok)(`vhost-user data plane${skipNote(env)}`, () => {
 
   it('each malformed TX ring stops only itself, with the reason, err fd and notify fd; the other rings keep moving frames', async () => {
     const { dp, mem } = setup();
-    const s = await bindUdp(LOCAL);
-    cleanup.push(() => s.close());
+    const s = await udpSocket();
     const got = new Set<number>();
     s.on('message', (_m, rinfo) => got.add(rinfo.port));
     const healthy: DriverRing[] = [];
@@ -608,8 +606,7 @@ describe.skipIf(!env.ok)(`vhost-user data plane${skipNote(env)}`, () => {
     const rings = startRings(dp, mem, 'rx', 64);
     // Pair 0's first buffer is device-readable: not a receive buffer.
     rings[0]!.setDesc(0, mem.gpa(rings[0]!.bufOffset(0)), 2048, 0);
-    const s = await bindUdp(LOCAL);
-    cleanup.push(() => s.close());
+    const s = await udpSocket();
     const N = 64;
     for (let i = 0; i < N; i++) await send(s, Buffer.from(`rx ${i}`), 35000 + i);
     await until(() => dp.ringStatus(0, 'rx').state === 'failed');
@@ -632,8 +629,7 @@ describe.skipIf(!env.ok)(`vhost-user data plane${skipNote(env)}`, () => {
     const extra = new GuestMem(`mqtap-vu-extra-${process.pid}-${seq++}`, 1 << 20);
     cleanup.push(() => extra.close());
     const GPA2 = 0x8000_0000n;
-    const s = await bindUdp(LOCAL);
-    cleanup.push(() => s.close());
+    const s = await udpSocket();
     let received = 0;
     s.on('message', () => received++);
     const frame = udp4Frame({ dstMac: TAP_MAC, srcMac: PEER_MAC, srcIp: PEER, dstIp: LOCAL, srcPort: 41000, dstPort: s.address().port, payload: Buffer.alloc(1400, 7) });
@@ -706,8 +702,7 @@ describe.skipIf(!env.ok)(`vhost-user data plane${skipNote(env)}`, () => {
     }
     dp.startRing(3, 'rx', rings[3]!.config(dp.ringStatus(3, 'rx').lastAvailIdx), feats());
     tap.queues[3]!.enable(); // after the ring started, and no RX kick: the worker must notice on its own
-    const s = await bindUdp(LOCAL);
-    cleanup.push(() => s.close());
+    const s = await udpSocket();
     const got = new Map<number, { pair: number; payload: Buffer; numBuffers: number; lens: number[] }>();
     let port = 42000;
     await until(() => {
@@ -750,8 +745,7 @@ describe.skipIf(!env.ok)(`vhost-user data plane${skipNote(env)}`, () => {
       tx.push(ring(mem, 256));
       rx.push(ring(mem, 256));
     }
-    const s = await bindUdp(LOCAL);
-    cleanup.push(() => s.close());
+    const s = await udpSocket();
     const fds = openFds();
     const threads = (): number => readdirSync('/proc/self/task').length;
     const threadsBefore = threads();
