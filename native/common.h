@@ -63,14 +63,15 @@ int OpenCloexec(const std::string& path, int flags);
 // checked it; "" for the ioctls that fill the name in).
 struct ifreq IfReqFor(const std::string& name = std::string());
 
-// Zeroed anonymous memory (mmap, committed lazily, page-aligned, never
-// moved) as an ArrayBuffer that unmaps it when collected.  Throws
-// MqtapError(op, mmap) on failure.  Shared by allocPages (mem.cc) and the
-// receive slab of QueueIo (io.cc).
-Napi::ArrayBuffer MappedArrayBuffer(Napi::Env env, size_t len, const char* op);
-// The same over mmap(MAP_SHARED) of `fd` at `offset` (page-aligned): memory a
-// test shares with the vhost-user data plane (native/vhost_user.cc).
-Napi::ArrayBuffer MappedArrayBuffer(Napi::Env env, size_t len, const char* op, int fd, off_t offset);
+// mmap(len) read/write as an ArrayBuffer that unmaps it when collected;
+// the memory never moves.  fd -1: zeroed anonymous private memory
+// (committed lazily, page-aligned): allocPages (mem.cc) and QueueIo's
+// control block and receive slab (io.cc).  Otherwise MAP_SHARED of `fd` at
+// `offset` (page-aligned): memory a test shares with the vhost-user data
+// plane (mmapShared, native/vhost_user.cc).  `addressable`: entered in the
+// registry addressOf() accepts (allocPages and mmapShared memory).  Throws
+// MqtapError(op, mmap) on failure, leaving nothing mapped.
+Napi::ArrayBuffer MappedArrayBuffer(Napi::Env env, size_t len, const char* op, int fd, off_t offset, bool addressable);
 
 // The `constants` object on the exports, created on first use.  Values come
 // from the kernel headers the addon was built against, never typed by hand.

@@ -325,7 +325,7 @@ class QueueIo : public Napi::ObjectWrap<QueueIo> {
 
     // Shared control block: counters, state words, rx descriptors.
     size_t ctl_len = kCtlHeader + 2 * batch_ * sizeof(uint32_t);
-    Napi::ArrayBuffer control = MappedArrayBuffer(env, ctl_len, "QUEUE_IO");
+    Napi::ArrayBuffer control = MappedArrayBuffer(env, ctl_len, "QUEUE_IO", -1, 0, false);
     void* ctl = control.Data();
     counters_ = static_cast<double*>(ctl);
     state_ = reinterpret_cast<int32_t*>(static_cast<char*>(ctl) + kCounters * sizeof(double));
@@ -333,7 +333,7 @@ class QueueIo : public Napi::ObjectWrap<QueueIo> {
     control_ = Napi::Persistent(control);
 
     // The receive slab: anonymous memory, so untouched slot tails cost nothing.
-    Napi::ArrayBuffer slab = MappedArrayBuffer(env, static_cast<size_t>(batch_) * slot_size_, "QUEUE_IO");
+    Napi::ArrayBuffer slab = MappedArrayBuffer(env, static_cast<size_t>(batch_) * slot_size_, "QUEUE_IO", -1, 0, false);
     slab_base_ = static_cast<uint8_t*>(slab.Data());
     slab_ = Napi::Persistent(slab);
 

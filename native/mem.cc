@@ -9,10 +9,11 @@
 // addressOf() hands a process address to the kernel (vhost memory table,
 // vring addresses), which keeps using it behind JavaScript's back.  Only
 // memory that cannot move or be freed while its ArrayBuffer lives qualifies,
-// so addressOf() accepts allocPages() memory only: the live allocPages
-// ranges are kept in a registry (entered on allocation, removed by the
-// finalizer before munmap), and anything else (a Buffer from Node's pool, a
-// plain ArrayBuffer the GC may move or free) is a TypeError.
+// so addressOf() accepts allocPages() memory only (and mmapShared()'s, made
+// by the same MappedArrayBuffer): the live ranges are kept in a registry
+// (entered on mapping, removed by the finalizer before munmap), and anything
+// else (a Buffer from Node's pool, a plain ArrayBuffer the GC may move or
+// free, QueueIo's slab) is a TypeError.
 #include <sys/eventfd.h>
 #include <sys/mman.h>
 #include <unistd.h>
@@ -54,39 +55,22 @@ bool InAllocatedPages(uintptr_t p, size_t len) {
   return p >= it->first && p - it->first <= it->second && len <= it->second - (p - it->first);
 }
 
-Napi::ArrayBuffer NewMapped(Napi::Env env, size_t len, const char* op, bool registered) {
-  void* addr = mmap(nullptr, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+}  // namespace
+
+// One mmap as an ArrayBuffer (see common.h): anonymous private memory for
+// fd -1, else a MAP_SHARED mapping of fd at offset; registered for
+// addressOf() when `addressable`.
+Napi::ArrayBuffer MappedArrayBuffer(Napi::Env env, size_t len, const char* op, int fd, off_t offset, bool addressable) {
+  int flags = fd < 0 ? MAP_PRIVATE | MAP_ANONYMOUS : MAP_SHARED;
+  void* addr = mmap(nullptr, len, PROT_READ | PROT_WRITE, flags, fd < 0 ? -1 : fd, fd < 0 ? 0 : offset);
   if (addr == MAP_FAILED) ThrowSys(env, op, "mmap", errno);
-  auto* m = new Mapping{addr, len, registered};
+  auto* m = new Mapping{addr, len, addressable};
   try {
     Napi::ArrayBuffer ab = Napi::ArrayBuffer::New(env, addr, len, Unmap, m);
-    if (registered) {
+    if (addressable) {
       std::lock_guard<std::mutex> lock(g_pages_mu);
       g_pages[reinterpret_cast<uintptr_t>(addr)] = len;
     }
-    return ab;
-  } catch (...) {  // the finalizer was never attached: unmap here
-    munmap(addr, len);
-    delete m;
-    throw;
-  }
-}
-
-}  // namespace
-
-Napi::ArrayBuffer MappedArrayBuffer(Napi::Env env, size_t len, const char* op) { return NewMapped(env, len, op, false); }
-
-// A MAP_SHARED mapping of an fd (vhost-user tests map a memfd as QEMU does).
-// Like allocPages() memory it stays at one address until its finalizer
-// unmaps it, so it is registered and addressOf() accepts it.
-Napi::ArrayBuffer MappedArrayBuffer(Napi::Env env, size_t len, const char* op, int fd, off_t offset) {
-  void* addr = mmap(nullptr, len, PROT_READ | PROT_WRITE, MAP_SHARED, fd, offset);
-  if (addr == MAP_FAILED) ThrowSys(env, op, "mmap", errno);
-  auto* m = new Mapping{addr, len, true};
-  try {
-    Napi::ArrayBuffer ab = Napi::ArrayBuffer::New(env, addr, len, Unmap, m);
-    std::lock_guard<std::mutex> lock(g_pages_mu);
-    g_pages[reinterpret_cast<uintptr_t>(addr)] = len;
     return ab;
   } catch (...) {  // the finalizer was never attached: unmap here
     munmap(addr, len);
@@ -104,7 +88,7 @@ Napi::Value AllocPages(const Napi::CallbackInfo& info) {
   if (bytes == 0) ThrowArg(env, "allocPages: size must be > 0");
   long page = sysconf(_SC_PAGESIZE);
   size_t len = (static_cast<size_t>(bytes) + page - 1) / page * page;
-  return NewMapped(env, len, "ALLOC_PAGES", true);
+  return MappedArrayBuffer(env, len, "ALLOC_PAGES", -1, 0, true);
 }
 
 // addressOf(arrayBuffer | typed array): the process address of its first

@@ -1044,7 +1044,7 @@ Napi::Value MmapShared(const Napi::CallbackInfo& info) {
   uint32_t len = ArgUint(info, 1);
   uint32_t off = info.Length() > 2 ? ArgUint(info, 2) : 0;
   if (len == 0) ThrowArg(info.Env(), "mmapShared: size must be > 0");
-  return MappedArrayBuffer(info.Env(), len, "MMAP_SHARED", fd, off);
+  return MappedArrayBuffer(info.Env(), len, "MMAP_SHARED", fd, off, true);
 }
 
 }  // namespace

@@ -1,15 +1,23 @@
 /**
- * Private device nodes for tests, so that a device's mode is a fixture of the
- * test and not whatever the host happens to have (/dev/net/tun is 0666 on most
- * distributions, 0600 on some).
+ * Device nodes of the test's own, so that a device's presence and mode are
+ * fixtures of the test and not whatever the host happens to have
+ * (/dev/net/tun is 0666 on most distributions, 0600 on some; /dev/vhost-net
+ * is missing on many).  Two ways, both needing root:
  *
- * `makeNodeDir()` makes a fresh directory, traversable by every user, on a
- * filesystem that allows device nodes (a /tmp mounted `nodev` — systemd's
- * tmp.mount, many containers — makes every node in it unopenable, even for
- * root, with EACCES), and `tunNode()` creates the tun device's node in it
- * with the given mode.  The caller removes the directory (`remove()`).
+ * - `makeNodeDir()` makes a fresh directory, traversable by every user, on a
+ *   filesystem that allows device nodes (a /tmp mounted `nodev` — systemd's
+ *   tmp.mount, many containers — makes every node in it unopenable, even for
+ *   root, with EACCES), and `tunNode()` creates the tun device's node in it
+ *   with the given mode, for code that takes a device path.  The caller
+ *   removes the directory (`remove()`).  Needs the `mknod` command.
+ * - `ownDev()` is an argv prefix that runs a command in a private mount
+ *   namespace with a tmpfs on /dev holding /dev/null and, if asked,
+ *   /dev/net/tun, nothing else: "a host without /dev/vhost-net" (or without
+ *   /dev/net/tun, or with a root-only one) for a whole child process.  Needs
+ *   util-linux `unshare`; the network namespace is the caller's.
+ *   `wrapperProblem()` says why such a prefix cannot run here.
  */
-import { execFileSync } from 'node:child_process';
+import { execFileSync, spawnSync } from 'node:child_process';
 import { chmodSync, mkdtempSync, rmSync, statSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
@@ -83,4 +91,22 @@ export function modeAllowsRw(path: string, uid: number, gid: number): boolean {
   const st = statSync(path);
   const bits = st.uid === uid ? st.mode >> 6 : st.gid === gid ? st.mode >> 3 : st.mode;
   return (bits & 0o6) === 0o6;
+}
+
+/** argv prefix: `[...ownDev('666'), 'node', ...]` runs node with a /dev of its own (tun: that mode, or no tun node). */
+export function ownDev(tun: '666' | '600' | null): string[] {
+  const script = [
+    'mount -t tmpfs -o mode=755 mqtap-dev /dev',
+    'mknod -m 666 /dev/null c 1 3',
+    ...(tun ? ['mkdir /dev/net', `mknod -m ${tun} /dev/net/tun c ${TUN_MAJOR} ${TUN_MINOR}`] : []),
+    'exec "$@"',
+  ].join(' && ');
+  return ['unshare', '--mount', '--propagation', 'private', 'sh', '-c', script, 'sh'];
+}
+
+/** Why `prefix` cannot run `node` reading `file` here ('' when it can). */
+export function wrapperProblem(prefix: readonly string[], file: string): string {
+  const r = spawnSync(prefix[0]!, [...prefix.slice(1), process.execPath, '-e', `require('fs').accessSync(${JSON.stringify(file)}, require('fs').constants.R_OK)`], { encoding: 'utf8', timeout: 30_000 });
+  if (r.error) return `${prefix[0]}: ${r.error.message}`;
+  return r.status === 0 ? '' : `${prefix.join(' ').slice(0, 40)}... failed: ${String(r.stderr).trim().split('\n')[0]}`;
 }

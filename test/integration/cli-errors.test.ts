@@ -15,46 +15,20 @@
  * /dev/net/tun, or with a root-only one) on any host; setpriv drops
  * CAP_NET_ADMIN or becomes uid 65534.
  */
-import { spawn as spawnChild, spawnSync } from 'node:child_process';
-import { chmodSync, existsSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { chmodSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
-import { createServer } from 'node:net';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { listTaps } from '../../lib/tap/links';
-import { ownDev, wrapperProblem } from '../helpers/devnodes';
-import { haveCommand, ipLink, skipNote, tapEnv, useIsolatedNetns } from '../helpers/env';
+import { CLI, cliBuiltReason, runCliAsync, type CliRun } from '../helpers/cli';
+import { ownDev, wrapperProblem } from '../helpers/devnode';
+import { fakeQemu } from '../helpers/fake-qmp';
+import { haveCommand, ipLink, run, skipNote, tapEnv, useIsolatedNetns } from '../helpers/env';
 
-const ROOT = join(__dirname, '..', '..');
-const CLI = join(ROOT, 'dist', 'bin', 'mqtap.js');
 const REQUIRED = process.env.MQTAP_VM_REQUIRED === '1';
 
 const env = tapEnv();
-const base = !env.ok ? env : existsSync(CLI) ? { ok: true, reason: '' } : { ok: false, reason: 'dist/bin/mqtap.js is not built (npm run build)' };
-
-interface Run {
-  status: number | null;
-  stdout: string;
-  stderr: string;
-}
-
-function spawnNow(argv: string[]): Run {
-  const r = spawnSync(argv[0]!, argv.slice(1), { encoding: 'utf8', timeout: 30_000 });
-  return { status: r.status, stdout: String(r.stdout), stderr: String(r.stderr) + (r.error ? `\n(spawn: ${r.error.message})` : '') };
-}
-
-/** Runs argv to its end without blocking the worker (vitest's RPC times out behind a long spawnSync). */
-function spawn(argv: string[], opts: { env?: NodeJS.ProcessEnv } = {}): Promise<Run> {
-  return new Promise((resolve) => {
-    const child = spawnChild(argv[0]!, argv.slice(1), { stdio: ['ignore', 'pipe', 'pipe'], timeout: 30_000, ...(opts.env ? { env: opts.env } : {}) });
-    let stdout = '';
-    let stderr = '';
-    child.stdout.setEncoding('utf8').on('data', (d: string) => (stdout += d));
-    child.stderr.setEncoding('utf8').on('data', (d: string) => (stderr += d));
-    child.on('error', (err) => resolve({ status: null, stdout, stderr: `${stderr}\n(spawn: ${err.message})` }));
-    child.on('close', (status) => resolve({ status, stdout, stderr }));
-  });
-}
+const base = !env.ok ? env : cliBuiltReason() ? { ok: false, reason: cliBuiltReason() } : { ok: true, reason: '' };
 
 const NOBODY = ['setpriv', '--reuid=65534', '--regid=65534', '--clear-groups'];
 const NO_NET_ADMIN = ['setpriv', '--bounding-set=-net_admin', '--inh-caps=-all'];
@@ -178,17 +152,17 @@ describe.skipIf(!base.ok && !REQUIRED)(`CLI errors: one message, one hint, no st
       ['tuntap', 'add', 'dev', 'mq0', 'mode', 'tap', 'multi_queue', 'vnet_hdr'],
       ['tuntap', 'add', 'dev', 'sq0', 'mode', 'tap'],
     ]) {
-      const r = spawnNow(['ip', ...args]);
-      if (r.status !== 0) throw new Error(`ip ${args.join(' ')}: ${r.stderr}`);
+      run('ip', args);
     }
   });
   afterAll(() => {
     if (tmp) rmSync(tmp, { recursive: true, force: true });
   });
 
-  function mqtap(c: Case, debug: boolean): Promise<Run> {
+  /** Without blocking the worker (vitest's RPC times out behind a long spawnSync). */
+  function mqtap(c: Case, debug: boolean): Promise<CliRun> {
     const args = typeof c.args === 'function' ? c.args(tmp) : c.args;
-    return spawn([...(c.wrap ? WRAPPERS[c.wrap] : []), process.execPath, CLI, ...(debug ? ['--debug'] : []), ...args], c.env ? { env: c.env } : {});
+    return runCliAsync([...(debug ? ['--debug'] : []), ...args], { timeoutMs: 30_000, ...(c.wrap ? { wrapper: WRAPPERS[c.wrap] } : {}), ...(c.env ? { env: c.env } : {}) });
   }
 
   for (const [title, c] of Object.entries(CASES)) {
@@ -197,7 +171,7 @@ describe.skipIf(!base.ok && !REQUIRED)(`CLI errors: one message, one hint, no st
       if (reason) throw new Error(`MQTAP_VM_REQUIRED=1 but: ${reason}`);
       const r = await mqtap(c, false);
       const lines = r.stderr.split('\n');
-      expect(r.status, r.stderr).toBe(c.exit);
+      expect(r.code, r.stderr).toBe(c.exit);
       expect(lines.filter((l) => l.startsWith('mqtap: ')), r.stderr).toHaveLength(1);
       expect(lines.filter((l) => l.startsWith('hint: ')), r.stderr).toHaveLength(1);
       expect(lines.find((l) => l.startsWith('mqtap: '))).toMatch(c.says);
@@ -211,7 +185,7 @@ describe.skipIf(!base.ok && !REQUIRED)(`CLI errors: one message, one hint, no st
 
       if (c.parser || c.noStack) return;
       const d = await mqtap(c, true);
-      expect(d.status, d.stderr).toBe(c.exit);
+      expect(d.code, d.stderr).toBe(c.exit);
       expect(d.stderr).toMatch(c.says);
       expect(d.stderr, 'with --debug the stack is shown').toMatch(/^\w*Error: .*\n(\s+at .+:\d+:\d+\)?\n)+/m);
       expect(listTaps().map((t) => t.name).sort()).toEqual(FIXTURES);
@@ -219,32 +193,18 @@ describe.skipIf(!base.ok && !REQUIRED)(`CLI errors: one message, one hint, no st
   }
 
   it('hotplug: QEMU refuses netdev_add (a fake QMP server): exit 1, the undone hotplug reported once', async () => {
-    // A QMP server that greets, accepts capabilities and getfd, refuses netdev_add
+    // A fake QEMU (test/helpers/fake-qmp) that greets, accepts capabilities and getfd, refuses netdev_add
     // and takes the closefd of the undo: hotplugFds logs the failure (debug)
     // and throws it; only the CLI reports it.
-    const path = join(tmp, 'fake-qmp.sock');
-    const commands: string[] = [];
-    const server = createServer((sock) => {
-      sock.write(`${JSON.stringify({ QMP: { version: { qemu: { major: 8, minor: 0, micro: 0 }, package: 'fake' }, capabilities: [] } })}\r\n`);
-      let pending = '';
-      sock.on('data', (d) => {
-        pending += d.toString('utf8');
-        for (let nl = pending.indexOf('\n'); nl >= 0; nl = pending.indexOf('\n')) {
-          const m = JSON.parse(pending.slice(0, nl)) as { execute: string; id?: unknown };
-          pending = pending.slice(nl + 1);
-          commands.push(m.execute);
-          const reply = m.execute === 'netdev_add' ? { error: { class: 'GenericError', desc: 'Duplicate ID' } } : { return: {} };
-          sock.write(`${JSON.stringify({ ...reply, id: m.id })}\r\n`);
-        }
-      });
+    const fake = await fakeQemu((cmd) => (cmd.execute === 'netdev_add' ? { error: { class: 'GenericError', desc: 'Duplicate ID' } } : { return: {} }), {
+      greeting: { QMP: { version: { qemu: { major: 8, minor: 0, micro: 0 }, package: 'fake' }, capabilities: [] } },
     });
-    await new Promise<void>((resolve) => server.listen(path, resolve));
     try {
       for (const debug of [false, true]) {
-        commands.length = 0;
-        const r = await mqtap({ args: ['hotplug', '--qmp', path, '--queues', '2', '--id', 'n1', '--vhost', 'off'], exit: 1, says: /./ }, debug);
-        expect(r.status, r.stderr).toBe(1);
-        expect(commands).toEqual(['qmp_capabilities', 'getfd', 'getfd', 'netdev_add', 'closefd', 'closefd']);
+        fake.log.length = 0;
+        const r = await mqtap({ args: ['hotplug', '--qmp', fake.path, '--queues', '2', '--id', 'n1', '--vhost', 'off'], exit: 1, says: /./ }, debug);
+        expect(r.code, r.stderr).toBe(1);
+        expect(fake.commands()).toEqual(['qmp_capabilities', 'getfd', 'getfd', 'netdev_add', 'closefd', 'closefd']);
         const lines = r.stderr.split('\n');
         const reports = lines.filter((l) => l.startsWith('mqtap: ') && !l.startsWith('mqtap: debug: ') && !l.startsWith('mqtap: info: '));
         expect(reports, r.stderr).toEqual([expect.stringMatching(/^mqtap: hotplug n1: netdev_add failed: QMP netdev_add failed: Duplicate ID .*undone$/)]);
@@ -254,13 +214,13 @@ describe.skipIf(!base.ok && !REQUIRED)(`CLI errors: one message, one hint, no st
         expect(listTaps().map((t) => t.name).sort()).toEqual(FIXTURES);
       }
     } finally {
-      await new Promise<void>((resolve) => server.close(() => resolve()));
+      fake.close();
     }
   });
 
   it('--json: the error as JSON on stdout (with its hint), the same two lines on stderr', async () => {
     const r = await mqtap({ args: ['show', 'nope0', '--json'], exit: 3, says: /./ }, false);
-    expect(r.status).toBe(3);
+    expect(r.code).toBe(3);
     expect(JSON.parse(r.stdout).error).toMatchObject({ code: 'ENODEV', op: 'LOOKUP', hint: expect.stringMatching(/mqtap show/) });
     expect(r.stderr).toMatch(/^mqtap: no tap named nope0\nhint: .*\n$/);
   });

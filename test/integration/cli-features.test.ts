@@ -9,17 +9,14 @@
  * them) and separately, with this host's /dev and with a /dev of our own
  * without /dev/vhost-net (so the note is there on any host).
  */
-import { spawnSync } from 'node:child_process';
-import { existsSync } from 'node:fs';
-import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
-import { ownDev, wrapperProblem } from '../helpers/devnodes';
+import { CLI, cliBuiltReason, runCli, type CliRun } from '../helpers/cli';
+import { ownDev, wrapperProblem } from '../helpers/devnode';
 import { haveCommand, skipNote, tapEnv, useIsolatedNetns } from '../helpers/env';
 
-const CLI = join(__dirname, '..', '..', 'dist', 'bin', 'mqtap.js');
 const REQUIRED = process.env.MQTAP_VM_REQUIRED === '1';
 const env = tapEnv();
-const base = !env.ok ? env : existsSync(CLI) ? { ok: true, reason: '' } : { ok: false, reason: 'dist/bin/mqtap.js is not built (npm run build)' };
+const base = !env.ok ? env : cliBuiltReason() ? { ok: false, reason: cliBuiltReason() } : { ok: true, reason: '' };
 
 const ROWS = [
   'kernel',
@@ -58,11 +55,9 @@ function parse(text: string): Parsed {
   return { rows, notes: blank < 0 ? [] : lines.slice(blank + 1) };
 }
 
-function features(prefix: string[], merged: boolean): { status: number | null; stdout: string; stderr: string } {
-  const argv = merged ? ['sh', '-c', 'exec "$@" 2>&1', 'sh', process.execPath, CLI, 'features'] : [process.execPath, CLI, 'features'];
-  const all = [...prefix, ...argv];
-  const r = spawnSync(all[0]!, all.slice(1), { encoding: 'utf8', timeout: 30_000 });
-  return { status: r.status, stdout: String(r.stdout), stderr: String(r.stderr) };
+/** `mqtap features` behind `prefix`; `merged`: its stderr goes to the same pipe as its stdout. */
+function features(prefix: string[], merged: boolean): CliRun {
+  return runCli(['features'], { timeoutMs: 30_000, wrapper: merged ? [...prefix, 'sh', '-c', 'exec "$@" 2>&1', 'sh'] : prefix });
 }
 
 describe.skipIf(!base.ok && !REQUIRED)(`mqtap features: one row per line, notes apart${skipNote(base)}`, () => {
@@ -77,7 +72,7 @@ describe.skipIf(!base.ok && !REQUIRED)(`mqtap features: one row per line, notes 
   it("this host's /dev: every row on its own line, with the keys in order; stderr empty", () => {
     for (const merged of [false, true]) {
       const r = features([], merged);
-      expect(r.status, r.stderr).toBe(0);
+      expect(r.code, r.stderr).toBe(0);
       expect(r.stderr).toBe('');
       const p = parse(r.stdout);
       expect(p.rows.map(([k]) => k)).toEqual(ROWS);
@@ -94,7 +89,7 @@ describe.skipIf(!base.ok && !REQUIRED)(`mqtap features: one row per line, notes 
     if (why) throw new Error(`MQTAP_VM_REQUIRED=1 but: ${why}`);
     for (const merged of [false, true]) {
       const r = features(noVhost, merged);
-      expect(r.status, r.stderr).toBe(0);
+      expect(r.code, r.stderr).toBe(0);
       expect(r.stderr).toBe('');
       const p = parse(r.stdout);
       expect(p.rows.map(([k]) => k)).toEqual(ROWS);

@@ -28,6 +28,7 @@ import { getLink } from '../../lib/tap/links.js';
 import { native } from '../../lib/sys/native.js';
 import { deleteTap, openTap, type OpenTapOptions, type Tap } from '../../lib/tap/tap.js';
 import { need, needCommand, netnsSysctls, openFds, reuseFdNumber, run, skipNote, tapEnv, tryRun, useIsolatedNetns, useTapTracker } from '../helpers/env.js';
+import { bindUdp, sendUdp } from '../helpers/net.js';
 import { uringMissingReason } from '../helpers/probes.js';
 
 const env = tapEnv();
@@ -67,17 +68,8 @@ function parseUdp(f: Buffer): { dport: number; payload: Buffer } | undefined {
   return u?.dstIp === PEER ? { dport: u.dstPort, payload: u.payload } : undefined;
 }
 
-async function bindUdp(address: string): Promise<dgram.Socket> {
-  const s = dgram.createSocket('udp4');
-  await new Promise<void>((resolve, reject) => {
-    s.once('error', reject);
-    s.bind(0, address, () => resolve());
-  });
-  return s;
-}
-
-function send(s: dgram.Socket, payload: Buffer, port: number, to = PEER): Promise<void> {
-  return new Promise((resolve, reject) => s.send(payload, port, to, (err) => (err ? reject(err) : resolve())));
+function send(s: dgram.Socket, payload: Buffer, port: number): Promise<void> {
+  return sendUdp(s, payload, port, PEER);
 }
 
 /** Polls `done` for up to ~10 s (a bound for broken builds; no timing is asserted). */

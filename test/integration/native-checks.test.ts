@@ -14,16 +14,7 @@ import { getLink, getTap } from '../../lib/tap/links.js';
 import { native } from '../../lib/sys/native.js';
 import { possibleCpus } from '../../lib/datapath/qstats.js';
 import { catchError, skipNote, tapEnv, useIsolatedNetns } from '../helpers/env.js';
-
-/** Whatever fn throws (a TypeError too). */
-function thrown(fn: () => unknown): Error {
-  try {
-    fn();
-  } catch (e) {
-    return e as Error;
-  }
-  throw new Error('expected a throw');
-}
+import { thrownBy } from '../helpers/errors.js';
 
 const env = tapEnv();
 const BC = native.bpfConstants;
@@ -56,11 +47,11 @@ describe.skipIf(!!noBpf)(`bpfMapLookupElem checks the buffer sizes itself${noBpf
       // What lib/ would pass if it forgot the rounding, or the per-CPU factor:
       for (const short of [need - 1, 12 * cpus, 16]) {
         if (short >= need) continue;
-        const e = thrown(() => native.bpfMapLookupElem(map, key, Buffer.alloc(short)));
+        const e = thrownBy(() => native.bpfMapLookupElem(map, key, Buffer.alloc(short)));
         expect(e).toBeInstanceOf(TypeError);
         expect(e.message).toContain(`value buffer is ${short} bytes; a value of this map is ${need} (12 rounded to 8, per possible CPU)`);
       }
-      expect(thrown(() => native.bpfMapLookupElem(map, Buffer.alloc(2), Buffer.alloc(need))).message).toMatch(/key is 2 bytes; the map's keys are 4/);
+      expect(thrownBy(() => native.bpfMapLookupElem(map, Buffer.alloc(2), Buffer.alloc(need))).message).toMatch(/key is 2 bytes; the map's keys are 4/);
       expect(native.bpfMapLookupElem(map, Buffer.from([9, 0, 0, 0]), Buffer.alloc(need))).toBe(false); // no such index: ENOENT
     } finally {
       native.close(map);
@@ -71,7 +62,7 @@ describe.skipIf(!!noBpf)(`bpfMapLookupElem checks the buffer sizes itself${noBpf
     const map = native.bpfMapCreate(BC.BPF_MAP_TYPE_ARRAY, 4, 24, 2, 0, 'mqtap_t_arr');
     try {
       expect(native.bpfMapLookupElem(map, Buffer.alloc(4), Buffer.alloc(24))).toBe(true);
-      expect(thrown(() => native.bpfMapLookupElem(map, Buffer.alloc(4), Buffer.alloc(23))).message).toMatch(/value buffer is 23 bytes; a value of this map is 24$/);
+      expect(thrownBy(() => native.bpfMapLookupElem(map, Buffer.alloc(4), Buffer.alloc(23))).message).toMatch(/value buffer is 23 bytes; a value of this map is 24$/);
     } finally {
       native.close(map);
     }

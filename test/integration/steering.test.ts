@@ -33,6 +33,7 @@ import { openTapIO, type QueueIO } from '../../lib/datapath/io.js';
 import { MICROSOFT_RSS_KEY, defaultIndirectionTable, rssInputIPv4, rssQueue, toeplitzHash } from '../../lib/datapath/steering.js';
 import { openTap, type Tap } from '../../lib/tap/tap.js';
 import { need, netnsSysctls, run, skipNote, tapEnv, useIsolatedNetns, useTapTracker } from '../helpers/env.js';
+import { bindUdp, sendUdp } from '../helpers/net.js';
 import { IPV4_VECTORS } from '../helpers/rss-vectors.js';
 
 const env = tapEnv();
@@ -73,17 +74,8 @@ function parse(f: Buffer, queue: number): Seen | undefined {
   return { queue, sport: u.srcPort, dport: u.dstPort, frame: Buffer.from(f) };
 }
 
-async function bindUdp(): Promise<dgram.Socket> {
-  const s = dgram.createSocket('udp4');
-  await new Promise<void>((resolve, reject) => {
-    s.once('error', reject);
-    s.bind(0, LOCAL, () => resolve());
-  });
-  return s;
-}
-
 function send(s: dgram.Socket, port: number): Promise<void> {
-  return new Promise((resolve, reject) => s.send(Buffer.from(`flow ${port}`), port, PEER, (err) => (err ? reject(err) : resolve())));
+  return sendUdp(s, Buffer.from(`flow ${port}`), port, PEER);
 }
 
 /** Reads every queue (tryRead) until `n` matching frames arrived or ~10 s passed. */
@@ -128,7 +120,7 @@ describe.skipIf(!env.ok)(`steering${skipNote(env)}`, () => {
 
   it('automatic steering: rx follows tx — the reply to a flow written on queue q comes back on q', async () => {
     const { ios: q } = upTap(4);
-    const s = await bindUdp();
+    const s = await bindUdp(LOCAL);
     sockets.push(s);
     const port = s.address().port;
     s.on('message', (msg, r) => s.send(msg, r.port, r.address)); // echo
@@ -147,7 +139,7 @@ describe.skipIf(!env.ok)(`steering${skipNote(env)}`, () => {
 
   it('automatic steering: fresh flows spread over all queues', async () => {
     const { ios: q } = upTap(4);
-    const s = await bindUdp();
+    const s = await bindUdp(LOCAL);
     sockets.push(s);
     for (let i = 0; i < 64; i++) await send(s, 30000 + i);
     const got = await collect(q, 64);
@@ -161,7 +153,7 @@ describe.skipIf(!env.ok)(`steering${skipNote(env)}`, () => {
   describe.skipIf(!!noBpf)(`eBPF steering${noBpf ? ` (skipped: ${noBpf})` : ''}`, () => {
     it('RSS: every flow lands on the queue lib/datapath/steering.ts computes; replace and detach', async () => {
       const { tap, ios: q } = upTap(4);
-      const s = await bindUdp();
+      const s = await bindUdp(LOCAL);
       sockets.push(s);
       const sport = s.address().port;
       const steering = attachSteering(tap, { queues: 4 });

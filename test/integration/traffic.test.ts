@@ -21,6 +21,7 @@ import { getLink } from '../../lib/tap/links.js';
 import { native } from '../../lib/sys/native.js';
 import { openTap, type OpenTapOptions, type Tap } from '../../lib/tap/tap.js';
 import { run, skipNote, tapEnv, useIsolatedNetns, useTapTracker } from '../helpers/env.js';
+import { bindUdp, sendUdp } from '../helpers/net.js';
 
 const env = tapEnv();
 
@@ -71,18 +72,6 @@ async function until(done: () => boolean, poll: () => void): Promise<void> {
   }
 }
 
-async function bindUdp(address: string): Promise<dgram.Socket> {
-  const s = dgram.createSocket('udp4');
-  await new Promise<void>((resolve, reject) => {
-    s.once('error', reject);
-    s.bind(0, address, () => {
-      s.off('error', reject);
-      resolve();
-    });
-  });
-  return s;
-}
-
 describe.skipIf(!env.ok)(`traffic${skipNote(env)}`, () => {
   useIsolatedNetns();
   const track = useTapTracker();
@@ -120,7 +109,7 @@ describe.skipIf(!env.ok)(`traffic${skipNote(env)}`, () => {
         const payload = Buffer.from(`mqtap kernel->tap #${i} ${'x'.repeat(i * 7)}`);
         const port = 40000 + i;
         want.set(port, payload);
-        await new Promise<void>((resolve, reject) => s.send(payload, port, PEER, (err) => (err ? reject(err) : resolve())));
+        await sendUdp(s, payload, port, PEER);
       }
       const got: Udp[] = [];
       const seen: number[] = [];
@@ -185,7 +174,7 @@ describe.skipIf(!env.ok)(`traffic${skipNote(env)}`, () => {
     const ports: number[] = [];
     for (let i = 0; i < 32; i++) {
       ports.push(41000 + i);
-      await new Promise<void>((resolve, reject) => s.send(Buffer.from(`flow ${i}`), 41000 + i, PEER, (err) => (err ? reject(err) : resolve())));
+      await sendUdp(s, Buffer.from(`flow ${i}`), 41000 + i, PEER);
     }
     const got: Udp[] = [];
     const seen: number[] = [];

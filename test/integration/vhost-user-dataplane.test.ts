@@ -24,6 +24,7 @@ import { openTap, type Tap } from '../../lib/tap/tap.js';
 import type { DataPlaneFeatures } from '../../lib/vhost-user/dataplane-api.js';
 import { openDataPlane, type NativeDataPlane } from '../../lib/vhost-user/dataplane.js';
 import { openFds, run, skipNote, tapEnv, useIsolatedNetns, useTapTracker } from '../helpers/env.js';
+import { bindUdp, sendUdp } from '../helpers/net.js';
 import { DriverRing, F_INDIRECT, F_NEXT, F_WRITE, GPA_BASE, GuestMem } from '../helpers/vu-driver.js';
 
 const env = tapEnv();
@@ -40,20 +41,8 @@ async function until(done: () => boolean, ms = 5000): Promise<void> {
   while (!done() && Date.now() < end) await sleep(5);
 }
 
-async function bindUdp(address: string): Promise<dgram.Socket> {
-  const s = dgram.createSocket('udp4');
-  await new Promise<void>((resolve, reject) => {
-    s.once('error', reject);
-    s.bind(0, address, () => {
-      s.off('error', reject);
-      resolve();
-    });
-  });
-  return s;
-}
-
 function send(s: dgram.Socket, payload: Buffer, port: number): Promise<void> {
-  return new Promise((resolve, reject) => s.send(payload, port, PEER, (err) => (err ? reject(err) : resolve())));
+  return sendUdp(s, payload, port, PEER);
 }
 
 describe.skipIf(!env.ok)(`vhost-user data plane${skipNote(env)}`, () => {
@@ -99,6 +88,13 @@ describe.skipIf(!env.ok)(`vhost-user data plane${skipNote(env)}`, () => {
     return r;
   }
 
+  /** A UDP socket on LOCAL, closed after the test. */
+  async function udpSocket(): Promise<dgram.Socket> {
+    const s = await bindUdp(LOCAL);
+    cleanup.push(() => s.close());
+    return s;
+  }
+
   const feats = (o: Partial<DataPlaneFeatures> = {}): DataPlaneFeatures => ({ eventIdx: false, mrgRxbuf: false, indirectDesc: false, vnetHdrSize: 12, ...o });
 
   /** Puts frame i of a TX ring in buffer/descriptor `slot` (one descriptor: header + frame). */
@@ -119,14 +115,37 @@ describe.skipIf(!env.ok)(`vhost-user data plane${skipNote(env)}`, () => {
     r.publish(heads);
   }
 
+  interface RingsOptions {
+    /** Bytes per buffer (default 2048). */
+    bufSize?: number;
+    /** The features each pair's ring starts with (default feats()). */
+    features?: DataPlaneFeatures | ((pair: number) => DataPlaneFeatures);
+    /** RX: post every buffer before the start (default true). */
+    post?: boolean;
+    /** Runs on each ring before it is posted and started. */
+    prepare?: (r: DriverRing) => void;
+  }
+
+  /** One `kind` ring of `num` buffers per pair, started (RX rings with every buffer posted first, unless post: false). */
+  function startRings(dp: NativeDataPlane, mem: GuestMem, kind: 'rx' | 'tx', num: number, o: RingsOptions = {}): DriverRing[] {
+    const rings: DriverRing[] = [];
+    for (let p = 0; p < PAIRS; p++) {
+      const r = ring(mem, num, o.bufSize);
+      o.prepare?.(r);
+      if (kind === 'rx' && o.post !== false) postRx(r);
+      dp.startRing(p, kind, r.config(), typeof o.features === 'function' ? o.features(p) : (o.features ?? feats()));
+      rings.push(r);
+    }
+    return rings;
+  }
+
   describe.each([
     { what: 'EVENT_IDX off', eventIdx: false },
     { what: 'EVENT_IDX on', eventIdx: true },
   ])('$what', ({ eventIdx }) => {
     it('TX: frames from 4 pairs reach the kernel byte-exact, counted by the kernel and by counters()', async () => {
       const { tap, dp, mem } = setup();
-      const s = await bindUdp(LOCAL);
-      cleanup.push(() => s.close());
+      const s = await udpSocket();
       const port = s.address().port;
       const got = new Map<number, Buffer>();
       s.on('message', (msg, rinfo) => got.set(rinfo.port, msg));
@@ -193,15 +212,8 @@ describe.skipIf(!env.ok)(`vhost-user data plane${skipNote(env)}`, () => {
 
     it('RX: datagrams to the peer land in the 4 pairs\' RX rings byte-exact, each exactly once', async () => {
       const { dp, mem } = setup();
-      const rings: DriverRing[] = [];
-      for (let p = 0; p < PAIRS; p++) {
-        const r = ring(mem, 128);
-        rings.push(r);
-        postRx(r);
-        dp.startRing(p, 'rx', r.config(), feats({ eventIdx }));
-      }
-      const s = await bindUdp(LOCAL);
-      cleanup.push(() => s.close());
+      const rings = startRings(dp, mem, 'rx', 128, { features: feats({ eventIdx }) });
+      const s = await udpSocket();
       const N = 64;
       for (let i = 0; i < N; i++) await send(s, Buffer.from(`to guest ${i} ${'q'.repeat(i * 3)}`), 30000 + i);
       const got = new Map<number, { pair: number; payload: Buffer; numBuffers: number }>();
@@ -271,15 +283,8 @@ describe.skipIf(!env.ok)(`vhost-user data plane${skipNote(env)}`, () => {
   ])('$what, 512-byte guest buffers', ({ mrg }) => {
     it(mrg ? 'a 1514-byte frame spans 3 buffers, num_buffers = 3, byte-exact' : 'a 1514-byte frame is dropped and counted, the buffers stay, small frames still arrive', async () => {
       const { dp, mem } = setup();
-      const rings: DriverRing[] = [];
-      for (let p = 0; p < PAIRS; p++) {
-        const r = ring(mem, 64, 512);
-        rings.push(r);
-        postRx(r);
-        dp.startRing(p, 'rx', r.config(), feats({ mrgRxbuf: mrg }));
-      }
-      const s = await bindUdp(LOCAL);
-      cleanup.push(() => s.close());
+      const rings = startRings(dp, mem, 'rx', 64, { bufSize: 512, features: feats({ mrgRxbuf: mrg }) });
+      const s = await udpSocket();
       const N = 16;
       const big = (i: number): Buffer => Buffer.alloc(1472, `big ${i} `); // 14 + 20 + 8 + 1472 = 1514
       for (let i = 0; i < N; i++) await send(s, big(i), 31000 + i);
@@ -315,15 +320,9 @@ describe.skipIf(!env.ok)(`vhost-user data plane${skipNote(env)}`, () => {
 
   it('MRG_RXBUF: a frame needing more buffers than the whole ring holds is dropped and counted, not a stall', async () => {
     const { dp, mem } = setup();
-    const rings: DriverRing[] = [];
-    for (let p = 0; p < PAIRS; p++) {
-      const r = ring(mem, 2, 512); // 1024 bytes in all: a 1514-byte frame can never fit
-      rings.push(r);
-      postRx(r);
-      dp.startRing(p, 'rx', r.config(), feats({ mrgRxbuf: true }));
-    }
-    const s = await bindUdp(LOCAL);
-    cleanup.push(() => s.close());
+    // 2 x 512 = 1024 bytes in all: a 1514-byte frame can never fit.
+    const rings = startRings(dp, mem, 'rx', 2, { bufSize: 512, features: feats({ mrgRxbuf: true }) });
+    const s = await udpSocket();
     const dropped = (): bigint => [0, 1, 2, 3].reduce((a, p) => a + dp.counters(p).rxDropped, 0n);
     for (let i = 0; i < 4; i++) await send(s, Buffer.alloc(1472, i), 38000 + i);
     await until(() => dropped() >= 4n);
@@ -354,8 +353,7 @@ describe.skipIf(!env.ok)(`vhost-user data plane${skipNote(env)}`, () => {
     { mode: 'eventIdx' as const, eventIdx: true },
   ])('a driver that kicks only when asked ($mode) loses no wake-up: TX rounds and RX refills all go through', async ({ mode, eventIdx }) => {
     const { dp, mem, tap } = setup();
-    const s = await bindUdp(LOCAL);
-    cleanup.push(() => s.close());
+    const s = await udpSocket();
     const linkBefore = getLink(tap.name)!.stats!.rxPackets;
     // TX on pair 0: 200 rounds of 1..8 frames, each round published as soon as the previous is used.
     const tx = ring(mem, 16, 256);
@@ -384,14 +382,7 @@ describe.skipIf(!env.ok)(`vhost-user data plane${skipNote(env)}`, () => {
     expect(dp.counters(0).txFrames).toBe(BigInt(total));
     expect(getLink(tap.name)!.stats!.rxPackets - linkBefore).toBe(total);
     // RX on every pair: 2 buffers each, refilled (kicks suppressed as allowed) as they are used.
-    const rings: DriverRing[] = [];
-    for (let p = 0; p < PAIRS; p++) {
-      const r = ring(mem, 2);
-      r.suppressKicks = mode;
-      rings.push(r);
-      postRx(r);
-      dp.startRing(p, 'rx', r.config(), feats({ eventIdx }));
-    }
+    const rings = startRings(dp, mem, 'rx', 2, { features: feats({ eventIdx }), prepare: (r) => (r.suppressKicks = mode) });
     const N = 120;
     const got = new Set<number>();
     let udp = 0;
@@ -423,8 +414,7 @@ describe.skipIf(!env.ok)(`vhost-user data plane${skipNote(env)}`, () => {
 
   it('calls honour the guest: VRING_AVAIL_F_NO_INTERRUPT without EVENT_IDX, used_event with it', async () => {
     const { dp, mem } = setup();
-    const s = await bindUdp(LOCAL);
-    cleanup.push(() => s.close());
+    const s = await udpSocket();
     const got = new Set<number>();
     s.on('message', (_m, rinfo) => got.add(rinfo.port));
     let port = 40100;
@@ -470,8 +460,7 @@ describe.skipIf(!env.ok)(`vhost-user data plane${skipNote(env)}`, () => {
 
   it('buffers that straddle the border between two regions are split there, both ways (GPA and user addresses differ)', async () => {
     const { dp, mem } = setup();
-    const s = await bindUdp(LOCAL);
-    cleanup.push(() => s.close());
+    const s = await udpSocket();
     const got = new Map<number, Buffer>();
     s.on('message', (m, rinfo) => got.set(rinfo.port, m));
     const border = mem.size / 2;
@@ -519,14 +508,8 @@ describe.skipIf(!env.ok)(`vhost-user data plane${skipNote(env)}`, () => {
 
   it('no guest buffers: the tap is not read (nothing dropped) until the RX kick, then every frame arrives', async () => {
     const { dp, mem } = setup();
-    const rings: DriverRing[] = [];
-    for (let p = 0; p < PAIRS; p++) {
-      const r = ring(mem, 64);
-      rings.push(r);
-      dp.startRing(p, 'rx', r.config(), feats({ eventIdx: p % 2 === 0 }));
-    }
-    const s = await bindUdp(LOCAL);
-    cleanup.push(() => s.close());
+    const rings = startRings(dp, mem, 'rx', 64, { post: false, features: (p) => feats({ eventIdx: p % 2 === 0 }) });
+    const s = await udpSocket();
     const N = 24;
     for (let i = 0; i < N; i++) await send(s, Buffer.from(`wait ${i}`), 33000 + i);
     await sleep(150);
@@ -581,8 +564,7 @@ describe.skipIf(!env.ok)(`vhost-user data plane${skipNote(env)}`, () => {
 
   it('each malformed TX ring stops only itself, with the reason, err fd and notify fd; the other rings keep moving frames', async () => {
     const { dp, mem } = setup();
-    const s = await bindUdp(LOCAL);
-    cleanup.push(() => s.close());
+    const s = await udpSocket();
     const got = new Set<number>();
     s.on('message', (_m, rinfo) => got.add(rinfo.port));
     const healthy: DriverRing[] = [];
@@ -621,17 +603,10 @@ describe.skipIf(!env.ok)(`vhost-user data plane${skipNote(env)}`, () => {
 
   it('a malformed RX ring fails when a frame comes for it; the other pairs keep receiving', async () => {
     const { dp, mem } = setup();
-    const rings: DriverRing[] = [];
-    for (let p = 0; p < PAIRS; p++) {
-      const r = ring(mem, 64);
-      rings.push(r);
-      postRx(r);
-      dp.startRing(p, 'rx', r.config(), feats());
-    }
+    const rings = startRings(dp, mem, 'rx', 64);
     // Pair 0's first buffer is device-readable: not a receive buffer.
     rings[0]!.setDesc(0, mem.gpa(rings[0]!.bufOffset(0)), 2048, 0);
-    const s = await bindUdp(LOCAL);
-    cleanup.push(() => s.close());
+    const s = await udpSocket();
     const N = 64;
     for (let i = 0; i < N; i++) await send(s, Buffer.from(`rx ${i}`), 35000 + i);
     await until(() => dp.ringStatus(0, 'rx').state === 'failed');
@@ -654,8 +629,7 @@ describe.skipIf(!env.ok)(`vhost-user data plane${skipNote(env)}`, () => {
     const extra = new GuestMem(`mqtap-vu-extra-${process.pid}-${seq++}`, 1 << 20);
     cleanup.push(() => extra.close());
     const GPA2 = 0x8000_0000n;
-    const s = await bindUdp(LOCAL);
-    cleanup.push(() => s.close());
+    const s = await udpSocket();
     let received = 0;
     s.on('message', () => received++);
     const frame = udp4Frame({ dstMac: TAP_MAC, srcMac: PEER_MAC, srcIp: PEER, dstIp: LOCAL, srcPort: 41000, dstPort: s.address().port, payload: Buffer.alloc(1400, 7) });
@@ -711,13 +685,7 @@ describe.skipIf(!env.ok)(`vhost-user data plane${skipNote(env)}`, () => {
 
   it('a detached tap queue costs no CPU, and its pair receives again once it is attached (no RX kick needed)', async () => {
     const { dp, mem, tap } = setup();
-    const rings: DriverRing[] = [];
-    for (let p = 0; p < PAIRS; p++) {
-      const r = ring(mem, 64);
-      rings.push(r);
-      postRx(r);
-      dp.startRing(p, 'rx', r.config(), feats());
-    }
+    const rings = startRings(dp, mem, 'rx', 64);
     const tx = ring(mem, 8);
     dp.startRing(3, 'tx', tx.config(), feats()); // the pair's worker keeps running with the ring
     tap.queues[3]!.disable();
@@ -734,8 +702,7 @@ describe.skipIf(!env.ok)(`vhost-user data plane${skipNote(env)}`, () => {
     }
     dp.startRing(3, 'rx', rings[3]!.config(dp.ringStatus(3, 'rx').lastAvailIdx), feats());
     tap.queues[3]!.enable(); // after the ring started, and no RX kick: the worker must notice on its own
-    const s = await bindUdp(LOCAL);
-    cleanup.push(() => s.close());
+    const s = await udpSocket();
     const got = new Map<number, { pair: number; payload: Buffer; numBuffers: number; lens: number[] }>();
     let port = 42000;
     await until(() => {
@@ -748,15 +715,8 @@ describe.skipIf(!env.ok)(`vhost-user data plane${skipNote(env)}`, () => {
 
   it('the tap deleted under running rings (its fds report EPOLLERR for good): no busy loop, guest frames dropped and counted', async () => {
     const { dp, mem, tap } = setup();
-    const rx: DriverRing[] = [];
-    const tx: DriverRing[] = [];
-    for (let p = 0; p < PAIRS; p++) {
-      rx.push(ring(mem, 16));
-      postRx(rx[p]!);
-      dp.startRing(p, 'rx', rx[p]!.config(), feats());
-      tx.push(ring(mem, 16));
-      dp.startRing(p, 'tx', tx[p]!.config(), feats());
-    }
+    startRings(dp, mem, 'rx', 16);
+    const tx = startRings(dp, mem, 'tx', 16);
     run('ip', ['link', 'del', tap.name]);
     await sleep(50);
     const t0 = process.cpuUsage();
@@ -785,8 +745,7 @@ describe.skipIf(!env.ok)(`vhost-user data plane${skipNote(env)}`, () => {
       tx.push(ring(mem, 256));
       rx.push(ring(mem, 256));
     }
-    const s = await bindUdp(LOCAL);
-    cleanup.push(() => s.close());
+    const s = await udpSocket();
     const fds = openFds();
     const threads = (): number => readdirSync('/proc/self/task').length;
     const threadsBefore = threads();

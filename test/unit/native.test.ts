@@ -1,27 +1,20 @@
 /**
  * The addon's small syscall wrappers on their own, without root: flock(2)
- * (the daemon's state-dir lock), addressOf (allocPages memory only), and
+ * (the daemon's state-dir lock), addressOf (allocPages memory only), the
+ * one mmap helper behind allocPages and mmapShared (anonymous or fd-backed), and
  * the helpers shared through native/common.h (one copy each).  Errors are MqtapErrors with op, syscall
  * and errno; nothing is left open.
  */
-import { closeSync, mkdtempSync, openSync, readdirSync, readFileSync, rmSync } from 'node:fs';
+import { closeSync, mkdtempSync, openSync, readdirSync, readFileSync, readSync, rmSync, writeSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { MqtapError } from '../../lib/sys/errors.js';
 import { K, native } from '../../lib/sys/native.js';
+import { catchError } from '../helpers/errors.js';
 
 const dir = mkdtempSync(join(tmpdir(), 'mqtap-native-'));
 afterAll(() => rmSync(dir, { recursive: true, force: true }));
-
-function thrown(fn: () => unknown): MqtapError {
-  try {
-    fn();
-  } catch (e) {
-    return e as MqtapError;
-  }
-  throw new Error('expected a throw');
-}
 
 describe('flock', () => {
   it('LOCK_EX|LOCK_NB: a second open file description gets EAGAIN (op FLOCK) until the first is closed', () => {
@@ -30,7 +23,7 @@ describe('flock', () => {
     const b = openSync(file, 'r');
     try {
       native.flock(a, K.LOCK_EX | K.LOCK_NB);
-      const e = thrown(() => native.flock(b, K.LOCK_EX | K.LOCK_NB));
+      const e = catchError(() => native.flock(b, K.LOCK_EX | K.LOCK_NB));
       expect(e).toBeInstanceOf(MqtapError);
       expect(e).toMatchObject({ op: 'FLOCK', syscall: 'flock', code: 'EAGAIN' });
       native.flock(a, K.LOCK_UN);
@@ -43,10 +36,10 @@ describe('flock', () => {
   });
 
   it('a bad fd or operation: EBADF / EINVAL as MqtapError', () => {
-    expect(thrown(() => native.flock(1_000_000, K.LOCK_EX))).toMatchObject({ op: 'FLOCK', code: 'EBADF' });
+    expect(catchError(() => native.flock(1_000_000, K.LOCK_EX))).toMatchObject({ op: 'FLOCK', code: 'EBADF' });
     const f = openSync(join(dir, 'x'), 'w');
     try {
-      expect(thrown(() => native.flock(f, 0))).toMatchObject({ op: 'FLOCK', code: 'EINVAL' });
+      expect(catchError(() => native.flock(f, 0))).toMatchObject({ op: 'FLOCK', code: 'EINVAL' });
     } finally {
       closeSync(f);
     }
@@ -70,6 +63,48 @@ describe('addressOf: allocPages memory only', () => {
       expect(() => native.addressOf(b)).toThrow(/only memory from allocPages/);
     }
     expect(() => native.addressOf(42 as unknown as ArrayBuffer)).toThrow(TypeError);
+  });
+});
+
+describe('MappedArrayBuffer (native/mem.cc): one mmap for allocPages (anonymous) and mmapShared (fd)', () => {
+  it('allocPages: zeroed private memory, whole pages', () => {
+    const mem = native.allocPages(K.PAGE_SIZE + 1);
+    expect(mem.byteLength).toBe(2 * K.PAGE_SIZE);
+    expect(new Uint8Array(mem).every((b) => b === 0)).toBe(true);
+  });
+
+  it('mmapShared: MAP_SHARED of the fd at the offset (both ways), addressable, zero-copy', () => {
+    const fd = native.memfdCreate('mqtap-native-test');
+    try {
+      native.ftruncate(fd, 2 * K.PAGE_SIZE);
+      writeSync(fd, Buffer.from('second page'), 0, 11, K.PAGE_SIZE);
+      const mem = native.mmapShared(fd, K.PAGE_SIZE, K.PAGE_SIZE);
+      const u8 = new Uint8Array(mem);
+      expect(mem.byteLength).toBe(K.PAGE_SIZE);
+      expect(Buffer.from(u8.subarray(0, 11)).toString()).toBe('second page');
+      u8.set(Buffer.from('written here'), 100);
+      const back = Buffer.alloc(12);
+      readSync(fd, back, 0, 12, K.PAGE_SIZE + 100);
+      expect(back.toString()).toBe('written here');
+      const base = native.addressOf(mem);
+      expect(base % BigInt(K.PAGE_SIZE)).toBe(0n);
+      expect(native.addressOf(new Uint8Array(mem, 8, 8))).toBe(base + 8n);
+    } finally {
+      native.close(fd);
+    }
+  });
+
+  it('a failed mmap is an MqtapError with the caller\'s op (EBADF, EINVAL for an unaligned offset)', () => {
+    expect(catchError(() => native.mmapShared(1_000_000, K.PAGE_SIZE, 0))).toMatchObject({ op: 'MMAP_SHARED', syscall: 'mmap', code: 'EBADF' });
+    const fd = native.memfdCreate('mqtap-native-test');
+    try {
+      native.ftruncate(fd, 2 * K.PAGE_SIZE);
+      const e = catchError(() => native.mmapShared(fd, K.PAGE_SIZE, 100));
+      expect(e).toBeInstanceOf(MqtapError);
+      expect(e).toMatchObject({ op: 'MMAP_SHARED', syscall: 'mmap', code: 'EINVAL' });
+    } finally {
+      native.close(fd);
+    }
   });
 });
 
