@@ -1,6 +1,6 @@
 /**
  * The addon's small syscall wrappers on their own, without root: flock(2)
- * (the daemon's state-dir lock), addressOf (allocPages memory only), the
+ * (the daemon's state-dir lock), addressOf (allocPages and mmapShared memory only), the
  * one mmap helper behind allocPages and mmapShared (anonymous or fd-backed), and
  * the helpers shared through native/common.h (one copy each).  Errors are MqtapErrors with op, syscall
  * and errno; nothing is left open.
