@@ -88,9 +88,11 @@ describe.skipIf(!!reason)(`daemon serve-vhost-user${reason ? ` (skipped: ${reaso
     return { child, output: () => out, exited };
   }
 
-  it('serve: DPDK virtio-user connects to the socket the reply names, frames flow through the tap both ways on both pairs, `mqtap stats` reads the tap; stop: socket gone, queues back', async () => {
+  it('serve: DPDK virtio-user connects to the socket the reply names, frames flow through the tap both ways, `mqtap stats` reads the tap; stop: socket gone, the daemon\'s active pairs back', async () => {
     const c = await connect();
-    await c.create({ name: 'dvu0', pairs: 2, vhost: 'off', mac: TAP_MAC });
+    // One active pair as the daemon holds it: the guest attaches both, stop gives the daemon's one back.
+    const created = await c.create({ name: 'dvu0', pairs: 2, vhost: 'off', mac: TAP_MAC, active: 1 });
+    expect(created.kernelPairStates).toEqual(['enabled', 'disabled']);
     run('sysctl', ['-qw', 'net.ipv6.conf.dvu0.disable_ipv6=1']);
     run('ip', ['addr', 'add', `${LOCAL}/24`, 'dev', 'dvu0']);
     run('ip', ['link', 'set', 'dev', 'dvu0', 'up']);
@@ -145,8 +147,9 @@ describe.skipIf(!!reason)(`daemon serve-vhost-user${reason ? ` (skipped: ${reaso
     expect(stopped.lease).toBeNull();
     expect(stopped.vhostUser).toBeNull();
     expect(existsSync(served.socket)).toBe(false);
-    expect(stopped.kernelPairStates).toEqual(['enabled', 'enabled']);
-    expect(getTap('dvu0')!.tun).toMatchObject({ numQueues: 2, numDisabledQueues: 0 });
+    expect(stopped.kernelPairStates).toEqual(['enabled', 'disabled']);
+    expect(stopped.pairStates).toEqual(['enabled', 'disabled']);
+    expect(getTap('dvu0')!.tun).toMatchObject({ numQueues: 1, numDisabledQueues: 1 });
     // The netdev is free again: a lease works.
     const a = await c.acquire('dvu0');
     a.fds.close();
