@@ -14,16 +14,16 @@
  */
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import dgram from 'node:dgram';
-import { existsSync, lstatSync, mkdtempSync, rmSync } from 'node:fs';
+import { chmodSync, existsSync, lstatSync, mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { DaemonClient } from '../../lib/daemon/client.js';
 import { getLink, getTap, listTaps } from '../../lib/tap/links.js';
 import { deleteTap } from '../../lib/tap/tap.js';
-import { cliBuiltReason, runCli } from '../helpers/cli';
+import { ROOT, cliBuiltReason, runCli } from '../helpers/cli';
 import { DaemonProcess } from '../helpers/daemon';
-import { run, skipNote, tapEnv, useIsolatedNetns } from '../helpers/env.js';
+import { cannotLoadAs, need, needCommand, run, skipNote, tapEnv, useIsolatedNetns } from '../helpers/env.js';
 import { rejection, waitFor } from '../helpers/wait';
 
 const TESTPMD = 'dpdk-testpmd';
@@ -229,6 +229,44 @@ describe.skipIf(!!reason)(`daemon serve-vhost-user${reason ? ` (skipped: ${reaso
     expect(again.stderr).toContain('not served');
     await c.delete('dvu4');
   }, 60_000);
+
+  const CLIENT_JS = join(ROOT, 'dist', 'lib', 'daemon', 'client.js');
+  it.skipIf(!needCommand('setpriv').ok || !need('checkout readable by uid 65534', cannotLoadAs(65534, CLIENT_JS)).ok)(
+    "with --group: a member's serve gets the default socket, 0660 and the group's; a member may not choose the path (EACCES)",
+    async () => {
+      chmodSync(dir, 0o711);
+      const g = await DaemonProcess.start({ dir: join(dir, 'group'), args: ['--group', '4242'] });
+      try {
+        const root = await DaemonClient.connect(g.socket, { timeoutMs: 15_000 });
+        clients.push(root);
+        await root.create({ name: 'dvu5', pairs: 1, vhost: 'off' });
+        const script = (socket?: string): string => `
+const { DaemonClient } = require(${JSON.stringify(CLIENT_JS)});
+DaemonClient.connect(${JSON.stringify(g.socket)}, { timeoutMs: 10000 }).then(
+  async (c) => { const r = await c.serveVhostUser('dvu5', ${socket ? JSON.stringify({ socket }) : '{}'}).then((d) => ({ ok: true, socket: d.socket }), (e) => ({ ok: false, code: e.code, hint: e.hint })); c.close(); console.log(JSON.stringify(r)); },
+  (e) => console.log(JSON.stringify({ ok: false, code: e.code, message: e.message })),
+);`;
+        const runAs = (socket?: string): Record<string, unknown> => {
+          const r = spawnSync('setpriv', ['--reuid=65534', '--regid=65534', '--groups=4242', process.execPath, '-e', script(socket)], { encoding: 'utf8', timeout: 30_000 });
+          return JSON.parse(r.stdout || '{}') as Record<string, unknown>;
+        };
+        const chosen = runAs(join(dir, 'member.sock'));
+        expect(chosen).toMatchObject({ ok: false, code: 'EACCES' });
+        expect(String(chosen.hint)).toContain('vhost-user');
+        expect(existsSync(join(dir, 'member.sock'))).toBe(false);
+        const ok = runAs();
+        expect(ok).toMatchObject({ ok: true, socket: join(g.stateDir, 'vhost-user', 'dvu5.sock') });
+        const st = lstatSync(ok.socket as string);
+        expect(st.mode & 0o777).toBe(0o660);
+        expect(st.gid).toBe(4242);
+        await root.stopVhostUser('dvu5');
+        expect(existsSync(ok.socket as string)).toBe(false);
+      } finally {
+        await g.stop().catch(() => g.proc.kill('SIGKILL'));
+      }
+    },
+    60_000,
+  );
 
   it('daemon shutdown (SIGTERM) stops serving and removes the socket', async () => {
     const c = await connect();
