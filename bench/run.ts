@@ -6,6 +6,9 @@
  *   npm run bench                        control plane + data path (library vs C)
  *   npm run bench -- --only control      control plane only
  *   npm run bench -- --only data         data path only
+ *   npm run bench -- --only vhost-user   vhost-user backend: mqtap against DPDK (dpdk-testpmd; not in 'all')
+ *   npm run bench -- --only vhost-user --vu-sizes 60,1514 --vu-pairs 1,2 --vu-dirs guest-to-tap,tap-to-guest
+ *                                        --vu-repeats 3 --vu-seconds 5
  *   npm run bench -- --repeats 9         more control-plane repeats
  *   npm run bench -- --data-repeats 5    more data-path repeats (median is reported)
  *   npm run bench -- --engines auto,poll,uring   library engines to compare
@@ -21,7 +24,8 @@ import { join } from 'node:path';
 import type { IoEngine } from '../lib/datapath/io';
 import { isolateNetns } from '../lib/sys/netns';
 import { buildCControl, compareControl, type ControlRow } from './control';
-import { dataTable, runDataBench, type Dir, type Size } from './data';
+import { buildPrograms, dataTable, runDataBench, type Dir, type Size } from './data';
+import { haveTestpmd, runVhostUserBench, vhostUserTable, type VuDir } from './vhost-user';
 import { textTable } from './stats';
 
 const ROOT = join(__dirname, '..', '..');
@@ -118,6 +122,34 @@ async function data(): Promise<void> {
   writeFileSync(join(OUT, 'data.json'), JSON.stringify({ date: new Date().toISOString(), repeats, frames, load: [load0, load1], results }, null, 2));
 }
 
+async function vhostUser(): Promise<void> {
+  if (!haveTestpmd()) {
+    process.stdout.write('vhost-user: skipped, dpdk-testpmd is not installed (apt-get install dpdk-dev librte-net-virtio23 librte-net-vhost23 librte-net-tap23 librte-mempool-ring23)\n');
+    return;
+  }
+  const repeats = Number(arg('vu-repeats', '3'));
+  const seconds = Number(arg('vu-seconds', '5'));
+  const { gen } = buildPrograms(OUT, SRC);
+  process.stdout.write(
+    `\nvhost-user: forwarding rate per queue pair, mqtap's backend against DPDK (testpmd net_vhost + net_tap, io forwarding);\n` +
+      `guest side DPDK virtio-user (txonly / rxonly); tap->guest fed by the AF_PACKET generator; ${seconds} s windows after 2 s warm-up;\n` +
+      `mqtap/DPDK = median over ${repeats} repeats of mqtap run r / DPDK run r (back to back); CPU/f = backend process utime+stime per frame\n`,
+  );
+  const results = await runVhostUserBench({
+    cli: join(ROOT, 'dist', 'bin', 'mqtap.js'),
+    gen,
+    sizes: arg('vu-sizes', '60,1514').split(',').map(Number),
+    pairs: arg('vu-pairs', '1').split(',').map(Number),
+    dirs: arg('vu-dirs', 'guest-to-tap,tap-to-guest').split(',') as VuDir[],
+    repeats,
+    warmupMs: 2000,
+    measureMs: seconds * 1000,
+    log: (l) => process.stderr.write(`${l}\n`),
+  });
+  process.stdout.write(`${vhostUserTable(results)}\n`);
+  writeFileSync(join(OUT, 'vhost-user.json'), JSON.stringify({ date: new Date().toISOString(), repeats, seconds, load: loadavg(), results }, null, 2));
+}
+
 async function main(): Promise<void> {
   if (process.getuid?.() !== 0) {
     process.stderr.write('bench: needs root (it creates taps in a throw-away network namespace)\n');
@@ -130,6 +162,7 @@ async function main(): Promise<void> {
   try {
     if (only === 'all' || only === 'control') control();
     if (only === 'all' || only === 'data') await data();
+    if (only === 'vhost-user') await vhostUser();
   } finally {
     ns.restore();
   }

@@ -3,7 +3,7 @@
  *   mqtap daemon [--socket PATH] [--state-dir DIR] [--group G] ...
  *   mqtap hotplug --qmp PATH --queues N --id ID [--name TAP] [--vhost on|off|auto] ...
  *   mqtap unplug --qmp PATH --id ID
- *   mqtap client [--socket PATH] <hello|create|open|list|show|set-active|acquire|release|hotplug|unplug|delete> ...
+ *   mqtap client [--socket PATH] <hello|create|open|list|show|set-active|acquire|release|hotplug|unplug|delete|serve-vhost-user|stop-vhost-user> ...
  * docs/daemon.md describes the daemon and its protocol.
  */
 import { Option, type Command } from 'commander';
@@ -165,7 +165,7 @@ const SUMMARY_HEADERS = ['NAME', 'PAIRS', 'ACTIVE', 'VHOST', 'PERSIST', 'LEASE',
 
 function leaseText(l: Record<string, unknown> | null): string {
   if (!l) return '-';
-  return l.kind === 'qmp' ? `qmp:${String(l.id)}` : `pid ${String(l.pid)}`;
+  return l.kind === 'qmp' ? `qmp:${String(l.id)}` : l.kind === 'vhost-user' ? `vhost-user:${String(l.socket)}` : `pid ${String(l.pid)}`;
 }
 
 function summaryRow(n: NetdevSummary): Array<string | number | boolean | null> {
@@ -192,6 +192,13 @@ function printDetail(d: NetdevDetail, g: GlobalOpts): void {
       ['pair states (kernel)', d.kernelPairStates?.join(' ') ?? null],
       ['kernel numqueues', d.numQueues],
       ['kernel numdisabled', d.numDisabledQueues],
+      ...(d.vhostUser
+        ? ([
+            ['vhost-user socket', d.vhostUser.socket],
+            ['vhost-user front-end', d.vhostUser.connected ? `connected, live pairs ${d.vhostUser.livePairs.join(' ') || '-'}` : 'none'],
+            ['vhost-user frames', `from guest ${d.vhostUser.txFrames}, to guest ${d.vhostUser.rxFrames}, dropped ${d.vhostUser.txDropped}/${d.vhostUser.rxDropped}`],
+          ] as Array<[string, string]>)
+        : []),
     ]),
   );
 }
@@ -419,6 +426,35 @@ function registerClient(program: Command, ctx: CliContext): void {
         const d = await withClient(o, (c) => c.unplug(name, w !== undefined ? { timeoutMs: w } : {}));
         if (o.json) json(d);
         else out(`${d.name} unplugged; the daemon holds its queues again`);
+        return EXIT.OK;
+      }),
+    );
+
+  sub('serve-vhost-user')
+    .description('serve the netdev over a vhost-user socket (pair i = tap queue i) for QEMU\'s -netdev vhost-user')
+    .argument('<name>')
+    .option('--vu-socket <path>', 'where to listen (root / the daemon\'s uid only; default STATE_DIR/vhost-user/NAME.sock)')
+    .option('--json', 'machine-readable output')
+    .addHelpText('after', '\nQEMU: -chardev socket,id=c0,path=SOCKET -netdev vhost-user,id=n0,chardev=c0,queues=PAIRS (guest RAM shared: memory-backend-memfd,share=on)')
+    .action((name: string, _o, cmd: Command) =>
+      run(cmd, async (o) => {
+        const s = cmd.opts<{ vuSocket?: string }>().vuSocket;
+        const d = await withClient(o, (c) => c.serveVhostUser(name, s !== undefined ? { socket: s } : {}));
+        if (o.json) json(d);
+        else out(`${d.name}: vhost-user at ${d.socket} (${d.pairs} pairs)`);
+        return EXIT.OK;
+      }),
+    );
+
+  sub('stop-vhost-user')
+    .description('stop serving the netdev over vhost-user (the socket is removed; the daemon holds the queues again)')
+    .argument('<name>')
+    .option('--json', 'machine-readable output')
+    .action((name: string, _o, cmd: Command) =>
+      run(cmd, async (o) => {
+        const d = await withClient(o, (c) => c.stopVhostUser(name));
+        if (o.json) json(d);
+        else out(`${d.name}: no longer served${d.stopped ? ` (${d.stopped} removed)` : ''}`);
         return EXIT.OK;
       }),
     );

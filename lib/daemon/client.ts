@@ -66,6 +66,8 @@ export interface NetdevDetail extends NetdevSummary {
   pairStates: Array<'enabled' | 'disabled' | 'closed'> | null;
   kernelPairStates: Array<'enabled' | 'disabled' | 'closed'> | null;
   kernel: Record<string, unknown> | null;
+  /** While served over vhost-user: the socket, whether a front-end is connected, its live pairs and frame counts. */
+  vhostUser: { socket: string; connected: boolean; connections: number; livePairs: number[]; txFrames: number; rxFrames: number; txDropped: number; rxDropped: number } | null;
 }
 
 export interface AcquiredNetdev {
@@ -231,6 +233,21 @@ export class DaemonClient {
   /** Hot-unplugs it again (waits up to `timeoutMs` for the guest, default the daemon's 60 s). */
   unplug(name: string, o: { timeoutMs?: number } = {}): Promise<NetdevDetail> {
     return this.#call('unplug', { name, ...o }, (o.timeoutMs ?? 60_000) + this.timeoutMs);
+  }
+
+  /**
+   * Has the daemon serve the netdev's tap queues over a vhost-user socket
+   * (QEMU: `-chardev socket,path=SOCKET -netdev vhost-user,chardev=...,queues=PAIRS`)
+   * until stopVhostUser/release/delete.  `socket`: only root and the daemon's
+   * uid may choose it; default <stateDir>/vhost-user/<name>.sock.
+   */
+  serveVhostUser(name: string, o: { socket?: string } = {}): Promise<NetdevDetail & { socket: string }> {
+    return this.#call('serve-vhost-user', { name, ...o });
+  }
+
+  /** Stops serving it (the socket is removed; the daemon holds the queues again). */
+  stopVhostUser(name: string): Promise<NetdevDetail & { stopped: string | null }> {
+    return this.#call('stop-vhost-user', { name });
   }
 
   delete(name: string, o: { force?: boolean } = {}): Promise<{ name: string; deleted: boolean; deviceDeleted: boolean }> {

@@ -31,7 +31,7 @@ export const MAX_FDS_PER_MESSAGE = 64;
 export const DEFAULT_STATE_DIR = '/run/mqtap';
 export const DEFAULT_SOCKET = '/run/mqtap/mqtap.sock';
 
-export const OPS = ['hello', 'create', 'open', 'list', 'show', 'set-active', 'acquire', 'release', 'hotplug', 'unplug', 'delete'] as const;
+export const OPS = ['hello', 'create', 'open', 'list', 'show', 'set-active', 'acquire', 'release', 'hotplug', 'unplug', 'delete', 'serve-vhost-user', 'stop-vhost-user'] as const;
 export type Op = (typeof OPS)[number];
 export type RequestId = number | string;
 
@@ -173,6 +173,12 @@ export interface UnplugArgs {
   timeoutMs?: number;
 }
 
+export interface ServeVhostUserArgs {
+  name: string;
+  /** Where to listen (default <stateDir>/vhost-user/<name>.sock); only root and the daemon's uid may choose. */
+  socket?: string;
+}
+
 export interface DeleteArgs {
   name: string;
   force: boolean;
@@ -190,6 +196,8 @@ export interface ArgsByOp {
   hotplug: HotplugArgs;
   unplug: UnplugArgs;
   delete: DeleteArgs;
+  'serve-vhost-user': ServeVhostUserArgs;
+  'stop-vhost-user': NameArgs;
 }
 
 
@@ -263,6 +271,7 @@ export function validateArgs<O extends Op>(op: O, args: Record<string, unknown>)
     case 'show':
     case 'acquire':
     case 'release':
+    case 'stop-vhost-user':
       rejectUnknownKeys(a, ['name'], op);
       return { name: nameArg(a.name) } as ArgsByOp[O];
     case 'set-active':
@@ -294,6 +303,13 @@ export function validateArgs<O extends Op>(op: O, args: Record<string, unknown>)
       const out: UnplugArgs = { name: nameArg(a.name) };
       const t = optional(a, 'timeoutMs', (v) => validateInt(v, 'timeoutMs', 100, 600_000));
       if (t !== undefined) out.timeoutMs = t;
+      return out as ArgsByOp[O];
+    }
+    case 'serve-vhost-user': {
+      rejectUnknownKeys(a, ['name', 'socket'], op);
+      const out: ServeVhostUserArgs = { name: nameArg(a.name) };
+      const socket = optional(a, 'socket', (v) => validateAbsPath(v, 'socket'));
+      if (socket !== undefined) out.socket = socket;
       return out as ArgsByOp[O];
     }
     case 'delete':

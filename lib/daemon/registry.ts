@@ -15,16 +15,21 @@
  * for a tap-only netdev each queue's attach state is read back (TUNGETIFF
  * reports IFF_DETACH_QUEUE per fd) and reset to the daemon's.
  */
+import { lstatSync, mkdirSync } from 'node:fs';
+import { join } from 'node:path';
 import { ErrorCodes, MqtapError } from '../sys/errors';
 import { withContext } from '../sys/errors';
 import { getTap, listTaps, type TapLinkInfo } from '../tap/links';
 import type { Logger } from '../sys/log';
 import { K, native } from '../sys/native';
+import type { VnetHdrSize } from '../sys/validate';
 import { openNetdev, type Netdev } from '../vhost/netdev';
 import { hotplugNetdev, unplugNetdev } from '../qemu/hotplug';
 import { QmpClient } from '../qemu/qmp';
 import { deleteTap } from '../tap/tap';
-import { daemonError, type CreateArgs, type DeleteArgs, type HotplugArgs, type OpenArgs, type SetActiveArgs, type UnplugArgs, type VhostArg } from './protocol';
+import { serveVhostUser, type VhostUserBackend } from '../vhost-user/backend';
+import type { DataPlane } from '../vhost-user/dataplane-api';
+import { daemonError, type CreateArgs, type DeleteArgs, type HotplugArgs, type OpenArgs, type ServeVhostUserArgs, type SetActiveArgs, type UnplugArgs, type VhostArg } from './protocol';
 import { STATE_VERSION, type Lease, type NetdevState, type StateStore } from './state';
 
 export interface Peer {
@@ -45,6 +50,17 @@ export interface RegistryOptions {
   /** For tests: the tun / vhost-net device nodes. */
   devicePath?: string;
   vhostDevicePath?: string;
+  /** vhost-user sockets: also serve this gid (mode 0660) and these uids (as the daemon's own socket). */
+  group?: number;
+  allowUids?: number[];
+  /** For tests: the vhost-user data plane (default the native one). */
+  vhostUserDataPlane?: (pairs: number) => DataPlane;
+}
+
+/** What serve-vhost-user changed on the tap, put back when serving stops. */
+interface Served {
+  backend: VhostUserBackend;
+  vnetHdrSize: number;
 }
 
 interface Entry {
@@ -61,6 +77,8 @@ interface Entry {
   lease: (Lease & { pending?: boolean }) | undefined;
   queue: Promise<unknown>;
   gone: boolean;
+  /** Set while the daemon serves the netdev over vhost-user (lease kind 'vhost-user'). */
+  served?: Served;
 }
 
 export type PairView = 'enabled' | 'disabled' | 'closed';
@@ -75,8 +93,14 @@ function notFound(name: string): MqtapError {
 
 function leased(e: Entry, what: string): MqtapError {
   const l = e.lease!;
-  const by = l.kind === 'qmp' ? `plugged into QEMU (${l.qmp}, device ${l.id})` : `lent to a client (pid ${l.pid}, uid ${l.uid})`;
-  const hint = l.kind === 'qmp' ? `unplug it first (\`mqtap client unplug ${e.name}\`)` : `release it first (\`mqtap client release ${e.name}\`)`;
+  const by =
+    l.kind === 'qmp' ? `plugged into QEMU (${l.qmp}, device ${l.id})` : l.kind === 'vhost-user' ? `served over vhost-user at ${l.socket}` : `lent to a client (pid ${l.pid}, uid ${l.uid})`;
+  const hint =
+    l.kind === 'qmp'
+      ? `unplug it first (\`mqtap client unplug ${e.name}\`)`
+      : l.kind === 'vhost-user'
+        ? `stop serving it first (\`mqtap client stop-vhost-user ${e.name}\`)`
+        : `release it first (\`mqtap client release ${e.name}\`)`;
   return daemonError('EBUSY', `cannot ${what} ${e.name}: it is ${by}`, hint, e.name);
 }
 
@@ -156,6 +180,7 @@ export class Registry {
   closeAll(): void {
     this.#closed = true;
     for (const e of this.#entries.values()) {
+      this.#stopServing(e);
       try {
         e.netdev?.close();
       } catch (err) {
@@ -219,7 +244,7 @@ export class Registry {
       createdAt: e.createdAt,
       ...(e.netns !== undefined ? { netns: e.netns } : {}),
     };
-    if (e.lease && !e.lease.pending) {
+    if (e.lease && !e.lease.pending && e.lease.kind !== 'vhost-user') {
       const { pending: _p, ...lease } = e.lease;
       s.lease = lease as Lease;
     }
@@ -465,14 +490,23 @@ export class Registry {
       pairStates: views?.daemon ?? null,
       kernelPairStates: views?.kernel ?? null,
       kernel: this.#kernel(e),
+      vhostUser: this.#servedView(e),
     };
+  }
+
+  #servedView(e: Entry): Record<string, unknown> | null {
+    const b = e.served?.backend;
+    if (!b) return null;
+    const c = b.counters();
+    const sum = (k: 'txFrames' | 'rxFrames' | 'txDropped' | 'rxDropped'): number => Number(c.reduce((a, p) => a + p[k], 0n));
+    return { socket: b.socket, connected: b.connected, connections: b.connections, livePairs: b.pairsState().live, txFrames: sum('txFrames'), rxFrames: sum('rxFrames'), txDropped: sum('txDropped'), rxDropped: sum('rxDropped') };
   }
 
   setActive(a: SetActiveArgs): Promise<Record<string, unknown>> {
     return this.#serial(a.name, (e) => {
-      if (e.lease?.kind === 'qmp') {
+      if (e.lease?.kind === 'qmp' || e.lease?.kind === 'vhost-user') {
         const err = leased(e, 'set the active pairs of');
-        err.hint = 'the guest controls the active queue pairs of a plugged NIC (`ethtool -L eth0 combined K` in the guest)';
+        err.hint = `the guest controls the active queue pairs of a ${e.lease.kind === 'qmp' ? 'plugged' : 'served'} NIC (\`ethtool -L eth0 combined K\` in the guest)`;
         throw err;
       }
       if (!e.netdev) throw leased(e, 'set the active pairs of');
@@ -518,6 +552,7 @@ export class Registry {
     return this.#serial(name, (e) => {
       if (!e.lease) throw daemonError('EINVAL', `${e.name} is not lent to anyone`, undefined, e.name);
       if (e.lease.kind === 'qmp') throw daemonError('EBUSY', `${e.name} is plugged into QEMU, not lent to a client`, `unplug it: \`mqtap client unplug ${e.name}\``, e.name);
+      if (e.lease.kind === 'vhost-user') return this.#stopServingOp(e);
       const was = e.lease;
       e.lease = undefined;
       try {
@@ -596,6 +631,104 @@ export class Registry {
     });
   }
 
+  /**
+   * Serves the netdev's tap queues over a vhost-user socket (pair i = tap
+   * queue i): a lease of kind 'vhost-user' until stop-vhost-user, release,
+   * delete or shutdown.  The socket is 0600 (0660 with the daemon's group),
+   * every front-end is checked with SO_PEERCRED (the daemon's own rules).
+   * Only root and the daemon's uid may choose the socket path; others get
+   * <stateDir>/vhost-user/<name>.sock.
+   */
+  serveVhostUser(a: ServeVhostUserArgs, peer: Peer): Promise<Record<string, unknown>> {
+    return this.#serial(a.name, async (e) => {
+      if (e.lease || !e.netdev) throw leased(e, 'serve');
+      const daemonUid = typeof process.geteuid === 'function' ? process.geteuid() : 0;
+      let socket: string;
+      if (a.socket !== undefined) {
+        if (peer.uid !== 0 && peer.uid !== daemonUid)
+          throw daemonError('EACCES', `uid ${peer.uid} may not choose where the daemon creates a socket`, `leave socket out: the daemon uses ${join(this.#opts.state.dir, 'vhost-user', `${e.name}.sock`)}`, e.name);
+        let exists = false;
+        try {
+          lstatSync(a.socket);
+          exists = true;
+        } catch {
+          /* nothing there: good */
+        }
+        if (exists) throw daemonError('EEXIST', `${a.socket} already exists`, 'remove it or choose another socket path', e.name);
+        socket = a.socket;
+      } else {
+        const dir = join(this.#opts.state.dir, 'vhost-user');
+        mkdirSync(dir, { recursive: true, mode: 0o755 });
+        socket = join(dir, `${e.name}.sock`);
+      }
+      const nd = e.netdev;
+      const vnetHdrSize = nd.tap.vnetHdrSize();
+      e.lease = { kind: 'vhost-user', socket, since: now(), pid: peer.pid, uid: peer.uid, pending: true };
+      let backend: VhostUserBackend;
+      try {
+        backend = await serveVhostUser({
+          socket,
+          tap: nd.tap,
+          queues: e.pairs,
+          logger: this.#log.child({ ifname: e.name, vhostUser: socket }),
+          ...(this.#opts.group !== undefined ? { group: this.#opts.group } : {}),
+          ...(this.#opts.allowUids?.length ? { allowUids: this.#opts.allowUids } : {}),
+          ...(this.#opts.vhostUserDataPlane ? { dataPlane: this.#opts.vhostUserDataPlane } : {}),
+        });
+      } catch (err) {
+        e.lease = undefined;
+        throw withContext(err, { ifname: e.name });
+      }
+      if (this.#closed || e.gone) {
+        await backend.close();
+        e.lease = undefined;
+        throw daemonError('ERR_SHUTDOWN', 'the daemon is shutting down');
+      }
+      e.served = { backend, vnetHdrSize };
+      delete e.lease.pending;
+      backend.on('connected', (p: Peer) => this.#log.info({ ifname: e.name, peer: p }, 'vhost-user front-end connected'));
+      backend.on('disconnected', (d: { reason?: string }) => this.#log.info({ ifname: e.name, reason: d.reason ?? null }, 'vhost-user front-end disconnected'));
+      return { ...this.show(e.name), socket };
+    });
+  }
+
+  stopVhostUser(name: string): Promise<Record<string, unknown>> {
+    return this.#serial(name, (e) => {
+      if (e.lease?.kind !== 'vhost-user') throw daemonError('EINVAL', `${e.name} is not served over vhost-user`, `serve it with \`mqtap client serve-vhost-user ${e.name}\``, e.name);
+      return this.#stopServingOp(e);
+    });
+  }
+
+  #stopServingOp(e: Entry): Record<string, unknown> {
+    const socket = e.served?.backend.socket;
+    this.#stopServing(e);
+    this.#save(e);
+    return { ...this.show(e.name), stopped: socket ?? null };
+  }
+
+  /**
+   * Stops serving (rings stopped, guest memory unmapped, socket removed) and
+   * takes the tap queues back: the daemon's active pairs and header size
+   * (the guest changed both).  Synchronous: backend.close() does its work
+   * before its first await.
+   */
+  #stopServing(e: Entry): void {
+    const s = e.served;
+    if (!s) return;
+    e.served = undefined;
+    void s.backend.close();
+    e.lease = undefined;
+    const nd = e.netdev;
+    if (!nd || e.gone || this.#closed) return;
+    try {
+      if (nd.tap.vnetHdrSize() !== s.vnetHdrSize) nd.tap.setVnetHdrSize(s.vnetHdrSize as VnetHdrSize);
+      nd.tap.setOffloads({});
+      nd.setActivePairs(e.active);
+    } catch (err) {
+      this.#log.warn({ ifname: e.name, err }, 'restoring the tap after vhost-user failed');
+    }
+  }
+
   delete(a: DeleteArgs): Promise<Record<string, unknown>> {
     return this.#serial(a.name, (e) => {
       if (e.lease && !a.force) {
@@ -604,6 +737,7 @@ export class Registry {
         throw err;
       }
       const lease = this.#leaseView(e);
+      this.#stopServing(e);
       e.gone = true;
       this.#entries.delete(e.name);
       let first: unknown;

@@ -251,6 +251,8 @@ export class MqtapDaemon {
       ...(opts.maxNetdevs !== undefined ? { maxNetdevs: opts.maxNetdevs } : {}),
       ...(opts.devicePath !== undefined ? { devicePath: opts.devicePath } : {}),
       ...(opts.vhostDevicePath !== undefined ? { vhostDevicePath: opts.vhostDevicePath } : {}),
+      ...(opts.group !== undefined ? { group: opts.group } : {}),
+      ...(opts.allowUids !== undefined ? { allowUids: opts.allowUids } : {}),
     });
     const d = new MqtapDaemon({ ...opts, socketPath, stateDir }, registry, state, logger);
     // Listen first: a second daemon started on a socket already served fails
@@ -368,6 +370,10 @@ export class MqtapDaemon {
         return { result: await r.unplug(args as ArgsByOp['unplug']) };
       case 'delete':
         return { result: await r.delete(args as ArgsByOp['delete']) };
+      case 'serve-vhost-user':
+        return { result: await r.serveVhostUser(args as ArgsByOp['serve-vhost-user'], peer) };
+      case 'stop-vhost-user':
+        return { result: await r.stopVhostUser((args as ArgsByOp['stop-vhost-user']).name) };
     }
   }
 

@@ -31,7 +31,9 @@ export const LOCK_FILE = 'daemon.lock';
 /** Who holds a netdev's fds besides the daemon. */
 export type Lease =
   | { kind: 'client'; pid: number; uid: number; since: string }
-  | { kind: 'qmp'; qmp: string; id: string; netdevId: string; since: string; pid: number; uid: number };
+  | { kind: 'qmp'; qmp: string; id: string; netdevId: string; since: string; pid: number; uid: number }
+  /** Served by the daemon itself over a vhost-user socket (never written to the state dir: serving ends with the daemon). */
+  | { kind: 'vhost-user'; socket: string; since: string; pid: number; uid: number };
 
 export interface NetdevState {
   version: number;

@@ -53,7 +53,7 @@ describe('parseRequest', () => {
   });
 
   it('knows exactly the documented ops', () => {
-    expect([...OPS]).toEqual(['hello', 'create', 'open', 'list', 'show', 'set-active', 'acquire', 'release', 'hotplug', 'unplug', 'delete']);
+    expect([...OPS]).toEqual(['hello', 'create', 'open', 'list', 'show', 'set-active', 'acquire', 'release', 'hotplug', 'unplug', 'delete', 'serve-vhost-user', 'stop-vhost-user']);
     for (const op of OPS) expect(parseRequest(buf({ id: 1, op })).op).toBe(op);
   });
 
@@ -172,6 +172,18 @@ describe('validateArgs', () => {
     argErr(() => validateArgs('hotplug', { name: 't0', qmp: '/q', id: 'nic 1' }));
     argErr(() => validateArgs('hotplug', { name: 't0', qmp: '/q', id: 'nic1', addr: 'zz' }));
     argErr(() => validateArgs('hotplug', { name: 't0', qmp: '/q' }));
+  });
+
+  it('serve-vhost-user: a name and an optional absolute socket path that fits sun_path; stop-vhost-user: a name', () => {
+    expect(validateArgs('serve-vhost-user', { name: 't0' })).toEqual({ name: 't0' });
+    expect(validateArgs('serve-vhost-user', { name: 't0', socket: '/run/vu.sock' })).toEqual({ name: 't0', socket: '/run/vu.sock' });
+    argErr(() => validateArgs('serve-vhost-user', { name: 't0', socket: 'vu.sock' }));
+    argErr(() => validateArgs('serve-vhost-user', { name: 't0', socket: `/${'x'.repeat(120)}` }));
+    argErr(() => validateArgs('serve-vhost-user', { name: 't0', socket: '/a\0b' }));
+    argErr(() => validateArgs('serve-vhost-user', { name: 't0', queues: 2 }));
+    argErr(() => validateArgs('serve-vhost-user', { name: 'mqt%d' }));
+    expect(validateArgs('stop-vhost-user', { name: 't0' })).toEqual({ name: 't0' });
+    argErr(() => validateArgs('stop-vhost-user', { name: 't0', socket: '/x' }));
   });
 
   it('hello and list take no arguments', () => {
