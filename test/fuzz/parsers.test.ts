@@ -15,9 +15,8 @@ import { parseUdp4Frame, udp4Frame } from '../../lib/datapath/frames';
 import { VnetHdrError, decodeVnetHdr, encodeVnetHdr, type VnetHdr } from '../../lib/datapath/vnethdr';
 import { QmpLineParser } from '../../lib/qemu/qmp';
 import { MqtapError } from '../../lib/sys/errors';
-import { fuzzParams, fuzzTimeout } from '../helpers/fuzz';
+import { fuzzAssert, fuzzTimeout } from '../helpers/fuzz';
 
-const P = fuzzParams();
 const T = fuzzTimeout();
 
 /** Runs fn; passes when it returns or throws an instance of one of `allowed`. */
@@ -34,35 +33,32 @@ const jsonValue = fc.jsonValue({ maxDepth: 3 });
 const requestId = fc.oneof(fc.nat(), fc.string({ minLength: 1, maxLength: 64 }));
 
 describe('daemon protocol (lib/daemon/protocol.ts)', () => {
-  it('parseRequest: any bytes give a Request or a ProtocolError', () => {
-    fc.assert(
+  it('parseRequest: any bytes give a Request or a ProtocolError', async () => {
+    await fuzzAssert(
       fc.property(fc.uint8Array({ maxLength: 512 }), (bytes) => onlyTyped(() => parseRequest(bytes), ProtocolError)),
-      P,
     );
   }, T);
 
-  it('parseRequest: any JSON value, and objects shaped like requests, give a Request or a ProtocolError', () => {
+  it('parseRequest: any JSON value, and objects shaped like requests, give a Request or a ProtocolError', async () => {
     const requestish = fc.record(
       { id: fc.oneof(requestId, jsonValue), op: fc.oneof(fc.constantFrom(...OPS), fc.string()), args: fc.oneof(fc.dictionary(fc.string(), jsonValue), jsonValue) },
       { requiredKeys: [] },
     );
-    fc.assert(
+    await fuzzAssert(
       fc.property(fc.oneof(jsonValue, requestish), (v) => onlyTyped(() => parseRequest(Buffer.from(JSON.stringify(v) ?? 'null')), ProtocolError)),
-      P,
     );
   }, T);
 
-  it('validateArgs: any arguments for any op give checked args or an MqtapError (never a TypeError)', () => {
-    fc.assert(
+  it('validateArgs: any arguments for any op give checked args or an MqtapError (never a TypeError)', async () => {
+    await fuzzAssert(
       fc.property(fc.constantFrom(...OPS), fc.dictionary(fc.constantFrom('name', 'queues', 'active', 'vhost', 'mtu', 'mac', 'owner', 'group', 'netns', 'qmp', 'id', 'persist', 'vnetHdrSize', 'x'), jsonValue), (op, args) =>
         onlyTyped(() => validateArgs(op, args), MqtapError),
       ),
-      P,
     );
   }, T);
 
-  it('encodeRequest -> parseRequest round trip', () => {
-    fc.assert(
+  it('encodeRequest -> parseRequest round trip', async () => {
+    await fuzzAssert(
       fc.property(requestId, fc.constantFrom(...OPS), fc.dictionary(fc.string({ maxLength: 16 }), jsonValue, { maxKeys: 6 }), (id, op, args) => {
         const buf = encodeRequest(id, op, args);
         fc.pre(buf.length <= MAX_REQUEST_BYTES);
@@ -71,22 +67,20 @@ describe('daemon protocol (lib/daemon/protocol.ts)', () => {
         expect(r.op).toBe(op);
         expect(r.args).toEqual(JSON.parse(JSON.stringify(args)));
       }),
-      P,
     );
   }, T);
 
-  it('parseReply: any bytes and any JSON give a reply, an fd chunk or a ProtocolError; encodeReply round trips', () => {
-    fc.assert(fc.property(fc.uint8Array({ maxLength: 512 }), (bytes) => onlyTyped(() => parseReply(bytes), ProtocolError)), P);
+  it('parseReply: any bytes and any JSON give a reply, an fd chunk or a ProtocolError; encodeReply round trips', async () => {
+    await fuzzAssert(fc.property(fc.uint8Array({ maxLength: 512 }), (bytes) => onlyTyped(() => parseReply(bytes), ProtocolError)));
     const replyish = fc.record(
       { id: fc.oneof(requestId, fc.constant(null), jsonValue), ok: fc.oneof(fc.boolean(), jsonValue), result: jsonValue, error: fc.oneof(jsonValue, fc.record({ code: fc.string(), message: fc.string(), errno: jsonValue, op: jsonValue })), fdChunk: fc.oneof(fc.integer(), jsonValue) },
       { requiredKeys: [] },
     );
-    fc.assert(fc.property(replyish, (v) => onlyTyped(() => parseReply(Buffer.from(JSON.stringify(v))), ProtocolError)), P);
-    fc.assert(
+    await fuzzAssert(fc.property(replyish, (v) => onlyTyped(() => parseReply(Buffer.from(JSON.stringify(v))), ProtocolError)));
+    await fuzzAssert(
       fc.property(requestId, fc.dictionary(fc.string({ maxLength: 16 }), jsonValue, { maxKeys: 6 }), (id, result) => {
         expect(parseReply(encodeReply({ id, ok: true, result }))).toEqual({ id, ok: true, result: JSON.parse(JSON.stringify(result)) });
       }),
-      P,
     );
   }, T);
 });
@@ -105,21 +99,20 @@ describe('QMP stream (lib/qemu/qmp.ts QmpLineParser)', () => {
     return out;
   }
 
-  it('objects written as QEMU writes them come out whole and in order, however the stream is cut', () => {
+  it('objects written as QEMU writes them come out whole and in order, however the stream is cut', async () => {
     const obj = fc.dictionary(fc.string({ maxLength: 12 }), jsonValue, { maxKeys: 5 });
-    fc.assert(
+    await fuzzAssert(
       fc.property(fc.array(obj, { maxLength: 8 }), fc.array(fc.nat(), { maxLength: 10 }), (objs, points) => {
         const stream = Buffer.from(objs.map((o) => `${JSON.stringify(o)}\r\n`).join(''));
         const p = new QmpLineParser();
         const got = cut(stream, points).flatMap((c) => p.push(c));
         expect(got).toEqual(objs.map((o) => JSON.parse(JSON.stringify(o))));
       }),
-      P,
     );
   }, T);
 
-  it('any bytes give objects or a QMP protocol error (EPROTO), and an over-long line is refused without buffering it', () => {
-    fc.assert(
+  it('any bytes give objects or a QMP protocol error (EPROTO), and an over-long line is refused without buffering it', async () => {
+    await fuzzAssert(
       fc.property(fc.array(fc.uint8Array({ maxLength: 200 }), { maxLength: 6 }), (chunks) => {
         const p = new QmpLineParser(256);
         try {
@@ -129,14 +122,13 @@ describe('QMP stream (lib/qemu/qmp.ts QmpLineParser)', () => {
           expect((err as MqtapError).code).toBe('EPROTO');
         }
       }),
-      P,
     );
   }, T);
 });
 
 describe('virtio-net header (lib/datapath/vnethdr.ts)', () => {
-  it('decodeVnetHdr: any 10 or 12 bytes at any offset give a header or a VnetHdrError; a decoded header encodes back to the same bytes', () => {
-    fc.assert(
+  it('decodeVnetHdr: any 10 or 12 bytes at any offset give a header or a VnetHdrError; a decoded header encodes back to the same bytes', async () => {
+    await fuzzAssert(
       fc.property(fc.constantFrom(10 as const, 12 as const), fc.uint8Array({ minLength: 0, maxLength: 40 }), fc.nat(40), (size, bytes, offset) => {
         const buf = Buffer.from(bytes);
         let hdr: VnetHdr;
@@ -148,7 +140,6 @@ describe('virtio-net header (lib/datapath/vnethdr.ts)', () => {
         }
         expect(encodeVnetHdr(hdr, size)).toEqual(buf.subarray(offset, offset + size));
       }),
-      P,
     );
   }, T);
 });
@@ -157,12 +148,12 @@ describe('frames (lib/datapath/frames.ts)', () => {
   const mac = fc.uint8Array({ minLength: 6, maxLength: 6 });
   const ip = fc.tuple(fc.nat(255), fc.nat(255), fc.nat(255), fc.nat(255)).map((a) => a.join('.'));
 
-  it('parseUdp4Frame: any bytes give a datagram or undefined, never an exception', () => {
-    fc.assert(fc.property(fc.uint8Array({ maxLength: 200 }), (bytes) => void parseUdp4Frame(bytes)), P);
+  it('parseUdp4Frame: any bytes give a datagram or undefined, never an exception', async () => {
+    await fuzzAssert(fc.property(fc.uint8Array({ maxLength: 200 }), (bytes) => void parseUdp4Frame(bytes)));
   }, T);
 
-  it('udp4Frame -> parseUdp4Frame round trip, and any single-byte corruption of the headers is parsed or refused, never thrown', () => {
-    fc.assert(
+  it('udp4Frame -> parseUdp4Frame round trip, and any single-byte corruption of the headers is parsed or refused, never thrown', async () => {
+    await fuzzAssert(
       fc.property(mac, mac, ip, ip, fc.nat(65535), fc.nat(65535), fc.uint8Array({ maxLength: 300 }), fc.nat(255), fc.nat(), fc.nat(255), (dst, src, sip, dip, sp, dp, payload, ttl, where, val) => {
         const f = udp4Frame({ dstMac: dst, srcMac: src, srcIp: sip, dstIp: dip, srcPort: sp, dstPort: dp, payload, ttl: Math.max(1, ttl) });
         const d = parseUdp4Frame(f)!;
@@ -172,7 +163,6 @@ describe('frames (lib/datapath/frames.ts)', () => {
         bad[where % 42] = val;
         void parseUdp4Frame(bad);
       }),
-      P,
     );
   }, T);
 });

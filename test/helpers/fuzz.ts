@@ -17,3 +17,21 @@ export function fuzzParams(defaultRuns = 200): fc.Parameters<unknown> {
 export function fuzzTimeout(perRunMs = 5, floorMs = 60_000): number {
   return Math.max(floorMs, (fuzzParams().numRuns ?? 0) * perRunMs);
 }
+
+/** Runs per fc.assert call: a long run is split so the test worker can answer the runner in between. */
+const CHUNK = 500;
+
+/**
+ * fc.assert with the suite's seed and run count, in chunks of CHUNK runs
+ * (chunk k uses seed + k), yielding to the event loop between chunks: a
+ * long synchronous run would starve the worker's messages to vitest
+ * ("Timeout calling onTaskUpdate").  A failure names the seed that
+ * reproduces it (`npm run fuzz -- --seed S`).
+ */
+export async function fuzzAssert<Ts>(prop: fc.IProperty<Ts> | fc.IAsyncProperty<Ts>, defaultRuns = 200): Promise<void> {
+  const { numRuns = defaultRuns, seed = 0 } = fuzzParams(defaultRuns);
+  for (let done = 0, k = 0; done < numRuns; done += CHUNK, k++) {
+    await fc.assert(prop as fc.IAsyncProperty<Ts>, { numRuns: Math.min(CHUNK, numRuns - done), seed: seed + k });
+    await new Promise((resolve) => setImmediate(resolve));
+  }
+}
