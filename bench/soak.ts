@@ -52,16 +52,20 @@ interface Snapshot {
   fds: number;
   taps: number;
   maps: number;
+  /** Mappings of memfds (guest memory): what a vhost-user backend must unmap on disconnect. */
+  memfdMaps: number;
   rssKiB: number;
 }
 
 function snapshot(pid: number | 'self'): Snapshot {
   if (pid === 'self') (globalThis as { gc?: () => void }).gc?.();
   const status = readFileSync(`/proc/${pid}/status`, 'utf8');
+  const maps = readFileSync(`/proc/${pid}/maps`, 'utf8').split('\n').filter(Boolean);
   return {
     fds: readdirSync(`/proc/${pid}/fd`).length,
     taps: listTaps().length,
-    maps: readFileSync(`/proc/${pid}/maps`, 'utf8').split('\n').filter(Boolean).length,
+    maps: maps.length,
+    memfdMaps: maps.filter((l) => l.includes('/memfd:')).length,
     rssKiB: Number(/^VmRSS:\s+(\d+)/m.exec(status)?.[1] ?? NaN),
   };
 }
@@ -115,7 +119,7 @@ function waitForLine(child: ChildProcess, re: RegExp, timeoutMs: number): Promis
 async function daemonPhase(sessions: number): Promise<void> {
   const dir = mkdtempSync(join(tmpdir(), 'mqtap-soak-'));
   const socket = join(dir, 'mqtap.sock');
-  const child = spawn(process.execPath, [CLI, '--log-level', 'info', 'daemon', '--socket', socket, '--state-dir', join(dir, 'state')], {
+  const child = spawn(process.execPath, [...(process.env.MQTAP_SOAK_DAEMON_HEAP ? [`--max-old-space-size=${process.env.MQTAP_SOAK_DAEMON_HEAP}`] : []), CLI, '--log-level', 'info', 'daemon', '--socket', socket, '--state-dir', join(dir, 'state')], {
     stdio: ['ignore', 'ignore', 'pipe'],
   });
   try {
@@ -264,7 +268,7 @@ async function vhostUserPhase(cycles: number): Promise<void> {
 }
 
 function table(): string {
-  const head = ['phase', 'cycles', 's', 'fds', 'taps', 'maps', 'RSS MiB'];
+  const head = ['phase', 'cycles', 's', 'fds', 'taps', 'maps', 'memfd maps', 'RSS MiB'];
   const d = (a: number, b: number): string => (a === b ? `${a} = ${b}` : `${a} -> ${b} (${b > a ? '+' : ''}${b - a})`);
   const body = rows.map((r) => [
     r.phase,
@@ -273,6 +277,7 @@ function table(): string {
     d(r.before.fds, r.after.fds),
     d(r.before.taps, r.after.taps),
     d(r.before.maps, r.after.maps),
+    d(r.before.memfdMaps, r.after.memfdMaps),
     `${(r.before.rssKiB / 1024).toFixed(1)} -> ${(r.after.rssKiB / 1024).toFixed(1)}`,
   ]);
   const w = head.map((h, i) => Math.max(h.length, ...body.map((r) => r[i]!.length)));
