@@ -32,8 +32,7 @@ import { DaemonClient } from '../lib/daemon/client';
 import { parseUdp4Frame, udp4Frame } from '../lib/datapath/frames';
 import { UnixSocket } from '../lib/sys/scm';
 import { serveVhostUser } from '../lib/vhost-user/backend';
-import { FEATURE, PROTOCOL_FEATURE, bit } from '../lib/vhost-user/protocol';
-import { NEED_REPLY, ScriptedFrontend, until } from '../test/helpers/vhost-user';
+import { ScriptedFrontend, startLikeQemu, until } from '../test/helpers/vhost-user';
 import { DriverRing, F_WRITE, GuestMem } from '../test/helpers/vu-driver';
 import { isolateNetns } from '../lib/sys/netns';
 import { execFileSync } from 'node:child_process';
@@ -168,31 +167,7 @@ async function vhostUserSession(socket: string, i: number, s: dgram.Socket, got:
   const rings = [0, 1, 2, 3].map(() => new DriverRing(mem, 16, 2048));
   const fe = new ScriptedFrontend(await UnixSocket.connect(socket, { type: 'stream' }));
   try {
-    const proto = bit(PROTOCOL_FEATURE.MQ) | bit(PROTOCOL_FEATURE.REPLY_ACK) | bit(PROTOCOL_FEATURE.CONFIGURE_MEM_SLOTS) | bit(PROTOCOL_FEATURE.STATUS);
-    const acked = bit(FEATURE.VIRTIO_F_VERSION_1) | bit(FEATURE.VHOST_USER_F_PROTOCOL_FEATURES) | bit(FEATURE.VIRTIO_NET_F_MQ);
-    for (let p = 0; p < 2; p++) {
-      await fe.u64('GET_FEATURES');
-      await fe.send('SET_PROTOCOL_FEATURES', { kind: 'u64', value: proto });
-      await fe.send('SET_OWNER');
-    }
-    await fe.enableVector(2, 1);
-    for (let p = 0; p < 2; p++) {
-      await fe.send('SET_FEATURES', { kind: 'u64', value: acked });
-      for (const r of mem.regions()) {
-        await fe.send('ADD_MEM_REG', { kind: 'memRegion', region: { guestPhysAddr: r.guestPhysAddr, size: r.size, userAddr: r.userAddr, mmapOffset: r.mmapOffset } }, [r.fd], NEED_REPLY);
-        await fe.reply();
-      }
-      for (const index of [2 * p, 2 * p + 1]) {
-        const r = rings[index]!;
-        const c = r.config();
-        await fe.send('SET_VRING_NUM', { kind: 'vringState', index, num: r.num });
-        await fe.send('SET_VRING_BASE', { kind: 'vringState', index, num: 0 });
-        await fe.send('SET_VRING_ADDR', { kind: 'vringAddr', index, flags: 0, descAddr: c.descAddr, usedAddr: c.usedAddr, availAddr: c.availAddr, logAddr: 0n });
-        await fe.send('SET_VRING_KICK', { kind: 'vringFd', index, noFd: false }, [r.kick]);
-        await fe.send('SET_VRING_CALL', { kind: 'vringFd', index, noFd: false }, [r.call]);
-      }
-    }
-    await fe.enableVector(2, 2);
+    await startLikeQemu(fe, mem, rings, 2);
     await fe.u64('GET_STATUS');
     // RX buffers on pair (i % 2); a frame guest -> tap on the other pair's TX ring.
     const rx = rings[2 * (i % 2)]!;

@@ -6,7 +6,7 @@
 import { native } from '../../lib/sys/native.js';
 import type { ReceivedFds, UnixSocket } from '../../lib/sys/scm.js';
 import type { DataPlane, DataPlaneFeatures, MemRegion, PairCounters, RingConfig, RingDir, RingStatus } from '../../lib/vhost-user/dataplane-api.js';
-import { FLAGS, Framer, decodeMessage, encodeMessage, request, type Message, type MemRegionDesc, type Payload, type RequestName } from '../../lib/vhost-user/protocol.js';
+import { FEATURE, FLAGS, Framer, PROTOCOL_FEATURE, bit, decodeMessage, encodeMessage, request, type Message, type MemRegionDesc, type Payload, type RequestName } from '../../lib/vhost-user/protocol.js';
 
 export type DpCall =
   | { op: 'addRegion'; gpa: bigint; fdValid: boolean }
@@ -203,4 +203,54 @@ export async function until(cond: () => boolean, ms = 5000): Promise<void> {
     if (Date.now() > deadline) throw new Error('condition not met in time');
     await new Promise((r) => setTimeout(r, 5));
   }
+}
+
+/** What a QEMU 7.2 front-end negotiates with mqtap's backend (MQ, REPLY_ACK, mem slots, STATUS; VERSION_1, MQ). */
+export const QEMU_PROTOCOL_FEATURES = bit(PROTOCOL_FEATURE.MQ) | bit(PROTOCOL_FEATURE.REPLY_ACK) | bit(PROTOCOL_FEATURE.CONFIGURE_MEM_SLOTS) | bit(PROTOCOL_FEATURE.STATUS);
+export const QEMU_ACKED_FEATURES = bit(FEATURE.VIRTIO_F_VERSION_1) | bit(FEATURE.VHOST_USER_F_PROTOCOL_FEATURES) | bit(FEATURE.VIRTIO_NET_F_MQ);
+
+/** The parts of guest memory and rings startLikeQemu needs (test/helpers/vu-driver.ts GuestMem and DriverRing fit). */
+interface QemuMem {
+  regions(): Array<{ guestPhysAddr: bigint; size: bigint; userAddr: bigint; mmapOffset: bigint; fd: number }>;
+}
+interface QemuRing {
+  num: number;
+  kick: number;
+  call: number;
+  config(): { descAddr: bigint; availAddr: bigint; usedAddr: bigint };
+}
+
+/**
+ * QEMU 7.2's start-up, message for message: per pair GET_FEATURES,
+ * SET_PROTOCOL_FEATURES, SET_OWNER; the enable vector of a machine reset (pair 0
+ * only) before any ring exists; per pair SET_FEATURES, ADD_MEM_REG for every
+ * region (the same ones again for each pair), then NUM/BASE/ADDR/KICK/CALL of
+ * both rings; last the vector with every pair enabled.  rings[2p] is RX,
+ * rings[2p+1] TX.
+ */
+export async function startLikeQemu(fe: ScriptedFrontend, mem: QemuMem, rings: readonly QemuRing[], pairs: number): Promise<void> {
+  for (let p = 0; p < pairs; p++) {
+    await fe.u64('GET_FEATURES');
+    await fe.send('SET_PROTOCOL_FEATURES', { kind: 'u64', value: QEMU_PROTOCOL_FEATURES });
+    await fe.send('SET_OWNER');
+  }
+  await fe.enableVector(pairs, 1);
+  for (let p = 0; p < pairs; p++) {
+    await fe.send('SET_FEATURES', { kind: 'u64', value: QEMU_ACKED_FEATURES });
+    for (const r of mem.regions()) {
+      await fe.send('ADD_MEM_REG', { kind: 'memRegion', region: { guestPhysAddr: r.guestPhysAddr, size: r.size, userAddr: r.userAddr, mmapOffset: r.mmapOffset } }, [r.fd], NEED_REPLY);
+      const ack = (await fe.reply()).payload;
+      if (ack.kind !== 'u64' || ack.value !== 0n) throw new Error(`ADD_MEM_REG was refused: ${JSON.stringify(ack, (_k, v: unknown) => (typeof v === 'bigint' ? String(v) : v))}`);
+    }
+    for (const index of [2 * p, 2 * p + 1]) {
+      const r = rings[index]!;
+      const c = r.config();
+      await fe.send('SET_VRING_NUM', { kind: 'vringState', index, num: r.num });
+      await fe.send('SET_VRING_BASE', { kind: 'vringState', index, num: 0 });
+      await fe.send('SET_VRING_ADDR', { kind: 'vringAddr', index, flags: 0, descAddr: c.descAddr, usedAddr: c.usedAddr, availAddr: c.availAddr, logAddr: 0n });
+      await fe.send('SET_VRING_KICK', { kind: 'vringFd', index, noFd: false }, [r.kick]);
+      await fe.send('SET_VRING_CALL', { kind: 'vringFd', index, noFd: false }, [r.call]);
+    }
+  }
+  await fe.enableVector(pairs, pairs);
 }

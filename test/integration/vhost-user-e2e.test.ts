@@ -16,9 +16,8 @@ import { UnixSocket } from '../../lib/sys/scm.js';
 import { getTap } from '../../lib/tap/links.js';
 import { openTap } from '../../lib/tap/tap.js';
 import { serveVhostUser } from '../../lib/vhost-user/backend.js';
-import { FEATURE, PROTOCOL_FEATURE, bit } from '../../lib/vhost-user/protocol.js';
 import { openFds, run, skipNote, tapEnv, useIsolatedNetns } from '../helpers/env.js';
-import { NEED_REPLY, ScriptedFrontend, until } from '../helpers/vhost-user.js';
+import { ScriptedFrontend, startLikeQemu, until } from '../helpers/vhost-user.js';
 import { DriverRing, F_WRITE, GuestMem } from '../helpers/vu-driver.js';
 
 const env = tapEnv();
@@ -27,8 +26,6 @@ const PEER = '169.254.79.2';
 const TAP_MAC = '02:00:00:00:02:01';
 const PEER_MAC = '02:00:00:00:02:02';
 const HDR = 12;
-const PROTO = bit(PROTOCOL_FEATURE.MQ) | bit(PROTOCOL_FEATURE.REPLY_ACK) | bit(PROTOCOL_FEATURE.CONFIGURE_MEM_SLOTS) | bit(PROTOCOL_FEATURE.STATUS);
-const ACKED = bit(FEATURE.VIRTIO_F_VERSION_1) | bit(FEATURE.VHOST_USER_F_PROTOCOL_FEATURES) | bit(FEATURE.VIRTIO_NET_F_MQ);
 
 const cleanups: Array<() => unknown> = [];
 afterEach(async () => {
@@ -66,29 +63,7 @@ describe.skipIf(!env.ok)(`vhost-user end to end (native data plane)${skipNote(en
     cleanups.push(() => fe.close());
 
     // QEMU 7.2's order: init, the enable vector (pair 0), then features, memory (once per pair), rings, vector.
-    for (let p = 0; p < 2; p++) {
-      await fe.u64('GET_FEATURES');
-      await fe.send('SET_PROTOCOL_FEATURES', { kind: 'u64', value: PROTO });
-      await fe.send('SET_OWNER');
-    }
-    await fe.enableVector(2, 1);
-    for (let p = 0; p < 2; p++) {
-      await fe.send('SET_FEATURES', { kind: 'u64', value: ACKED });
-      for (const r of mem.regions()) {
-        await fe.send('ADD_MEM_REG', { kind: 'memRegion', region: { guestPhysAddr: r.guestPhysAddr, size: r.size, userAddr: r.userAddr, mmapOffset: r.mmapOffset } }, [r.fd], NEED_REPLY);
-        expect((await fe.reply()).payload).toEqual({ kind: 'u64', value: 0n });
-      }
-      for (const index of [2 * p, 2 * p + 1]) {
-        const r = rings[index]!;
-        const c = r.config();
-        await fe.send('SET_VRING_NUM', { kind: 'vringState', index, num: r.num });
-        await fe.send('SET_VRING_BASE', { kind: 'vringState', index, num: 0 });
-        await fe.send('SET_VRING_ADDR', { kind: 'vringAddr', index, flags: 0, descAddr: c.descAddr, usedAddr: c.usedAddr, availAddr: c.availAddr, logAddr: 0n });
-        await fe.send('SET_VRING_KICK', { kind: 'vringFd', index, noFd: false }, [r.kick]);
-        await fe.send('SET_VRING_CALL', { kind: 'vringFd', index, noFd: false }, [r.call]);
-      }
-    }
-    await fe.enableVector(2, 2);
+    await startLikeQemu(fe, mem, rings, 2);
     await fe.u64('GET_STATUS');
     expect(be.pairsState()).toEqual({ enabled: [0, 1], live: [0, 1] });
     const mapped = mem.mappings();
