@@ -4,7 +4,8 @@
  *
  * 1. The daemon (a real `mqtap daemon`): each round a client process
  *    acquires a 4-pair netdev's fds (SCM_RIGHTS) and loops
- *    acquire/show/release flat out until it is killed (every other round it
+ *    acquire/show/release flat out, detaching and attaching the lent queues
+ *    at random, until it is killed (every other round it
  *    SIGKILLs itself right after sending an acquire, so that the daemon
  *    sometimes replies to a peer that is gone and must drop the lease it had
  *    just taken: "N acquire replies undelivered" in the output says how
@@ -115,11 +116,16 @@ describe.skipIf(!!reason)(`faults under load: SIGKILL mid-transfer, ${ROUNDS} ti
 
     const script = `
 const { DaemonClient } = require(${JSON.stringify(join(DIST, 'lib', 'daemon', 'client.js'))});
+const { K, native } = require(${JSON.stringify(join(DIST, 'lib', 'sys', 'native.js'))});
 (async () => {
   const c = await DaemonClient.connect(${JSON.stringify(d.socket)});
   for (let n = 0; ; n++) {
     const a = await c.acquire('fl0');
     if (a.tapFds.length !== 4) throw new Error('acquire gave ' + a.tapFds.length + ' tap fds');
+    // Use the lent queues as a borrower may: detach/attach them (the daemon must take them back on release).
+    for (const fd of a.tapFds) {
+      try { native.tunSetQueue(fd, Math.random() < 0.5 ? K.IFF_DETACH_QUEUE : K.IFF_ATTACH_QUEUE); } catch { /* already so */ }
+    }
     if (n === 0) process.stdout.write('busy\\n');
     await c.show('fl0');
     a.fds.close();
@@ -153,6 +159,8 @@ UnixSocket.connect(${JSON.stringify(d.socket)}, { type: 'seqpacket' }).then(asyn
         heldByDead++;
         expect((await c.release('fl0')).lease).toBeNull();
       }
+      // The queues the dead client detached or attached are the daemon's again, in the kernel too.
+      expect(getTap('fl0')!.tun, `round ${i}: the kernel's view`).toMatchObject({ numQueues: kernelBefore.numQueues, numDisabledQueues: kernelBefore.numDisabledQueues });
       expect(d.alive).toBe(true);
     }
     const undelivered = d.logLines().filter((l) => l.op === 'acquire' && l.code === 'EPIPE').length;
