@@ -22,7 +22,7 @@
  *    keeps the tap, and serves the next front-end.
  */
 import { spawn, type ChildProcess } from 'node:child_process';
-import { mkdtempSync, rmSync } from 'node:fs';
+import { existsSync, mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, afterEach, describe, expect, it } from 'vitest';
@@ -41,7 +41,8 @@ const ROUNDS = 100;
 const DIST = join(ROOT, 'dist');
 const HELPERS_JS = join(DIST, 'test', 'helpers');
 const env = tapEnv();
-const reason = !env.ok ? env.reason : cliBuiltReason();
+const helpersBuilt = existsSync(join(HELPERS_JS, 'vu-driver.js')) && existsSync(join(HELPERS_JS, 'vhost-user.js'));
+const reason = !env.ok ? env.reason : cliBuiltReason() || (helpersBuilt ? '' : 'dist/test/helpers is not built (npm run build)');
 if (reason) console.warn(`fault tests skipped: ${reason}`);
 
 const children = new Set<ChildProcess>();
