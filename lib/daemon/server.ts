@@ -25,7 +25,7 @@ import { mkdirSync, readFileSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import { MqtapError } from '../sys/errors';
 import { silentLogger, type Logger } from '../sys/log';
-import { UnixServer, type UnixSocket } from '../sys/scm';
+import { UnixServer, peerAllowed, type UnixSocket } from '../sys/scm';
 import {
   DEFAULT_SOCKET,
   DEFAULT_STATE_DIR,
@@ -101,15 +101,6 @@ function readVersion(): string {
   return 'unknown';
 }
 
-/** Supplementary groups of a live process (/proc/PID/status), or []. */
-function groupsOf(pid: number): number[] {
-  try {
-    const m = /^Groups:\s*(.*)$/m.exec(readFileSync(`/proc/${pid}/status`, 'utf8'));
-    return m ? m[1]!.trim().split(/\s+/).filter(Boolean).map(Number) : [];
-  } catch {
-    return [];
-  }
-}
 
 let connSeq = 0;
 
@@ -291,12 +282,7 @@ export class MqtapDaemon {
   }
 
   #refusal(peer: Peer): string | undefined {
-    if (peer.uid === 0) return undefined;
-    if (typeof process.geteuid === 'function' && peer.uid === process.geteuid()) return undefined;
-    if (this.#opts.allowUids?.includes(peer.uid)) return undefined;
-    const g = this.#opts.group;
-    if (g !== undefined && (peer.gid === g || groupsOf(peer.pid).includes(g))) return undefined;
-    return `uid ${peer.uid} (pid ${peer.pid}) is not allowed to use this daemon`;
+    return peerAllowed(peer, this.#opts) ? undefined : `uid ${peer.uid} (pid ${peer.pid}) is not allowed to use this daemon`;
   }
 
   #accept(sock: UnixSocket): void {

@@ -21,7 +21,7 @@
  *   send() promise settles.
  */
 import { EventEmitter } from 'node:events';
-import { chmodSync, chownSync, lstatSync, renameSync, rmSync, unlinkSync, type Stats } from 'node:fs';
+import { chmodSync, chownSync, lstatSync, readFileSync, renameSync, rmSync, unlinkSync, type Stats } from 'node:fs';
 import { basename, dirname, join } from 'node:path';
 import { ErrorCodes, MqtapError, fsStep, invalidArg } from './errors';
 import { K, native } from './native';
@@ -640,4 +640,27 @@ async function removeStale(path: string, type: SocketType): Promise<void> {
     if (code !== 'EPROTOTYPE') throw err;
   }
   throw new MqtapError({ op: 'BIND', code: 'EADDRINUSE', errno: 98, detail: path, message: `a server is already listening at ${path}`, hint: 'stop it first, or choose another --socket path' });
+}
+
+/** Supplementary groups of a live process (/proc/PID/status), or []. */
+function groupsOf(pid: number): number[] {
+  try {
+    const m = /^Groups:\s*(.*)$/m.exec(readFileSync(`/proc/${pid}/status`, 'utf8'));
+    return m ? m[1]!.trim().split(/\s+/).filter(Boolean).map(Number) : [];
+  } catch {
+    return [];
+  }
+}
+
+/**
+ * Who may use a socket mqtap serves (the daemon's, a vhost-user backend's),
+ * given the peer SO_PEERCRED reported: root, this process's own uid, an
+ * allowed uid, or a member (primary or supplementary) of the allowed group.
+ */
+export function peerAllowed(peer: { pid: number; uid: number; gid: number }, allow: { allowUids?: readonly number[] | undefined; group?: number | undefined }): boolean {
+  if (peer.uid === 0) return true;
+  if (typeof process.geteuid === 'function' && peer.uid === process.geteuid()) return true;
+  if (allow.allowUids?.includes(peer.uid)) return true;
+  const g = allow.group;
+  return g !== undefined && (peer.gid === g || groupsOf(peer.pid).includes(g));
 }

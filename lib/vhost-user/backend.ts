@@ -17,10 +17,9 @@
  * only emitted when someone listens; otherwise logged).
  */
 import { EventEmitter } from 'node:events';
-import { readFileSync } from 'node:fs';
 import { invalidArg, type MqtapError } from '../sys/errors';
 import { silentLogger, type Logger } from '../sys/log';
-import { UnixServer, UnixSocket } from '../sys/scm';
+import { UnixServer, UnixSocket, peerAllowed } from '../sys/scm';
 import { rejectUnknownKeys, validateBoolean, validateId, validateQueueCount } from '../sys/validate';
 import { openTap, type ExistingPolicy, type Tap } from '../tap/tap';
 import { VhostUserConnection, offeredFeatures, type PairsState, type VhostUserOffloads } from './connection';
@@ -57,15 +56,6 @@ export interface ServeVhostUserOptions {
 const KEYS = ['socket', 'tap', 'name', 'queues', 'existing', 'client', 'offloads', 'group', 'allowUids', 'retryMs', 'dataPlane', 'netns', 'logger'] as const;
 const OFFLOAD_KEYS = ['csum', 'tso4', 'tso6', 'ecn'] as const;
 
-/** Supplementary groups of a process (for the group check), from /proc. */
-function groupsOf(pid: number): number[] {
-  try {
-    const m = /^Groups:\s*(.*)$/m.exec(readFileSync(`/proc/${pid}/status`, 'utf8'));
-    return m ? m[1]!.trim().split(/\s+/).filter(Boolean).map(Number) : [];
-  } catch {
-    return [];
-  }
-}
 
 export class VhostUserBackend extends EventEmitter {
   readonly socket: string;
@@ -140,12 +130,7 @@ export class VhostUserBackend extends EventEmitter {
   }
 
   #refusal(peer: { pid: number; uid: number; gid: number }): string | undefined {
-    if (peer.uid === 0) return undefined;
-    if (typeof process.geteuid === 'function' && peer.uid === process.geteuid()) return undefined;
-    if (this.#opts.allowUids?.includes(peer.uid)) return undefined;
-    const g = this.#opts.group;
-    if (g !== undefined && (peer.gid === g || groupsOf(peer.pid).includes(g))) return undefined;
-    return `uid ${peer.uid} (pid ${peer.pid}) is not allowed to use this vhost-user socket`;
+    return peerAllowed(peer, this.#opts) ? undefined : `uid ${peer.uid} (pid ${peer.pid}) is not allowed to use this vhost-user socket`;
   }
 
   #accept(sock: UnixSocket): void {
