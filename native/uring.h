@@ -1,0 +1,190 @@
+// A minimal io_uring used as a batching syscall, shared by the data path
+// (native/io.cc) and the vhost-user workers (native/vhost_user.cc).  Raw
+// syscalls on <linux/io_uring.h>: no liburing needed to build.  One Ring has
+// one owner thread; nothing is in flight between SubmitAndWait calls.
+#pragma once
+
+#include <errno.h>
+#include <linux/io_uring.h>
+#include <linux/time_types.h>
+#include <sys/mman.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+namespace mqtap {
+
+inline int SysSetup(unsigned entries, io_uring_params* p) { return static_cast<int>(syscall(__NR_io_uring_setup, entries, p)); }
+inline int SysEnter(int fd, unsigned submit, unsigned min_complete, unsigned flags, const void* arg, size_t argsz) {
+  return static_cast<int>(syscall(__NR_io_uring_enter, fd, submit, min_complete, flags, arg, argsz));
+}
+inline int SysRegister(int fd, unsigned op, const void* arg, unsigned n) { return static_cast<int>(syscall(__NR_io_uring_register, fd, op, arg, n)); }
+
+class Ring {
+ public:
+  ~Ring() { Destroy(); }
+
+  // 0 or an errno.  Tries SINGLE_ISSUER|DEFER_TASKRUN (6.1+), then
+  // COOP_TASKRUN (5.19+), then no flags.
+  int Setup(unsigned entries, int file) {
+    const unsigned tries[] = {IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN, IORING_SETUP_COOP_TASKRUN, 0};
+    io_uring_params p;
+    int fd = -1;
+    for (unsigned flags : tries) {
+      memset(&p, 0, sizeof p);
+      p.flags = flags;
+      fd = SysSetup(entries, &p);
+      if (fd >= 0 || errno != EINVAL) break;
+    }
+    if (fd < 0) return errno;
+    fd_ = fd;
+    if (!(p.features & IORING_FEAT_EXT_ARG)) return Fail(ENOSYS);  // Linux < 5.11: no bounded wait
+    entries_ = p.sq_entries;
+    sq_len_ = p.sq_off.array + p.sq_entries * sizeof(unsigned);
+    cq_len_ = p.cq_off.cqes + p.cq_entries * sizeof(io_uring_cqe);
+    bool single = (p.features & IORING_FEAT_SINGLE_MMAP) != 0;
+    if (single) sq_len_ = cq_len_ = std::max(sq_len_, cq_len_);
+    sq_map_ = mmap(nullptr, sq_len_, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, fd_, IORING_OFF_SQ_RING);
+    if (sq_map_ == MAP_FAILED) return Fail(errno);
+    if (single) {
+      cq_map_ = sq_map_;
+    } else {
+      cq_map_ = mmap(nullptr, cq_len_, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, fd_, IORING_OFF_CQ_RING);
+      if (cq_map_ == MAP_FAILED) return Fail(errno);
+    }
+    sqe_len_ = p.sq_entries * sizeof(io_uring_sqe);
+    sqe_map_ = mmap(nullptr, sqe_len_, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, fd_, IORING_OFF_SQES);
+    if (sqe_map_ == MAP_FAILED) return Fail(errno);
+    char* sq = static_cast<char*>(sq_map_);
+    char* cq = static_cast<char*>(cq_map_);
+    sq_tail_ = reinterpret_cast<unsigned*>(sq + p.sq_off.tail);
+    sq_mask_ = *reinterpret_cast<unsigned*>(sq + p.sq_off.ring_mask);
+    unsigned* array = reinterpret_cast<unsigned*>(sq + p.sq_off.array);
+    for (unsigned i = 0; i < p.sq_entries; i++) array[i] = i;  // identity: SQE i is slot i
+    sqes_ = static_cast<io_uring_sqe*>(sqe_map_);
+    cq_head_ = reinterpret_cast<unsigned*>(cq + p.cq_off.head);
+    cq_tail_ = reinterpret_cast<unsigned*>(cq + p.cq_off.tail);
+    cq_mask_ = *reinterpret_cast<unsigned*>(cq + p.cq_off.ring_mask);
+    cqes_ = reinterpret_cast<io_uring_cqe*>(cq + p.cq_off.cqes);
+    // The tap fd as registered file 0: no fget/fput per op.
+    if (SysRegister(fd_, IORING_REGISTER_FILES, &file, 1) < 0) return Fail(errno);
+    registered_ = true;
+    return 0;
+  }
+
+  void Destroy() {
+    if (fd_ < 0) return;
+    // Drop the ring's reference to the tap file now (nothing is in flight
+    // between calls), not in the ring's asynchronous teardown: the queue
+    // must be gone from the device as soon as its fd is closed.
+    if (registered_) SysRegister(fd_, IORING_UNREGISTER_FILES, nullptr, 0);
+    registered_ = false;
+    if (sqe_map_ != MAP_FAILED) munmap(sqe_map_, sqe_len_);
+    if (cq_map_ != MAP_FAILED && cq_map_ != sq_map_) munmap(cq_map_, cq_len_);
+    if (sq_map_ != MAP_FAILED) munmap(sq_map_, sq_len_);
+    sqe_map_ = cq_map_ = sq_map_ = MAP_FAILED;
+    close(fd_);
+    fd_ = -1;
+  }
+
+  unsigned entries() const { return entries_; }
+
+  // The i-th SQE after the current tail (i < entries), zeroed.
+  io_uring_sqe* Sqe(unsigned i) {
+    io_uring_sqe* s = &sqes_[(*sq_tail_ + i) & sq_mask_];
+    memset(s, 0, sizeof *s);
+    return s;
+  }
+
+  // Publishes n SQEs, submits them and waits until all n have completed.
+  // Returns 0 or an errno.  NOWAIT ops on a tap complete inline, so the wait
+  // is normally over when the submit returns; the bounded wait (1 s) is a
+  // safety net: if it ever expires, everything still in flight is cancelled
+  // and reaped before returning ETIME, so nothing outlives the call.
+  int SubmitAndWait(unsigned n, std::vector<io_uring_cqe>* out) {
+    __atomic_store_n(sq_tail_, *sq_tail_ + n, __ATOMIC_RELEASE);
+    unsigned submitted = 0;
+    int err = 0;
+    for (int busy = 0; submitted < n;) {
+      int r = SysEnter(fd_, n - submitted, 0, IORING_ENTER_GETEVENTS, nullptr, 0);
+      if (r < 0) {
+        if (errno == EINTR) continue;
+        // EAGAIN/EBUSY: out of memory for requests, or completions to reap
+        // first.  Reap and retry a bounded number of times.
+        if ((errno == EAGAIN || errno == EBUSY) && ++busy < 100) {
+          Reap(out);
+          continue;
+        }
+        return errno;  // nothing more was submitted: the caller gives up on this ring
+      }
+      submitted += static_cast<unsigned>(r);
+    }
+    Reap(out);
+    while (out->size() < n) {
+      __kernel_timespec ts = {1, 0};
+      io_uring_getevents_arg arg;
+      memset(&arg, 0, sizeof arg);
+      arg.ts = reinterpret_cast<uint64_t>(&ts);
+      int r = SysEnter(fd_, 0, static_cast<unsigned>(n - out->size()), IORING_ENTER_GETEVENTS | IORING_ENTER_EXT_ARG, &arg, sizeof arg);
+      Reap(out);
+      if (r < 0 && errno == ETIME && out->size() < n) {
+        CancelAll(n, out);
+        err = ETIME;
+        break;
+      }
+    }
+    return err;
+  }
+
+ private:
+  int Fail(int err) {
+    Destroy();
+    return err;
+  }
+
+  void Reap(std::vector<io_uring_cqe>* out) {
+    unsigned head = *cq_head_;
+    unsigned tail = __atomic_load_n(cq_tail_, __ATOMIC_ACQUIRE);
+    while (head != tail) out->push_back(cqes_[head++ & cq_mask_]);
+    __atomic_store_n(cq_head_, head, __ATOMIC_RELEASE);
+  }
+
+  void CancelAll(unsigned n, std::vector<io_uring_cqe>* out) {
+    io_uring_sqe* s = Sqe(0);
+    s->opcode = IORING_OP_ASYNC_CANCEL;
+    s->fd = -1;
+    s->cancel_flags = IORING_ASYNC_CANCEL_ANY;
+    s->user_data = ~0ULL;
+    __atomic_store_n(sq_tail_, *sq_tail_ + 1, __ATOMIC_RELEASE);
+    SysEnter(fd_, 1, 0, IORING_ENTER_GETEVENTS, nullptr, 0);
+    size_t want = n + 1;
+    std::vector<io_uring_cqe> all(out->begin(), out->end());
+    for (int spins = 0; all.size() < want && spins < 1000; spins++) {
+      SysEnter(fd_, 0, 1, IORING_ENTER_GETEVENTS, nullptr, 0);
+      Reap(&all);
+    }
+    out->clear();
+    for (const auto& c : all)
+      if (c.user_data != ~0ULL) out->push_back(c);
+  }
+
+  int fd_ = -1;
+  unsigned entries_ = 0;
+  unsigned* sq_tail_ = nullptr;
+  unsigned sq_mask_ = 0;
+  io_uring_sqe* sqes_ = nullptr;
+  unsigned* cq_head_ = nullptr;
+  unsigned* cq_tail_ = nullptr;
+  unsigned cq_mask_ = 0;
+  io_uring_cqe* cqes_ = nullptr;
+  void* sq_map_ = MAP_FAILED;
+  void* cq_map_ = MAP_FAILED;
+  void* sqe_map_ = MAP_FAILED;
+  size_t sq_len_ = 0, cq_len_ = 0, sqe_len_ = 0;
+  bool registered_ = false;
+};
+
+}  // namespace mqtap
