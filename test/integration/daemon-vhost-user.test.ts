@@ -12,7 +12,7 @@
  * librte-mempool-ring23); skipped with the reason when missing, a failure
  * when MQTAP_VM_REQUIRED=1.
  */
-import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
+import { spawnSync, type ChildProcess } from 'node:child_process';
 import dgram from 'node:dgram';
 import { chmodSync, existsSync, lstatSync, mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -24,12 +24,11 @@ import { deleteTap } from '../../lib/tap/tap.js';
 import { ROOT, cliBuiltReason, runCli } from '../helpers/cli';
 import { DaemonProcess } from '../helpers/daemon';
 import { cannotLoadAs, need, needCommand, run, skipNote, tapEnv, useIsolatedNetns } from '../helpers/env.js';
+import { TESTPMD_MISSING, haveTestpmd, startTestpmd as spawnTestpmd, type Testpmd } from '../helpers/testpmd';
 import { rejection, waitFor } from '../helpers/wait';
 
-const TESTPMD = 'dpdk-testpmd';
 const base = tapEnv();
-const haveTestpmd = spawnSync('sh', ['-c', `command -v ${TESTPMD}`]).status === 0;
-const env = base.ok && !haveTestpmd ? { ok: false, reason: `${TESTPMD} is not installed (apt-get install dpdk-dev librte-net-virtio23 librte-mempool-ring23)` } : base;
+const env = base.ok && !haveTestpmd() ? { ok: false, reason: TESTPMD_MISSING } : base;
 if (!env.ok && process.env.MQTAP_VM_REQUIRED === '1') throw new Error(`daemon vhost-user test cannot run (MQTAP_VM_REQUIRED=1): ${env.reason}`);
 const built = cliBuiltReason();
 const reason = !env.ok ? env.reason : built;
@@ -70,22 +69,8 @@ describe.skipIf(!!reason)(`daemon serve-vhost-user${reason ? ` (skipped: ${reaso
     return c;
   }
 
-  function startTestpmd(socket: string): { child: ChildProcess; output: () => string; exited: Promise<number | null> } {
-    const child = spawn(
-      TESTPMD,
-      [
-        '-l', '0-1', '--no-huge', '--no-pci', '-m', '512', '--file-prefix', prefix,
-        '--vdev', `net_virtio_user0,path=${socket},queues=2`,
-        '--', '--stats-period', '1', '--forward-mode=io', '--rxq=2', '--txq=2', '--nb-cores=1', '--total-num-mbufs=16384',
-      ],
-      { stdio: ['ignore', 'pipe', 'pipe'] },
-    );
-    children.push(child);
-    let out = '';
-    child.stdout!.on('data', (d: Buffer) => (out += d.toString()));
-    child.stderr!.on('data', (d: Buffer) => (out += d.toString()));
-    const exited = new Promise<number | null>((res) => child.on('exit', (code) => res(code)));
-    return { child, output: () => out, exited };
+  function startTestpmd(socket: string): Testpmd {
+    return spawnTestpmd(socket, prefix, (child) => children.push(child));
   }
 
   it('serve: DPDK virtio-user connects to the socket the reply names, frames flow through the tap both ways, `mqtap stats` reads the tap; stop: socket gone, the daemon\'s active pairs back', async () => {
@@ -111,6 +96,8 @@ describe.skipIf(!!reason)(`daemon serve-vhost-user${reason ? ` (skipped: ${reaso
       throw new Error(`testpmd did not bring both pairs up; its output:\n${t.output()}\ndaemon log:\n${daemon!.log().slice(-3000)}`);
     });
     expect(getTap('dvu0')!.tun).toMatchObject({ numQueues: 2, numDisabledQueues: 0 });
+    // Live pairs are not yet a forwarding testpmd: it flushes its RX queues first (test/helpers/testpmd.ts).
+    await t.forwarding();
 
     const s = dgram.createSocket('udp4');
     try {

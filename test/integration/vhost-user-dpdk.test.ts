@@ -7,11 +7,17 @@
  * Then testpmd is stopped: the connection ends cleanly and the backend is
  * ready for the next front-end.
  *
+ * The datagrams go out only once testpmd forwards, not as soon as both
+ * pairs are live: testpmd flushes its RX queues after the last ring is
+ * enabled and before it starts forwarding, and frames that land in that
+ * window are dropped by testpmd (test/helpers/testpmd.ts).  They go out
+ * while testpmd is stopped (SIGSTOP), so the test does not depend on the
+ * machine's timing: they wait in the RX rings until it runs again.
+ *
  * Needs dpdk-testpmd and the virtio PMD (Debian: dpdk-dev, librte-net-virtio23,
  * librte-mempool-ring23); skipped with the reason when missing, a failure
  * when MQTAP_VM_REQUIRED=1.
  */
-import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import dgram from 'node:dgram';
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -21,12 +27,11 @@ import { getLink, getTap } from '../../lib/tap/links.js';
 import { openTap } from '../../lib/tap/tap.js';
 import { serveVhostUser } from '../../lib/vhost-user/backend.js';
 import { run, skipNote, tapEnv, useIsolatedNetns } from '../helpers/env.js';
+import { TESTPMD_MISSING, haveTestpmd, startTestpmd as spawnTestpmd } from '../helpers/testpmd.js';
 import { until } from '../helpers/vhost-user.js';
 
-const TESTPMD = 'dpdk-testpmd';
 const base = tapEnv();
-const haveTestpmd = spawnSync('sh', ['-c', `command -v ${TESTPMD}`]).status === 0;
-const env = base.ok && !haveTestpmd ? { ok: false, reason: `${TESTPMD} is not installed (apt-get install dpdk-dev librte-net-virtio23 librte-mempool-ring23)` } : base;
+const env = base.ok && !haveTestpmd() ? { ok: false, reason: TESTPMD_MISSING } : base;
 if (!env.ok && process.env.MQTAP_VM_REQUIRED === '1') throw new Error(`vhost-user DPDK test cannot run (MQTAP_VM_REQUIRED=1): ${env.reason}`);
 
 const LOCAL = '169.254.81.1';
@@ -48,12 +53,7 @@ afterEach(async () => {
 describe.skipIf(!env.ok)(`vhost-user with DPDK virtio-user as the front-end${skipNote(env)}`, () => {
   useIsolatedNetns();
 
-  // SKIPPED, open bug (issue 11): since 2026-12-06 ~01:00 testpmd in this in-process setup receives
-  // every frame (RX-packets 64) but transmits none back (TX-packets 0, the backend's txFrames 0),
-  // on an idle machine, also at the commit where this test passed at 00:35.  The same testpmd
-  // against the same backend code served by the daemon (daemon-vhost-user.test.ts) forwards both
-  // ways.  Run it with MQTAP_DPDK_INPROCESS=1 while investigating.
-  it.runIf(process.env.MQTAP_DPDK_INPROCESS === '1')('testpmd (io forwarding, 2 queue pairs): frames both ways on both pairs; a clean end; the next front-end is served (skipped: open bug, see the comment; MQTAP_DPDK_INPROCESS=1 runs it)', async () => {
+  it('testpmd (io forwarding, 2 queue pairs): frames both ways on both pairs; a clean end; the next front-end is served', async () => {
     const dir = mkdtempSync(join(tmpdir(), 'mqtap-vudpdk-'));
     cleanups.push(() => rmSync(dir, { recursive: true, force: true }));
     const socket = join(dir, 'vu.sock');
@@ -71,23 +71,7 @@ describe.skipIf(!env.ok)(`vhost-user with DPDK virtio-user as the front-end${ski
     // A prefix of its own: its runtime directory (/var/run/dpdk/PREFIX) is removed afterwards.
     const prefix = `mqtap-vu-${process.pid}`;
     cleanups.push(() => rmSync(`/var/run/dpdk/${prefix}`, { recursive: true, force: true }));
-    const startTestpmd = (): { child: ChildProcess; output: () => string; exited: Promise<number | null> } => {
-      const child = spawn(
-        TESTPMD,
-        [
-          '-l', '0-1', '--no-huge', '--no-pci', '-m', '512', '--file-prefix', prefix,
-          '--vdev', `net_virtio_user0,path=${socket},queues=2`,
-          '--', '--stats-period', '1', '--forward-mode=io', '--rxq=2', '--txq=2', '--nb-cores=1', '--total-num-mbufs=16384',
-        ],
-        { stdio: ['ignore', 'pipe', 'pipe'] },
-      );
-      cleanups.push(() => child.kill('SIGKILL'));
-      let out = '';
-      child.stdout!.on('data', (d: Buffer) => (out += d.toString()));
-      child.stderr!.on('data', (d: Buffer) => (out += d.toString()));
-      const exited = new Promise<number | null>((res) => child.on('exit', (code) => res(code)));
-      return { child, output: () => out, exited };
-    };
+    const startTestpmd = (): ReturnType<typeof spawnTestpmd> => spawnTestpmd(socket, prefix, (child) => cleanups.push(() => child.kill('SIGKILL')));
 
     const t = startTestpmd();
     await until(() => be.pairsState().live.length === 2, 30_000).catch(() => {
@@ -95,6 +79,8 @@ describe.skipIf(!env.ok)(`vhost-user with DPDK virtio-user as the front-end${ski
     });
     expect(features[0]).toEqual(expect.arrayContaining(['VIRTIO_F_VERSION_1', 'VIRTIO_NET_F_MQ', 'VHOST_USER_F_PROTOCOL_FEATURES']));
     expect(getTap('vud0')!.tun).toMatchObject({ numQueues: 2, numDisabledQueues: 0 });
+    // Live pairs are not yet a forwarding testpmd: it flushes its RX queues first (frames sent now would be dropped).
+    await t.forwarding();
 
     const s = dgram.createSocket('udp4');
     cleanups.push(() => s.close());
@@ -105,10 +91,22 @@ describe.skipIf(!env.ok)(`vhost-user with DPDK virtio-user as the front-end${ski
     };
     const before = stats();
     const N = 64;
+    const rxSum = (): bigint => be.counters().reduce((a, pc) => a + pc.rxFrames, 0n);
+    // testpmd is frozen while the datagrams go out, whatever the machine's timing: they must wait in the
+    // RX rings (the backend has put all of them there) and come back once it polls again.  Had it not
+    // been forwarding yet, it would flush them when it starts.
+    t.child.kill('SIGSTOP'); // (a stopped testpmd still dies of the cleanup's SIGKILL)
     // 64 flows: the tap spreads them over both attached queues by flow hash.
     for (let i = 0; i < N; i++) await new Promise<void>((res, rej) => s.send(Buffer.from(`flow ${i}`), 7000 + i, PEER, (e) => (e ? rej(e) : res())));
-    await until(() => stats().rx - before.rx >= BigInt(N), 15_000).catch(() => {
-      throw new Error(`the frames did not come back: ${JSON.stringify(be.counters(), (_k, v) => (typeof v === 'bigint' ? String(v) : v))}\n${t.output().slice(-2000)}`);
+    await until(() => rxSum() >= BigInt(N), 15_000).catch(() => {
+      throw new Error(`the backend did not put the frames into testpmd's RX rings: ${JSON.stringify(be.counters(), (_k, v) => (typeof v === 'bigint' ? String(v) : v))}`);
+    });
+    t.child.kill('SIGCONT');
+    await until(() => stats().rx - before.rx >= BigInt(N), 15_000).catch(async () => {
+      const counters = JSON.stringify(be.counters(), (_k, v) => (typeof v === 'bigint' ? String(v) : v));
+      t.child.kill('SIGINT'); // its forward statistics: what its forwarding engine saw of the frames its port received
+      await Promise.race([t.exited, new Promise((r) => setTimeout(r, 5000))]);
+      throw new Error(`the frames did not come back: ${counters}\n${t.output().slice(-3000)}`);
     });
     expect(stats().tx - before.tx).toBeGreaterThanOrEqual(BigInt(N)); // kernel -> tap -> guest
     const c = be.counters();
@@ -123,11 +121,18 @@ describe.skipIf(!env.ok)(`vhost-user with DPDK virtio-user as the front-end${ski
     t.child.kill('SIGINT');
     const code = await t.exited;
     expect(code, t.output().slice(-2000)).toBe(0);
+    // Its forwarding engine saw every frame (none flushed before forwarding started) and sent each one back.
+    const fwd = t.forwardStats();
+    expect(fwd, t.output().slice(-2000)).toBeDefined();
+    expect(fwd!.rxPackets).toBeGreaterThanOrEqual(N);
+    expect(fwd!.txPackets).toBe(fwd!.rxPackets);
+    expect(fwd!.txDropped).toBe(0);
     await until(() => !be.connected, 10_000);
     expect(getTap('vud0')!.tun.numQueues).toBeGreaterThanOrEqual(1); // the tap stays, never without a queue
     // The next front-end is served.
     const t2 = startTestpmd();
     await until(() => be.pairsState().live.length === 2, 30_000);
+    await t2.forwarding();
     expect(be.connections).toBe(2);
     t2.child.kill('SIGINT');
     expect(await t2.exited).toBe(0);
