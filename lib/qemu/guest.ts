@@ -119,6 +119,8 @@ export interface RunInGuestOptions {
 export interface RunInGuestResult {
   /** The command's exit status in the guest; null if QEMU was killed (timeout). */
   exitCode: number | null;
+  /** Where exitCode came from: resultsDir/exitcode, or (that file missing or unreadable) init's `mqtap-guest: exit=N` console line; see guestExitStatus. */
+  exitCodeFrom: 'file' | 'console' | null;
   /** The command's stdout / stderr, exactly as written (no console noise, no \r). */
   stdout: string;
   stderr: string;
@@ -341,6 +343,35 @@ function tail(text: string, lines: number): string {
   return text.trimEnd().split('\n').slice(-lines).join('\n');
 }
 
+/** The guest command's exit status as init reported it (guestExitStatus). */
+export interface GuestExitStatus {
+  code: number | null;
+  from: 'file' | 'console' | null;
+  /** What resultsDir/exitcode held: 'missing', 'empty', or its text (for messages). */
+  file: string;
+}
+
+const CONSOLE_EXIT = /^mqtap-guest: exit=(\d+)$/gm;
+
+/**
+ * The guest command's exit status.  vm/init.sh reports it twice: it writes
+ * resultsDir/exitcode over the 9p results share, then prints
+ * `mqtap-guest: exit=N` on the serial console and powers off.  The file
+ * comes first; when it is missing, empty or not a number (the write over
+ * the share failed: init does not stop for that, and the console line
+ * follows all the same) the last console line is the answer, so a guest
+ * that printed exit=0 never reads as "no exit code".  `consoleText` with
+ * \r removed.
+ */
+export function guestExitStatus(exitText: string | undefined, consoleText: string): GuestExitStatus {
+  const file = exitText === undefined ? 'missing' : exitText.trim() === '' ? 'empty' : JSON.stringify(exitText.trim().slice(0, 40));
+  if (exitText !== undefined && /^\d+\s*$/.test(exitText)) return { code: Number.parseInt(exitText, 10), from: 'file', file };
+  let last: string | undefined;
+  for (const m of consoleText.matchAll(CONSOLE_EXIT)) last = m[1];
+  if (last !== undefined) return { code: Number.parseInt(last, 10), from: 'console', file };
+  return { code: null, from: null, file };
+}
+
 /**
  * Boots a guest, runs `cmd` in it and returns its exit code and output.
  * QEMU is always killed on timeout, abort, error or process exit, and the
@@ -420,6 +451,7 @@ export async function runInGuest(opts: RunInGuestOptions): Promise<RunInGuestRes
     ]);
     const result: RunInGuestResult = {
       exitCode: null,
+      exitCodeFrom: null,
       stdout: stdout ?? '',
       stderr: stderr ?? '',
       console: consoleText,
@@ -427,14 +459,16 @@ export async function runInGuest(opts: RunInGuestOptions): Promise<RunInGuestRes
       timedOut,
       qemuStderr,
     };
-    if (exitText !== undefined && /^\d+\s*$/.test(exitText)) {
-      result.exitCode = Number.parseInt(exitText, 10);
+    const exit = guestExitStatus(exitText, consoleText);
+    if (exit.code !== null) {
+      result.exitCode = exit.code;
+      result.exitCodeFrom = exit.from;
       return result;
     }
     if (timedOut) return result;
     const why = initError
       ? `guest init failed: ${initError.trim()}`
-      : `the guest reported no exit code (QEMU ${status.code !== null ? `exit status ${status.code}` : `signal ${status.signal}`})`;
+      : `the guest reported no exit code (exitcode file: ${exit.file}; no "mqtap-guest: exit=N" on the console; QEMU ${status.code !== null ? `exit status ${status.code}` : `signal ${status.signal}`})`;
     const err = new Error(
       `runInGuest(${JSON.stringify(opts.cmd)}): ${why}` +
         (qemuStderr.trim() ? `\nQEMU stderr:\n${tail(qemuStderr, 20)}` : '') +
@@ -891,16 +925,17 @@ export async function bootMqGuest(opts: MqGuestBootOptions): Promise<MqGuestBoot
     });
     await proc.exited?.catch(() => undefined);
     await watcher.stop();
-    const exitText = readText(path.join(resultsDir, 'exitcode')).trim();
+    const exitFile = path.join(resultsDir, 'exitcode');
+    const consoleText = readText(consoleFile).replace(/\r/g, '');
     return {
       exit: { code: exit.code, signal: exit.signal },
       timedOut: exit.timedOut,
       report: report(),
-      guestExitCode: /^\d+$/.test(exitText) ? Number(exitText) : null,
+      guestExitCode: guestExitStatus(existsSync(exitFile) ? readText(exitFile) : undefined, consoleText).code,
       checkpoints: [...watcher.seen],
       stdout: readText(stdoutFile),
       stderr: readText(path.join(resultsDir, 'stderr')),
-      console: readText(consoleFile).replace(/\r/g, ''),
+      console: consoleText,
       durationMs: Date.now() - started,
     };
   } finally {

@@ -147,10 +147,23 @@ describe.skipIf(!avail.ok)(`guest VM (QEMU TCG, Debian 6.1 kernel)${skipNote}`, 
       timeoutMs: GUEST_TIMEOUT,
     });
     expect(r.exitCode, r.console.slice(-3000)).toBe(7);
+    expect(r.exitCodeFrom).toBe('file');
     expect(r.stdout).toBe(`out\nit's "quoted" $HOME|`);
     expect(r.stderr).toBe('err\n');
     expect(r.timedOut).toBe(false);
     expect(r.console).toContain('mqtap-guest: exit=7');
+  }, TEST_TIMEOUT);
+
+  it("reports the command's exit code when init cannot write the exitcode file (from its console line)", async () => {
+    // The job puts a directory where init writes exitcode: init's write fails, it prints
+    // "mqtap-guest: exit=5" all the same, and that is the exit code (not "no exit code").
+    const r = await runInGuest({
+      cmd: ['sh', '-c', 'rm -f "$MQTAP_GUEST_RESULTS/exitcode" && mkdir "$MQTAP_GUEST_RESULTS/exitcode" && exit 5'],
+      timeoutMs: GUEST_TIMEOUT,
+    });
+    expect(r.console, r.console.slice(-3000)).toContain('mqtap-guest: exit=5');
+    expect(r.exitCode, r.console.slice(-3000)).toBe(5);
+    expect(r.exitCodeFrom).toBe('console');
   }, TEST_TIMEOUT);
 
   it('shows a virtio-net NIC added with qemuExtraArgs as eth0', async () => {

@@ -277,6 +277,7 @@ describe.skipIf(!!reason)(`mqtap launch with a real guest${reason ? ` (skipped: 
         const report = boot.report;
         const diag = `guest stdout:\n${boot.stdout}\nconsole:\n${boot.console.slice(-3000)}`;
         expect(boot.exit.code, diag).toBe(0);
+        expect(boot.guestExitCode, diag).toBe(0);
         const inUse = Math.min(2, report.cpus ?? 1);
         expect(report.nics, diag).toEqual([
           { name: 'eth0', mac: '52:54:00:6d:72:0a', driver: 'virtio_net', maxCombined: 2, combined: inUse },
