@@ -22,6 +22,7 @@
  * unmapped), every eventfd is closed; the tap stays.
  */
 import { EventEmitter } from 'node:events';
+import { errnoName } from '../sys/errors';
 import { silentLogger, type Logger } from '../sys/log';
 import { K, native } from '../sys/native';
 import type { ReceivedFds, UnixSocket } from '../sys/scm';
@@ -536,11 +537,14 @@ export class VhostUserConnection extends EventEmitter {
         continue;
       }
       const features = this.#dataPlaneFeatures();
+      let started = false;
       for (const [r, dir] of [[rx, 'rx'], [tx, 'tx']] as const) {
         if (r.running) continue;
         this.#dp.startRing(p, dir, { num: r.num!, ...r.addr!, base: r.base!, kickFd: r.kickFd, callFd: r.callFd, errFd: r.errFd }, features);
         r.running = true;
+        started = true;
       }
+      if (started) this.#logTapEngine(p);
     }
     const state = this.pairsState();
     const key = JSON.stringify(state);
@@ -549,6 +553,14 @@ export class VhostUserConnection extends EventEmitter {
       this.#log.info(state, 'vhost-user pairs');
       this.emit('pairs', state);
     }
+  }
+
+  /** Once per pair start: which tap I/O the pair's worker uses, and why not io_uring when it does not. */
+  #logTapEngine(pair: number): void {
+    const c = this.#dp.counters(pair);
+    if (c.tapEngine === 'writev' && c.tapEngineErrno !== 0)
+      this.#log.warn({ pair, tapEngine: c.tapEngine, uringErrno: errnoName(c.tapEngineErrno) }, 'vhost-user pair: io_uring unavailable, tap I/O is one writev/read per frame');
+    else this.#log.info({ pair, tapEngine: c.tapEngine }, 'vhost-user pair tap I/O');
   }
 
   /** The enable vector, diffed against the tap's queue states: only changes become TUNSETQUEUE. */
