@@ -13,8 +13,9 @@
  *   answers, and again after each disconnect.
  *
  * Events: 'connected' ({ pid, uid, gid }), 'features' (acked bigint, names),
- * 'pairs' ({ enabled, live }), 'disconnected' ({ reason? }), 'error' (err:
- * only emitted when someone listens; otherwise logged).
+ * 'pairs' ({ enabled, live }), 'disconnected' ({ reason?, counters?: the
+ * connection's last per-pair counters }), 'error' (err: only emitted when
+ * someone listens; otherwise logged).
  */
 import { EventEmitter } from 'node:events';
 import { invalidArg, type MqtapError } from '../sys/errors';
@@ -58,6 +59,13 @@ export interface ServeVhostUserOptions {
 const KEYS = ['socket', 'tap', 'name', 'queues', 'existing', 'client', 'offloads', 'group', 'allowUids', 'retryMs', 'dataPlane', 'tapEngine', 'netns', 'logger'] as const;
 const OFFLOAD_KEYS = ['csum', 'tso4', 'tso6', 'ecn'] as const;
 
+
+/** PairCounters with numbers instead of bigints (JSON logs). */
+export function countersForLog(c: PairCounters): Record<string, number | string> {
+  const out: Record<string, number | string> = {};
+  for (const [k, v] of Object.entries(c)) out[k] = typeof v === 'bigint' ? Number(v) : v;
+  return out;
+}
 
 export class VhostUserBackend extends EventEmitter {
   readonly socket: string;
@@ -221,8 +229,9 @@ export class VhostUserBackend extends EventEmitter {
     conn.on('pairs', (s: PairsState) => this.emit('pairs', s));
     conn.on('close', (err?: Error) => {
       if (this.#conn === conn) this.#conn = undefined;
-      this.#log.info({ reason: err?.message }, 'vhost-user front-end disconnected');
-      this.emit('disconnected', { ...(err ? { reason: err.message, error: err } : {}) });
+      const counters = conn.finalCounters;
+      this.#log.info({ reason: err?.message, ...(counters ? { counters: counters.map(countersForLog) } : {}) }, 'vhost-user front-end disconnected');
+      this.emit('disconnected', { ...(err ? { reason: err.message, error: err } : {}), ...(counters ? { counters } : {}) });
       if (this.client) this.#scheduleDial();
     });
     this.#log.info({ peer, socket: this.socket }, 'vhost-user front-end connected');

@@ -176,6 +176,7 @@ export class VhostUserConnection extends EventEmitter {
   #closed = false;
   #notify: InstanceType<(typeof native)['FdPoll']> | undefined;
   #lastPairs = '';
+  #final: PairCounters[] | undefined;
 
   constructor(opts: ConnectionOptions) {
     super();
@@ -228,6 +229,11 @@ export class VhostUserConnection extends EventEmitter {
   counters(pair: number): PairCounters | undefined {
     if (this.#closed) return undefined;
     return this.#dp.counters(pair);
+  }
+
+  /** After close: each pair's counters as they were when the rings stopped (undefined before, or if they could not be read). */
+  get finalCounters(): PairCounters[] | undefined {
+    return this.#final;
   }
 
   /** Ends the connection (stops every ring, closes the data plane and every eventfd); the tap stays. */
@@ -614,6 +620,11 @@ export class VhostUserConnection extends EventEmitter {
       this.#stopAll();
     } catch (e) {
       this.#log.warn({ err: e }, 'vhost-user: stopping a ring failed during teardown');
+    }
+    try {
+      this.#final = Array.from({ length: this.pairs }, (_, p) => this.#dp.counters(p));
+    } catch (e) {
+      this.#log.warn({ err: e }, 'vhost-user: reading the final counters failed');
     }
     try {
       this.#dp.close();
