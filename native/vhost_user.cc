@@ -10,11 +10,20 @@
 //
 //   TX  guest -> tap: each avail chain's readable descriptors are one frame
 //       (starting with the virtio-net header, which IS the tap's vnet header),
-//       written with one writev(2) straight from guest memory.
-//   RX  tap -> guest: a frame is read into a per-pair bounce buffer, then
+//       written straight from guest memory: a batch of up to 256 chains is
+//       walked first, then written with one io_uring_enter of WRITEV SQEs
+//       (or one writev(2) each), then returned to the used ring.
+//   RX  tap -> guest: up to 64 frames are read into per-pair slots with one
+//       io_uring_enter of READ SQEs (or read(2) until EAGAIN), then each is
 //       copied into one device-writable chain (or, with MRG_RXBUF, several,
 //       num_buffers set in the header).  With no guest buffer the tap is not
 //       read: frames wait in the kernel until the RX kick.
+//
+// The io_uring (native/uring.h, a batching syscall: RWF_NOWAIT ops complete
+// inline, nothing is in flight between calls) is per pair, created and used
+// on its worker only; where it cannot be set up the worker uses writev/read
+// and reports it (counters: tapEngine, tapEngineErrno); lib/ decides whether
+// that is an error.
 //
 // No policy: rings start and stop when JavaScript says so (synchronously:
 // the control eventfd hands the worker a function and waits until it ran).
