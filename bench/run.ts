@@ -8,7 +8,7 @@
  *   npm run bench -- --only data         data path only
  *   npm run bench -- --only vhost-user   vhost-user backend: mqtap against DPDK (dpdk-testpmd; not in 'all')
  *   npm run bench -- --only vhost-user --vu-sizes 60,1514 --vu-pairs 1,2 --vu-dirs guest-to-tap,tap-to-guest
- *                                        --vu-repeats 3 --vu-seconds 5
+ *                                        --vu-repeats 3 --vu-seconds 5 [--vu-tap-engine auto|writev] [--vu-txqueuelen N]
  *   npm run bench -- --repeats 9         more control-plane repeats
  *   npm run bench -- --data-repeats 5    more data-path repeats (median is reported)
  *   npm run bench -- --engines auto,poll,uring   library engines to compare
@@ -25,7 +25,7 @@ import type { IoEngine } from '../lib/datapath/io';
 import { isolateNetns } from '../lib/sys/netns';
 import { buildCControl, compareControl, type ControlRow } from './control';
 import { buildPrograms, dataTable, runDataBench, type Dir, type Size } from './data';
-import { haveTestpmd, runVhostUserBench, vhostUserTable, type VuDir } from './vhost-user';
+import { haveTestpmd, runVhostUserBench, vhostUserTable, type VuDir, type VuTapEngine } from './vhost-user';
 import { textTable } from './stats';
 
 const ROOT = join(__dirname, '..', '..');
@@ -144,6 +144,8 @@ async function vhostUser(): Promise<void> {
     repeats,
     warmupMs: 2000,
     measureMs: seconds * 1000,
+    tapEngine: arg('vu-tap-engine', 'auto') as VuTapEngine,
+    ...(arg('vu-txqueuelen', '') ? { txqueuelen: Number(arg('vu-txqueuelen', '')) } : {}),
     log: (l) => process.stderr.write(`${l}\n`),
   });
   process.stdout.write(`${vhostUserTable(results)}\n`);

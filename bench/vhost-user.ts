@@ -33,6 +33,8 @@ import { median, textTable } from './stats';
 
 export type VuDir = 'guest-to-tap' | 'tap-to-guest';
 export type VuImpl = 'mqtap' | 'dpdk';
+/** mqtap's tap engine in the bench ('auto': io_uring batches where available; 'writev': one syscall per frame, to see what batching buys). */
+export type VuTapEngine = 'auto' | 'writev';
 
 export interface VuRun {
   impl: VuImpl;
@@ -47,6 +49,27 @@ export interface VuRun {
   frames: number;
   /** tap->guest: frames the kernel dropped on full tap queues over the window. */
   tapTxDropped?: number;
+  /** mqtap, over the whole connection (warm-up included): frames per tap syscall and per worker wake-up, and the tap engine. */
+  batching?: { framesPerSyscall: number; framesPerWakeup: number; tapEngine: string };
+}
+
+/** The 'disconnected' event of `mqtap vhost-user --json` (its last counters): frames per tap syscall and per wake-up. */
+export function batchingFromCliOutput(out: string, dir: VuDir): VuRun['batching'] | undefined {
+  for (const line of out.split('\n').reverse()) {
+    if (!line.startsWith('{') || !line.includes('"disconnected"')) continue;
+    try {
+      const ev = JSON.parse(line) as { event?: string; counters?: Array<Record<string, number | string>> };
+      if (ev.event !== 'disconnected' || !ev.counters?.length) continue;
+      const sum = (k: string): number => ev.counters!.reduce((a, c) => a + Number(c[k] ?? 0), 0);
+      const frames = dir === 'guest-to-tap' ? sum('txFrames') : sum('rxFrames');
+      const syscalls = dir === 'guest-to-tap' ? sum('txSyscalls') : sum('rxSyscalls');
+      const wakeups = sum('wakeups');
+      return { framesPerSyscall: syscalls > 0 ? frames / syscalls : NaN, framesPerWakeup: wakeups > 0 ? frames / wakeups : NaN, tapEngine: String(ev.counters[0]!.tapEngine) };
+    } catch {
+      /* not a JSON line of ours */
+    }
+  }
+  return undefined;
 }
 
 export interface VuResult {
@@ -70,6 +93,10 @@ export interface VuBenchOptions {
   repeats: number;
   warmupMs: number;
   measureMs: number;
+  /** mqtap's --tap-engine (default 'auto'). */
+  tapEngine?: VuTapEngine;
+  /** tap->guest: the tap's txqueuelen (frames the kernel queues for the backend; default: the kernel's, 1000). */
+  txqueuelen?: number;
   log: (line: string) => void;
 }
 
@@ -158,7 +185,7 @@ async function runOnce(o: VuBenchOptions, impl: VuImpl, dir: VuDir, size: number
   let gen: Child | undefined;
   try {
     if (impl === 'mqtap') {
-      backend = start(['taskset', '-c', '0', process.execPath, o.cli, 'vhost-user', '--socket', sock, '--name', TAP, '--queues', String(pairs)]);
+      backend = start(['taskset', '-c', '0', process.execPath, o.cli, 'vhost-user', '--socket', sock, '--name', TAP, '--queues', String(pairs), '--json', '--tap-engine', o.tapEngine ?? 'auto']);
     } else {
       backend = start([
         ...testpmdBase(prefixes[0]!, 1),
@@ -177,7 +204,7 @@ async function runOnce(o: VuBenchOptions, impl: VuImpl, dir: VuDir, size: number
     ]);
     await until('the guest testpmd forwarding', () => /RX-packets:/.test(guest!.out()), 30_000, guest);
     await until('the tap', () => getLink(TAP) !== undefined, 10_000, backend);
-    spawnSync('ip', ['link', 'set', 'dev', TAP, 'up']);
+    spawnSync('ip', ['link', 'set', 'dev', TAP, 'up', ...(o.txqueuelen !== undefined ? ['txqueuelen', String(o.txqueuelen)] : [])]);
     if (dir === 'tap-to-guest') {
       gen = start(['taskset', '-c', '1', o.gen, TAP, String(size), '64']);
       await until('the generator', () => gen!.out().includes('ready'), 10_000, gen);
@@ -202,6 +229,14 @@ async function runOnce(o: VuBenchOptions, impl: VuImpl, dir: VuDir, size: number
     const seconds = (b.t - a.t) / 1000;
     const frames = dir === 'guest-to-tap' ? b.tap.rx - a.tap.rx : b.rx - a.rx;
     const cpu = b.cpu - a.cpu;
+    let batching: VuRun['batching'];
+    if (impl === 'mqtap') {
+      // The counters come with the backend's 'disconnected' event: stop the guest first.
+      await stop(gen, 'SIGKILL');
+      await stop(guest);
+      await until('the backend\'s disconnected event', () => batchingFromCliOutput(backend!.out(), dir) !== undefined, 5_000, backend).catch(() => undefined);
+      batching = batchingFromCliOutput(backend.out(), dir);
+    }
     return {
       impl,
       dir,
@@ -212,6 +247,7 @@ async function runOnce(o: VuBenchOptions, impl: VuImpl, dir: VuDir, size: number
       seconds,
       frames,
       ...(dir === 'tap-to-guest' ? { tapTxDropped: b.tap.txDropped - a.tap.txDropped } : {}),
+      ...(batching ? { batching } : {}),
     };
   } finally {
     await stop(gen, 'SIGKILL');
@@ -240,7 +276,11 @@ export async function runVhostUserBench(o: VuBenchOptions): Promise<VuResult[]> 
           for (const impl of ['mqtap', 'dpdk'] as const) {
             const run = await runOnce(o, impl, dir, size, pairs);
             r[impl].push(run);
-            o.log(`vhost-user ${dir} ${size} B ${pairs} pair(s) ${impl} run ${i + 1}: ${(run.pps / 1e6).toFixed(3)} Mf/s, ${run.cpuUsPerFrame.toFixed(3)} µs CPU/frame`);
+            const extra = [
+              run.tapTxDropped !== undefined ? `tap dropped ${(run.tapTxDropped / run.seconds / 1e6).toFixed(3)} Mf/s (offered = forwarded + dropped)` : '',
+              run.batching ? `${run.batching.tapEngine}: ${run.batching.framesPerSyscall.toFixed(1)} frames/tap syscall, ${run.batching.framesPerWakeup.toFixed(1)} frames/wake-up` : '',
+            ].filter(Boolean);
+            o.log(`vhost-user ${dir} ${size} B ${pairs} pair(s) ${impl} run ${i + 1}: ${(run.pps / 1e6).toFixed(3)} Mf/s, ${run.cpuUsPerFrame.toFixed(3)} µs CPU/frame${extra.length ? `; ${extra.join('; ')}` : ''}`);
           }
         }
         r.ratio = pairedRatio(r.mqtap, r.dpdk);

@@ -7,7 +7,8 @@
  */
 import { InvalidArgumentError, Option, type Command } from 'commander';
 import type { ExistingPolicy } from '../lib/tap/tap';
-import { serveVhostUser, type ServeVhostUserOptions } from '../lib/vhost-user/backend';
+import { countersForLog, serveVhostUser, type ServeVhostUserOptions } from '../lib/vhost-user/backend';
+import type { PairCounters, TapEngineChoice } from '../lib/vhost-user/dataplane-api';
 import type { PairsState, VhostUserOffloads } from '../lib/vhost-user/connection';
 import { validateIfName, validateQueueCount } from '../lib/sys/validate';
 import { EXIT, intArg, logger, netnsOpt, type CliContext, type GlobalOpts } from './context';
@@ -22,6 +23,7 @@ interface VhostUserOpts {
   existing: ExistingPolicy;
   group?: string;
   json?: boolean;
+  tapEngine?: TapEngineChoice;
 }
 
 const OFFLOADS = ['csum', 'tso4', 'tso6', 'ecn'] as const;
@@ -53,6 +55,7 @@ async function cmdVhostUser(o: VhostUserOpts, g: GlobalOpts): Promise<number> {
     existing: o.existing,
     offloads: o.offloads ?? offloadsArg('all'),
     ...(o.client ? { client: true } : {}),
+    ...(o.tapEngine !== undefined ? { tapEngine: o.tapEngine } : {}),
     ...(o.group !== undefined ? { group: resolveId(o.group, 'group') } : {}),
     ...netnsOpt(g),
     logger: log,
@@ -78,7 +81,13 @@ async function cmdVhostUser(o: VhostUserOpts, g: GlobalOpts): Promise<number> {
   be.on('connected', (peer: { pid: number; uid: number; gid: number }) => report('connected', { peer }, `front-end connected (pid ${peer.pid}, uid ${peer.uid})`));
   be.on('features', (acked: bigint, names: string[]) => report('features', { features: `0x${acked.toString(16)}`, names }, `features negotiated: ${names.join(' ')}`));
   be.on('pairs', (s: PairsState) => report('pairs', { ...s }, `pairs: tap queues attached [${s.enabled.join(',')}], running [${s.live.join(',')}]`));
-  be.on('disconnected', (d: { reason?: string }) => report('disconnected', { reason: d.reason ?? null }, `front-end disconnected${d.reason ? `: ${d.reason}` : ''}`));
+  be.on('disconnected', (d: { reason?: string; counters?: PairCounters[] }) =>
+    report(
+      'disconnected',
+      { reason: d.reason ?? null, ...(d.counters ? { counters: d.counters.map(countersForLog) } : {}) },
+      `front-end disconnected${d.reason ? `: ${d.reason}` : ''}${d.counters ? `; ${d.counters.map((c, p) => `pair ${p}: ${c.txFrames} frames from the guest, ${c.rxFrames} to it (${c.tapEngine})`).join(', ')}` : ''}`,
+    ),
+  );
   report(
     'ready',
     { socket: be.socket, tap: be.tap.name, queues: be.pairs, client: be.client },
@@ -107,6 +116,7 @@ export function register(program: Command, ctx: CliContext): void {
     .addOption(new Option('--existing <policy>', 'if the tap exists').choices(['allow', 'require', 'forbid']).default('allow'))
     .option('--group <group>', 'socket group (mode 0660): its members may connect too')
     .option('--json', 'events as JSON lines on stderr')
+    .addOption(new Option('--tap-engine <engine>', "tap I/O of the workers: io_uring batches where available (auto), always (uring: error where it cannot be set up), or one writev/read per frame").choices(['auto', 'uring', 'writev']).default('auto'))
     .addHelpText(
       'after',
       '\nServes one front-end after another until SIGINT/SIGTERM, then stops every ring, unmaps guest memory and closes the tap.\n\n' +

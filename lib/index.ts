@@ -124,7 +124,7 @@ export {
 } from './datapath/qstats';
 export { serveVhostUser, VhostUserBackend, type ServeVhostUserOptions } from './vhost-user/backend';
 export { VhostUserConnection, offeredFeatures, OFFERED_PROTOCOL_FEATURES, type VhostUserOffloads, type PairsState, type ConnectionOptions as VhostUserConnectionOptions } from './vhost-user/connection';
-export type { DataPlane, DataPlaneFeatures, MemRegion, RingConfig, RingDir, RingStatus, PairCounters } from './vhost-user/dataplane-api';
+export type { DataPlane, DataPlaneFeatures, DataPlaneOptions, MemRegion, RingConfig, RingDir, RingStatus, PairCounters, TapEngine, TapEngineChoice } from './vhost-user/dataplane-api';
 export {
   encodeMessage as encodeVhostUserMessage,
   decodeMessage as decodeVhostUserMessage,

@@ -10,11 +10,20 @@
 //
 //   TX  guest -> tap: each avail chain's readable descriptors are one frame
 //       (starting with the virtio-net header, which IS the tap's vnet header),
-//       written with one writev(2) straight from guest memory.
-//   RX  tap -> guest: a frame is read into a per-pair bounce buffer, then
+//       written straight from guest memory: a batch of up to 256 chains is
+//       walked first, then written with one io_uring_enter of WRITEV SQEs
+//       (or one writev(2) each), then returned to the used ring.
+//   RX  tap -> guest: up to 64 frames are read into per-pair slots with one
+//       io_uring_enter of READ SQEs (or read(2) until EAGAIN), then each is
 //       copied into one device-writable chain (or, with MRG_RXBUF, several,
 //       num_buffers set in the header).  With no guest buffer the tap is not
 //       read: frames wait in the kernel until the RX kick.
+//
+// The io_uring (native/uring.h, a batching syscall: RWF_NOWAIT ops complete
+// inline, nothing is in flight between calls) is per pair, created and used
+// on its worker only; where it cannot be set up the worker uses writev/read
+// and reports it (counters: tapEngine, tapEngineErrno); lib/ decides whether
+// that is an error.
 //
 // No policy: rings start and stop when JavaScript says so (synchronously:
 // the control eventfd hands the worker a function and waits until it ran).
@@ -51,6 +60,7 @@
 #include <vector>
 
 #include "common.h"
+#include "uring.h"
 
 // From <linux/virtio_ring.h>, through native/vhost_user_consts.c.
 extern "C" {
@@ -66,7 +76,9 @@ namespace {
 constexpr uint32_t kMaxQueueSize = 32768;
 constexpr uint32_t kMaxPairs = 256;
 constexpr int kBudget = 256;              // frames per ring per wake-up before looking at other events
-constexpr size_t kBounce = 65536 + 64;   // largest tap frame (GSO) + vnet header
+constexpr size_t kBounce = 65536 + 4096;  // one RX slot: largest tap frame (GSO) + vnet header, page-rounded
+constexpr unsigned kRxSlots = 64;          // RX frames read per io_uring_enter at most (one slot each)
+constexpr unsigned kUringEntries = 256;    // >= kBudget: a TX batch is one io_uring_enter
 constexpr size_t kIovMax = 1024;          // IOV_MAX
 constexpr int kTapRetryMs = 100;           // a broken tap fd (device deleted) is looked at again this often
 constexpr uint32_t kMaxIndirect = 65536;  // entries of one indirect table (as the kernel's vhost: USHRT_MAX + 1)
@@ -130,7 +142,7 @@ struct Features {
   uint32_t hdr = 12;
 };
 
-struct Ring {
+struct VRing {
   // Set by startRing before the worker sees the ring; constant while running.
   uint32_t num = 0;
   Desc* desc = nullptr;
@@ -157,7 +169,15 @@ struct Ring {
 
 struct Counters {
   std::atomic<uint64_t> txFrames{0}, txBytes{0}, txDropped{0}, rxFrames{0}, rxBytes{0}, rxDropped{0}, kicks{0}, calls{0};
+  // Tap syscalls (writev / read / io_uring_enter) and epoll wake-ups of the worker.
+  std::atomic<uint64_t> txSyscalls{0}, rxSyscalls{0}, wakeups{0};
 };
+
+// How a pair's worker does its tap I/O.  The caller (lib/) chooses WANT_*;
+// the worker reports what it does (ENGINE_*) and, when it could not set up
+// its io_uring, the errno why.
+enum TapWant : int { WANT_URING = 0, WANT_WRITEV = 1 };
+enum TapEngine : int { ENGINE_NONE = 0, ENGINE_URING = 1, ENGINE_WRITEV = 2 };
 
 inline void Add(std::atomic<uint64_t>& c, uint64_t n = 1) { c.fetch_add(n, std::memory_order_relaxed); }
 
@@ -199,16 +219,69 @@ struct Pair {
   std::function<void()> cmd;
   bool cmdPending = false, cmdDone = false;
   bool quit = false;  // worker-owned
-  Ring rings[2];      // 0 rx, 1 tx
+  VRing rings[2];      // 0 rx, 1 tx
   int tap = -1;       // worker-owned while the thread runs
   bool tapArmed = false;  // watched for EPOLLIN (implies tapInEp)
   bool tapInEp = false;   // registered in ep
   bool tapErr = false;    // taken out of ep after EPOLLERR/EPOLLHUP or a read error; retried every kTapRetryMs
-  std::vector<uint8_t> bounce;
-  size_t pendingLen = 0;  // an RX frame read from the tap, waiting for guest buffers
-  bool pending = false;
+  // RX: frames read from the tap, kRxSlots slots of kBounce bytes (anonymous
+  // mmap: untouched slot tails cost nothing).  rxq[rxHead..] are waiting for
+  // guest buffers, in order: (slot, length) pairs.
+  uint8_t* slots = nullptr;
+  std::vector<std::pair<uint32_t, uint32_t>> rxq;
+  size_t rxHead = 0;
+  unsigned rxWant = 8;  // adaptive read depth (io_uring)
+  // Tap I/O engine.  The io_uring (tap fd registered as its file 0) is
+  // created, used and destroyed on the worker only (SINGLE_ISSUER).
+  int want = WANT_URING;
+  std::unique_ptr<mqtap::Ring> uring;
+  bool uringTried = false;              // worker-owned: set up once per tap fd
+  std::atomic<int> engine{ENGINE_NONE};
+  std::atomic<int> engineErrno{0};      // why not ENGINE_URING (0: asked for writev, or no tap)
   Counters c;
+
+  bool Pending() const { return rxHead < rxq.size(); }
 };
+
+// On the worker only (the ring is SINGLE_ISSUER): sets up the io_uring for
+// the pair's current tap fd, once per fd, unless writev was asked for.  A
+// ring that cannot be set up (io_uring disabled, old kernel, out of memory)
+// leaves the pair on writev/read, with the errno reported to lib/.
+void TapEngineSetup(Pair& p) {
+  if (p.uringTried || p.tap < 0) return;
+  p.uringTried = true;
+  if (p.want == WANT_WRITEV) {
+    p.engineErrno.store(0);
+    p.engine.store(ENGINE_WRITEV);
+    return;
+  }
+  std::unique_ptr<mqtap::Ring> r(new (std::nothrow) mqtap::Ring());
+  int err = r ? r->Setup(kUringEntries, p.tap) : ENOMEM;
+  if (err != 0) {
+    p.engineErrno.store(err);
+    p.engine.store(ENGINE_WRITEV);
+    return;
+  }
+  p.uring = std::move(r);
+  p.engineErrno.store(0);
+  p.engine.store(ENGINE_URING);
+}
+
+// The tap fd changes or the worker ends: the ring lets go of the tap file.
+void TapEngineDrop(Pair& p) {
+  p.uring.reset();
+  p.uringTried = false;
+  p.engine.store(ENGINE_NONE);
+  p.engineErrno.store(0);
+}
+
+// io_uring_enter itself failed mid-batch (never seen): the pair goes on with
+// writev/read for good, and says why.
+void TapEngineBroken(Pair& p, int err) {
+  p.uring.reset();
+  p.engineErrno.store(err);
+  p.engine.store(ENGINE_WRITEV);
+}
 
 class DataPlane : public Napi::ObjectWrap<DataPlane> {
  public:
@@ -225,12 +298,19 @@ class DataPlane : public Napi::ObjectWrap<DataPlane> {
     Napi::Env env = info.Env();
     uint32_t n = ArgUint(info, 0);
     if (n < 1 || n > kMaxPairs) ThrowArg(env, "VhostUserDataPlane: pairs must be 1.." + std::to_string(kMaxPairs));
+    int want = WANT_URING;
+    if (info.Length() > 1 && !info[1].IsUndefined()) {
+      std::string e = ArgString(info, 1);
+      if (e == "writev") want = WANT_WRITEV;
+      else if (e != "uring") ThrowArg(env, "VhostUserDataPlane: tap engine must be 'uring' or 'writev'");
+    }
     notify_ = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     if (notify_ < 0) ThrowSys(env, "VHOST_USER_DATAPLANE", "eventfd", errno);
     for (uint32_t i = 0; i < n; i++) {
       pairs_.emplace_back(new Pair());
       pairs_.back()->dp = this;
       pairs_.back()->index = i;
+      pairs_.back()->want = want;
     }
   }
 
@@ -357,7 +437,7 @@ class DataPlane : public Napi::ObjectWrap<DataPlane> {
     if (i == regions_.size()) ThrowSys(env, op, "munmap", ENOENT, "no region starts at that guest-physical address");
     const Region& r = regions_[i];
     for (auto& p : pairs_) {
-      for (Ring& g : p->rings) {
+      for (VRing& g : p->rings) {
         if (g.state.load() != RUNNING) continue;
         uint64_t ends[3][2] = {{g.descUa, 16ull * g.num}, {g.availUa, 6ull + 2 * g.num}, {g.usedUa, 6ull + 8 * g.num}};
         for (auto& e : ends)
@@ -376,8 +456,10 @@ class DataPlane : public Napi::ObjectWrap<DataPlane> {
     Pair& p = ArgPair(info, 0);
     int fd = ArgFdOrNone(info, 1);
     int err = 0;
+    bool onWorker = p.th.joinable();
     Exec(p, [&] {
       if (p.tapInEp) epoll_ctl(p.ep, EPOLL_CTL_DEL, p.tap, nullptr);
+      TapEngineDrop(p);
       p.tap = -1;
       p.tapArmed = p.tapInEp = p.tapErr = false;
       if (fd >= 0 && p.ep >= 0) {
@@ -391,6 +473,7 @@ class DataPlane : public Napi::ObjectWrap<DataPlane> {
         p.tapInEp = true;
       }
       p.tap = fd;
+      if (onWorker) TapEngineSetup(p);
       p.rings[0].more = p.rings[0].state.load() == RUNNING;
     });
     if (err != 0) ThrowSys(env, "VHOST_USER_SET_TAP", "epoll_ctl", err);
@@ -418,8 +501,8 @@ class DataPlane : public Napi::ObjectWrap<DataPlane> {
     if (f.hdr != 10 && f.hdr != 12) ThrowSys(env, op, "vring", EINVAL, "vnet header size must be 10 or 12");
     if (f.mrg && f.hdr != 12) ThrowSys(env, op, "vring", EINVAL, "MRG_RXBUF needs the 12-byte header");
     if ((descUa & 15) || (availUa & 1) || (usedUa & 3)) ThrowSys(env, op, "vring", EINVAL, "misaligned ring address (desc 16, avail 2, used 4)");
-    Ring& g = p.rings[tx ? 1 : 0];
-    Ring& other = p.rings[tx ? 0 : 1];
+    VRing& g = p.rings[tx ? 1 : 0];
+    VRing& other = p.rings[tx ? 0 : 1];
     if (g.state.load() == RUNNING) ThrowSys(env, op, "vring", EBUSY, "the ring is running: stop it first");
     if (other.state.load() == RUNNING && other.kick == kick) ThrowSys(env, op, "vring", EINVAL, "both rings of a pair cannot share a kick eventfd");
     if (kick == p.tap) ThrowSys(env, op, "vring", EINVAL, "the kick fd is the tap fd");
@@ -464,6 +547,7 @@ class DataPlane : public Napi::ObjectWrap<DataPlane> {
       }
       g.more = true;  // a kick may have come before we watched it
       g.state.store(RUNNING);
+      TapEngineSetup(p);
     });
     if (err != 0) ThrowSys(env, op, "epoll_ctl", err);
     return env.Undefined();
@@ -475,7 +559,7 @@ class DataPlane : public Napi::ObjectWrap<DataPlane> {
     Live(env, "VHOST_USER_STOP_RING");
     Pair& p = ArgPair(info, 0);
     bool tx = ArgBool(info, 1);
-    Ring& g = p.rings[tx ? 1 : 0];
+    VRing& g = p.rings[tx ? 1 : 0];
     int before = STOPPED;
     std::string reason;
     Exec(p, [&] { before = StopHere(p, g, tx); });
@@ -491,7 +575,7 @@ class DataPlane : public Napi::ObjectWrap<DataPlane> {
   }
 
   // On the worker: forget the ring.  Returns the state it had.
-  static int StopHere(Pair& p, Ring& g, bool tx) {
+  static int StopHere(Pair& p, VRing& g, bool tx) {
     int before = g.state.load();
     if (before == RUNNING && p.ep >= 0) epoll_ctl(p.ep, EPOLL_CTL_DEL, g.kick, nullptr);
     if (!tx && p.tapArmed) {
@@ -510,7 +594,7 @@ class DataPlane : public Napi::ObjectWrap<DataPlane> {
     Napi::Env env = info.Env();
     Pair& p = ArgPair(info, 0);
     bool tx = ArgBool(info, 1);
-    Ring& g = p.rings[tx ? 1 : 0];
+    VRing& g = p.rings[tx ? 1 : 0];
     int state = g.state.load();
     Napi::Object o = Napi::Object::New(env);
     o.Set("state", state == RUNNING ? "running" : state == FAILED ? "failed" : "stopped");
@@ -535,6 +619,12 @@ class DataPlane : public Napi::ObjectWrap<DataPlane> {
     set("rxDropped", p.c.rxDropped);
     set("kicks", p.c.kicks);
     set("calls", p.c.calls);
+    set("txSyscalls", p.c.txSyscalls);
+    set("rxSyscalls", p.c.rxSyscalls);
+    set("wakeups", p.c.wakeups);
+    int eng = p.engine.load();
+    o.Set("tapEngine", eng == ENGINE_URING ? "uring" : eng == ENGINE_WRITEV ? "writev" : "none");
+    o.Set("tapEngineErrno", Napi::Number::New(env, p.engineErrno.load()));
     return o;
   }
 
@@ -563,6 +653,10 @@ class DataPlane : public Napi::ObjectWrap<DataPlane> {
       if (p.ctl >= 0) close(p.ctl);
       p.ep = p.ctl = -1;
       p.tap = -1;
+      if (p.slots != nullptr) munmap(p.slots, static_cast<size_t>(kRxSlots) * kBounce);
+      p.slots = nullptr;
+      p.rxq.clear();
+      p.rxHead = 0;
     }
     std::unique_lock<RwLock> lk(regionsMu_);
     for (const Region& r : regions_) munmap(r.mapBase, r.mapLen);
@@ -579,14 +673,29 @@ class DataPlane : public Napi::ObjectWrap<DataPlane> {
 // ---- the worker ---------------------------------------------------------
 
 struct Engine {
+  // One TX batch: chains walked (their segments copied into txIov), then
+  // written, then returned to the guest, in order.
+  struct TxItem {
+    uint16_t head;
+    uint32_t off, cnt;  // segments txIov[off, off+cnt)
+    uint64_t total;
+    bool ok;            // writable at all (a tap, a whole header, <= IOV_MAX segments)
+  };
+
+  Engine(Pair& pp, DataPlane& d) : p(pp), dp(d) {}
+
   Pair& p;
   DataPlane& dp;
   std::vector<iovec> iov;
   std::vector<uint32_t> staged;  // RX: (head, len) pairs
   std::vector<iovec> firstIov;   // RX: the first chain's segments (num_buffers goes there)
+  std::vector<iovec> txIov;      // TX: the segments of every frame of a batch
+  std::vector<TxItem> txb;       // TX: the batch
+  std::vector<io_uring_cqe> cqes;
+  std::vector<int> res;          // per-frame results of a batch (bytes or -errno)
 
   // Marks the ring failed; the worker lets go of it at once.
-  void Fail(Ring& g, bool tx, const std::string& why) {
+  void Fail(VRing& g, bool tx, const std::string& why) {
     {
       std::lock_guard<std::mutex> lk(p.mu);
       g.reason = why;
@@ -630,7 +739,7 @@ struct Engine {
   // Walks one chain from head: its segments (all device-readable for TX,
   // all device-writable for RX) go to iov, their total to `total`.  Empty
   // string: fine; else why the ring is malformed.
-  std::string Walk(Ring& g, uint16_t head, bool wantWrite, std::vector<iovec>& out, uint64_t& total) {
+  std::string Walk(VRing& g, uint16_t head, bool wantWrite, std::vector<iovec>& out, uint64_t& total) {
     out.clear();
     total = 0;
     if (head >= g.num) return "head index " + std::to_string(head) + " >= ring size " + std::to_string(g.num);
@@ -680,20 +789,20 @@ struct Engine {
   }
 
   // Avail entries waiting (checked against the ring size).  -1: the guest moved idx too far.
-  int Waiting(Ring& g, uint16_t& aidx) {
+  int Waiting(VRing& g, uint16_t& aidx) {
     aidx = LoadAcquire(g.avail + 1);
     uint16_t n = static_cast<uint16_t>(aidx - g.lastAvail);
     if (n > g.num) return -1;
     return n;
   }
 
-  void NotifyOff(Ring& g) {
+  void NotifyOff(VRing& g) {
     if (!g.f.eventIdx) StoreRelaxed(g.UsedFlags(), static_cast<uint16_t>(LoadRelaxed(g.UsedFlags()) | mqtap_vring_used_f_no_notify));
   }
 
   // Asks for a kick when the guest adds past `aidx`, then looks again (no lost wake-up).
   // True when there is work after all.
-  bool NotifyOnAndRecheck(Ring& g, uint16_t aidx) {
+  bool NotifyOnAndRecheck(VRing& g, uint16_t aidx) {
     if (g.f.eventIdx) StoreRelaxed(g.AvailEvent(), aidx);
     else StoreRelaxed(g.UsedFlags(), static_cast<uint16_t>(LoadRelaxed(g.UsedFlags()) & ~mqtap_vring_used_f_no_notify));
     std::atomic_thread_fence(std::memory_order_seq_cst);
@@ -705,7 +814,7 @@ struct Engine {
     return false;
   }
 
-  void PutUsed(Ring& g, uint32_t head, uint32_t len) {
+  void PutUsed(VRing& g, uint32_t head, uint32_t len) {
     uint32_t* e = g.UsedElem(g.usedIdx & (g.num - 1));
     __atomic_store_n(e, head, __ATOMIC_RELAXED);
     __atomic_store_n(e + 1, len, __ATOMIC_RELAXED);
@@ -713,7 +822,7 @@ struct Engine {
   }
 
   // Publishes the used index and signals the call eventfd if the guest wants it.
-  void Publish(Ring& g) {
+  void Publish(VRing& g) {
     StoreRelease(g.UsedIdx(), g.usedIdx);
     std::atomic_thread_fence(std::memory_order_seq_cst);
     bool need;
@@ -733,7 +842,7 @@ struct Engine {
   }
 
   void Tx() {
-    Ring& g = p.rings[1];
+    VRing& g = p.rings[1];
     g.more = false;
     uint16_t start = g.usedIdx;
     NotifyOff(g);
@@ -749,35 +858,78 @@ struct Engine {
         if (NotifyOnAndRecheck(g, aidx)) continue;
         break;
       }
+      txb.clear();
+      txIov.clear();
+      std::string why;
       for (; n > 0 && done < kBudget; n--, done++) {
         uint16_t head = LoadRelaxed(g.avail + 2 + (g.lastAvail & (g.num - 1)));
         uint64_t total = 0;
-        std::string why = Walk(g, head, false, iov, total);
-        if (!why.empty()) {
-          if (g.usedIdx != start) Publish(g);
-          return Fail(g, true, why);
-        }
-        bool ok = false;
-        if (p.tap >= 0 && total >= g.f.hdr && iov.size() <= kIovMax) {
-          ssize_t w = NoEintr([&] { return writev(p.tap, iov.data(), static_cast<int>(iov.size())); });
-          ok = w >= 0;
-        }
-        if (ok) {
-          Add(p.c.txFrames);
-          Add(p.c.txBytes, total - g.f.hdr);
-        } else {
-          Add(p.c.txDropped);
-        }
-        PutUsed(g, head, 0);
+        why = Walk(g, head, false, iov, total);
+        if (!why.empty()) break;
+        bool ok = p.tap >= 0 && total >= g.f.hdr && iov.size() <= kIovMax;
+        txb.push_back(TxItem{head, static_cast<uint32_t>(txIov.size()), ok ? static_cast<uint32_t>(iov.size()) : 0u, total, ok});
+        if (ok) txIov.insert(txIov.end(), iov.begin(), iov.end());
         g.lastAvail++;
       }
+      WriteBatch(g);  // the chains walked before a malformed one still go out
       g.lastAvailPub.store(g.lastAvail);
+      if (!why.empty()) {
+        if (g.usedIdx != start) Publish(g);
+        return Fail(g, true, why);
+      }
     }
     g.lastAvailPub.store(g.lastAvail);
     if (g.usedIdx != start) Publish(g);
   }
 
-  // Copies bounce[off, off+len) into the segments.
+  // Writes txb: with the io_uring, one WRITEV SQE per frame (RWF_NOWAIT: a
+  // tap write completes inline), all submitted and reaped by one
+  // io_uring_enter; else one writev(2) each.  Then counts and returns every
+  // chain to the used ring (length 0), in order.
+  void WriteBatch(VRing& g) {
+    size_t k = txb.size();
+    res.assign(k, -ECANCELED);  // a frame with no completion (io_uring_enter failed) is dropped
+    if (p.uring) {
+      unsigned m = 0;
+      for (size_t j = 0; j < k; j++) {
+        if (!txb[j].ok) continue;
+        io_uring_sqe* s = p.uring->Sqe(m++);
+        s->opcode = IORING_OP_WRITEV;
+        s->flags = IOSQE_FIXED_FILE;
+        s->fd = 0;
+        s->addr = reinterpret_cast<uint64_t>(&txIov[txb[j].off]);
+        s->len = txb[j].cnt;
+        s->rw_flags = RWF_NOWAIT;
+        s->user_data = j;
+      }
+      if (m > 0) {
+        cqes.clear();
+        int err = p.uring->SubmitAndWait(m, &cqes);
+        Add(p.c.txSyscalls);
+        for (const io_uring_cqe& c : cqes)
+          if (c.user_data < k) res[c.user_data] = c.res;
+        if (err != 0) TapEngineBroken(p, err);
+      }
+    } else {
+      for (size_t j = 0; j < k; j++) {
+        if (!txb[j].ok) continue;
+        ssize_t w = NoEintr([&] { return writev(p.tap, &txIov[txb[j].off], static_cast<int>(txb[j].cnt)); });
+        Add(p.c.txSyscalls);
+        res[j] = w >= 0 ? 0 : -errno;
+      }
+    }
+    for (size_t j = 0; j < k; j++) {
+      if (txb[j].ok && res[j] >= 0) {
+        Add(p.c.txFrames);
+        Add(p.c.txBytes, txb[j].total - g.f.hdr);
+      } else {
+        Add(p.c.txDropped);
+      }
+      PutUsed(g, txb[j].head, 0);
+    }
+  }
+
+  // Copies src[0, len) into the segments.
   static void Scatter(const std::vector<iovec>& v, const uint8_t* src, size_t len) {
     for (const iovec& s : v) {
       if (len == 0) break;
@@ -788,19 +940,94 @@ struct Engine {
     }
   }
 
+  enum ReadState { READ_MORE = 0, READ_EMPTY = 1, READ_BROKEN = 2 };
+
+  // Reads up to `n` frames (the guest has at least n chains) into the slots,
+  // in the tap's order, into p.rxq.  With the io_uring: one READ SQE per
+  // slot (RWF_NOWAIT: EAGAIN on the k-th means fewer frames were waiting),
+  // one io_uring_enter; the depth adapts (about twice what the last call
+  // found).  Else read(2) until EAGAIN.  READ_EMPTY: the tap ran dry;
+  // READ_BROKEN: a read failed otherwise (e.g. EBADFD: the device is gone).
+  int ReadBatch(VRing& g, unsigned n) {
+    p.rxq.clear();
+    p.rxHead = 0;
+    unsigned want = std::min(n, kRxSlots);
+    const bool ring = p.uring != nullptr;
+    if (ring) want = std::min(want, p.rxWant);
+    res.assign(want, -EAGAIN);
+    if (p.uring) {
+      for (unsigned i = 0; i < want; i++) {
+        io_uring_sqe* s = p.uring->Sqe(i);
+        s->opcode = IORING_OP_READ;
+        s->flags = IOSQE_FIXED_FILE;
+        s->fd = 0;
+        s->addr = reinterpret_cast<uint64_t>(p.slots + static_cast<size_t>(i) * kBounce);
+        s->len = static_cast<uint32_t>(kBounce);
+        s->rw_flags = RWF_NOWAIT;
+        s->user_data = i;
+      }
+      cqes.clear();
+      int err = p.uring->SubmitAndWait(want, &cqes);
+      Add(p.c.rxSyscalls);
+      for (const io_uring_cqe& c : cqes)
+        if (c.user_data < want) res[c.user_data] = c.res;
+      if (err != 0) TapEngineBroken(p, err);
+    } else {
+      for (unsigned i = 0; i < want; i++) {
+        ssize_t r = NoEintr([&] { return read(p.tap, p.slots + static_cast<size_t>(i) * kBounce, kBounce); });
+        Add(p.c.rxSyscalls);
+        if (r < 0) {
+          res[i] = -errno;
+          break;
+        }
+        res[i] = static_cast<int>(r);
+      }
+    }
+    int st = READ_MORE;
+    unsigned answered = 0;
+    for (unsigned i = 0; i < want; i++) {
+      int r = res[i];
+      if (r == -EAGAIN || r == -ECANCELED) {
+        st = std::max<int>(st, READ_EMPTY);
+        continue;
+      }
+      if (r < 0) {
+        st = READ_BROKEN;
+        continue;
+      }
+      answered++;
+      if (static_cast<size_t>(r) < g.f.hdr) {
+        Add(p.c.rxDropped);
+        continue;
+      }
+      memset(p.slots + static_cast<size_t>(i) * kBounce + 10, 0, g.f.hdr - 10);  // the tap leaves num_buffers alone
+      p.rxq.emplace_back(i, static_cast<uint32_t>(r));
+    }
+    if (ring) {
+      if (answered >= want) p.rxWant = std::min(kRxSlots, std::max(p.rxWant, 2 * want));
+      else p.rxWant = std::max(4u, std::min(kRxSlots, 2 * answered));
+    }
+    return st;
+  }
+
   void Rx() {
-    Ring& g = p.rings[0];
+    VRing& g = p.rings[0];
     g.more = false;
     if (p.tap < 0) return;
     uint16_t start = g.usedIdx;
     NotifyOff(g);
+    bool dry = false;  // this call's last read found the tap empty (or broken): do not read again
     for (int done = 0;; done++) {
       if (done >= kBudget) {
         g.more = true;
         break;
       }
       uint16_t aidx;
-      if (!p.pending) {
+      if (!p.Pending()) {
+        if (dry) {
+          Arm(true);  // level-triggered: wakes at once if a frame came in meanwhile
+          break;
+        }
         int n = Waiting(g, aidx);
         if (n < 0) return FailRx(g, start, aidx);
         if (n == 0) {
@@ -808,23 +1035,18 @@ struct Engine {
           Arm(false);  // no guest buffer: leave frames in the kernel until the RX kick
           break;
         }
-        ssize_t r = NoEintr([&] { return read(p.tap, p.bounce.data(), p.bounce.size()); });
-        if (r < 0) {
-          if (errno == EAGAIN) Arm(true);  // wait for the tap
-          else TapBroken();                // e.g. EBADFD: the device is gone
-          break;
+        int st = ReadBatch(g, static_cast<unsigned>(n));
+        if (st == READ_BROKEN) TapBroken();
+        if (st != READ_MORE) dry = true;
+        if (!p.Pending()) {
+          if (st == READ_BROKEN) break;
+          continue;  // READ_EMPTY: Arm above; READ_MORE: only runts were read
         }
-        if (static_cast<size_t>(r) < g.f.hdr) {
-          Add(p.c.rxDropped);
-          continue;
-        }
-        p.pending = true;
-        p.pendingLen = static_cast<size_t>(r);
-        memset(p.bounce.data() + 10, 0, g.f.hdr - 10);  // the tap leaves num_buffers alone
       }
-      // Place the pending frame: one chain, or several with MRG_RXBUF.
+      // Place the next pending frame: one chain, or several with MRG_RXBUF.
+      uint8_t* frame = p.slots + static_cast<size_t>(p.rxq[p.rxHead].first) * kBounce;
       uint16_t first = g.lastAvail;
-      size_t len = p.pendingLen, off = 0;
+      size_t len = p.rxq[p.rxHead].second, off = 0;
       staged.clear();
       bool placed = false, wait = false, drop = false;
       while (!placed) {
@@ -851,15 +1073,15 @@ struct Engine {
             drop = true;
             break;
           }
-          if (g.f.hdr == 12) p.bounce[10] = 1;  // VERSION_1 without MRG_RXBUF: num_buffers is 1
-          Scatter(iov, p.bounce.data(), len);
+          if (g.f.hdr == 12) frame[10] = 1;  // VERSION_1 without MRG_RXBUF: num_buffers is 1
+          Scatter(iov, frame, len);
           staged.push_back(head);
           staged.push_back(static_cast<uint32_t>(len));
           placed = true;
         } else {
           if (staged.empty()) firstIov = iov;
           size_t n2 = static_cast<size_t>(std::min<uint64_t>(cap, len - off));
-          Scatter(iov, p.bounce.data() + off, n2);
+          Scatter(iov, frame + off, n2);
           off += n2;
           staged.push_back(head);
           staged.push_back(static_cast<uint32_t>(n2));
@@ -875,10 +1097,10 @@ struct Engine {
         }
       }
       if (wait) {
-        Arm(false);
+        Arm(false);  // the frames read stay in their slots until the RX kick
         break;
       }
-      p.pending = false;
+      p.rxHead++;
       if (drop) {
         Add(p.c.rxDropped);
         continue;
@@ -892,7 +1114,7 @@ struct Engine {
     if (g.usedIdx != start) Publish(g);
   }
 
-  void FailRx(Ring& g, uint16_t start, uint16_t aidx) {
+  void FailRx(VRing& g, uint16_t start, uint16_t aidx) {
     if (g.usedIdx != start) Publish(g);
     Fail(g, false, "avail idx jumped by more than the ring size (" + std::to_string(static_cast<uint16_t>(aidx - g.lastAvail)) + " > " + std::to_string(g.num) + ")");
   }
@@ -917,15 +1139,16 @@ struct Engine {
 
 void Worker(Pair* pp) {
   Pair& p = *pp;
-  Engine e{p, *p.dp, {}, {}, {}};
+  Engine e{p, *p.dp};
   epoll_event evs[8];
   while (!p.quit) {
-    Ring& rx = p.rings[0];
-    Ring& tx = p.rings[1];
+    VRing& rx = p.rings[0];
+    VRing& tx = p.rings[1];
     bool more = (rx.more && rx.state.load() == RUNNING) || (tx.more && tx.state.load() == RUNNING);
     bool retry = p.tapErr && p.tap >= 0;
     int n = epoll_wait(p.ep, evs, 8, more ? 0 : retry ? kTapRetryMs : -1);
     if (n < 0) n = 0;  // EINTR; the worker never leaves on its own (Exec waits for it)
+    if (n > 0) Add(p.c.wakeups);
     bool rxKick = false;
     for (int i = 0; i < n; i++) {
       switch (evs[i].data.u32) {
@@ -972,10 +1195,11 @@ void Worker(Pair* pp) {
     SharedLock<RwLock> lk(p.dp->regionsMu_);
     if (tx.state.load() == RUNNING && tx.more) e.Tx();
     if (rx.state.load() == RUNNING && rx.more) {
-      if (p.tap >= 0 && !p.tapArmed && !p.pending) e.Arm(true);
+      if (p.tap >= 0 && !p.tapArmed && !p.Pending()) e.Arm(true);
       e.Rx();
     }
   }
+  TapEngineDrop(p);  // on this thread: the ring is SINGLE_ISSUER
 }
 
 void DataPlane::StartWorker(Napi::Env env, Pair& p) {
@@ -983,6 +1207,7 @@ void DataPlane::StartWorker(Napi::Env env, Pair& p) {
   if (p.ep < 0) ThrowSys(env, "VHOST_USER_START_RING", "epoll_create1", errno);
   p.ctl = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
   int err = p.ctl < 0 ? errno : 0;
+  const char* what = err != 0 ? "eventfd" : "epoll_ctl";
   epoll_event ev{};
   ev.events = EPOLLIN;
   ev.data.u32 = TAG_CTL;
@@ -994,8 +1219,16 @@ void DataPlane::StartWorker(Napi::Env env, Pair& p) {
     else p.tapInEp = true;
   }
   if (err == 0) {
+    void* m = mmap(nullptr, static_cast<size_t>(kRxSlots) * kBounce, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (m == MAP_FAILED) {
+      err = errno;
+      what = "mmap";
+    } else p.slots = static_cast<uint8_t*>(m);
+  }
+  if (err == 0) {
+    what = "pthread_create";
     try {
-      p.bounce.resize(kBounce);
+      p.rxq.reserve(kRxSlots);
       p.quit = false;
       p.th = std::thread(Worker, &p);
     } catch (const std::system_error& x) {
@@ -1008,7 +1241,9 @@ void DataPlane::StartWorker(Napi::Env env, Pair& p) {
     close(p.ep);
     if (p.ctl >= 0) close(p.ctl);
     p.ep = p.ctl = -1;
-    ThrowSys(env, "VHOST_USER_START_RING", "pthread_create", err);
+    if (p.slots != nullptr) munmap(p.slots, static_cast<size_t>(kRxSlots) * kBounce);
+    p.slots = nullptr;
+    ThrowSys(env, "VHOST_USER_START_RING", what, err);
   }
 }
 

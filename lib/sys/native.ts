@@ -339,7 +339,8 @@ export interface NativeBinding {
   // ---- END DATA PATH section ----
   // ---- BEGIN VHOST-USER section (native/vhost_user.cc; owner: vhost-user data plane, see lib/vhost-user/dataplane.ts) ----
   /** The per-connection vhost-user data plane: one worker thread per queue pair (see native/vhost_user.cc). */
-  VhostUserDataPlane: new (pairs: number) => NativeVhostUserDataPlane;
+  /** tapEngine: 'uring' (the default: io_uring where it can be set up, else writev; see counters().tapEngine) or 'writev'. */
+  VhostUserDataPlane: new (pairs: number, tapEngine?: 'uring' | 'writev') => NativeVhostUserDataPlane;
   /** memfd_create(name, MFD_CLOEXEC). */
   memfdCreate(name: string): number;
   ftruncate(fd: number, bytes: number): void;
@@ -363,6 +364,7 @@ export interface NativeVhostUserDataPlane {
   ringStatus(pair: number, tx: boolean): { state: 'stopped' | 'running' | 'failed'; reason?: string; lastAvailIdx: number };
   counters(pair: number): {
     txFrames: bigint; txBytes: bigint; txDropped: bigint; rxFrames: bigint; rxBytes: bigint; rxDropped: bigint; kicks: bigint; calls: bigint;
+    txSyscalls: bigint; rxSyscalls: bigint; wakeups: bigint; tapEngine: 'uring' | 'writev' | 'none'; tapEngineErrno: number;
   };
   readonly notifyFd: number;
   close(): void;

@@ -13,8 +13,9 @@
  *   answers, and again after each disconnect.
  *
  * Events: 'connected' ({ pid, uid, gid }), 'features' (acked bigint, names),
- * 'pairs' ({ enabled, live }), 'disconnected' ({ reason? }), 'error' (err:
- * only emitted when someone listens; otherwise logged).
+ * 'pairs' ({ enabled, live }), 'disconnected' ({ reason?, counters?: the
+ * connection's last per-pair counters }), 'error' (err: only emitted when
+ * someone listens; otherwise logged).
  */
 import { EventEmitter } from 'node:events';
 import { invalidArg, type MqtapError } from '../sys/errors';
@@ -23,8 +24,8 @@ import { UnixServer, UnixSocket, peerAllowed } from '../sys/scm';
 import { rejectUnknownKeys, validateBoolean, validateId, validateQueueCount } from '../sys/validate';
 import { openTap, type ExistingPolicy, type Tap } from '../tap/tap';
 import { VhostUserConnection, offeredFeatures, type PairsState, type VhostUserOffloads } from './connection';
-import type { DataPlane, PairCounters } from './dataplane-api';
-import { openDataPlane } from './dataplane';
+import type { DataPlane, PairCounters, TapEngineChoice } from './dataplane-api';
+import { openDataPlane, validateDataPlaneOptions } from './dataplane';
 import { MAX_MEM_REGIONS } from './protocol';
 
 export interface ServeVhostUserOptions {
@@ -49,13 +50,22 @@ export interface ServeVhostUserOptions {
   retryMs?: number;
   /** The data plane for each connection (default: the native one, lib/vhost-user/dataplane.ts). */
   dataPlane?: (pairs: number) => DataPlane;
+  /** The native data plane's tap I/O (default 'auto': io_uring batches where it can be set up, else one writev/read per frame). Not with `dataPlane`. */
+  tapEngine?: TapEngineChoice;
   netns?: string;
   logger?: Logger;
 }
 
-const KEYS = ['socket', 'tap', 'name', 'queues', 'existing', 'client', 'offloads', 'group', 'allowUids', 'retryMs', 'dataPlane', 'netns', 'logger'] as const;
+const KEYS = ['socket', 'tap', 'name', 'queues', 'existing', 'client', 'offloads', 'group', 'allowUids', 'retryMs', 'dataPlane', 'tapEngine', 'netns', 'logger'] as const;
 const OFFLOAD_KEYS = ['csum', 'tso4', 'tso6', 'ecn'] as const;
 
+
+/** PairCounters with numbers instead of bigints (JSON logs). */
+export function countersForLog(c: PairCounters): Record<string, number | string> {
+  const out: Record<string, number | string> = {};
+  for (const [k, v] of Object.entries(c)) out[k] = typeof v === 'bigint' ? Number(v) : v;
+  return out;
+}
 
 export class VhostUserBackend extends EventEmitter {
   readonly socket: string;
@@ -84,7 +94,8 @@ export class VhostUserBackend extends EventEmitter {
     this.tap = tap;
     this.#ownsTap = ownsTap;
     this.#log = opts.logger ?? silentLogger;
-    this.#makeDataPlane = opts.dataPlane ?? openDataPlane;
+    const tapEngine = opts.tapEngine ?? 'auto';
+    this.#makeDataPlane = opts.dataPlane ?? ((pairs: number) => openDataPlane(pairs, { tapEngine }));
     this.features = offeredFeatures(opts.offloads);
   }
 
@@ -109,7 +120,7 @@ export class VhostUserBackend extends EventEmitter {
 
   /** Per-pair counters of the current connection (zeros when none). */
   counters(): PairCounters[] {
-    const zero = (): PairCounters => ({ txFrames: 0n, txBytes: 0n, txDropped: 0n, rxFrames: 0n, rxBytes: 0n, rxDropped: 0n, kicks: 0n, calls: 0n });
+    const zero = (): PairCounters => ({ txFrames: 0n, txBytes: 0n, txDropped: 0n, rxFrames: 0n, rxBytes: 0n, rxDropped: 0n, kicks: 0n, calls: 0n, txSyscalls: 0n, rxSyscalls: 0n, wakeups: 0n, tapEngine: 'none', tapEngineErrno: 0 });
     return Array.from({ length: this.pairs }, (_, p) => (this.#conn && !this.#conn.closed ? (this.#conn.counters(p) ?? zero()) : zero()));
   }
 
@@ -218,8 +229,9 @@ export class VhostUserBackend extends EventEmitter {
     conn.on('pairs', (s: PairsState) => this.emit('pairs', s));
     conn.on('close', (err?: Error) => {
       if (this.#conn === conn) this.#conn = undefined;
-      this.#log.info({ reason: err?.message }, 'vhost-user front-end disconnected');
-      this.emit('disconnected', { ...(err ? { reason: err.message, error: err } : {}) });
+      const counters = conn.finalCounters;
+      this.#log.info({ reason: err?.message, ...(counters ? { counters: counters.map(countersForLog) } : {}) }, 'vhost-user front-end disconnected');
+      this.emit('disconnected', { ...(err ? { reason: err.message, error: err } : {}), ...(counters ? { counters } : {}) });
       if (this.client) this.#scheduleDial();
     });
     this.#log.info({ peer, socket: this.socket }, 'vhost-user front-end connected');
@@ -267,6 +279,10 @@ export async function serveVhostUser(opts: ServeVhostUserOptions): Promise<Vhost
   if (opts.allowUids !== undefined && (!Array.isArray(opts.allowUids) || opts.allowUids.some((u) => !Number.isInteger(u) || u < 0))) throw invalidArg('allowUids must be an array of uids');
   if (opts.retryMs !== undefined && (!Number.isInteger(opts.retryMs) || opts.retryMs < 1 || opts.retryMs > 60_000)) throw invalidArg('retryMs must be 1..60000');
   if (opts.dataPlane !== undefined && typeof opts.dataPlane !== 'function') throw invalidArg('dataPlane must be a function (pairs) => DataPlane');
+  if (opts.tapEngine !== undefined) {
+    validateDataPlaneOptions({ tapEngine: opts.tapEngine });
+    if (opts.dataPlane !== undefined) throw invalidArg('tapEngine applies to the native data plane, not to one given with dataPlane', 'pass the engine to your own data plane instead');
+  }
   if (opts.client && (opts.group !== undefined || opts.allowUids !== undefined)) throw invalidArg('group and allowUids apply to a listening socket, not to client: true');
   let tap: Tap;
   let owns = false;

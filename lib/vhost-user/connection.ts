@@ -22,6 +22,7 @@
  * unmapped), every eventfd is closed; the tap stays.
  */
 import { EventEmitter } from 'node:events';
+import { errnoName } from '../sys/errors';
 import { silentLogger, type Logger } from '../sys/log';
 import { K, native } from '../sys/native';
 import type { ReceivedFds, UnixSocket } from '../sys/scm';
@@ -175,6 +176,7 @@ export class VhostUserConnection extends EventEmitter {
   #closed = false;
   #notify: InstanceType<(typeof native)['FdPoll']> | undefined;
   #lastPairs = '';
+  #final: PairCounters[] | undefined;
 
   constructor(opts: ConnectionOptions) {
     super();
@@ -227,6 +229,11 @@ export class VhostUserConnection extends EventEmitter {
   counters(pair: number): PairCounters | undefined {
     if (this.#closed) return undefined;
     return this.#dp.counters(pair);
+  }
+
+  /** After close: each pair's counters as they were when the rings stopped (undefined before, or if they could not be read). */
+  get finalCounters(): PairCounters[] | undefined {
+    return this.#final;
   }
 
   /** Ends the connection (stops every ring, closes the data plane and every eventfd); the tap stays. */
@@ -536,11 +543,14 @@ export class VhostUserConnection extends EventEmitter {
         continue;
       }
       const features = this.#dataPlaneFeatures();
+      let started = false;
       for (const [r, dir] of [[rx, 'rx'], [tx, 'tx']] as const) {
         if (r.running) continue;
         this.#dp.startRing(p, dir, { num: r.num!, ...r.addr!, base: r.base!, kickFd: r.kickFd, callFd: r.callFd, errFd: r.errFd }, features);
         r.running = true;
+        started = true;
       }
+      if (started) this.#logTapEngine(p);
     }
     const state = this.pairsState();
     const key = JSON.stringify(state);
@@ -549,6 +559,14 @@ export class VhostUserConnection extends EventEmitter {
       this.#log.info(state, 'vhost-user pairs');
       this.emit('pairs', state);
     }
+  }
+
+  /** Once per pair start: which tap I/O the pair's worker uses, and why not io_uring when it does not. */
+  #logTapEngine(pair: number): void {
+    const c = this.#dp.counters(pair);
+    if (c.tapEngine === 'writev' && c.tapEngineErrno !== 0)
+      this.#log.warn({ pair, tapEngine: c.tapEngine, uringErrno: errnoName(c.tapEngineErrno) }, 'vhost-user pair: io_uring unavailable, tap I/O is one writev/read per frame');
+    else this.#log.info({ pair, tapEngine: c.tapEngine }, 'vhost-user pair tap I/O');
   }
 
   /** The enable vector, diffed against the tap's queue states: only changes become TUNSETQUEUE. */
@@ -602,6 +620,11 @@ export class VhostUserConnection extends EventEmitter {
       this.#stopAll();
     } catch (e) {
       this.#log.warn({ err: e }, 'vhost-user: stopping a ring failed during teardown');
+    }
+    try {
+      this.#final = Array.from({ length: this.pairs }, (_, p) => this.#dp.counters(p));
+    } catch (e) {
+      this.#log.warn({ err: e }, 'vhost-user: reading the final counters failed');
     }
     try {
       this.#dp.close();

@@ -67,6 +67,22 @@ export interface RingStatus {
   lastAvailIdx: number;
 }
 
+/**
+ * How a pair's worker does its tap I/O.  'uring': an io_uring per pair used
+ * as a batching syscall (a batch of TX frames is one io_uring_enter of
+ * WRITEV SQEs, a batch of RX frames one of READ SQEs); 'writev': one
+ * writev(2) per TX frame and one read(2) per RX frame.
+ */
+export type TapEngine = 'uring' | 'writev';
+
+/** What the caller asks for: 'auto' (io_uring where it can be set up, else writev), or one of them ('uring' fails startRing where io_uring cannot be set up). */
+export type TapEngineChoice = 'auto' | TapEngine;
+
+export interface DataPlaneOptions {
+  /** Default 'auto'. */
+  tapEngine?: TapEngineChoice;
+}
+
 export interface PairCounters {
   /** guest -> tap */
   txFrames: bigint;
@@ -80,6 +96,15 @@ export interface PairCounters {
   /** Kick wake-ups and call signals. */
   kicks: bigint;
   calls: bigint;
+  /** Tap syscalls of the worker: writev(2) or io_uring_enter(2) for TX, read(2) or io_uring_enter(2) for RX. */
+  txSyscalls: bigint;
+  rxSyscalls: bigint;
+  /** Times the worker woke up with events (epoll_wait returned some). */
+  wakeups: bigint;
+  /** The tap engine the pair's worker uses now ('none': no tap, or no ring started yet). */
+  tapEngine: TapEngine | 'none';
+  /** Why it is not 'uring' (io_uring_setup/register's errno, or io_uring_enter's when it failed mid-run); 0 when writev was asked for. */
+  tapEngineErrno: number;
 }
 
 /**

@@ -8,10 +8,21 @@
  * trusts its caller with guest memory) and guards what only it can see: the
  * guest's rings while they run.
  */
-import { ErrorCodes, MqtapError, invalidArg } from '../sys/errors';
+import { ErrorCodes, MqtapError, errnoName, invalidArg } from '../sys/errors';
 import { native, type NativeVhostUserDataPlane } from '../sys/native';
-import { show, validateBoolean, validateInt } from '../sys/validate';
-import type { DataPlane, DataPlaneFeatures, MemRegion, PairCounters, RingConfig, RingDir, RingStatus } from './dataplane-api';
+import { rejectUnknownKeys, show, validateBoolean, validateInt, validateOneOf } from '../sys/validate';
+import type { DataPlane, DataPlaneFeatures, DataPlaneOptions, MemRegion, PairCounters, RingConfig, RingDir, RingStatus, TapEngineChoice } from './dataplane-api';
+
+export const TAP_ENGINES: readonly TapEngineChoice[] = ['auto', 'uring', 'writev'];
+
+/** Validates DataPlaneOptions (also used by serveVhostUser). */
+export function validateDataPlaneOptions(o: unknown): { tapEngine: TapEngineChoice } {
+  if (o === undefined) return { tapEngine: 'auto' };
+  if (typeof o !== 'object' || o === null) throw invalidArg('data plane options must be an object such as { tapEngine: \'auto\' }');
+  rejectUnknownKeys(o, ['tapEngine'], 'data plane options');
+  const t = (o as DataPlaneOptions).tapEngine;
+  return { tapEngine: t === undefined ? 'auto' : validateOneOf(t, 'tapEngine', TAP_ENGINES) };
+}
 
 /** Queue pairs one data plane may bridge (a tap has at most 256 queues). */
 export const MAX_PAIRS = 256;
@@ -40,12 +51,18 @@ interface Known {
 
 export class NativeDataPlane implements DataPlane {
   readonly pairs: number;
+  /** What was asked for; counters(pair).tapEngine says what each pair uses. */
+  readonly tapEngine: TapEngineChoice;
   #n: NativeVhostUserDataPlane | undefined;
   readonly #regions: Known[] = [];
 
-  constructor(pairs: number) {
+  constructor(pairs: number, opts?: DataPlaneOptions) {
     this.pairs = validateInt(pairs, 'pairs', 1, MAX_PAIRS);
-    this.#n = new native.VhostUserDataPlane(this.pairs);
+    this.tapEngine = validateDataPlaneOptions(opts).tapEngine;
+    // 'auto' and 'uring' both try io_uring in the worker (it must be set up
+    // on the thread that submits); whether a missing io_uring is an error is
+    // decided here, in startRing.
+    this.#n = new native.VhostUserDataPlane(this.pairs, this.tapEngine === 'writev' ? 'writev' : 'uring');
   }
 
   get notifyFd(): number {
@@ -100,6 +117,23 @@ export class NativeDataPlane implements DataPlane {
     // The worker never blocks: the tap is read until EAGAIN.
     if (f >= 0) native.setNonBlocking(f, true);
     n.setTap(p, f);
+    this.#requireUring(n, p, 'VHOST_USER_SET_TAP', () => n.setTap(p, -1));
+  }
+
+  /** tapEngine 'uring': a pair whose worker could not set up its io_uring is an error (undone by `undo`); 'auto' goes on with writev. */
+  #requireUring(n: NativeVhostUserDataPlane, p: number, op: string, undo: () => void): void {
+    if (this.tapEngine !== 'uring') return;
+    const c = n.counters(p);
+    if (c.tapEngine !== 'writev' || c.tapEngineErrno === 0) return;
+    undo();
+    throw new MqtapError({
+      op,
+      code: errnoName(c.tapEngineErrno),
+      errno: c.tapEngineErrno,
+      syscall: 'io_uring_setup',
+      detail: `pair ${p}: tap engine 'uring'`,
+      hint: "io_uring cannot be set up here (kernel.io_uring_disabled, seccomp, no free fd, or an old kernel): use tapEngine 'auto' (falls back to one writev/read per frame) or 'writev'",
+    });
   }
 
   #inOneRegion(addr: bigint, len: bigint): boolean {
@@ -131,6 +165,7 @@ export class NativeDataPlane implements DataPlane {
     if (features.vnetHdrSize !== 10 && features.vnetHdrSize !== 12) throw invalidArg(`features.vnetHdrSize must be 10 or 12 (got ${show(features.vnetHdrSize)})`);
     if (mrg && features.vnetHdrSize !== 12) throw invalidArg('MRG_RXBUF needs the 12-byte virtio-net header');
     n.startRing(p, tx, num, desc, avail, used, base, kick, call, err, eventIdx, mrg, indirect, features.vnetHdrSize);
+    this.#requireUring(n, p, 'VHOST_USER_START_RING', () => n.stopRing(p, tx));
   }
 
   stopRing(pair: number, dir: RingDir): RingStatus {
@@ -163,6 +198,6 @@ export class NativeDataPlane implements DataPlane {
 }
 
 /** A data plane for `pairs` queue pairs (virtqueues 2i = RX, 2i+1 = TX). */
-export function openDataPlane(pairs: number): NativeDataPlane {
-  return new NativeDataPlane(pairs);
+export function openDataPlane(pairs: number, opts?: DataPlaneOptions): NativeDataPlane {
+  return new NativeDataPlane(pairs, opts);
 }

@@ -81,6 +81,7 @@ describe.skipIf(!env.ok)(`mqtap vhost-user${skipNote(env)}`, () => {
       ['--socket', socket, '--name', 'vucli1', '--queues', '2', '--offloads', 'bogus'],
       ['--socket', 'relative.sock', '--name', 'vucli1', '--queues', '2'],
       ['--socket', socket, '--name', 'bad name!', '--queues', '2'],
+      ['--socket', socket, '--name', 'vucli1', '--queues', '2', '--tap-engine', 'fast'],
     ]) {
       const r = spawnSync(process.execPath, [CLI, 'vhost-user', ...args], { encoding: 'utf8', timeout: 30_000 });
       expect(r.status, `${args.join(' ')}: ${r.stderr}`).toBe(2);

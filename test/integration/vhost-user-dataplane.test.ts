@@ -45,7 +45,8 @@ function send(s: dgram.Socket, payload: Buffer, port: number): Promise<void> {
   return sendUdp(s, payload, port, PEER);
 }
 
-describe.skipIf(!env.ok)(`vhost-user data plane${skipNote(env)}`, () => {
+// Every case runs with both tap engines: io_uring batches ('auto' here) and one writev/read per frame.
+describe.skipIf(!env.ok).each(['auto', 'writev'] as const)(`vhost-user data plane, tapEngine %s${skipNote(env)}`, (tapEngine) => {
   useIsolatedNetns();
   const track = useTapTracker();
   const cleanup: Array<() => void> = [];
@@ -75,7 +76,7 @@ describe.skipIf(!env.ok)(`vhost-user data plane${skipNote(env)}`, () => {
     run('ip', ['neigh', 'replace', PEER, 'lladdr', PEER_MAC, 'dev', name, 'nud', 'permanent']);
     const mem = new GuestMem(`mqtap-vu-test-${process.pid}-${seq++}`);
     cleanup.push(() => mem.close());
-    const dp = openDataPlane(PAIRS);
+    const dp = openDataPlane(PAIRS, { tapEngine });
     cleanup.push(() => dp.close());
     for (const r of mem.regions()) dp.addRegion(r);
     for (let i = 0; i < PAIRS; i++) dp.setTap(i, tap.queues[i]!.fd);
@@ -750,7 +751,7 @@ describe.skipIf(!env.ok)(`vhost-user data plane${skipNote(env)}`, () => {
     const threads = (): number => readdirSync('/proc/self/task').length;
     const threadsBefore = threads();
     expect(mem.mappings()).toBe(1);
-    const dp = openDataPlane(PAIRS);
+    const dp = openDataPlane(PAIRS, { tapEngine });
     for (const r of mem.regions()) dp.addRegion(r);
     expect(mem.mappings(), 'the data plane maps both regions').toBe(3);
     for (let p = 0; p < PAIRS; p++) {
@@ -785,7 +786,7 @@ describe.skipIf(!env.ok)(`vhost-user data plane${skipNote(env)}`, () => {
     const r = new DriverRing(mem, 8, 256);
     cleanup.push(() => r.close());
     const fdsBefore = openFds();
-    const dp = openDataPlane(1);
+    const dp = openDataPlane(1, { tapEngine });
     cleanup.push(() => dp.close());
     const region = { guestPhysAddr: GPA_BASE, size: 1n << 20n, userAddr: mem.ua, mmapOffset: 0n, fd: mem.fd };
     const bad = (f: () => void, msg: RegExp): void => {

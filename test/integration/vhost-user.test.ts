@@ -101,7 +101,8 @@ describe.skipIf(!env.ok)(`vhost-user backend on a real tap${skipNote(env)}`, () 
     expect(lstatSync(socket).mode & 0o777).toBe(0o600);
     const events: string[] = [];
     be.on('connected', () => events.push('connected'));
-    be.on('disconnected', () => events.push('disconnected'));
+    const gone: Array<{ counters?: unknown[] }> = [];
+    be.on('disconnected', (d: { counters?: unknown[] }) => (events.push('disconnected'), gone.push(d)));
     be.on('features', () => events.push('features'));
 
     const fe = await frontend(socket);
@@ -136,6 +137,9 @@ describe.skipIf(!env.ok)(`vhost-user backend on a real tap${skipNote(env)}`, () 
     await until(() => !be.connected);
     expect(planes[0]!.closed).toBe(true);
     expect(counts(name)).toEqual([1, 3]);
+    // The connection's last counters (read before its data plane closed) come with the event.
+    expect(gone[0]!.counters).toHaveLength(4);
+    expect(gone[0]!.counters![0]).toMatchObject({ txFrames: 0n, tapEngine: 'none' });
 
     // The next QEMU gets the same features (never fewer) and works.
     const fe2 = await frontend(socket);

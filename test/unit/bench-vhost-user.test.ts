@@ -5,7 +5,7 @@
  * the table (per-pair rates, sizes with the FCS, the CPU model line).
  */
 import { describe, expect, it } from 'vitest';
-import { pairedRatio, testpmdRx, vhostUserTable, type VuResult, type VuRun } from '../../bench/vhost-user';
+import { batchingFromCliOutput, pairedRatio, testpmdRx, vhostUserTable, type VuResult, type VuRun } from '../../bench/vhost-user';
 
 const STATS = (n: number): string => `
   ######################## NIC statistics for port 0  ########################
@@ -27,6 +27,20 @@ describe('vhost-user bench', () => {
     expect(testpmdRx('EAL: starting\nPort 0: link up\n')).toBeUndefined();
     expect(testpmdRx(STATS(10) + STATS(12345))).toBe(12345);
     expect(testpmdRx(STATS(0))).toBe(0);
+  });
+
+  it("batching: frames per tap syscall and per wake-up from the CLI's last 'disconnected' event, summed over pairs", () => {
+    const c = (o: Record<string, number | string>): Record<string, number | string> => ({ txFrames: 0, rxFrames: 0, txSyscalls: 0, rxSyscalls: 0, wakeups: 0, tapEngine: 'uring', ...o });
+    const out = [
+      '{"event":"ready","socket":"/tmp/x"}',
+      JSON.stringify({ event: 'disconnected', reason: null, counters: [c({ txFrames: 1, txSyscalls: 1, wakeups: 1 })] }),
+      'mqtap: some text line',
+      JSON.stringify({ event: 'disconnected', reason: null, counters: [c({ txFrames: 1000, txSyscalls: 10, rxFrames: 300, rxSyscalls: 30, wakeups: 5 }), c({ txFrames: 600, txSyscalls: 6, wakeups: 3 })] }),
+      '{"event":"stopped"}',
+    ].join('\n');
+    expect(batchingFromCliOutput(out, 'guest-to-tap')).toEqual({ framesPerSyscall: 100, framesPerWakeup: 200, tapEngine: 'uring' });
+    expect(batchingFromCliOutput(out, 'tap-to-guest')).toEqual({ framesPerSyscall: 10, framesPerWakeup: 37.5, tapEngine: 'uring' });
+    expect(batchingFromCliOutput('{"event":"ready"}\n{"event":"disconnected","reason":null}', 'guest-to-tap')).toBeUndefined();
   });
 
   it('pairedRatio: median of run-r ratios', () => {

@@ -12,6 +12,9 @@ import { UnixSocket } from '../../lib/sys/scm.js';
 import type { Offloads, Tap } from '../../lib/tap/tap.js';
 import { OFFERED_PROTOCOL_FEATURES, VhostUserConnection, offeredFeatures } from '../../lib/vhost-user/connection.js';
 import { FEATURE, HEADER_SIZE, PROTOCOL_FEATURE, REQUEST, VhostUserProtocolError, bit } from '../../lib/vhost-user/protocol.js';
+import pino from 'pino';
+import type { Logger } from '../../lib/sys/log.js';
+import type { PairCounters } from '../../lib/vhost-user/dataplane-api.js';
 import { openFds } from '../helpers/env.js';
 import { FakeDataPlane, NEED_REPLY, ScriptedFrontend, memRegion, until } from '../helpers/vhost-user.js';
 
@@ -85,11 +88,11 @@ afterEach(() => {
   }
 });
 
-function rig(pairs: number): Rig {
+function rig(pairs: number, o: { dp?: FakeDataPlane; logger?: Logger } = {}): Rig {
   const [a, b] = UnixSocket.pair('stream');
-  const dp = new FakeDataPlane();
+  const dp = o.dp ?? new FakeDataPlane();
   const tap = new FakeTap(pairs);
-  const conn = new VhostUserConnection({ sock: a, tap: tap as unknown as Tap, pairs, dataPlane: dp });
+  const conn = new VhostUserConnection({ sock: a, tap: tap as unknown as Tap, pairs, dataPlane: dp, ...(o.logger ? { logger: o.logger } : {}) });
   const closed = new Promise<Error | undefined>((res) => conn.once('close', res));
   const r = { fe: new ScriptedFrontend(b), conn, dp, tap, closed };
   rigs.push(r);
@@ -266,6 +269,31 @@ describe('vhost-user connection: features, replies, rings', () => {
     // The vector arrives ring by ring: pair 0 goes first, so pair 1's queue is the one that stays.
     expect(r.tap.states()).toBe('dE');
     expect(r.dp.running()).toEqual([]);
+  });
+
+  it('the tap engine of each pair is logged once per pair start: info for io_uring, warn with the errno for the writev fallback', async () => {
+    class EngineDataPlane extends FakeDataPlane {
+      override counters(pair?: number): PairCounters {
+        const c = super.counters();
+        return pair === 0 ? { ...c, tapEngine: 'writev', tapEngineErrno: 1 } : { ...c, tapEngine: 'uring' };
+      }
+    }
+    const lines: Array<{ level: number; msg: string; pair?: number; tapEngine?: string; uringErrno?: string }> = [];
+    const logger = pino({ level: 'info' }, { write: (s: string) => void lines.push(JSON.parse(s)) });
+    const r = rig(2, { dp: new EngineDataPlane(), logger });
+    await qemuInit(r, 2);
+    await qemuStart(r, 2, 2);
+    const engineLines = (): typeof lines => lines.filter((l) => l.tapEngine !== undefined);
+    expect(engineLines()).toEqual([
+      expect.objectContaining({ level: 40, pair: 0, tapEngine: 'writev', uringErrno: 'EPERM' }),
+      expect.objectContaining({ level: 30, pair: 1, tapEngine: 'uring' }),
+    ]);
+    // ethtool -L 1 then 2: pair 1 stops and starts again: one more line, for it only.
+    await r.fe.enableVector(2, 1);
+    await r.fe.u64('GET_STATUS');
+    await r.fe.enableVector(2, 2);
+    await r.fe.u64('GET_STATUS');
+    expect(engineLines().slice(2)).toEqual([expect.objectContaining({ level: 30, pair: 1, tapEngine: 'uring' })]);
   });
 
   it('a ring the data plane failed is stopped and reported', async () => {
