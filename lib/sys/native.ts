@@ -196,6 +196,8 @@ export interface NativeBinding {
   /** Every link, or the one named (a missing one: MqtapError op RTM_GETLINK, code ENODEV, detail = the name). */
   rtnlGetLinks(name?: string): RawLink[];
   rtnlDelLink(index: number): void;
+  /** RTM_NEWLINK with IFLA_TXQLEN: the device's tx_queue_len (for a tap, each queue's ring length in frames). */
+  rtnlSetTxQueueLen(index: number, len: number): void;
   /** RTM_GETQDISC dump: every qdisc of the device with this ifindex, with its counters. */
   rtnlGetQdiscs(ifindex: number): RawQdisc[];
   // process
