@@ -31,6 +31,7 @@ export {
   type PairDriverOptions,
 } from './vhost/vhost';
 export { SplitVirtqueue, vringLayout, MAX_QUEUE_SIZE, type VringLayout, type UsedElem, type SplitVirtqueueOptions } from './vhost/vring';
+export { pinThread, threadAffinity } from './sys/affinity';
 export { spawnWithFds, exitStatus, type SpawnWithFdsOptions, type SpawnedChild, type ChildExit } from './sys/spawn';
 export {
   encodeVnetHdr,

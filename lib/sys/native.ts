@@ -211,6 +211,10 @@ export interface NativeBinding {
   setns(fd: number, nstype: number): void;
   unshare(flags: number): void;
   gettid(): number;
+  /** sched_setaffinity(0, cpus): the CPUs the calling thread (not the process) may run on. */
+  schedSetAffinity(cpus: readonly number[]): void;
+  /** sched_getaffinity(0): the CPUs the calling thread may run on. */
+  schedGetAffinity(): number[];
   /** flock(fd, operation): LOCK_SH/LOCK_EX (| LOCK_NB) or LOCK_UN.  A lock held elsewhere with LOCK_NB: MqtapError op 'FLOCK', code EAGAIN (EWOULDBLOCK). */
   flock(fd: number, operation: number): void;
   // vhost-net
