@@ -328,6 +328,7 @@ export interface NativeBinding {
     readonly BPF_MAP_TYPE_ARRAY: number;
     readonly BPF_MAP_TYPE_PERCPU_ARRAY: number;
     readonly BPF_FUNC_get_prandom_u32: number;
+    readonly BPF_FUNC_get_smp_processor_id: number;
     readonly BPF_FUNC_map_lookup_elem: number;
     readonly BPF_PSEUDO_MAP_FD: number;
     readonly BPF_MAXINSNS: number;
