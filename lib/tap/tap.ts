@@ -791,8 +791,8 @@ function applySettings(tap: Tap, fd0: number, p: Plan, created: boolean, undo: S
   if (p.group !== undefined && groupUndoable) group();
   if (p.mtu !== undefined) step('mtu', () => native.ifSetMtu(tap.name, p.mtu!), () => native.ifSetMtu(tap.name, was!.mtu));
   if (p.txQueueLen !== undefined) {
-    const index = native.ifNameToIndex(tap.name);
-    step('txQueueLen', () => native.rtnlSetTxQueueLen(index, p.txQueueLen!), () => native.rtnlSetTxQueueLen(index, was!.txQueueLen));
+    const setLen = (len: number): void => native.rtnlSetTxQueueLen(native.ifNameToIndex(tap.name), len);
+    step('txQueueLen', () => setLen(p.txQueueLen!), () => setLen(was!.txQueueLen));
   }
   if (p.mac !== undefined) {
     const old = was?.address ? parseMac(was.address) : undefined;
