@@ -1,7 +1,9 @@
 /**
  * Data-path benchmark: frames per second through one and two queues of a
  * tap, library (lib/datapath/io.ts) against the C programs in bench/c (tapio: a plain
- * write()/read() loop, and io_uring batches of 32), in the same run and the
+ * write()/read() loop; naive io_uring, batches of 32 on a blocking fd; and the
+ * best C loop there is: a multishot read into a provided-buffer ring,
+ * 256 writes per submit, see bench/c/README.md), in the same run and the
  * same throw-away network namespace (the caller entered it: isolateNetns();
  * C programs and worker threads started from here inherit it).
  *
@@ -21,23 +23,30 @@
  *          flows over the queues.  Timing starts at each reader's first frame.
  *
  * The library side runs in worker threads (one per queue) so that Q queues
- * are Q threads, as the C side is Q processes; each worker/process is pinned
- * to CPU q (taskset), the read generator floats.
+ * are Q threads, as the C side is Q processes; each worker (pinThread, from
+ * lib/sys/affinity.ts) and process (tapio --cpu) is pinned to CPU q.  The read
+ * generator: with one queue, on the reader's CPU (`pin: 'same'`) or the other
+ * one (`'split'`, the default); with more queues, or `'none'`, it floats
+ * (and with 'none' the readers float too).
  */
 import { execFileSync, spawn, type ChildProcess } from 'node:child_process';
-import { existsSync, readFileSync, writeFileSync } from 'node:fs';
+import { readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { Worker, isMainThread, parentPort, workerData } from 'node:worker_threads';
 import { IPPROTO, ipv4Checksum, ipv4PseudoHeaderSum } from '../lib/datapath/frames';
 import { openQueueIO, type IoEngine, type QueueIO } from '../lib/datapath/io';
 import { getLink } from '../lib/tap/links';
 import { native } from '../lib/sys/native';
+import { pinThread } from '../lib/sys/affinity';
 import { deleteTap, openTap } from '../lib/tap/tap';
 import { median, textTable } from './stats';
 
 export type Size = 60 | 1514 | 'gso';
 export type Dir = 'write' | 'read';
-export type Impl = 'library' | 'c-plain' | 'c-uring';
+/** c-uring: naive io_uring (32 per submit, blocking fd: io-wq); c-best: tapio --mode uring-mshot (reads) / uring-write256 (writes). */
+export type Impl = 'library' | 'c-plain' | 'c-uring' | 'c-best';
+/** Where the readers/writers and the read generator run (see the module comment). */
+export type PinMode = 'split' | 'same' | 'none';
 
 export interface DataRun {
   impl: Impl;
@@ -57,6 +66,7 @@ export interface DataRun {
   kernelTxDropped?: number;
   /** Share of the CPUs busy with other work just before the run (see waitQuiet). */
   busyBefore?: number;
+  pin?: PinMode;
 }
 
 const TAP = 'mqbd0';
@@ -188,24 +198,40 @@ int main(int argc, char **argv) {
 }
 `;
 
+/** What `tapio --mode probe` found io_uring to offer on this kernel. */
+export interface UringProbe {
+  uring: boolean;
+  deferTaskrun: boolean;
+  readWrite: boolean;
+  readMultishot: boolean;
+  pbufRing: boolean;
+  error: string;
+}
+
 export interface Programs {
   tapio: string;
   gen: string;
+  /** The naive io_uring modes can run (c-uring). */
   uring: boolean;
+  /** The best C loops can run (c-best): per direction. */
+  best: { read: boolean; write: boolean };
+  probe: UringProbe;
 }
 
-/** Builds tapio (with io_uring when liburing-dev is there) and the generator into outDir. */
+/** Builds tapio (io_uring through raw syscalls: no liburing needed) and the generator into outDir, and asks tapio what io_uring offers. */
 export function buildPrograms(outDir: string, srcDir: string): Programs {
   const cc = process.env.CC ?? 'cc';
   const flags = ['-O2', '-Wall', '-Wextra', '-Werror'];
-  const uring = existsSync('/usr/include/liburing.h');
   const tapio = join(outDir, 'tapio');
-  execFileSync(cc, [...flags, ...(uring ? ['-DHAVE_LIBURING'] : []), '-o', tapio, join(srcDir, 'tapio.c'), ...(uring ? ['-luring'] : [])], { stdio: 'inherit' });
+  execFileSync(cc, [...flags, '-o', tapio, join(srcDir, 'tapio.c')], { stdio: 'inherit' });
+  const probe = JSON.parse(execFileSync(tapio, ['--mode', 'probe'], { encoding: 'utf8' })) as UringProbe;
+  const uring = probe.uring && probe.readWrite;
   const genSrc = join(outDir, 'gen.c');
   writeFileSync(genSrc, GEN_C);
   const gen = join(outDir, 'gen');
   execFileSync(cc, [...flags, '-o', gen, genSrc], { stdio: 'inherit' });
-  return { tapio, gen, uring };
+  const best = { read: uring && probe.deferTaskrun && probe.readMultishot && probe.pbufRing, write: uring && probe.deferTaskrun };
+  return { tapio, gen, uring, best, probe };
 }
 
 // ------------------------------------------------------------ helpers
@@ -243,12 +269,15 @@ export async function waitQuiet(threshold: number, maxMs: number): Promise<numbe
   return last;
 }
 
-function pin(tid: number, cpu: number): void {
-  try {
-    execFileSync('taskset', ['-p', '-c', String(cpu), String(tid)], { stdio: 'ignore' });
-  } catch {
-    /* no taskset: unpinned */
-  }
+/** CPU of reader/writer q, or undefined (floating). */
+function workerCpu(pin: PinMode, q: number): number | undefined {
+  return pin === 'none' ? undefined : q;
+}
+
+/** CPU of the read generator: with one queue the reader's (0) for 'same', the other (1) for 'split'; else floating. */
+function generatorCpu(pin: PinMode, queues: number): number | undefined {
+  if (queues !== 1 || pin === 'none') return undefined;
+  return pin === 'same' ? 0 : 1;
 }
 
 function deviceStats(): { txDropped: number; txPackets: number } {
@@ -268,7 +297,7 @@ function waitQueues(n: number, timeoutMs = 10_000): void {
     if (l?.tun && l.tun.numQueues === n) return;
     execFileSync('sleep', ['0.02']);
   }
-  throw new Error(`bench: ${TAP} did not get to exactly ${n} attached queue(s)`);
+  throw new Error(`bench: ${TAP} did not get to exactly ${n} attached queue(s) (attached: ${getLink(TAP)?.tun?.numQueues ?? 'no device'})`);
 }
 
 function startGenerator(gen: string, size: Size, cpu?: number): Promise<ChildProcess> {
@@ -302,10 +331,10 @@ interface TapioResult {
   frames: number;
 }
 
-function runTapio(p: Programs, mode: string, size: Size, frames: number, cpu: number): Promise<TapioResult> {
-  const args = ['--dev', TAP, '--mode', mode, '--size', String(size), '--frames', String(frames), '--queues', '1', '--queue', '0', '--cpu', String(cpu), '--timeout', '60'];
-  if (mode.endsWith('read')) args.push('--no-gen');
-  else args.push('--flow', String(cpu)); // queue q (pinned to CPU q) writes flow q
+function runTapio(p: Programs, mode: string, dir: Dir, size: Size, frames: number, q: number, cpu: number | undefined): Promise<TapioResult> {
+  const args = ['--dev', TAP, '--mode', mode, '--size', String(size), '--frames', String(frames), '--queues', '1', '--queue', '0', ...(cpu !== undefined ? ['--cpu', String(cpu)] : []), '--timeout', '60'];
+  if (dir === 'read') args.push('--no-gen');
+  else args.push('--flow', String(q)); // queue q writes flow q
   return new Promise((resolve, reject) => {
     const c = spawn(p.tapio, args, { stdio: ['ignore', 'pipe', 'inherit'] });
     let out = '';
@@ -320,20 +349,26 @@ function runTapio(p: Programs, mode: string, size: Size, frames: number, cpu: nu
   });
 }
 
-async function runC(p: Programs, impl: Impl, dir: Dir, size: Size, queues: number, frames: number): Promise<DataRun> {
-  const mode = (impl === 'c-uring' ? 'uring-' : '') + dir;
+/** tapio's mode for a C implementation and direction. */
+export function tapioMode(impl: Exclude<Impl, 'library'>, dir: Dir): string {
+  if (impl === 'c-best') return dir === 'read' ? 'uring-mshot' : 'uring-write256';
+  return (impl === 'c-uring' ? 'uring-' : '') + dir;
+}
+
+async function runC(p: Programs, impl: Exclude<Impl, 'library'>, dir: Dir, size: Size, queues: number, frames: number, pin: PinMode): Promise<DataRun> {
+  const mode = tapioMode(impl, dir);
   let gen: ChildProcess | undefined;
   const before = deviceStats();
   try {
     const runs: Array<Promise<TapioResult>> = [];
-    for (let q = 0; q < queues; q++) runs.push(runTapio(p, mode, size, frames, q));
+    for (let q = 0; q < queues; q++) runs.push(runTapio(p, mode, dir, size, frames, q, workerCpu(pin, q)));
     if (dir === 'read') {
       waitQueues(queues);
-      gen = await startGenerator(p.gen, size, queues === 1 ? 1 : undefined);
+      gen = await startGenerator(p.gen, size, generatorCpu(pin, queues));
     }
     const res = await Promise.all(runs);
     const after = deviceStats();
-    return summarize({ impl, dir, size, queues, perQueue: res, kernelTxDropped: after.txDropped - before.txDropped });
+    return summarize({ impl, dir, size, queues, perQueue: res, kernelTxDropped: after.txDropped - before.txDropped, pin });
   } finally {
     await stopChild(gen);
   }
@@ -354,6 +389,8 @@ interface WorkerJob {
   slotSize?: number;
   /** Writes: source port 40000 + flow (the queue's index, as tapio --flow). */
   flow: number;
+  /** The CPU this worker pins itself to (pinThread), or none. */
+  cpu?: number;
 }
 
 interface WorkerResult extends TapioResult {
@@ -381,17 +418,22 @@ function threadCpu(): number {
 
 async function workerMain(job: WorkerJob): Promise<void> {
   const port = parentPort!;
+  if (job.cpu !== undefined) pinThread(job.cpu); // this worker thread only (lib/sys/affinity.ts)
   // Worker threads share the process's fds: close the queue whatever happens,
   // or it stays attached and the next run finds one queue too many.
+  // 'done' goes out only after the queue is closed: the main thread
+  // terminates the worker as soon as it has every result.
   const tap = openTap({ name: TAP, existing: 'require', queues: 1 });
   let io: QueueIO | undefined;
+  let res: WorkerResult;
   try {
     io = openQueueIO(tap.queues[0]!, { engine: job.engine, batch: job.batch, ...(job.slotSize ? { slotSize: job.slotSize } : {}) });
-    port.postMessage({ type: 'done', res: await measure(job, io, port) });
+    res = await measure(job, io, port);
   } finally {
     io?.close();
     tap.close();
   }
+  port.postMessage({ type: 'done', res });
 }
 
 async function measure(job: WorkerJob, io: QueueIO, port: NonNullable<typeof parentPort>): Promise<WorkerResult> {
@@ -470,7 +512,7 @@ async function measure(job: WorkerJob, io: QueueIO, port: NonNullable<typeof par
   return { pps: frames / seconds, gbps: gbps(bytes, seconds), cpuUsPerFrame: (cpu * 1e6) / Math.max(1, frames), frames, engine, ...(packedRes ? { packed: packedRes } : {}), ...(distinctRes ? { distinct: distinctRes } : {}) };
 }
 
-async function runLibrary(dir: Dir, size: Size, queues: number, frames: number, engine: IoEngine | 'auto', gen: string, tune: { batch?: number; slotSize?: number } = {}): Promise<DataRun> {
+async function runLibrary(dir: Dir, size: Size, queues: number, frames: number, engine: IoEngine | 'auto', gen: string, tune: { batch?: number; slotSize?: number } = {}, pin: PinMode = 'split'): Promise<DataRun> {
   const workers: Worker[] = [];
   let g: ChildProcess | undefined;
   const before = deviceStats();
@@ -478,14 +520,14 @@ async function runLibrary(dir: Dir, size: Size, queues: number, frames: number, 
     const ready: Array<Promise<void>> = [];
     const done: Array<Promise<WorkerResult>> = [];
     for (let q = 0; q < queues; q++) {
-      const w = new Worker(__filename, { workerData: { dir, size, frames, engine, batch: tune.batch ?? 64, flow: q, ...(tune.slotSize ? { slotSize: tune.slotSize } : {}) } satisfies WorkerJob });
+      const cpu = workerCpu(pin, q);
+      const w = new Worker(__filename, { workerData: { dir, size, frames, engine, batch: tune.batch ?? 64, flow: q, ...(tune.slotSize ? { slotSize: tune.slotSize } : {}), ...(cpu !== undefined ? { cpu } : {}) } satisfies WorkerJob });
       workers.push(w);
       ready.push(
         new Promise((resolve, reject) => {
           w.once('error', reject);
           w.once('message', (m: { type: string; tid: number; message?: string }) => {
             if (m.type !== 'ready') return reject(new Error(`library worker: ${m.message ?? m.type}`));
-            pin(m.tid, q);
             resolve();
           });
         }),
@@ -504,10 +546,10 @@ async function runLibrary(dir: Dir, size: Size, queues: number, frames: number, 
     await Promise.all(ready);
     waitQueues(queues);
     for (const w of workers) w.postMessage('go');
-    if (dir === 'read') g = await startGenerator(gen, size, queues === 1 ? 1 : undefined);
+    if (dir === 'read') g = await startGenerator(gen, size, generatorCpu(pin, queues));
     const res = await Promise.all(done);
     const after = deviceStats();
-    return summarize({ impl: 'library', engine: res[0]!.engine, engineReq: engine, dir, size, queues, perQueue: res, kernelTxDropped: after.txDropped - before.txDropped });
+    return summarize({ impl: 'library', engine: res[0]!.engine, engineReq: engine, dir, size, queues, perQueue: res, kernelTxDropped: after.txDropped - before.txDropped, pin });
   } finally {
     await stopChild(g);
     await Promise.all(workers.map((w) => w.terminate()));
@@ -533,6 +575,8 @@ export interface DataBenchOptions {
   quietMaxMs?: number;
   /** Library tuning (QueueIO batch and slotSize options); default: the library's defaults. */
   tune?: { batch?: number; slotSize?: number };
+  /** CPU placements to measure, each a full set of runs (default ['split']). */
+  pins?: PinMode[];
   log?: (line: string) => void;
 }
 
@@ -559,38 +603,41 @@ export type DataResult = ReturnType<typeof medianRun>;
  * alternating the implementations within each repeat so they see the same
  * machine state, and returns the median run of each.
  */
-export async function runDataBench(o: DataBenchOptions): Promise<{ results: DataResult[]; uring: boolean }> {
+export async function runDataBench(o: DataBenchOptions): Promise<{ results: DataResult[]; uring: boolean; programs: Programs }> {
   const log = o.log ?? (() => undefined);
   const p = buildPrograms(o.outDir, o.srcDir);
   // No IPv6 in the namespace: keeps DAD / MLD frames out of the read numbers.
   execFileSync('sysctl', ['-qw', 'net.ipv6.conf.default.disable_ipv6=1', 'net.ipv6.conf.all.disable_ipv6=1']);
   const setup = openTap({ name: TAP, queues: 1, existing: 'forbid', persist: true, vnetHdrSize: 12, offloads: { csum: true, tso4: true, tso6: true }, mac: TAP_MAC, up: true });
   setup.close();
-  const impls: Array<{ impl: Impl; engine?: IoEngine | 'auto' }> = [
-    ...o.engines.map((engine) => ({ impl: 'library' as const, engine })),
-    { impl: 'c-plain' },
-    ...(p.uring ? [{ impl: 'c-uring' as const }] : []),
-  ];
   const all = new Map<string, DataRun[]>();
   try {
     for (const dir of o.dirs) {
+      const impls: Array<{ impl: Impl; engine?: IoEngine | 'auto' }> = [
+        ...o.engines.map((engine) => ({ impl: 'library' as const, engine })),
+        { impl: 'c-plain' },
+        ...(p.uring ? [{ impl: 'c-uring' as const }] : []),
+        ...(p.best[dir] ? [{ impl: 'c-best' as const }] : []),
+      ];
       for (const size of o.sizes) {
         for (const queues of o.queues) {
-          const frames = o.frames[String(size)]!;
-          for (let r = 0; r < o.repeats; r++) {
-            const order = r % 2 === 0 ? impls : [...impls].reverse();
-            for (const { impl, engine } of order) {
-              const key = `${dir}|${size}|${queues}|${impl}|${engine ?? ''}`;
-              const busyBefore = o.quiet ? await waitQuiet(o.quiet, o.quietMaxMs ?? 300_000) : undefined;
-              const run = impl === 'library' ? await runLibrary(dir, size, queues, frames, engine!, p.gen, o.tune) : await runC(p, impl, dir, size, queues, frames);
-              if (busyBefore !== undefined) run.busyBefore = busyBefore;
-              if (!all.has(key)) all.set(key, []);
-              all.get(key)!.push(run);
-              log(
-                `  ${dir} ${String(size).padStart(4)} B x${queues}q ${impl}${engine ? `(${run.engine})` : ''}: ${(run.pps / 1e6).toFixed(3)} Mpps ${run.gbps.toFixed(2)} Gbit/s, ` +
-                  `${run.perQueue.map((q) => q.cpuUsPerFrame.toFixed(3)).join('/')} µs CPU/frame` +
-                  (busyBefore !== undefined ? ` (other load before: ${(busyBefore * 100).toFixed(0)}%)` : ''),
-              );
+          for (const pin of o.pins ?? ['split']) {
+            const frames = o.frames[String(size)]!;
+            for (let r = 0; r < o.repeats; r++) {
+              const order = r % 2 === 0 ? impls : [...impls].reverse();
+              for (const { impl, engine } of order) {
+                const key = `${dir}|${size}|${queues}|${pin}|${impl}|${engine ?? ''}`;
+                const busyBefore = o.quiet ? await waitQuiet(o.quiet, o.quietMaxMs ?? 300_000) : undefined;
+                const run = impl === 'library' ? await runLibrary(dir, size, queues, frames, engine!, p.gen, o.tune, pin) : await runC(p, impl, dir, size, queues, frames, pin);
+                if (busyBefore !== undefined) run.busyBefore = busyBefore;
+                if (!all.has(key)) all.set(key, []);
+                all.get(key)!.push(run);
+                log(
+                  `  ${dir} ${String(size).padStart(4)} B x${queues}q pin=${pin} ${impl}${engine ? `(${run.engine})` : ''}: ${(run.pps / 1e6).toFixed(3)} Mpps ${run.gbps.toFixed(2)} Gbit/s, ` +
+                    `${run.perQueue.map((q) => q.cpuUsPerFrame.toFixed(3)).join('/')} µs CPU/frame` +
+                    (busyBefore !== undefined ? ` (other load before: ${(busyBefore * 100).toFixed(0)}%)` : ''),
+                );
+              }
             }
           }
         }
@@ -603,7 +650,7 @@ export async function runDataBench(o: DataBenchOptions): Promise<{ results: Data
       /* the namespace goes away anyway */
     }
   }
-  return { results: [...all.values()].map(medianRun), uring: p.uring };
+  return { results: [...all.values()].map(medianRun), uring: p.uring, programs: p };
 }
 
 // ------------------------------------------------------------ table
@@ -622,19 +669,24 @@ export function pairedRatio(a: { ppsAll: number[] }, b: { ppsAll: number[] }): n
 
 /** The results as a text table (also used for docs/performance.md). */
 export function dataTable(results: DataResult[], libEngine: string = 'auto'): string {
-  const find = (dir: Dir, size: Size, q: number, impl: Impl, engine?: string): DataResult | undefined =>
-    results.find((r) => r.dir === dir && r.size === size && r.queues === q && r.impl === impl && (impl !== 'library' || r.engineReq === engine));
-  const head = ['dir', 'size', 'Q', 'library pps', 'Gbit/s', 'C plain pps', 'lib/C', 'C uring pps', 'lib/uring', 'lib µs/f', 'C µs/f', 'uring µs/f', 'lib 2q/1q', 'packed pps', 'distinct pps'];
+  const find = (dir: Dir, size: Size, q: number, pin: PinMode | undefined, impl: Impl, engine?: string): DataResult | undefined =>
+    results.find((r) => r.dir === dir && r.size === size && r.queues === q && r.pin === pin && r.impl === impl && (impl !== 'library' || r.engineReq === engine));
+  const pins = new Set(results.map((r) => r.pin));
+  const head = [
+    'dir', 'size', 'Q', ...(pins.size > 1 ? ['pin'] : []), 'library pps', 'Gbit/s', 'C plain pps', 'lib/C', 'C uring x32 pps', 'lib/x32', 'C best pps', 'lib/best',
+    'lib µs/f', 'C µs/f', 'x32 µs/f', 'best µs/f', 'lib 2q/1q', 'packed pps', 'distinct pps',
+  ];
   const rows: string[][] = [];
   const seen = new Set<string>();
   for (const r of results) {
-    const k = `${r.dir}|${r.size}|${r.queues}`;
+    const k = `${r.dir}|${r.size}|${r.queues}|${r.pin}`;
     if (seen.has(k)) continue;
     seen.add(k);
-    const lib = find(r.dir, r.size, r.queues, 'library', libEngine);
-    const c = find(r.dir, r.size, r.queues, 'c-plain');
-    const u = find(r.dir, r.size, r.queues, 'c-uring');
-    const one = find(r.dir, r.size, 1, 'library', libEngine);
+    const lib = find(r.dir, r.size, r.queues, r.pin, 'library', libEngine);
+    const c = find(r.dir, r.size, r.queues, r.pin, 'c-plain');
+    const u = find(r.dir, r.size, r.queues, r.pin, 'c-uring');
+    const b = find(r.dir, r.size, r.queues, r.pin, 'c-best');
+    const one = find(r.dir, r.size, 1, r.pin, 'library', libEngine);
     const cpu = (x: DataResult | undefined): string => (x ? x.cpuUsPerFrame.toFixed(3) : '-');
     // Ratios are paired: repeat r of the library against repeat r of the C
     // program, run back to back, then the median over the repeats.  The
@@ -645,15 +697,19 @@ export function dataTable(results: DataResult[], libEngine: string = 'auto'): st
       r.dir,
       r.size === 'gso' ? '64K GSO' : `${r.size} B`,
       String(r.queues),
+      ...(pins.size > 1 ? [r.pin ?? ''] : []),
       lib ? fmtPps(lib.pps) : '-',
       lib ? lib.gbps.toFixed(2) : '-',
       c ? fmtPps(c.pps) : '-',
       ratio(lib, c),
       u ? fmtPps(u.pps) : '-',
       ratio(lib, u),
+      b ? fmtPps(b.pps) : '-',
+      ratio(lib, b),
       cpu(lib),
       cpu(c),
       cpu(u),
+      cpu(b),
       lib && one && r.queues > 1 ? `${(lib.pps / one.pps).toFixed(2)}x` : '',
       lib && r.dir === 'write' ? fmtPps(lib.perQueue.reduce((a, q) => a + ((q as { packed?: { pps: number } }).packed?.pps ?? 0), 0)) : '',
       lib && r.dir === 'write' ? fmtPps(lib.perQueue.reduce((a, q) => a + ((q as { distinct?: { pps: number } }).distinct?.pps ?? 0), 0)) : '',

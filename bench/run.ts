@@ -13,18 +13,22 @@
  *   npm run bench -- --data-repeats 5    more data-path repeats (median is reported)
  *   npm run bench -- --engines auto,poll,uring   library engines to compare
  *   npm run bench -- --sizes 60,1514,gso --data-queues 1,2 --dirs write,read
+ *   npm run bench -- --pin split,same    data path: where readers/writers and the read generator run:
+ *                                        split (default: reader q on CPU q, generator on the other CPU),
+ *                                        same (generator on the reader's CPU), none (nothing pinned);
+ *                                        several: each a full set of runs, a 'pin' column in the table
  *   npm run bench -- --quiet 0.15        before each data run, wait (<= --quiet-max-s, default 300)
  *                                        until other load is below 15% of the CPUs
  *
  * Results are printed as tables and written to bench/out/*.json.
  */
 import { mkdirSync, writeFileSync } from 'node:fs';
-import { cpus, loadavg } from 'node:os';
+import { cpus, loadavg, release } from 'node:os';
 import { join } from 'node:path';
 import type { IoEngine } from '../lib/datapath/io';
 import { isolateNetns } from '../lib/sys/netns';
 import { buildCControl, compareControl, type ControlRow } from './control';
-import { buildPrograms, dataTable, runDataBench, type Dir, type Size } from './data';
+import { buildPrograms, dataTable, runDataBench, type Dir, type PinMode, type Size } from './data';
 import { haveTestpmd, runVhostUserBench, vhostUserTable, type VuDir, type VuTapEngine } from './vhost-user';
 import { textTable } from './stats';
 
@@ -94,11 +98,15 @@ async function data(): Promise<void> {
   const load0 = loadavg()[0]!;
   process.stdout.write(
     `\ndata path: frames/s per implementation (sum over Q queues, one thread/process per queue)\n` +
-      `(median of ${repeats} alternating repeats; lib/C = library / plain C loop, lib/uring = library / C io_uring batches of 32,\n` +
+      `(median of ${repeats} alternating repeats; lib/C = library / plain C loop, lib/x32 = library / naive C io_uring (32 per submit, blocking fd),\n` +
+      ` lib/best = library / best C loop (tapio uring-mshot: multishot read into a provided-buffer ring; uring-write256: 256 writes per submit),\n` +
       ` each the median over the repeats of library run r / C run r (run back to back);\n` +
-      ` µs/f = CPU µs per frame of each reader/writer thread or process, median over the repeats)\n`,
+      ` µs/f = CPU µs per frame of each reader/writer thread or process, median over the repeats)\n` +
+      `CPU: ${cpus()[0]?.model ?? 'unknown'}, ${cpus().length} CPUs, Linux ${release()}\n`,
   );
-  const { results, uring } = await runDataBench({
+  const pins = arg('pin', 'split').split(',') as PinMode[];
+  for (const p of pins) if (!['split', 'same', 'none'].includes(p)) throw new Error(`--pin: ${p} is not one of split, same, none`);
+  const { results, uring, programs } = await runDataBench({
     outDir: OUT,
     srcDir: SRC,
     repeats,
@@ -108,6 +116,7 @@ async function data(): Promise<void> {
     engines,
     frames,
     tune: { batch: Number(arg('batch', '64')), ...(arg('slot-size', '') ? { slotSize: Number(arg('slot-size', '')) } : {}) },
+    pins,
     quiet: Number(arg('quiet', '0')),
     quietMaxMs: Number(arg('quiet-max-s', '300')) * 1000,
     log: (l) => process.stderr.write(`${l}\n`),
@@ -116,10 +125,11 @@ async function data(): Promise<void> {
     if (engines.length > 1) process.stdout.write(`\nlibrary engine: ${e}\n`);
     process.stdout.write(`${dataTable(results, e)}\n`);
   }
-  if (!uring) process.stdout.write('(C io_uring: skipped, liburing-dev is not installed)\n');
+  if (!uring) process.stdout.write(`(C io_uring: skipped, io_uring unavailable here: ${programs.probe.error || 'no IORING_OP_READ/WRITE'})\n`);
+  else if (!programs.best.read) process.stdout.write('(C best read loop: skipped, this kernel lacks IORING_OP_READ_MULTISHOT (Linux 6.7+), DEFER_TASKRUN or provided-buffer rings)\n');
   const load1 = loadavg()[0]!;
   process.stdout.write(`load average (1 min) before/after: ${load0.toFixed(2)} / ${load1.toFixed(2)} on ${cpus().length} CPUs\n`);
-  writeFileSync(join(OUT, 'data.json'), JSON.stringify({ date: new Date().toISOString(), repeats, frames, load: [load0, load1], results }, null, 2));
+  writeFileSync(join(OUT, 'data.json'), JSON.stringify({ date: new Date().toISOString(), cpu: cpus()[0]?.model, kernel: release(), uring: programs.probe, repeats, frames, pins, load: [load0, load1], results }, null, 2));
 }
 
 async function vhostUser(): Promise<void> {

@@ -94,6 +94,7 @@ interface CreateOpts {
   owner?: string;
   group?: string;
   mtu?: number;
+  txqueuelen?: number;
   mac?: string;
   up?: boolean;
   vnetHdr: boolean;
@@ -135,6 +136,7 @@ function cmdCreate(name: string, o: CreateOpts, g: GlobalOpts): number {
       ...(o.owner !== undefined ? { owner: resolveId(o.owner, 'owner') } : {}),
       ...(o.group !== undefined ? { group: resolveId(o.group, 'group') } : {}),
       ...(o.mtu !== undefined ? { mtu: o.mtu } : {}),
+      ...(o.txqueuelen !== undefined ? { txQueueLen: o.txqueuelen } : {}),
       ...(o.mac !== undefined ? { mac: o.mac } : {}),
       ...(o.up ? { up: true } : {}),
       ...netnsOpt(g),
@@ -293,6 +295,7 @@ export function buildProgram(run: Runner): Command {
     .option('--owner <user>', 'uid or user name allowed to attach queues without CAP_NET_ADMIN')
     .option('--group <group>', 'gid or group name allowed to attach queues without CAP_NET_ADMIN')
     .option('--mtu <bytes>', 'MTU', intArg('--mtu'))
+    .option('--txqueuelen <frames>', "frames each queue's ring holds before the kernel drops (tx_queue_len)", intArg('--txqueuelen'))
     .option('--mac <mac>', 'Ethernet address, e.g. 52:54:00:12:34:56')
     .option('--up', 'bring the link up')
     .option('--no-vnet-hdr', 'without the virtio-net header (IFF_VNET_HDR)')

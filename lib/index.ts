@@ -31,6 +31,7 @@ export {
   type PairDriverOptions,
 } from './vhost/vhost';
 export { SplitVirtqueue, vringLayout, MAX_QUEUE_SIZE, type VringLayout, type UsedElem, type SplitVirtqueueOptions } from './vhost/vring';
+export { pinThread, threadAffinity } from './sys/affinity';
 export { spawnWithFds, exitStatus, type SpawnWithFdsOptions, type SpawnedChild, type ChildExit } from './sys/spawn';
 export {
   encodeVnetHdr,
@@ -104,7 +105,7 @@ export {
   type QemuNetdevOptions,
 } from './qemu/qemu';
 export { openQueueIO, openTapIO, openFdIO, QueueIO, FrameBatch, totalStats, setSendBuffer, getSendBuffer, applyOffloads, defaultEngines, TUN_F, ERR_BATCH_RELEASED, type IoEngine, type QueueIOOptions, type QueueIOStats, type DirectionStats, type WriteResult, type WriteOptions, type OffloadRequest, type OffloadResult } from './datapath/io';
-export { rssProgram, constantProgram, randomProgram, queueCountProgram, QUEUE_COUNT_ENTRIES, QUEUE_COUNT_VALUE_SIZE, steeringQueue, rssInput, loadProgram, testRunProgram, attachSteering, detachSteering, Steering, encodeInsns, BPF, type BpfProgram, type BpfInsn, type RssConfig, type LoadedProgram, type VerifierError } from './datapath/bpf';
+export { rssProgram, constantProgram, randomProgram, cpuProgram, queueCountProgram, QUEUE_COUNT_ENTRIES, QUEUE_COUNT_VALUE_SIZE, steeringQueue, rssInput, loadProgram, testRunProgram, attachSteering, detachSteering, Steering, encodeInsns, BPF, type BpfProgram, type BpfInsn, type RssConfig, type LoadedProgram, type VerifierError } from './datapath/bpf';
 export {
   openQueueStats,
   QueueStats,

@@ -325,6 +325,7 @@ void InitBpf(Napi::Env env, Napi::Object exports) {
   MQTAP_CONST(c, BPF_MAP_TYPE_ARRAY);
   MQTAP_CONST(c, BPF_MAP_TYPE_PERCPU_ARRAY);
   MQTAP_CONST(c, BPF_FUNC_get_prandom_u32);
+  MQTAP_CONST(c, BPF_FUNC_get_smp_processor_id);
   MQTAP_CONST(c, BPF_FUNC_map_lookup_elem);
   MQTAP_CONST(c, BPF_PSEUDO_MAP_FD);
   MQTAP_CONST(c, BPF_MAXINSNS);

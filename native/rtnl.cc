@@ -1,6 +1,6 @@
 // The kernel's own view of links over rtnetlink (RTM_GETLINK), including the
 // tun driver's IFLA_TUN_* attributes (numqueues, numdisabled, ...),
-// RTM_DELLINK, and a device's qdiscs with their counters (RTM_GETQDISC).
+// RTM_DELLINK, IFLA_TXQLEN (RTM_NEWLINK), and a device's qdiscs with their counters (RTM_GETQDISC).
 // Each exported function is one request/response exchange on a short-lived
 // NETLINK_ROUTE socket; attribute decoding is plain marshalling (no policy:
 // the library decides what a "tap" is and which qdisc counts which queue).
@@ -249,6 +249,31 @@ Napi::Value RtnlDelLink(const Napi::CallbackInfo& info) {
   return env.Undefined();
 }
 
+// rtnlSetTxQueueLen(ifindex, len): RTM_NEWLINK with IFLA_TXQLEN, as `ip link
+// set DEV txqueuelen N` does.  For a tun/tap device this is the length of
+// each queue's ring (the kernel resizes the rings of attached queues).
+Napi::Value RtnlSetTxQueueLen(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  int32_t index = ArgInt(info, 0);
+  uint32_t len = ArgUint(info, 1);
+  if (index <= 0) ThrowArg(env, "rtnlSetTxQueueLen: ifindex must be positive");
+  NetlinkSocket sock(env, "IFLA_TXQLEN");
+  LinkRequest req;
+  memset(&req, 0, sizeof req);
+  req.hdr.nlmsg_len = NLMSG_LENGTH(sizeof(struct ifinfomsg));
+  req.hdr.nlmsg_type = RTM_NEWLINK;
+  req.hdr.nlmsg_flags = NLM_F_REQUEST | NLM_F_ACK;
+  req.hdr.nlmsg_seq = 1;
+  req.ifi.ifi_family = AF_UNSPEC;
+  req.ifi.ifi_index = index;
+  AddAttr(&req.hdr, IFLA_TXQLEN, &len, sizeof len);
+  sock.Send(&req.hdr);
+  std::string ext;
+  int err = ReadReplies(env, &sock, 1, false, RTM_NEWLINK, [](const struct nlmsghdr*) {}, &ext);
+  if (err != 0) ThrowSys(env, "IFLA_TXQLEN", "netlink", -err, ext);
+  return env.Undefined();
+}
+
 // One RTM_NEWQDISC message: identity and counters.  TCA_STATS2 (gen_stats.h)
 // is preferred; TCA_STATS_PKT64 carries the packet count when it no longer
 // fits the 32 bits of gnet_stats_basic.  The legacy TCA_STATS (struct
@@ -360,6 +385,7 @@ Napi::Value RtnlGetQdiscs(const Napi::CallbackInfo& info) {
 void InitRtnl(Napi::Env env, Napi::Object exports) {
   exports.Set("rtnlGetLinks", Napi::Function::New(env, RtnlGetLinks, "rtnlGetLinks"));
   exports.Set("rtnlDelLink", Napi::Function::New(env, RtnlDelLink, "rtnlDelLink"));
+  exports.Set("rtnlSetTxQueueLen", Napi::Function::New(env, RtnlSetTxQueueLen, "rtnlSetTxQueueLen"));
   exports.Set("rtnlGetQdiscs", Napi::Function::New(env, RtnlGetQdiscs, "rtnlGetQdiscs"));
   Napi::Object c = Constants(exports);
   MQTAP_CONST(c, TC_H_ROOT);

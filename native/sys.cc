@@ -12,6 +12,8 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include <vector>
+
 #include "common.h"
 
 namespace mqtap {
@@ -110,6 +112,58 @@ Napi::Value Flock(const Napi::CallbackInfo& info) {
   return info.Env().Undefined();
 }
 
+// sched_setaffinity(0, cpus): the CPUs the *calling thread* (0 = this
+// thread, not the process) may run on, from an array of CPU indices.  Which
+// CPUs, and whether to pin at all, is lib/'s choice (lib/sys/affinity.ts).
+Napi::Value SchedSetAffinity(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (info.Length() < 1 || !info[0].IsArray()) ThrowArg(env, "schedSetAffinity: an array of CPU indices expected");
+  Napi::Array list = info[0].As<Napi::Array>();
+  uint32_t max = 0;
+  std::vector<uint32_t> cpus;
+  for (uint32_t i = 0; i < list.Length(); i++) {
+    Napi::Value v = list.Get(i);
+    if (!v.IsNumber()) ThrowArg(env, "schedSetAffinity: CPU indices must be numbers");
+    int64_t c = v.As<Napi::Number>().Int64Value();
+    if (c < 0 || c >= (1 << 20)) ThrowArg(env, "schedSetAffinity: CPU index out of range");
+    cpus.push_back(static_cast<uint32_t>(c));
+    if (c > max) max = static_cast<uint32_t>(c);
+  }
+  size_t size = CPU_ALLOC_SIZE(max + 1);
+  cpu_set_t* set = CPU_ALLOC(max + 1);
+  if (set == nullptr) ThrowSys(env, "SCHED_SETAFFINITY", "sched_setaffinity", ENOMEM);
+  CPU_ZERO_S(size, set);
+  for (uint32_t c : cpus) CPU_SET_S(c, size, set);
+  int rc = sched_setaffinity(0, size, set);
+  int err = errno;
+  CPU_FREE(set);
+  if (rc < 0) ThrowSys(env, "SCHED_SETAFFINITY", "sched_setaffinity", err);
+  return env.Undefined();
+}
+
+// sched_getaffinity(0): the CPUs the calling thread may run on, as indices.
+// The mask grows until the kernel's cpumask fits (EINVAL below nr_cpu_ids).
+Napi::Value SchedGetAffinity(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  for (int n = 1024;; n *= 2) {
+    size_t size = CPU_ALLOC_SIZE(n);
+    cpu_set_t* set = CPU_ALLOC(n);
+    if (set == nullptr) ThrowSys(env, "SCHED_GETAFFINITY", "sched_getaffinity", ENOMEM);
+    CPU_ZERO_S(size, set);
+    if (sched_getaffinity(0, size, set) < 0) {
+      int err = errno;
+      CPU_FREE(set);
+      if (err == EINVAL && n < (1 << 20)) continue;
+      ThrowSys(env, "SCHED_GETAFFINITY", "sched_getaffinity", err);
+    }
+    Napi::Array out = Napi::Array::New(env);
+    for (int c = 0; c < n; c++)
+      if (CPU_ISSET_S(c, size, set)) out.Set(out.Length(), Napi::Number::New(env, c));
+    CPU_FREE(set);
+    return out;
+  }
+}
+
 // gettid(2): the JS thread's id, to name its own namespace file.
 Napi::Value GetTid(const Napi::CallbackInfo& info) { return Napi::Number::New(info.Env(), gettid()); }
 
@@ -126,6 +180,8 @@ void InitSys(Napi::Env env, Napi::Object exports) {
   exports.Set("setns", Napi::Function::New(env, SetNs, "setns"));
   exports.Set("unshare", Napi::Function::New(env, Unshare, "unshare"));
   exports.Set("gettid", Napi::Function::New(env, GetTid, "gettid"));
+  exports.Set("schedSetAffinity", Napi::Function::New(env, SchedSetAffinity, "schedSetAffinity"));
+  exports.Set("schedGetAffinity", Napi::Function::New(env, SchedGetAffinity, "schedGetAffinity"));
   exports.Set("flock", Napi::Function::New(env, Flock, "flock"));
   Napi::Object c = Constants(exports);
   MQTAP_CONST(c, CLONE_NEWNET);

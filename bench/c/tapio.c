@@ -2,8 +2,8 @@
 /*
  * tapio — data-path micro-benchmark for one queue of a Linux multi-queue tap.
  *
- * Build:  cc -O2 -Wall -Wextra -Werror -o tapio tapio.c                  (no io_uring)
- *         cc -O2 -Wall -Wextra -Werror -DHAVE_LIBURING -o tapio tapio.c -luring
+ * Build:  cc -O2 -Wall -Wextra -Werror -o tapio tapio.c
+ *         (io_uring through raw syscalls: no liburing needed)
  * Run ONLY inside a throw-away network namespace (see run.sh / README.md).
  *
  * The program opens /dev/net/tun --queues times with
@@ -12,10 +12,15 @@
  * virtio-net header size to 12, enables TUN_F_CSUM|TUN_F_TSO4|TUN_F_TSO6,
  * brings the interface up, and drives queue --queue with one of:
  *
- *   write        plain write() loop, one frame per syscall
- *   uring-write  io_uring, batches of 32 IORING_OP_WRITE per submit
- *   read         plain read() loop, one frame per syscall
- *   uring-read   io_uring, 32 IORING_OP_READ kept in flight
+ *   write           plain write() loop, one frame per syscall
+ *   uring-write     naive io_uring: batches of 32 IORING_OP_WRITE per submit, blocking fd
+ *   uring-write256  best io_uring write loop: O_NONBLOCK registered fd, 256 writes per
+ *                   submit, SINGLE_ISSUER|DEFER_TASKRUN
+ *   read            plain read() loop, one frame per syscall
+ *   uring-read      naive io_uring: 32 IORING_OP_READ kept in flight, blocking fd
+ *   uring-mshot     best io_uring read loop (Linux 6.7+): IORING_OP_READ_MULTISHOT into
+ *                   a provided-buffer ring (see run_uring_mshot)
+ *   probe           (no --dev) what io_uring offers here, as one JSON line
  *
  * Frame sizes (--size): 60 (minimum Ethernet frame without FCS), 1514 (maximum
  * untagged 1500-MTU frame) or "gso": a 65214-byte Ethernet/IPv4/TCP frame
@@ -48,7 +53,7 @@
  * socket sending to a neighbour address routed via the tap costs a full
  * IP/UDP/neighbour path per frame and is slower than the reader; "write" on a
  * second queue goes the wrong way (into the stack, not out of the tap).  When
- * the tap's ring (tx_queue_len, 500 by default for tun) is full, tun_net_xmit()
+ * the tap's ring (tx_queue_len: 500 or 1000 by default, by kernel) is full, tun_net_xmit()
  * drops the frame and counts tx_dropped — the generator simply keeps going.
  * A non-zero "kernelTxDropped" therefore shows that the generator outpaced the
  * reader, i.e. that the reader was the bottleneck being measured
@@ -65,8 +70,8 @@
  * io_uring worker threads, excluding the generator) used during the run;
  * cpuUsPerFrame = cpuSeconds/frames is much less sensitive than pps to other
  * load on the machine, since time spent descheduled is not counted.  Exit status: 0 ok, 1 error, 2 timeout before any
- * frame, 3 io_uring unavailable (not compiled in, ENOSYS, EPERM, or disabled
- * by kernel.io_uring_disabled).
+ * frame, 3 io_uring unavailable (ENOSYS, EPERM, disabled by
+ * kernel.io_uring_disabled, or lacking what the mode needs).
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -77,6 +82,7 @@
 #include <linux/if_ether.h>
 #include <linux/if_packet.h>
 #include <linux/if_tun.h>
+#include <linux/io_uring.h>
 #include <linux/virtio_net.h>
 #include <sched.h>
 #include <signal.h>
@@ -86,8 +92,10 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
+#include <sys/mman.h>
 #include <sys/prctl.h>
 #include <sys/socket.h>
+#include <sys/syscall.h>
 #include <sys/time.h>
 #include <sys/types.h>
 #include <sys/uio.h>
@@ -95,9 +103,6 @@
 #include <time.h>
 #include <unistd.h>
 
-#ifdef HAVE_LIBURING
-#include <liburing.h>
-#endif
 
 #define VNET_HDR_SZ 12
 #define MAX_QUEUES 256
@@ -118,7 +123,7 @@
 #define TCP_LEN 20
 #define RX_BUF_SZ (VNET_HDR_SZ + 65536 + 64) /* any frame the tap can hand us */
 
-enum mode { MODE_WRITE, MODE_READ, MODE_URING_WRITE, MODE_URING_READ };
+enum mode { MODE_WRITE, MODE_READ, MODE_URING_WRITE, MODE_URING_READ, MODE_URING_WRITE256, MODE_URING_MSHOT };
 
 struct opts {
 	const char *dev;
@@ -134,6 +139,7 @@ struct opts {
 	bool gen;
 	long long gen_rate; /* frames/s, 0 = as fast as possible */
 	int flow;           /* written frames: UDP/TCP source port 40000 + flow */
+	unsigned bufs;      /* uring-mshot: provided buffers (power of two) */
 };
 
 /* ----------------------------------------------------------------------- */
@@ -392,6 +398,9 @@ struct result {
 	double seconds;
 	long long errors;
 	double cpu_seconds;
+	long long batches; /* io_uring modes: io_uring_enter calls that completed frames */
+	long long rearms;  /* uring-mshot: multishot reads re-armed (CQE without IORING_CQE_F_MORE) */
+	long long enobufs; /* uring-mshot: -ENOBUFS completions (every provided buffer in use) */
 };
 
 static void print_result(const struct opts *o, const struct result *r, const struct devstats *before,
@@ -408,7 +417,11 @@ static void print_result(const struct opts *o, const struct result *r, const str
 	       r->seconds, pps, gbps);
 	printf(",\"cpuSeconds\":%.6f,\"cpuUsPerFrame\":%.3f,\"queues\":%d,\"queue\":%d", r->cpu_seconds,
 	       r->frames > 0 ? r->cpu_seconds * 1e6 / (double)r->frames : 0.0, o->queues, o->queue);
-	if (o->mode == MODE_WRITE || o->mode == MODE_URING_WRITE) {
+	if (r->batches)
+		printf(",\"batches\":%lld,\"framesPerBatch\":%.1f", r->batches, (double)r->frames / (double)r->batches);
+	if (o->mode == MODE_URING_MSHOT)
+		printf(",\"rearms\":%lld,\"enobufs\":%lld", r->rearms, r->enobufs);
+	if (o->mode == MODE_WRITE || o->mode == MODE_URING_WRITE || o->mode == MODE_URING_WRITE256) {
 		printf(",\"kernelRxPackets\":%llu,\"kernelRxDropped\":%llu,\"errors\":%lld",
 		       after->rx_packets - before->rx_packets, after->rx_dropped - before->rx_dropped, r->errors);
 	} else {
@@ -424,7 +437,7 @@ static void print_result(const struct opts *o, const struct result *r, const str
 
 static struct result run_write(const struct opts *o, int fd, const uint8_t *buf, size_t frame_len)
 {
-	struct result r = { 0, 0, 0, 0, 0 };
+	struct result r = { 0 };
 	size_t total = VNET_HDR_SZ + frame_len;
 	double t0 = now_s();
 	for (long long i = 0; i < o->frames && !timed_out; i++) {
@@ -446,7 +459,7 @@ static struct result run_write(const struct opts *o, int fd, const uint8_t *buf,
 
 static struct result run_read(const struct opts *o, int fd)
 {
-	struct result r = { 0, 0, 0, 0, 0 };
+	struct result r = { 0 };
 	uint8_t *buf = malloc(RX_BUF_SZ);
 	double t0 = 0, t1 = 0;
 	unsigned long long first_bytes = 0;
@@ -477,164 +490,526 @@ static struct result run_read(const struct opts *o, int fd)
 
 /* ---------------------------- io_uring ---------------------------------- */
 
-#ifdef HAVE_LIBURING
-static void uring_init(struct io_uring *ring, int fd)
+/*
+ * io_uring through its three system calls, without liburing (whose -dev
+ * package a fresh machine may lack): rings mapped as the kernel describes them
+ * in struct io_uring_params, SQ array set to the identity once, head/tail
+ * handed over with acquire/release.  One thread submits and reaps.
+ *
+ * IORING_OP_READ_MULTISHOT (Linux 6.7) follows IORING_OP_SENDMSG_ZC in the
+ * kernel's enum io_uring_op; uapi headers older than 6.7 (Debian 12 ships 6.1)
+ * stop before it, so it is derived from its neighbour, checked at compile time.
+ */
+_Static_assert(IORING_OP_SENDMSG_ZC == 48, "enum io_uring_op: IORING_OP_READ_MULTISHOT is SENDMSG_ZC + 1");
+#define OP_READ_MULTISHOT (IORING_OP_SENDMSG_ZC + 1)
+
+#define URING_BEST_WRITE_BATCH 256 /* writes per io_uring_enter in uring-write256 */
+#define MSHOT_BUFS 256             /* provided buffers (power of two) in uring-mshot, by default (--bufs) */
+#define MSHOT_BGID 7
+
+struct uring {
+	int fd;
+	unsigned sq_entries, sq_mask, cq_mask;
+	unsigned *sq_head, *sq_tail, *cq_head, *cq_tail;
+	struct io_uring_sqe *sqes;
+	struct io_uring_cqe *cqes;
+	unsigned sq_next;   /* our SQ tail: SQEs prepared */
+	unsigned to_submit; /* prepared, not yet taken by the kernel */
+	void *ring_map, *cq_map;
+	size_t ring_len, cq_len, sqes_len;
+};
+
+static void uring_unavailable(const char *what, int err)
 {
-	struct io_uring_params p;
-	memset(&p, 0, sizeof(p));
-	p.flags = IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_COOP_TASKRUN;
-	int ret = io_uring_queue_init_params(URING_BATCH * 2, ring, &p);
-	if (ret == -EINVAL) { /* older kernel without those flags */
-		memset(&p, 0, sizeof(p));
-		ret = io_uring_queue_init_params(URING_BATCH * 2, ring, &p);
-	}
-	if (ret == -ENOSYS || ret == -EPERM) {
-		fprintf(stderr, "tapio: io_uring unavailable (io_uring_setup: %s); check kernel.io_uring_disabled\n",
-			strerror(-ret));
-		exit(3);
-	}
-	if (ret < 0) {
-		errno = -ret;
-		die("io_uring_queue_init");
-	}
-	ret = io_uring_register_files(ring, &fd, 1);
-	if (ret < 0) {
-		errno = -ret;
-		die("io_uring_register_files");
-	}
+	fprintf(stderr, "tapio: io_uring unavailable (%s: %s); check kernel.io_uring_disabled and the kernel version\n", what,
+		strerror(err));
+	exit(3);
 }
 
-static struct io_uring_sqe *get_sqe(struct io_uring *ring)
+static void die_errno(const char *what, int err)
 {
-	struct io_uring_sqe *sqe = io_uring_get_sqe(ring);
-	if (!sqe) {
+	errno = err;
+	die(what);
+}
+
+/*
+ * Sets up a ring with `flags`.  `fallback`: on EINVAL (a kernel without those
+ * flags) retry with none, as the naive modes always did; the best modes need
+ * theirs and report io_uring as unavailable instead.
+ */
+static void uring_setup(struct uring *u, unsigned entries, unsigned flags, bool fallback)
+{
+	struct io_uring_params p;
+	memset(u, 0, sizeof(*u));
+	memset(&p, 0, sizeof(p));
+	p.flags = flags;
+	int fd = (int)syscall(__NR_io_uring_setup, entries, &p);
+	if (fd < 0 && errno == EINVAL && fallback && flags) {
+		memset(&p, 0, sizeof(p));
+		fd = (int)syscall(__NR_io_uring_setup, entries, &p);
+	}
+	if (fd < 0) {
+		if (errno == ENOSYS || errno == EPERM || errno == EINVAL)
+			uring_unavailable("io_uring_setup", errno);
+		die("io_uring_setup");
+	}
+	u->fd = fd;
+	u->sq_entries = p.sq_entries;
+	u->ring_len = p.sq_off.array + p.sq_entries * sizeof(unsigned);
+	u->cq_len = p.cq_off.cqes + p.cq_entries * sizeof(struct io_uring_cqe);
+	bool single = (p.features & IORING_FEAT_SINGLE_MMAP) != 0;
+	if (single && u->cq_len > u->ring_len)
+		u->ring_len = u->cq_len;
+	u->ring_map = mmap(NULL, u->ring_len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, fd, IORING_OFF_SQ_RING);
+	if (u->ring_map == MAP_FAILED)
+		die("mmap SQ ring");
+	u->cq_map = u->ring_map;
+	if (!single) {
+		u->cq_map = mmap(NULL, u->cq_len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, fd, IORING_OFF_CQ_RING);
+		if (u->cq_map == MAP_FAILED)
+			die("mmap CQ ring");
+	}
+	u->sqes_len = p.sq_entries * sizeof(struct io_uring_sqe);
+	u->sqes = mmap(NULL, u->sqes_len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, fd, IORING_OFF_SQES);
+	if (u->sqes == MAP_FAILED)
+		die("mmap SQEs");
+	char *sq = u->ring_map, *cq = u->cq_map;
+	u->sq_head = (unsigned *)(sq + p.sq_off.head);
+	u->sq_tail = (unsigned *)(sq + p.sq_off.tail);
+	u->sq_mask = *(unsigned *)(sq + p.sq_off.ring_mask);
+	unsigned *array = (unsigned *)(sq + p.sq_off.array);
+	for (unsigned i = 0; i < p.sq_entries; i++)
+		array[i] = i; /* SQE i is always slot i */
+	u->cq_head = (unsigned *)(cq + p.cq_off.head);
+	u->cq_tail = (unsigned *)(cq + p.cq_off.tail);
+	u->cq_mask = *(unsigned *)(cq + p.cq_off.ring_mask);
+	u->cqes = (struct io_uring_cqe *)(cq + p.cq_off.cqes);
+	u->sq_next = *u->sq_tail;
+}
+
+static void uring_close(struct uring *u)
+{
+	munmap(u->sqes, u->sqes_len);
+	if (u->cq_map != u->ring_map)
+		munmap(u->cq_map, u->cq_len);
+	munmap(u->ring_map, u->ring_len);
+	close(u->fd);
+}
+
+/* Registers the tap queue as fixed file 0. */
+static void uring_register_fd(struct uring *u, int fd)
+{
+	if (syscall(__NR_io_uring_register, u->fd, IORING_REGISTER_FILES, &fd, 1) < 0)
+		die("IORING_REGISTER_FILES");
+}
+
+static struct io_uring_sqe *uring_sqe(struct uring *u)
+{
+	unsigned head = __atomic_load_n(u->sq_head, __ATOMIC_ACQUIRE);
+	if (u->sq_next - head >= u->sq_entries) {
 		fprintf(stderr, "tapio: io_uring submission queue full\n");
 		exit(1);
 	}
+	struct io_uring_sqe *sqe = &u->sqes[u->sq_next & u->sq_mask];
+	memset(sqe, 0, sizeof(*sqe));
+	u->sq_next++;
+	u->to_submit++;
 	return sqe;
 }
 
-static struct result run_uring_write(const struct opts *o, int fd, const uint8_t *buf, size_t frame_len)
+/* Publishes the prepared SQEs and enters: submits them and waits for min_complete CQEs.  Returns 0 or -errno. */
+static int uring_enter(struct uring *u, unsigned min_complete)
 {
-	struct result r = { 0, 0, 0, 0, 0 };
-	struct io_uring ring;
+	__atomic_store_n(u->sq_tail, u->sq_next, __ATOMIC_RELEASE);
+	int n = (int)syscall(__NR_io_uring_enter, u->fd, u->to_submit, min_complete,
+			     min_complete ? IORING_ENTER_GETEVENTS : 0, NULL, 0);
+	if (n < 0)
+		return -errno;
+	u->to_submit -= (unsigned)n;
+	return 0;
+}
+
+static void prep_rw(struct io_uring_sqe *sqe, int op, void *addr, unsigned len, uint64_t data)
+{
+	sqe->opcode = (uint8_t)op;
+	sqe->flags = IOSQE_FIXED_FILE;
+	sqe->fd = 0; /* index 0 of the registered file table */
+	sqe->addr = (uint64_t)(uintptr_t)addr;
+	sqe->len = len;
+	sqe->off = 0;
+	sqe->user_data = data;
+}
+
+/*
+ * Reaps every CQE there is: fn(ctx, cqe) for each, then one store of the CQ
+ * head.  Returns how many.
+ */
+#define URING_FOR_EACH_CQE(u, cqe, body)                                                   \
+	do {                                                                               \
+		unsigned head_ = *(u)->cq_head;                                            \
+		unsigned tail_ = __atomic_load_n((u)->cq_tail, __ATOMIC_ACQUIRE);          \
+		for (; head_ != tail_; head_++) {                                          \
+			const struct io_uring_cqe *cqe = &(u)->cqes[head_ & (u)->cq_mask]; \
+			body                                                               \
+		}                                                                          \
+		__atomic_store_n((u)->cq_head, head_, __ATOMIC_RELEASE);                   \
+	} while (0)
+
+/*
+ * Ends everything still in flight (IORING_OP_ASYNC_CANCEL, any request) and
+ * reaps until `inflight` requests have completed for good; then unregisters
+ * the tap fd.  Without this the ring's teardown after close() is
+ * asynchronous, and the registered tap queue stays attached for a while after
+ * the program exits (the next benchmark run would find one queue too many).
+ */
+static void uring_quiesce(struct uring *u, unsigned inflight, bool multishot)
+{
+	if (inflight) {
+		struct io_uring_sqe *sqe = uring_sqe(u);
+		sqe->opcode = IORING_OP_ASYNC_CANCEL;
+		sqe->fd = -1;
+		sqe->cancel_flags = IORING_ASYNC_CANCEL_ANY;
+		sqe->user_data = UINT64_MAX;
+		inflight++; /* the cancel's own CQE */
+	}
+	while (inflight) {
+		int ret = uring_enter(u, 1);
+		if (ret < 0 && ret != -EINTR)
+			die_errno("io_uring_enter (cancel)", -ret);
+		URING_FOR_EACH_CQE(u, cqe, {
+			if (cqe->user_data == UINT64_MAX || !multishot || !(cqe->flags & IORING_CQE_F_MORE))
+				inflight--;
+		});
+	}
+	if (syscall(__NR_io_uring_register, u->fd, IORING_UNREGISTER_FILES, NULL, 0) < 0)
+		die("IORING_UNREGISTER_FILES");
+}
+
+static void set_nonblock(int fd)
+{
+	int fl = fcntl(fd, F_GETFL);
+	if (fl < 0 || fcntl(fd, F_SETFL, fl | O_NONBLOCK) < 0)
+		die("fcntl O_NONBLOCK");
+}
+
+/*
+ * Naive io_uring write: batches of 32 IORING_OP_WRITE on the registered
+ * (blocking) fd, SINGLE_ISSUER|COOP_TASKRUN, one enter per batch.  tun has no
+ * FMODE_NOWAIT, so on a blocking fd io_uring hands each write to an io-wq
+ * worker thread (their CPU time is counted).
+ */
+static struct result run_uring_write(const struct opts *o, int fd, const uint8_t *buf, size_t frame_len, unsigned max_batch, bool best)
+{
+	struct result r = { 0 };
+	struct uring u;
 	unsigned total = (unsigned)(VNET_HDR_SZ + frame_len);
-	uring_init(&ring, fd);
+	if (best)
+		set_nonblock(fd); /* before registering: io_uring then writes inline, no io-wq */
+	uring_setup(&u, max_batch, best ? IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN
+					 : IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_COOP_TASKRUN, !best);
+	uring_register_fd(&u, fd);
 	double t0 = now_s();
 	long long submitted = 0;
+	unsigned inflight = 0;
 	while (submitted < o->frames && !timed_out) {
-		unsigned batch = URING_BATCH;
+		unsigned batch = max_batch;
 		if (o->frames - submitted < batch)
 			batch = (unsigned)(o->frames - submitted);
-		for (unsigned i = 0; i < batch; i++) {
-			struct io_uring_sqe *sqe = get_sqe(&ring);
-			/* Index 0 of the registered file table; the buffer is only read. */
-			io_uring_prep_write(sqe, 0, buf, total, 0);
-			sqe->flags |= IOSQE_FIXED_FILE;
-		}
-		int ret = io_uring_submit_and_wait(&ring, batch);
-		if (ret < 0) {
-			if (ret == -EINTR)
-				break;
-			errno = -ret;
-			die("io_uring_submit_and_wait");
-		}
+		for (unsigned i = 0; i < batch; i++)
+			prep_rw(uring_sqe(&u), IORING_OP_WRITE, (void *)buf, total, 0); /* the buffer is only read */
+		int ret = uring_enter(&u, batch);
+		inflight = batch;
+		if (ret == -EINTR)
+			break;
+		if (ret < 0)
+			die_errno("io_uring_enter", -ret);
+		r.batches++;
 		submitted += batch;
 		unsigned seen = 0;
 		while (seen < batch) {
-			struct io_uring_cqe *cqe;
-			ret = io_uring_wait_cqe(&ring, &cqe);
-			if (ret < 0) {
-				if (ret == -EINTR)
-					continue;
-				errno = -ret;
-				die("io_uring_wait_cqe");
+			URING_FOR_EACH_CQE(&u, cqe, {
+				if (cqe->res == (int)total) {
+					r.frames++;
+				} else {
+					if (r.errors == 0)
+						fprintf(stderr, "tapio: uring write: %s\n", cqe->res < 0 ? strerror(-cqe->res) : "short write");
+					r.errors++;
+				}
+				seen++;
+				inflight--;
+			});
+			if (seen < batch) {
+				ret = uring_enter(&u, batch - seen);
+				if (ret < 0 && ret != -EINTR)
+					die_errno("io_uring_enter", -ret);
+				if (ret == -EINTR && timed_out)
+					break;
 			}
-			if (cqe->res == (int)total) {
-				r.frames++;
-			} else {
-				if (r.errors == 0)
-					fprintf(stderr, "tapio: uring write: %s\n",
-						cqe->res < 0 ? strerror(-cqe->res) : "short write");
-				r.errors++;
-			}
-			io_uring_cqe_seen(&ring, cqe);
-			seen++;
 		}
 	}
 	r.seconds = now_s() - t0;
 	r.bytes = (unsigned long long)r.frames * frame_len;
-	io_uring_queue_exit(&ring);
+	uring_quiesce(&u, inflight, false);
+	uring_close(&u);
 	return r;
 }
 
+/*
+ * Naive io_uring read: 32 IORING_OP_READ into their own buffers kept in
+ * flight on the registered (blocking) fd, each re-armed as it completes.
+ */
 static struct result run_uring_read(const struct opts *o, int fd)
 {
-	struct result r = { 0, 0, 0, 0, 0 };
-	struct io_uring ring;
+	struct result r = { 0 };
+	struct uring u;
 	uint8_t *bufs = malloc((size_t)URING_BATCH * RX_BUF_SZ);
 	double t0 = 0, t1 = 0;
 	unsigned long long first_bytes = 0;
 	if (!bufs)
 		die("malloc");
-	uring_init(&ring, fd);
-	for (unsigned i = 0; i < URING_BATCH; i++) {
-		struct io_uring_sqe *sqe = get_sqe(&ring);
-		io_uring_prep_read(sqe, 0, bufs + (size_t)i * RX_BUF_SZ, RX_BUF_SZ, 0);
-		sqe->flags |= IOSQE_FIXED_FILE;
-		io_uring_sqe_set_data64(sqe, i);
-	}
+	uring_setup(&u, URING_BATCH * 2, IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_COOP_TASKRUN, true);
+	uring_register_fd(&u, fd);
+	for (unsigned i = 0; i < URING_BATCH; i++)
+		prep_rw(uring_sqe(&u), IORING_OP_READ, bufs + (size_t)i * RX_BUF_SZ, RX_BUF_SZ, i);
 	long long total = 0;
+	unsigned inflight = URING_BATCH;
 	while (total < o->frames && !timed_out) {
-		int ret = io_uring_submit_and_wait(&ring, 1);
-		if (ret < 0) {
-			if (ret == -EINTR)
-				break;
-			errno = -ret;
-			die("io_uring_submit_and_wait");
-		}
-		struct io_uring_cqe *cqe;
-		unsigned head, seen = 0;
-		io_uring_for_each_cqe(&ring, head, cqe)
-		{
-			unsigned idx = (unsigned)io_uring_cqe_get_data64(cqe);
-			seen++;
-			if (total >= o->frames)
-				continue; /* done: leave the rest of the batch uncounted */
-			if (cqe->res < 0) {
-				errno = -cqe->res;
-				die("uring read");
+		int ret = uring_enter(&u, 1);
+		if (ret == -EINTR)
+			break;
+		if (ret < 0)
+			die_errno("io_uring_enter", -ret);
+		r.batches++;
+		URING_FOR_EACH_CQE(&u, cqe, {
+			unsigned idx = (unsigned)cqe->user_data;
+			inflight--;
+			if (total < o->frames) { /* done: leave the rest of the batch uncounted */
+				if (cqe->res < 0)
+					die_errno("uring read", -cqe->res);
+				t1 = now_s();
+				if (total == 0) {
+					t0 = t1;
+					first_bytes = (unsigned long long)(cqe->res - VNET_HDR_SZ);
+				}
+				total++;
+				r.bytes += (unsigned long long)(cqe->res - VNET_HDR_SZ);
+				prep_rw(uring_sqe(&u), IORING_OP_READ, bufs + (size_t)idx * RX_BUF_SZ, RX_BUF_SZ, idx);
+				inflight++;
 			}
-			t1 = now_s();
-			if (total == 0) {
-				t0 = t1;
-				first_bytes = (unsigned long long)(cqe->res - VNET_HDR_SZ);
-			}
-			total++;
-			r.bytes += (unsigned long long)(cqe->res - VNET_HDR_SZ);
-			struct io_uring_sqe *sqe = get_sqe(&ring);
-			io_uring_prep_read(sqe, 0, bufs + (size_t)idx * RX_BUF_SZ, RX_BUF_SZ, 0);
-			sqe->flags |= IOSQE_FIXED_FILE;
-			io_uring_sqe_set_data64(sqe, idx);
-		}
-		io_uring_cq_advance(&ring, seen);
+		});
 	}
+	uring_quiesce(&u, inflight, false);
 	/* As in run_read: the first completion only starts the clock. */
 	r.frames = total > 1 ? total - 1 : 0;
 	r.bytes = total > 1 ? r.bytes - first_bytes : 0;
 	r.seconds = total > 1 ? t1 - t0 : 0;
-	io_uring_queue_exit(&ring);
+	uring_close(&u);
 	free(bufs);
 	return r;
 }
-#else
-static struct result no_uring(void)
+
+/* A provided-buffer ring (IORING_REGISTER_PBUF_RING): `entries` buffers of RX_BUF_SZ bytes. */
+struct pbuf_ring {
+	struct io_uring_buf_ring *br;
+	uint8_t *mem;
+	unsigned entries;
+	unsigned short tail; /* ours; published with one release store per batch */
+};
+
+static int pbuf_ring_register(struct uring *u, struct pbuf_ring *pr, unsigned entries, size_t buf_sz)
 {
-	fprintf(stderr, "tapio: io_uring unavailable: built without liburing (install liburing-dev, "
-			"compile with -DHAVE_LIBURING -luring)\n");
-	exit(3);
+	size_t ring_bytes = entries * sizeof(struct io_uring_buf);
+	pr->br = mmap(NULL, ring_bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE, -1, 0);
+	if (pr->br == MAP_FAILED)
+		die("mmap buffer ring");
+	pr->mem = NULL;
+	if (buf_sz) {
+		pr->mem = mmap(NULL, entries * buf_sz, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+		if (pr->mem == MAP_FAILED)
+			die("mmap buffers");
+	}
+	pr->tail = 0;
+	pr->entries = entries;
+	struct io_uring_buf_reg reg;
+	memset(&reg, 0, sizeof(reg));
+	reg.ring_addr = (uint64_t)(uintptr_t)pr->br;
+	reg.ring_entries = entries;
+	reg.bgid = MSHOT_BGID;
+	if (syscall(__NR_io_uring_register, u->fd, IORING_REGISTER_PBUF_RING, &reg, 1) < 0)
+		return -errno;
+	return 0;
 }
-#endif
+
+static void pbuf_add(struct pbuf_ring *pr, unsigned bid)
+{
+	struct io_uring_buf *b = &pr->br->bufs[pr->tail & (pr->entries - 1)];
+	b->addr = (uint64_t)(uintptr_t)(pr->mem + (size_t)bid * RX_BUF_SZ);
+	b->len = RX_BUF_SZ;
+	b->bid = (uint16_t)bid;
+	pr->tail++;
+}
+
+static void pbuf_publish(struct pbuf_ring *pr)
+{
+	__atomic_store_n(&pr->br->tail, pr->tail, __ATOMIC_RELEASE);
+}
+
+static void prep_read_mshot(struct uring *u)
+{
+	struct io_uring_sqe *sqe = uring_sqe(u);
+	prep_rw(sqe, OP_READ_MULTISHOT, NULL, 0, 1); /* addr and len 0: the kernel picks a provided buffer */
+	sqe->flags |= IOSQE_BUFFER_SELECT;
+	sqe->buf_group = MSHOT_BGID;
+}
+
+/*
+ * The best read loop there is for a tap queue (Linux 6.7+): one
+ * IORING_OP_READ_MULTISHOT on the registered fd, opened O_NONBLOCK before
+ * registering (tun has no FMODE_NOWAIT: with a blocking fd io_uring would
+ * poll before every read), into a ring of MSHOT_BUFS provided buffers, the
+ * ring SINGLE_ISSUER|DEFER_TASKRUN.  Each io_uring_enter waits for at least
+ * one CQE and takes all there are; the buffers they used go back to the
+ * buffer ring once per batch (one tail store), then the read is re-armed if
+ * the kernel ended it: any CQE without IORING_CQE_F_MORE, e.g. -ENOBUFS when
+ * every buffer was in use (the frame stays queued in the tap and is read
+ * after the refill).  Buffers hold any frame the tap hands out (vnet header +
+ * 64 KB: the bench tap has TSO on), so nothing is truncated.
+ */
+static struct result run_uring_mshot(const struct opts *o, int fd)
+{
+	struct result r = { 0 };
+	struct uring u;
+	struct pbuf_ring pr;
+	unsigned nbufs = o->bufs;
+	unsigned short *done = malloc(nbufs * sizeof(*done));
+	double t0 = 0, t1 = 0;
+	if (!done)
+		die("malloc");
+	set_nonblock(fd);
+	/*
+	 * CQ ring (2 x the buffers) larger than the buffers that can be in use:
+	 * a multishot read whose CQE does not fit (CQ overflow) is ended by the
+	 * kernel, and would need a re-arm per batch.
+	 */
+	uring_setup(&u, nbufs < 8 ? 8 : nbufs, IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN, false);
+	uring_register_fd(&u, fd);
+	int ret = pbuf_ring_register(&u, &pr, nbufs, RX_BUF_SZ);
+	if (ret < 0)
+		uring_unavailable("IORING_REGISTER_PBUF_RING", -ret);
+	for (unsigned i = 0; i < nbufs; i++)
+		pbuf_add(&pr, i);
+	pbuf_publish(&pr);
+	prep_read_mshot(&u);
+	bool armed = true; /* a multishot read is submitted or about to be */
+	long long total = 0;
+	bool started = false;
+	while (total < o->frames && !timed_out) {
+		ret = uring_enter(&u, 1);
+		if (ret == -EINTR)
+			break;
+		if (ret < 0)
+			die_errno("io_uring_enter", -ret);
+		unsigned ndone = 0;
+		bool rearm = false;
+		long long got = 0;
+		unsigned long long bytes = 0;
+		URING_FOR_EACH_CQE(&u, cqe, {
+			if (cqe->flags & IORING_CQE_F_BUFFER)
+				done[ndone++] = (unsigned short)(cqe->flags >> IORING_CQE_BUFFER_SHIFT);
+			if (cqe->res > 0) {
+				got++;
+				bytes += (unsigned long long)(cqe->res - VNET_HDR_SZ);
+			} else if (cqe->res == -ENOBUFS) {
+				r.enobufs++;
+			} else if (cqe->res < 0 && cqe->res != -EAGAIN && cqe->res != -EINTR) {
+				if (cqe->res == -EINVAL && total == 0 && !started)
+					uring_unavailable("IORING_OP_READ_MULTISHOT (Linux 6.7+)", EINVAL);
+				die_errno("uring multishot read", -cqe->res);
+			}
+			if (!(cqe->flags & IORING_CQE_F_MORE)) {
+				rearm = true;
+				armed = false;
+			}
+		});
+		/* Recycle first, then re-arm: after -ENOBUFS the re-armed read needs buffers. */
+		for (unsigned i = 0; i < ndone; i++)
+			pbuf_add(&pr, done[i]);
+		if (ndone)
+			pbuf_publish(&pr);
+		if (rearm) {
+			r.rearms++;
+			prep_read_mshot(&u);
+			armed = true;
+		}
+		if (!got)
+			continue;
+		t1 = now_s();
+		if (!started) { /* the first batch only starts the clock */
+			started = true;
+			t0 = t1;
+			continue;
+		}
+		r.batches++;
+		total += got;
+		r.bytes += bytes;
+	}
+	r.frames = total;
+	r.seconds = started ? t1 - t0 : 0;
+	uring_quiesce(&u, armed ? 1 : 0, true);
+	uring_close(&u);
+	munmap(pr.mem, (size_t)nbufs * RX_BUF_SZ);
+	munmap(pr.br, nbufs * sizeof(struct io_uring_buf));
+	free(done);
+	return r;
+}
+
+/*
+ * --mode probe: what this kernel's io_uring offers the modes above, as one
+ * JSON line: setup at all, SINGLE_ISSUER|DEFER_TASKRUN (6.1), the read and
+ * write ops, READ_MULTISHOT (6.7), provided-buffer rings (5.19).
+ */
+static int run_probe(void)
+{
+	bool uring = false, defer = false, rw = false, mshot = false, pbuf = false;
+	const char *why = "";
+	struct io_uring_params p;
+	memset(&p, 0, sizeof(p));
+	int fd = (int)syscall(__NR_io_uring_setup, 4, &p);
+	if (fd < 0) {
+		why = strerror(errno);
+	} else {
+		uring = true;
+		close(fd);
+		memset(&p, 0, sizeof(p));
+		p.flags = IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN;
+		fd = (int)syscall(__NR_io_uring_setup, 4, &p);
+		if (fd >= 0) {
+			defer = true;
+			size_t len = sizeof(struct io_uring_probe) + 256 * sizeof(struct io_uring_probe_op);
+			struct io_uring_probe *pb = calloc(1, len);
+			if (!pb)
+				die("calloc");
+			if (syscall(__NR_io_uring_register, fd, IORING_REGISTER_PROBE, pb, 256) == 0) {
+				bool ok_r = pb->ops_len > IORING_OP_READ && (pb->ops[IORING_OP_READ].flags & IO_URING_OP_SUPPORTED);
+				bool ok_w = pb->ops_len > IORING_OP_WRITE && (pb->ops[IORING_OP_WRITE].flags & IO_URING_OP_SUPPORTED);
+				rw = ok_r && ok_w;
+				mshot = pb->ops_len > OP_READ_MULTISHOT && (pb->ops[OP_READ_MULTISHOT].flags & IO_URING_OP_SUPPORTED);
+			}
+			free(pb);
+			struct uring u;
+			memset(&u, 0, sizeof(u));
+			u.fd = fd;
+			struct pbuf_ring pr;
+			pbuf = pbuf_ring_register(&u, &pr, MSHOT_BUFS, 0) == 0;
+			munmap(pr.br, MSHOT_BUFS * sizeof(struct io_uring_buf));
+			close(fd);
+		}
+	}
+	printf("{\"uring\":%s,\"deferTaskrun\":%s,\"readWrite\":%s,\"readMultishot\":%s,\"pbufRing\":%s,\"error\":\"%s\"}\n",
+	       uring ? "true" : "false", defer ? "true" : "false", rw ? "true" : "false", mshot ? "true" : "false",
+	       pbuf ? "true" : "false", why);
+	return 0;
+}
 
 /* ---------------------------- generator --------------------------------- */
 
@@ -709,7 +1084,8 @@ static pid_t start_generator(const struct opts *o, int ifindex)
 static void usage(void)
 {
 	fprintf(stderr,
-		"usage: tapio --dev NAME --mode write|read|uring-write|uring-read [options]\n"
+		"usage: tapio --dev NAME --mode write|read|uring-write|uring-read|uring-write256|uring-mshot [options]\n"
+		"       tapio --mode probe    (what io_uring offers here, as JSON)\n"
 		"  --queues Q      queues to attach in this process (default 1, max %d)\n"
 		"  --queue I       queue (0..Q-1) to do I/O on (default 0)\n"
 		"  --frames N      frames to write / read (default 1000000)\n"
@@ -719,8 +1095,9 @@ static void usage(void)
 		"  --gen-cpu C     pin the read generator to CPU C\n"
 		"  --gen-rate PPS  read: pace the generator to PPS frames/s (default 0 = flat out)\n"
 		"  --no-gen        read: do not fork the AF_PACKET generator (use an external one)\n"
-		"  --flow K        write: source port 40000+K (one flow per queue, as a guest's queues carry their own flows)\n",
-		MAX_QUEUES);
+		"  --flow K        write: source port 40000+K (one flow per queue, as a guest's queues carry their own flows)\n"
+		"  --bufs N        uring-mshot: provided buffers, a power of two (default %d)\n",
+		MAX_QUEUES, MSHOT_BUFS);
 	exit(1);
 }
 
@@ -745,9 +1122,10 @@ static struct opts parse_opts(int argc, char **argv)
 		{ "timeout", required_argument, NULL, 't' }, { "cpu", required_argument, NULL, 'c' },
 		{ "gen-cpu", required_argument, NULL, 'g' }, { "no-gen", no_argument, NULL, 'G' },
 		{ "gen-rate", required_argument, NULL, 'r' }, { "flow", required_argument, NULL, 'f' },
+		{ "bufs", required_argument, NULL, 'b' },
 		{ "help", no_argument, NULL, 'h' },          { NULL, 0, NULL, 0 },
 	};
-	struct opts o = { NULL, MODE_WRITE, NULL, 1, 0, 1000000, 60, 30.0, -1, -1, true, 0, 0 };
+	struct opts o = { NULL, MODE_WRITE, NULL, 1, 0, 1000000, 60, 30.0, -1, -1, true, 0, 0, MSHOT_BUFS };
 	int c;
 	while ((c = getopt_long(argc, argv, "", longopts, NULL)) != -1) {
 		switch (c) {
@@ -787,9 +1165,20 @@ static struct opts parse_opts(int argc, char **argv)
 		case 'f':
 			o.flow = (int)parse_num(optarg, 0, 25535);
 			break;
+		case 'b':
+			o.bufs = (unsigned)parse_num(optarg, 1, 32768);
+			if (o.bufs & (o.bufs - 1)) {
+				fprintf(stderr, "tapio: --bufs must be a power of two\n");
+				exit(1);
+			}
+			break;
 		default:
 			usage();
 		}
+	}
+	if (o.mode_name && strcmp(o.mode_name, "probe") == 0 && optind == argc) {
+		o.mode_name = "probe";
+		return o;
 	}
 	if (!o.dev || !o.mode_name || optind != argc || o.queue >= o.queues || strlen(o.dev) >= IFNAMSIZ)
 		usage();
@@ -801,6 +1190,10 @@ static struct opts parse_opts(int argc, char **argv)
 		o.mode = MODE_URING_WRITE;
 	else if (strcmp(o.mode_name, "uring-read") == 0)
 		o.mode = MODE_URING_READ;
+	else if (strcmp(o.mode_name, "uring-write256") == 0)
+		o.mode = MODE_URING_WRITE256;
+	else if (strcmp(o.mode_name, "uring-mshot") == 0)
+		o.mode = MODE_URING_MSHOT;
 	else
 		usage();
 	return o;
@@ -813,10 +1206,8 @@ int main(int argc, char **argv)
 	uint8_t tap_mac[ETH_ALEN];
 	pid_t gen = -1;
 
-#ifndef HAVE_LIBURING
-	if (o.mode == MODE_URING_WRITE || o.mode == MODE_URING_READ)
-		no_uring();
-#endif
+	if (strcmp(o.mode_name, "probe") == 0)
+		return run_probe();
 	pin_cpu(o.cpu);
 	for (int i = 0; i < o.queues; i++)
 		fds[i] = tap_open_queue(o.dev);
@@ -833,14 +1224,14 @@ int main(int argc, char **argv)
 		dst[5] ^= 0x80;
 	size_t frame_len = build_frame(buf, o.size, dst, src, (uint16_t)(40000 + o.flow));
 
-	if (o.mode == MODE_READ || o.mode == MODE_URING_READ) {
+	if (o.mode == MODE_READ || o.mode == MODE_URING_READ || o.mode == MODE_URING_MSHOT) {
 		if (o.gen)
 			gen = start_generator(&o, ifindex);
 	}
 	struct devstats before = read_stats(o.dev);
 	arm_timeout(o.timeout);
 	double cpu0 = cpu_s();
-	struct result r = { 0, 0, 0, 0, 0 };
+	struct result r = { 0 };
 	switch (o.mode) {
 	case MODE_WRITE:
 		r = run_write(&o, fd, buf, frame_len);
@@ -848,18 +1239,18 @@ int main(int argc, char **argv)
 	case MODE_READ:
 		r = run_read(&o, fd);
 		break;
-#ifdef HAVE_LIBURING
 	case MODE_URING_WRITE:
-		r = run_uring_write(&o, fd, buf, frame_len);
+		r = run_uring_write(&o, fd, buf, frame_len, URING_BATCH, false);
 		break;
 	case MODE_URING_READ:
 		r = run_uring_read(&o, fd);
 		break;
-#else
-	default:
-		r = no_uring();
+	case MODE_URING_WRITE256:
+		r = run_uring_write(&o, fd, buf, frame_len, URING_BEST_WRITE_BATCH, true);
 		break;
-#endif
+	case MODE_URING_MSHOT:
+		r = run_uring_mshot(&o, fd);
+		break;
 	}
 	r.cpu_seconds = cpu_s() - cpu0;
 	struct devstats after = read_stats(o.dev);

@@ -27,6 +27,8 @@
  *                      instructions with IPv6, well within its limits.
  *   constantProgram()  every frame to one queue.
  *   randomProgram()    bpf_get_prandom_u32(): frames spread evenly, per frame.
+ *   cpuProgram()       bpf_get_smp_processor_id(): each frame to the queue of the
+ *                      CPU that transmits it (CPU locality, docs/datapath.md).
  *
  * The queue number is the kernel's slot index: queues are numbered in the
  * order they were attached, and detaching a queue moves the kernel's last
@@ -368,6 +370,18 @@ export function rssProgram(cfg: RssConfig = {}): BpfProgram {
 export function constantProgram(queue: number): BpfProgram {
   if (!Number.isInteger(queue) || queue < 0 || queue > 0xffff) throw invalidArg('queue must be 0..65535');
   return new Asm().alu64(BPF.MOV, R0, queue).exit().finish(`constant(${queue})`);
+}
+
+/**
+ * Each frame to the queue numbered as the CPU that transmits it
+ * (bpf_get_smp_processor_id; the kernel takes it modulo the enabled queues):
+ * with queue i's reader pinned to CPU i (pinThread), a frame is read on the
+ * CPU that produced it — a local sender's, or the one whose softirq forwards
+ * it.  No flow affinity beyond that: a flow whose sender moves between CPUs
+ * moves between queues (and can be reordered across them).
+ */
+export function cpuProgram(): BpfProgram {
+  return new Asm().call(BC.BPF_FUNC_get_smp_processor_id).exit().finish('cpu');
 }
 
 /** A random queue per frame (bpf_get_prandom_u32): even spread, no flow affinity. */

@@ -119,6 +119,9 @@ const HINTS: Record<string, HintFn> = {
   'SIOCSIFMTU:EINVAL': () => 'the MTU is out of range for a tap (68..65521)',
   'SIOCSIFHWADDR:EADDRNOTAVAIL': () => 'the MAC must be a unicast address (first octet even) and not all zeros',
   'SIOCSIFHWADDR:EBUSY': () => 'the MAC of a running device cannot be changed here: bring it down first',
+  'IFLA_TXQLEN:EPERM': () =>
+    `setting the queue length needs CAP_NET_ADMIN (${PRIV}); as root, EPERM means the tun driver could not make each queue's ring that long (a ring is an array of one pointer per frame, limited by the kernel's largest allocation: 524288 frames on x86-64 with 4 KiB pages): use a smaller txQueueLen`,
+  'IFLA_TXQLEN:ENOMEM': () => "the kernel could not allocate each queue's ring at that length: use a smaller txQueueLen",
   'RTM_DELLINK:EOPNOTSUPP': () => 'this device cannot be deleted over rtnetlink',
   'SETNS:EINVAL': () => 'that file is not a network namespace',
   'NS_OPEN:ENOENT': () => 'no such network namespace: list them with `ip netns list`',

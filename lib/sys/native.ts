@@ -196,6 +196,8 @@ export interface NativeBinding {
   /** Every link, or the one named (a missing one: MqtapError op RTM_GETLINK, code ENODEV, detail = the name). */
   rtnlGetLinks(name?: string): RawLink[];
   rtnlDelLink(index: number): void;
+  /** RTM_NEWLINK with IFLA_TXQLEN: the device's tx_queue_len (for a tap, each queue's ring length in frames). */
+  rtnlSetTxQueueLen(index: number, len: number): void;
   /** RTM_GETQDISC dump: every qdisc of the device with this ifindex, with its counters. */
   rtnlGetQdiscs(ifindex: number): RawQdisc[];
   // process
@@ -209,6 +211,10 @@ export interface NativeBinding {
   setns(fd: number, nstype: number): void;
   unshare(flags: number): void;
   gettid(): number;
+  /** sched_setaffinity(0, cpus): the CPUs the calling thread (not the process) may run on. */
+  schedSetAffinity(cpus: readonly number[]): void;
+  /** sched_getaffinity(0): the CPUs the calling thread may run on. */
+  schedGetAffinity(): number[];
   /** flock(fd, operation): LOCK_SH/LOCK_EX (| LOCK_NB) or LOCK_UN.  A lock held elsewhere with LOCK_NB: MqtapError op 'FLOCK', code EAGAIN (EWOULDBLOCK). */
   flock(fd: number, operation: number): void;
   // vhost-net
@@ -322,6 +328,7 @@ export interface NativeBinding {
     readonly BPF_MAP_TYPE_ARRAY: number;
     readonly BPF_MAP_TYPE_PERCPU_ARRAY: number;
     readonly BPF_FUNC_get_prandom_u32: number;
+    readonly BPF_FUNC_get_smp_processor_id: number;
     readonly BPF_FUNC_map_lookup_elem: number;
     readonly BPF_PSEUDO_MAP_FD: number;
     readonly BPF_MAXINSNS: number;

@@ -68,6 +68,11 @@ export function validateQueueCount(n: unknown, what = 'queues'): number {
   return validateInt(n, what, 1, MAX_QUEUES, `a tap has 1 to ${MAX_QUEUES} queues`);
 }
 
+/** tx_queue_len: the kernel takes a u32 (IFLA_TXQLEN); 0 would make a tap drop every frame, so it is refused here. */
+export function validateTxQueueLen(n: unknown, what = 'txQueueLen'): number {
+  return validateInt(n, what, 1, 0xffffffff, "the frames each queue's ring holds before the kernel drops: the batch the reader takes, times the bursts it must absorb (docs/datapath.md)");
+}
+
 export function validateMtu(mtu: unknown): number {
   return validateInt(mtu, 'mtu', MIN_MTU, MAX_MTU);
 }

@@ -36,6 +36,8 @@ export interface LinkInfo {
   /** rtnl_link_ops kind: 'tun' for tun/tap devices, 'veth', 'bridge', ...; null for devices without one. */
   kind: string | null;
   mtu: number;
+  /** tx_queue_len (IFLA_TXQLEN): for a tap, the frames each queue's ring holds before the kernel drops (tx_dropped). */
+  txQueueLen: number;
   address: string | null;
   /** IFF_UP is set. */
   up: boolean;
@@ -68,6 +70,7 @@ function toLinkInfo(raw: RawLink): LinkInfo {
     index: raw.index,
     kind: raw.kind ?? null,
     mtu: raw.mtu ?? 0,
+    txQueueLen: raw.txqlen ?? 0,
     address: raw.address ?? null,
     up: (raw.flags & K.IFF_UP) !== 0,
     operstate: OPERSTATES.find(([v]) => v === raw.operstate)?.[1] ?? 'unknown',

@@ -32,6 +32,7 @@ import {
   validateMtu,
   validateOneOf,
   validateQueueCount,
+  validateTxQueueLen,
   validateVnetHdrSize,
   type VnetHdrSize,
 } from '../sys/validate';
@@ -65,6 +66,15 @@ export interface OpenTapOptions {
   /** gid allowed to attach queues without CAP_NET_ADMIN. */
   group?: number;
   mtu?: number;
+  /**
+   * The device's tx_queue_len (IFLA_TXQLEN), 1..2^32-1: how many frames each
+   * queue's ring holds for its reader before the kernel drops (and counts
+   * tx_dropped).  Default: leave the device's (the tun driver makes 500 or
+   * 1000, depending on the kernel).  The kernel refuses lengths it cannot
+   * allocate a ring for (524288 frames is the limit on x86-64) while queues
+   * are attached.  See docs/datapath.md "Sizing txQueueLen against the batch".
+   */
+  txQueueLen?: number;
   /** Ethernet address, e.g. '52:54:00:12:34:56'. */
   mac?: string;
   /** Bring the link up (true) or down (false).  Default: leave as is. */
@@ -86,7 +96,7 @@ export interface OpenTapOptions {
 }
 
 const OPEN_KEYS = [
-  'name', 'queues', 'vnetHdr', 'vnetHdrSize', 'persist', 'owner', 'group', 'mtu', 'mac', 'up', 'offloads', 'existing', 'netns', 'devicePath', 'logger',
+  'name', 'queues', 'vnetHdr', 'vnetHdrSize', 'persist', 'owner', 'group', 'mtu', 'txQueueLen', 'mac', 'up', 'offloads', 'existing', 'netns', 'devicePath', 'logger',
 ] as const;
 export const OFFLOAD_KEYS = ['csum', 'tso4', 'tso6', 'tsoEcn', 'uso4', 'uso6'] as const;
 
@@ -100,6 +110,7 @@ interface Plan {
   owner: number | undefined;
   group: number | undefined;
   mtu: number | undefined;
+  txQueueLen: number | undefined;
   mac: Buffer | undefined;
   up: boolean | undefined;
   offloads: number | undefined;
@@ -156,6 +167,7 @@ function plan(opts: OpenTapOptions): Plan {
     owner: opts.owner === undefined ? undefined : validateId(opts.owner, 'owner'),
     group: opts.group === undefined ? undefined : validateId(opts.group, 'group'),
     mtu: opts.mtu === undefined ? undefined : validateMtu(opts.mtu),
+    txQueueLen: opts.txQueueLen === undefined ? undefined : validateTxQueueLen(opts.txQueueLen),
     mac: opts.mac === undefined ? undefined : parseMac(opts.mac),
     up: opts.up === undefined ? undefined : validateBoolean(opts.up, 'up'),
     offloads,
@@ -586,6 +598,20 @@ export class Tap {
     this.#device('TUNSETOFFLOAD', (fd) => native.tunSetOffload(fd, flags));
   }
 
+  /**
+   * Sets the device's tx_queue_len (IFLA_TXQLEN over rtnetlink): the frames
+   * each queue's ring holds; the kernel resizes the rings of open queues.
+   */
+  setTxQueueLen(len: number): void {
+    const n = validateTxQueueLen(len);
+    this.#anyFd('IFLA_TXQLEN');
+    try {
+      withNetns(this.netns, () => native.rtnlSetTxQueueLen(native.ifNameToIndex(this.name), n));
+    } catch (err) {
+      throw withContext(err, { ifname: this.name });
+    }
+  }
+
   /** Reports carrier up or down to the stack (TUNSETCARRIER). */
   setCarrier(on: boolean): void {
     validateBoolean(on, 'carrier');
@@ -728,7 +754,7 @@ interface SettingUndo {
  * (rtnetlink and TUNGETVNETHDRSZ) right before the changes.
  *
  * Order: settings whose old value can be restored first (header size,
- * owner/group when the device had one, mtu, mac, up), then those that cannot
+ * owner/group when the device had one, mtu, txQueueLen, mac, up), then those that cannot
  * be undone (offloads: there is no TUNGETOFFLOAD; owner/group on a device
  * without one: TUNSETOWNER/TUNSETGROUP cannot clear them), then persistence
  * (until then, closing the fds removes a device this call created).  So a
@@ -764,6 +790,10 @@ function applySettings(tap: Tap, fd0: number, p: Plan, created: boolean, undo: S
   if (p.owner !== undefined && ownerUndoable) owner();
   if (p.group !== undefined && groupUndoable) group();
   if (p.mtu !== undefined) step('mtu', () => native.ifSetMtu(tap.name, p.mtu!), () => native.ifSetMtu(tap.name, was!.mtu));
+  if (p.txQueueLen !== undefined) {
+    const setLen = (len: number): void => native.rtnlSetTxQueueLen(native.ifNameToIndex(tap.name), len);
+    step('txQueueLen', () => setLen(p.txQueueLen!), () => setLen(was!.txQueueLen));
+  }
   if (p.mac !== undefined) {
     const old = was?.address ? parseMac(was.address) : undefined;
     step('mac', () => native.ifSetMac(tap.name, p.mac!), old ? () => native.ifSetMac(tap.name, old) : undefined);

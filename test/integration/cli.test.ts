@@ -97,6 +97,22 @@ describe.skipIf(!!reason)(`mqtap CLI${reason ? ` (skipped: ${reason})` : ''}`, (
     expect(getTap('cq1')?.tun.vnetHdr).toBe(false);
   });
 
+  it('create --txqueuelen sets each queue ring length (tx_queue_len); 0 is a usage error, a length the kernel refuses leaves no tap', () => {
+    const c = mqtap(['create', 'cq3', '--queues', '2', '--txqueuelen', '2048', '--json']);
+    expect(c.code, c.stderr).toBe(0);
+    expect(JSON.parse(c.stdout)).toMatchObject({ name: 'cq3', txQueueLen: 2048 });
+    expect(ipLink('cq3').txqlen).toBe(2048);
+    const zero = mqtap(['create', 'cq4', '--txqueuelen', '0']);
+    expect(zero.code).toBe(2);
+    expect(zero.stderr).toMatch(/txQueueLen must be between 1 and 4294967295/);
+    const huge = mqtap(['create', 'cq4', '--txqueuelen', '4294967295']);
+    expect(huge.code).not.toBe(0);
+    expect(huge.stderr).toMatch(/IFLA_TXQLEN/);
+    expect(huge.stderr).toMatch(/hint: .*smaller txQueueLen/);
+    expect(huge.stderr).not.toMatch(/\n\s+at /);
+    expect(getTap('cq4')).toBeUndefined();
+  });
+
   it('show NAME --json and errors for missing or non-tap names', () => {
     expect(mqtap(['create', 'cq2', '-q', '2']).code).toBe(0);
     const one = mqtap(['show', 'cq2', '--json']);

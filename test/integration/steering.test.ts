@@ -19,6 +19,7 @@ import { afterEach, beforeAll, describe, expect, it } from 'vitest';
 import {
   attachSteering,
   constantProgram,
+  cpuProgram,
   detachSteering,
   encodeInsns,
   loadProgram,
@@ -32,6 +33,7 @@ import { parseUdp4Frame, udp4Frame } from '../../lib/datapath/frames.js';
 import { openTapIO, type QueueIO } from '../../lib/datapath/io.js';
 import { MICROSOFT_RSS_KEY, defaultIndirectionTable, rssInputIPv4, rssQueue, toeplitzHash } from '../../lib/datapath/steering.js';
 import { openTap, type Tap } from '../../lib/tap/tap.js';
+import { pinThread, threadAffinity } from '../../lib/sys/affinity.js';
 import { need, netnsSysctls, run, skipNote, tapEnv, useIsolatedNetns, useTapTracker } from '../helpers/env.js';
 import { bindUdp, sendUdp } from '../helpers/net.js';
 import { IPV4_VECTORS } from '../helpers/rss-vectors.js';
@@ -191,6 +193,28 @@ describe.skipIf(!env.ok)(`steering${skipNote(env)}`, () => {
       expect(new Set((await collect(q, 64)).map((g) => g.queue)).size).toBeGreaterThan(1);
       steering.detach(); // harmless twice
       detachSteering(tap); // and with nothing attached
+    });
+
+    const cpus = threadAffinity();
+    it.skipIf(cpus.length < 2)(`CPU locality: cpuProgram sends each frame to the queue numbered as the CPU that transmits it; pinning the sender moves its flows${cpus.length < 2 ? ' (skipped: this process may use one CPU only)' : ''}`, async () => {
+      const { tap, ios: q } = upTap(2);
+      const s = await bindUdp(LOCAL);
+      sockets.push(s);
+      attachSteering(tap, cpuProgram());
+      // node:dgram sends on this (the JS) thread: the steering program runs in its sendmsg.
+      const before = pinThread(cpus[0]!);
+      try {
+        for (const [round, cpu] of [cpus[0]!, cpus[1]!, cpus[0]!].entries()) {
+          pinThread(cpu);
+          const ports = Array.from({ length: 24 }, (_, i) => 33000 + round * 100 + i * 3);
+          for (const p of ports) await send(s, p);
+          const got = await collect(q, ports.length);
+          expect(got.map((g) => g.dport).sort()).toEqual([...ports].sort());
+          expect(new Set(got.map((g) => g.queue)), `sent from CPU ${cpu}`).toEqual(new Set([cpu % 2]));
+        }
+      } finally {
+        pinThread(before);
+      }
     });
 
     it("the RSS program computes Microsoft's RSS hashes inside the kernel (BPF_PROG_TEST_RUN)", () => {

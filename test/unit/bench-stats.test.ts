@@ -4,7 +4,7 @@
  * kernel.
  */
 import { describe, expect, it } from 'vitest';
-import { benchFrame } from '../../bench/data';
+import { benchFrame, dataTable, pairedRatio, tapioMode, type DataResult, type Impl, type PinMode } from '../../bench/data';
 import { median, textTable } from '../../bench/stats';
 import { IPPROTO, ipv4Checksum, ipv4PseudoHeaderSum } from '../../lib/datapath/frames';
 
@@ -44,5 +44,47 @@ describe('benchFrame', () => {
     expect(tcpLen).toBe(20 + 45 * 1448);
     expect(f.readUInt16BE(HDR + 34 + 16)).toBe(ipv4PseudoHeaderSum('169.254.77.1', '169.254.77.2', IPPROTO.TCP, tcpLen));
     expect([f[0], f[1], f.readUInt16LE(4)]).toEqual([1, 1, 1448]);
+  });
+});
+
+describe('data table: the C baselines side by side', () => {
+  const run = (impl: Impl, pps: number[], pin: PinMode = 'split', engineReq?: string): DataResult =>
+    ({
+      impl,
+      ...(engineReq ? { engineReq, engine: 'uring/uring' } : {}),
+      dir: 'read',
+      size: 60,
+      queues: 1,
+      pin,
+      perQueue: [{ pps: pps[0]!, gbps: 0, cpuUsPerFrame: 0.5, frames: 1 }],
+      pps: pps[0]!,
+      gbps: 0,
+      repeats: pps.length,
+      ppsAll: pps,
+      cpuUsPerFrame: 0.5,
+      cpuAll: pps.map(() => 0.5),
+    }) as DataResult;
+
+  it('tapio modes: best = uring-mshot (reads) / uring-write256 (writes); naive io_uring and plain loops kept', () => {
+    expect(tapioMode('c-best', 'read')).toBe('uring-mshot');
+    expect(tapioMode('c-best', 'write')).toBe('uring-write256');
+    expect(tapioMode('c-uring', 'read')).toBe('uring-read');
+    expect(tapioMode('c-plain', 'write')).toBe('write');
+  });
+
+  it('lib / best C and lib / naive C io_uring x32 are paired ratios; a pin column appears when placements differ', () => {
+    const lib = run('library', [1000, 2000], 'split', 'auto');
+    const t = dataTable([lib, run('c-plain', [500, 500]), run('c-uring', [1000, 1000]), run('c-best', [2000, 2000])]);
+    const [head, row] = t.split('\n') as [string, string];
+    expect(head).toMatch(/C uring x32 pps\s+lib\/x32\s+C best pps\s+lib\/best/);
+    expect(head).not.toMatch(/\bpin\b/);
+    const cells = row.trim().split(/\s{2,}/);
+    expect(cells).toContain('1.50x'); // lib/x32: median of 1000/1000 and 2000/1000
+    expect(cells).toContain('0.75x'); // lib/best: median of 1000/2000 and 2000/2000
+    expect(cells).toContain('3.00x'); // lib/C
+    expect(pairedRatio(lib, run('c-best', [2000, 2000]))).toBeCloseTo(0.75);
+    const both = dataTable([lib, run('library', [900], 'same', 'auto'), run('c-best', [1000], 'same')]);
+    expect(both.split('\n')[0]).toMatch(/\bpin\b/);
+    expect(both.split('\n')).toHaveLength(3);
   });
 });

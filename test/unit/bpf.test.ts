@@ -20,6 +20,7 @@ import {
   encodeInsns,
   queueCountProgram,
   randomProgram,
+  cpuProgram,
   rssInput,
   rssProgram,
   steeringQueue,
@@ -260,6 +261,14 @@ describe('instruction encoding', () => {
     const p = constantProgram(3);
     expect(p.bytes.toString('hex')).toBe('b700000003000000' + '9500000000000000');
     expect(run(p, Buffer.alloc(60)).ret).toBe(3);
+  });
+
+  it('the CPU program returns bpf_get_smp_processor_id(): a call and an exit', () => {
+    const p = cpuProgram();
+    expect(p.insns).toHaveLength(2);
+    expect(p.insns[0]).toMatchObject({ code: BPF.JMP | BPF.CALL, imm: native.bpfConstants.BPF_FUNC_get_smp_processor_id });
+    expect(p.insns[1]!.code).toBe(BPF.JMP | BPF.EXIT);
+    expect(p.name).toBe('cpu');
   });
 
   it('the random program calls bpf_get_prandom_u32 and returns it', () => {

@@ -1,0 +1,104 @@
+/**
+ * bench/c/tapio.c, the C baseline of the data-path benchmark, on the real
+ * kernel in a throw-away namespace: the best read loop (uring-mshot: a
+ * multishot read into a provided-buffer ring) counts only frames the kernel
+ * handed over, keeps reading across -ENOBUFS (re-armed after the refill:
+ * with 4 buffers that happens every few frames, so a missing re-arm would
+ * stall it), and truncates nothing; the best write loop (uring-write256)
+ * writes 256 frames per submit; the naive io_uring modes still work.  io_uring
+ * is made with raw syscalls, so no liburing is needed.
+ */
+import { execFileSync, spawnSync } from 'node:child_process';
+import { mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { ROOT } from '../helpers/cli';
+import { haveCommand, need, netnsSysctls, skipNote, tapEnv, useIsolatedNetns } from '../helpers/env';
+
+const tap = tapEnv();
+const cc = tap.ok ? need('cc', haveCommand('cc') ? '' : 'no C compiler (apt-get install gcc)') : tap;
+const dir = cc.ok ? mkdtempSync(join(tmpdir(), 'mqtap-tapio-')) : '';
+const TAPIO = join(dir, 'tapio');
+if (cc.ok) execFileSync('cc', ['-O2', '-Wall', '-Wextra', '-Werror', '-o', TAPIO, join(ROOT, 'bench', 'c', 'tapio.c')], { stdio: 'inherit' });
+
+interface Probe {
+  uring: boolean;
+  deferTaskrun: boolean;
+  readWrite: boolean;
+  readMultishot: boolean;
+  pbufRing: boolean;
+  error: string;
+}
+const probe: Probe | undefined = cc.ok ? (JSON.parse(execFileSync(TAPIO, ['--mode', 'probe'], { encoding: 'utf8' })) as Probe) : undefined;
+const uring = cc.ok ? need('io_uring', probe!.uring && probe!.readWrite ? '' : `io_uring unavailable (${probe!.error || 'no READ/WRITE ops'}; kernel.io_uring_disabled?)`) : cc;
+const mshot = uring.ok
+  ? need('io_uring_mshot', probe!.readMultishot && probe!.pbufRing && probe!.deferTaskrun ? '' : 'this kernel lacks IORING_OP_READ_MULTISHOT (Linux 6.7+), provided-buffer rings or DEFER_TASKRUN')
+  : uring;
+
+interface TapioOut {
+  mode: string;
+  frames: number;
+  bytes: number;
+  batches?: number;
+  framesPerBatch?: number;
+  rearms?: number;
+  enobufs?: number;
+  kernelTxPackets?: number;
+  kernelRxPackets?: number;
+  errors?: number;
+  timedOut: boolean;
+}
+
+function tapio(args: string[]): TapioOut {
+  const r = spawnSync(TAPIO, ['--dev', 'tqio0', '--cpu', '0', '--gen-cpu', '1', '--timeout', '30', ...args], { encoding: 'utf8', timeout: 60_000 });
+  expect(r.status, `tapio ${args.join(' ')}: ${r.stderr}`).toBe(0);
+  return JSON.parse(r.stdout.trim().split('\n').pop()!) as TapioOut;
+}
+
+describe.skipIf(!uring.ok)(`bench/c/tapio io_uring modes${skipNote(uring)}`, () => {
+  useIsolatedNetns();
+  beforeAll(() => netnsSysctls());
+  afterAll(() => {
+    if (dir) rmSync(dir, { recursive: true, force: true });
+  });
+
+  it('probe reports what the kernel offers, as JSON', () => {
+    expect(probe).toMatchObject({ uring: true, readWrite: true });
+    expect(typeof probe!.readMultishot).toBe('boolean');
+  });
+
+  it.skipIf(!mshot.ok)(`uring-mshot with 4 buffers: -ENOBUFS every few frames, re-armed after the refill, no frame lost or invented${skipNote(mshot)}`, () => {
+    const N = 20_000;
+    const r = tapio(['--mode', 'uring-mshot', '--bufs', '4', '--size', '60', '--frames', String(N)]);
+    expect(r.timedOut).toBe(false);
+    expect(r.frames).toBeGreaterThanOrEqual(N);
+    // Counted frames are frames the kernel handed over (plus the first batch, which only starts the clock).
+    expect(r.frames).toBeLessThanOrEqual(r.kernelTxPackets!);
+    expect(r.framesPerBatch!).toBeLessThanOrEqual(4);
+    expect(r.enobufs!, 'the generator outpaces 4 buffers').toBeGreaterThan(0);
+    expect(r.rearms!).toBeGreaterThanOrEqual(r.enobufs!);
+    expect(r.bytes).toBe(r.frames * 60);
+  });
+
+  it.skipIf(!mshot.ok)(`uring-mshot hands over 1514-byte and 64 KB GSO frames whole (buffers sized for the vnet header + 64 KB)${skipNote(mshot)}`, () => {
+    const mtu = tapio(['--mode', 'uring-mshot', '--size', '1514', '--frames', '5000']);
+    expect(mtu.bytes).toBe(mtu.frames * 1514);
+    const gso = tapio(['--mode', 'uring-mshot', '--size', 'gso', '--frames', '2000']);
+    expect(gso.bytes).toBe(gso.frames * 65214);
+    expect(gso.framesPerBatch!).toBeGreaterThan(1);
+  });
+
+  it('uring-write256: 256 writes per submit, every one received by the kernel', () => {
+    const r = tapio(['--mode', 'uring-write256', '--size', '60', '--frames', String(256 * 40)]);
+    expect(r).toMatchObject({ frames: 256 * 40, kernelRxPackets: 256 * 40, errors: 0, batches: 40, framesPerBatch: 256 });
+  });
+
+  it('the naive io_uring loops (32 per submit) still run: uring-write and uring-read', () => {
+    const w = tapio(['--mode', 'uring-write', '--size', '1514', '--frames', '3200']);
+    expect(w).toMatchObject({ frames: 3200, kernelRxPackets: 3200, batches: 100, framesPerBatch: 32 });
+    const rd = tapio(['--mode', 'uring-read', '--size', '60', '--frames', '5000']);
+    expect(rd.frames).toBeGreaterThanOrEqual(4999);
+    expect(rd.frames).toBeLessThanOrEqual(rd.kernelTxPackets!);
+  });
+});
