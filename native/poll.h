@@ -6,6 +6,7 @@
 // behave as for Node's own callbacks) with (status, events).  The handle
 // memory belongs to libuv until its close callback runs, so Close() hands it
 // over with uv_close and forgets it; the owner may be destroyed right after.
+// Close() also drops the reference to the callback (OnPoll never runs again).
 // Stopping removes the fd from epoll, so the owner may close the fd as soon
 // as Stop() or Close() returned.  The fd itself is never closed here.
 #pragma once
@@ -69,13 +70,19 @@ class UvPoll {
       uv_unref(reinterpret_cast<uv_handle_t*>(handle_));
   }
 
-  // Stops for good and releases the handle.  Harmless when already closed.
+  // Stops for good and releases the handle and the JS callback.  Harmless
+  // when already closed.  The callback is released here, not when the owner
+  // is finalized: it usually closes over the owner's JS object, which would
+  // otherwise stay alive until the finalizer of the wrapper ran, one
+  // garbage collection later than the wrapper itself.
   void Close() {
     if (handle_ == nullptr) return;
     Stop();
     handle_->data = nullptr;
     uv_close(reinterpret_cast<uv_handle_t*>(handle_), OnClosed);
     handle_ = nullptr;
+    callback_.Reset();
+    context_.reset();
   }
 
  private:
