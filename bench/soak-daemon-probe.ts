@@ -6,6 +6,8 @@
  * process.memoryUsage(): the soak then reads /proc for the same moment, so
  * the daemon's numbers are after a GC like the soak's own.
  */
+import { getHeapStatistics } from 'node:v8';
+
 process.channel?.unref(); // the channel must not keep a stopped daemon alive
 
 process.on('message', (m: unknown) => {
@@ -15,6 +17,6 @@ process.on('message', (m: unknown) => {
   setImmediate(() => {
     gc?.();
     const u = process.memoryUsage();
-    process.send?.({ heapTotal: u.heapTotal, heapUsed: u.heapUsed, external: u.external });
+    process.send?.({ heapTotal: u.heapTotal, heapResident: getHeapStatistics().total_physical_size, heapUsed: u.heapUsed, external: u.external });
   });
 });

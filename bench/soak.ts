@@ -34,7 +34,8 @@
  * fds, taps and memfd maps must not grow at all (memfd maps: by at most the
  * few front-end mappings whose ArrayBuffers are not finalized yet).  From the
  * halfway checkpoint to the end, the live JS heap (after a full GC) must grow
- * by less than 512 KiB and RSS outside V8's heap by less than 4 MiB.  V8's
+ * by less than 512 KiB and RSS outside V8's heap (RSS minus the heap's
+ * resident pages) by less than 4 MiB.  V8's
  * committed heap may still grow there (its young generation doubles up to
  * its limit when allocation is busy): that is V8 sizing itself, bounded by
  * its limits, and the table shows it.
@@ -50,6 +51,7 @@ import { mkdirSync, mkdtempSync, readFileSync, readdirSync, rmSync, statSync } f
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import dgram from 'node:dgram';
+import { getHeapStatistics } from 'node:v8';
 import { DaemonClient } from '../lib/daemon/client';
 import { parseUdp4Frame, udp4Frame } from '../lib/datapath/frames';
 import { UnixSocket } from '../lib/sys/scm';
@@ -71,6 +73,23 @@ function arg(name: string, fallback: string): string {
   return i >= 0 && process.argv[i + 1] ? process.argv[i + 1]! : fallback;
 }
 
+interface JsHeap {
+  /** V8's heap: committed, resident (total_physical_size), live (used after the GC). */
+  heapTotalKiB: number;
+  heapResidentKiB: number;
+  heapUsedKiB: number;
+  /** Memory outside the heap held by JS objects (ArrayBuffers, ...). */
+  externalKiB: number;
+}
+
+/** The reply of bench/soak-daemon-probe.ts, in bytes. */
+interface DaemonHeap {
+  heapTotal: number;
+  heapResident: number;
+  heapUsed: number;
+  external: number;
+}
+
 interface Snapshot {
   fds: number;
   taps: number;
@@ -80,8 +99,8 @@ interface Snapshot {
   rssKiB: number;
   /** RssAnon: heap, JS heap, stacks (RSS minus file-backed and shared memory). */
   anonKiB: number;
-  /** This process only: V8's heap (committed, used after the GC) and memory outside it held by JS objects. */
-  js?: { heapTotalKiB: number; heapUsedKiB: number; externalKiB: number };
+  /** V8's heap, from process.memoryUsage() after a full GC (in the daemon: the probe's reply). */
+  js?: JsHeap;
 }
 
 /**
@@ -112,9 +131,9 @@ function snapshot(pid: number | 'self'): Snapshot {
   };
 }
 
-function jsHeap(): { heapTotalKiB: number; heapUsedKiB: number; externalKiB: number } {
+function jsHeap(): JsHeap {
   const m = process.memoryUsage();
-  return { heapTotalKiB: m.heapTotal >> 10, heapUsedKiB: m.heapUsed >> 10, externalKiB: m.external >> 10 };
+  return { heapTotalKiB: m.heapTotal >> 10, heapResidentKiB: getHeapStatistics().total_physical_size >> 10, heapUsedKiB: m.heapUsed >> 10, externalKiB: m.external >> 10 };
 }
 
 /** Checkpoints: after every tenth of `cycles` (cycle numbers, 1-based). */
@@ -164,7 +183,7 @@ async function tapPhase(cycles: number): Promise<void> {
 }
 
 function progress(phase: string, i: number, cycles: number, s: Snapshot): Snapshot {
-  const js = s.js ? `  JS heap ${MiB(s.js.heapUsedKiB)} of ${MiB(s.js.heapTotalKiB)} MiB, external ${MiB(s.js.externalKiB)} MiB` : '';
+  const js = s.js ? `  JS heap ${MiB(s.js.heapUsedKiB)} live, ${MiB(s.js.heapResidentKiB)} resident, ${MiB(s.js.heapTotalKiB)} committed, external ${MiB(s.js.externalKiB)} MiB` : '';
   process.stdout.write(`  ${phase}: ${i}/${cycles}  fds ${s.fds}  maps ${s.maps}  memfd maps ${s.memfdMaps}  RSS ${MiB(s.rssKiB)} MiB (anon ${MiB(s.anonKiB)})${js}\n`);
   return s;
 }
@@ -189,15 +208,15 @@ function waitForLine(child: ChildProcess, re: RegExp, timeoutMs: number): Promis
 
 /** The daemon's snapshot right after a full GC in it (the probe's reply). */
 async function daemonSnapshot(child: ChildProcess): Promise<Snapshot> {
-  const js = await new Promise<{ heapTotal: number; heapUsed: number; external: number }>((resolve, reject) => {
+  const js = await new Promise<DaemonHeap>((resolve, reject) => {
     const t = setTimeout(() => reject(new Error('the daemon did not answer the soak probe within 10 s')), 10_000);
     child.once('message', (m) => {
       clearTimeout(t);
-      resolve(m as { heapTotal: number; heapUsed: number; external: number });
+      resolve(m as DaemonHeap);
     });
     child.send('stats');
   });
-  return { ...snapshot(child.pid!), js: { heapTotalKiB: js.heapTotal >> 10, heapUsedKiB: js.heapUsed >> 10, externalKiB: js.external >> 10 } };
+  return { ...snapshot(child.pid!), js: { heapTotalKiB: js.heapTotal >> 10, heapResidentKiB: js.heapResident >> 10, heapUsedKiB: js.heapUsed >> 10, externalKiB: js.external >> 10 } };
 }
 
 /** SIGUSR2 to a daemon started with --heapsnapshot-signal: waits until the new snapshot file is complete. */
@@ -375,8 +394,13 @@ const MEMFD_SLACK = 16;
 const HEAP_SLACK_KIB = 512;
 const RSS_SLACK_KIB = 4 * 1024;
 
-/** RSS outside V8's heap: native allocations, malloc arenas, stacks, code, file pages. */
-const outsideHeap = (s: Snapshot): number => s.rssKiB - (s.js?.heapTotalKiB ?? 0);
+/**
+ * RSS outside V8's heap: native allocations, malloc arenas, stacks, code,
+ * file pages.  The heap's resident part, not its committed size: V8 commits
+ * a grown young generation at once but its pages become resident as they are
+ * first used.
+ */
+const outsideHeap = (s: Snapshot): number => s.rssKiB - (s.js?.heapResidentKiB ?? 0);
 
 /** What is not flat in a row (see the header comment for the rules). */
 function problems(r: Row): string[] {
@@ -421,11 +445,11 @@ function table(): string {
   return markdown(head, body);
 }
 
-/** RSS / V8 heap committed / JS heap live (MiB) at every checkpoint, one row per phase. */
+/** RSS / V8 heap committed / its resident part / JS heap live (MiB) at every checkpoint, one row per phase. */
 function checkpoints(): string {
   const n = Math.max(...rows.map((r) => r.series.length));
-  const head = ['RSS / JS heap / live, MiB', 'start', ...Array.from({ length: n }, (_, i) => `${(i + 1) * 10}%`)];
-  const cell = (x: Snapshot): string => `${MiB(x.rssKiB)} / ${MiB(x.js?.heapTotalKiB ?? NaN)} / ${MiB(x.js?.heapUsedKiB ?? NaN)}`;
+  const head = ['RSS / heap committed / resident / live, MiB', 'start', ...Array.from({ length: n }, (_, i) => `${(i + 1) * 10}%`)];
+  const cell = (x: Snapshot): string => `${MiB(x.rssKiB)} / ${MiB(x.js?.heapTotalKiB ?? NaN)} / ${MiB(x.js?.heapResidentKiB ?? NaN)} / ${MiB(x.js?.heapUsedKiB ?? NaN)}`;
   const body = rows.map((r) => [r.phase.split(':')[0]!, cell(r.before), ...Array.from({ length: n }, (_, i) => (r.series[i] ? cell(r.series[i]!.s) : ''))]);
   return markdown(head, body);
 }
