@@ -4,8 +4,11 @@
  * devices, memory mappings and RSS.  Everything flat is the result wanted;
  * a number that grows with the cycle count is a leak.
  *
- *   npm run soak                              all phases, default counts
- *   npm run soak -- --taps 10000 --daemon 1000 --vhost-user 1000
+ *   npm run soak                              all phases, default counts:
+ *   npm run soak -- --taps 10000 --daemon 5000 --vhost-user 1000
+ *                                             (5000 daemon sessions: V8's young
+ *                                             generation reaches its limit after
+ *                                             ~2500, see docs/reliability.md)
  *   npm run soak -- --only taps               one phase
  *
  * Phases:
@@ -20,14 +23,35 @@
  *            gets one tap -> guest, then quits (GET_VRING_BASE, EOF).
  *
  * Everything runs in a throw-away network namespace this process creates.
- * Run as root (CAP_NET_ADMIN).  RSS is taken after a forced GC (node
- * --expose-gc, as the npm script runs it); JS heaps still move by a few MB.
+ * Run as root (CAP_NET_ADMIN).  Every sample is taken right after a full GC
+ * (node --expose-gc, as the npm script runs it; in the daemon through the
+ * preloaded bench/soak-daemon-probe.ts).
+ *
+ * Each phase also samples at 10 checkpoints (every tenth of its cycles) and
+ * prints them: growth that stops after a warm-up (V8 growing its young and
+ * old generations up to their limits, JIT code, malloc arenas) is a plateau,
+ * not a leak; a leak keeps growing in the second half.  The verdict per row:
+ * fds, taps and memfd maps must not grow at all (memfd maps: by at most the
+ * few front-end mappings whose ArrayBuffers are not finalized yet).  From the
+ * halfway checkpoint to the end, the live JS heap (after a full GC) must grow
+ * by less than 512 KiB and RSS outside V8's heap (RSS minus the heap's
+ * resident pages) by less than 4 MiB.  V8's
+ * committed heap may still grow there (its young generation doubles up to
+ * its limit when allocation is busy): that is V8 sizing itself, bounded by
+ * its limits, and the table shows it.
+ *
+ * Daemon options:
+ *   MQTAP_SOAK_DAEMON_HEAP=N   run the daemon with --max-old-space-size=N
+ *   --heap-snapshots DIR       run the daemon with --heapsnapshot-signal=SIGUSR2
+ *                              and write a V8 heap snapshot into DIR at every
+ *                              checkpoint (RSS then includes the snapshotting)
  */
 import { spawn, type ChildProcess } from 'node:child_process';
-import { mkdtempSync, readFileSync, readdirSync, rmSync } from 'node:fs';
+import { mkdirSync, mkdtempSync, readFileSync, readdirSync, rmSync, statSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import dgram from 'node:dgram';
+import { getHeapStatistics } from 'node:v8';
 import { DaemonClient } from '../lib/daemon/client';
 import { parseUdp4Frame, udp4Frame } from '../lib/datapath/frames';
 import { UnixSocket } from '../lib/sys/scm';
@@ -41,10 +65,29 @@ import { openTap } from '../lib/tap/tap';
 
 const ROOT = join(__dirname, '..', '..');
 const CLI = join(ROOT, 'dist', 'bin', 'mqtap.js');
+/** Preloaded into the daemon: its memory after a full GC, on request (bench/soak-daemon-probe.ts). */
+const PROBE = join(__dirname, 'soak-daemon-probe.js');
 
 function arg(name: string, fallback: string): string {
   const i = process.argv.indexOf(`--${name}`);
   return i >= 0 && process.argv[i + 1] ? process.argv[i + 1]! : fallback;
+}
+
+interface JsHeap {
+  /** V8's heap: committed, resident (total_physical_size), live (used after the GC). */
+  heapTotalKiB: number;
+  heapResidentKiB: number;
+  heapUsedKiB: number;
+  /** Memory outside the heap held by JS objects (ArrayBuffers, ...). */
+  externalKiB: number;
+}
+
+/** The reply of bench/soak-daemon-probe.ts, in bytes. */
+interface DaemonHeap {
+  heapTotal: number;
+  heapResident: number;
+  heapUsed: number;
+  external: number;
 }
 
 interface Snapshot {
@@ -54,10 +97,27 @@ interface Snapshot {
   /** Mappings of memfds (guest memory): what a vhost-user backend must unmap on disconnect. */
   memfdMaps: number;
   rssKiB: number;
+  /** RssAnon: heap, JS heap, stacks (RSS minus file-backed and shared memory). */
+  anonKiB: number;
+  /** V8's heap, from process.memoryUsage() after a full GC (in the daemon: the probe's reply). */
+  js?: JsHeap;
+}
+
+/**
+ * A full GC in this process, twice with a turn of the event loop between:
+ * native finalizers (the unmapping of an mmap'ed ArrayBuffer, for one) run
+ * after the collection that found their object dead, and what they released
+ * is only counted after that.
+ */
+async function settle(): Promise<void> {
+  const gc = (globalThis as { gc?: () => void }).gc;
+  if (!gc) return;
+  gc();
+  await new Promise((r) => setImmediate(r));
+  gc();
 }
 
 function snapshot(pid: number | 'self'): Snapshot {
-  if (pid === 'self') (globalThis as { gc?: () => void }).gc?.();
   const status = readFileSync(`/proc/${pid}/status`, 'utf8');
   const maps = readFileSync(`/proc/${pid}/maps`, 'utf8').split('\n').filter(Boolean);
   return {
@@ -66,7 +126,25 @@ function snapshot(pid: number | 'self'): Snapshot {
     maps: maps.length,
     memfdMaps: maps.filter((l) => l.includes('/memfd:')).length,
     rssKiB: Number(/^VmRSS:\s+(\d+)/m.exec(status)?.[1] ?? NaN),
+    anonKiB: Number(/^RssAnon:\s+(\d+)/m.exec(status)?.[1] ?? NaN),
+    ...(pid === 'self' ? { js: jsHeap() } : {}),
   };
+}
+
+function jsHeap(): JsHeap {
+  const m = process.memoryUsage();
+  return { heapTotalKiB: m.heapTotal >> 10, heapResidentKiB: getHeapStatistics().total_physical_size >> 10, heapUsedKiB: m.heapUsed >> 10, externalKiB: m.external >> 10 };
+}
+
+/** Checkpoints: after every tenth of `cycles` (cycle numbers, 1-based). */
+function isCheckpoint(i: number, cycles: number): boolean {
+  const step = Math.max(1, Math.round(cycles / 10));
+  return i === cycles || (i % step === 0 && cycles - i >= step / 2);
+}
+
+interface Sample {
+  at: number;
+  s: Snapshot;
 }
 
 interface Row {
@@ -75,12 +153,16 @@ interface Row {
   seconds: number;
   before: Snapshot;
   after: Snapshot;
+  /** Snapshots at the checkpoints (the last one is `after`). */
+  series: Sample[];
 }
 
 const rows: Row[] = [];
 
-function tapPhase(cycles: number): void {
+async function tapPhase(cycles: number): Promise<void> {
+  await settle();
   const before = snapshot('self');
+  const series: Sample[] = [];
   const t0 = process.hrtime.bigint();
   for (let i = 0; i < cycles; i++) {
     const tap = openTap({ name: 'soak0', queues: 4, vnetHdrSize: 12, up: i % 2 === 0 });
@@ -91,10 +173,19 @@ function tapPhase(cycles: number): void {
     } finally {
       tap.close();
     }
-    if ((i + 1) % 1000 === 0) process.stdout.write(`  taps: ${i + 1}/${cycles}\n`);
+    if (isCheckpoint(i + 1, cycles)) {
+      await settle();
+      series.push({ at: i + 1, s: progress('taps', i + 1, cycles, snapshot('self')) });
+    }
   }
   const seconds = Number(process.hrtime.bigint() - t0) / 1e9;
-  rows.push({ phase: 'taps: open 4 queues, toggle, close', cycles, seconds, before, after: snapshot('self') });
+  rows.push({ phase: 'taps: open 4 queues, toggle, close', cycles, seconds, before, after: series.at(-1)!.s, series });
+}
+
+function progress(phase: string, i: number, cycles: number, s: Snapshot): Snapshot {
+  const js = s.js ? `  JS heap ${MiB(s.js.heapUsedKiB)} live, ${MiB(s.js.heapResidentKiB)} resident, ${MiB(s.js.heapTotalKiB)} committed, external ${MiB(s.js.externalKiB)} MiB` : '';
+  process.stdout.write(`  ${phase}: ${i}/${cycles}  fds ${s.fds}  maps ${s.maps}  memfd maps ${s.memfdMaps}  RSS ${MiB(s.rssKiB)} MiB (anon ${MiB(s.anonKiB)})${js}\n`);
+  return s;
 }
 
 function waitForLine(child: ChildProcess, re: RegExp, timeoutMs: number): Promise<void> {
@@ -115,11 +206,50 @@ function waitForLine(child: ChildProcess, re: RegExp, timeoutMs: number): Promis
   });
 }
 
+/** The daemon's snapshot right after a full GC in it (the probe's reply). */
+async function daemonSnapshot(child: ChildProcess): Promise<Snapshot> {
+  const js = await new Promise<DaemonHeap>((resolve, reject) => {
+    const t = setTimeout(() => reject(new Error('the daemon did not answer the soak probe within 10 s')), 10_000);
+    child.once('message', (m) => {
+      clearTimeout(t);
+      resolve(m as DaemonHeap);
+    });
+    child.send('stats');
+  });
+  return { ...snapshot(child.pid!), js: { heapTotalKiB: js.heapTotal >> 10, heapResidentKiB: js.heapResident >> 10, heapUsedKiB: js.heapUsed >> 10, externalKiB: js.external >> 10 } };
+}
+
+/** SIGUSR2 to a daemon started with --heapsnapshot-signal: waits until the new snapshot file is complete. */
+async function heapSnapshot(child: ChildProcess, dir: string): Promise<string> {
+  const list = (): string[] => readdirSync(dir).filter((f) => f.endsWith('.heapsnapshot'));
+  const had = new Set(list());
+  child.kill('SIGUSR2');
+  const deadline = Date.now() + 120_000;
+  let file: string | undefined;
+  let size = -1;
+  for (;;) {
+    if (Date.now() > deadline) throw new Error(`the daemon wrote no heap snapshot into ${dir}`);
+    await new Promise((r) => setTimeout(r, 200));
+    file ??= list().find((f) => !had.has(f));
+    if (!file) continue;
+    // V8 writes the file in chunks and closes it at the end: done once the size holds still.
+    const now = statSync(join(dir, file)).size;
+    if (now > 0 && now === size) return join(dir, file);
+    size = now;
+  }
+}
+
 async function daemonPhase(sessions: number): Promise<void> {
   const dir = mkdtempSync(join(tmpdir(), 'mqtap-soak-'));
   const socket = join(dir, 'mqtap.sock');
-  const child = spawn(process.execPath, [...(process.env.MQTAP_SOAK_DAEMON_HEAP ? [`--max-old-space-size=${process.env.MQTAP_SOAK_DAEMON_HEAP}`] : []), CLI, '--log-level', 'info', 'daemon', '--socket', socket, '--state-dir', join(dir, 'state')], {
-    stdio: ['ignore', 'ignore', 'pipe'],
+  const snapDir = arg('heap-snapshots', '');
+  if (snapDir) mkdirSync(snapDir, { recursive: true });
+  const nodeArgs = [
+    ...(process.env.MQTAP_SOAK_DAEMON_HEAP ? [`--max-old-space-size=${process.env.MQTAP_SOAK_DAEMON_HEAP}`] : []),
+    ...(snapDir ? ['--heapsnapshot-signal=SIGUSR2', `--diagnostic-dir=${snapDir}`] : []),
+  ];
+  const child = spawn(process.execPath, [...nodeArgs, '--expose-gc', '--require', PROBE, CLI, '--log-level', 'info', 'daemon', '--socket', socket, '--state-dir', join(dir, 'state')], {
+    stdio: ['ignore', 'ignore', 'pipe', 'ipc'],
   });
   try {
     await waitForLine(child, /listening/, 20_000);
@@ -127,7 +257,8 @@ async function daemonPhase(sessions: number): Promise<void> {
     const setup = await DaemonClient.connect(socket);
     await setup.create({ name: 'soakd0', pairs: 4 });
     setup.close();
-    const before = snapshot(child.pid!);
+    const before = await daemonSnapshot(child);
+    const series: Sample[] = [];
     const t0 = process.hrtime.bigint();
     for (let i = 0; i < sessions; i++) {
       const c = await DaemonClient.connect(socket);
@@ -143,12 +274,15 @@ async function daemonPhase(sessions: number): Promise<void> {
       } finally {
         c.close();
       }
-      if ((i + 1) % 200 === 0) process.stdout.write(`  daemon: ${i + 1}/${sessions}\n`);
+      if (isCheckpoint(i + 1, sessions)) {
+        // Let the daemon finish closing the last connection before looking.
+        await new Promise((r) => setTimeout(r, 100));
+        series.push({ at: i + 1, s: progress('daemon', i + 1, sessions, await daemonSnapshot(child)) });
+        if (snapDir) process.stdout.write(`  daemon: heap snapshot ${await heapSnapshot(child, snapDir)}\n`);
+      }
     }
     const seconds = Number(process.hrtime.bigint() - t0) / 1e9;
-    // Let the daemon finish closing the last connection before looking.
-    await new Promise((r) => setTimeout(r, 200));
-    rows.push({ phase: 'daemon: connect, acquire 4 fds, release, disconnect (in the daemon)', cycles: sessions, seconds, before, after: snapshot(child.pid!) });
+    rows.push({ phase: 'daemon: connect, acquire 4 fds, release, disconnect (in the daemon)', cycles: sessions, seconds, before, after: series.at(-1)!.s, series });
   } finally {
     child.kill('SIGTERM');
     await new Promise((r) => (child.exitCode !== null ? r(null) : child.once('exit', r)));
@@ -222,16 +356,21 @@ async function vhostUserPhase(cycles: number): Promise<void> {
       // One cycle first, so lazily created state (JIT, pools) is not counted as growth.
       await vhostUserSession(socket, 0, s, got);
       await until(() => !be.connected, 5000);
+      await settle();
       const before = snapshot('self');
+      const series: Sample[] = [];
       const t0 = process.hrtime.bigint();
       for (let i = 1; i <= cycles; i++) {
         await vhostUserSession(socket, i, s, got);
         await until(() => !be.connected, 5000);
         got.length = 0;
-        if (i % 100 === 0) process.stdout.write(`  vhost-user: ${i}/${cycles}\n`);
+        if (isCheckpoint(i, cycles)) {
+          await settle();
+          series.push({ at: i, s: progress('vhost-user', i, cycles, snapshot('self')) });
+        }
       }
       const seconds = Number(process.hrtime.bigint() - t0) / 1e9;
-      rows.push({ phase: 'vhost-user: connect, 2 pairs, a frame each way, quit (backend in this process)', cycles, seconds, before, after: snapshot('self') });
+      rows.push({ phase: 'vhost-user: connect, 2 pairs, a frame each way, quit (backend in this process)', cycles, seconds, before, after: series.at(-1)!.s, series });
     } finally {
       await be.close();
     }
@@ -242,37 +381,91 @@ async function vhostUserPhase(cycles: number): Promise<void> {
   }
 }
 
-function table(): string {
-  const head = ['phase', 'cycles', 's', 'fds', 'taps', 'maps', 'memfd maps', 'RSS MiB'];
-  const d = (a: number, b: number): string => (a === b ? `${a} = ${b}` : `${a} -> ${b} (${b > a ? '+' : ''}${b - a})`);
-  const body = rows.map((r) => [
-    r.phase,
-    String(r.cycles),
-    r.seconds.toFixed(1),
-    d(r.before.fds, r.after.fds),
-    d(r.before.taps, r.after.taps),
-    d(r.before.maps, r.after.maps),
-    d(r.before.memfdMaps, r.after.memfdMaps),
-    `${(r.before.rssKiB / 1024).toFixed(1)} -> ${(r.after.rssKiB / 1024).toFixed(1)}`,
-  ]);
+const MiB = (kib: number): string => (kib / 1024).toFixed(1);
+
+/** The second half of a run: from the checkpoint nearest the halfway point to the end. */
+function halfway(r: Row): Snapshot {
+  const mid = r.series.find((x) => x.at >= r.cycles / 2);
+  return (mid ?? r.series[0]!).s;
+}
+
+/** Allowed slack: memfd mappings of the front-end (this process) not finalized yet; noise. */
+const MEMFD_SLACK = 16;
+const HEAP_SLACK_KIB = 512;
+const RSS_SLACK_KIB = 4 * 1024;
+
+/**
+ * RSS outside V8's heap: native allocations, malloc arenas, stacks, code,
+ * file pages.  The heap's resident part, not its committed size: V8 commits
+ * a grown young generation at once but its pages become resident as they are
+ * first used.
+ */
+const outsideHeap = (s: Snapshot): number => s.rssKiB - (s.js?.heapResidentKiB ?? 0);
+
+/** What is not flat in a row (see the header comment for the rules). */
+function problems(r: Row): string[] {
+  const out: string[] = [];
+  const mid = halfway(r);
+  if (r.after.fds > r.before.fds) out.push(`fds +${r.after.fds - r.before.fds}`);
+  if (r.after.taps > r.before.taps) out.push(`taps +${r.after.taps - r.before.taps}`);
+  if (r.after.memfdMaps > r.before.memfdMaps + MEMFD_SLACK) out.push(`memfd maps +${r.after.memfdMaps - r.before.memfdMaps}`);
+  const used = (r.after.js?.heapUsedKiB ?? 0) - (mid.js?.heapUsedKiB ?? 0);
+  if (used >= HEAP_SLACK_KIB) out.push(`JS heap still growing (+${MiB(used)} MiB live in the second half)`);
+  const late = outsideHeap(r.after) - outsideHeap(mid);
+  if (late >= RSS_SLACK_KIB) out.push(`RSS outside the JS heap still growing (+${MiB(late)} MiB in the second half)`);
+  return out;
+}
+
+function markdown(head: string[], body: string[][]): string {
   const w = head.map((h, i) => Math.max(h.length, ...body.map((r) => r[i]!.length)));
   const line = (r: string[]): string => `| ${r.map((c, i) => c.padEnd(w[i]!)).join(' | ')} |`;
   return [line(head), `|${w.map((n) => '-'.repeat(n + 2)).join('|')}|`, ...body.map(line)].join('\n');
+}
+
+function table(): string {
+  const head = ['phase', 'cycles', 's', 'fds', 'taps', 'maps', 'memfd maps', 'RSS MiB', 'JS heap live MiB, 2nd half', 'RSS outside JS heap MiB, 2nd half', 'flat'];
+  const d = (a: number, b: number): string => (a === b ? `${a} = ${b}` : `${a} -> ${b} (${b > a ? '+' : ''}${b - a})`);
+  const body = rows.map((r) => {
+    const p = problems(r);
+    const mid = halfway(r);
+    return [
+      r.phase,
+      String(r.cycles),
+      r.seconds.toFixed(1),
+      d(r.before.fds, r.after.fds),
+      d(r.before.taps, r.after.taps),
+      d(r.before.maps, r.after.maps),
+      d(r.before.memfdMaps, r.after.memfdMaps),
+      `${MiB(r.before.rssKiB)} -> ${MiB(r.after.rssKiB)}`,
+      `${MiB(mid.js?.heapUsedKiB ?? NaN)} -> ${MiB(r.after.js?.heapUsedKiB ?? NaN)}`,
+      `${MiB(outsideHeap(mid))} -> ${MiB(outsideHeap(r.after))}`,
+      p.length ? `no: ${p.join(', ')}` : 'yes',
+    ];
+  });
+  return markdown(head, body);
+}
+
+/** RSS / V8 heap committed / its resident part / JS heap live (MiB) at every checkpoint, one row per phase. */
+function checkpoints(): string {
+  const n = Math.max(...rows.map((r) => r.series.length));
+  const head = ['RSS / heap committed / resident / live, MiB', 'start', ...Array.from({ length: n }, (_, i) => `${(i + 1) * 10}%`)];
+  const cell = (x: Snapshot): string => `${MiB(x.rssKiB)} / ${MiB(x.js?.heapTotalKiB ?? NaN)} / ${MiB(x.js?.heapResidentKiB ?? NaN)} / ${MiB(x.js?.heapUsedKiB ?? NaN)}`;
+  const body = rows.map((r) => [r.phase.split(':')[0]!, cell(r.before), ...Array.from({ length: n }, (_, i) => (r.series[i] ? cell(r.series[i]!.s) : ''))]);
+  return markdown(head, body);
 }
 
 async function main(): Promise<void> {
   const only = arg('only', '');
   const ns = isolateNetns();
   try {
-    if (!only || only === 'taps') tapPhase(Number(arg('taps', '10000')));
-    if (!only || only === 'daemon') await daemonPhase(Number(arg('daemon', '1000')));
+    if (!only || only === 'taps') await tapPhase(Number(arg('taps', '10000')));
+    if (!only || only === 'daemon') await daemonPhase(Number(arg('daemon', '5000')));
     if (!only || only === 'vhost-user') await vhostUserPhase(Number(arg('vhost-user', '1000')));
   } finally {
     ns.restore();
   }
-  process.stdout.write(`\n${table()}\n`);
-  const leaked = rows.some((r) => r.after.fds > r.before.fds || r.after.taps > r.before.taps);
-  process.exitCode = leaked ? 1 : 0;
+  process.stdout.write(`\n${table()}\n\n${checkpoints()}\n`);
+  process.exitCode = rows.some((r) => problems(r).length > 0) ? 1 : 0;
 }
 
 main().catch((err: unknown) => {

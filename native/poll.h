@@ -6,6 +6,7 @@
 // behave as for Node's own callbacks) with (status, events).  The handle
 // memory belongs to libuv until its close callback runs, so Close() hands it
 // over with uv_close and forgets it; the owner may be destroyed right after.
+// Close() also drops the reference to the callback (OnPoll never runs again).
 // Stopping removes the fd from epoll, so the owner may close the fd as soon
 // as Stop() or Close() returned.  The fd itself is never closed here.
 #pragma once
@@ -69,13 +70,20 @@ class UvPoll {
       uv_unref(reinterpret_cast<uv_handle_t*>(handle_));
   }
 
-  // Stops for good and releases the handle.  Harmless when already closed.
+  // Stops for good and releases the handle and the JS callback.  Harmless
+  // when already closed.  The callback is released here, not when the owner
+  // is finalized: it usually closes over the owner's JS object, which would
+  // otherwise stay alive until the finalizer of the wrapper ran, one
+  // garbage collection later than the wrapper itself.
   void Close() {
     if (handle_ == nullptr) return;
     Stop();
     handle_->data = nullptr;
     uv_close(reinterpret_cast<uv_handle_t*>(handle_), OnClosed);
     handle_ = nullptr;
+    // Closed by the callback itself (a socket closing on EOF): the callback
+    // and its async context are still in use, OnPoll releases them after it.
+    if (!in_callback_) ReleaseCallback();
   }
 
  private:
@@ -84,6 +92,9 @@ class UvPoll {
     if (self == nullptr || !self->watching_) return;
     Napi::Env env = self->owner_->Env();
     Napi::HandleScope scope(env);
+    // The owner's JS object is on the stack (the receiver) for the whole
+    // call, so neither the owner nor this object can be finalized during it.
+    self->in_callback_ = true;
     try {
       self->callback_.MakeCallback(self->owner_->Value(), {Napi::Number::New(env, status), Napi::Number::New(env, events)}, *self->context_);
     } catch (const Napi::Error& e) {
@@ -91,6 +102,13 @@ class UvPoll {
       // does for exceptions in its own callbacks.
       napi_fatal_exception(env, e.Value());
     }
+    self->in_callback_ = false;
+    if (self->handle_ == nullptr) self->ReleaseCallback();
+  }
+
+  void ReleaseCallback() {
+    callback_.Reset();
+    context_.reset();
   }
 
   static void OnClosed(uv_handle_t* h) { delete reinterpret_cast<uv_poll_t*>(h); }
@@ -98,6 +116,7 @@ class UvPoll {
   uv_poll_t* handle_ = nullptr;
   Owner* owner_ = nullptr;
   bool watching_ = false;
+  bool in_callback_ = false;
   Napi::FunctionReference callback_;
   std::unique_ptr<Napi::AsyncContext> context_;
 };

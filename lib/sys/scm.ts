@@ -162,6 +162,23 @@ function closedError(what: string): MqtapError {
 }
 
 
+/**
+ * The receive buffer of every socket in the process.  A read copies its bytes
+ * out before anything else can run, so one buffer serves all sockets; each
+ * reads through a view of its own maxMessageBytes (the kernel truncates, and
+ * reports MSG_TRUNC, at that length).  With a buffer per socket, a daemon
+ * allocated 64 KiB per connection that only a garbage collection gave back:
+ * RSS climbed by tens of MiB over a thousand short sessions.  Grows to the
+ * largest maxMessageBytes read with; a reader holding an older, smaller one
+ * still reads into valid memory.
+ */
+let recvScratch: Buffer = Buffer.alloc(0);
+
+function recvBuffer(size: number): Buffer {
+  if (recvScratch.length < size) recvScratch = Buffer.allocUnsafeSlow(size);
+  return recvScratch.length === size ? recvScratch : recvScratch.subarray(0, size);
+}
+
 /** Validates a socket's type and limits (before any fd exists where possible: listen/connect/pair call it first). */
 function socketLimits(type: SocketType, opts: UnixSocketOptions): { maxBytes: number; maxFds: number } {
   sockType(type);
@@ -190,7 +207,8 @@ export class UnixSocket extends EventEmitter {
   readonly type: SocketType;
   #fd: number;
   #poll: NativeFdPoll | undefined;
-  readonly #buf: Buffer;
+  /** maxMessageBytes: the length of the view of the shared receive buffer. */
+  readonly #maxBytes: number;
   readonly #maxFds: number;
   #sendQueue: PendingSend[] = [];
   #reading = true;
@@ -211,7 +229,7 @@ export class UnixSocket extends EventEmitter {
       native.close(fd); // adopted: owned from the first line
       throw err;
     }
-    this.#buf = Buffer.allocUnsafe(maxBytes);
+    this.#maxBytes = maxBytes;
     this.#maxFds = maxFds;
     this.#fd = fd;
     try {
@@ -409,8 +427,11 @@ export class UnixSocket extends EventEmitter {
     let reset: Error | undefined;
     for (let i = 0; i < (drain ? 4096 : 64) && (this.#reading || drain || reset) && !this.#closed; i++) {
       let r: { bytes: number; fds: number[] } | null;
+      // Taken per read: a 'message' listener may have made another socket
+      // read (and grow the shared buffer) in the meantime.
+      const buf = recvBuffer(this.#maxBytes);
       try {
-        r = native.scmRecv(this.#fd, this.#buf, this.#maxFds);
+        r = native.scmRecv(this.#fd, buf, this.#maxFds);
       } catch (err) {
         if (err instanceof MqtapError && err.code === 'EMSGSIZE') {
           if (this.listenerCount('badmessage') > 0) {
@@ -437,7 +458,7 @@ export class UnixSocket extends EventEmitter {
         this.close(reset);
         return;
       }
-      const data = Buffer.from(this.#buf.subarray(0, r.bytes));
+      const data = Buffer.from(buf.subarray(0, r.bytes));
       if (!this.emit('message', data, fds)) fds.close();
     }
   }

@@ -4,7 +4,7 @@
  * start in it), with its exit status and output.
  */
 import { spawn, spawnSync, type SpawnOptions, type SpawnSyncOptions } from 'node:child_process';
-import { existsSync } from 'node:fs';
+import { existsSync, statSync } from 'node:fs';
 import { join } from 'node:path';
 
 /** The repository root. */
@@ -15,6 +15,29 @@ export const CLI = join(ROOT, 'dist', 'bin', 'mqtap.js');
 /** Why the CLI tests cannot run here ('' when dist/bin/mqtap.js is built). */
 export function cliBuiltReason(): string {
   return existsSync(CLI) ? '' : 'dist/bin/mqtap.js is not built (npm run build)';
+}
+
+/**
+ * Test helpers that child processes load (plain node, no TypeScript): they
+ * require the compiled dist/test/helpers/<name>.js.  tsconfig.json lists each
+ * one in its "include", so `npm run build` compiles them for that reason and
+ * not only because something in bench/ happens to import them.
+ */
+export const CHILD_HELPERS = ['vhost-user', 'vu-driver'] as const;
+
+/**
+ * Why child processes cannot use the compiled helpers `names` ('' when every
+ * dist/test/helpers/<name>.js exists and is not older than its source: a
+ * stale one would run other code than the test file's own import of it).
+ */
+export function childHelpersReason(names: readonly string[] = CHILD_HELPERS, root = ROOT): string {
+  for (const name of names) {
+    const src = join(root, 'test', 'helpers', `${name}.ts`);
+    const js = join(root, 'dist', 'test', 'helpers', `${name}.js`);
+    if (!existsSync(js)) return `dist/test/helpers/${name}.js is not built (npm run build)`;
+    if (existsSync(src) && statSync(js).mtimeMs < statSync(src).mtimeMs) return `dist/test/helpers/${name}.js is older than test/helpers/${name}.ts (npm run build)`;
+  }
+  return '';
 }
 
 export interface CliRun {

@@ -4,7 +4,12 @@
  * (MQTAP_REQUIRE, as .ci/run sets; MQTAP_VM_REQUIRED=1 implies 'qemu'),
  * where it fails.  No kernel, no root.
  */
+import { mkdirSync, mkdtempSync, rmSync, utimesSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import ts from 'typescript';
 import { afterEach, describe, expect, it, vi } from 'vitest';
+import { CHILD_HELPERS, ROOT, childHelpersReason } from '../helpers/cli.js';
 import { isRequired, need, needCommand } from '../helpers/env.js';
 
 describe('isRequired', () => {
@@ -62,5 +67,58 @@ describe('need', () => {
     delete process.env.MQTAP_REQUIRE;
     vi.spyOn(console, 'warn').mockImplementation(() => undefined);
     expect(needCommand('mqtap-no-such-command')).toMatchObject({ ok: false });
+  });
+});
+
+describe('helpers that child processes load compiled (CHILD_HELPERS)', () => {
+  const dirs: string[] = [];
+  afterEach(() => {
+    for (const d of dirs.splice(0)) rmSync(d, { recursive: true, force: true });
+  });
+
+  /** A fake checkout: test/helpers/h.ts and, unless `js` is null, dist/test/helpers/h.js with that mtime. */
+  function checkout(js: Date | null): string {
+    const root = mkdtempSync(join(tmpdir(), 'mqtap-helpers-'));
+    dirs.push(root);
+    mkdirSync(join(root, 'test', 'helpers'), { recursive: true });
+    const src = join(root, 'test', 'helpers', 'h.ts');
+    writeFileSync(src, 'export {};\n');
+    utimesSync(src, new Date(2_000_000_000_000), new Date(2_000_000_000_000));
+    if (js) {
+      mkdirSync(join(root, 'dist', 'test', 'helpers'), { recursive: true });
+      const out = join(root, 'dist', 'test', 'helpers', 'h.js');
+      writeFileSync(out, '');
+      utimesSync(out, js, js);
+    }
+    return root;
+  }
+
+  it('are compiled by tsconfig.json for their own sake, not only through what bench/ imports', () => {
+    const file = join(ROOT, 'tsconfig.json');
+    const cfg = ts.readConfigFile(file, (f) => ts.sys.readFile(f));
+    // fileNames holds what "include" matches, not what those files import.
+    const parsed = ts.parseJsonConfigFileContent(cfg.config, ts.sys, ROOT, undefined, file);
+    for (const name of CHILD_HELPERS) expect(parsed.fileNames).toContain(join(ROOT, 'test', 'helpers', `${name}.ts`));
+  });
+
+  it('missing or older than the source: a reason naming the file; built after it: none', () => {
+    expect(childHelpersReason(['h'], checkout(null))).toBe('dist/test/helpers/h.js is not built (npm run build)');
+    expect(childHelpersReason(['h'], checkout(new Date(1_000_000_000_000)))).toBe('dist/test/helpers/h.js is older than test/helpers/h.ts (npm run build)');
+    expect(childHelpersReason(['h'], checkout(new Date(3_000_000_000_000)))).toBe('');
+  });
+
+  it('this checkout has them built (npm run build ran), so the fault tests run', () => {
+    expect(childHelpersReason()).toBe('');
+  });
+
+  it('under MQTAP_REQUIRE=all a missing one fails the file instead of skipping it', () => {
+    const saved = process.env.MQTAP_REQUIRE;
+    process.env.MQTAP_REQUIRE = 'all';
+    try {
+      expect(() => need('build', childHelpersReason(['h'], checkout(null)))).toThrow(/build is required here .* dist\/test\/helpers\/h\.js is not built/);
+    } finally {
+      if (saved === undefined) delete process.env.MQTAP_REQUIRE;
+      else process.env.MQTAP_REQUIRE = saved;
+    }
   });
 });
