@@ -459,7 +459,12 @@ class QueueIo : public Napi::ObjectWrap<QueueIo> {
     BufCommit();
     unsigned got = 0;
     bool drained = false;
-    for (int round = 0; round < 8; round++) {
+    // Bounded work per call (a flood of over-long frames keeps ending the
+    // multishot with ENOBUFS after every slot is recycled): after kRounds
+    // the multishot is left armed and, if work is still pending with no
+    // frame to return, the eventfd is signalled so that the reader comes back.
+    constexpr int kRounds = 8;
+    for (int round = 0;; round++) {
       MshotConsume(&got);
       if (got >= batch_ || rx_eof_ || rx_pending_errno_ != 0) break;
       bool arm = !armed_ && buf_avail_ > 0;
@@ -475,6 +480,7 @@ class QueueIo : public Napi::ObjectWrap<QueueIo> {
         if (rx_ring_->TaskWorkPending() || rx_ring_->Peek() != nullptr) continue;
         break;
       }
+      bool last = round + 1 >= kRounds;
       if (arm) {
         io_uring_sqe* s = rx_ring_->Sqe(0);
         s->opcode = static_cast<uint8_t>(kOpReadMultishot);
@@ -485,9 +491,10 @@ class QueueIo : public Napi::ObjectWrap<QueueIo> {
         rx_ring_->Publish(1);
       }
       // Submits the re-arm (if any) and runs the deferred task work: the
-      // reads themselves, whose completions are then in the CQ.
-      int r = rx_ring_->Enter(arm ? 1 : 0, 0, IORING_ENTER_GETEVENTS);
-      counters_[RX_SYSCALLS] += 1;
+      // reads themselves, whose completions are then in the CQ.  On the last
+      // round only the re-arm is submitted.
+      int r = (last && !arm) ? 0 : rx_ring_->Enter(arm ? 1 : 0, 0, last ? 0 : IORING_ENTER_GETEVENTS);
+      if (!(last && !arm)) counters_[RX_SYSCALLS] += 1;
       if (r < 0 && r != -EAGAIN && r != -EBUSY) {
         if (arm) rx_ring_->Publish(static_cast<unsigned>(-1));  // take the unsubmitted SQE back
         RingFailed(-r);
@@ -498,6 +505,14 @@ class QueueIo : public Napi::ObjectWrap<QueueIo> {
         if (rearm_count_++ > 0) counters_[RX_REARMS] += 1;
       } else if (arm) {
         rx_ring_->Publish(static_cast<unsigned>(-1));
+      }
+      if (last) {
+        if (got == 0 && (rx_ring_->TaskWorkPending() || rx_ring_->Peek() != nullptr)) {
+          uint64_t one = 1;
+          ssize_t n = write(event_fd_.fd, &one, sizeof one);
+          (void)n;
+        }
+        break;
       }
     }
     return got;

@@ -326,6 +326,7 @@ describe.skipIf(!havePair)(`QueueIO over a socketpair${havePair ? '' : ' (skippe
     const [x, y] = native.unixSocketPair(SOCK_SEQPACKET);
     fds.push(x, y);
     expect(() => openFdIO(x, { hdrLen: 0, engine: 'fast' as IoEngine })).toThrow(/'auto', 'poll', 'uring' or 'uring-mshot'/);
+    expect(() => openFdIO(x, { hdrLen: 0, engine: { tx: 'uring-mshot' as 'uring' } })).toThrow(/'uring-mshot' is a receive engine/);
     expect(() => openFdIO(x, { hdrLen: 0, batch: 0 })).toThrow(/batch/);
     expect(() => openFdIO(x, { hdrLen: 0, bogus: 1 } as object)).toThrow(/unknown QueueIO option/);
     expect(() => openFdIO(x)).toThrow(MqtapError); // not a tap: TUNGETVNETHDRSZ fails, hdrLen is needed
