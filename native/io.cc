@@ -31,17 +31,16 @@
 //          as its provided-buffer ring (IORING_REGISTER_PBUF_RING, buffer id
 //          = slot).  With DEFER_TASKRUN the kernel reads frames only inside
 //          this thread's io_uring_enter(GETEVENTS), i.e. inside rxRead: the
-//          kernel never writes the slab while JavaScript runs.  Readiness:
-//          the ring's registered eventfd (signalled when task work is queued
-//          for the ring: a frame arrived) is what libuv watches for
-//          UV_READABLE, not the tap fd.  A batch's slots go back to the
+//          kernel never writes the slab while JavaScript runs, and frames
+//          stay queued in the tap until then, so readiness is still the tap
+//          fd's POLLIN (the uv_poll).  A batch's slots go back to the
 //          buffer ring on the next rxRead (the batch is released then).
 //          -ENOBUFS (all slots held) or any completion without
 //          IORING_CQE_F_MORE ends the multishot: the next rxRead re-arms it.
 //          close()/stopUring() cancel it and reap the cancellation before the
 //          ring, the buffer ring and the registered file are released.
-//          The write side of this engine is 'uring' on a separate ring (its
-//          completions would otherwise signal the reader's eventfd).
+//          The write side of this engine is 'uring' on a separate ring (on
+//          the same ring, a write's io_uring_enter would run the reads).
 //
 // Counters (frames, bytes, drops, EAGAIN, syscalls) live in a small shared
 // memory block that lib/datapath/io.ts reads without calling in here.
@@ -57,7 +56,6 @@
 #include <linux/if_tun.h>
 #include <linux/io_uring.h>
 #include <linux/time_types.h>
-#include <sys/eventfd.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/syscall.h>
@@ -202,7 +200,6 @@ class QueueIo : public Napi::ObjectWrap<QueueIo> {
     if (rx_mshot_) MshotSetup(env);
 
     poll_.Init(env, this, fd_, info[2].As<Napi::Function>(), "mqtap.QueueIo");
-    if (rx_mshot_) ev_poll_.Init(env, this, event_fd_.fd, info[2].As<Napi::Function>(), "mqtap.QueueIo");
   }
 
   ~QueueIo() override { Teardown(); }
@@ -365,7 +362,7 @@ class QueueIo : public Napi::ObjectWrap<QueueIo> {
   static constexpr uint64_t kCancelTag = 2;  // user_data of its cancellation
   static constexpr unsigned kBufGroup = 0;
 
-  // The ring, its eventfd and the buffer ring over the slab's slots.  Any
+  // The ring and the buffer ring over the slab's slots.  Any
   // failure throws (op IO_URING_SETUP or IO_URING_REGISTER) and leaves
   // nothing behind (the members release what was made).
   void MshotSetup(Napi::Env env) {
@@ -374,10 +371,6 @@ class QueueIo : public Napi::ObjectWrap<QueueIo> {
     rx_ring_ = std::make_unique<Ring>();
     int err = rx_ring_->SetupExact(entries, fd_, IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN | IORING_SETUP_TASKRUN_FLAG);
     if (err != 0) ThrowSys(env, "IO_URING_SETUP", "io_uring_setup", err, "multishot receive ring (SINGLE_ISSUER|DEFER_TASKRUN|TASKRUN_FLAG)");
-    event_fd_.fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
-    if (event_fd_.fd < 0) ThrowSys(env, "IO_URING_SETUP", "eventfd", errno);
-    err = rx_ring_->RegisterEventfd(event_fd_.fd);
-    if (err != 0) ThrowSys(env, "IO_URING_REGISTER", "io_uring_register", err, "IORING_REGISTER_EVENTFD");
     buf_entries_ = 1;
     while (buf_entries_ < batch_) buf_entries_ <<= 1;
     buf_ring_len_ = (buf_entries_ * sizeof(io_uring_buf) + 4095) & ~static_cast<size_t>(4095);
@@ -458,28 +451,19 @@ class QueueIo : public Napi::ObjectWrap<QueueIo> {
     held_.clear();
     BufCommit();
     unsigned got = 0;
-    bool drained = false;
+    bool entered = false;
     // Bounded work per call (a flood of over-long frames keeps ending the
     // multishot with ENOBUFS after every slot is recycled): after kRounds
-    // the multishot is left armed and, if work is still pending with no
-    // frame to return, the eventfd is signalled so that the reader comes back.
+    // the multishot is left armed (submitted without running its reads).
     constexpr int kRounds = 8;
     for (int round = 0;; round++) {
       MshotConsume(&got);
       if (got >= batch_ || rx_eof_ || rx_pending_errno_ != 0) break;
       bool arm = !armed_ && buf_avail_ > 0;
-      if (!arm && !rx_ring_->TaskWorkPending()) {
-        if (got > 0 || drained) break;
-        // About to say "nothing waiting": clear the eventfd first, then look
-        // once more, so a frame that came in between is not left unsignalled.
-        uint64_t v;
-        ssize_t n = read(event_fd_.fd, &v, sizeof v);
-        (void)n;
-        counters_[RX_SYSCALLS] += 1;
-        drained = true;
-        if (rx_ring_->TaskWorkPending() || rx_ring_->Peek() != nullptr) continue;
-        break;
-      }
+      // Nothing to submit and no task work queued: done, except that before
+      // saying "nothing waiting" the kernel is entered once in any case, so
+      // that no queued work is left behind a wait.
+      if (!arm && !rx_ring_->TaskWorkPending() && (got > 0 || entered)) break;
       bool last = round + 1 >= kRounds;
       if (arm) {
         io_uring_sqe* s = rx_ring_->Sqe(0);
@@ -490,11 +474,13 @@ class QueueIo : public Napi::ObjectWrap<QueueIo> {
         s->user_data = kMshotTag;
         rx_ring_->Publish(1);
       }
+      if (last && !arm) break;
       // Submits the re-arm (if any) and runs the deferred task work: the
       // reads themselves, whose completions are then in the CQ.  On the last
       // round only the re-arm is submitted.
-      int r = (last && !arm) ? 0 : rx_ring_->Enter(arm ? 1 : 0, 0, last ? 0 : IORING_ENTER_GETEVENTS);
-      if (!(last && !arm)) counters_[RX_SYSCALLS] += 1;
+      int r = rx_ring_->Enter(arm ? 1 : 0, 0, last ? 0 : IORING_ENTER_GETEVENTS);
+      counters_[RX_SYSCALLS] += 1;
+      entered = true;
       if (r < 0 && r != -EAGAIN && r != -EBUSY) {
         if (arm) rx_ring_->Publish(static_cast<unsigned>(-1));  // take the unsubmitted SQE back
         RingFailed(-r);
@@ -506,14 +492,7 @@ class QueueIo : public Napi::ObjectWrap<QueueIo> {
       } else if (arm) {
         rx_ring_->Publish(static_cast<unsigned>(-1));
       }
-      if (last) {
-        if (got == 0 && (rx_ring_->TaskWorkPending() || rx_ring_->Peek() != nullptr)) {
-          uint64_t one = 1;
-          ssize_t n = write(event_fd_.fd, &one, sizeof one);
-          (void)n;
-        }
-        break;
-      }
+      if (last) break;
     }
     return got;
   }
@@ -753,38 +732,24 @@ class QueueIo : public Napi::ObjectWrap<QueueIo> {
   // while someone actually waits.
   Napi::Value PollRef(const Napi::CallbackInfo& info) {
     poll_.SetRef(ArgBool(info, 0));
-    ev_poll_.SetRef(ArgBool(info, 0));
     return info.Env().Undefined();
   }
 
-  // The interest in events_ on the handles: with uring-mshot, readable is
-  // the ring's eventfd and only writable is the tap fd.  0 or a libuv error.
+  // The interest in events_ on the tap fd's handle.  0 or a libuv error.
   int ApplyPoll() {
-    bool ev = rx_mshot_ && rx_ring_ != nullptr;
-    int tap = ev ? (events_ & UV_WRITABLE) : events_;
-    int r = 0;
-    if (tap == 0) {
+    if (events_ == 0) {
       poll_.Stop();
-    } else {
-      r = poll_.Start(tap);
+      return 0;
     }
-    if (ev && (events_ & UV_READABLE)) {
-      int r2 = ev_poll_.Start(UV_READABLE);
-      if (r == 0) r = r2;
-    } else {
-      ev_poll_.Stop();
-    }
-    return r;
+    return poll_.Start(events_);
   }
 
   // Stops polling (which removes the fd from epoll, so it may be closed
   // right after) and tears the engine down.  The fd itself is not closed.
   void Teardown() {
     poll_.Close();
-    ev_poll_.Close();
     MshotTeardown();
     if (ring_) ring_.reset();
-    event_fd_.reset();
     fd_ = -1;
   }
 
@@ -792,19 +757,11 @@ class QueueIo : public Napi::ObjectWrap<QueueIo> {
   // writes are plain syscalls, in order).  lib/ calls it when ST_RING_ERRNO
   // says io_uring_enter failed.
   Napi::Value StopUring(const Napi::CallbackInfo& info) {
-    ev_poll_.Stop();
     MshotTeardown();
     ring_.reset();
-    bool was_mshot = rx_mshot_;
     rx_uring_ = tx_uring_ = rx_mshot_ = false;
     ordered_ = true;
     state_[ST_RING_ERRNO] = 0;
-    if (was_mshot && fd_ >= 0) {
-      ev_poll_.Close();
-      event_fd_.reset();
-      int r = ApplyPoll();  // readable is the tap fd's again
-      if (r != 0) ThrowSys(info.Env(), "POLL_START", "uv_poll_start", -r);
-    }
     return info.Env().Undefined();
   }
 
@@ -827,15 +784,6 @@ class QueueIo : public Napi::ObjectWrap<QueueIo> {
   }
   Napi::Value GetOrdered(const Napi::CallbackInfo& info) { return Napi::Boolean::New(info.Env(), !tx_uring_ || ordered_); }
 
-  // An fd closed with its owner.
-  struct OwnedFd {
-    int fd = -1;
-    ~OwnedFd() { reset(); }
-    void reset() {
-      if (fd >= 0) close(fd);
-      fd = -1;
-    }
-  };
   // A mapping unmapped with its owner.
   struct BufRingMem {
     io_uring_buf_ring* p = nullptr;
@@ -878,10 +826,8 @@ class QueueIo : public Napi::ObjectWrap<QueueIo> {
   Napi::Reference<Napi::ArrayBuffer> slab_;
   Napi::Reference<Napi::ArrayBuffer> control_;
   UvPoll<QueueIo> poll_;
-  UvPoll<QueueIo> ev_poll_;  // uring-mshot: the receive ring's eventfd
   std::unique_ptr<Ring> ring_;
-  // Declared so that the ring goes before the buffer ring memory and the eventfd.
-  OwnedFd event_fd_;
+  // Declared so that the ring goes before the buffer ring memory.
   BufRingMem buf_ring_;
   std::unique_ptr<Ring> rx_ring_;
   std::vector<io_uring_cqe> cqes_;
@@ -930,7 +876,6 @@ Napi::Value IoUringProbe(const Napi::CallbackInfo& info) {
   ops.Set("readMultishot", c.op_read_multishot);
   o.Set("ops", ops);
   o.Set("pbufRingErrno", c.pbuf_ring_errno);
-  o.Set("eventfdErrno", c.eventfd_errno);
   return o;
 }
 

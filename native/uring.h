@@ -5,8 +5,8 @@
 //
 // The multishot receive engine (native/io.cc, rx 'uring-mshot') also uses
 // the lower-level pieces at the end of the class (SetupExact, Publish,
-// Enter, Peek/Advance, TaskWorkPending, the eventfd and buffer-ring
-// registrations): with those, a request does stay in flight between calls,
+// Enter, Peek/Advance, TaskWorkPending, the buffer-ring registration):
+// with those, a request does stay in flight between calls,
 // and its owner cancels and reaps it before tearing the ring down.
 // ProbeUring() reports what the running kernel's io_uring offers.
 #pragma once
@@ -15,7 +15,6 @@
 #include <linux/io_uring.h>
 #include <linux/time_types.h>
 #include <linux/version.h>
-#include <sys/eventfd.h>
 #include <sys/mman.h>
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -213,10 +212,6 @@ class Ring {
   }
   void Advance() { __atomic_store_n(cq_head_, *cq_head_ + 1, __ATOMIC_RELEASE); }
 
-  // IORING_REGISTER_EVENTFD: the kernel signals `efd` when it posts CQEs
-  // (and, with DEFER_TASKRUN, when it queues task work).  0 or an errno.
-  int RegisterEventfd(int efd) { return SysRegister(fd_, IORING_REGISTER_EVENTFD, &efd, 1) < 0 ? errno : 0; }
-
   // IORING_(UN)REGISTER_PBUF_RING: a provided-buffer ring of `entries`
   // (a power of two) io_uring_buf at `ring` (page-aligned), group `bgid`.
   int RegisterBufRing(void* ring, unsigned entries, unsigned bgid) {
@@ -295,7 +290,6 @@ struct UringCaps {
   unsigned last_op = 0;        // opcodes below this are known to the kernel
   bool op_read = false, op_write = false, op_writev = false, op_read_multishot = false;
   int pbuf_ring_errno = -1;    // IORING_REGISTER_PBUF_RING of a one-entry ring
-  int eventfd_errno = -1;      // IORING_REGISTER_EVENTFD
 };
 
 inline UringCaps ProbeUring() {
@@ -340,13 +334,6 @@ inline UringCaps ProbeUring() {
     caps.pbuf_ring_errno = SysRegister(fd, IORING_REGISTER_PBUF_RING, &reg, 1) < 0 ? errno : 0;
     if (caps.pbuf_ring_errno == 0) SysRegister(fd, IORING_UNREGISTER_PBUF_RING, &reg, 1);
     munmap(ring, static_cast<size_t>(page));
-  }
-  int efd = eventfd(0, EFD_CLOEXEC);
-  if (efd < 0) {
-    caps.eventfd_errno = errno;
-  } else {
-    caps.eventfd_errno = SysRegister(fd, IORING_REGISTER_EVENTFD, &efd, 1) < 0 ? errno : 0;
-    close(efd);
   }
   close(fd);
   return caps;

@@ -337,7 +337,6 @@ export interface IoCapabilities {
   probeErrno: number;
   ops: { read: boolean; write: boolean; writev: boolean; readMultishot: boolean };
   pbufRingErrno: number;
-  eventfdErrno: number;
 }
 
 let capsCache: IoCapabilities | undefined;
@@ -358,10 +357,9 @@ export function ioCapabilities(): IoCapabilities {
     probeErrno: p.probeErrno,
     ops: { ...p.ops },
     pbufRingErrno: p.pbufRingErrno,
-    eventfdErrno: p.eventfdErrno,
   };
   const transient = [IOC.EMFILE, IOC.ENFILE, IOC.ENOMEM];
-  if (![caps.setupErrno, caps.pbufRingErrno, caps.eventfdErrno].some((e) => transient.includes(e))) capsCache = caps;
+  if (![caps.setupErrno, caps.pbufRingErrno].some((e) => transient.includes(e))) capsCache = caps;
   return caps;
 }
 
@@ -378,7 +376,8 @@ export function kernelVersion(rel: string): [number, number] {
  * working around a kernel bug without changing code.
  */
 export function disabledLevels(env: NodeJS.ProcessEnv = process.env): { mshot: boolean; uring: boolean } {
-  const list = (env.MQTAP_IO_DISABLE ?? '').split(',').map((x) => x.trim());
+  const list = (env.MQTAP_IO_DISABLE ?? '').split(',').map((x) => x.trim()).filter(Boolean);
+  for (const x of list) if (x !== 'mshot' && x !== 'uring') throw invalidArg(`MQTAP_IO_DISABLE: unknown level "${x}"`, "use 'mshot' and/or 'uring', comma-separated (or unset it)");
   return { mshot: list.includes('mshot'), uring: list.includes('uring') };
 }
 
@@ -392,8 +391,8 @@ export interface EngineFallback {
  * The engines 'auto' picks, by what the kernel offers (docs/datapath.md):
  *  - receive: multishot reads (`uring-mshot`) where the kernel has
  *    IORING_OP_READ_MULTISHOT (6.7+) and is 6.12 or later (earlier ones had
- *    multishot-read stalls), with DEFER_TASKRUN, provided-buffer rings and
- *    eventfd registration; else one-shot batched io_uring reads (`uring`);
+ *    multishot-read stalls), with DEFER_TASKRUN and provided-buffer rings;
+ *    else one-shot batched io_uring reads (`uring`);
  *    else `poll`.
  *  - send: io_uring batches while the tap's send buffer is unlimited
  *    (TUNSETSNDBUF INT_MAX, the default: a write then never says EAGAIN, so
@@ -434,7 +433,6 @@ export function defaultEngines(
   else if (major < 6 || (major === 6 && minor < 12)) mshot = `Linux ${k}: multishot reads are not used before 6.12 (earlier kernels had multishot-read stalls)`;
   else if (!caps.deferTaskrun) mshot = `Linux ${k}: io_uring refuses SINGLE_ISSUER|DEFER_TASKRUN|TASKRUN_FLAG`;
   else if (caps.pbufRingErrno !== 0) mshot = `IORING_REGISTER_PBUF_RING: ${errnoName(caps.pbufRingErrno)}`;
-  else if (caps.eventfdErrno !== 0) mshot = `IORING_REGISTER_EVENTFD: ${errnoName(caps.eventfdErrno)}`;
   if (mshot) {
     fallbacks.push({ level: 'multishot', reason: mshot });
     return { rx: 'uring', tx, fallbacks };

@@ -285,7 +285,7 @@ export interface NativeBinding {
   /**
    * What the running kernel's io_uring offers (native/uring.h ProbeUring): io_uring_setup's errno
    * (0: it works), SINGLE_ISSUER|DEFER_TASKRUN|TASKRUN_FLAG, IORING_REGISTER_PROBE's opcodes, and
-   * whether a provided-buffer ring and an eventfd can be registered (errno, 0, or -1: not tried).
+   * whether a provided-buffer ring can be registered (errno, 0, or -1: not tried).
    */
   ioUringProbe(): {
     setupErrno: number;
@@ -294,7 +294,6 @@ export interface NativeBinding {
     lastOp: number;
     ops: { read: boolean; write: boolean; writev: boolean; readMultishot: boolean };
     pbufRingErrno: number;
-    eventfdErrno: number;
   };
   /** TUNGETSNDBUF: the per-device send buffer a queue's writes are charged against (INT_MAX: never EAGAIN). */
   tunGetSndbuf(fd: number): number;

@@ -181,8 +181,10 @@ describe.skipIf(!mshot.ok)(`multishot receive engine${skipNote(env)}${mshot.ok ?
     const ioBefore = ioFds();
     const io1 = openQueueIO(tap.queues[1]!, { engine: { rx: 'uring-mshot' } });
     const io2 = openQueueIO(tap.queues[2]!, { engine: { rx: 'uring-mshot' } });
-    expect(ioFds().length, 'two rings (+ one tx ring each) and two eventfds').toBeGreaterThan(ioBefore.length);
-    const waiting1 = io1[Symbol.asyncIterator]().next(); // armed, waiting on the eventfd
+    expect(ioFds().length, 'two rx rings and two tx rings').toBe(ioBefore.length + 4);
+    expect(io1.tryRead(), 'arms the multishot').toBeUndefined();
+    expect(io2.tryRead()).toBeUndefined();
+    const waiting1 = io1[Symbol.asyncIterator]().next(); // armed, waiting
     const waiting2 = io2[Symbol.asyncIterator]().next();
     await sleep(10);
     io1.close();

@@ -24,7 +24,6 @@ function caps(over: Partial<IoCapabilities> = {}): IoCapabilities {
     probeErrno: 0,
     ops: { read: true, write: true, writev: true, readMultishot: true },
     pbufRingErrno: 0,
-    eventfdErrno: 0,
     ...over,
   };
 }
@@ -52,10 +51,9 @@ describe("'auto' engine choice by capability", () => {
     }
   });
 
-  it('no DEFER_TASKRUN, no provided-buffer ring or no eventfd registration: one-shot io_uring reads', () => {
+  it('no DEFER_TASKRUN or no provided-buffer ring: one-shot io_uring reads', () => {
     expect(defaultEngines(UNLIMITED, caps({ deferTaskrun: false }), NONE).fallbacks[0]!.reason).toMatch(/SINGLE_ISSUER\|DEFER_TASKRUN/);
     expect(defaultEngines(UNLIMITED, caps({ pbufRingErrno: IOC.EPERM }), NONE)).toMatchObject({ rx: 'uring', fallbacks: [{ reason: 'IORING_REGISTER_PBUF_RING: EPERM' }] });
-    expect(defaultEngines(UNLIMITED, caps({ eventfdErrno: IOC.EINVAL }), NONE)).toMatchObject({ rx: 'uring', fallbacks: [{ reason: 'IORING_REGISTER_EVENTFD: EINVAL' }] });
   });
 
   it('io_uring unavailable: poll both ways, the reason names the cause', () => {
@@ -77,6 +75,7 @@ describe("'auto' engine choice by capability", () => {
     expect(disabledLevels({ MQTAP_IO_DISABLE: 'mshot' })).toEqual({ mshot: true, uring: false });
     expect(disabledLevels({ MQTAP_IO_DISABLE: ' uring , mshot' })).toEqual({ mshot: true, uring: true });
     expect(disabledLevels({})).toEqual(NONE);
+    expect(() => disabledLevels({ MQTAP_IO_DISABLE: 'multishot' })).toThrow(/MQTAP_IO_DISABLE: unknown level "multishot"/);
     expect(defaultEngines(UNLIMITED, caps(), { mshot: true, uring: false })).toEqual({
       rx: 'uring',
       tx: 'uring',
@@ -100,6 +99,6 @@ describe("'auto' engine choice by capability", () => {
     expect(c.kernel).toBe(release());
     expect(c.setupErrno).toBe(native.ioUringProbe().setupErrno);
     const transient = [IOC.EMFILE, IOC.ENFILE, IOC.ENOMEM];
-    if (![c.setupErrno, c.pbufRingErrno, c.eventfdErrno].some((e) => transient.includes(e))) expect(ioCapabilities()).toBe(c);
+    if (![c.setupErrno, c.pbufRingErrno].some((e) => transient.includes(e))) expect(ioCapabilities()).toBe(c);
   });
 });
