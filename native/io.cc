@@ -15,7 +15,7 @@
 //                  fd) watching UV_READABLE and/or UV_WRITABLE; the callback
 //                  tells lib/datapath/io.ts to call rxRead/txWrite again.
 //
-// Two engines do the syscalls:
+// Three engines do the syscalls:
 //
 //   poll   one read(2)/write(2)/writev(2) per frame.
 //   uring  io_uring used as a batching syscall: one io_uring_enter(2) submits
@@ -25,6 +25,22 @@
 //          kernel access to the slab or to JavaScript buffers outlives the
 //          call that started it, and teardown needs no cancellation.  Raw
 //          syscalls on <linux/io_uring.h>: no liburing needed to build.
+//   uring-mshot (receive only)  one IORING_OP_READ_MULTISHOT on the tap fd
+//          (registered file) stays armed between calls, on a ring of its own
+//          (SINGLE_ISSUER|DEFER_TASKRUN|TASKRUN_FLAG) with the slab's slots
+//          as its provided-buffer ring (IORING_REGISTER_PBUF_RING, buffer id
+//          = slot).  With DEFER_TASKRUN the kernel reads frames only inside
+//          this thread's io_uring_enter(GETEVENTS), i.e. inside rxRead: the
+//          kernel never writes the slab while JavaScript runs, and frames
+//          stay queued in the tap until then, so readiness is still the tap
+//          fd's POLLIN (the uv_poll).  A batch's slots go back to the
+//          buffer ring on the next rxRead (the batch is released then).
+//          -ENOBUFS (all slots held) or any completion without
+//          IORING_CQE_F_MORE ends the multishot: the next rxRead re-arms it.
+//          close()/stopUring() cancel it and reap the cancellation before the
+//          ring, the buffer ring and the registered file are released.
+//          The write side of this engine is 'uring' on a separate ring (on
+//          the same ring, a write's io_uring_enter would run the reads).
 //
 // Counters (frames, bytes, drops, EAGAIN, syscalls) live in a small shared
 // memory block that lib/datapath/io.ts reads without calling in here.
@@ -77,6 +93,7 @@ enum Counter {
   TX_WAITS,  // maintained by lib/datapath/io.ts
   TX_SYSCALLS,
   TX_REORDERED,
+  RX_REARMS,  // uring-mshot: times the multishot read ended (ENOBUFS, ...) and was armed again
 };
 constexpr int kStates = 8;  // Int32 state words
 enum StateWord {
@@ -110,7 +127,7 @@ struct TxFrame {
 
 // ---------------------------------------------------------------- QueueIo
 
-// new QueueIo(fd, { rx: 'poll' | 'uring', tx: 'poll' | 'uring', batch, slotSize, hdrLen,
+// new QueueIo(fd, { rx: 'poll' | 'uring' | 'uring-mshot', tx: 'poll' | 'uring', batch, slotSize, hdrLen,
 //                   rxDropErrnos: number[], txDropErrnos: number[] }, onPoll)
 //   rxDropErrnos / txDropErrnos: errnos that mean "the kernel dropped (or
 //              refused) this one frame": counted as a drop, the call goes on.
@@ -144,10 +161,12 @@ class QueueIo : public Napi::ObjectWrap<QueueIo> {
     batch_ = o.Get("batch").ToNumber().Uint32Value();
     slot_size_ = o.Get("slotSize").ToNumber().Uint32Value();
     hdr_len_ = o.Get("hdrLen").ToNumber().Uint32Value();
-    if ((rx != "poll" && rx != "uring") || (tx != "poll" && tx != "uring")) ThrowArg(env, "QueueIo: rx and tx engines must be 'poll' or 'uring'");
+    if ((rx != "poll" && rx != "uring" && rx != "uring-mshot") || (tx != "poll" && tx != "uring"))
+      ThrowArg(env, "QueueIo: rx must be 'poll', 'uring' or 'uring-mshot', tx 'poll' or 'uring'");
     if (batch_ < 1 || batch_ > kMaxBatch) ThrowArg(env, "QueueIo: batch out of range");
     if (slot_size_ < 64 || slot_size_ > (1u << 20) || hdr_len_ > 64 || hdr_len_ >= slot_size_) ThrowArg(env, "QueueIo: bad slot or header size");
     rx_uring_ = rx == "uring";
+    rx_mshot_ = rx == "uring-mshot";
     tx_uring_ = tx == "uring";
     ErrnoSet(env, o.Get("rxDropErrnos"), "rxDropErrnos", &rx_drop_);
     ErrnoSet(env, o.Get("txDropErrnos"), "txDropErrnos", &tx_drop_);
@@ -178,6 +197,7 @@ class QueueIo : public Napi::ObjectWrap<QueueIo> {
       iov_.resize(2 * ring_->entries());
     }
     rx_want_ = rx_uring_ ? std::min<unsigned>(8, batch_) : batch_;
+    if (rx_mshot_) MshotSetup(env);
 
     poll_.Init(env, this, fd_, info[2].As<Napi::Function>(), "mqtap.QueueIo");
   }
@@ -221,16 +241,16 @@ class QueueIo : public Napi::ObjectWrap<QueueIo> {
     if (rx_pending_errno_ != 0) {
       int err = rx_pending_errno_;
       rx_pending_errno_ = 0;
-      ThrowSys(env, "READ", rx_uring_ ? "io_uring_enter" : "read", err);
+      ThrowSys(env, "READ", rx_uring_ || rx_mshot_ ? "io_uring_enter" : "read", err);
     }
     if (rx_eof_) return Napi::Number::New(env, -1);
-    unsigned got = rx_uring_ && RingOk() ? RxUring() : RxPoll();
+    unsigned got = rx_mshot_ && RingOk() ? RxMshot() : rx_uring_ && RingOk() ? RxUring() : RxPoll();
     if (got > 0) counters_[RX_BATCHES] += 1;
     if (got == 0 && rx_eof_) return Napi::Number::New(env, -1);
     if (got == 0 && rx_pending_errno_ != 0) {
       int err = rx_pending_errno_;
       rx_pending_errno_ = 0;
-      ThrowSys(env, "READ", rx_uring_ ? "io_uring_enter" : "read", err);
+      ThrowSys(env, "READ", rx_uring_ || rx_mshot_ ? "io_uring_enter" : "read", err);
     }
     return Napi::Number::New(env, got);
   }
@@ -334,6 +354,176 @@ class QueueIo : public Napi::ObjectWrap<QueueIo> {
     }
     if (err != 0) RingFailed(err);
     return got;
+  }
+
+  // ---- receive: multishot read into the provided-buffer ring
+
+  static constexpr uint64_t kMshotTag = 1;   // user_data of the multishot read
+  static constexpr uint64_t kCancelTag = 2;  // user_data of its cancellation
+  static constexpr unsigned kBufGroup = 0;
+
+  // The ring and the buffer ring over the slab's slots.  Any
+  // failure throws (op IO_URING_SETUP or IO_URING_REGISTER) and leaves
+  // nothing behind (the members release what was made).
+  void MshotSetup(Napi::Env env) {
+    unsigned entries = 16;
+    while (entries < batch_) entries <<= 1;  // CQ: 2 x entries >= every slot's completion + the final one
+    rx_ring_ = std::make_unique<Ring>();
+    int err = rx_ring_->SetupExact(entries, fd_, IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN | IORING_SETUP_TASKRUN_FLAG);
+    if (err != 0) ThrowSys(env, "IO_URING_SETUP", "io_uring_setup", err, "multishot receive ring (SINGLE_ISSUER|DEFER_TASKRUN|TASKRUN_FLAG)");
+    buf_entries_ = 1;
+    while (buf_entries_ < batch_) buf_entries_ <<= 1;
+    buf_ring_len_ = (buf_entries_ * sizeof(io_uring_buf) + 4095) & ~static_cast<size_t>(4095);
+    void* mem = mmap(nullptr, buf_ring_len_, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (mem == MAP_FAILED) ThrowSys(env, "IO_URING_SETUP", "mmap", errno, "provided-buffer ring");
+    buf_ring_.reset(static_cast<io_uring_buf_ring*>(mem), buf_ring_len_);
+    err = rx_ring_->RegisterBufRing(mem, buf_entries_, kBufGroup);
+    if (err != 0) ThrowSys(env, "IO_URING_REGISTER", "io_uring_register", err, "IORING_REGISTER_PBUF_RING");
+    buf_registered_ = true;
+    for (unsigned i = 0; i < batch_; i++) BufAdd(static_cast<uint16_t>(i));
+    BufCommit();
+  }
+
+  // Slot `bid` back into the buffer ring (visible to the kernel at BufCommit).
+  void BufAdd(uint16_t bid) {
+    // Entry i is at byte 16 * i of the ring (the tail overlays entry 0's
+    // resv).  Not `ring->bufs[i]`: compiled as C++, the header's
+    // __DECLARE_FLEX_ARRAY puts an empty struct (1 byte in C++) before
+    // `bufs`, which lands at offset 8 instead of 0.
+    io_uring_buf* b = reinterpret_cast<io_uring_buf*>(buf_ring_.get()) + ((buf_tail_ + buf_pending_) & (buf_entries_ - 1));
+    b->addr = reinterpret_cast<uint64_t>(slab_base_ + static_cast<size_t>(bid) * slot_size_);
+    b->len = slot_size_;
+    b->bid = bid;
+    buf_pending_++;
+  }
+  void BufCommit() {
+    if (buf_pending_ == 0) return;
+    buf_tail_ = static_cast<uint16_t>(buf_tail_ + buf_pending_);
+    buf_avail_ += buf_pending_;
+    buf_pending_ = 0;
+    __atomic_store_n(&buf_ring_.get()->tail, buf_tail_, __ATOMIC_RELEASE);
+  }
+
+  // Completions already posted, up to `batch` frames: frames into rxDesc
+  // (their slots held until the next call), truncated ones counted and
+  // their slots returned at once, and whether the multishot is still armed.
+  void MshotConsume(unsigned* got) {
+    while (const io_uring_cqe* c = rx_ring_->Peek()) {
+      if (c->user_data != kMshotTag) {  // the cancellation's own completion
+        rx_ring_->Advance();
+        continue;
+      }
+      int res = c->res;
+      unsigned flags = c->flags;
+      if (res > 0 && *got >= batch_) break;  // the batch is full: this one waits for the next call
+      if (flags & IORING_CQE_F_BUFFER) {
+        uint16_t bid = static_cast<uint16_t>(flags >> IORING_CQE_BUFFER_SHIFT);
+        buf_avail_--;
+        if (res > 0 && bid < batch_ && RxResult(bid, res, got)) {
+          held_.push_back(bid);
+        } else {
+          BufAdd(bid);  // truncated (counted by RxResult), or no frame in it
+        }
+      }
+      if (res == 0) {
+        rx_eof_ = true;
+      } else if (res < 0 && res != -ENOBUFS && res != -ECANCELED && res != -EAGAIN) {
+        if (RxDrops(-res)) {
+          counters_[RX_DROPS] += 1;
+          state_[ST_RX_DROP_ERRNO] = -res;
+        } else if (rx_pending_errno_ == 0) {
+          rx_pending_errno_ = -res;
+        }
+      }
+      // ENOBUFS: every slot is held, the frame is still queued in the tap.
+      // Without F_MORE the multishot is over, whatever the reason: re-armed
+      // on the next round or call.
+      if (!(flags & IORING_CQE_F_MORE)) armed_ = false;
+      rx_ring_->Advance();
+    }
+    BufCommit();
+  }
+
+  unsigned RxMshot() {
+    // The previous batch was released (lib/ bumped its generation before
+    // calling): its slots go back to the kernel.
+    for (uint16_t bid : held_) BufAdd(bid);
+    held_.clear();
+    BufCommit();
+    unsigned got = 0;
+    bool entered = false;
+    // Bounded work per call (a flood of over-long frames keeps ending the
+    // multishot with ENOBUFS after every slot is recycled): after kRounds
+    // the multishot is left armed (submitted without running its reads).
+    constexpr int kRounds = 8;
+    for (int round = 0;; round++) {
+      MshotConsume(&got);
+      if (got >= batch_ || rx_eof_ || rx_pending_errno_ != 0) break;
+      bool arm = !armed_ && buf_avail_ > 0;
+      // Nothing to submit and no task work queued: done, except that before
+      // saying "nothing waiting" the kernel is entered once in any case, so
+      // that no queued work is left behind a wait.
+      if (!arm && !rx_ring_->TaskWorkPending() && (got > 0 || entered)) break;
+      bool last = round + 1 >= kRounds;
+      if (arm) {
+        io_uring_sqe* s = rx_ring_->Sqe(0);
+        s->opcode = static_cast<uint8_t>(kOpReadMultishot);
+        s->flags = IOSQE_FIXED_FILE | IOSQE_BUFFER_SELECT;
+        s->fd = 0;
+        s->buf_group = kBufGroup;
+        s->user_data = kMshotTag;
+        rx_ring_->Publish(1);
+      }
+      if (last && !arm) break;
+      // Submits the re-arm (if any) and runs the deferred task work: the
+      // reads themselves, whose completions are then in the CQ.  On the last
+      // round only the re-arm is submitted.
+      int r = rx_ring_->Enter(arm ? 1 : 0, 0, last ? 0 : IORING_ENTER_GETEVENTS);
+      counters_[RX_SYSCALLS] += 1;
+      entered = true;
+      if (r < 0 && r != -EAGAIN && r != -EBUSY) {
+        if (arm) rx_ring_->Publish(static_cast<unsigned>(-1));  // take the unsubmitted SQE back
+        RingFailed(-r);
+        break;
+      }
+      if (arm && r >= 1) {
+        armed_ = true;
+        if (rearm_count_++ > 0) counters_[RX_REARMS] += 1;
+      } else if (arm) {
+        rx_ring_->Publish(static_cast<unsigned>(-1));
+      }
+      if (last) break;
+    }
+    return got;
+  }
+
+  // Cancels the multishot read and reaps until its last completion is seen
+  // (bounded), so the kernel holds no reference to the slab, the buffer ring
+  // or the file afterwards; then releases the ring.
+  void MshotTeardown() {
+    if (!rx_ring_) return;
+    if (armed_) {
+      io_uring_sqe* s = rx_ring_->Sqe(0);
+      s->opcode = IORING_OP_ASYNC_CANCEL;
+      s->fd = -1;
+      s->addr = kMshotTag;
+      s->user_data = kCancelTag;
+      rx_ring_->Publish(1);
+      rx_ring_->Enter(1, 0, IORING_ENTER_GETEVENTS);
+      for (int i = 0; armed_ && i < 5; i++) {
+        while (const io_uring_cqe* c = rx_ring_->Peek()) {
+          if (c->user_data == kMshotTag && !(c->flags & IORING_CQE_F_MORE)) armed_ = false;
+          rx_ring_->Advance();
+        }
+        if (armed_) rx_ring_->WaitOne(1);
+      }
+    }
+    if (buf_registered_) rx_ring_->UnregisterBufRing(kBufGroup);
+    buf_registered_ = false;
+    rx_ring_.reset();  // unregisters the tap file, closes the ring
+    buf_ring_.reset(nullptr, 0);
+    held_.clear();
+    armed_ = false;
   }
 
   // ---- transmit
@@ -526,12 +716,9 @@ class QueueIo : public Napi::ObjectWrap<QueueIo> {
     Napi::Env env = info.Env();
     Live(env, "POLL");
     int events = ArgInt(info, 0) & (UV_READABLE | UV_WRITABLE);
-    if (events == 0) {
-      poll_.Stop();
-    } else {
-      int r = poll_.Start(events);
-      if (r != 0) ThrowSys(env, "POLL_START", "uv_poll_start", -r);
-    }
+    events_ = events;
+    int r = ApplyPoll();
+    if (r != 0) ThrowSys(env, "POLL_START", "uv_poll_start", -r);
     bool active = events != 0;
     if (active && !active_) Ref();
     if (!active && active_) Unref();
@@ -548,10 +735,20 @@ class QueueIo : public Napi::ObjectWrap<QueueIo> {
     return info.Env().Undefined();
   }
 
+  // The interest in events_ on the tap fd's handle.  0 or a libuv error.
+  int ApplyPoll() {
+    if (events_ == 0) {
+      poll_.Stop();
+      return 0;
+    }
+    return poll_.Start(events_);
+  }
+
   // Stops polling (which removes the fd from epoll, so it may be closed
   // right after) and tears the engine down.  The fd itself is not closed.
   void Teardown() {
     poll_.Close();
+    MshotTeardown();
     if (ring_) ring_.reset();
     fd_ = -1;
   }
@@ -560,8 +757,9 @@ class QueueIo : public Napi::ObjectWrap<QueueIo> {
   // writes are plain syscalls, in order).  lib/ calls it when ST_RING_ERRNO
   // says io_uring_enter failed.
   Napi::Value StopUring(const Napi::CallbackInfo& info) {
+    MshotTeardown();
     ring_.reset();
-    rx_uring_ = tx_uring_ = false;
+    rx_uring_ = tx_uring_ = rx_mshot_ = false;
     ordered_ = true;
     state_[ST_RING_ERRNO] = 0;
     return info.Env().Undefined();
@@ -580,14 +778,38 @@ class QueueIo : public Napi::ObjectWrap<QueueIo> {
   Napi::Value GetControl(const Napi::CallbackInfo&) { return control_.Value(); }
   Napi::Value GetEngine(const Napi::CallbackInfo& info) {
     Napi::Object o = Napi::Object::New(info.Env());
-    o.Set("rx", rx_uring_ ? "uring" : "poll");
+    o.Set("rx", rx_mshot_ ? "uring-mshot" : rx_uring_ ? "uring" : "poll");
     o.Set("tx", tx_uring_ ? "uring" : "poll");
     return o;
   }
   Napi::Value GetOrdered(const Napi::CallbackInfo& info) { return Napi::Boolean::New(info.Env(), !tx_uring_ || ordered_); }
 
+  // A mapping unmapped with its owner.
+  struct BufRingMem {
+    io_uring_buf_ring* p = nullptr;
+    size_t len = 0;
+    ~BufRingMem() { reset(nullptr, 0); }
+    io_uring_buf_ring* get() const { return p; }
+    void reset(io_uring_buf_ring* np, size_t nl) {
+      if (p != nullptr) munmap(p, len);
+      p = np;
+      len = nl;
+    }
+  };
+
   int fd_ = -1;
   bool rx_uring_ = false;
+  bool rx_mshot_ = false;
+  bool armed_ = false;
+  bool buf_registered_ = false;
+  int events_ = 0;
+  unsigned rearm_count_ = 0;
+  unsigned buf_entries_ = 0;
+  unsigned buf_avail_ = 0;
+  unsigned buf_pending_ = 0;
+  uint16_t buf_tail_ = 0;
+  size_t buf_ring_len_ = 0;
+  std::vector<uint16_t> held_;
   bool tx_uring_ = false;
   bool ordered_ = false;
   bool active_ = false;
@@ -605,6 +827,9 @@ class QueueIo : public Napi::ObjectWrap<QueueIo> {
   Napi::Reference<Napi::ArrayBuffer> control_;
   UvPoll<QueueIo> poll_;
   std::unique_ptr<Ring> ring_;
+  // Declared so that the ring goes before the buffer ring memory.
+  BufRingMem buf_ring_;
+  std::unique_ptr<Ring> rx_ring_;
   std::vector<io_uring_cqe> cqes_;
   std::vector<struct iovec> iov_;
   std::vector<const uint8_t*> bases_;
@@ -634,10 +859,31 @@ Napi::Value TunSetSndbuf(const Napi::CallbackInfo& info) {
   return info.Env().Undefined();
 }
 
+// ioUringProbe(): what the running kernel's io_uring offers (ProbeUring in
+// native/uring.h); lib/datapath/io.ts decides what to use.
+Napi::Value IoUringProbe(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  UringCaps c = ProbeUring();
+  Napi::Object o = Napi::Object::New(env);
+  o.Set("setupErrno", c.setup_errno);
+  o.Set("deferTaskrun", c.defer_taskrun);
+  o.Set("probeErrno", c.probe_errno);
+  o.Set("lastOp", c.last_op);
+  Napi::Object ops = Napi::Object::New(env);
+  ops.Set("read", c.op_read);
+  ops.Set("write", c.op_write);
+  ops.Set("writev", c.op_writev);
+  ops.Set("readMultishot", c.op_read_multishot);
+  o.Set("ops", ops);
+  o.Set("pbufRingErrno", c.pbuf_ring_errno);
+  return o;
+}
+
 }  // namespace
 
 void InitIo(Napi::Env env, Napi::Object exports) {
   exports.Set("QueueIo", QueueIo::Define(env));
+  exports.Set("ioUringProbe", Napi::Function::New(env, IoUringProbe, "ioUringProbe"));
   exports.Set("tunGetSndbuf", Napi::Function::New(env, TunGetSndbuf, "tunGetSndbuf"));
   exports.Set("tunSetSndbuf", Napi::Function::New(env, TunSetSndbuf, "tunSetSndbuf"));
   // Constants of this module (kept apart from `constants`, whose typed
@@ -652,6 +898,10 @@ void InitIo(Napi::Env env, Napi::Object exports) {
   MQTAP_CONST(c, EFAULT);
   MQTAP_CONST(c, ENOMEM);
   MQTAP_CONST(c, ENOBUFS);
+  MQTAP_CONST(c, ENOSYS);
+  MQTAP_CONST(c, EPERM);
+  MQTAP_CONST(c, EMFILE);
+  MQTAP_CONST(c, ENFILE);
   c.Set("COUNTERS", Napi::Number::New(env, kCounters));
   c.Set("STATES", Napi::Number::New(env, kStates));
   c.Set("MAX_BATCH", Napi::Number::New(env, kMaxBatch));

@@ -2,11 +2,19 @@
 // (native/io.cc) and the vhost-user workers (native/vhost_user.cc).  Raw
 // syscalls on <linux/io_uring.h>: no liburing needed to build.  One Ring has
 // one owner thread; nothing is in flight between SubmitAndWait calls.
+//
+// The multishot receive engine (native/io.cc, rx 'uring-mshot') also uses
+// the lower-level pieces at the end of the class (SetupExact, Publish,
+// Enter, Peek/Advance, TaskWorkPending, the buffer-ring registration):
+// with those, a request does stay in flight between calls,
+// and its owner cancels and reaps it before tearing the ring down.
+// ProbeUring() reports what the running kernel's io_uring offers.
 #pragma once
 
 #include <errno.h>
 #include <linux/io_uring.h>
 #include <linux/time_types.h>
+#include <linux/version.h>
 #include <sys/mman.h>
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -16,6 +24,16 @@
 #include <vector>
 
 namespace mqtap {
+
+// IORING_OP_READ_MULTISHOT (Linux 6.7).  Older build headers lack it; the
+// UAPI opcode numbers never change (it follows IORING_OP_SENDMSG_ZC), and the
+// running kernel is asked (IORING_REGISTER_PROBE) before it is used.
+#if LINUX_VERSION_CODE >= KERNEL_VERSION(6, 7, 0)
+constexpr unsigned kOpReadMultishot = IORING_OP_READ_MULTISHOT;
+#else
+constexpr unsigned kOpReadMultishot = IORING_OP_SENDMSG_ZC + 1;
+static_assert(IORING_OP_SENDMSG_ZC == 48, "io_uring opcode numbering");
+#endif
 
 inline int SysSetup(unsigned entries, io_uring_params* p) { return static_cast<int>(syscall(__NR_io_uring_setup, entries, p)); }
 inline int SysEnter(int fd, unsigned submit, unsigned min_complete, unsigned flags, const void* arg, size_t argsz) {
@@ -31,16 +49,26 @@ class Ring {
   // COOP_TASKRUN (5.19+), then no flags.
   int Setup(unsigned entries, int file) {
     const unsigned tries[] = {IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN, IORING_SETUP_COOP_TASKRUN, 0};
+    return SetupTries(entries, file, tries, 3);
+  }
+
+  // 0 or an errno: exactly these setup flags (no fallback; EINVAL when the
+  // kernel lacks one of them).
+  int SetupExact(unsigned entries, int file, unsigned flags) { return SetupTries(entries, file, &flags, 1); }
+
+ private:
+  int SetupTries(unsigned entries, int file, const unsigned* tries, unsigned ntries) {
     io_uring_params p;
     int fd = -1;
-    for (unsigned flags : tries) {
+    for (unsigned i = 0; i < ntries; i++) {
       memset(&p, 0, sizeof p);
-      p.flags = flags;
+      p.flags = tries[i];
       fd = SysSetup(entries, &p);
       if (fd >= 0 || errno != EINVAL) break;
     }
     if (fd < 0) return errno;
     fd_ = fd;
+    flags_ = p.flags;
     if (!(p.features & IORING_FEAT_EXT_ARG)) return Fail(ENOSYS);  // Linux < 5.11: no bounded wait
     entries_ = p.sq_entries;
     sq_len_ = p.sq_off.array + p.sq_entries * sizeof(unsigned);
@@ -61,6 +89,7 @@ class Ring {
     char* sq = static_cast<char*>(sq_map_);
     char* cq = static_cast<char*>(cq_map_);
     sq_tail_ = reinterpret_cast<unsigned*>(sq + p.sq_off.tail);
+    sq_flags_ = reinterpret_cast<unsigned*>(sq + p.sq_off.flags);
     sq_mask_ = *reinterpret_cast<unsigned*>(sq + p.sq_off.ring_mask);
     unsigned* array = reinterpret_cast<unsigned*>(sq + p.sq_off.array);
     for (unsigned i = 0; i < p.sq_entries; i++) array[i] = i;  // identity: SQE i is slot i
@@ -75,6 +104,7 @@ class Ring {
     return 0;
   }
 
+ public:
   void Destroy() {
     if (fd_ < 0) return;
     // Drop the ring's reference to the tap file now (nothing is in flight
@@ -139,6 +169,66 @@ class Ring {
     return err;
   }
 
+  // ---- lower level: requests that stay in flight between calls (multishot)
+
+  int fd() const { return fd_; }
+  unsigned setup_flags() const { return flags_; }
+
+  // Makes the next n SQEs (filled through Sqe(0..n-1)) visible to the kernel.
+  void Publish(unsigned n) { __atomic_store_n(sq_tail_, *sq_tail_ + n, __ATOMIC_RELEASE); }
+
+  // io_uring_enter(submit, min_complete, flags), EINTR retried: what it
+  // returned (SQEs consumed), or -errno.
+  int Enter(unsigned submit, unsigned min_complete, unsigned flags) {
+    int r;
+    do r = SysEnter(fd_, submit, min_complete, flags, nullptr, 0);
+    while (r < 0 && errno == EINTR);
+    return r < 0 ? -errno : r;
+  }
+
+  // Waits up to `seconds` for at least one CQE (running deferred task work).
+  // 0, or -errno (-ETIME when none came).
+  int WaitOne(long seconds) {
+    __kernel_timespec ts = {seconds, 0};
+    io_uring_getevents_arg arg;
+    memset(&arg, 0, sizeof arg);
+    arg.ts = reinterpret_cast<uint64_t>(&ts);
+    int r;
+    do r = SysEnter(fd_, 0, 1, IORING_ENTER_GETEVENTS | IORING_ENTER_EXT_ARG, &arg, sizeof arg);
+    while (r < 0 && errno == EINTR);
+    return r < 0 ? -errno : 0;
+  }
+
+  // With IORING_SETUP_TASKRUN_FLAG: the kernel has task work queued for the
+  // owner (with DEFER_TASKRUN, completions waiting to be produced by an
+  // io_uring_enter with GETEVENTS).
+  bool TaskWorkPending() const { return (__atomic_load_n(sq_flags_, __ATOMIC_ACQUIRE) & IORING_SQ_TASKRUN) != 0; }
+
+  // The oldest unconsumed CQE, or nullptr; Advance() consumes it.
+  const io_uring_cqe* Peek() const {
+    unsigned head = *cq_head_;
+    if (head == __atomic_load_n(cq_tail_, __ATOMIC_ACQUIRE)) return nullptr;
+    return &cqes_[head & cq_mask_];
+  }
+  void Advance() { __atomic_store_n(cq_head_, *cq_head_ + 1, __ATOMIC_RELEASE); }
+
+  // IORING_(UN)REGISTER_PBUF_RING: a provided-buffer ring of `entries`
+  // (a power of two) io_uring_buf at `ring` (page-aligned), group `bgid`.
+  int RegisterBufRing(void* ring, unsigned entries, unsigned bgid) {
+    io_uring_buf_reg reg;
+    memset(&reg, 0, sizeof reg);
+    reg.ring_addr = reinterpret_cast<uint64_t>(ring);
+    reg.ring_entries = entries;
+    reg.bgid = static_cast<uint16_t>(bgid);
+    return SysRegister(fd_, IORING_REGISTER_PBUF_RING, &reg, 1) < 0 ? errno : 0;
+  }
+  int UnregisterBufRing(unsigned bgid) {
+    io_uring_buf_reg reg;
+    memset(&reg, 0, sizeof reg);
+    reg.bgid = static_cast<uint16_t>(bgid);
+    return SysRegister(fd_, IORING_UNREGISTER_PBUF_RING, &reg, 1) < 0 ? errno : 0;
+  }
+
  private:
   int Fail(int err) {
     Destroy();
@@ -172,8 +262,10 @@ class Ring {
   }
 
   int fd_ = -1;
+  unsigned flags_ = 0;
   unsigned entries_ = 0;
   unsigned* sq_tail_ = nullptr;
+  unsigned* sq_flags_ = nullptr;
   unsigned sq_mask_ = 0;
   io_uring_sqe* sqes_ = nullptr;
   unsigned* cq_head_ = nullptr;
@@ -186,5 +278,65 @@ class Ring {
   size_t sq_len_ = 0, cq_len_ = 0, sqe_len_ = 0;
   bool registered_ = false;
 };
+
+// What the running kernel's io_uring offers (for lib/ to decide; nothing
+// here decides).  setup_errno: io_uring_setup of a small ring without flags
+// (ENOSYS: no io_uring or seccomp; EPERM: kernel.io_uring_disabled or an
+// LSM; EMFILE/ENOMEM: transient).  The rest only when it worked.
+struct UringCaps {
+  int setup_errno = 0;
+  bool defer_taskrun = false;  // SINGLE_ISSUER|DEFER_TASKRUN|TASKRUN_FLAG accepted
+  int probe_errno = -1;        // IORING_REGISTER_PROBE (-1: not tried)
+  unsigned last_op = 0;        // opcodes below this are known to the kernel
+  bool op_read = false, op_write = false, op_writev = false, op_read_multishot = false;
+  int pbuf_ring_errno = -1;    // IORING_REGISTER_PBUF_RING of a one-entry ring
+};
+
+inline UringCaps ProbeUring() {
+  UringCaps caps;
+  io_uring_params p;
+  memset(&p, 0, sizeof p);
+  p.flags = IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN | IORING_SETUP_TASKRUN_FLAG;
+  int fd = SysSetup(4, &p);
+  if (fd >= 0) {
+    caps.defer_taskrun = true;
+  } else {
+    memset(&p, 0, sizeof p);
+    fd = SysSetup(4, &p);
+    if (fd < 0) {
+      caps.setup_errno = errno;
+      return caps;
+    }
+  }
+  constexpr unsigned kOps = 256;
+  std::vector<char> buf(sizeof(io_uring_probe) + kOps * sizeof(io_uring_probe_op), 0);
+  auto* probe = reinterpret_cast<io_uring_probe*>(buf.data());
+  if (SysRegister(fd, IORING_REGISTER_PROBE, probe, kOps) < 0) {
+    caps.probe_errno = errno;
+  } else {
+    caps.probe_errno = 0;
+    caps.last_op = probe->last_op;
+    auto has = [&](unsigned op) { return op < probe->ops_len && (probe->ops[op].flags & IO_URING_OP_SUPPORTED) != 0; };
+    caps.op_read = has(IORING_OP_READ);
+    caps.op_write = has(IORING_OP_WRITE);
+    caps.op_writev = has(IORING_OP_WRITEV);
+    caps.op_read_multishot = has(kOpReadMultishot);
+  }
+  long page = sysconf(_SC_PAGESIZE);
+  void* ring = mmap(nullptr, static_cast<size_t>(page), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (ring == MAP_FAILED) {
+    caps.pbuf_ring_errno = errno;
+  } else {
+    io_uring_buf_reg reg;
+    memset(&reg, 0, sizeof reg);
+    reg.ring_addr = reinterpret_cast<uint64_t>(ring);
+    reg.ring_entries = 1;
+    caps.pbuf_ring_errno = SysRegister(fd, IORING_REGISTER_PBUF_RING, &reg, 1) < 0 ? errno : 0;
+    if (caps.pbuf_ring_errno == 0) SysRegister(fd, IORING_UNREGISTER_PBUF_RING, &reg, 1);
+    munmap(ring, static_cast<size_t>(page));
+  }
+  close(fd);
+  return caps;
+}
 
 }  // namespace mqtap

@@ -39,8 +39,10 @@
  * waiting.  Closing the TapQueue (or its Tap) closes its QueueIO first: the
  * poll is gone before the fd number is released.
  */
+import { existsSync, readFileSync } from 'node:fs';
+import { release } from 'node:os';
 import { setImmediate as immediate } from 'node:timers/promises';
-import { ErrorCodes, MqtapError, invalidArg, withContext } from '../sys/errors';
+import { ErrorCodes, MqtapError, errnoName, invalidArg, withContext } from '../sys/errors';
 import { silentLogger, type Logger } from '../sys/log';
 import { K, native } from '../sys/native';
 import { TapQueue, offloadFlags, type Tap } from '../tap/tap';
@@ -66,6 +68,7 @@ const C = {
   TX_WAITS: 11,
   TX_SYSCALLS: 12,
   TX_REORDERED: 13,
+  RX_REARMS: 14,
 } as const;
 /** State words (enum StateWord). */
 const S = { NEXT: 0, COUNT: 1, DROPPED: 2, DROP_ERRNO: 3, DROP_INDEX: 4, RX_DROP_ERRNO: 5, RING_ERRNO: 6 } as const;
@@ -84,15 +87,22 @@ const S = { NEXT: 0, COUNT: 1, DROPPED: 2, DROP_ERRNO: 3, DROP_INDEX: 4, RX_DROP
 export const RX_DROP_ERRNOS: readonly number[] = Object.freeze([IOC.EINVAL]);
 export const TX_DROP_ERRNOS: readonly number[] = Object.freeze([IOC.EINVAL, IOC.EMSGSIZE, IOC.EFAULT, IOC.ENOMEM, IOC.ENOBUFS]);
 
-/** How the syscalls are made: one per frame (`poll`), or batched through io_uring (`uring`). */
-export type IoEngine = 'poll' | 'uring';
+/**
+ * How the syscalls are made: one per frame (`poll`), batched through io_uring
+ * (`uring`), or, for receiving only, one multishot read kept armed on io_uring
+ * into a ring of provided buffers (`uring-mshot`; its writes are `uring`).
+ */
+export type IoEngine = 'poll' | 'uring' | 'uring-mshot';
+/** The engines that can write. */
+export type TxEngine = 'poll' | 'uring';
 
 export interface QueueIOOptions {
   /**
    * 'auto' (default): see {@link defaultEngines}.  A single engine applies to
-   * both directions; `{ rx, tx }` chooses per direction.
+   * both directions ('uring-mshot': multishot reads, 'uring' writes); `{ rx, tx }`
+   * chooses per direction.
    */
-  engine?: IoEngine | 'auto' | { rx?: IoEngine | 'auto'; tx?: IoEngine | 'auto' };
+  engine?: IoEngine | 'auto' | { rx?: IoEngine | 'auto'; tx?: TxEngine | 'auto' };
   /** Most frames per receive batch (slots in the slab), 1..1024.  Default 64. */
   batch?: number;
   /**
@@ -105,7 +115,7 @@ export interface QueueIOOptions {
   slotSize?: number;
   /** Batches read back to back before yielding to the event loop.  Default 16. */
   yieldEvery?: number;
-  /** Where engine decisions are logged (io_uring unavailable or failing: poll instead).  Default: silent. */
+  /** Where engine decisions are logged (each fallback once per logger, with its reason; io_uring failing).  Default: silent. */
   logger?: Logger;
 }
 
@@ -128,8 +138,11 @@ export interface DirectionStats {
 export interface QueueIOStats {
   /** The TapQueue's index (-1 for an fd opened with openFdIO). */
   queue: number;
-  engine: { rx: IoEngine; tx: IoEngine };
-  rx: DirectionStats;
+  engine: { rx: IoEngine; tx: TxEngine };
+  rx: DirectionStats & {
+    /** uring-mshot: times the multishot read ended (all slots held: ENOBUFS, or another reason) and was armed again. */
+    rearms: number;
+  };
   tx: DirectionStats & {
     /** Times a write returned EAGAIN (the tap's send buffer was full). */
     eagain: number;
@@ -303,28 +316,145 @@ const DONE: IteratorResult<FrameBatch> = Object.freeze({ done: true, value: unde
 const byQueue = new WeakMap<TapQueue, QueueIO>();
 function engineChoice(v: unknown, what: string): IoEngine | 'auto' {
   if (v === undefined || v === 'auto') return 'auto';
-  if (v === 'poll' || v === 'uring') return v;
-  throw invalidArg(`${what} must be 'auto', 'poll' or 'uring'`);
+  if (v === 'poll' || v === 'uring' || v === 'uring-mshot') return v;
+  throw invalidArg(`${what} must be 'auto', 'poll', 'uring' or 'uring-mshot'`);
+}
+
+function txChoice(v: unknown, what: string): TxEngine | 'auto' {
+  const e = engineChoice(v, what);
+  if (e === 'uring-mshot') throw invalidArg(`${what}: 'uring-mshot' is a receive engine`, "write with 'uring' or 'poll' (engine: 'uring-mshot' alone means multishot reads and 'uring' writes)");
+  return e;
+}
+
+/** What the running kernel's io_uring offers (native ioUringProbe) and the kernel it is. */
+export interface IoCapabilities {
+  /** os.release(). */
+  kernel: string;
+  /** kernel.io_uring_disabled (0, 1, 2), or undefined where the sysctl does not exist (before 6.6). */
+  ioUringDisabled: string | undefined;
+  setupErrno: number;
+  deferTaskrun: boolean;
+  probeErrno: number;
+  ops: { read: boolean; write: boolean; writev: boolean; readMultishot: boolean };
+  pbufRingErrno: number;
+}
+
+let capsCache: IoCapabilities | undefined;
+
+/**
+ * Asks the kernel once per process what io_uring offers.  A transient
+ * failure (no free fd, no memory) is not remembered: the next call asks again.
+ */
+export function ioCapabilities(): IoCapabilities {
+  if (capsCache) return capsCache;
+  const p = native.ioUringProbe();
+  const sysctl = '/proc/sys/kernel/io_uring_disabled';
+  const caps: IoCapabilities = {
+    kernel: release(),
+    ioUringDisabled: existsSync(sysctl) ? readFileSync(sysctl, 'utf8').trim() : undefined,
+    setupErrno: p.setupErrno,
+    deferTaskrun: p.deferTaskrun,
+    probeErrno: p.probeErrno,
+    ops: { ...p.ops },
+    pbufRingErrno: p.pbufRingErrno,
+  };
+  const transient = [IOC.EMFILE, IOC.ENFILE, IOC.ENOMEM];
+  if (![caps.setupErrno, caps.pbufRingErrno].some((e) => transient.includes(e))) capsCache = caps;
+  return caps;
+}
+
+/** Major and minor of a kernel release string ('6.18.44-fc' -> [6, 18]); [0, 0] when unreadable. */
+export function kernelVersion(rel: string): [number, number] {
+  const m = /^(\d+)\.(\d+)/.exec(rel);
+  return m ? [Number(m[1]), Number(m[2])] : [0, 0];
 }
 
 /**
- * The engines 'auto' picks, by measurement (docs/datapath.md): plain read(2)
- * per frame for receiving (io_uring batches saved nothing measurable: a tap
- * read is dominated by the kernel's own work, and NOWAIT reads of an empty
- * queue cost extra), io_uring batches for writing when the tap's send buffer
- * is unlimited (TUNSETSNDBUF INT_MAX, the default: a write then never says
- * EAGAIN, so unlinked batches keep frame order), plain write(2) otherwise.
- * Falls back to 'poll' where io_uring is unavailable (old kernel, seccomp,
- * kernel.io_uring_disabled).
+ * Levels the 'auto' choice can be made to skip, as if the kernel lacked
+ * them: `MQTAP_IO_DISABLE=mshot` (no multishot reads) or `=uring` (no
+ * io_uring at all), comma-separated.  For testing the fallbacks and for
+ * working around a kernel bug without changing code.
  */
-export function defaultEngines(sndbuf: number): { rx: IoEngine; tx: IoEngine } {
-  return { rx: 'poll', tx: sndbuf >= IOC.INT_MAX ? 'uring' : 'poll' };
+export function disabledLevels(env: NodeJS.ProcessEnv = process.env): { mshot: boolean; uring: boolean } {
+  const list = (env.MQTAP_IO_DISABLE ?? '').split(',').map((x) => x.trim()).filter(Boolean);
+  for (const x of list) if (x !== 'mshot' && x !== 'uring') throw invalidArg(`MQTAP_IO_DISABLE: unknown level "${x}"`, "use 'mshot' and/or 'uring', comma-separated (or unset it)");
+  return { mshot: list.includes('mshot'), uring: list.includes('uring') };
+}
+
+/** Why a level of the 'auto' chain was not taken: 'io_uring' (both directions) or 'multishot' (reads). */
+export interface EngineFallback {
+  level: 'io_uring' | 'multishot';
+  reason: string;
+}
+
+/**
+ * The engines 'auto' picks, by what the kernel offers (docs/datapath.md):
+ *  - receive: multishot reads (`uring-mshot`) where the kernel has
+ *    IORING_OP_READ_MULTISHOT (6.7+) and is 6.12 or later (earlier ones had
+ *    multishot-read stalls), with DEFER_TASKRUN and provided-buffer rings;
+ *    else one-shot batched io_uring reads (`uring`);
+ *    else `poll`.
+ *  - send: io_uring batches while the tap's send buffer is unlimited
+ *    (TUNSETSNDBUF INT_MAX, the default: a write then never says EAGAIN, so
+ *    unlinked batches keep frame order); plain write(2) otherwise or without
+ *    io_uring.
+ * `fallbacks` says why each level above the chosen one was skipped (old
+ * kernel, seccomp, kernel.io_uring_disabled, the probe said no,
+ * MQTAP_IO_DISABLE).  Pure: the capabilities and the disabled levels are
+ * arguments.
+ */
+export function defaultEngines(
+  sndbuf: number,
+  caps: IoCapabilities = ioCapabilities(),
+  disabled: { mshot: boolean; uring: boolean } = disabledLevels(),
+): { rx: IoEngine; tx: TxEngine; fallbacks: EngineFallback[] } {
+  const fallbacks: EngineFallback[] = [];
+  const k = caps.kernel;
+  let uring = '';
+  if (disabled.uring) uring = 'disabled by MQTAP_IO_DISABLE=uring';
+  else if (caps.setupErrno !== 0) {
+    const code = errnoName(caps.setupErrno);
+    if (caps.setupErrno === IOC.EPERM && caps.ioUringDisabled !== undefined && caps.ioUringDisabled !== '0')
+      uring = `io_uring_setup: EPERM (kernel.io_uring_disabled=${caps.ioUringDisabled}${caps.ioUringDisabled === '1' ? ': only members of kernel.io_uring_group may use it' : ''})`;
+    else if (caps.setupErrno === IOC.EPERM) uring = 'io_uring_setup: EPERM (a seccomp filter or an LSM refuses io_uring)';
+    else if (caps.setupErrno === IOC.ENOSYS) uring = `io_uring_setup: ENOSYS (Linux ${k} has no io_uring, or a seccomp filter hides it)`;
+    else uring = `io_uring_setup: ${code}`;
+  } else if (caps.probeErrno !== 0 || !caps.ops.read || !caps.ops.write || !caps.ops.writev)
+    uring = `Linux ${k}: io_uring lacks IORING_OP_READ/WRITE/WRITEV (probe${caps.probeErrno > 0 ? `: ${errnoName(caps.probeErrno)}` : ''})`;
+  if (uring) {
+    fallbacks.push({ level: 'io_uring', reason: uring });
+    return { rx: 'poll', tx: 'poll', fallbacks };
+  }
+  const tx: TxEngine = sndbuf >= IOC.INT_MAX ? 'uring' : 'poll';
+  const [major, minor] = kernelVersion(k);
+  let mshot = '';
+  if (disabled.mshot) mshot = 'disabled by MQTAP_IO_DISABLE=mshot';
+  else if (!caps.ops.readMultishot) mshot = `Linux ${k}: no multishot read (IORING_OP_READ_MULTISHOT needs Linux 6.7+)`;
+  else if (major < 6 || (major === 6 && minor < 12)) mshot = `Linux ${k}: multishot reads are not used before 6.12 (earlier kernels had multishot-read stalls)`;
+  else if (!caps.deferTaskrun) mshot = `Linux ${k}: io_uring refuses SINGLE_ISSUER|DEFER_TASKRUN|TASKRUN_FLAG`;
+  else if (caps.pbufRingErrno !== 0) mshot = `IORING_REGISTER_PBUF_RING: ${errnoName(caps.pbufRingErrno)}`;
+  if (mshot) {
+    fallbacks.push({ level: 'multishot', reason: mshot });
+    return { rx: 'uring', tx, fallbacks };
+  }
+  return { rx: 'uring-mshot', tx, fallbacks };
+}
+
+/** Fallback reasons already logged, per logger: each is logged once. */
+const loggedFallbacks = new WeakMap<object, Set<string>>();
+
+function logOnce(logger: Logger, key: string, log: () => void): void {
+  let seen = loggedFallbacks.get(logger);
+  if (!seen) loggedFallbacks.set(logger, (seen = new Set()));
+  if (seen.has(key)) return;
+  seen.add(key);
+  log();
 }
 
 /** Validated options. */
 interface IoPlan {
   rx: IoEngine | 'auto';
-  tx: IoEngine | 'auto';
+  tx: TxEngine | 'auto';
   batch: number;
   slotSize: number | undefined;
   yieldEvery: number;
@@ -339,12 +469,13 @@ function planIo(opts: QueueIOOptions): IoPlan {
     return v;
   };
   let rx: IoEngine | 'auto' = 'auto';
-  let tx: IoEngine | 'auto' = 'auto';
+  let tx: TxEngine | 'auto' = 'auto';
   if (typeof opts.engine === 'object' && opts.engine !== null) {
     rx = engineChoice(opts.engine.rx, 'engine.rx');
-    tx = engineChoice(opts.engine.tx, 'engine.tx');
+    tx = txChoice(opts.engine.tx, 'engine.tx');
   } else {
-    rx = tx = engineChoice(opts.engine, 'engine');
+    rx = engineChoice(opts.engine, 'engine');
+    tx = rx === 'uring-mshot' ? 'uring' : rx;
   }
   return {
     rx,
@@ -411,25 +542,26 @@ export class QueueIO implements AsyncIterable<FrameBatch> {
     // Non-blocking for as long as this QueueIO lives (the flag is per open
     // file).  Read before uv_poll_init, which sets it.
     this.#restoreNonBlock = (native.getFlFlags(fd) & native.constants.O_NONBLOCK) === 0;
-    const auto = defaultEngines(init.sndbuf);
-    const want = { rx: plan.rx === 'auto' ? auto.rx : plan.rx, tx: plan.tx === 'auto' ? auto.tx : plan.tx };
     this.#log = plan.logger;
-    const make = (e: { rx: IoEngine; tx: IoEngine }): InstanceType<typeof native.QueueIo> =>
-      new native.QueueIo(
-        fd,
-        { ...e, batch: this.batchSize, slotSize: this.slotSize, hdrLen: this.hdrLen, rxDropErrnos: [...RX_DROP_ERRNOS], txDropErrnos: [...TX_DROP_ERRNOS] },
-        (status, events) => this.#onPoll(status, events),
-      );
+    const auto = plan.rx === 'auto' || plan.tx === 'auto' ? defaultEngines(init.sndbuf) : undefined;
+    const want = { rx: plan.rx === 'auto' ? auto!.rx : plan.rx, tx: plan.tx === 'auto' ? auto!.tx : plan.tx };
+    for (const f of auto?.fallbacks ?? []) if (f.level === 'io_uring' || plan.rx === 'auto') this.#fellBack(f.level, f.reason, want);
+    // O_NONBLOCK before a ring registers the fd: tun's files have no
+    // FMODE_NOWAIT, and io_uring takes a registered file's non-blocking-ness
+    // when it is registered (otherwise it polls before every read).
+    if (this.#restoreNonBlock) native.setNonBlocking(fd, true);
     let n: InstanceType<typeof native.QueueIo>;
     try {
-      n = make(want);
+      n = this.#make(want, plan);
     } catch (err) {
-      // io_uring unavailable: 'auto' falls back, an explicit 'uring' fails.
-      const explicit = plan.rx === 'uring' || plan.tx === 'uring';
-      if (!(err instanceof MqtapError) || err.op !== 'IO_URING_SETUP' || explicit) throw this.#ctx(err);
-      n = make({ rx: 'poll', tx: 'poll' });
-      this.#engineNote = `io_uring is unavailable (io_uring_setup: ${err.code}): poll engine`;
-      this.#log.warn({ ...this.#where(), err: { code: err.code, errno: err.errno }, wanted: want, engine: { rx: 'poll', tx: 'poll' }, reason: this.#engineNote }, 'io_uring unavailable; using the poll engine');
+      if (this.#restoreNonBlock) {
+        try {
+          native.setNonBlocking(fd, false);
+        } catch {
+          /* nothing to restore on an fd closed behind our back */
+        }
+      }
+      throw this.#ctx(err);
     }
     this.#native = n;
     this.#slab = Buffer.from(n.slab);
@@ -437,12 +569,59 @@ export class QueueIO implements AsyncIterable<FrameBatch> {
     this.#counters = new Float64Array(ctl, 0, IOC.COUNTERS);
     this.#state = new Int32Array(ctl, IOC.COUNTERS * 8, IOC.STATES);
     this.#rxDesc = new Uint32Array(ctl, IOC.COUNTERS * 8 + IOC.STATES * 4, 2 * this.batchSize);
-    if (this.#restoreNonBlock) native.setNonBlocking(fd, true);
     if (init.queue) this.#unhook = init.queue._onBeforeClose(() => this.#close(false));
   }
 
+  /**
+   * The native engine, trying the next level of the 'auto' chain when
+   * setting io_uring up fails at run time (no free fd, no memory): for an
+   * 'auto' direction multishot -> one-shot io_uring -> poll; an explicit
+   * engine that cannot be set up fails (IO_URING_SETUP / IO_URING_REGISTER).
+   */
+  #make(want: { rx: IoEngine; tx: TxEngine }, plan: IoPlan): InstanceType<typeof native.QueueIo> {
+    const chain = [want];
+    if (plan.rx === 'auto' && want.rx === 'uring-mshot') chain.push({ rx: 'uring', tx: want.tx });
+    const last = { rx: plan.rx === 'auto' ? ('poll' as const) : plan.rx, tx: plan.tx === 'auto' ? ('poll' as const) : plan.tx };
+    const prev = chain[chain.length - 1]!;
+    if (last.rx !== prev.rx || last.tx !== prev.tx) chain.push(last);
+    for (let i = 0; ; i++) {
+      const e = chain[i]!;
+      try {
+        return new native.QueueIo(
+          this.#fd,
+          { ...e, batch: this.batchSize, slotSize: this.slotSize, hdrLen: this.hdrLen, rxDropErrnos: [...RX_DROP_ERRNOS], txDropErrnos: [...TX_DROP_ERRNOS] },
+          (status, events) => this.#onPoll(status, events),
+        );
+      } catch (err) {
+        const next = chain[i + 1];
+        if (!next || !(err instanceof MqtapError) || (err.op !== 'IO_URING_SETUP' && err.op !== 'IO_URING_REGISTER')) throw err;
+        const reason = `${err.syscall ?? 'io_uring_setup'}: ${err.code}`;
+        const level = e.rx === 'uring-mshot' && next.rx === 'uring' ? 'multishot' : 'io_uring';
+        this.#fellBack(level, reason, want, { code: err.code, errno: err.errno });
+      }
+    }
+  }
+
+  /** Notes (engineNote) and logs, once per logger and reason, that a level of the 'auto' chain was skipped. */
+  #fellBack(level: 'io_uring' | 'multishot', reason: string, wanted: { rx: IoEngine; tx: TxEngine }, err?: { code: string; errno: number | undefined }): void {
+    const where = this.#where();
+    if (level === 'io_uring') {
+      this.#engineNote = `io_uring is unavailable (${reason}): poll engine`;
+      const note = this.#engineNote;
+      logOnce(this.#log, `io_uring:${reason}`, () =>
+        this.#log.warn({ ...where, ...(err ? { err } : {}), wanted, engine: { rx: 'poll', tx: 'poll' }, reason: note }, 'io_uring unavailable; using the poll engine'),
+      );
+    } else {
+      this.#engineNote = `multishot reads are unavailable (${reason}): one-shot io_uring reads`;
+      const note = this.#engineNote;
+      logOnce(this.#log, `multishot:${reason}`, () =>
+        this.#log.info({ ...where, ...(err ? { err } : {}), wanted, engine: { rx: 'uring' }, reason: note }, 'multishot reads unavailable; one-shot io_uring reads'),
+      );
+    }
+  }
+
   /** The engines in use. */
-  get engine(): { rx: IoEngine; tx: IoEngine } {
+  get engine(): { rx: IoEngine; tx: TxEngine } {
     return this.#native.engine;
   }
 
@@ -897,7 +1076,15 @@ export class QueueIO implements AsyncIterable<FrameBatch> {
     return {
       queue: this.queue?.index ?? -1,
       engine: this.engine,
-      rx: { frames: c[C.RX_FRAMES]!, bytes: c[C.RX_BYTES]!, batches: c[C.RX_BATCHES]!, drops: c[C.RX_DROPS]!, waits: c[C.RX_WAITS]!, syscalls: c[C.RX_SYSCALLS]! },
+      rx: {
+        frames: c[C.RX_FRAMES]!,
+        bytes: c[C.RX_BYTES]!,
+        batches: c[C.RX_BATCHES]!,
+        drops: c[C.RX_DROPS]!,
+        waits: c[C.RX_WAITS]!,
+        syscalls: c[C.RX_SYSCALLS]!,
+        rearms: c[C.RX_REARMS]!,
+      },
       tx: {
         frames: c[C.TX_FRAMES]!,
         bytes: c[C.TX_BYTES]!,
@@ -1021,10 +1208,10 @@ export function openFdIO(fd: number, opts: QueueIOOptions & { hdrLen?: number; i
 /** Sums the counters of several queues (e.g. openTapIO's). */
 export function totalStats(all: readonly QueueIOStats[]): Omit<QueueIOStats, 'queue' | 'engine'> {
   const zero = (): DirectionStats => ({ frames: 0, bytes: 0, batches: 0, drops: 0, waits: 0, syscalls: 0 });
-  const rx = zero();
+  const rx = { ...zero(), rearms: 0 };
   const tx = { ...zero(), eagain: 0, reordered: 0 };
   for (const s of all) {
-    for (const k of Object.keys(rx) as Array<keyof DirectionStats>) rx[k] += s.rx[k];
+    for (const k of Object.keys(rx) as Array<keyof typeof rx>) rx[k] += s.rx[k];
     for (const k of Object.keys(tx) as Array<keyof typeof tx>) tx[k] += s.tx[k];
   }
   return { rx, tx };

@@ -268,7 +268,7 @@ export interface NativeBinding {
   QueueIo: new (
     fd: number,
     /** rxDropErrnos/txDropErrnos: errnos that drop one frame (counted) instead of stopping the call: lib/ decides (lib/datapath/io.ts). */
-    options: { rx: 'poll' | 'uring'; tx: 'poll' | 'uring'; batch: number; slotSize: number; hdrLen: number; rxDropErrnos: number[]; txDropErrnos: number[] },
+    options: { rx: 'poll' | 'uring' | 'uring-mshot'; tx: 'poll' | 'uring'; batch: number; slotSize: number; hdrLen: number; rxDropErrnos: number[]; txDropErrnos: number[] },
     onPoll: (status: number, events: number) => void,
   ) => {
     /** `batch` slots of `slotSize` bytes each. */
@@ -276,7 +276,7 @@ export interface NativeBinding {
     /** Float64 counters[COUNTERS] | Int32 state[STATES] | Uint32 rxDesc[2 * batch]. */
     readonly control: ArrayBuffer;
     /** The engines in use (io_uring_enter failing is reported in state word 6, RING_ERRNO; lib/ then calls stopUring()). */
-    readonly engine: { rx: 'poll' | 'uring'; tx: 'poll' | 'uring' };
+    readonly engine: { rx: 'poll' | 'uring' | 'uring-mshot'; tx: 'poll' | 'uring' };
     /** False while the uring engine writes unordered batches (see TxUring in native/io.cc). */
     readonly ordered: boolean;
     rxRead(): number;
@@ -287,6 +287,19 @@ export interface NativeBinding {
     /** uv_ref / uv_unref of the poll handle. */
     pollRef(on: boolean): void;
     close(): void;
+  };
+  /**
+   * What the running kernel's io_uring offers (native/uring.h ProbeUring): io_uring_setup's errno
+   * (0: it works), SINGLE_ISSUER|DEFER_TASKRUN|TASKRUN_FLAG, IORING_REGISTER_PROBE's opcodes, and
+   * whether a provided-buffer ring can be registered (errno, 0, or -1: not tried).
+   */
+  ioUringProbe(): {
+    setupErrno: number;
+    deferTaskrun: boolean;
+    probeErrno: number;
+    lastOp: number;
+    ops: { read: boolean; write: boolean; writev: boolean; readMultishot: boolean };
+    pbufRingErrno: number;
   };
   /** TUNGETSNDBUF: the per-device send buffer a queue's writes are charged against (INT_MAX: never EAGAIN). */
   tunGetSndbuf(fd: number): number;
@@ -302,6 +315,10 @@ export interface NativeBinding {
     readonly EFAULT: number;
     readonly ENOMEM: number;
     readonly ENOBUFS: number;
+    readonly ENOSYS: number;
+    readonly EPERM: number;
+    readonly EMFILE: number;
+    readonly ENFILE: number;
     readonly COUNTERS: number;
     readonly STATES: number;
     readonly MAX_BATCH: number;

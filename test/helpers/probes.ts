@@ -48,3 +48,17 @@ export function uringMissingReason(): string {
   const sysctl = ioUringDisabled();
   return `io_uring unavailable on ${release()}${sysctl !== undefined ? ` (kernel.io_uring_disabled=${sysctl})` : ''}: the uring engine cases are skipped`;
 }
+
+/**
+ * Why the multishot receive engine ('uring-mshot') cannot run here, or '':
+ * the kernel is asked (IORING_REGISTER_PROBE for IORING_OP_READ_MULTISHOT,
+ * Linux 6.7+; DEFER_TASKRUN; provided-buffer ring registration).
+ */
+export function mshotMissingReason(): string {
+  const c = native.ioUringProbe();
+  if (c.setupErrno !== 0) return uringMissingReason();
+  if (!c.ops.readMultishot) return `no IORING_OP_READ_MULTISHOT on ${release()} (multishot reads need Linux 6.7+): the uring-mshot cases are skipped`;
+  if (!c.deferTaskrun) return `io_uring on ${release()} refuses SINGLE_ISSUER|DEFER_TASKRUN|TASKRUN_FLAG: the uring-mshot cases are skipped`;
+  if (c.pbufRingErrno !== 0) return `io_uring on ${release()} cannot register a provided-buffer ring (errno ${c.pbufRingErrno}): the uring-mshot cases are skipped`;
+  return '';
+}

@@ -2,8 +2,12 @@
  * The data path's policy lives in lib/datapath/io.ts, not in native/io.cc:
  *  - io_uring unavailable (here: io_uring_setup fails with EMFILE because no
  *    fd is free, RLIMIT_NOFILE lowered with prlimit for this process only):
- *    'auto' picks the poll engine, says why (engineNote) and logs the
- *    reason; an explicit 'uring' fails with IO_URING_SETUP.
+ *    'auto' goes down its chain (multishot reads, one-shot io_uring, poll)
+ *    to the poll engine, says why (engineNote) and logs the reason; an
+ *    explicit 'uring' fails with IO_URING_SETUP.
+ *  - the 'auto' chain forced level by level (MQTAP_IO_DISABLE=mshot, =uring):
+ *    each fallback is noted and logged once per logger, with its reason;
+ *    explicit engines are used as asked.
  *  - which errnos drop one frame: the list lib/ passes in; the addon applies
  *    exactly that list (a refused frame with an empty list stops the call).
  * Real taps in a throw-away network namespace.
@@ -13,7 +17,7 @@ import { describe, expect, it } from 'vitest';
 import { MqtapError } from '../../lib/sys/errors.js';
 import type { Logger } from '../../lib/sys/log.js';
 import { native } from '../../lib/sys/native.js';
-import { openQueueIO, RX_DROP_ERRNOS, TX_DROP_ERRNOS } from '../../lib/datapath/io.js';
+import { defaultEngines, ioCapabilities, openQueueIO, openTapIO, RX_DROP_ERRNOS, TX_DROP_ERRNOS } from '../../lib/datapath/io.js';
 import { openTap } from '../../lib/tap/tap.js';
 import { catchError, fdCount, haveCommand, limitFreeFds, openFds, skipNote, tapEnv, useIsolatedNetns, useTapTracker } from '../helpers/env.js';
 
@@ -64,6 +68,8 @@ describe.skipIf(!env.ok)(`data path policy in lib/datapath/io.ts${skipNote(env)}
     const tap = track(openTap({ name: 'ioe0', queues: 1, up: true }));
     const q = tap.queues[0]!;
     const { logger, lines } = recorder();
+    ioCapabilities(); // asked with fds to spare (and remembered): what fails below is setting the rings up
+    const top = defaultEngines(IOC.INT_MAX); // 'auto' here with a free fd
     const before = fdCount();
     // A few fds free, then all taken: io_uring_setup gets EMFILE, and
     // closing the fillers frees what restoring the limit (prlimit, a child) needs.
@@ -95,15 +101,82 @@ describe.skipIf(!env.ok)(`data path policy in lib/datapath/io.ts${skipNote(env)}
     expect(auto.engineNote).toBe('io_uring is unavailable (io_uring_setup: EMFILE): poll engine');
     const line = lines.find((l) => l.msg === 'io_uring unavailable; using the poll engine');
     expect(line?.level).toBe('warn');
-    expect(line?.obj).toMatchObject({ ifname: 'ioe0', queue: 0, err: { code: 'EMFILE' }, wanted: { rx: 'poll', tx: 'uring' }, engine: { rx: 'poll', tx: 'poll' } });
+    expect(line?.obj).toMatchObject({ ifname: 'ioe0', queue: 0, err: { code: 'EMFILE' }, wanted: { rx: top.rx, tx: top.tx }, engine: { rx: 'poll', tx: 'poll' } });
+    if (top.rx === 'uring-mshot') {
+      // the level below multishot was tried first, and said so
+      const ms = lines.find((l) => l.msg === 'multishot reads unavailable; one-shot io_uring reads');
+      expect(ms?.obj).toMatchObject({ err: { code: 'EMFILE' }, reason: 'multishot reads are unavailable (io_uring_setup: EMFILE): one-shot io_uring reads' });
+    }
     expect(explicit).toBeInstanceOf(MqtapError);
     expect(explicit).toMatchObject({ op: 'IO_URING_SETUP', code: 'EMFILE' });
     expect(fdCount()).toBe(before);
-    // With fds to spare, 'auto' gets its io_uring writer and no note.
+    // With fds to spare, 'auto' gets the top of its chain, and a note only if the kernel made it skip a level.
     const io = openQueueIO(q, { logger });
-    expect(io.engine).toEqual({ rx: 'poll', tx: 'uring' });
-    expect(io.engineNote).toBeUndefined();
+    expect(io.engine).toEqual({ rx: top.rx, tx: top.tx });
+    if (top.fallbacks.length === 0) expect(io.engineNote).toBeUndefined();
+    else expect(io.engineNote).toMatch(/unavailable/);
     io.close();
+  });
+
+  it("the 'auto' chain forced level by level: each fallback noted, logged once with its reason; explicit engines as asked", () => {
+    const tap = track(openTap({ name: 'ioe3', queues: 2, up: true }));
+    const saved = process.env.MQTAP_IO_DISABLE;
+    const openAll = (disable: string | undefined, opts: Parameters<typeof openTapIO>[1] = {}) => {
+      if (disable === undefined) delete process.env.MQTAP_IO_DISABLE;
+      else process.env.MQTAP_IO_DISABLE = disable;
+      try {
+        return openTapIO(tap, opts);
+      } finally {
+        if (saved === undefined) delete process.env.MQTAP_IO_DISABLE;
+        else process.env.MQTAP_IO_DISABLE = saved;
+      }
+    };
+    const top = defaultEngines(IOC.INT_MAX, ioCapabilities(), { mshot: false, uring: false });
+    const closeAll = (l: ReturnType<typeof openTapIO>): void => l.forEach((io) => io.close());
+
+    // nothing forced: the top of the chain
+    let list = openAll(undefined);
+    expect(list.map((io) => io.engine)).toEqual([{ rx: top.rx, tx: top.tx }, { rx: top.rx, tx: top.tx }]);
+    closeAll(list);
+
+    // multishot forced off: one-shot io_uring reads (only where io_uring works at all)
+    if (top.tx === 'uring') {
+      const { logger, lines } = recorder();
+      list = openAll('mshot', { logger });
+      expect(list.map((io) => io.engine)).toEqual([{ rx: 'uring', tx: 'uring' }, { rx: 'uring', tx: 'uring' }]);
+      const note = 'multishot reads are unavailable (disabled by MQTAP_IO_DISABLE=mshot): one-shot io_uring reads';
+      expect(list.map((io) => io.engineNote)).toEqual([note, note]);
+      const logged = lines.filter((l) => l.msg === 'multishot reads unavailable; one-shot io_uring reads');
+      expect(logged.length, 'logged once for both queues').toBe(1);
+      expect(logged[0]).toMatchObject({ level: 'info', obj: { ifname: 'ioe3', queue: 0, reason: note } });
+      closeAll(list);
+      // an explicit multishot engine is used as asked, forced off or not
+      if (top.rx === 'uring-mshot') {
+        list = openAll('mshot', { engine: { rx: 'uring-mshot' }, logger });
+        expect(list[0]!.engine).toEqual({ rx: 'uring-mshot', tx: 'uring' });
+        expect(list[0]!.engineNote).toBeUndefined();
+        closeAll(list);
+      }
+    }
+
+    // io_uring forced off: poll both ways, logged once as a warning
+    const { logger, lines } = recorder();
+    list = openAll('uring', { logger });
+    expect(list.map((io) => io.engine)).toEqual([{ rx: 'poll', tx: 'poll' }, { rx: 'poll', tx: 'poll' }]);
+    expect(list[1]!.engineNote).toBe('io_uring is unavailable (disabled by MQTAP_IO_DISABLE=uring): poll engine');
+    const warned = lines.filter((l) => l.msg === 'io_uring unavailable; using the poll engine');
+    expect(warned.length).toBe(1);
+    expect(warned[0]).toMatchObject({ level: 'warn', obj: { reason: 'io_uring is unavailable (disabled by MQTAP_IO_DISABLE=uring): poll engine', engine: { rx: 'poll', tx: 'poll' } } });
+    closeAll(list);
+
+    // explicit engines, nothing forced: as asked, no note
+    for (const rx of ['poll', 'uring'] as const) {
+      if (rx === 'uring' && top.tx !== 'uring') continue;
+      list = openAll(undefined, { engine: { rx, tx: 'poll' } });
+      expect(list[0]!.engine).toEqual({ rx, tx: 'poll' });
+      expect(list[0]!.engineNote).toBeUndefined();
+      closeAll(list);
+    }
   });
 
   it.skipIf(!uringAvailable())('io_uring_enter failing mid-write: the addon reports it, lib/ stops the ring, logs why, and the batch is written with plain syscalls', async () => {

@@ -19,17 +19,18 @@
  */
 import dgram from 'node:dgram';
 import { readlinkSync } from 'node:fs';
+import { release } from 'node:os';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { MqtapError } from '../../lib/sys/errors.js';
 import { parseUdp4Frame, udp4Frame } from '../../lib/datapath/frames.js';
-import { getSendBuffer, openFdIO, openQueueIO, openTapIO, setSendBuffer, type IoEngine, type QueueIO } from '../../lib/datapath/io.js';
+import { getSendBuffer, kernelVersion, openFdIO, openQueueIO, openTapIO, setSendBuffer, type IoEngine, type QueueIO } from '../../lib/datapath/io.js';
 import { getLink } from '../../lib/tap/links.js';
 import { native } from '../../lib/sys/native.js';
 import { deleteTap, openTap, type OpenTapOptions, type Tap } from '../../lib/tap/tap.js';
 import { need, needCommand, netnsSysctls, openFds, reuseFdNumber, run, skipNote, tapEnv, tryRun, useIsolatedNetns, useTapTracker } from '../helpers/env.js';
 import { bindUdp, sendUdp } from '../helpers/net.js';
-import { uringMissingReason } from '../helpers/probes.js';
+import { mshotMissingReason, uringMissingReason } from '../helpers/probes.js';
 
 const env = tapEnv();
 
@@ -54,7 +55,8 @@ function uringAvailable(): boolean {
   }
 }
 const URING = uringAvailable();
-const ENGINES: IoEngine[] = URING ? ['poll', 'uring'] : ['poll'];
+const MSHOT = env.ok && URING && need('io_uring-mshot', mshotMissingReason()).ok;
+const ENGINES: IoEngine[] = URING ? (MSHOT ? ['poll', 'uring', 'uring-mshot'] : ['poll', 'uring']) : ['poll'];
 if (env.ok && !URING) need('io_uring', uringMissingReason());
 
 /** Ethernet + IPv4 + UDP (checksum 0) from PEER to LOCAL. */
@@ -393,12 +395,14 @@ describe.skipIf(!env.ok)(`queue I/O on taps${skipNote(env)}`, () => {
     }
   });
 
-  it("'auto' reads with plain syscalls and writes io_uring batches when the send buffer is unlimited, plain writes when it is not", () => {
+  it("'auto' reads with what the kernel offers and writes io_uring batches when the send buffer is unlimited, plain writes when it is not", () => {
     const tap = upTap('io0', { queues: 1 });
     expect(getSendBuffer(tap)).toBe(native.ioConstants.INT_MAX);
     const io = openQueueIO(tap.queues[0]!);
     ios.push(io);
-    expect(io.engine).toEqual(URING ? { rx: 'poll', tx: 'uring' } : { rx: 'poll', tx: 'poll' });
+    const [maj, min] = kernelVersion(release());
+    const rx = !URING ? 'poll' : MSHOT && (maj > 6 || (maj === 6 && min >= 12)) ? 'uring-mshot' : 'uring';
+    expect(io.engine).toEqual(URING ? { rx, tx: 'uring' } : { rx: 'poll', tx: 'poll' });
     io.close();
     setSendBuffer(tap, 65536);
     const io2 = openQueueIO(tap.queues[0]!);

@@ -14,7 +14,7 @@ import { MqtapError } from '../../lib/sys/errors.js';
 import { openFdIO, totalStats, type FrameBatch, type IoEngine, type QueueIO } from '../../lib/datapath/io.js';
 import { native } from '../../lib/sys/native.js';
 import { need } from '../helpers/env.js';
-import { uringMissingReason } from '../helpers/probes.js';
+import { mshotMissingReason, uringMissingReason } from '../helpers/probes.js';
 
 const SOCK_SEQPACKET = (native.constants as unknown as { SOCK_SEQPACKET?: number }).SOCK_SEQPACKET ?? 5;
 const havePair = typeof (native as { unixSocketPair?: unknown }).unixSocketPair === 'function';
@@ -31,7 +31,8 @@ try {
 } catch {
   uringOk = false;
 }
-const ENGINES: IoEngine[] = uringOk ? ['poll', 'uring'] : ['poll'];
+const mshotOk = uringOk && need('io_uring-mshot', mshotMissingReason()).ok;
+const ENGINES: IoEngine[] = uringOk ? (mshotOk ? ['poll', 'uring', 'uring-mshot'] : ['poll', 'uring']) : ['poll'];
 if (!uringOk) need('io_uring', uringMissingReason());
 
 const fds: number[] = [];
@@ -324,7 +325,8 @@ describe.skipIf(!havePair)(`QueueIO over a socketpair${havePair ? '' : ' (skippe
     await expect(a.writeBatch('x' as unknown as Buffer[])).rejects.toThrow(/array/);
     const [x, y] = native.unixSocketPair(SOCK_SEQPACKET);
     fds.push(x, y);
-    expect(() => openFdIO(x, { hdrLen: 0, engine: 'fast' as IoEngine })).toThrow(/'auto', 'poll' or 'uring'/);
+    expect(() => openFdIO(x, { hdrLen: 0, engine: 'fast' as IoEngine })).toThrow(/'auto', 'poll', 'uring' or 'uring-mshot'/);
+    expect(() => openFdIO(x, { hdrLen: 0, engine: { tx: 'uring-mshot' as 'uring' } })).toThrow(/'uring-mshot' is a receive engine/);
     expect(() => openFdIO(x, { hdrLen: 0, batch: 0 })).toThrow(/batch/);
     expect(() => openFdIO(x, { hdrLen: 0, bogus: 1 } as object)).toThrow(/unknown QueueIO option/);
     expect(() => openFdIO(x)).toThrow(MqtapError); // not a tap: TUNGETVNETHDRSZ fails, hdrLen is needed
