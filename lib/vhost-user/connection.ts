@@ -177,6 +177,8 @@ export class VhostUserConnection extends EventEmitter {
   #notify: InstanceType<(typeof native)['FdPoll']> | undefined;
   #lastPairs = '';
   #final: PairCounters[] | undefined;
+  /** Removes the tap queues' before-close hooks (#teardown). */
+  readonly #unhook: Array<() => void> = [];
 
   constructor(opts: ConnectionOptions) {
     super();
@@ -189,7 +191,12 @@ export class VhostUserConnection extends EventEmitter {
     this.#rings = Array.from({ length: 2 * opts.pairs }, newRing);
     for (let p = 0; p < this.pairs; p++) {
       const q = this.#tap.queues[p];
-      this.#dp.setTap(p, q && q.state !== 'closed' ? q.fd : -1);
+      const live = q !== undefined && q.state !== 'closed';
+      this.#dp.setTap(p, live ? q.fd : -1);
+      // A queue closed while the connection lives (Tap.close(), queue.close()): the worker lets go of
+      // its fd first (its io_uring holds the file, which would keep the queue, and a non-persistent
+      // tap, alive), and never touches that fd number again.
+      if (live) this.#unhook.push(q._onBeforeClose(() => this.#tapClosing(p)));
     }
     try {
       this.#notify = new native.FdPoll(this.#dp.notifyFd, (status) => this.#onNotify(status));
@@ -611,9 +618,20 @@ export class VhostUserConnection extends EventEmitter {
     }
   }
 
+  #tapClosing(pair: number): void {
+    if (this.#closed) return;
+    try {
+      this.#dp.setTap(pair, -1);
+      this.#log.info({ ifname: this.#tap.name, pair }, 'vhost-user: tap queue closed; the pair has no tap now (guest frames are dropped and counted)');
+    } catch (err) {
+      this.#log.warn({ err, pair }, 'vhost-user: letting go of a closing tap queue failed');
+    }
+  }
+
   #teardown(err?: Error): void {
     if (this.#closed) return;
     this.#closed = true;
+    for (const u of this.#unhook.splice(0)) u();
     this.#notify?.close();
     this.#notify = undefined;
     try {

@@ -24,8 +24,13 @@ class FakeQueue {
     readonly index: number,
     public state: 'enabled' | 'disabled',
   ) {}
+  readonly beforeClose = new Set<() => void>();
   get fd(): number {
     return 100 + this.index;
+  }
+  _onBeforeClose(fn: () => void): () => void {
+    this.beforeClose.add(fn);
+    return () => this.beforeClose.delete(fn);
   }
   enable(): void {
     if (this.state === 'enabled') throw new MqtapError({ op: 'TUNSETQUEUE', errno: 22, syscall: 'ioctl' });
