@@ -243,6 +243,16 @@ struct Pair {
   bool Pending() const { return rxHead < rxq.size(); }
 };
 
+// On the worker: frames read from the tap but not yet placed (rxq[rxHead..])
+// are dropped and counted.  Called when the RX ring stops or the tap changes,
+// so frames of an old tap (or read with an old vnet header size) never reach
+// a restarted ring.
+void DropParked(Pair& p) {
+  if (p.Pending()) p.c.rxDropped.fetch_add(p.rxq.size() - p.rxHead, std::memory_order_relaxed);
+  p.rxq.clear();
+  p.rxHead = 0;
+}
+
 // On the worker only (the ring is SINGLE_ISSUER): sets up the io_uring for
 // the pair's current tap fd, once per fd, unless writev was asked for.  A
 // ring that cannot be set up (io_uring disabled, old kernel, out of memory)
@@ -459,6 +469,7 @@ class DataPlane : public Napi::ObjectWrap<DataPlane> {
     bool onWorker = p.th.joinable();
     Exec(p, [&] {
       if (p.tapInEp) epoll_ctl(p.ep, EPOLL_CTL_DEL, p.tap, nullptr);
+      DropParked(p);
       TapEngineDrop(p);
       p.tap = -1;
       p.tapArmed = p.tapInEp = p.tapErr = false;
@@ -584,6 +595,7 @@ class DataPlane : public Napi::ObjectWrap<DataPlane> {
       epoll_ctl(p.ep, EPOLL_CTL_MOD, p.tap, &ev);
       p.tapArmed = false;
     }
+    if (!tx) DropParked(p);
     g.lastAvailPub.store(g.lastAvail);
     g.state.store(STOPPED);
     g.more = false;
@@ -853,7 +865,10 @@ struct Engine {
       }
       uint16_t aidx;
       int n = Waiting(g, aidx);
-      if (n < 0) return Fail(g, true, "avail idx jumped by more than the ring size (" + std::to_string(static_cast<uint16_t>(aidx - g.lastAvail)) + " > " + std::to_string(g.num) + ")");
+      if (n < 0) {
+        if (g.usedIdx != start) Publish(g);  // the chains already written go back first
+        return Fail(g, true, "avail idx jumped by more than the ring size (" + std::to_string(static_cast<uint16_t>(aidx - g.lastAvail)) + " > " + std::to_string(g.num) + ")");
+      }
       if (n == 0) {
         if (NotifyOnAndRecheck(g, aidx)) continue;
         break;
@@ -996,7 +1011,9 @@ struct Engine {
         continue;
       }
       answered++;
-      if (static_cast<size_t>(r) < g.f.hdr) {
+      // tun returns a frame's full length even when it copied only what fit:
+      // a frame longer than its slot was truncated, never placed.
+      if (static_cast<size_t>(r) < g.f.hdr || static_cast<size_t>(r) > kBounce) {
         Add(p.c.rxDropped);
         continue;
       }
