@@ -50,6 +50,7 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <climits>
 #include <condition_variable>
 #include <cstring>
 #include <functional>
@@ -919,8 +920,9 @@ struct Engine {
       }
       if (m > 0) {
         cqes.clear();
-        int err = p.uring->SubmitAndWait(m, &cqes);
-        Add(p.c.txSyscalls);
+        unsigned enters = 0;
+        int err = p.uring->SubmitAndWait(m, &cqes, &enters);
+        Add(p.c.txSyscalls, enters);
         for (const io_uring_cqe& c : cqes)
           if (c.user_data < k) res[c.user_data] = c.res;
         if (err != 0) TapEngineBroken(p, err);
@@ -969,8 +971,10 @@ struct Engine {
     unsigned want = std::min(n, kRxSlots);
     const bool ring = p.uring != nullptr;
     if (ring) want = std::min(want, p.rxWant);
+    constexpr int kNoCompletion = INT_MIN;  // io_uring_enter failed before this slot's read completed
     res.assign(want, -EAGAIN);
     if (p.uring) {
+      res.assign(want, kNoCompletion);
       for (unsigned i = 0; i < want; i++) {
         io_uring_sqe* s = p.uring->Sqe(i);
         s->opcode = IORING_OP_READ;
@@ -982,8 +986,9 @@ struct Engine {
         s->user_data = i;
       }
       cqes.clear();
-      int err = p.uring->SubmitAndWait(want, &cqes);
-      Add(p.c.rxSyscalls);
+      unsigned enters = 0;
+      int err = p.uring->SubmitAndWait(want, &cqes, &enters);
+      Add(p.c.rxSyscalls, enters);
       for (const io_uring_cqe& c : cqes)
         if (c.user_data < want) res[c.user_data] = c.res;
       if (err != 0) TapEngineBroken(p, err);
@@ -1002,6 +1007,11 @@ struct Engine {
     unsigned answered = 0;
     for (unsigned i = 0; i < want; i++) {
       int r = res[i];
+      if (r == kNoCompletion) {  // its read may have taken a frame: count it as lost
+        Add(p.c.rxDropped);
+        st = std::max<int>(st, READ_EMPTY);
+        continue;
+      }
       if (r == -EAGAIN || r == -ECANCELED) {
         st = std::max<int>(st, READ_EMPTY);
         continue;
@@ -1165,7 +1175,12 @@ void Worker(Pair* pp) {
     bool retry = p.tapErr && p.tap >= 0;
     int n = epoll_wait(p.ep, evs, 8, more ? 0 : retry ? kTapRetryMs : -1);
     if (n < 0) n = 0;  // EINTR; the worker never leaves on its own (Exec waits for it)
-    if (n > 0) Add(p.c.wakeups);
+    for (int i = 0; i < n; i++) {
+      if (evs[i].data.u32 != TAG_CTL) {  // a command from JavaScript is not a data wake-up
+        Add(p.c.wakeups);
+        break;
+      }
+    }
     bool rxKick = false;
     for (int i = 0; i < n; i++) {
       switch (evs[i].data.u32) {

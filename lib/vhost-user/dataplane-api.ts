@@ -96,10 +96,10 @@ export interface PairCounters {
   /** Kick wake-ups and call signals. */
   kicks: bigint;
   calls: bigint;
-  /** Tap syscalls of the worker: writev(2) or io_uring_enter(2) for TX, read(2) or io_uring_enter(2) for RX. */
+  /** Tap syscalls of the worker, each one counted: writev(2) or io_uring_enter(2) for TX, read(2) or io_uring_enter(2) for RX. */
   txSyscalls: bigint;
   rxSyscalls: bigint;
-  /** Times the worker woke up with events (epoll_wait returned some). */
+  /** Times the worker woke up with a kick or tap event (commands from JavaScript alone are not counted). */
   wakeups: bigint;
   /** The tap engine the pair's worker uses now ('none': no tap, or no ring started yet). */
   tapEngine: TapEngine | 'none';

@@ -195,6 +195,24 @@ describe.skipIf(!env.ok)(`vhost-user tap engines${skipNote(env)}`, () => {
     expect(c.rxSyscalls).toBeLessThanOrEqual(BigInt(RX_N) + 8n);
   });
 
+  it.each(['auto', 'writev'] as const)("%s: commands from JavaScript (setTap, stopRing/startRing) are not counted as wake-ups; tap syscalls only when there is I/O", async (engine) => {
+    const { tap, mem, dp } = setup(engine);
+    const tx = ring(mem, 8);
+    dp.startRing(0, 'tx', tx.config(), feats);
+    dp.setTap(0, tap.queues[0]!.fd);
+    await sleep(20);
+    const c0 = dp.counters(0);
+    for (let i = 0; i < 20; i++) {
+      dp.setTap(0, tap.queues[0]!.fd); // each one runs on the worker (its control eventfd wakes it)
+      dp.stopRing(0, 'tx');
+      dp.startRing(0, 'tx', tx.config(), feats);
+    }
+    await sleep(20);
+    const c1 = dp.counters(0);
+    expect(c1.wakeups - c0.wakeups, '60 commands, no kick, no tap event').toBe(0n);
+    expect(c1.txSyscalls + c1.rxSyscalls - c0.txSyscalls - c0.rxSyscalls, 'no frame, no tap syscall').toBe(0n);
+  });
+
   describe.skipIf(!emfile.ok)(`io_uring cannot be set up (no free fd for it)${skipNote(emfile)}`, () => {
     /** Sets pair 0's tap while no fd can be opened: the worker's io_uring_setup fails with EMFILE. */
     function setTapWithoutFds(dp: NativeDataPlane, fd: number): void {
