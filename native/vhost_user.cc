@@ -239,6 +239,7 @@ struct Pair {
   bool uringTried = false;              // worker-owned: set up once per tap fd
   std::atomic<int> engine{ENGINE_NONE};
   std::atomic<int> engineErrno{0};      // why not ENGINE_URING (0: asked for writev, or no tap)
+  std::atomic<bool> engineBroke{false}; // engineErrno is io_uring_enter's (mid-run), not the setup's
   Counters c;
 
   bool Pending() const { return rxHead < rxq.size(); }
@@ -275,6 +276,7 @@ void TapEngineSetup(Pair& p) {
   }
   p.uring = std::move(r);
   p.engineErrno.store(0);
+  p.engineBroke.store(false);
   p.engine.store(ENGINE_URING);
 }
 
@@ -284,13 +286,17 @@ void TapEngineDrop(Pair& p) {
   p.uringTried = false;
   p.engine.store(ENGINE_NONE);
   p.engineErrno.store(0);
+  p.engineBroke.store(false);
 }
 
 // io_uring_enter itself failed mid-batch (never seen): the pair goes on with
-// writev/read for good, and says why.
+// writev/read until its tap changes, and reports it (counters, and the
+// plane's notify eventfd, signalled by the caller): lib/ decides whether
+// that is an error.
 void TapEngineBroken(Pair& p, int err) {
   p.uring.reset();
   p.engineErrno.store(err);
+  p.engineBroke.store(true);
   p.engine.store(ENGINE_WRITEV);
 }
 
@@ -637,7 +643,10 @@ class DataPlane : public Napi::ObjectWrap<DataPlane> {
     set("wakeups", p.c.wakeups);
     int eng = p.engine.load();
     o.Set("tapEngine", eng == ENGINE_URING ? "uring" : eng == ENGINE_WRITEV ? "writev" : "none");
-    o.Set("tapEngineErrno", Napi::Number::New(env, p.engineErrno.load()));
+    int eno = p.engineErrno.load();
+    o.Set("tapEngineErrno", Napi::Number::New(env, eno));
+    // The syscall tapEngineErrno is from: io_uring_setup stands for the whole setup (setup, mmap, register).
+    o.Set("tapEngineSyscall", eno == 0 ? "" : p.engineBroke.load() ? "io_uring_enter" : "io_uring_setup");
     return o;
   }
 
@@ -925,7 +934,10 @@ struct Engine {
         Add(p.c.txSyscalls, enters);
         for (const io_uring_cqe& c : cqes)
           if (c.user_data < k) res[c.user_data] = c.res;
-        if (err != 0) TapEngineBroken(p, err);
+        if (err != 0) {
+          TapEngineBroken(p, err);
+          Signal(dp.notifyFd());
+        }
       }
     } else {
       for (size_t j = 0; j < k; j++) {
@@ -991,7 +1003,10 @@ struct Engine {
       Add(p.c.rxSyscalls, enters);
       for (const io_uring_cqe& c : cqes)
         if (c.user_data < want) res[c.user_data] = c.res;
-      if (err != 0) TapEngineBroken(p, err);
+      if (err != 0) {
+          TapEngineBroken(p, err);
+          Signal(dp.notifyFd());
+        }
     } else {
       for (unsigned i = 0; i < want; i++) {
         ssize_t r = NoEintr([&] { return read(p.tap, p.slots + static_cast<size_t>(i) * kBounce, kBounce); });
