@@ -82,6 +82,8 @@ constexpr unsigned kRxSlots = 64;          // RX frames read per io_uring_enter 
 constexpr unsigned kUringEntries = 256;    // >= kBudget: a TX batch is one io_uring_enter
 constexpr size_t kIovMax = 1024;          // IOV_MAX
 constexpr int kTapRetryMs = 100;           // a broken tap fd (device deleted) is looked at again this often
+constexpr int kSlotsIdleMs = 1000;         // slots that held frames over a page are given back after this long idle
+constexpr size_t kPage = 4096;
 constexpr uint32_t kMaxIndirect = 65536;  // entries of one indirect table (as the kernel's vhost: USHRT_MAX + 1)
 
 // A read/write lock that prefers writers: workers take it shared around each
@@ -232,6 +234,10 @@ struct Pair {
   std::vector<std::pair<uint32_t, uint32_t>> rxq;
   size_t rxHead = 0;
   unsigned rxWant = 8;  // adaptive read depth (io_uring)
+  // A frame over a page was read since the slots were last given back
+  // (MADV_DONTNEED after kSlotsIdleMs idle): GSO or jumbo frames fault in up
+  // to 64 x 68 KiB, which an idle pair should not keep.
+  bool slotsDirty = false;
   // Tap I/O engine.  The io_uring (tap fd registered as its file 0) is
   // created, used and destroyed on the worker only (SINGLE_ISSUER).
   int want = WANT_URING;
@@ -1036,6 +1042,7 @@ struct Engine {
         continue;
       }
       answered++;
+      if (static_cast<size_t>(r) > kPage) p.slotsDirty = true;
       // tun returns a frame's full length even when it copied only what fit:
       // a frame longer than its slot was truncated, never placed.
       if (static_cast<size_t>(r) < g.f.hdr || static_cast<size_t>(r) > kBounce) {
@@ -1188,8 +1195,16 @@ void Worker(Pair* pp) {
     VRing& tx = p.rings[1];
     bool more = (rx.more && rx.state.load() == RUNNING) || (tx.more && tx.state.load() == RUNNING);
     bool retry = p.tapErr && p.tap >= 0;
-    int n = epoll_wait(p.ep, evs, 8, more ? 0 : retry ? kTapRetryMs : -1);
+    bool release = p.slotsDirty && !p.Pending();
+    int n = epoll_wait(p.ep, evs, 8, more ? 0 : retry ? kTapRetryMs : release ? kSlotsIdleMs : -1);
+    const bool timedOut = n == 0;
     if (n < 0) n = 0;  // EINTR; the worker never leaves on its own (Exec waits for it)
+    if (timedOut && !more && release) {
+      // Idle: the slots' pages go back to the kernel (they read as zeros
+      // and fault in again on the next frames; nothing is parked in them).
+      madvise(p.slots, static_cast<size_t>(kRxSlots) * kBounce, MADV_DONTNEED);
+      p.slotsDirty = false;
+    }
     for (int i = 0; i < n; i++) {
       if (evs[i].data.u32 != TAG_CTL) {  // a command from JavaScript is not a data wake-up
         Add(p.c.wakeups);

@@ -16,7 +16,7 @@
  * counts the pair reports.
  */
 import dgram from 'node:dgram';
-import { closeSync, openSync } from 'node:fs';
+import { closeSync, openSync, readFileSync } from 'node:fs';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { afterEach, describe, expect, it } from 'vitest';
 import { parseUdp4Frame, udp4Frame } from '../../lib/datapath/frames.js';
@@ -211,6 +211,54 @@ describe.skipIf(!env.ok)(`vhost-user tap engines${skipNote(env)}`, () => {
     const c1 = dp.counters(0);
     expect(c1.wakeups - c0.wakeups, '60 commands, no kick, no tap event').toBe(0n);
     expect(c1.txSyscalls + c1.rxSyscalls - c0.txSyscalls - c0.rxSyscalls, 'no frame, no tap syscall').toBe(0n);
+  });
+
+  /** Resident kB of this process's mappings the size of a pair's RX slots (64 x 68 KiB, anonymous), by address range. */
+  function slotsMappings(): Map<string, number> {
+    const SLOTS_KB = (64 * 69632) / 1024;
+    const out = new Map<string, number>();
+    let range = '';
+    for (const line of readFileSync('/proc/self/smaps', 'utf8').split('\n')) {
+      const head = /^([0-9a-f]+-[0-9a-f]+) /.exec(line);
+      if (head) range = head[1]!;
+      const m = /^Size:\s+(\d+) kB/.exec(line);
+      if (m && Number(m[1]) !== SLOTS_KB) range = '';
+      const r = /^Rss:\s+(\d+) kB/.exec(line);
+      if (r && range) out.set(range, Number(r[1]));
+    }
+    return out;
+  }
+
+  it.each(['auto', 'writev'] as const)('%s: RX slots that held jumbo frames are given back (MADV_DONTNEED) once the pair is idle', async (engine) => {
+    const { tap, mem, dp } = setup(engine);
+    run('ip', ['link', 'set', 'dev', tap.name, 'mtu', '65000']);
+    dp.setTap(0, tap.queues[0]!.fd);
+    const rx = ring(mem, 8);
+    const heads: number[] = [];
+    for (let i = 0; i < 8; i++) {
+      rx.setDesc(i, mem.gpa(rx.bufOffset(i)), 2048, F_WRITE);
+      heads.push(i);
+    }
+    rx.publish(heads);
+    const before = slotsMappings();
+    dp.startRing(0, 'rx', rx.config(), feats); // starts the pair's worker: its slots are mapped
+    const mine = [...slotsMappings().keys()].filter((k) => !before.has(k));
+    expect(mine, 'the pair\'s slots mapping').toHaveLength(1);
+    const slotsRssKb = (): number => slotsMappings().get(mine[0]!) ?? -1;
+    const s = await udpSocket();
+    const base = slotsRssKb();
+    // 60000-byte datagrams: one 60042-byte frame each (MTU 65000, no offloads), read into a slot, too big for a 2 KiB buffer.
+    for (let i = 0; i < 4; i++) await sendUdp(s, Buffer.alloc(60000, i), 42000 + i, PEER);
+    await until(() => dp.counters(0).rxDropped >= 4n);
+    expect(dp.counters(0).rxDropped).toBe(4n);
+    const busy = slotsRssKb();
+    expect(busy - base, 'the frames were read into the slots').toBeGreaterThanOrEqual(48);
+    await until(() => slotsRssKb() < 16, 3000);
+    expect(slotsRssKb(), `slots resident after 1 s idle (were ${busy} kB)`).toBeLessThan(16);
+    // The pair still receives.
+    await sendUdp(s, Buffer.from('small'), 42100, PEER);
+    await until(() => dp.counters(0).rxFrames >= 1n);
+    expect(dp.counters(0).rxFrames).toBeGreaterThanOrEqual(1n);
   });
 
   describe.skipIf(!emfile.ok)(`io_uring cannot be set up (no free fd for it)${skipNote(emfile)}`, () => {
