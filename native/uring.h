@@ -133,13 +133,20 @@ class Ring {
   // Returns 0 or an errno.  NOWAIT ops on a tap complete inline, so the wait
   // is normally over when the submit returns; the bounded wait (1 s) is a
   // safety net: if it ever expires, everything still in flight is cancelled
-  // and reaped before returning ETIME, so nothing outlives the call.
-  int SubmitAndWait(unsigned n, std::vector<io_uring_cqe>* out) {
+  // and reaped before returning ETIME, so nothing outlives the call.  When
+  // io_uring_enter fails for good, the completions already posted are reaped
+  // into `out` before the errno is returned (ops without one: unknown).
+  // `enters` (optional) gets the number of io_uring_enter calls made.
+  int SubmitAndWait(unsigned n, std::vector<io_uring_cqe>* out, unsigned* enters = nullptr) {
+    unsigned dummy = 0;
+    unsigned& calls = enters != nullptr ? *enters : dummy;
+    calls = 0;
     __atomic_store_n(sq_tail_, *sq_tail_ + n, __ATOMIC_RELEASE);
     unsigned submitted = 0;
     int err = 0;
     for (int busy = 0; submitted < n;) {
       int r = SysEnter(fd_, n - submitted, 0, IORING_ENTER_GETEVENTS, nullptr, 0);
+      calls++;
       if (r < 0) {
         if (errno == EINTR) continue;
         // EAGAIN/EBUSY: out of memory for requests, or completions to reap
@@ -148,7 +155,9 @@ class Ring {
           Reap(out);
           continue;
         }
-        return errno;  // nothing more was submitted: the caller gives up on this ring
+        int e = errno;
+        Reap(out);  // what the chunks submitted before completed
+        return e;   // nothing more was submitted: the caller gives up on this ring
       }
       submitted += static_cast<unsigned>(r);
     }
@@ -159,9 +168,10 @@ class Ring {
       memset(&arg, 0, sizeof arg);
       arg.ts = reinterpret_cast<uint64_t>(&ts);
       int r = SysEnter(fd_, 0, static_cast<unsigned>(n - out->size()), IORING_ENTER_GETEVENTS | IORING_ENTER_EXT_ARG, &arg, sizeof arg);
+      calls++;
       Reap(out);
       if (r < 0 && errno == ETIME && out->size() < n) {
-        CancelAll(n, out);
+        calls += CancelAll(n, out);
         err = ETIME;
         break;
       }
@@ -242,7 +252,11 @@ class Ring {
     __atomic_store_n(cq_head_, head, __ATOMIC_RELEASE);
   }
 
-  void CancelAll(unsigned n, std::vector<io_uring_cqe>* out) {
+  // Cancels everything in flight and reaps it; every wait is bounded (EXT_ARG
+  // timeout, 10 ms, at most 100 of them: 1 s in all), so an op that never
+  // completes cannot hang the caller (the vhost-user worker holds the regions
+  // lock meanwhile).  Returns the io_uring_enter calls made.
+  unsigned CancelAll(unsigned n, std::vector<io_uring_cqe>* out) {
     io_uring_sqe* s = Sqe(0);
     s->opcode = IORING_OP_ASYNC_CANCEL;
     s->fd = -1;
@@ -250,15 +264,23 @@ class Ring {
     s->user_data = ~0ULL;
     __atomic_store_n(sq_tail_, *sq_tail_ + 1, __ATOMIC_RELEASE);
     SysEnter(fd_, 1, 0, IORING_ENTER_GETEVENTS, nullptr, 0);
+    unsigned calls = 1;
     size_t want = n + 1;
     std::vector<io_uring_cqe> all(out->begin(), out->end());
-    for (int spins = 0; all.size() < want && spins < 1000; spins++) {
-      SysEnter(fd_, 0, 1, IORING_ENTER_GETEVENTS, nullptr, 0);
+    Reap(&all);
+    for (int spins = 0; all.size() < want && spins < 100; spins++) {
+      __kernel_timespec ts = {0, 10 * 1000 * 1000};
+      io_uring_getevents_arg arg;
+      memset(&arg, 0, sizeof arg);
+      arg.ts = reinterpret_cast<uint64_t>(&ts);
+      SysEnter(fd_, 0, 1, IORING_ENTER_GETEVENTS | IORING_ENTER_EXT_ARG, &arg, sizeof arg);
+      calls++;
       Reap(&all);
     }
     out->clear();
     for (const auto& c : all)
       if (c.user_data != ~0ULL) out->push_back(c);
+    return calls;
   }
 
   int fd_ = -1;

@@ -50,6 +50,7 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <climits>
 #include <condition_variable>
 #include <cstring>
 #include <functional>
@@ -81,6 +82,8 @@ constexpr unsigned kRxSlots = 64;          // RX frames read per io_uring_enter 
 constexpr unsigned kUringEntries = 256;    // >= kBudget: a TX batch is one io_uring_enter
 constexpr size_t kIovMax = 1024;          // IOV_MAX
 constexpr int kTapRetryMs = 100;           // a broken tap fd (device deleted) is looked at again this often
+constexpr int kSlotsIdleMs = 1000;         // slots that held frames over a page are given back after this long idle
+constexpr size_t kPage = 4096;
 constexpr uint32_t kMaxIndirect = 65536;  // entries of one indirect table (as the kernel's vhost: USHRT_MAX + 1)
 
 // A read/write lock that prefers writers: workers take it shared around each
@@ -231,6 +234,10 @@ struct Pair {
   std::vector<std::pair<uint32_t, uint32_t>> rxq;
   size_t rxHead = 0;
   unsigned rxWant = 8;  // adaptive read depth (io_uring)
+  // A frame over a page was read since the slots were last given back
+  // (MADV_DONTNEED after kSlotsIdleMs idle): GSO or jumbo frames fault in up
+  // to 64 x 68 KiB, which an idle pair should not keep.
+  bool slotsDirty = false;
   // Tap I/O engine.  The io_uring (tap fd registered as its file 0) is
   // created, used and destroyed on the worker only (SINGLE_ISSUER).
   int want = WANT_URING;
@@ -238,10 +245,21 @@ struct Pair {
   bool uringTried = false;              // worker-owned: set up once per tap fd
   std::atomic<int> engine{ENGINE_NONE};
   std::atomic<int> engineErrno{0};      // why not ENGINE_URING (0: asked for writev, or no tap)
+  std::atomic<bool> engineBroke{false}; // engineErrno is io_uring_enter's (mid-run), not the setup's
   Counters c;
 
   bool Pending() const { return rxHead < rxq.size(); }
 };
+
+// On the worker: frames read from the tap but not yet placed (rxq[rxHead..])
+// are dropped and counted.  Called when the RX ring stops or the tap changes,
+// so frames of an old tap (or read with an old vnet header size) never reach
+// a restarted ring.
+void DropParked(Pair& p) {
+  if (p.Pending()) p.c.rxDropped.fetch_add(p.rxq.size() - p.rxHead, std::memory_order_relaxed);
+  p.rxq.clear();
+  p.rxHead = 0;
+}
 
 // On the worker only (the ring is SINGLE_ISSUER): sets up the io_uring for
 // the pair's current tap fd, once per fd, unless writev was asked for.  A
@@ -264,6 +282,7 @@ void TapEngineSetup(Pair& p) {
   }
   p.uring = std::move(r);
   p.engineErrno.store(0);
+  p.engineBroke.store(false);
   p.engine.store(ENGINE_URING);
 }
 
@@ -273,13 +292,17 @@ void TapEngineDrop(Pair& p) {
   p.uringTried = false;
   p.engine.store(ENGINE_NONE);
   p.engineErrno.store(0);
+  p.engineBroke.store(false);
 }
 
 // io_uring_enter itself failed mid-batch (never seen): the pair goes on with
-// writev/read for good, and says why.
+// writev/read until its tap changes, and reports it (counters, and the
+// plane's notify eventfd, signalled by the caller): lib/ decides whether
+// that is an error.
 void TapEngineBroken(Pair& p, int err) {
   p.uring.reset();
   p.engineErrno.store(err);
+  p.engineBroke.store(true);
   p.engine.store(ENGINE_WRITEV);
 }
 
@@ -459,6 +482,7 @@ class DataPlane : public Napi::ObjectWrap<DataPlane> {
     bool onWorker = p.th.joinable();
     Exec(p, [&] {
       if (p.tapInEp) epoll_ctl(p.ep, EPOLL_CTL_DEL, p.tap, nullptr);
+      DropParked(p);
       TapEngineDrop(p);
       p.tap = -1;
       p.tapArmed = p.tapInEp = p.tapErr = false;
@@ -584,6 +608,7 @@ class DataPlane : public Napi::ObjectWrap<DataPlane> {
       epoll_ctl(p.ep, EPOLL_CTL_MOD, p.tap, &ev);
       p.tapArmed = false;
     }
+    if (!tx) DropParked(p);
     g.lastAvailPub.store(g.lastAvail);
     g.state.store(STOPPED);
     g.more = false;
@@ -624,7 +649,10 @@ class DataPlane : public Napi::ObjectWrap<DataPlane> {
     set("wakeups", p.c.wakeups);
     int eng = p.engine.load();
     o.Set("tapEngine", eng == ENGINE_URING ? "uring" : eng == ENGINE_WRITEV ? "writev" : "none");
-    o.Set("tapEngineErrno", Napi::Number::New(env, p.engineErrno.load()));
+    int eno = p.engineErrno.load();
+    o.Set("tapEngineErrno", Napi::Number::New(env, eno));
+    // The syscall tapEngineErrno is from: io_uring_setup stands for the whole setup (setup, mmap, register).
+    o.Set("tapEngineSyscall", eno == 0 ? "" : p.engineBroke.load() ? "io_uring_enter" : "io_uring_setup");
     return o;
   }
 
@@ -853,7 +881,10 @@ struct Engine {
       }
       uint16_t aidx;
       int n = Waiting(g, aidx);
-      if (n < 0) return Fail(g, true, "avail idx jumped by more than the ring size (" + std::to_string(static_cast<uint16_t>(aidx - g.lastAvail)) + " > " + std::to_string(g.num) + ")");
+      if (n < 0) {
+        if (g.usedIdx != start) Publish(g);  // the chains already written go back first
+        return Fail(g, true, "avail idx jumped by more than the ring size (" + std::to_string(static_cast<uint16_t>(aidx - g.lastAvail)) + " > " + std::to_string(g.num) + ")");
+      }
       if (n == 0) {
         if (NotifyOnAndRecheck(g, aidx)) continue;
         break;
@@ -904,11 +935,15 @@ struct Engine {
       }
       if (m > 0) {
         cqes.clear();
-        int err = p.uring->SubmitAndWait(m, &cqes);
-        Add(p.c.txSyscalls);
+        unsigned enters = 0;
+        int err = p.uring->SubmitAndWait(m, &cqes, &enters);
+        Add(p.c.txSyscalls, enters);
         for (const io_uring_cqe& c : cqes)
           if (c.user_data < k) res[c.user_data] = c.res;
-        if (err != 0) TapEngineBroken(p, err);
+        if (err != 0) {
+          TapEngineBroken(p, err);
+          Signal(dp.notifyFd());
+        }
       }
     } else {
       for (size_t j = 0; j < k; j++) {
@@ -954,8 +989,10 @@ struct Engine {
     unsigned want = std::min(n, kRxSlots);
     const bool ring = p.uring != nullptr;
     if (ring) want = std::min(want, p.rxWant);
+    constexpr int kNoCompletion = INT_MIN;  // io_uring_enter failed before this slot's read completed
     res.assign(want, -EAGAIN);
     if (p.uring) {
+      res.assign(want, kNoCompletion);
       for (unsigned i = 0; i < want; i++) {
         io_uring_sqe* s = p.uring->Sqe(i);
         s->opcode = IORING_OP_READ;
@@ -967,11 +1004,15 @@ struct Engine {
         s->user_data = i;
       }
       cqes.clear();
-      int err = p.uring->SubmitAndWait(want, &cqes);
-      Add(p.c.rxSyscalls);
+      unsigned enters = 0;
+      int err = p.uring->SubmitAndWait(want, &cqes, &enters);
+      Add(p.c.rxSyscalls, enters);
       for (const io_uring_cqe& c : cqes)
         if (c.user_data < want) res[c.user_data] = c.res;
-      if (err != 0) TapEngineBroken(p, err);
+      if (err != 0) {
+          TapEngineBroken(p, err);
+          Signal(dp.notifyFd());
+        }
     } else {
       for (unsigned i = 0; i < want; i++) {
         ssize_t r = NoEintr([&] { return read(p.tap, p.slots + static_cast<size_t>(i) * kBounce, kBounce); });
@@ -987,6 +1028,11 @@ struct Engine {
     unsigned answered = 0;
     for (unsigned i = 0; i < want; i++) {
       int r = res[i];
+      if (r == kNoCompletion) {  // its read may have taken a frame: count it as lost
+        Add(p.c.rxDropped);
+        st = std::max<int>(st, READ_EMPTY);
+        continue;
+      }
       if (r == -EAGAIN || r == -ECANCELED) {
         st = std::max<int>(st, READ_EMPTY);
         continue;
@@ -996,7 +1042,10 @@ struct Engine {
         continue;
       }
       answered++;
-      if (static_cast<size_t>(r) < g.f.hdr) {
+      if (static_cast<size_t>(r) > kPage) p.slotsDirty = true;
+      // tun returns a frame's full length even when it copied only what fit:
+      // a frame longer than its slot was truncated, never placed.
+      if (static_cast<size_t>(r) < g.f.hdr || static_cast<size_t>(r) > kBounce) {
         Add(p.c.rxDropped);
         continue;
       }
@@ -1146,9 +1195,22 @@ void Worker(Pair* pp) {
     VRing& tx = p.rings[1];
     bool more = (rx.more && rx.state.load() == RUNNING) || (tx.more && tx.state.load() == RUNNING);
     bool retry = p.tapErr && p.tap >= 0;
-    int n = epoll_wait(p.ep, evs, 8, more ? 0 : retry ? kTapRetryMs : -1);
+    bool release = p.slotsDirty && !p.Pending();
+    int n = epoll_wait(p.ep, evs, 8, more ? 0 : retry ? kTapRetryMs : release ? kSlotsIdleMs : -1);
+    const bool timedOut = n == 0;
     if (n < 0) n = 0;  // EINTR; the worker never leaves on its own (Exec waits for it)
-    if (n > 0) Add(p.c.wakeups);
+    if (timedOut && !more && release) {
+      // Idle: the slots' pages go back to the kernel (they read as zeros
+      // and fault in again on the next frames; nothing is parked in them).
+      madvise(p.slots, static_cast<size_t>(kRxSlots) * kBounce, MADV_DONTNEED);
+      p.slotsDirty = false;
+    }
+    for (int i = 0; i < n; i++) {
+      if (evs[i].data.u32 != TAG_CTL) {  // a command from JavaScript is not a data wake-up
+        Add(p.c.wakeups);
+        break;
+      }
+    }
     bool rxKick = false;
     for (int i = 0; i < n; i++) {
       switch (evs[i].data.u32) {

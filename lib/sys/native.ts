@@ -388,7 +388,7 @@ export interface NativeVhostUserDataPlane {
   ringStatus(pair: number, tx: boolean): { state: 'stopped' | 'running' | 'failed'; reason?: string; lastAvailIdx: number };
   counters(pair: number): {
     txFrames: bigint; txBytes: bigint; txDropped: bigint; rxFrames: bigint; rxBytes: bigint; rxDropped: bigint; kicks: bigint; calls: bigint;
-    txSyscalls: bigint; rxSyscalls: bigint; wakeups: bigint; tapEngine: 'uring' | 'writev' | 'none'; tapEngineErrno: number;
+    txSyscalls: bigint; rxSyscalls: bigint; wakeups: bigint; tapEngine: 'uring' | 'writev' | 'none'; tapEngineErrno: number; tapEngineSyscall: '' | 'io_uring_setup' | 'io_uring_enter';
   };
   readonly notifyFd: number;
   close(): void;

@@ -120,7 +120,7 @@ export class VhostUserBackend extends EventEmitter {
 
   /** Per-pair counters of the current connection (zeros when none). */
   counters(): PairCounters[] {
-    const zero = (): PairCounters => ({ txFrames: 0n, txBytes: 0n, txDropped: 0n, rxFrames: 0n, rxBytes: 0n, rxDropped: 0n, kicks: 0n, calls: 0n, txSyscalls: 0n, rxSyscalls: 0n, wakeups: 0n, tapEngine: 'none', tapEngineErrno: 0 });
+    const zero = (): PairCounters => ({ txFrames: 0n, txBytes: 0n, txDropped: 0n, rxFrames: 0n, rxBytes: 0n, rxDropped: 0n, kicks: 0n, calls: 0n, txSyscalls: 0n, rxSyscalls: 0n, wakeups: 0n, tapEngine: 'none', tapEngineErrno: 0, tapEngineSyscall: '' });
     return Array.from({ length: this.pairs }, (_, p) => (this.#conn && !this.#conn.closed ? (this.#conn.counters(p) ?? zero()) : zero()));
   }
 

@@ -22,7 +22,7 @@
  * unmapped), every eventfd is closed; the tap stays.
  */
 import { EventEmitter } from 'node:events';
-import { errnoName } from '../sys/errors';
+import { MqtapError, errnoName } from '../sys/errors';
 import { silentLogger, type Logger } from '../sys/log';
 import { K, native } from '../sys/native';
 import type { ReceivedFds, UnixSocket } from '../sys/scm';
@@ -177,6 +177,10 @@ export class VhostUserConnection extends EventEmitter {
   #notify: InstanceType<(typeof native)['FdPoll']> | undefined;
   #lastPairs = '';
   #final: PairCounters[] | undefined;
+  /** Removes the tap queues' before-close hooks (#teardown). */
+  readonly #unhook: Array<() => void> = [];
+  /** Pairs whose mid-run io_uring failure was already handled (#checkTapEngines). */
+  readonly #engineBroken = new Set<number>();
 
   constructor(opts: ConnectionOptions) {
     super();
@@ -189,7 +193,12 @@ export class VhostUserConnection extends EventEmitter {
     this.#rings = Array.from({ length: 2 * opts.pairs }, newRing);
     for (let p = 0; p < this.pairs; p++) {
       const q = this.#tap.queues[p];
-      this.#dp.setTap(p, q && q.state !== 'closed' ? q.fd : -1);
+      const live = q !== undefined && q.state !== 'closed';
+      this.#dp.setTap(p, live ? q.fd : -1);
+      // A queue closed while the connection lives (Tap.close(), queue.close()): the worker lets go of
+      // its fd first (its io_uring holds the file, which would keep the queue, and a non-persistent
+      // tap, alive), and never touches that fd number again.
+      if (live) this.#unhook.push(q._onBeforeClose(() => this.#tapClosing(p)));
     }
     try {
       this.#notify = new native.FdPoll(this.#dp.notifyFd, (status) => this.#onNotify(status));
@@ -565,7 +574,7 @@ export class VhostUserConnection extends EventEmitter {
   #logTapEngine(pair: number): void {
     const c = this.#dp.counters(pair);
     if (c.tapEngine === 'writev' && c.tapEngineErrno !== 0)
-      this.#log.warn({ pair, tapEngine: c.tapEngine, uringErrno: errnoName(c.tapEngineErrno) }, 'vhost-user pair: io_uring unavailable, tap I/O is one writev/read per frame');
+      this.#log.warn({ pair, tapEngine: c.tapEngine, uringErrno: errnoName(c.tapEngineErrno), syscall: c.tapEngineSyscall }, 'vhost-user pair: io_uring unavailable, tap I/O is one writev/read per frame');
     else this.#log.info({ pair, tapEngine: c.tapEngine }, 'vhost-user pair tap I/O');
   }
 
@@ -599,6 +608,8 @@ export class VhostUserConnection extends EventEmitter {
     } catch {
       /* nothing to read */
     }
+    this.#checkTapEngines();
+    if (this.#closed) return;
     for (let i = 0; i < this.#rings.length; i++) {
       const r = this.#rings[i]!;
       if (!r.running) continue;
@@ -611,9 +622,55 @@ export class VhostUserConnection extends EventEmitter {
     }
   }
 
+  #tapClosing(pair: number): void {
+    if (this.#closed) return;
+    try {
+      this.#dp.setTap(pair, -1);
+      this.#log.info({ ifname: this.#tap.name, pair }, 'vhost-user: tap queue closed; the pair has no tap now (guest frames are dropped and counted)');
+    } catch (err) {
+      this.#log.warn({ err, pair }, 'vhost-user: letting go of a closing tap queue failed');
+    }
+  }
+
+  /**
+   * A pair whose io_uring failed mid-run (io_uring_enter: the data plane went on with writev/read and
+   * signalled notifyFd): with tapEngine 'auto' a warning, once per failure; with 'uring' (the io_uring
+   * or an error) the connection ends with that error, as a failed setup at startRing would have.
+   */
+  #checkTapEngines(): void {
+    for (let p = 0; p < this.pairs; p++) {
+      const c = this.#dp.counters(p);
+      if (c.tapEngineSyscall !== 'io_uring_enter') {
+        this.#engineBroken.delete(p);
+        continue;
+      }
+      if (this.#engineBroken.has(p)) continue;
+      this.#engineBroken.add(p);
+      const where = { pair: p, ifname: this.#tap.name, uringErrno: errnoName(c.tapEngineErrno), syscall: c.tapEngineSyscall };
+      if (this.#dp.tapEngine !== 'uring') {
+        this.#log.warn({ ...where, tapEngine: c.tapEngine }, 'vhost-user pair: io_uring failed mid-run; tap I/O goes on with one writev/read per frame');
+        continue;
+      }
+      const err = new MqtapError({
+        op: 'VHOST_USER_TAP_IO',
+        code: errnoName(c.tapEngineErrno),
+        errno: c.tapEngineErrno,
+        syscall: 'io_uring_enter',
+        ifname: this.#tap.name,
+        queue: p,
+        detail: `pair ${p}: tap engine 'uring'`,
+        hint: "the pair's io_uring failed mid-run and tapEngine 'uring' allows no fallback: the connection ends (the front-end may reconnect); use tapEngine 'auto' to go on with one writev/read per frame",
+      });
+      this.#log.error({ ...where, err }, "vhost-user pair: io_uring failed mid-run with tapEngine 'uring': closing the connection");
+      this.#teardown(err);
+      return;
+    }
+  }
+
   #teardown(err?: Error): void {
     if (this.#closed) return;
     this.#closed = true;
+    for (const u of this.#unhook.splice(0)) u();
     this.#notify?.close();
     this.#notify = undefined;
     try {

@@ -96,15 +96,21 @@ export interface PairCounters {
   /** Kick wake-ups and call signals. */
   kicks: bigint;
   calls: bigint;
-  /** Tap syscalls of the worker: writev(2) or io_uring_enter(2) for TX, read(2) or io_uring_enter(2) for RX. */
+  /** Tap syscalls of the worker, each one counted: writev(2) or io_uring_enter(2) for TX, read(2) or io_uring_enter(2) for RX. */
   txSyscalls: bigint;
   rxSyscalls: bigint;
-  /** Times the worker woke up with events (epoll_wait returned some). */
+  /** Times the worker woke up with a kick or tap event (commands from JavaScript alone are not counted). */
   wakeups: bigint;
   /** The tap engine the pair's worker uses now ('none': no tap, or no ring started yet). */
   tapEngine: TapEngine | 'none';
   /** Why it is not 'uring' (io_uring_setup/register's errno, or io_uring_enter's when it failed mid-run); 0 when writev was asked for. */
   tapEngineErrno: number;
+  /**
+   * The syscall tapEngineErrno comes from ('' when it is 0): 'io_uring_setup' (the ring could not be set
+   * up: setup, mmap or register), 'io_uring_enter' (it failed mid-run: the pair went on with writev/read
+   * and the data plane signalled notifyFd).
+   */
+  tapEngineSyscall: '' | 'io_uring_setup' | 'io_uring_enter';
 }
 
 /**
@@ -124,8 +130,14 @@ export interface DataPlane {
   stopRing(pair: number, dir: RingDir): RingStatus;
   ringStatus(pair: number, dir: RingDir): RingStatus;
   counters(pair: number): PairCounters;
-  /** An eventfd that becomes readable when some ring stopped on its own ('failed'); read it, then look at ringStatus(). */
+  /**
+   * An eventfd that becomes readable when some ring stopped on its own ('failed') or a pair's io_uring
+   * failed mid-run (counters().tapEngineSyscall 'io_uring_enter'); read it, then look at ringStatus()
+   * and counters().
+   */
   readonly notifyFd: number;
+  /** What was asked for (openDataPlane's tapEngine); the connection treats a mid-run io_uring failure as an error with 'uring'.  Default 'auto'. */
+  readonly tapEngine?: TapEngineChoice;
   /** Stops every ring, unmaps every region, closes notifyFd. */
   close(): void;
 }

@@ -130,9 +130,12 @@ export class NativeDataPlane implements DataPlane {
       op,
       code: errnoName(c.tapEngineErrno),
       errno: c.tapEngineErrno,
-      syscall: 'io_uring_setup',
+      syscall: c.tapEngineSyscall || 'io_uring_setup',
       detail: `pair ${p}: tap engine 'uring'`,
-      hint: "io_uring cannot be set up here (kernel.io_uring_disabled, seccomp, no free fd, or an old kernel): use tapEngine 'auto' (falls back to one writev/read per frame) or 'writev'",
+      hint:
+        c.tapEngineSyscall === 'io_uring_enter'
+          ? "the pair's io_uring failed mid-run (io_uring_enter); setTap gives it a new one: use tapEngine 'auto' to go on with one writev/read per frame instead"
+          : "io_uring cannot be set up here (kernel.io_uring_disabled, seccomp, no free fd, or an old kernel): use tapEngine 'auto' (falls back to one writev/read per frame) or 'writev'",
     });
   }
 

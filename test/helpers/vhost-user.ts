@@ -75,7 +75,7 @@ export class FakeDataPlane implements DataPlane {
     native.eventfdWrite(this.notifyFd, 1n);
   }
   counters(): PairCounters {
-    return { txFrames: 0n, txBytes: 0n, txDropped: 0n, rxFrames: 0n, rxBytes: 0n, rxDropped: 0n, kicks: 0n, calls: 0n, txSyscalls: 0n, rxSyscalls: 0n, wakeups: 0n, tapEngine: 'none', tapEngineErrno: 0 };
+    return { txFrames: 0n, txBytes: 0n, txDropped: 0n, rxFrames: 0n, rxBytes: 0n, rxDropped: 0n, kicks: 0n, calls: 0n, txSyscalls: 0n, rxSyscalls: 0n, wakeups: 0n, tapEngine: 'none', tapEngineErrno: 0, tapEngineSyscall: '' };
   }
   running(): string[] {
     return [...this.#running.keys()].sort();

@@ -13,7 +13,7 @@ import { join } from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
 import { parseUdp4Frame, udp4Frame } from '../../lib/datapath/frames.js';
 import { UnixSocket } from '../../lib/sys/scm.js';
-import { getTap } from '../../lib/tap/links.js';
+import { getLink, getTap } from '../../lib/tap/links.js';
 import { openTap } from '../../lib/tap/tap.js';
 import { serveVhostUser } from '../../lib/vhost-user/backend.js';
 import { openFds, run, skipNote, tapEnv, useIsolatedNetns } from '../helpers/env.js';
@@ -142,5 +142,37 @@ describe.skipIf(!env.ok)(`vhost-user end to end (native data plane)${skipNote(en
     rmSync(dir, { recursive: true, force: true });
     await until(() => openFds().length === fdsBefore);
     expect(openFds().length).toBe(fdsBefore);
+  });
+
+  it('the tap closed while the connection is live: the worker lets go of its queue, the (non-persistent) tap is gone', async () => {
+    const dir = mkdtempSync(join(tmpdir(), 'mqtap-vue2e-'));
+    cleanups.push(() => rmSync(dir, { recursive: true, force: true }));
+    const socket = join(dir, 'vu.sock');
+    const tap = openTap({ name: 'vuc0', queues: 1, mac: TAP_MAC });
+    cleanups.push(() => tap.close());
+    const be = await serveVhostUser({ socket, tap, queues: 1 });
+    cleanups.push(() => be.close());
+    const mem = new GuestMem(`mqtap-vuc-${process.pid}`);
+    cleanups.push(() => mem.close());
+    const rings = [0, 1].map(() => new DriverRing(mem, 64));
+    cleanups.push(() => rings.forEach((r) => r.close()));
+    const fe = new ScriptedFrontend(await UnixSocket.connect(socket, { type: 'stream' }));
+    cleanups.push(() => fe.close());
+    await startLikeQemu(fe, mem, rings, 1);
+    await fe.u64('GET_STATUS');
+    expect(be.pairsState()).toEqual({ enabled: [0], live: [0] });
+    const engine = be.counters()[0]!.tapEngine;
+    expect(getLink('vuc0')).toBeDefined();
+    tap.close();
+    // The queue's file is released at once (the worker's io_uring held it as a registered file): the device goes.
+    await until(() => getLink('vuc0') === undefined, 5000);
+    expect(getLink('vuc0'), `tap still there after close (engine ${engine})`).toBeUndefined();
+    expect(be.counters()[0]!.tapEngine, 'the pair has no tap').toBe('none');
+    // The guest's frames are dropped and counted, not written to a stale fd number.
+    const tx = rings[1]!;
+    tx.setDesc(0, mem.gpa(tx.bufOffset(0)), HDR + 60, 0);
+    tx.publish([0]);
+    await until(() => be.counters()[0]!.txDropped === 1n, 5000);
+    expect(be.counters()[0]).toMatchObject({ txFrames: 0n, txDropped: 1n });
   });
 });

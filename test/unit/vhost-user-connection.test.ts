@@ -8,6 +8,7 @@
  */
 import { afterEach, describe, expect, it } from 'vitest';
 import { MqtapError } from '../../lib/sys/errors.js';
+import { native } from '../../lib/sys/native.js';
 import { UnixSocket } from '../../lib/sys/scm.js';
 import type { Offloads, Tap } from '../../lib/tap/tap.js';
 import { OFFERED_PROTOCOL_FEATURES, VhostUserConnection, offeredFeatures } from '../../lib/vhost-user/connection.js';
@@ -24,8 +25,13 @@ class FakeQueue {
     readonly index: number,
     public state: 'enabled' | 'disabled',
   ) {}
+  readonly beforeClose = new Set<() => void>();
   get fd(): number {
     return 100 + this.index;
+  }
+  _onBeforeClose(fn: () => void): () => void {
+    this.beforeClose.add(fn);
+    return () => this.beforeClose.delete(fn);
   }
   enable(): void {
     if (this.state === 'enabled') throw new MqtapError({ op: 'TUNSETQUEUE', errno: 22, syscall: 'ioctl' });
@@ -294,6 +300,57 @@ describe('vhost-user connection: features, replies, rings', () => {
     await r.fe.enableVector(2, 2);
     await r.fe.u64('GET_STATUS');
     expect(engineLines().slice(2)).toEqual([expect.objectContaining({ level: 30, pair: 1, tapEngine: 'uring' })]);
+  });
+
+  it.each(['auto', 'uring'] as const)("a pair's io_uring failing mid-run (notify fd, io_uring_enter): tapEngine %s", async (tapEngine) => {
+    class BreakingDataPlane extends FakeDataPlane {
+      readonly tapEngine = tapEngine;
+      broken = false;
+      override counters(pair?: number): PairCounters {
+        const c = super.counters();
+        if (pair === 1 && this.broken) return { ...c, tapEngine: 'writev', tapEngineErrno: 12, tapEngineSyscall: 'io_uring_enter' };
+        return { ...c, tapEngine: 'uring' };
+      }
+      break(): void {
+        this.broken = true;
+        native.eventfdWrite(this.notifyFd, 1n);
+      }
+    }
+    const lines: Array<{ level: number; msg: string; pair?: number; uringErrno?: string; syscall?: string }> = [];
+    const logger = pino({ level: 'info' }, { write: (s: string) => void lines.push(JSON.parse(s)) });
+    const dp = new BreakingDataPlane();
+    const r = rig(2, { dp, logger });
+    await qemuInit(r, 2);
+    await qemuStart(r, 2, 2);
+    const midRun = (): typeof lines => lines.filter((l) => l.syscall === 'io_uring_enter');
+    dp.break();
+    if (tapEngine === 'auto') {
+      await until(() => midRun().length > 0);
+      expect(midRun()).toEqual([expect.objectContaining({ level: 40, pair: 1, uringErrno: 'ENOMEM' })]);
+      native.eventfdWrite(dp.notifyFd, 1n); // another notification: the same failure is not reported again
+      await new Promise((res) => setTimeout(res, 50));
+      expect(midRun()).toHaveLength(1);
+      expect(r.conn.closed).toBe(false);
+      expect(r.dp.running()).toEqual(['0rx', '0tx', '1rx', '1tx']);
+    } else {
+      const err = await r.closed;
+      expect(err).toBeInstanceOf(MqtapError);
+      expect(err).toMatchObject({ op: 'VHOST_USER_TAP_IO', code: 'ENOMEM', errno: 12, syscall: 'io_uring_enter', queue: 1 });
+      expect((err as MqtapError).hint).toMatch(/tapEngine 'auto'/);
+      expect(midRun()).toEqual([expect.objectContaining({ level: 50, pair: 1 })]);
+      expect(dp.closed).toBe(true);
+    }
+  });
+
+  it("a tap queue closed while the connection lives is taken from its pair first; the hooks go with the connection", async () => {
+    const r = rig(2);
+    await qemuInit(r, 2);
+    await qemuStart(r, 2, 2);
+    expect(r.tap.queues.map((q) => q.beforeClose.size)).toEqual([1, 1]);
+    for (const f of [...r.tap.queues[1]!.beforeClose]) f(); // what queue.close() runs before closing its fd
+    expect(r.dp.calls.filter((c) => c.op === 'setTap').at(-1)).toEqual({ op: 'setTap', pair: 1, fd: -1 });
+    r.conn.close();
+    expect(r.tap.queues.map((q) => q.beforeClose.size), 'hooks removed at teardown').toEqual([0, 0]);
   });
 
   it('a ring the data plane failed is stopped and reported', async () => {
