@@ -65,6 +65,17 @@ struct LinkRequest {
   struct nlmsghdr hdr;
   struct ifinfomsg ifi;
   char attrs[256];
+
+  // An ifinfomsg request of `type` with `flags` for `index` (0: none), no attributes yet.
+  LinkRequest(unsigned short type, unsigned short flags, int index) {
+    memset(this, 0, sizeof *this);
+    hdr.nlmsg_len = NLMSG_LENGTH(sizeof(struct ifinfomsg));
+    hdr.nlmsg_type = type;
+    hdr.nlmsg_flags = flags;
+    hdr.nlmsg_seq = 1;
+    ifi.ifi_family = AF_UNSPEC;
+    ifi.ifi_index = index;
+  }
 };
 
 void AddAttr(struct nlmsghdr* n, unsigned short type, const void* data, size_t len) {
@@ -204,6 +215,14 @@ int ReadReplies(Napi::Env env, NetlinkSocket* sock, uint32_t seq, bool dump, uin
   }
 }
 
+// Sends `req` and reads the kernel's ack; a refusal throws as `op` (with the extended ack text).
+void SendAndAck(Napi::Env env, NetlinkSocket* sock, LinkRequest* req, const char* op) {
+  sock->Send(&req->hdr);
+  std::string ext;
+  int err = ReadReplies(env, sock, 1, false, RTM_NEWLINK, [](const struct nlmsghdr*) {}, &ext);
+  if (err != 0) ThrowSys(env, op, "netlink", -err, ext);
+}
+
 // rtnlGetLinks(name?): every link in this network namespace, or just `name`.
 // A name the kernel does not know is an error (ENODEV, the name in the
 // detail), never an empty list: whether a missing device is fine is lib/'s
@@ -213,13 +232,7 @@ Napi::Value RtnlGetLinks(const Napi::CallbackInfo& info) {
   bool one = info.Length() > 0 && !info[0].IsUndefined() && !info[0].IsNull();
   std::string name = one ? ArgIfName(info, 0) : std::string();
   NetlinkSocket sock(env, "RTM_GETLINK");
-  LinkRequest req;
-  memset(&req, 0, sizeof req);
-  req.hdr.nlmsg_len = NLMSG_LENGTH(sizeof(struct ifinfomsg));
-  req.hdr.nlmsg_type = RTM_GETLINK;
-  req.hdr.nlmsg_flags = NLM_F_REQUEST | (one ? 0 : NLM_F_DUMP);
-  req.hdr.nlmsg_seq = 1;
-  req.ifi.ifi_family = AF_UNSPEC;
+  LinkRequest req(RTM_GETLINK, NLM_F_REQUEST | (one ? 0 : NLM_F_DUMP), 0);
   if (one) AddAttr(&req.hdr, IFLA_IFNAME, name.c_str(), name.size() + 1);
   sock.Send(&req.hdr);
   Napi::Array out = Napi::Array::New(env);
@@ -234,18 +247,8 @@ Napi::Value RtnlDelLink(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   int32_t index = ArgInt(info, 0);
   NetlinkSocket sock(env, "RTM_DELLINK");
-  LinkRequest req;
-  memset(&req, 0, sizeof req);
-  req.hdr.nlmsg_len = NLMSG_LENGTH(sizeof(struct ifinfomsg));
-  req.hdr.nlmsg_type = RTM_DELLINK;
-  req.hdr.nlmsg_flags = NLM_F_REQUEST | NLM_F_ACK;
-  req.hdr.nlmsg_seq = 1;
-  req.ifi.ifi_family = AF_UNSPEC;
-  req.ifi.ifi_index = index;
-  sock.Send(&req.hdr);
-  std::string ext;
-  int err = ReadReplies(env, &sock, 1, false, RTM_NEWLINK, [](const struct nlmsghdr*) {}, &ext);
-  if (err != 0) ThrowSys(env, "RTM_DELLINK", "netlink", -err, ext);
+  LinkRequest req(RTM_DELLINK, NLM_F_REQUEST | NLM_F_ACK, index);
+  SendAndAck(env, &sock, &req, "RTM_DELLINK");
   return env.Undefined();
 }
 
@@ -258,19 +261,9 @@ Napi::Value RtnlSetTxQueueLen(const Napi::CallbackInfo& info) {
   uint32_t len = ArgUint(info, 1);
   if (index <= 0) ThrowArg(env, "rtnlSetTxQueueLen: ifindex must be positive");
   NetlinkSocket sock(env, "IFLA_TXQLEN");
-  LinkRequest req;
-  memset(&req, 0, sizeof req);
-  req.hdr.nlmsg_len = NLMSG_LENGTH(sizeof(struct ifinfomsg));
-  req.hdr.nlmsg_type = RTM_NEWLINK;
-  req.hdr.nlmsg_flags = NLM_F_REQUEST | NLM_F_ACK;
-  req.hdr.nlmsg_seq = 1;
-  req.ifi.ifi_family = AF_UNSPEC;
-  req.ifi.ifi_index = index;
+  LinkRequest req(RTM_NEWLINK, NLM_F_REQUEST | NLM_F_ACK, index);
   AddAttr(&req.hdr, IFLA_TXQLEN, &len, sizeof len);
-  sock.Send(&req.hdr);
-  std::string ext;
-  int err = ReadReplies(env, &sock, 1, false, RTM_NEWLINK, [](const struct nlmsghdr*) {}, &ext);
-  if (err != 0) ThrowSys(env, "IFLA_TXQLEN", "netlink", -err, ext);
+  SendAndAck(env, &sock, &req, "IFLA_TXQLEN");
   return env.Undefined();
 }
 
