@@ -43,6 +43,28 @@ export function ioUringDisabled(): string | undefined {
   return existsSync(p) ? readFileSync(p, 'utf8').trim() : undefined;
 }
 
+/**
+ * Whether this process can set up the data path's io_uring engine (probed on a
+ * socket pair: kernel.io_uring_disabled, seccomp, old kernels, no fd left).
+ */
+export function uringAvailable(): boolean {
+  let pair: [number, number];
+  try {
+    pair = native.unixSocketPair(5) as [number, number];
+  } catch {
+    return false;
+  }
+  try {
+    new native.QueueIo(pair[0], { rx: 'uring', tx: 'uring', batch: 4, slotSize: 256, hdrLen: 0, rxDropErrnos: [], txDropErrnos: [] }, () => undefined).close();
+    return true;
+  } catch {
+    return false;
+  } finally {
+    native.close(pair[0]);
+    native.close(pair[1]);
+  }
+}
+
 /** The reason the io_uring engine failed its probe, with the sysctl that usually explains it. */
 export function uringMissingReason(): string {
   const sysctl = ioUringDisabled();

@@ -20,23 +20,10 @@ import { native } from '../../lib/sys/native.js';
 import { defaultEngines, ioCapabilities, openQueueIO, openTapIO, RX_DROP_ERRNOS, TX_DROP_ERRNOS } from '../../lib/datapath/io.js';
 import { openTap } from '../../lib/tap/tap.js';
 import { catchError, fdCount, haveCommand, limitFreeFds, openFds, skipNote, tapEnv, useIsolatedNetns, useTapTracker } from '../helpers/env.js';
+import { uringAvailable } from '../helpers/probes.js';
 
 const env = tapEnv();
 const IOC = native.ioConstants;
-
-function uringAvailable(): boolean {
-  if (!env.ok) return false;
-  const [a, b] = native.unixSocketPair(5);
-  try {
-    new native.QueueIo(a, { rx: 'uring', tx: 'uring', batch: 4, slotSize: 256, hdrLen: 0, rxDropErrnos: [], txDropErrnos: [] }, () => undefined).close();
-    return true;
-  } catch {
-    return false;
-  } finally {
-    native.close(a);
-    native.close(b);
-  }
-}
 
 function readlinkOr(path: string): string {
   try {

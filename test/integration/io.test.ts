@@ -30,7 +30,7 @@ import { native } from '../../lib/sys/native.js';
 import { deleteTap, openTap, type OpenTapOptions, type Tap } from '../../lib/tap/tap.js';
 import { need, needCommand, netnsSysctls, openFds, reuseFdNumber, run, skipNote, tapEnv, tryRun, useIsolatedNetns, useTapTracker } from '../helpers/env.js';
 import { bindUdp, sendUdp } from '../helpers/net.js';
-import { mshotMissingReason, uringMissingReason } from '../helpers/probes.js';
+import { mshotMissingReason, uringAvailable, uringMissingReason } from '../helpers/probes.js';
 
 const env = tapEnv();
 
@@ -39,22 +39,7 @@ const PEER = '169.254.81.2';
 const PEER_MAC = '02:00:00:00:51:02';
 const TAP_MAC = '02:00:00:00:51:01';
 
-function uringAvailable(): boolean {
-  if (!env.ok) return false;
-  try {
-    const [a, b] = native.unixSocketPair(5);
-    try {
-      new native.QueueIo(a, { rx: 'uring', tx: 'uring', batch: 4, slotSize: 256, hdrLen: 0, rxDropErrnos: [], txDropErrnos: [] }, () => undefined).close();
-      return true;
-    } finally {
-      native.close(a);
-      native.close(b);
-    }
-  } catch {
-    return false;
-  }
-}
-const URING = uringAvailable();
+const URING = env.ok && uringAvailable();
 const MSHOT = env.ok && URING && need('io_uring-mshot', mshotMissingReason()).ok;
 const ENGINES: IoEngine[] = URING ? (MSHOT ? ['poll', 'uring', 'uring-mshot'] : ['poll', 'uring']) : ['poll'];
 if (env.ok && !URING) need('io_uring', uringMissingReason());

@@ -21,7 +21,6 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { afterEach, describe, expect, it } from 'vitest';
 import { parseUdp4Frame, udp4Frame } from '../../lib/datapath/frames.js';
 import { MqtapError } from '../../lib/sys/errors.js';
-import { native } from '../../lib/sys/native.js';
 import { getLink } from '../../lib/tap/links.js';
 import { openTap, type Tap } from '../../lib/tap/tap.js';
 import type { DataPlaneFeatures, TapEngineChoice } from '../../lib/vhost-user/dataplane-api.js';
@@ -29,26 +28,11 @@ import { openDataPlane, type NativeDataPlane } from '../../lib/vhost-user/datapl
 import { serveVhostUser } from '../../lib/vhost-user/backend.js';
 import { fdCount, limitFreeFds, need, needCommand, run, skipNote, tapEnv, useIsolatedNetns, useTapTracker } from '../helpers/env.js';
 import { bindUdp, sendUdp } from '../helpers/net.js';
-import { uringMissingReason } from '../helpers/probes.js';
+import { uringAvailable, uringMissingReason } from '../helpers/probes.js';
 import { DriverRing, F_WRITE, GuestMem } from '../helpers/vu-driver.js';
 
 const env = tapEnv();
 
-/** Whether this kernel lets this process set up an io_uring (probed on a socket pair: kernel.io_uring_disabled, seccomp, old kernels). */
-function uringAvailable(): boolean {
-  try {
-    const [a, b] = native.unixSocketPair(5);
-    try {
-      new native.QueueIo(a, { rx: 'uring', tx: 'uring', batch: 4, slotSize: 256, hdrLen: 0, rxDropErrnos: [], txDropErrnos: [] }, () => undefined).close();
-      return true;
-    } finally {
-      native.close(a);
-      native.close(b);
-    }
-  } catch {
-    return false;
-  }
-}
 const uring = env.ok ? need('io_uring', uringAvailable() ? '' : uringMissingReason()) : env;
 const prlimit = env.ok ? needCommand('prlimit') : env;
 // The EMFILE cases take io_uring_setup's EMFILE for "cannot be set up": where io_uring is off anyway, they prove nothing.
