@@ -988,15 +988,18 @@ export class QueueIO implements AsyncIterable<FrameBatch> {
     let lastAb: ArrayBufferLike | undefined;
     let lastIdx = 0;
     let prev: unknown = NO_DESC; // never a frame
+    let prevOff = 0;
+    let prevLen = 0;
     for (let i = 0; i < n; i++) {
       let f = frames[i];
       if (f === prev) {
         // The same view again (a template frame sent N times): its triple
-        // is known, and reading `.buffer` (a C++ builtin, not inlined) is
-        // the largest per-frame cost here.
-        desc[3 * i] = desc[3 * i - 3]!;
-        desc[3 * i + 1] = desc[3 * i - 2]!;
-        desc[3 * i + 2] = desc[3 * i - 1]!;
+        // is known (kept in locals: no loads back from the array), and
+        // reading `.buffer` (a C++ builtin, not inlined) is the largest
+        // per-frame cost here.
+        desc[3 * i] = lastIdx;
+        desc[3 * i + 1] = prevOff;
+        desc[3 * i + 2] = prevLen;
         continue;
       }
       prev = f;
@@ -1026,8 +1029,10 @@ export class QueueIO implements AsyncIterable<FrameBatch> {
       }
       const len = f.byteLength;
       if (len < min) throw invalidArg(`writeBatch: frame ${i} has ${len} bytes; at least ${min} (${job.withHdr ? 'header + ' : ''}Ethernet header) are needed`);
+      prevOff = f.byteOffset;
+      prevLen = len;
       desc[3 * i] = lastIdx;
-      desc[3 * i + 1] = f.byteOffset;
+      desc[3 * i + 1] = prevOff;
       desc[3 * i + 2] = len;
     }
     job.desc = desc;
