@@ -349,6 +349,20 @@ function runTapio(p: Programs, mode: string, dir: Dir, size: Size, frames: numbe
   });
 }
 
+/**
+ * Frames the best C write loop (tapio uring-write256, URING_BEST_WRITE_BATCH)
+ * submits per io_uring_enter.  The library's writer passes the same number
+ * per writeBatch by default, so the pair compares like with like.
+ */
+export const C_BEST_WRITE_BATCH = 256;
+
+/** Frames per writeBatch call of the library's writer: --write-batch, else the best C loop's batch. */
+export function libraryWriteBatch(tune: { writeBatch?: number } = {}): number {
+  const n = tune.writeBatch ?? C_BEST_WRITE_BATCH;
+  if (!Number.isInteger(n) || n < 1 || n > 65536) throw new Error(`--write-batch: ${n} is not a frame count 1..65536`);
+  return n;
+}
+
 /** tapio's mode for a C implementation and direction. */
 export function tapioMode(impl: Exclude<Impl, 'library'>, dir: Dir): string {
   if (impl === 'c-best') return dir === 'read' ? 'uring-mshot' : 'uring-write256';
@@ -386,6 +400,8 @@ interface WorkerJob {
   frames: number;
   engine: IoEngine | 'auto';
   batch: number;
+  /** Writes: frames per writeBatch call (libraryWriteBatch). */
+  writeBatch: number;
   slotSize?: number;
   /** Writes: source port 40000 + flow (the queue's index, as tapio --flow). */
   flow: number;
@@ -449,16 +465,17 @@ async function measure(job: WorkerJob, io: QueueIO, port: NonNullable<typeof par
   let distinctRes: WorkerResult['distinct'];
   if (job.dir === 'write') {
     // Like tapio writing one buffer over and over: the same frame (with its
-    // 12-byte header) `batch` times per call, through writeBatch(Buffer[]).
-    // Also measured (half as many frames each): writePacked with `batch`
-    // copies back to back in one buffer, and writeBatch with `batch`
+    // 12-byte header) `writeBatch` times per call (256 by default, what the
+    // best C loop submits per io_uring_enter), through writeBatch(Buffer[]).
+    // Also measured (half as many frames each): writePacked with as many
+    // copies back to back in one buffer, and writeBatch with as many
     // distinct Buffers (each frame its own allocation, as an application
     // building frames one by one would pass them).
     const frame = benchFrame(job.size, job.flow);
-    const batch: Buffer[] = new Array<Buffer>(job.batch).fill(frame);
-    const distinct: Buffer[] = Array.from({ length: job.batch }, () => Buffer.from(frame));
+    const batch: Buffer[] = new Array<Buffer>(job.writeBatch).fill(frame);
+    const distinct: Buffer[] = Array.from({ length: job.writeBatch }, () => Buffer.from(frame));
     const packed = Buffer.concat(batch);
-    const lengths = new Uint32Array(job.batch).fill(frame.length);
+    const lengths = new Uint32Array(job.writeBatch).fill(frame.length);
     // JIT warm-up, as the C program (compiled) never needs.
     for (let i = 0; i < 200; i++) {
       await io.writePacked(packed, lengths, { withHeader: true });
@@ -469,7 +486,7 @@ async function measure(job: WorkerJob, io: QueueIO, port: NonNullable<typeof par
       const a = io.stats().tx;
       const c = threadCpu();
       const t = performance.now();
-      for (let n = 0; n < job.frames / 2; n += job.batch) await write();
+      for (let n = 0; n < job.frames / 2; n += job.writeBatch) await write();
       const b = io.stats().tx;
       const sec = (performance.now() - t) / 1000;
       return { pps: (b.frames - a.frames) / sec, cpuUsPerFrame: ((threadCpu() - c) * 1e6) / Math.max(1, b.frames - a.frames) };
@@ -512,7 +529,7 @@ async function measure(job: WorkerJob, io: QueueIO, port: NonNullable<typeof par
   return { pps: frames / seconds, gbps: gbps(bytes, seconds), cpuUsPerFrame: (cpu * 1e6) / Math.max(1, frames), frames, engine, ...(packedRes ? { packed: packedRes } : {}), ...(distinctRes ? { distinct: distinctRes } : {}) };
 }
 
-async function runLibrary(dir: Dir, size: Size, queues: number, frames: number, engine: IoEngine | 'auto', gen: string, tune: { batch?: number; slotSize?: number } = {}, pin: PinMode = 'split'): Promise<DataRun> {
+async function runLibrary(dir: Dir, size: Size, queues: number, frames: number, engine: IoEngine | 'auto', gen: string, tune: { batch?: number; writeBatch?: number; slotSize?: number } = {}, pin: PinMode = 'split'): Promise<DataRun> {
   const workers: Worker[] = [];
   let g: ChildProcess | undefined;
   const before = deviceStats();
@@ -521,7 +538,7 @@ async function runLibrary(dir: Dir, size: Size, queues: number, frames: number, 
     const done: Array<Promise<WorkerResult>> = [];
     for (let q = 0; q < queues; q++) {
       const cpu = workerCpu(pin, q);
-      const w = new Worker(__filename, { workerData: { dir, size, frames, engine, batch: tune.batch ?? 64, flow: q, ...(tune.slotSize ? { slotSize: tune.slotSize } : {}), ...(cpu !== undefined ? { cpu } : {}) } satisfies WorkerJob });
+      const w = new Worker(__filename, { workerData: { dir, size, frames, engine, batch: tune.batch ?? 64, writeBatch: libraryWriteBatch(tune), flow: q, ...(tune.slotSize ? { slotSize: tune.slotSize } : {}), ...(cpu !== undefined ? { cpu } : {}) } satisfies WorkerJob });
       workers.push(w);
       ready.push(
         new Promise((resolve, reject) => {
@@ -573,8 +590,11 @@ export interface DataBenchOptions {
   quiet?: number;
   /** ... for at most this long. */
   quietMaxMs?: number;
-  /** Library tuning (QueueIO batch and slotSize options); default: the library's defaults. */
-  tune?: { batch?: number; slotSize?: number };
+  /**
+   * Library tuning: QueueIO batch (receive batch) and slotSize options, default the library's;
+   * writeBatch: frames per writeBatch call of the writer, default C_BEST_WRITE_BATCH.
+   */
+  tune?: { batch?: number; writeBatch?: number; slotSize?: number };
   /** CPU placements to measure, each a full set of runs (default ['split']). */
   pins?: PinMode[];
   log?: (line: string) => void;

@@ -115,7 +115,11 @@ async function data(): Promise<void> {
     dirs,
     engines,
     frames,
-    tune: { batch: Number(arg('batch', '64')), ...(arg('slot-size', '') ? { slotSize: Number(arg('slot-size', '')) } : {}) },
+    tune: {
+      batch: Number(arg('batch', '64')),
+      ...(arg('write-batch', '') ? { writeBatch: Number(arg('write-batch', '')) } : {}),
+      ...(arg('slot-size', '') ? { slotSize: Number(arg('slot-size', '')) } : {}),
+    },
     pins,
     quiet: Number(arg('quiet', '0')),
     quietMaxMs: Number(arg('quiet-max-s', '300')) * 1000,

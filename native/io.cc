@@ -543,41 +543,78 @@ class QueueIo : public Napi::ObjectWrap<QueueIo> {
     Live(env, "WRITE");
     if (info.Length() < 5 || !info[0].IsArray() || !info[1].IsTypedArray()) ThrowArg(env, "txWrite(buffers, desc, start, count, withHdr)");
     Napi::Array bufs = info[0].As<Napi::Array>();
-    Napi::TypedArray ta = info[1].As<Napi::TypedArray>();
-    if (ta.TypedArrayType() != napi_uint32_array) ThrowArg(env, "txWrite: desc must be a Uint32Array");
+    // The descriptor array in one call (type, length, data), not one per property.
+    napi_typedarray_type type;
+    size_t desc_len = 0;
+    void* desc_data = nullptr;
+    if (napi_get_typedarray_info(env, info[1], &type, &desc_len, &desc_data, nullptr, nullptr) != napi_ok) throw Napi::Error::New(env);
+    if (type != napi_uint32_array) ThrowArg(env, "txWrite: desc must be a Uint32Array");
     uint32_t start = ArgUint(info, 2);
     uint32_t count = ArgUint(info, 3);
     bool with_hdr = ArgBool(info, 4);
-    if (count > ta.ElementLength() / 3 || start > count) ThrowArg(env, "txWrite: start/count out of range");
+    if (count > desc_len / 3 || start > count) ThrowArg(env, "txWrite: start/count out of range");
 
     // Base pointers and sizes of the (few, usually one) backing buffers.
     uint32_t nbufs = bufs.Length();
     bases_.resize(nbufs);
     sizes_.resize(nbufs);
     for (uint32_t i = 0; i < nbufs; i++) {
-      Napi::Value v = bufs.Get(i);
-      if (!v.IsArrayBuffer()) ThrowArg(env, "txWrite: buffers must be ArrayBuffers");
-      Napi::ArrayBuffer ab = v.As<Napi::ArrayBuffer>();
-      bases_[i] = static_cast<const uint8_t*>(ab.Data());
-      sizes_[i] = ab.ByteLength();  // a detached buffer has none: its frames fail the check below
+      napi_value v;
+      bool is_ab = false;
+      void* data = nullptr;
+      size_t len = 0;
+      if (napi_get_element(env, bufs, i, &v) != napi_ok) throw Napi::Error::New(env);
+      if (napi_is_arraybuffer(env, v, &is_ab) != napi_ok || !is_ab) ThrowArg(env, "txWrite: buffers must be ArrayBuffers");
+      if (napi_get_arraybuffer_info(env, v, &data, &len) != napi_ok) throw Napi::Error::New(env);
+      bases_[i] = static_cast<const uint8_t*>(data);
+      sizes_[i] = len;  // a detached buffer has none: its frames fail the check below
     }
-    // Raw pointers only after the last call that could run JavaScript.
-    uint32_t* desc = reinterpret_cast<uint32_t*>(static_cast<uint8_t*>(ta.ArrayBuffer().Data()) + ta.ByteOffset());
-    frames_.resize(count);
-    for (uint32_t i = start; i < count; i++) {
-      uint32_t b = desc[3 * i], off = desc[3 * i + 1], len = desc[3 * i + 2];
-      if (b >= nbufs || static_cast<size_t>(off) + len > sizes_[b] || len == 0) ThrowArg(env, "txWrite: frame " + std::to_string(i) + " is outside its buffer");
-      frames_[i] = TxFrame{bases_[b] + off, len};
-    }
+    // Raw pointers only after the last call that could run JavaScript (a
+    // getter on the buffers array); the descriptor array itself cannot
+    // have been detached since (no JavaScript ran).
+    uint32_t* desc = static_cast<uint32_t*>(desc_data);
     state_[ST_DROPPED] = 0;
     state_[ST_DROP_ERRNO] = 0;
     state_[ST_DROP_INDEX] = -1;
     state_[ST_COUNT] = static_cast<int32_t>(count);
     bool prepend = !with_hdr && hdr_len_ > 0;
     uint32_t hdr_bytes = with_hdr ? hdr_len_ : 0;
-    uint32_t next = (tx_uring_ && !ordered_ && RingOk()) ? TxUring(env, desc, start, count, prepend, hdr_bytes) : TxPoll(env, start, count, prepend, hdr_bytes);
+    uint32_t next;
+    if (tx_uring_ && !ordered_ && RingOk()) {
+      // The uring engine reads the triples straight into its SQEs (see
+      // TxUring): no per-frame list is built.  Every frame is checked before
+      // the first one is submitted.
+      if (count - start > ring_->entries() && !TxCheck(desc, start, count)) TxBadFrame(env, desc, start, count);
+      next = TxUring(env, desc, start, count, prepend, hdr_bytes);
+    } else {
+      frames_.resize(count);
+      for (uint32_t i = start; i < count; i++) {
+        uint32_t b = desc[3 * i], off = desc[3 * i + 1], len = desc[3 * i + 2];
+        if (b >= nbufs || static_cast<size_t>(off) + len > sizes_[b] || len == 0) TxBadFrame(env, desc, i, i + 1);
+        frames_[i] = TxFrame{bases_[b] + off, len};
+      }
+      next = TxPoll(env, start, count, prepend, hdr_bytes);
+    }
     state_[ST_NEXT] = static_cast<int32_t>(next);
     return Napi::Number::New(env, next);
+  }
+
+  // Whether the triples start..count-1 all lie inside their buffers.
+  bool TxCheck(const uint32_t* desc, uint32_t start, uint32_t count) const {
+    const size_t nbufs = sizes_.size();
+    bool ok = true;
+    for (uint32_t i = start; i < count; i++) {
+      uint32_t b = desc[3 * i], off = desc[3 * i + 1], len = desc[3 * i + 2];
+      ok &= b < nbufs && len != 0 && static_cast<size_t>(off) + len <= sizes_[b < nbufs ? b : 0];
+    }
+    return ok;
+  }
+
+  // Throws for the first triple in start..count-1 outside its buffer.
+  [[noreturn]] void TxBadFrame(Napi::Env env, const uint32_t* desc, uint32_t start, uint32_t count) const {
+    uint32_t i = start;
+    while (i + 1 < count && TxCheck(desc, i, i + 1)) i++;
+    ThrowArg(env, "txWrite: frame " + std::to_string(i) + " is outside its buffer");
   }
 
   void TxDrop(uint32_t i, int err) {
@@ -636,25 +673,34 @@ class QueueIo : public Napi::ObjectWrap<QueueIo> {
     static const uint8_t kZeroHdr[64] = {0};
     uint32_t i = start;
     const unsigned depth = ring_->entries();
+    const size_t nbufs = sizes_.size();
     while (i < count) {
       unsigned k = std::min<unsigned>(depth, count - i);
+      double chunk_bytes = 0;  // what the chunk adds to TX_BYTES if every frame is written
+      // One pass over the triples: checked (a single-chunk call was not
+      // checked before: nothing is submitted until the whole chunk is) and
+      // turned into SQEs; the SQEs only become visible in SubmitAndWait.
       for (unsigned j = 0; j < k; j++) {
-        const TxFrame& f = frames_[i + j];
+        const uint32_t* t = &desc[3 * (i + j)];
+        uint32_t b = t[0], off = t[1], len = t[2];
+        if (b >= nbufs || static_cast<size_t>(off) + len > sizes_[b] || len == 0) TxBadFrame(env, desc, i + j, i + j + 1);
+        const uint8_t* data = bases_[b] + off;
+        chunk_bytes += static_cast<double>(len - std::min(len, hdr_bytes));
         io_uring_sqe* s = ring_->Sqe(j);
         s->flags = IOSQE_FIXED_FILE;
-        s->fd = 0;
         s->rw_flags = RWF_NOWAIT;
         s->user_data = j;
         if (prepend) {
           iov_[2 * j] = {const_cast<uint8_t*>(kZeroHdr), hdr_len_};
-          iov_[2 * j + 1] = {const_cast<uint8_t*>(f.data), f.len};
+          iov_[2 * j + 1] = {const_cast<uint8_t*>(data), len};
           s->opcode = IORING_OP_WRITEV;
           s->addr = reinterpret_cast<uint64_t>(&iov_[2 * j]);
           s->len = 2;
         } else {
+          // Single segment: IORING_OP_WRITE, no iovec to copy in.
           s->opcode = IORING_OP_WRITE;
-          s->addr = reinterpret_cast<uint64_t>(f.data);
-          s->len = f.len;
+          s->addr = reinterpret_cast<uint64_t>(data);
+          s->len = len;
         }
       }
       cqes_.clear();
@@ -662,6 +708,23 @@ class QueueIo : public Napi::ObjectWrap<QueueIo> {
       counters_[TX_SYSCALLS] += 1;
       // Results by position (completion order is submission order for inline ops, but do not rely on it).
       // An op with no completion (only if io_uring_enter itself failed) counts as EAGAIN: retried in order.
+      // The usual case (every op completed and wrote its frame) is one pass over the CQEs.
+      double frames = 0, bytes = 0;
+      bool all_written = err == 0 && cqes_.size() == k;
+      if (all_written) {
+        for (const io_uring_cqe& c : cqes_) {
+          if (c.res < 0 || c.user_data >= k) {
+            all_written = false;
+            break;
+          }
+        }
+      }
+      if (all_written) {
+        counters_[TX_FRAMES] += k;
+        counters_[TX_BYTES] += chunk_bytes;
+        i += k;
+        continue;
+      }
       res_.assign(k, -EAGAIN);
       for (const io_uring_cqe& c : cqes_)
         if (c.user_data < k) res_[c.user_data] = c.res;
@@ -670,7 +733,9 @@ class QueueIo : public Napi::ObjectWrap<QueueIo> {
       for (unsigned j = 0; j < k; j++) {
         int r = res_[j];
         if (r >= 0) {
-          TxDone(frames_[i + j].len, hdr_bytes);
+          uint32_t len = desc[3 * (i + j) + 2];
+          frames += 1;
+          bytes += static_cast<double>(len - std::min(len, hdr_bytes));
           if (first_again < k) counters_[TX_REORDERED] += 1;
         } else if (r == -EAGAIN) {
           if (first_again == k) first_again = j;
@@ -680,6 +745,8 @@ class QueueIo : public Napi::ObjectWrap<QueueIo> {
           fatal = -r;
         }
       }
+      counters_[TX_FRAMES] += frames;
+      counters_[TX_BYTES] += bytes;
       if (err != 0) RingFailed(err);
       if (fatal != 0) ThrowSys(env, "WRITE", "io_uring_enter", fatal);
       if (first_again < k) {
@@ -691,16 +758,10 @@ class QueueIo : public Napi::ObjectWrap<QueueIo> {
         for (unsigned j = 0; j < k; j++) {
           if (res_[j] != -EAGAIN) continue;
           uint32_t src = i + j;
-          if (w != src) {
-            frames_[w] = frames_[src];
-            memmove(&desc[3 * w], &desc[3 * src], 3 * sizeof(uint32_t));
-          }
+          if (w != src) memmove(&desc[3 * w], &desc[3 * src], 3 * sizeof(uint32_t));
           w++;
         }
-        for (uint32_t src = i + k; src < count; src++, w++) {
-          frames_[w] = frames_[src];
-          memmove(&desc[3 * w], &desc[3 * src], 3 * sizeof(uint32_t));
-        }
+        for (uint32_t src = i + k; src < count; src++, w++) memmove(&desc[3 * w], &desc[3 * src], 3 * sizeof(uint32_t));
         state_[ST_COUNT] = static_cast<int32_t>(w);
         return i;
       }

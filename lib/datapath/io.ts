@@ -303,8 +303,17 @@ interface TxJob {
   dropped: number;
   dropErrno: number;
   waits: number;
-  resolve: (r: WriteResult) => void;
-  reject: (e: unknown) => void;
+  /**
+   * The promise's settle functions, once it exists.  A job written whole
+   * inside writeBatch itself settles before any promise was made: its
+   * outcome is kept (#settle) and writeBatch returns an already settled
+   * promise, without the executor and its two closures.
+   */
+  resolve: ((r: WriteResult) => void) | undefined;
+  reject: ((e: unknown) => void) | undefined;
+  /** 0 pending; 1 resolved / 2 rejected with `outcome` before the promise existed. */
+  settled: 0 | 1 | 2;
+  outcome: unknown;
 }
 
 /** The descriptor of a job not yet described (see #takeDesc). */
@@ -849,15 +858,27 @@ export class QueueIO implements AsyncIterable<FrameBatch> {
   }
 
   #submit(job: TxJob): Promise<WriteResult> {
-    const p = new Promise<WriteResult>((resolve, reject) => {
-      job.resolve = resolve;
-      job.reject = reject;
-    });
     this.#tx.push(job);
     this.#counters[C.TX_BATCHES]! += 1;
     if (this.#tx.length === 1 && !this.#txWaiting) this.#pumpTx();
     else if (job.fromSlab) this.#ownFrames(job); // it waits behind others: the source may read on meanwhile
-    return p;
+    // Written (or failed) at once, the usual case: no executor, no closures.
+    if (job.settled === 1) return Promise.resolve(job.outcome as WriteResult);
+    if (job.settled === 2) return Promise.reject(job.outcome);
+    return new Promise<WriteResult>((resolve, reject) => {
+      job.resolve = resolve;
+      job.reject = reject;
+    });
+  }
+
+  /** Settles a job's promise, or keeps the outcome for #submit when there is none yet. */
+  #settle(job: TxJob, ok: boolean, v: unknown): void {
+    const f = ok ? job.resolve : job.reject;
+    if (f !== undefined) f(v as WriteResult);
+    else {
+      job.settled = ok ? 1 : 2;
+      job.outcome = v;
+    }
   }
 
   #newJob(withHdr: boolean): TxJob {
@@ -873,8 +894,10 @@ export class QueueIO implements AsyncIterable<FrameBatch> {
       dropped: 0,
       dropErrno: 0,
       waits: 0,
-      resolve: () => undefined,
-      reject: () => undefined,
+      resolve: undefined,
+      reject: undefined,
+      settled: 0,
+      outcome: undefined,
     };
   }
 
@@ -965,15 +988,18 @@ export class QueueIO implements AsyncIterable<FrameBatch> {
     let lastAb: ArrayBufferLike | undefined;
     let lastIdx = 0;
     let prev: unknown = NO_DESC; // never a frame
+    let prevOff = 0;
+    let prevLen = 0;
     for (let i = 0; i < n; i++) {
       let f = frames[i];
       if (f === prev) {
         // The same view again (a template frame sent N times): its triple
-        // is known, and reading `.buffer` (a C++ builtin, not inlined) is
-        // the largest per-frame cost here.
-        desc[3 * i] = desc[3 * i - 3]!;
-        desc[3 * i + 1] = desc[3 * i - 2]!;
-        desc[3 * i + 2] = desc[3 * i - 1]!;
+        // is known (kept in locals: no loads back from the array), and
+        // reading `.buffer` (a C++ builtin, not inlined) is the largest
+        // per-frame cost here.
+        desc[3 * i] = lastIdx;
+        desc[3 * i + 1] = prevOff;
+        desc[3 * i + 2] = prevLen;
         continue;
       }
       prev = f;
@@ -1003,8 +1029,10 @@ export class QueueIO implements AsyncIterable<FrameBatch> {
       }
       const len = f.byteLength;
       if (len < min) throw invalidArg(`writeBatch: frame ${i} has ${len} bytes; at least ${min} (${job.withHdr ? 'header + ' : ''}Ethernet header) are needed`);
+      prevOff = f.byteOffset;
+      prevLen = len;
       desc[3 * i] = lastIdx;
-      desc[3 * i + 1] = f.byteOffset;
+      desc[3 * i + 1] = prevOff;
       desc[3 * i + 2] = len;
     }
     job.desc = desc;
@@ -1027,7 +1055,7 @@ export class QueueIO implements AsyncIterable<FrameBatch> {
         job.written += ctr[C.TX_FRAMES]! - f0;
         const e = this.#ctx(err);
         if (e instanceof MqtapError) Object.assign(e, { written: job.written, dropped: job.dropped });
-        job.reject(e);
+        this.#settle(job, false, e);
         continue;
       }
       job.count = this.#state[S.COUNT]!;
@@ -1061,9 +1089,9 @@ export class QueueIO implements AsyncIterable<FrameBatch> {
         });
         e.setMessage(`${e.message}: the kernel refused ${job.dropped} of the frames (${job.written} written)`);
         Object.assign(e, { written: job.written, dropped: job.dropped });
-        job.reject(e);
+        this.#settle(job, false, e);
       } else {
-        job.resolve({ frames: job.written, bytes: job.bytes, waits: job.waits });
+        this.#settle(job, true, { frames: job.written, bytes: job.bytes, waits: job.waits });
       }
     }
   }
@@ -1129,7 +1157,7 @@ export class QueueIO implements AsyncIterable<FrameBatch> {
       const e = this.#closedError('WRITE');
       Object.assign(e, { written: job.written, dropped: job.dropped });
       e.setMessage(`${e.message} (${job.written} of the batch's frames were written)`);
-      job.reject(e);
+      this.#settle(job, false, e);
     }
     this.#txWaiting = false;
   }

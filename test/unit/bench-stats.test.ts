@@ -3,8 +3,10 @@
  * writes (their checksums now come from lib/datapath/frames.ts), without a
  * kernel.
  */
+import { readFileSync } from 'node:fs';
+import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
-import { benchFrame, dataTable, pairedRatio, tapioMode, type DataResult, type Impl, type PinMode } from '../../bench/data';
+import { benchFrame, C_BEST_WRITE_BATCH, dataTable, libraryWriteBatch, pairedRatio, tapioMode, type DataResult, type Impl, type PinMode } from '../../bench/data';
 import { median, textTable } from '../../bench/stats';
 import { IPPROTO, ipv4Checksum, ipv4PseudoHeaderSum } from '../../lib/datapath/frames';
 
@@ -70,6 +72,19 @@ describe('data table: the C baselines side by side', () => {
     expect(tapioMode('c-best', 'write')).toBe('uring-write256');
     expect(tapioMode('c-uring', 'read')).toBe('uring-read');
     expect(tapioMode('c-plain', 'write')).toBe('write');
+  });
+
+  it('fair pairing for writes: the library writer passes as many frames per writeBatch as the best C loop submits per enter', () => {
+    const src = readFileSync(join(__dirname, '../../bench/c/tapio.c'), 'utf8');
+    const m = /#define URING_BEST_WRITE_BATCH (\d+)/.exec(src);
+    expect(m, 'URING_BEST_WRITE_BATCH in tapio.c').not.toBeNull();
+    expect(C_BEST_WRITE_BATCH).toBe(Number(m![1]));
+    // The default is that batch whatever the receive batch (--batch); --write-batch overrides it.
+    expect(libraryWriteBatch()).toBe(C_BEST_WRITE_BATCH);
+    expect(libraryWriteBatch({})).toBe(256);
+    expect(libraryWriteBatch({ writeBatch: 64 })).toBe(64);
+    expect(() => libraryWriteBatch({ writeBatch: 0 })).toThrow(/--write-batch: 0/);
+    expect(() => libraryWriteBatch({ writeBatch: Number('x') })).toThrow(/--write-batch: NaN/);
   });
 
   it('lib / best C and lib / naive C io_uring x32 are paired ratios; a pin column appears when placements differ', () => {
