@@ -58,7 +58,7 @@ export interface DataRun {
   size: Size;
   queues: number;
   /** Per queue: frames/s, and CPU µs per frame of that reader/writer (thread or process). */
-  perQueue: Array<{ pps: number; gbps: number; cpuUsPerFrame: number; frames: number }>;
+  perQueue: Array<{ pps: number; gbps: number; cpuUsPerFrame: number; frames: number; workers?: number; workerCpuUsPerFrame?: number; framesPerEnter?: number }>;
   /** Sum over the queues. */
   pps: number;
   gbps: number;
@@ -327,8 +327,13 @@ function gbps(bytes: number, seconds: number): number {
 interface TapioResult {
   pps: number;
   gbps: number;
+  /** The whole process: the loop's thread and io_uring's io-wq workers (wherever they ran). */
   cpuUsPerFrame: number;
   frames: number;
+  /** io-wq worker threads ("iou-wrk") and their share of cpuUsPerFrame: not bound by --cpu, they can run on the other CPU in parallel. */
+  workers?: number;
+  workerCpuUsPerFrame?: number;
+  framesPerEnter?: number;
 }
 
 function runTapio(p: Programs, mode: string, dir: Dir, size: Size, frames: number, q: number, cpu: number | undefined): Promise<TapioResult> {
@@ -344,7 +349,7 @@ function runTapio(p: Programs, mode: string, dir: Dir, size: Size, frames: numbe
       const line = out.split('\n').find((l) => l.startsWith('{'));
       if (code !== 0 || !line) return reject(new Error(`tapio ${args.join(' ')} exited with ${code}`));
       const j = JSON.parse(line) as TapioResult;
-      resolve({ pps: j.pps, gbps: j.gbps, cpuUsPerFrame: j.cpuUsPerFrame, frames: j.frames });
+      resolve({ pps: j.pps, gbps: j.gbps, cpuUsPerFrame: j.cpuUsPerFrame, frames: j.frames, workers: j.workers, workerCpuUsPerFrame: j.workerCpuUsPerFrame, ...(j.framesPerEnter !== undefined ? { framesPerEnter: j.framesPerEnter } : {}) });
     });
   });
 }
@@ -635,6 +640,9 @@ export async function runDataBench(o: DataBenchOptions): Promise<{ results: Data
                 log(
                   `  ${dir} ${String(size).padStart(4)} B x${queues}q pin=${pin} ${impl}${engine ? `(${run.engine})` : ''}: ${(run.pps / 1e6).toFixed(3)} Mpps ${run.gbps.toFixed(2)} Gbit/s, ` +
                     `${run.perQueue.map((q) => q.cpuUsPerFrame.toFixed(3)).join('/')} µs CPU/frame` +
+                    // C: how much of that CPU io_uring's io-wq threads used (in parallel, maybe on the other CPU), and CQEs per enter
+                    (run.perQueue.some((q) => q.workers) ? ` (io-wq: ${run.perQueue.map((q) => `${q.workers} threads ${(q.workerCpuUsPerFrame ?? 0).toFixed(3)} µs`).join('/')})` : '') +
+                    (run.perQueue.some((q) => q.framesPerEnter !== undefined) ? ` ${run.perQueue.map((q) => (q.framesPerEnter ?? 0).toFixed(1)).join('/')} frames/enter` : '') +
                     (busyBefore !== undefined ? ` (other load before: ${(busyBefore * 100).toFixed(0)}%)` : ''),
                 );
               }

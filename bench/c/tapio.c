@@ -69,7 +69,13 @@
  * bytes*8/seconds/1e9.  "cpuSeconds" is the CPU time this process (including
  * io_uring worker threads, excluding the generator) used during the run;
  * cpuUsPerFrame = cpuSeconds/frames is much less sensitive than pps to other
- * load on the machine, since time spent descheduled is not counted.  Exit status: 0 ok, 1 error, 2 timeout before any
+ * load on the machine, since time spent descheduled is not counted.  Where it
+ * went, by thread: "mainCpuSeconds" (the thread running the loop),
+ * "workerCpuSeconds" and "workers" (io_uring's own threads, io-wq
+ * "iou-wrk-*": they are not bound by --cpu and may run on the generator's CPU
+ * in parallel), "workerCpus" (bit mask of the CPUs they last ran on),
+ * "mainVoluntaryCsw" (the loop's sleeps), "enters"/"framesPerEnter"
+ * (io_uring_enter calls of the read loops).  Exit status: 0 ok, 1 error, 2 timeout before any
  * frame, 3 io_uring unavailable (ENOSYS, EPERM, disabled by
  * kernel.io_uring_disabled, or lacking what the mode needs).
  */
@@ -91,7 +97,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <dirent.h>
 #include <sys/ioctl.h>
+#include <sys/resource.h>
 #include <sys/mman.h>
 #include <sys/prctl.h>
 #include <sys/socket.h>
@@ -155,6 +163,87 @@ static double now_s(void)
 	struct timespec ts;
 	clock_gettime(CLOCK_MONOTONIC, &ts);
 	return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+/*
+ * Where the CPU went, by thread: the main thread's CPU time and context
+ * switches, and the io_uring worker threads' (io-wq "iou-wrk-*", SQPOLL
+ * "iou-sqp-*"): they are threads of this process, so their CPU is in
+ * cpuSeconds, but they are not bound by the main thread's --cpu pinning (their
+ * affinity comes from the cpuset), so they may run on the generator's CPU in
+ * parallel with the main thread: "workerCpuSeconds" and "workerCpus" (a bit
+ * mask of the CPUs they were last seen on) show it.
+ */
+struct threadstats {
+	double main_cpu, worker_cpu;
+	long workers;
+	unsigned long long worker_cpus; /* bit c: a worker last ran on CPU c (c < 64) */
+	long long main_vcsw, main_ivcsw;
+};
+
+static void thread_stats(struct threadstats *t)
+{
+	memset(t, 0, sizeof(*t));
+	struct rusage ru;
+	struct timespec ts;
+	if (getrusage(RUSAGE_THREAD, &ru) == 0) {
+		t->main_vcsw = ru.ru_nvcsw;
+		t->main_ivcsw = ru.ru_nivcsw;
+	}
+	if (clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts) == 0)
+		t->main_cpu = (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+	DIR *d = opendir("/proc/self/task");
+	if (!d)
+		return;
+	long tck = sysconf(_SC_CLK_TCK);
+	struct dirent *e;
+	while ((e = readdir(d)) != NULL) {
+		if (e->d_name[0] == '.')
+			continue;
+		char path[300], buf[1024];
+		snprintf(path, sizeof(path), "/proc/self/task/%s/stat", e->d_name);
+		int fd = open(path, O_RDONLY | O_CLOEXEC);
+		if (fd < 0)
+			continue;
+		ssize_t n = read(fd, buf, sizeof(buf) - 1);
+		close(fd);
+		if (n <= 0)
+			continue;
+		buf[n] = 0;
+		char *lp = strchr(buf, '('), *rp = strrchr(buf, ')');
+		if (!lp || !rp || strncmp(lp + 1, "iou-", 4) != 0)
+			continue;
+		/* After ") ": field 3 (state) ... utime is field 14, stime 15, processor 39. */
+		unsigned long long utime = 0, stime = 0;
+		int cpu = -1, field = 3;
+		for (char *tok = strtok(rp + 2, " "); tok; tok = strtok(NULL, " "), field++) {
+			if (field == 14)
+				utime = strtoull(tok, NULL, 10);
+			else if (field == 15)
+				stime = strtoull(tok, NULL, 10);
+			else if (field == 39) {
+				cpu = atoi(tok);
+				break;
+			}
+		}
+		t->workers++;
+		/* schedstat: nanoseconds on a CPU (stat's utime+stime are in clock ticks, too coarse for short runs). */
+		double secs = (double)(utime + stime) / (double)tck;
+		snprintf(path, sizeof(path), "/proc/self/task/%s/schedstat", e->d_name);
+		fd = open(path, O_RDONLY | O_CLOEXEC);
+		if (fd >= 0) {
+			n = read(fd, buf, sizeof(buf) - 1);
+			close(fd);
+			if (n > 0) {
+				buf[n] = 0;
+				secs = (double)strtoull(buf, NULL, 10) / 1e9;
+			}
+		}
+		t->worker_cpu += secs;
+		if (cpu >= 0 && cpu < 64)
+			t->worker_cpus |= 1ULL << cpu;
+	}
+	closedir(d);
 }
 
 /* CPU time of this process (all threads, io_uring workers included; not the generator child). */
@@ -401,6 +490,8 @@ struct result {
 	long long batches; /* io_uring modes: io_uring_enter calls that completed frames */
 	long long rearms;  /* uring-mshot: multishot reads re-armed (CQE without IORING_CQE_F_MORE) */
 	long long enobufs; /* uring-mshot: -ENOBUFS completions (every provided buffer in use) */
+	long long enters;  /* io_uring modes: io_uring_enter calls in the loop (waits included) */
+	struct threadstats t0, t1;
 };
 
 static void print_result(const struct opts *o, const struct result *r, const struct devstats *before,
@@ -421,6 +512,16 @@ static void print_result(const struct opts *o, const struct result *r, const str
 		printf(",\"batches\":%lld,\"framesPerBatch\":%.1f", r->batches, (double)r->frames / (double)r->batches);
 	if (o->mode == MODE_URING_MSHOT)
 		printf(",\"rearms\":%lld,\"enobufs\":%lld", r->rearms, r->enobufs);
+	if (r->enters)
+		printf(",\"enters\":%lld,\"framesPerEnter\":%.2f", r->enters, r->frames > 0 ? (double)r->frames / (double)r->enters : 0.0);
+	{
+		double mcpu = r->t1.main_cpu - r->t0.main_cpu, wcpu = r->t1.worker_cpu - r->t0.worker_cpu;
+		double fr = r->frames > 0 ? (double)r->frames : 1.0;
+		printf(",\"mainCpuSeconds\":%.6f,\"mainCpuUsPerFrame\":%.3f,\"workerCpuSeconds\":%.6f,\"workerCpuUsPerFrame\":%.3f", mcpu,
+		       mcpu * 1e6 / fr, wcpu, wcpu * 1e6 / fr);
+		printf(",\"workers\":%ld,\"workerCpus\":%llu,\"mainVoluntaryCsw\":%lld,\"mainInvoluntaryCsw\":%lld", r->t1.workers,
+		       r->t1.worker_cpus, r->t1.main_vcsw - r->t0.main_vcsw, r->t1.main_ivcsw - r->t0.main_ivcsw);
+	}
 	if (o->mode == MODE_WRITE || o->mode == MODE_URING_WRITE || o->mode == MODE_URING_WRITE256) {
 		printf(",\"kernelRxPackets\":%llu,\"kernelRxDropped\":%llu,\"errors\":%lld",
 		       after->rx_packets - before->rx_packets, after->rx_dropped - before->rx_dropped, r->errors);
@@ -775,6 +876,7 @@ static struct result run_uring_read(const struct opts *o, int fd)
 	unsigned inflight = URING_BATCH;
 	while (total < o->frames && !timed_out) {
 		int ret = uring_enter(&u, 1);
+		r.enters++;
 		if (ret == -EINTR)
 			break;
 		if (ret < 0)
@@ -798,6 +900,7 @@ static struct result run_uring_read(const struct opts *o, int fd)
 			}
 		});
 	}
+	thread_stats(&r.t1); /* before the teardown: io-wq workers exit with the ring */
 	uring_quiesce(&u, inflight, false);
 	/* As in run_read: the first completion only starts the clock. */
 	r.frames = total > 1 ? total - 1 : 0;
@@ -905,6 +1008,7 @@ static struct result run_uring_mshot(const struct opts *o, int fd)
 	bool started = false;
 	while (total < o->frames && !timed_out) {
 		ret = uring_enter(&u, 1);
+		r.enters++;
 		if (ret == -EINTR)
 			break;
 		if (ret < 0)
@@ -955,6 +1059,7 @@ static struct result run_uring_mshot(const struct opts *o, int fd)
 	}
 	r.frames = total;
 	r.seconds = started ? t1 - t0 : 0;
+	thread_stats(&r.t1);
 	uring_quiesce(&u, armed ? 1 : 0, true);
 	uring_close(&u);
 	munmap(pr.mem, (size_t)nbufs * RX_BUF_SZ);
@@ -1231,6 +1336,8 @@ int main(int argc, char **argv)
 	struct devstats before = read_stats(o.dev);
 	arm_timeout(o.timeout);
 	double cpu0 = cpu_s();
+	struct threadstats ts0;
+	thread_stats(&ts0);
 	struct result r = { 0 };
 	switch (o.mode) {
 	case MODE_WRITE:
@@ -1253,6 +1360,9 @@ int main(int argc, char **argv)
 		break;
 	}
 	r.cpu_seconds = cpu_s() - cpu0;
+	r.t0 = ts0;
+	if (r.t1.main_cpu == 0) /* the io_uring read modes took it before their teardown */
+		thread_stats(&r.t1);
 	struct devstats after = read_stats(o.dev);
 	if (gen > 0) {
 		kill(gen, SIGKILL);

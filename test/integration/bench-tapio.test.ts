@@ -44,6 +44,12 @@ interface TapioOut {
   framesPerBatch?: number;
   rearms?: number;
   enobufs?: number;
+  cpuSeconds: number;
+  mainCpuSeconds: number;
+  workerCpuSeconds: number;
+  workers: number;
+  workerCpus: number;
+  enters?: number;
   kernelTxPackets?: number;
   kernelRxPackets?: number;
   errors?: number;
@@ -92,6 +98,26 @@ describe.skipIf(!uring.ok)(`bench/c/tapio io_uring modes${skipNote(uring)}`, () 
   it('uring-write256: 256 writes per submit, every one received by the kernel', () => {
     const r = tapio(['--mode', 'uring-write256', '--size', '60', '--frames', String(256 * 40)]);
     expect(r).toMatchObject({ frames: 256 * 40, kernelRxPackets: 256 * 40, errors: 0, batches: 40, framesPerBatch: 256 });
+  });
+
+  it('reports where the CPU went: io-wq workers of the naive read (blocking fd) are counted, the multishot has none', () => {
+    // Generator on the reader's CPU: the reader catches up, its 32 reads on the
+    // blocking fd (tun has no FMODE_NOWAIT) find nothing and go to io-wq
+    // worker threads, which block in tun_do_read.
+    const x32 = tapio(['--mode', 'uring-read', '--size', '60', '--frames', '20000', '--gen-cpu', '0']);
+    expect(x32.workers).toBeGreaterThan(0);
+    expect(x32.workerCpuSeconds).toBeGreaterThan(0);
+    // The per-thread split adds up to the process CPU the per-frame figure uses.
+    expect(x32.mainCpuSeconds + x32.workerCpuSeconds).toBeLessThanOrEqual(x32.cpuSeconds * 1.05 + 0.002);
+    expect(x32.mainCpuSeconds + x32.workerCpuSeconds).toBeGreaterThanOrEqual(x32.cpuSeconds * 0.8 - 0.002);
+    expect(x32.enters).toBeGreaterThan(0);
+    if (mshot.ok) {
+      // O_NONBLOCK before registering: every read inline, no io-wq thread at all.
+      const m = tapio(['--mode', 'uring-mshot', '--size', '60', '--frames', '20000', '--gen-cpu', '0']);
+      expect(m.workers).toBe(0);
+      expect(m.workerCpuSeconds).toBe(0);
+      expect(m.mainCpuSeconds).toBeGreaterThanOrEqual(m.cpuSeconds * 0.8 - 0.002);
+    }
   });
 
   it('the naive io_uring loops (32 per submit) still run: uring-write and uring-read', () => {
