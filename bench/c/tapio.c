@@ -20,6 +20,9 @@
  *   uring-read      naive io_uring: 32 IORING_OP_READ kept in flight, blocking fd
  *   uring-mshot     best io_uring read loop (Linux 6.7+): IORING_OP_READ_MULTISHOT into
  *                   a provided-buffer ring (see run_uring_mshot)
+ *   uring-batch     batches of 64 one-shot reads from the same provided-buffer ring on the
+ *                   O_NONBLOCK registered fd: the cheapest per frame while the reader is
+ *                   behind, not a design for idle queues (see run_uring_batch)
  *   probe           (no --dev) what io_uring offers here, as one JSON line
  *
  * Frame sizes (--size): 60 (minimum Ethernet frame without FCS), 1514 (maximum
@@ -131,7 +134,7 @@
 #define TCP_LEN 20
 #define RX_BUF_SZ (VNET_HDR_SZ + 65536 + 64) /* any frame the tap can hand us */
 
-enum mode { MODE_WRITE, MODE_READ, MODE_URING_WRITE, MODE_URING_READ, MODE_URING_WRITE256, MODE_URING_MSHOT };
+enum mode { MODE_WRITE, MODE_READ, MODE_URING_WRITE, MODE_URING_READ, MODE_URING_WRITE256, MODE_URING_MSHOT, MODE_URING_BATCH };
 
 struct opts {
 	const char *dev;
@@ -1069,6 +1072,92 @@ static struct result run_uring_mshot(const struct opts *o, int fd)
 }
 
 /*
+ * Batched one-shot reads (issue 12): the registered fd O_NONBLOCK before
+ * registering (no io-wq), batches of up to 64 IORING_OP_READ with
+ * IOSQE_BUFFER_SELECT from a provided-buffer ring like uring-mshot's, each
+ * batch submitted and reaped in one io_uring_enter, buffers given back once
+ * per batch.  While frames are waiting in the tap's ring every read completes
+ * inline in the submit, and no poll is armed on the tap, so the generator's
+ * per-frame wake-up of the tap's wait queue finds no io_uring waiter.  The
+ * multishot read keeps its poll armed all the time: every frame queued costs
+ * an io_uring poll wake on the producer's CPU and a poll/task-work round on
+ * the reader's, with the request's poll reference count written from both
+ * CPUs: the difference this loop measures.  Not a library design as it
+ * stands: the enter waits for a full batch (latency at low rates), and reads
+ * that find the ring empty are each armed on the tap's wait queue by
+ * io_uring (O_NONBLOCK counts as "supports nowait", and tun refuses
+ * RWF_NOWAIT without FMODE_NOWAIT), so an idle queue has 64 polls armed and
+ * every frame wakes them all.
+ */
+static struct result run_uring_batch(const struct opts *o, int fd)
+{
+	struct result r = { 0 };
+	struct uring u;
+	struct pbuf_ring pr;
+	unsigned nbufs = o->bufs, batch = nbufs < 64 ? nbufs : 64;
+	double t0 = 0, t1 = 0;
+	set_nonblock(fd);
+	uring_setup(&u, batch * 2, IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN, false);
+	uring_register_fd(&u, fd);
+	int ret = pbuf_ring_register(&u, &pr, nbufs, RX_BUF_SZ);
+	if (ret < 0)
+		uring_unavailable("IORING_REGISTER_PBUF_RING", -ret);
+	for (unsigned i = 0; i < nbufs; i++)
+		pbuf_add(&pr, i);
+	pbuf_publish(&pr);
+	long long total = 0;
+	unsigned inflight = 0;
+	bool started = false;
+	while (total < o->frames && !timed_out) {
+		for (; inflight < batch; inflight++) {
+			struct io_uring_sqe *sqe = uring_sqe(&u);
+			prep_rw(sqe, IORING_OP_READ, NULL, RX_BUF_SZ, 1);
+			sqe->flags |= IOSQE_BUFFER_SELECT;
+			sqe->buf_group = MSHOT_BGID;
+		}
+		ret = uring_enter(&u, batch);
+		r.enters++;
+		if (ret == -EINTR)
+			break;
+		if (ret < 0)
+			die_errno("io_uring_enter", -ret);
+		long long got = 0;
+		unsigned long long bytes = 0;
+		URING_FOR_EACH_CQE(&u, cqe, {
+			inflight--;
+			if (cqe->flags & IORING_CQE_F_BUFFER)
+				pbuf_add(&pr, cqe->flags >> IORING_CQE_BUFFER_SHIFT);
+			if (cqe->res > 0) {
+				got++;
+				bytes += (unsigned long long)(cqe->res - VNET_HDR_SZ);
+			} else if (cqe->res != -EINTR && cqe->res != -EAGAIN) {
+				die_errno("uring read", -cqe->res);
+			}
+		});
+		pbuf_publish(&pr);
+		if (!got)
+			continue;
+		t1 = now_s();
+		if (!started) { /* the first batch only starts the clock */
+			started = true;
+			t0 = t1;
+			continue;
+		}
+		r.batches++;
+		total += got;
+		r.bytes += bytes;
+	}
+	r.frames = total;
+	r.seconds = started ? t1 - t0 : 0;
+	thread_stats(&r.t1);
+	uring_quiesce(&u, inflight, false);
+	uring_close(&u);
+	munmap(pr.mem, (size_t)nbufs * RX_BUF_SZ);
+	munmap(pr.br, nbufs * sizeof(struct io_uring_buf));
+	return r;
+}
+
+/*
  * --mode probe: what this kernel's io_uring offers the modes above, as one
  * JSON line: setup at all, SINGLE_ISSUER|DEFER_TASKRUN (6.1), the read and
  * write ops, READ_MULTISHOT (6.7), provided-buffer rings (5.19).
@@ -1189,7 +1278,7 @@ static pid_t start_generator(const struct opts *o, int ifindex)
 static void usage(void)
 {
 	fprintf(stderr,
-		"usage: tapio --dev NAME --mode write|read|uring-write|uring-read|uring-write256|uring-mshot [options]\n"
+		"usage: tapio --dev NAME --mode write|read|uring-write|uring-read|uring-write256|uring-mshot|uring-batch [options]\n"
 		"       tapio --mode probe    (what io_uring offers here, as JSON)\n"
 		"  --queues Q      queues to attach in this process (default 1, max %d)\n"
 		"  --queue I       queue (0..Q-1) to do I/O on (default 0)\n"
@@ -1201,7 +1290,7 @@ static void usage(void)
 		"  --gen-rate PPS  read: pace the generator to PPS frames/s (default 0 = flat out)\n"
 		"  --no-gen        read: do not fork the AF_PACKET generator (use an external one)\n"
 		"  --flow K        write: source port 40000+K (one flow per queue, as a guest's queues carry their own flows)\n"
-		"  --bufs N        uring-mshot: provided buffers, a power of two (default %d)\n",
+		"  --bufs N        uring-mshot, uring-batch: provided buffers, a power of two (default %d)\n",
 		MAX_QUEUES, MSHOT_BUFS);
 	exit(1);
 }
@@ -1299,6 +1388,8 @@ static struct opts parse_opts(int argc, char **argv)
 		o.mode = MODE_URING_WRITE256;
 	else if (strcmp(o.mode_name, "uring-mshot") == 0)
 		o.mode = MODE_URING_MSHOT;
+	else if (strcmp(o.mode_name, "uring-batch") == 0)
+		o.mode = MODE_URING_BATCH;
 	else
 		usage();
 	return o;
@@ -1329,7 +1420,7 @@ int main(int argc, char **argv)
 		dst[5] ^= 0x80;
 	size_t frame_len = build_frame(buf, o.size, dst, src, (uint16_t)(40000 + o.flow));
 
-	if (o.mode == MODE_READ || o.mode == MODE_URING_READ || o.mode == MODE_URING_MSHOT) {
+	if (o.mode == MODE_READ || o.mode == MODE_URING_READ || o.mode == MODE_URING_MSHOT || o.mode == MODE_URING_BATCH) {
 		if (o.gen)
 			gen = start_generator(&o, ifindex);
 	}
@@ -1357,6 +1448,9 @@ int main(int argc, char **argv)
 		break;
 	case MODE_URING_MSHOT:
 		r = run_uring_mshot(&o, fd);
+		break;
+	case MODE_URING_BATCH:
+		r = run_uring_batch(&o, fd);
 		break;
 	}
 	r.cpu_seconds = cpu_s() - cpu0;

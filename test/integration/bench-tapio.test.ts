@@ -5,7 +5,10 @@
  * handed over, keeps reading across -ENOBUFS (re-armed after the refill:
  * with 4 buffers that happens every few frames, so a missing re-arm would
  * stall it), and truncates nothing; the best write loop (uring-write256)
- * writes 256 frames per submit; the naive io_uring modes still work.  io_uring
+ * writes 256 frames per submit; uring-batch (64 one-shot reads per enter from
+ * the same buffer ring) hands frames over whole without io-wq threads; the
+ * per-thread CPU split (io-wq workers) is reported; the naive io_uring modes
+ * still work.  io_uring
  * is made with raw syscalls, so no liburing is needed.
  */
 import { execFileSync, spawnSync } from 'node:child_process';
@@ -118,6 +121,20 @@ describe.skipIf(!uring.ok)(`bench/c/tapio io_uring modes${skipNote(uring)}`, () 
       expect(m.workerCpuSeconds).toBe(0);
       expect(m.mainCpuSeconds).toBeGreaterThanOrEqual(m.cpuSeconds * 0.8 - 0.002);
     }
+  });
+
+  it.skipIf(!mshot.ok)(`uring-batch: 64 one-shot reads per enter from the provided-buffer ring, frames whole, no io-wq, no stall when the reader is ahead${skipNote(mshot)}`, () => {
+    const r = tapio(['--mode', 'uring-batch', '--size', '1514', '--frames', '20000']);
+    expect(r.frames).toBeGreaterThanOrEqual(20000);
+    expect(r.frames).toBeLessThanOrEqual(r.kernelTxPackets!);
+    expect(r.bytes).toBe(r.frames * 1514); // every buffer handed over whole
+    expect(r.workers).toBe(0);
+    expect(r.enters).toBeGreaterThanOrEqual(Math.ceil(r.frames / 64));
+    // Paced generator (the reader is ahead): reads that find the ring empty wait (io_uring polls them), none is lost.
+    const paced = tapio(['--mode', 'uring-batch', '--size', '60', '--frames', '3000', '--gen-rate', '20000']);
+    expect(paced.timedOut).toBe(false);
+    expect(paced.frames).toBeGreaterThanOrEqual(3000);
+    expect(paced.frames).toBeLessThanOrEqual(paced.kernelTxPackets!);
   });
 
   it('the naive io_uring loops (32 per submit) still run: uring-write and uring-read', () => {
