@@ -43,8 +43,12 @@ import { median, textTable } from './stats';
 
 export type Size = 60 | 1514 | 'gso';
 export type Dir = 'write' | 'read';
-/** c-uring: naive io_uring (32 per submit, blocking fd: io-wq); c-best: tapio --mode uring-mshot (reads) / uring-write256 (writes). */
-export type Impl = 'library' | 'c-plain' | 'c-uring' | 'c-best';
+/**
+ * c-uring: naive io_uring (32 per submit, blocking fd: io-wq when the reader is ahead); c-best: tapio --mode uring-mshot (reads) /
+ * uring-write256 (writes); c-batch (reads only): tapio --mode uring-batch, 64 one-shot reads per enter from the buffer ring, no poll
+ * armed while the reader is behind: the cheapest C loop for a CPU-bound reader (issue 12), not one for idle queues.
+ */
+export type Impl = 'library' | 'c-plain' | 'c-uring' | 'c-best' | 'c-batch';
 /** Where the readers/writers and the read generator run (see the module comment). */
 export type PinMode = 'split' | 'same' | 'none';
 
@@ -357,6 +361,10 @@ function runTapio(p: Programs, mode: string, dir: Dir, size: Size, frames: numbe
 /** tapio's mode for a C implementation and direction. */
 export function tapioMode(impl: Exclude<Impl, 'library'>, dir: Dir): string {
   if (impl === 'c-best') return dir === 'read' ? 'uring-mshot' : 'uring-write256';
+  if (impl === 'c-batch') {
+    if (dir !== 'read') throw new Error('bench: c-batch is a read loop');
+    return 'uring-batch';
+  }
   return (impl === 'c-uring' ? 'uring-' : '') + dir;
 }
 
@@ -623,6 +631,7 @@ export async function runDataBench(o: DataBenchOptions): Promise<{ results: Data
         { impl: 'c-plain' },
         ...(p.uring ? [{ impl: 'c-uring' as const }] : []),
         ...(p.best[dir] ? [{ impl: 'c-best' as const }] : []),
+        ...(p.best[dir] && dir === 'read' ? [{ impl: 'c-batch' as const }] : []),
       ];
       for (const size of o.sizes) {
         for (const queues of o.queues) {
@@ -682,7 +691,7 @@ export function dataTable(results: DataResult[], libEngine: string = 'auto'): st
   const pins = new Set(results.map((r) => r.pin));
   const head = [
     'dir', 'size', 'Q', ...(pins.size > 1 ? ['pin'] : []), 'library pps', 'Gbit/s', 'C plain pps', 'lib/C', 'C uring x32 pps', 'lib/x32', 'C best pps', 'lib/best',
-    'lib µs/f', 'C µs/f', 'x32 µs/f', 'best µs/f', 'lib 2q/1q', 'packed pps', 'distinct pps',
+    'lib µs/f', 'C µs/f', 'x32 µs/f', 'best µs/f', 'lib 2q/1q', 'packed pps', 'distinct pps', 'C batch pps', 'lib/batch', 'batch µs/f',
   ];
   const rows: string[][] = [];
   const seen = new Set<string>();
@@ -694,6 +703,7 @@ export function dataTable(results: DataResult[], libEngine: string = 'auto'): st
     const c = find(r.dir, r.size, r.queues, r.pin, 'c-plain');
     const u = find(r.dir, r.size, r.queues, r.pin, 'c-uring');
     const b = find(r.dir, r.size, r.queues, r.pin, 'c-best');
+    const bt = find(r.dir, r.size, r.queues, r.pin, 'c-batch');
     const one = find(r.dir, r.size, 1, r.pin, 'library', libEngine);
     const cpu = (x: DataResult | undefined): string => (x ? x.cpuUsPerFrame.toFixed(3) : '-');
     // Ratios are paired: repeat r of the library against repeat r of the C
@@ -721,6 +731,9 @@ export function dataTable(results: DataResult[], libEngine: string = 'auto'): st
       lib && one && r.queues > 1 ? `${(lib.pps / one.pps).toFixed(2)}x` : '',
       lib && r.dir === 'write' ? fmtPps(lib.perQueue.reduce((a, q) => a + ((q as { packed?: { pps: number } }).packed?.pps ?? 0), 0)) : '',
       lib && r.dir === 'write' ? fmtPps(lib.perQueue.reduce((a, q) => a + ((q as { distinct?: { pps: number } }).distinct?.pps ?? 0), 0)) : '',
+      bt ? fmtPps(bt.pps) : '',
+      bt ? ratio(lib, bt) : '',
+      bt ? cpu(bt) : '',
     ]);
   }
   return textTable(head, rows, 3);
