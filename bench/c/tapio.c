@@ -20,9 +20,9 @@
  *   uring-read      naive io_uring: 32 IORING_OP_READ kept in flight, blocking fd
  *   uring-mshot     best io_uring read loop (Linux 6.7+): IORING_OP_READ_MULTISHOT into
  *                   a provided-buffer ring (see run_uring_mshot)
- *   uring-batch     batches of 64 one-shot reads from the same provided-buffer ring on the
- *                   O_NONBLOCK registered fd: the cheapest per frame while the reader is
- *                   behind, not a design for idle queues (see run_uring_batch)
+ *   uring-batch     batches of 64 one-shot RWF_NOWAIT reads from the same provided-buffer
+ *                   ring, a one-shot poll only when a batch found the ring empty: the
+ *                   cheapest per frame while the reader is behind (see run_uring_batch)
  *   probe           (no --dev) what io_uring offers here, as one JSON line
  *
  * Frame sizes (--size): 60 (minimum Ethernet frame without FCS), 1514 (maximum
@@ -93,6 +93,7 @@
 #include <linux/if_tun.h>
 #include <linux/io_uring.h>
 #include <linux/virtio_net.h>
+#include <poll.h>
 #include <sched.h>
 #include <signal.h>
 #include <stdbool.h>
@@ -493,6 +494,7 @@ struct result {
 	long long batches; /* io_uring modes: io_uring_enter calls that completed frames */
 	long long rearms;  /* uring-mshot: multishot reads re-armed (CQE without IORING_CQE_F_MORE) */
 	long long enobufs; /* uring-mshot: -ENOBUFS completions (every provided buffer in use) */
+	long long polls;   /* uring-batch: waits for the tap to become readable (a batch found its ring empty) */
 	long long enters;  /* io_uring modes: io_uring_enter calls in the loop (waits included) */
 	struct threadstats t0, t1;
 };
@@ -515,6 +517,8 @@ static void print_result(const struct opts *o, const struct result *r, const str
 		printf(",\"batches\":%lld,\"framesPerBatch\":%.1f", r->batches, (double)r->frames / (double)r->batches);
 	if (o->mode == MODE_URING_MSHOT)
 		printf(",\"rearms\":%lld,\"enobufs\":%lld", r->rearms, r->enobufs);
+	if (o->mode == MODE_URING_BATCH)
+		printf(",\"polls\":%lld", r->polls);
 	if (r->enters)
 		printf(",\"enters\":%lld,\"framesPerEnter\":%.2f", r->enters, r->frames > 0 ? (double)r->frames / (double)r->enters : 0.0);
 	{
@@ -1072,22 +1076,22 @@ static struct result run_uring_mshot(const struct opts *o, int fd)
 }
 
 /*
- * Batched one-shot reads (issue 12): the registered fd O_NONBLOCK before
- * registering (no io-wq), batches of up to 64 IORING_OP_READ with
- * IOSQE_BUFFER_SELECT from a provided-buffer ring like uring-mshot's, each
- * batch submitted and reaped in one io_uring_enter, buffers given back once
- * per batch.  While frames are waiting in the tap's ring every read completes
- * inline in the submit, and no poll is armed on the tap, so the generator's
- * per-frame wake-up of the tap's wait queue finds no io_uring waiter.  The
- * multishot read keeps its poll armed all the time: every frame queued costs
- * an io_uring poll wake on the producer's CPU and a poll/task-work round on
- * the reader's, with the request's poll reference count written from both
- * CPUs: the difference this loop measures.  Not a library design as it
- * stands: the enter waits for a full batch (latency at low rates), and reads
- * that find the ring empty are each armed on the tap's wait queue by
- * io_uring (O_NONBLOCK counts as "supports nowait", and tun refuses
- * RWF_NOWAIT without FMODE_NOWAIT), so an idle queue has 64 polls armed and
- * every frame wakes them all.
+ * Batched one-shot reads (issue 12): batches of up to 64 IORING_OP_READ with
+ * RWF_NOWAIT and IOSQE_BUFFER_SELECT from a provided-buffer ring like
+ * uring-mshot's, on the O_NONBLOCK registered fd, each batch submitted and
+ * reaped in one io_uring_enter (every read completes inline: a frame, or
+ * -EAGAIN when the tap's ring is empty), buffers given back once per batch.
+ * Only when a batch found the ring empty does the loop wait, on one one-shot
+ * IORING_OP_POLL_ADD (POLLIN), and then reads a batch again.  So while the
+ * reader is behind no poll is armed on the tap and the generator's per-frame
+ * wake-up of the tap's wait queue finds no io_uring waiter; the multishot
+ * read keeps its poll armed all the time: every frame queued costs an
+ * io_uring poll wake on the producer's CPU and a poll/task-work round on the
+ * reader's, with the request's poll reference count written from both CPUs:
+ * the difference this loop measures.  The price: a reader that keeps up reads
+ * a frame or two per poll wake-up, one enter per batch plus one per wait.
+ * Without RWF_NOWAIT (O_NONBLOCK alone) io_uring would arm a poll for every
+ * read that finds the ring empty: 64 armed polls, all woken by every frame.
  */
 static struct result run_uring_batch(const struct opts *o, int fd)
 {
@@ -1106,16 +1110,20 @@ static struct result run_uring_batch(const struct opts *o, int fd)
 		pbuf_add(&pr, i);
 	pbuf_publish(&pr);
 	long long total = 0;
-	unsigned inflight = 0;
-	bool started = false;
+	bool started = false, polling = false;
 	while (total < o->frames && !timed_out) {
-		for (; inflight < batch; inflight++) {
-			struct io_uring_sqe *sqe = uring_sqe(&u);
-			prep_rw(sqe, IORING_OP_READ, NULL, RX_BUF_SZ, 1);
-			sqe->flags |= IOSQE_BUFFER_SELECT;
-			sqe->buf_group = MSHOT_BGID;
+		unsigned want = 1;
+		if (!polling) {
+			for (unsigned i = 0; i < batch; i++) {
+				struct io_uring_sqe *sqe = uring_sqe(&u);
+				prep_rw(sqe, IORING_OP_READ, NULL, RX_BUF_SZ, 1);
+				sqe->flags |= IOSQE_BUFFER_SELECT;
+				sqe->buf_group = MSHOT_BGID;
+				sqe->rw_flags = RWF_NOWAIT;
+			}
+			want = batch;
 		}
-		ret = uring_enter(&u, batch);
+		ret = uring_enter(&u, want);
 		r.enters++;
 		if (ret == -EINTR)
 			break;
@@ -1123,18 +1131,33 @@ static struct result run_uring_batch(const struct opts *o, int fd)
 			die_errno("io_uring_enter", -ret);
 		long long got = 0;
 		unsigned long long bytes = 0;
+		bool empty = false;
 		URING_FOR_EACH_CQE(&u, cqe, {
-			inflight--;
+			if (cqe->user_data == 2) { /* the poll: readable */
+				polling = false;
+				continue;
+			}
 			if (cqe->flags & IORING_CQE_F_BUFFER)
 				pbuf_add(&pr, cqe->flags >> IORING_CQE_BUFFER_SHIFT);
 			if (cqe->res > 0) {
 				got++;
 				bytes += (unsigned long long)(cqe->res - VNET_HDR_SZ);
-			} else if (cqe->res != -EINTR && cqe->res != -EAGAIN) {
+			} else if (cqe->res == -EAGAIN) {
+				empty = true;
+			} else if (cqe->res != -EINTR) {
+				if (cqe->res == -EOPNOTSUPP || cqe->res == -EINVAL)
+					uring_unavailable("IORING_OP_READ with RWF_NOWAIT and a provided buffer", -cqe->res);
 				die_errno("uring read", -cqe->res);
 			}
 		});
 		pbuf_publish(&pr);
+		if (empty) {
+			struct io_uring_sqe *sqe = uring_sqe(&u);
+			prep_rw(sqe, IORING_OP_POLL_ADD, NULL, 0, 2);
+			sqe->poll32_events = POLLIN;
+			polling = true;
+			r.polls++;
+		}
 		if (!got)
 			continue;
 		t1 = now_s();
@@ -1150,7 +1173,8 @@ static struct result run_uring_batch(const struct opts *o, int fd)
 	r.frames = total;
 	r.seconds = started ? t1 - t0 : 0;
 	thread_stats(&r.t1);
-	uring_quiesce(&u, inflight, false);
+	/* A poll prepared but not submitted yet (timeout) is submitted by the cancel's enter and cancelled with it. */
+	uring_quiesce(&u, polling ? 1 : 0, false);
 	uring_close(&u);
 	munmap(pr.mem, (size_t)nbufs * RX_BUF_SZ);
 	munmap(pr.br, nbufs * sizeof(struct io_uring_buf));
