@@ -44,9 +44,9 @@ import { median, textTable } from './stats';
 export type Size = 60 | 1514 | 'gso';
 export type Dir = 'write' | 'read';
 /**
- * c-uring: naive io_uring (32 per submit, blocking fd: io-wq when the reader is ahead); c-best: tapio --mode uring-mshot (reads) /
- * uring-write256 (writes); c-batch (reads only): tapio --mode uring-batch, 64 one-shot reads per enter from the buffer ring, no poll
- * armed while the reader is behind: the cheapest C loop for a CPU-bound reader (issue 12), not one for idle queues.
+ * c-uring: naive io_uring (32 per submit, blocking fd: io-wq when the reader is ahead); c-best: tapio --mode uring-mshot-drain (reads) /
+ * uring-write256 (writes); c-batch (reads only): tapio --mode uring-batch, 64 RWF_NOWAIT reads per enter from the buffer ring, a poll
+ * only when the ring ran dry.  c-best reads: tapio --mode uring-mshot-drain (the multishot waits, RWF_NOWAIT batches drain a backlog: issue 12).
  */
 export type Impl = 'library' | 'c-plain' | 'c-uring' | 'c-best' | 'c-batch';
 /** Where the readers/writers and the read generator run (see the module comment). */
@@ -360,7 +360,7 @@ function runTapio(p: Programs, mode: string, dir: Dir, size: Size, frames: numbe
 
 /** tapio's mode for a C implementation and direction. */
 export function tapioMode(impl: Exclude<Impl, 'library'>, dir: Dir): string {
-  if (impl === 'c-best') return dir === 'read' ? 'uring-mshot' : 'uring-write256';
+  if (impl === 'c-best') return dir === 'read' ? 'uring-mshot-drain' : 'uring-write256';
   if (impl === 'c-batch') {
     if (dir !== 'read') throw new Error('bench: c-batch is a read loop');
     return 'uring-batch';

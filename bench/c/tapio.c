@@ -20,6 +20,8 @@
  *   uring-read      naive io_uring: 32 IORING_OP_READ kept in flight, blocking fd
  *   uring-mshot     best io_uring read loop (Linux 6.7+): IORING_OP_READ_MULTISHOT into
  *                   a provided-buffer ring (see run_uring_mshot)
+ *   uring-mshot-drain  uring-mshot --drain: the multishot waits, a backlog is drained with
+ *                   batches of RWF_NOWAIT reads (the best read loop, see run_uring_mshot)
  *   uring-batch     batches of 64 one-shot RWF_NOWAIT reads from the same provided-buffer
  *                   ring, a one-shot poll only when a batch found the ring empty: the
  *                   cheapest per frame while the reader is behind (see run_uring_batch)
@@ -152,6 +154,7 @@ struct opts {
 	long long gen_rate; /* frames/s, 0 = as fast as possible */
 	int flow;           /* written frames: UDP/TCP source port 40000 + flow */
 	unsigned bufs;      /* uring-mshot: provided buffers (power of two) */
+	bool drain;         /* uring-mshot: drain a backlog with RWF_NOWAIT batches instead of re-arming after -ENOBUFS */
 };
 
 /* ----------------------------------------------------------------------- */
@@ -494,6 +497,7 @@ struct result {
 	long long batches; /* io_uring modes: io_uring_enter calls that completed frames */
 	long long rearms;  /* uring-mshot: multishot reads re-armed (CQE without IORING_CQE_F_MORE) */
 	long long enobufs; /* uring-mshot: -ENOBUFS completions (every provided buffer in use) */
+	long long drains;  /* uring-mshot --drain: times the reader fell behind and drained with RWF_NOWAIT batches */
 	long long polls;   /* uring-batch: waits for the tap to become readable (a batch found its ring empty) */
 	long long enters;  /* io_uring modes: io_uring_enter calls in the loop (waits included) */
 	struct threadstats t0, t1;
@@ -516,7 +520,9 @@ static void print_result(const struct opts *o, const struct result *r, const str
 	if (r->batches)
 		printf(",\"batches\":%lld,\"framesPerBatch\":%.1f", r->batches, (double)r->frames / (double)r->batches);
 	if (o->mode == MODE_URING_MSHOT)
-		printf(",\"rearms\":%lld,\"enobufs\":%lld", r->rearms, r->enobufs);
+		printf(",\"drain\":%s", o->drain ? "true" : "false");
+	if (o->mode == MODE_URING_MSHOT)
+		printf(",\"rearms\":%lld,\"enobufs\":%lld,\"drains\":%lld", r->rearms, r->enobufs, r->drains);
 	if (o->mode == MODE_URING_BATCH)
 		printf(",\"polls\":%lld", r->polls);
 	if (r->enters)
@@ -984,6 +990,14 @@ static void prep_read_mshot(struct uring *u)
  * every buffer was in use (the frame stays queued in the tap and is read
  * after the refill).  Buffers hold any frame the tap hands out (vnet header +
  * 64 KB: the bench tap has TSO on), so nothing is truncated.
+ *
+ * --drain (mode uring-mshot-drain): a multishot read keeps a poll armed on
+ * the tap, so while the reader is behind every frame the sender queues costs
+ * an io_uring poll wake and a task-work round (see run_uring_batch).  With
+ * --drain, -ENOBUFS (every buffer used in one enter: the reader is behind)
+ * does not re-arm the multishot: the loop reads batches of 64 RWF_NOWAIT
+ * buffer-select reads (complete inline, no poll) until one meets -EAGAIN
+ * (caught up), then re-arms the multishot to wait.
  */
 static struct result run_uring_mshot(const struct opts *o, int fd)
 {
@@ -1011,17 +1025,30 @@ static struct result run_uring_mshot(const struct opts *o, int fd)
 	pbuf_publish(&pr);
 	prep_read_mshot(&u);
 	bool armed = true; /* a multishot read is submitted or about to be */
+	bool draining = false; /* --drain: RWF_NOWAIT batches instead of the multishot */
+	unsigned dbatch = nbufs < 64 ? nbufs : 64;
 	long long total = 0;
 	bool started = false;
 	while (total < o->frames && !timed_out) {
-		ret = uring_enter(&u, 1);
+		unsigned want = 1;
+		if (draining) {
+			for (unsigned i = 0; i < dbatch; i++) {
+				struct io_uring_sqe *sqe = uring_sqe(&u);
+				prep_rw(sqe, IORING_OP_READ, NULL, RX_BUF_SZ, 3);
+				sqe->flags |= IOSQE_BUFFER_SELECT;
+				sqe->buf_group = MSHOT_BGID;
+				sqe->rw_flags = RWF_NOWAIT;
+			}
+			want = dbatch;
+		}
+		ret = uring_enter(&u, want);
 		r.enters++;
 		if (ret == -EINTR)
 			break;
 		if (ret < 0)
 			die_errno("io_uring_enter", -ret);
 		unsigned ndone = 0;
-		bool rearm = false;
+		bool rearm = false, enobufs = false, caught_up = false;
 		long long got = 0;
 		unsigned long long bytes = 0;
 		URING_FOR_EACH_CQE(&u, cqe, {
@@ -1032,12 +1059,15 @@ static struct result run_uring_mshot(const struct opts *o, int fd)
 				bytes += (unsigned long long)(cqe->res - VNET_HDR_SZ);
 			} else if (cqe->res == -ENOBUFS) {
 				r.enobufs++;
+				enobufs = true;
+			} else if (cqe->res == -EAGAIN && cqe->user_data == 3) {
+				caught_up = true; /* a drain read found the tap's ring empty */
 			} else if (cqe->res < 0 && cqe->res != -EAGAIN && cqe->res != -EINTR) {
 				if (cqe->res == -EINVAL && total == 0 && !started)
 					uring_unavailable("IORING_OP_READ_MULTISHOT (Linux 6.7+)", EINVAL);
 				die_errno("uring multishot read", -cqe->res);
 			}
-			if (!(cqe->flags & IORING_CQE_F_MORE)) {
+			if (cqe->user_data == 1 && !(cqe->flags & IORING_CQE_F_MORE)) {
 				rearm = true;
 				armed = false;
 			}
@@ -1047,7 +1077,14 @@ static struct result run_uring_mshot(const struct opts *o, int fd)
 			pbuf_add(&pr, done[i]);
 		if (ndone)
 			pbuf_publish(&pr);
-		if (rearm) {
+		if (o->drain && rearm && enobufs) {
+			draining = true; /* behind: drain with RWF_NOWAIT batches, no poll armed meanwhile */
+			r.drains++;
+		} else if (draining && caught_up) {
+			draining = false;
+			rearm = true;
+		}
+		if (rearm && !draining) {
 			r.rearms++;
 			prep_read_mshot(&u);
 			armed = true;
@@ -1067,7 +1104,7 @@ static struct result run_uring_mshot(const struct opts *o, int fd)
 	r.frames = total;
 	r.seconds = started ? t1 - t0 : 0;
 	thread_stats(&r.t1);
-	uring_quiesce(&u, armed ? 1 : 0, true);
+	uring_quiesce(&u, (armed ? 1 : 0) + (draining ? u.to_submit : 0), true);
 	uring_close(&u);
 	munmap(pr.mem, (size_t)nbufs * RX_BUF_SZ);
 	munmap(pr.br, nbufs * sizeof(struct io_uring_buf));
@@ -1302,7 +1339,7 @@ static pid_t start_generator(const struct opts *o, int ifindex)
 static void usage(void)
 {
 	fprintf(stderr,
-		"usage: tapio --dev NAME --mode write|read|uring-write|uring-read|uring-write256|uring-mshot|uring-batch [options]\n"
+		"usage: tapio --dev NAME --mode write|read|uring-write|uring-read|uring-write256|uring-mshot|uring-mshot-drain|uring-batch [options]\n"
 		"       tapio --mode probe    (what io_uring offers here, as JSON)\n"
 		"  --queues Q      queues to attach in this process (default 1, max %d)\n"
 		"  --queue I       queue (0..Q-1) to do I/O on (default 0)\n"
@@ -1314,7 +1351,9 @@ static void usage(void)
 		"  --gen-rate PPS  read: pace the generator to PPS frames/s (default 0 = flat out)\n"
 		"  --no-gen        read: do not fork the AF_PACKET generator (use an external one)\n"
 		"  --flow K        write: source port 40000+K (one flow per queue, as a guest's queues carry their own flows)\n"
-		"  --bufs N        uring-mshot, uring-batch: provided buffers, a power of two (default %d)\n",
+		"  --bufs N        uring-mshot, uring-batch: provided buffers, a power of two (default %d)\n"
+		"  --drain         uring-mshot: after -ENOBUFS (the reader is behind) read batches of 64\n"
+		"                  RWF_NOWAIT reads from the buffer ring until one meets -EAGAIN, then re-arm\n",
 		MAX_QUEUES, MSHOT_BUFS);
 	exit(1);
 }
@@ -1340,10 +1379,10 @@ static struct opts parse_opts(int argc, char **argv)
 		{ "timeout", required_argument, NULL, 't' }, { "cpu", required_argument, NULL, 'c' },
 		{ "gen-cpu", required_argument, NULL, 'g' }, { "no-gen", no_argument, NULL, 'G' },
 		{ "gen-rate", required_argument, NULL, 'r' }, { "flow", required_argument, NULL, 'f' },
-		{ "bufs", required_argument, NULL, 'b' },
+		{ "bufs", required_argument, NULL, 'b' },    { "drain", no_argument, NULL, 'D' },
 		{ "help", no_argument, NULL, 'h' },          { NULL, 0, NULL, 0 },
 	};
-	struct opts o = { NULL, MODE_WRITE, NULL, 1, 0, 1000000, 60, 30.0, -1, -1, true, 0, 0, MSHOT_BUFS };
+	struct opts o = { NULL, MODE_WRITE, NULL, 1, 0, 1000000, 60, 30.0, -1, -1, true, 0, 0, MSHOT_BUFS, false };
 	int c;
 	while ((c = getopt_long(argc, argv, "", longopts, NULL)) != -1) {
 		switch (c) {
@@ -1373,6 +1412,9 @@ static struct opts parse_opts(int argc, char **argv)
 			break;
 		case 'g':
 			o.gen_cpu = (int)parse_num(optarg, 0, 4095);
+			break;
+		case 'D':
+			o.drain = true;
 			break;
 		case 'G':
 			o.gen = false;
@@ -1412,6 +1454,10 @@ static struct opts parse_opts(int argc, char **argv)
 		o.mode = MODE_URING_WRITE256;
 	else if (strcmp(o.mode_name, "uring-mshot") == 0)
 		o.mode = MODE_URING_MSHOT;
+	else if (strcmp(o.mode_name, "uring-mshot-drain") == 0) { /* = uring-mshot --drain */
+		o.mode = MODE_URING_MSHOT;
+		o.drain = true;
+	}
 	else if (strcmp(o.mode_name, "uring-batch") == 0)
 		o.mode = MODE_URING_BATCH;
 	else

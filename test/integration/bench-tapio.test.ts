@@ -55,6 +55,8 @@ interface TapioOut {
   workerCpus: number;
   enters?: number;
   polls?: number;
+  drain?: boolean;
+  drains?: number;
   kernelTxPackets?: number;
   kernelRxPackets?: number;
   errors?: number;
@@ -139,6 +141,25 @@ describe.skipIf(!uring.ok)(`bench/c/tapio io_uring modes${skipNote(uring)}`, () 
     expect(paced.enters).toBeLessThan(paced.frames); // it waited, it did not spin on -EAGAIN
     expect(paced.frames).toBeGreaterThanOrEqual(3000);
     expect(paced.frames).toBeLessThanOrEqual(paced.kernelTxPackets!);
+  });
+
+  it.skipIf(!mshot.ok)(`uring-mshot-drain: behind, -ENOBUFS switches to RWF_NOWAIT batches instead of a re-arm; caught up, the multishot waits again; frames exact and whole${skipNote(mshot)}`, () => {
+    // Flat-out generator, 8 buffers: the reader is behind, so every multishot ends in -ENOBUFS
+    // and the loop drains; each drain ends when a batch meets -EAGAIN, then the multishot is re-armed.
+    const r = tapio(['--mode', 'uring-mshot-drain', '--bufs', '8', '--size', '1514', '--frames', '20000']);
+    expect(r.drain).toBe(true);
+    expect(r.frames).toBeGreaterThanOrEqual(20000);
+    expect(r.frames).toBeLessThanOrEqual(r.kernelTxPackets!);
+    expect(r.bytes).toBe(r.frames * 1514);
+    expect(r.drains!).toBeGreaterThan(0);
+    expect(r.drains!).toBe(r.enobufs!); // every -ENOBUFS started a drain, none re-armed at once
+    expect(r.workers).toBe(0);
+    // Paced (the reader is ahead): the multishot does the waiting; no stall, nothing lost.
+    const paced = tapio(['--mode', 'uring-mshot-drain', '--size', '60', '--frames', '3000', '--gen-rate', '20000']);
+    expect(paced.timedOut).toBe(false);
+    expect(paced.frames).toBeGreaterThanOrEqual(3000);
+    expect(paced.frames).toBeLessThanOrEqual(paced.kernelTxPackets!);
+    expect(paced.enters).toBeLessThan(paced.frames); // it waited on the multishot, it did not spin on -EAGAIN
   });
 
   it('the naive io_uring loops (32 per submit) still run: uring-write and uring-read', () => {

@@ -65,8 +65,8 @@ describe('data table: the C baselines side by side', () => {
       cpuAll: pps.map(() => 0.5),
     }) as DataResult;
 
-  it('tapio modes: best = uring-mshot (reads) / uring-write256 (writes); naive io_uring and plain loops kept', () => {
-    expect(tapioMode('c-best', 'read')).toBe('uring-mshot');
+  it('tapio modes: best = uring-mshot-drain (reads) / uring-write256 (writes); naive io_uring and plain loops kept', () => {
+    expect(tapioMode('c-best', 'read')).toBe('uring-mshot-drain');
     expect(tapioMode('c-best', 'write')).toBe('uring-write256');
     expect(tapioMode('c-uring', 'read')).toBe('uring-read');
     expect(tapioMode('c-plain', 'write')).toBe('write');
