@@ -43,8 +43,12 @@ import { median, textTable } from './stats';
 
 export type Size = 60 | 1514 | 'gso';
 export type Dir = 'write' | 'read';
-/** c-uring: naive io_uring (32 per submit, blocking fd: io-wq); c-best: tapio --mode uring-mshot (reads) / uring-write256 (writes). */
-export type Impl = 'library' | 'c-plain' | 'c-uring' | 'c-best';
+/**
+ * c-uring: naive io_uring (32 per submit, blocking fd: io-wq when the reader is ahead); c-best: tapio --mode uring-mshot-drain (reads) /
+ * uring-write256 (writes); c-batch (reads only): tapio --mode uring-batch, 64 RWF_NOWAIT reads per enter from the buffer ring, a poll
+ * only when the ring ran dry.  c-best reads: tapio --mode uring-mshot-drain (the multishot waits, RWF_NOWAIT batches drain a backlog: issue 12).
+ */
+export type Impl = 'library' | 'c-plain' | 'c-uring' | 'c-best' | 'c-batch';
 /** Where the readers/writers and the read generator run (see the module comment). */
 export type PinMode = 'split' | 'same' | 'none';
 
@@ -58,7 +62,7 @@ export interface DataRun {
   size: Size;
   queues: number;
   /** Per queue: frames/s, and CPU µs per frame of that reader/writer (thread or process). */
-  perQueue: Array<{ pps: number; gbps: number; cpuUsPerFrame: number; frames: number }>;
+  perQueue: Array<{ pps: number; gbps: number; cpuUsPerFrame: number; frames: number; workers?: number; workerCpuUsPerFrame?: number; framesPerEnter?: number }>;
   /** Sum over the queues. */
   pps: number;
   gbps: number;
@@ -327,8 +331,13 @@ function gbps(bytes: number, seconds: number): number {
 interface TapioResult {
   pps: number;
   gbps: number;
+  /** The whole process: the loop's thread and io_uring's io-wq workers (wherever they ran). */
   cpuUsPerFrame: number;
   frames: number;
+  /** io-wq worker threads ("iou-wrk") and their share of cpuUsPerFrame: not bound by --cpu, they can run on the other CPU in parallel. */
+  workers?: number;
+  workerCpuUsPerFrame?: number;
+  framesPerEnter?: number;
 }
 
 function runTapio(p: Programs, mode: string, dir: Dir, size: Size, frames: number, q: number, cpu: number | undefined): Promise<TapioResult> {
@@ -344,7 +353,7 @@ function runTapio(p: Programs, mode: string, dir: Dir, size: Size, frames: numbe
       const line = out.split('\n').find((l) => l.startsWith('{'));
       if (code !== 0 || !line) return reject(new Error(`tapio ${args.join(' ')} exited with ${code}`));
       const j = JSON.parse(line) as TapioResult;
-      resolve({ pps: j.pps, gbps: j.gbps, cpuUsPerFrame: j.cpuUsPerFrame, frames: j.frames });
+      resolve({ pps: j.pps, gbps: j.gbps, cpuUsPerFrame: j.cpuUsPerFrame, frames: j.frames, workers: j.workers, workerCpuUsPerFrame: j.workerCpuUsPerFrame, ...(j.framesPerEnter !== undefined ? { framesPerEnter: j.framesPerEnter } : {}) });
     });
   });
 }
@@ -365,7 +374,11 @@ export function libraryWriteBatch(tune: { writeBatch?: number } = {}): number {
 
 /** tapio's mode for a C implementation and direction. */
 export function tapioMode(impl: Exclude<Impl, 'library'>, dir: Dir): string {
-  if (impl === 'c-best') return dir === 'read' ? 'uring-mshot' : 'uring-write256';
+  if (impl === 'c-best') return dir === 'read' ? 'uring-mshot-drain' : 'uring-write256';
+  if (impl === 'c-batch') {
+    if (dir !== 'read') throw new Error('bench: c-batch is a read loop');
+    return 'uring-batch';
+  }
   return (impl === 'c-uring' ? 'uring-' : '') + dir;
 }
 
@@ -638,6 +651,7 @@ export async function runDataBench(o: DataBenchOptions): Promise<{ results: Data
         { impl: 'c-plain' },
         ...(p.uring ? [{ impl: 'c-uring' as const }] : []),
         ...(p.best[dir] ? [{ impl: 'c-best' as const }] : []),
+        ...(p.best[dir] && dir === 'read' ? [{ impl: 'c-batch' as const }] : []),
       ];
       for (const size of o.sizes) {
         for (const queues of o.queues) {
@@ -655,6 +669,9 @@ export async function runDataBench(o: DataBenchOptions): Promise<{ results: Data
                 log(
                   `  ${dir} ${String(size).padStart(4)} B x${queues}q pin=${pin} ${impl}${engine ? `(${run.engine})` : ''}: ${(run.pps / 1e6).toFixed(3)} Mpps ${run.gbps.toFixed(2)} Gbit/s, ` +
                     `${run.perQueue.map((q) => q.cpuUsPerFrame.toFixed(3)).join('/')} µs CPU/frame` +
+                    // C: how much of that CPU io_uring's io-wq threads used (in parallel, maybe on the other CPU), and CQEs per enter
+                    (run.perQueue.some((q) => q.workers) ? ` (io-wq: ${run.perQueue.map((q) => `${q.workers} threads ${(q.workerCpuUsPerFrame ?? 0).toFixed(3)} µs`).join('/')})` : '') +
+                    (run.perQueue.some((q) => q.framesPerEnter !== undefined) ? ` ${run.perQueue.map((q) => (q.framesPerEnter ?? 0).toFixed(1)).join('/')} frames/enter` : '') +
                     (busyBefore !== undefined ? ` (other load before: ${(busyBefore * 100).toFixed(0)}%)` : ''),
                 );
               }
@@ -694,7 +711,7 @@ export function dataTable(results: DataResult[], libEngine: string = 'auto'): st
   const pins = new Set(results.map((r) => r.pin));
   const head = [
     'dir', 'size', 'Q', ...(pins.size > 1 ? ['pin'] : []), 'library pps', 'Gbit/s', 'C plain pps', 'lib/C', 'C uring x32 pps', 'lib/x32', 'C best pps', 'lib/best',
-    'lib µs/f', 'C µs/f', 'x32 µs/f', 'best µs/f', 'lib 2q/1q', 'packed pps', 'distinct pps',
+    'lib µs/f', 'C µs/f', 'x32 µs/f', 'best µs/f', 'lib 2q/1q', 'packed pps', 'distinct pps', 'C batch pps', 'lib/batch', 'batch µs/f',
   ];
   const rows: string[][] = [];
   const seen = new Set<string>();
@@ -706,6 +723,7 @@ export function dataTable(results: DataResult[], libEngine: string = 'auto'): st
     const c = find(r.dir, r.size, r.queues, r.pin, 'c-plain');
     const u = find(r.dir, r.size, r.queues, r.pin, 'c-uring');
     const b = find(r.dir, r.size, r.queues, r.pin, 'c-best');
+    const bt = find(r.dir, r.size, r.queues, r.pin, 'c-batch');
     const one = find(r.dir, r.size, 1, r.pin, 'library', libEngine);
     const cpu = (x: DataResult | undefined): string => (x ? x.cpuUsPerFrame.toFixed(3) : '-');
     // Ratios are paired: repeat r of the library against repeat r of the C
@@ -733,6 +751,9 @@ export function dataTable(results: DataResult[], libEngine: string = 'auto'): st
       lib && one && r.queues > 1 ? `${(lib.pps / one.pps).toFixed(2)}x` : '',
       lib && r.dir === 'write' ? fmtPps(lib.perQueue.reduce((a, q) => a + ((q as { packed?: { pps: number } }).packed?.pps ?? 0), 0)) : '',
       lib && r.dir === 'write' ? fmtPps(lib.perQueue.reduce((a, q) => a + ((q as { distinct?: { pps: number } }).distinct?.pps ?? 0), 0)) : '',
+      bt ? fmtPps(bt.pps) : '',
+      bt ? ratio(lib, bt) : '',
+      bt ? cpu(bt) : '',
     ]);
   }
   return textTable(head, rows, 3);

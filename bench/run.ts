@@ -99,7 +99,7 @@ async function data(): Promise<void> {
   process.stdout.write(
     `\ndata path: frames/s per implementation (sum over Q queues, one thread/process per queue)\n` +
       `(median of ${repeats} alternating repeats; lib/C = library / plain C loop, lib/x32 = library / naive C io_uring (32 per submit, blocking fd),\n` +
-      ` lib/best = library / best C loop (tapio uring-mshot: multishot read into a provided-buffer ring; uring-write256: 256 writes per submit),\n` +
+      ` lib/best = library / best C loop (tapio uring-mshot-drain: multishot read into a provided-buffer ring, backlogs drained with RWF_NOWAIT batches; uring-write256: 256 writes per submit),\n` +
       ` each the median over the repeats of library run r / C run r (run back to back);\n` +
       ` µs/f = CPU µs per frame of each reader/writer thread or process, median over the repeats)\n` +
       `CPU: ${cpus()[0]?.model ?? 'unknown'}, ${cpus().length} CPUs, Linux ${release()}\n`,

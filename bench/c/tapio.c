@@ -20,6 +20,11 @@
  *   uring-read      naive io_uring: 32 IORING_OP_READ kept in flight, blocking fd
  *   uring-mshot     best io_uring read loop (Linux 6.7+): IORING_OP_READ_MULTISHOT into
  *                   a provided-buffer ring (see run_uring_mshot)
+ *   uring-mshot-drain  uring-mshot --drain: the multishot waits, a backlog is drained with
+ *                   batches of RWF_NOWAIT reads (the best read loop, see run_uring_mshot)
+ *   uring-batch     batches of 64 one-shot RWF_NOWAIT reads from the same provided-buffer
+ *                   ring, a one-shot poll only when a batch found the ring empty: the
+ *                   cheapest per frame while the reader is behind (see run_uring_batch)
  *   probe           (no --dev) what io_uring offers here, as one JSON line
  *
  * Frame sizes (--size): 60 (minimum Ethernet frame without FCS), 1514 (maximum
@@ -69,7 +74,13 @@
  * bytes*8/seconds/1e9.  "cpuSeconds" is the CPU time this process (including
  * io_uring worker threads, excluding the generator) used during the run;
  * cpuUsPerFrame = cpuSeconds/frames is much less sensitive than pps to other
- * load on the machine, since time spent descheduled is not counted.  Exit status: 0 ok, 1 error, 2 timeout before any
+ * load on the machine, since time spent descheduled is not counted.  Where it
+ * went, by thread: "mainCpuSeconds" (the thread running the loop),
+ * "workerCpuSeconds" and "workers" (io_uring's own threads, io-wq
+ * "iou-wrk-*": they are not bound by --cpu and may run on the generator's CPU
+ * in parallel), "workerCpus" (bit mask of the CPUs they last ran on),
+ * "mainVoluntaryCsw" (the loop's sleeps), "enters"/"framesPerEnter"
+ * (io_uring_enter calls of the read loops).  Exit status: 0 ok, 1 error, 2 timeout before any
  * frame, 3 io_uring unavailable (ENOSYS, EPERM, disabled by
  * kernel.io_uring_disabled, or lacking what the mode needs).
  */
@@ -84,6 +95,7 @@
 #include <linux/if_tun.h>
 #include <linux/io_uring.h>
 #include <linux/virtio_net.h>
+#include <poll.h>
 #include <sched.h>
 #include <signal.h>
 #include <stdbool.h>
@@ -91,7 +103,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <dirent.h>
 #include <sys/ioctl.h>
+#include <sys/resource.h>
 #include <sys/mman.h>
 #include <sys/prctl.h>
 #include <sys/socket.h>
@@ -123,7 +137,7 @@
 #define TCP_LEN 20
 #define RX_BUF_SZ (VNET_HDR_SZ + 65536 + 64) /* any frame the tap can hand us */
 
-enum mode { MODE_WRITE, MODE_READ, MODE_URING_WRITE, MODE_URING_READ, MODE_URING_WRITE256, MODE_URING_MSHOT };
+enum mode { MODE_WRITE, MODE_READ, MODE_URING_WRITE, MODE_URING_READ, MODE_URING_WRITE256, MODE_URING_MSHOT, MODE_URING_BATCH };
 
 struct opts {
 	const char *dev;
@@ -140,6 +154,7 @@ struct opts {
 	long long gen_rate; /* frames/s, 0 = as fast as possible */
 	int flow;           /* written frames: UDP/TCP source port 40000 + flow */
 	unsigned bufs;      /* uring-mshot: provided buffers (power of two) */
+	bool drain;         /* uring-mshot: drain a backlog with RWF_NOWAIT batches instead of re-arming after -ENOBUFS */
 };
 
 /* ----------------------------------------------------------------------- */
@@ -155,6 +170,87 @@ static double now_s(void)
 	struct timespec ts;
 	clock_gettime(CLOCK_MONOTONIC, &ts);
 	return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+/*
+ * Where the CPU went, by thread: the main thread's CPU time and context
+ * switches, and the io_uring worker threads' (io-wq "iou-wrk-*", SQPOLL
+ * "iou-sqp-*"): they are threads of this process, so their CPU is in
+ * cpuSeconds, but they are not bound by the main thread's --cpu pinning (their
+ * affinity comes from the cpuset), so they may run on the generator's CPU in
+ * parallel with the main thread: "workerCpuSeconds" and "workerCpus" (a bit
+ * mask of the CPUs they were last seen on) show it.
+ */
+struct threadstats {
+	double main_cpu, worker_cpu;
+	long workers;
+	unsigned long long worker_cpus; /* bit c: a worker last ran on CPU c (c < 64) */
+	long long main_vcsw, main_ivcsw;
+};
+
+static void thread_stats(struct threadstats *t)
+{
+	memset(t, 0, sizeof(*t));
+	struct rusage ru;
+	struct timespec ts;
+	if (getrusage(RUSAGE_THREAD, &ru) == 0) {
+		t->main_vcsw = ru.ru_nvcsw;
+		t->main_ivcsw = ru.ru_nivcsw;
+	}
+	if (clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts) == 0)
+		t->main_cpu = (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+	DIR *d = opendir("/proc/self/task");
+	if (!d)
+		return;
+	long tck = sysconf(_SC_CLK_TCK);
+	struct dirent *e;
+	while ((e = readdir(d)) != NULL) {
+		if (e->d_name[0] == '.')
+			continue;
+		char path[300], buf[1024];
+		snprintf(path, sizeof(path), "/proc/self/task/%s/stat", e->d_name);
+		int fd = open(path, O_RDONLY | O_CLOEXEC);
+		if (fd < 0)
+			continue;
+		ssize_t n = read(fd, buf, sizeof(buf) - 1);
+		close(fd);
+		if (n <= 0)
+			continue;
+		buf[n] = 0;
+		char *lp = strchr(buf, '('), *rp = strrchr(buf, ')');
+		if (!lp || !rp || strncmp(lp + 1, "iou-", 4) != 0)
+			continue;
+		/* After ") ": field 3 (state) ... utime is field 14, stime 15, processor 39. */
+		unsigned long long utime = 0, stime = 0;
+		int cpu = -1, field = 3;
+		for (char *tok = strtok(rp + 2, " "); tok; tok = strtok(NULL, " "), field++) {
+			if (field == 14)
+				utime = strtoull(tok, NULL, 10);
+			else if (field == 15)
+				stime = strtoull(tok, NULL, 10);
+			else if (field == 39) {
+				cpu = atoi(tok);
+				break;
+			}
+		}
+		t->workers++;
+		/* schedstat: nanoseconds on a CPU (stat's utime+stime are in clock ticks, too coarse for short runs). */
+		double secs = (double)(utime + stime) / (double)tck;
+		snprintf(path, sizeof(path), "/proc/self/task/%s/schedstat", e->d_name);
+		fd = open(path, O_RDONLY | O_CLOEXEC);
+		if (fd >= 0) {
+			n = read(fd, buf, sizeof(buf) - 1);
+			close(fd);
+			if (n > 0) {
+				buf[n] = 0;
+				secs = (double)strtoull(buf, NULL, 10) / 1e9;
+			}
+		}
+		t->worker_cpu += secs;
+		if (cpu >= 0 && cpu < 64)
+			t->worker_cpus |= 1ULL << cpu;
+	}
+	closedir(d);
 }
 
 /* CPU time of this process (all threads, io_uring workers included; not the generator child). */
@@ -401,6 +497,10 @@ struct result {
 	long long batches; /* io_uring modes: io_uring_enter calls that completed frames */
 	long long rearms;  /* uring-mshot: multishot reads re-armed (CQE without IORING_CQE_F_MORE) */
 	long long enobufs; /* uring-mshot: -ENOBUFS completions (every provided buffer in use) */
+	long long drains;  /* uring-mshot --drain: times the reader fell behind and drained with RWF_NOWAIT batches */
+	long long polls;   /* uring-batch: waits for the tap to become readable (a batch found its ring empty) */
+	long long enters;  /* io_uring modes: io_uring_enter calls in the loop (waits included) */
+	struct threadstats t0, t1;
 };
 
 static void print_result(const struct opts *o, const struct result *r, const struct devstats *before,
@@ -420,7 +520,21 @@ static void print_result(const struct opts *o, const struct result *r, const str
 	if (r->batches)
 		printf(",\"batches\":%lld,\"framesPerBatch\":%.1f", r->batches, (double)r->frames / (double)r->batches);
 	if (o->mode == MODE_URING_MSHOT)
-		printf(",\"rearms\":%lld,\"enobufs\":%lld", r->rearms, r->enobufs);
+		printf(",\"drain\":%s", o->drain ? "true" : "false");
+	if (o->mode == MODE_URING_MSHOT)
+		printf(",\"rearms\":%lld,\"enobufs\":%lld,\"drains\":%lld", r->rearms, r->enobufs, r->drains);
+	if (o->mode == MODE_URING_BATCH)
+		printf(",\"polls\":%lld", r->polls);
+	if (r->enters)
+		printf(",\"enters\":%lld,\"framesPerEnter\":%.2f", r->enters, r->frames > 0 ? (double)r->frames / (double)r->enters : 0.0);
+	{
+		double mcpu = r->t1.main_cpu - r->t0.main_cpu, wcpu = r->t1.worker_cpu - r->t0.worker_cpu;
+		double fr = r->frames > 0 ? (double)r->frames : 1.0;
+		printf(",\"mainCpuSeconds\":%.6f,\"mainCpuUsPerFrame\":%.3f,\"workerCpuSeconds\":%.6f,\"workerCpuUsPerFrame\":%.3f", mcpu,
+		       mcpu * 1e6 / fr, wcpu, wcpu * 1e6 / fr);
+		printf(",\"workers\":%ld,\"workerCpus\":%llu,\"mainVoluntaryCsw\":%lld,\"mainInvoluntaryCsw\":%lld", r->t1.workers,
+		       r->t1.worker_cpus, r->t1.main_vcsw - r->t0.main_vcsw, r->t1.main_ivcsw - r->t0.main_ivcsw);
+	}
 	if (o->mode == MODE_WRITE || o->mode == MODE_URING_WRITE || o->mode == MODE_URING_WRITE256) {
 		printf(",\"kernelRxPackets\":%llu,\"kernelRxDropped\":%llu,\"errors\":%lld",
 		       after->rx_packets - before->rx_packets, after->rx_dropped - before->rx_dropped, r->errors);
@@ -775,6 +889,7 @@ static struct result run_uring_read(const struct opts *o, int fd)
 	unsigned inflight = URING_BATCH;
 	while (total < o->frames && !timed_out) {
 		int ret = uring_enter(&u, 1);
+		r.enters++;
 		if (ret == -EINTR)
 			break;
 		if (ret < 0)
@@ -798,6 +913,7 @@ static struct result run_uring_read(const struct opts *o, int fd)
 			}
 		});
 	}
+	thread_stats(&r.t1); /* before the teardown: io-wq workers exit with the ring */
 	uring_quiesce(&u, inflight, false);
 	/* As in run_read: the first completion only starts the clock. */
 	r.frames = total > 1 ? total - 1 : 0;
@@ -874,6 +990,14 @@ static void prep_read_mshot(struct uring *u)
  * every buffer was in use (the frame stays queued in the tap and is read
  * after the refill).  Buffers hold any frame the tap hands out (vnet header +
  * 64 KB: the bench tap has TSO on), so nothing is truncated.
+ *
+ * --drain (mode uring-mshot-drain): a multishot read keeps a poll armed on
+ * the tap, so while the reader is behind every frame the sender queues costs
+ * an io_uring poll wake and a task-work round (see run_uring_batch).  With
+ * --drain, -ENOBUFS (every buffer used in one enter: the reader is behind)
+ * does not re-arm the multishot: the loop reads batches of 64 RWF_NOWAIT
+ * buffer-select reads (complete inline, no poll) until one meets -EAGAIN
+ * (caught up), then re-arms the multishot to wait.
  */
 static struct result run_uring_mshot(const struct opts *o, int fd)
 {
@@ -901,16 +1025,30 @@ static struct result run_uring_mshot(const struct opts *o, int fd)
 	pbuf_publish(&pr);
 	prep_read_mshot(&u);
 	bool armed = true; /* a multishot read is submitted or about to be */
+	bool draining = false; /* --drain: RWF_NOWAIT batches instead of the multishot */
+	unsigned dbatch = nbufs < 64 ? nbufs : 64;
 	long long total = 0;
 	bool started = false;
 	while (total < o->frames && !timed_out) {
-		ret = uring_enter(&u, 1);
+		unsigned want = 1;
+		if (draining) {
+			for (unsigned i = 0; i < dbatch; i++) {
+				struct io_uring_sqe *sqe = uring_sqe(&u);
+				prep_rw(sqe, IORING_OP_READ, NULL, RX_BUF_SZ, 3);
+				sqe->flags |= IOSQE_BUFFER_SELECT;
+				sqe->buf_group = MSHOT_BGID;
+				sqe->rw_flags = RWF_NOWAIT;
+			}
+			want = dbatch;
+		}
+		ret = uring_enter(&u, want);
+		r.enters++;
 		if (ret == -EINTR)
 			break;
 		if (ret < 0)
 			die_errno("io_uring_enter", -ret);
 		unsigned ndone = 0;
-		bool rearm = false;
+		bool rearm = false, enobufs = false, caught_up = false;
 		long long got = 0;
 		unsigned long long bytes = 0;
 		URING_FOR_EACH_CQE(&u, cqe, {
@@ -921,12 +1059,15 @@ static struct result run_uring_mshot(const struct opts *o, int fd)
 				bytes += (unsigned long long)(cqe->res - VNET_HDR_SZ);
 			} else if (cqe->res == -ENOBUFS) {
 				r.enobufs++;
+				enobufs = true;
+			} else if (cqe->res == -EAGAIN && cqe->user_data == 3) {
+				caught_up = true; /* a drain read found the tap's ring empty */
 			} else if (cqe->res < 0 && cqe->res != -EAGAIN && cqe->res != -EINTR) {
 				if (cqe->res == -EINVAL && total == 0 && !started)
 					uring_unavailable("IORING_OP_READ_MULTISHOT (Linux 6.7+)", EINVAL);
 				die_errno("uring multishot read", -cqe->res);
 			}
-			if (!(cqe->flags & IORING_CQE_F_MORE)) {
+			if (cqe->user_data == 1 && !(cqe->flags & IORING_CQE_F_MORE)) {
 				rearm = true;
 				armed = false;
 			}
@@ -936,7 +1077,14 @@ static struct result run_uring_mshot(const struct opts *o, int fd)
 			pbuf_add(&pr, done[i]);
 		if (ndone)
 			pbuf_publish(&pr);
-		if (rearm) {
+		if (o->drain && rearm && enobufs) {
+			draining = true; /* behind: drain with RWF_NOWAIT batches, no poll armed meanwhile */
+			r.drains++;
+		} else if (draining && caught_up) {
+			draining = false;
+			rearm = true;
+		}
+		if (rearm && !draining) {
 			r.rearms++;
 			prep_read_mshot(&u);
 			armed = true;
@@ -955,11 +1103,118 @@ static struct result run_uring_mshot(const struct opts *o, int fd)
 	}
 	r.frames = total;
 	r.seconds = started ? t1 - t0 : 0;
-	uring_quiesce(&u, armed ? 1 : 0, true);
+	thread_stats(&r.t1);
+	uring_quiesce(&u, (armed ? 1 : 0) + (draining ? u.to_submit : 0), true);
 	uring_close(&u);
 	munmap(pr.mem, (size_t)nbufs * RX_BUF_SZ);
 	munmap(pr.br, nbufs * sizeof(struct io_uring_buf));
 	free(done);
+	return r;
+}
+
+/*
+ * Batched one-shot reads (issue 12): batches of up to 64 IORING_OP_READ with
+ * RWF_NOWAIT and IOSQE_BUFFER_SELECT from a provided-buffer ring like
+ * uring-mshot's, on the O_NONBLOCK registered fd, each batch submitted and
+ * reaped in one io_uring_enter (every read completes inline: a frame, or
+ * -EAGAIN when the tap's ring is empty), buffers given back once per batch.
+ * Only when a batch found the ring empty does the loop wait, on one one-shot
+ * IORING_OP_POLL_ADD (POLLIN), and then reads a batch again.  So while the
+ * reader is behind no poll is armed on the tap and the generator's per-frame
+ * wake-up of the tap's wait queue finds no io_uring waiter; the multishot
+ * read keeps its poll armed all the time: every frame queued costs an
+ * io_uring poll wake on the producer's CPU and a poll/task-work round on the
+ * reader's, with the request's poll reference count written from both CPUs:
+ * the difference this loop measures.  The price: a reader that keeps up reads
+ * a frame or two per poll wake-up, one enter per batch plus one per wait.
+ * Without RWF_NOWAIT (O_NONBLOCK alone) io_uring would arm a poll for every
+ * read that finds the ring empty: 64 armed polls, all woken by every frame.
+ */
+static struct result run_uring_batch(const struct opts *o, int fd)
+{
+	struct result r = { 0 };
+	struct uring u;
+	struct pbuf_ring pr;
+	unsigned nbufs = o->bufs, batch = nbufs < 64 ? nbufs : 64;
+	double t0 = 0, t1 = 0;
+	set_nonblock(fd);
+	uring_setup(&u, batch * 2, IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN, false);
+	uring_register_fd(&u, fd);
+	int ret = pbuf_ring_register(&u, &pr, nbufs, RX_BUF_SZ);
+	if (ret < 0)
+		uring_unavailable("IORING_REGISTER_PBUF_RING", -ret);
+	for (unsigned i = 0; i < nbufs; i++)
+		pbuf_add(&pr, i);
+	pbuf_publish(&pr);
+	long long total = 0;
+	bool started = false, polling = false;
+	while (total < o->frames && !timed_out) {
+		unsigned want = 1;
+		if (!polling) {
+			for (unsigned i = 0; i < batch; i++) {
+				struct io_uring_sqe *sqe = uring_sqe(&u);
+				prep_rw(sqe, IORING_OP_READ, NULL, RX_BUF_SZ, 1);
+				sqe->flags |= IOSQE_BUFFER_SELECT;
+				sqe->buf_group = MSHOT_BGID;
+				sqe->rw_flags = RWF_NOWAIT;
+			}
+			want = batch;
+		}
+		ret = uring_enter(&u, want);
+		r.enters++;
+		if (ret == -EINTR)
+			break;
+		if (ret < 0)
+			die_errno("io_uring_enter", -ret);
+		long long got = 0;
+		unsigned long long bytes = 0;
+		bool empty = false;
+		URING_FOR_EACH_CQE(&u, cqe, {
+			if (cqe->user_data == 2) { /* the poll: readable */
+				polling = false;
+				continue;
+			}
+			if (cqe->flags & IORING_CQE_F_BUFFER)
+				pbuf_add(&pr, cqe->flags >> IORING_CQE_BUFFER_SHIFT);
+			if (cqe->res > 0) {
+				got++;
+				bytes += (unsigned long long)(cqe->res - VNET_HDR_SZ);
+			} else if (cqe->res == -EAGAIN) {
+				empty = true;
+			} else if (cqe->res != -EINTR) {
+				if (cqe->res == -EOPNOTSUPP || cqe->res == -EINVAL)
+					uring_unavailable("IORING_OP_READ with RWF_NOWAIT and a provided buffer", -cqe->res);
+				die_errno("uring read", -cqe->res);
+			}
+		});
+		pbuf_publish(&pr);
+		if (empty) {
+			struct io_uring_sqe *sqe = uring_sqe(&u);
+			prep_rw(sqe, IORING_OP_POLL_ADD, NULL, 0, 2);
+			sqe->poll32_events = POLLIN;
+			polling = true;
+			r.polls++;
+		}
+		if (!got)
+			continue;
+		t1 = now_s();
+		if (!started) { /* the first batch only starts the clock */
+			started = true;
+			t0 = t1;
+			continue;
+		}
+		r.batches++;
+		total += got;
+		r.bytes += bytes;
+	}
+	r.frames = total;
+	r.seconds = started ? t1 - t0 : 0;
+	thread_stats(&r.t1);
+	/* A poll prepared but not submitted yet (timeout) is submitted by the cancel's enter and cancelled with it. */
+	uring_quiesce(&u, polling ? 1 : 0, false);
+	uring_close(&u);
+	munmap(pr.mem, (size_t)nbufs * RX_BUF_SZ);
+	munmap(pr.br, nbufs * sizeof(struct io_uring_buf));
 	return r;
 }
 
@@ -1084,7 +1339,7 @@ static pid_t start_generator(const struct opts *o, int ifindex)
 static void usage(void)
 {
 	fprintf(stderr,
-		"usage: tapio --dev NAME --mode write|read|uring-write|uring-read|uring-write256|uring-mshot [options]\n"
+		"usage: tapio --dev NAME --mode write|read|uring-write|uring-read|uring-write256|uring-mshot|uring-mshot-drain|uring-batch [options]\n"
 		"       tapio --mode probe    (what io_uring offers here, as JSON)\n"
 		"  --queues Q      queues to attach in this process (default 1, max %d)\n"
 		"  --queue I       queue (0..Q-1) to do I/O on (default 0)\n"
@@ -1096,7 +1351,9 @@ static void usage(void)
 		"  --gen-rate PPS  read: pace the generator to PPS frames/s (default 0 = flat out)\n"
 		"  --no-gen        read: do not fork the AF_PACKET generator (use an external one)\n"
 		"  --flow K        write: source port 40000+K (one flow per queue, as a guest's queues carry their own flows)\n"
-		"  --bufs N        uring-mshot: provided buffers, a power of two (default %d)\n",
+		"  --bufs N        uring-mshot, uring-batch: provided buffers, a power of two (default %d)\n"
+		"  --drain         uring-mshot: after -ENOBUFS (the reader is behind) read batches of 64\n"
+		"                  RWF_NOWAIT reads from the buffer ring until one meets -EAGAIN, then re-arm\n",
 		MAX_QUEUES, MSHOT_BUFS);
 	exit(1);
 }
@@ -1122,10 +1379,10 @@ static struct opts parse_opts(int argc, char **argv)
 		{ "timeout", required_argument, NULL, 't' }, { "cpu", required_argument, NULL, 'c' },
 		{ "gen-cpu", required_argument, NULL, 'g' }, { "no-gen", no_argument, NULL, 'G' },
 		{ "gen-rate", required_argument, NULL, 'r' }, { "flow", required_argument, NULL, 'f' },
-		{ "bufs", required_argument, NULL, 'b' },
+		{ "bufs", required_argument, NULL, 'b' },    { "drain", no_argument, NULL, 'D' },
 		{ "help", no_argument, NULL, 'h' },          { NULL, 0, NULL, 0 },
 	};
-	struct opts o = { NULL, MODE_WRITE, NULL, 1, 0, 1000000, 60, 30.0, -1, -1, true, 0, 0, MSHOT_BUFS };
+	struct opts o = { NULL, MODE_WRITE, NULL, 1, 0, 1000000, 60, 30.0, -1, -1, true, 0, 0, MSHOT_BUFS, false };
 	int c;
 	while ((c = getopt_long(argc, argv, "", longopts, NULL)) != -1) {
 		switch (c) {
@@ -1155,6 +1412,9 @@ static struct opts parse_opts(int argc, char **argv)
 			break;
 		case 'g':
 			o.gen_cpu = (int)parse_num(optarg, 0, 4095);
+			break;
+		case 'D':
+			o.drain = true;
 			break;
 		case 'G':
 			o.gen = false;
@@ -1194,6 +1454,12 @@ static struct opts parse_opts(int argc, char **argv)
 		o.mode = MODE_URING_WRITE256;
 	else if (strcmp(o.mode_name, "uring-mshot") == 0)
 		o.mode = MODE_URING_MSHOT;
+	else if (strcmp(o.mode_name, "uring-mshot-drain") == 0) { /* = uring-mshot --drain */
+		o.mode = MODE_URING_MSHOT;
+		o.drain = true;
+	}
+	else if (strcmp(o.mode_name, "uring-batch") == 0)
+		o.mode = MODE_URING_BATCH;
 	else
 		usage();
 	return o;
@@ -1224,13 +1490,15 @@ int main(int argc, char **argv)
 		dst[5] ^= 0x80;
 	size_t frame_len = build_frame(buf, o.size, dst, src, (uint16_t)(40000 + o.flow));
 
-	if (o.mode == MODE_READ || o.mode == MODE_URING_READ || o.mode == MODE_URING_MSHOT) {
+	if (o.mode == MODE_READ || o.mode == MODE_URING_READ || o.mode == MODE_URING_MSHOT || o.mode == MODE_URING_BATCH) {
 		if (o.gen)
 			gen = start_generator(&o, ifindex);
 	}
 	struct devstats before = read_stats(o.dev);
 	arm_timeout(o.timeout);
 	double cpu0 = cpu_s();
+	struct threadstats ts0;
+	thread_stats(&ts0);
 	struct result r = { 0 };
 	switch (o.mode) {
 	case MODE_WRITE:
@@ -1251,8 +1519,14 @@ int main(int argc, char **argv)
 	case MODE_URING_MSHOT:
 		r = run_uring_mshot(&o, fd);
 		break;
+	case MODE_URING_BATCH:
+		r = run_uring_batch(&o, fd);
+		break;
 	}
 	r.cpu_seconds = cpu_s() - cpu0;
+	r.t0 = ts0;
+	if (r.t1.main_cpu == 0) /* the io_uring read modes took it before their teardown */
+		thread_stats(&r.t1);
 	struct devstats after = read_stats(o.dev);
 	if (gen > 0) {
 		kill(gen, SIGKILL);

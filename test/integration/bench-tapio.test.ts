@@ -5,7 +5,11 @@
  * handed over, keeps reading across -ENOBUFS (re-armed after the refill:
  * with 4 buffers that happens every few frames, so a missing re-arm would
  * stall it), and truncates nothing; the best write loop (uring-write256)
- * writes 256 frames per submit; the naive io_uring modes still work.  io_uring
+ * writes 256 frames per submit; uring-batch (64 RWF_NOWAIT reads per enter
+ * from the same buffer ring, a poll only when the ring ran dry) hands frames
+ * over whole without io-wq threads and waits instead of spinning; the
+ * per-thread CPU split (io-wq workers) is reported; the naive io_uring modes
+ * still work.  io_uring
  * is made with raw syscalls, so no liburing is needed.
  */
 import { execFileSync, spawnSync } from 'node:child_process';
@@ -44,6 +48,15 @@ interface TapioOut {
   framesPerBatch?: number;
   rearms?: number;
   enobufs?: number;
+  cpuSeconds: number;
+  mainCpuSeconds: number;
+  workerCpuSeconds: number;
+  workers: number;
+  workerCpus: number;
+  enters?: number;
+  polls?: number;
+  drain?: boolean;
+  drains?: number;
   kernelTxPackets?: number;
   kernelRxPackets?: number;
   errors?: number;
@@ -92,6 +105,61 @@ describe.skipIf(!uring.ok)(`bench/c/tapio io_uring modes${skipNote(uring)}`, () 
   it('uring-write256: 256 writes per submit, every one received by the kernel', () => {
     const r = tapio(['--mode', 'uring-write256', '--size', '60', '--frames', String(256 * 40)]);
     expect(r).toMatchObject({ frames: 256 * 40, kernelRxPackets: 256 * 40, errors: 0, batches: 40, framesPerBatch: 256 });
+  });
+
+  it('reports where the CPU went: io-wq workers of the naive read (blocking fd) are counted, the multishot has none', () => {
+    // Generator on the reader's CPU: the reader catches up, its 32 reads on the
+    // blocking fd (tun has no FMODE_NOWAIT) find nothing and go to io-wq
+    // worker threads, which block in tun_do_read.
+    const x32 = tapio(['--mode', 'uring-read', '--size', '60', '--frames', '20000', '--gen-cpu', '0']);
+    expect(x32.workers).toBeGreaterThan(0);
+    expect(x32.workerCpuSeconds).toBeGreaterThan(0);
+    // The per-thread split adds up to the process CPU the per-frame figure uses.
+    expect(x32.mainCpuSeconds + x32.workerCpuSeconds).toBeLessThanOrEqual(x32.cpuSeconds * 1.05 + 0.002);
+    expect(x32.mainCpuSeconds + x32.workerCpuSeconds).toBeGreaterThanOrEqual(x32.cpuSeconds * 0.8 - 0.002);
+    expect(x32.enters).toBeGreaterThan(0);
+    if (mshot.ok) {
+      // O_NONBLOCK before registering: every read inline, no io-wq thread at all.
+      const m = tapio(['--mode', 'uring-mshot', '--size', '60', '--frames', '20000', '--gen-cpu', '0']);
+      expect(m.workers).toBe(0);
+      expect(m.workerCpuSeconds).toBe(0);
+      expect(m.mainCpuSeconds).toBeGreaterThanOrEqual(m.cpuSeconds * 0.8 - 0.002);
+    }
+  });
+
+  it.skipIf(!mshot.ok)(`uring-batch: 64 RWF_NOWAIT reads per enter from the provided-buffer ring, frames whole, no io-wq; a poll only when the ring ran dry, no stall${skipNote(mshot)}`, () => {
+    const r = tapio(['--mode', 'uring-batch', '--size', '1514', '--frames', '20000']);
+    expect(r.frames).toBeGreaterThanOrEqual(20000);
+    expect(r.frames).toBeLessThanOrEqual(r.kernelTxPackets!);
+    expect(r.bytes).toBe(r.frames * 1514); // every buffer handed over whole
+    expect(r.workers).toBe(0);
+    expect(r.enters).toBeGreaterThanOrEqual(Math.ceil(r.frames / 64));
+    // Paced generator (the reader is ahead): batches find the ring empty (-EAGAIN), the loop waits on a poll, none is lost.
+    const paced = tapio(['--mode', 'uring-batch', '--size', '60', '--frames', '3000', '--gen-rate', '20000']);
+    expect(paced.timedOut).toBe(false);
+    expect(paced.polls).toBeGreaterThan(0);
+    expect(paced.enters).toBeLessThan(paced.frames); // it waited, it did not spin on -EAGAIN
+    expect(paced.frames).toBeGreaterThanOrEqual(3000);
+    expect(paced.frames).toBeLessThanOrEqual(paced.kernelTxPackets!);
+  });
+
+  it.skipIf(!mshot.ok)(`uring-mshot-drain: behind, -ENOBUFS switches to RWF_NOWAIT batches instead of a re-arm; caught up, the multishot waits again; frames exact and whole${skipNote(mshot)}`, () => {
+    // Flat-out generator, 8 buffers: the reader is behind, so every multishot ends in -ENOBUFS
+    // and the loop drains; each drain ends when a batch meets -EAGAIN, then the multishot is re-armed.
+    const r = tapio(['--mode', 'uring-mshot-drain', '--bufs', '8', '--size', '1514', '--frames', '20000']);
+    expect(r.drain).toBe(true);
+    expect(r.frames).toBeGreaterThanOrEqual(20000);
+    expect(r.frames).toBeLessThanOrEqual(r.kernelTxPackets!);
+    expect(r.bytes).toBe(r.frames * 1514);
+    expect(r.drains!).toBeGreaterThan(0);
+    expect(r.drains!).toBe(r.enobufs!); // every -ENOBUFS started a drain, none re-armed at once
+    expect(r.workers).toBe(0);
+    // Paced (the reader is ahead): the multishot does the waiting; no stall, nothing lost.
+    const paced = tapio(['--mode', 'uring-mshot-drain', '--size', '60', '--frames', '3000', '--gen-rate', '20000']);
+    expect(paced.timedOut).toBe(false);
+    expect(paced.frames).toBeGreaterThanOrEqual(3000);
+    expect(paced.frames).toBeLessThanOrEqual(paced.kernelTxPackets!);
+    expect(paced.enters).toBeLessThan(paced.frames); // it waited on the multishot, it did not spin on -EAGAIN
   });
 
   it('the naive io_uring loops (32 per submit) still run: uring-write and uring-read', () => {

@@ -67,11 +67,22 @@ describe('data table: the C baselines side by side', () => {
       cpuAll: pps.map(() => 0.5),
     }) as DataResult;
 
-  it('tapio modes: best = uring-mshot (reads) / uring-write256 (writes); naive io_uring and plain loops kept', () => {
-    expect(tapioMode('c-best', 'read')).toBe('uring-mshot');
+  it('tapio modes: best = uring-mshot-drain (reads) / uring-write256 (writes); naive io_uring and plain loops kept', () => {
+    expect(tapioMode('c-best', 'read')).toBe('uring-mshot-drain');
     expect(tapioMode('c-best', 'write')).toBe('uring-write256');
     expect(tapioMode('c-uring', 'read')).toBe('uring-read');
     expect(tapioMode('c-plain', 'write')).toBe('write');
+    expect(tapioMode('c-batch', 'read')).toBe('uring-batch');
+    expect(() => tapioMode('c-batch', 'write')).toThrow(/read loop/);
+  });
+
+  it('the batched one-shot C read loop gets its own paired column (lib/batch) and CPU per frame', () => {
+    const lib = run('library', [1000, 2000], 'split', 'auto');
+    const t = dataTable([lib, run('c-best', [2000, 2000]), { ...run('c-batch', [4000, 4000]), cpuUsPerFrame: 0.25 } as DataResult]);
+    const [head, row] = t.split('\n') as [string, string];
+    expect(head).toMatch(/C batch pps\s+lib\/batch\s+batch µs\/f/);
+    const cells = row.trim().split(/\s{2,}/);
+    expect(cells.slice(-3)).toEqual(['4 k', '0.38x', '0.250']); // lib/batch: median of 1000/4000 and 2000/4000
   });
 
   it('fair pairing for writes: the library writer passes as many frames per writeBatch as the best C loop submits per enter', () => {
