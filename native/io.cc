@@ -241,7 +241,7 @@ class QueueIo : public Napi::ObjectWrap<QueueIo> {
     if (rx_pending_errno_ != 0) {
       int err = rx_pending_errno_;
       rx_pending_errno_ = 0;
-      ThrowSys(env, "READ", rx_uring_ || rx_mshot_ ? "io_uring_enter" : "read", err);
+      ThrowSys(env, "READ", RxErrSyscall(), err);
     }
     if (rx_eof_) return Napi::Number::New(env, -1);
     unsigned got = rx_mshot_ && RingOk() ? RxMshot() : rx_uring_ && RingOk() ? RxUring() : RxPoll();
@@ -250,10 +250,16 @@ class QueueIo : public Napi::ObjectWrap<QueueIo> {
     if (got == 0 && rx_pending_errno_ != 0) {
       int err = rx_pending_errno_;
       rx_pending_errno_ = 0;
-      ThrowSys(env, "READ", rx_uring_ || rx_mshot_ ? "io_uring_enter" : "read", err);
+      ThrowSys(env, "READ", RxErrSyscall(), err);
     }
     return Napi::Number::New(env, got);
   }
+
+  // The syscall named in a read's error: rx_pending_errno_ is the result of
+  // the read itself (read(2), or a READ op's completion), never of
+  // io_uring_enter (that one is ST_RING_ERRNO, lib/ decides).  The multishot
+  // path keeps its old name until its rework lands.
+  const char* RxErrSyscall() const { return rx_mshot_ ? "io_uring_enter" : "read"; }
 
   // One read result for slot `slot`: true when it produced a frame.
   bool RxResult(unsigned slot, ssize_t n, unsigned* got) {
@@ -324,8 +330,9 @@ class QueueIo : public Napi::ObjectWrap<QueueIo> {
       s->user_data = i;
     }
     cqes_.clear();
-    int err = ring_->SubmitAndWait(want, &cqes_);
-    counters_[RX_SYSCALLS] += 1;
+    unsigned enters = 0;
+    int err = ring_->SubmitAndWait(want, &cqes_, &enters);
+    counters_[RX_SYSCALLS] += enters;  // io_uring_enter calls, usually one
     unsigned answered = 0;
     for (const io_uring_cqe& c : cqes_) {
       if (c.user_data >= want) continue;  // not one of this call's reads (never expected)
@@ -543,35 +550,39 @@ class QueueIo : public Napi::ObjectWrap<QueueIo> {
     Live(env, "WRITE");
     if (info.Length() < 5 || !info[0].IsArray() || !info[1].IsTypedArray()) ThrowArg(env, "txWrite(buffers, desc, start, count, withHdr)");
     Napi::Array bufs = info[0].As<Napi::Array>();
-    // The descriptor array in one call (type, length, data), not one per property.
+    uint32_t start = ArgUint(info, 2);
+    uint32_t count = ArgUint(info, 3);
+    bool with_hdr = ArgBool(info, 4);
+
+    // The buffers array's elements first: napi_get_element can run
+    // JavaScript (a getter), which could detach or resize any buffer,
+    // the descriptor array's included.  No raw pointer is taken until the
+    // last element was fetched; the values are held (as handles) meanwhile.
+    uint32_t nbufs = bufs.Length();
+    buf_vals_.resize(nbufs);
+    for (uint32_t i = 0; i < nbufs; i++) {
+      if (napi_get_element(env, bufs, i, &buf_vals_[i]) != napi_ok) throw Napi::Error::New(env);
+    }
+    // From here on nothing runs JavaScript: base pointers and sizes of the
+    // (few, usually one) backing buffers, then the descriptor array in one
+    // call (type, length, data), not one per property.
+    bases_.resize(nbufs);
+    sizes_.resize(nbufs);
+    for (uint32_t i = 0; i < nbufs; i++) {
+      bool is_ab = false;
+      void* data = nullptr;
+      size_t len = 0;
+      if (napi_is_arraybuffer(env, buf_vals_[i], &is_ab) != napi_ok || !is_ab) ThrowArg(env, "txWrite: buffers must be ArrayBuffers");
+      if (napi_get_arraybuffer_info(env, buf_vals_[i], &data, &len) != napi_ok) throw Napi::Error::New(env);
+      bases_[i] = static_cast<const uint8_t*>(data);
+      sizes_[i] = len;  // a detached buffer has none: its frames fail the check below
+    }
     napi_typedarray_type type;
     size_t desc_len = 0;
     void* desc_data = nullptr;
     if (napi_get_typedarray_info(env, info[1], &type, &desc_len, &desc_data, nullptr, nullptr) != napi_ok) throw Napi::Error::New(env);
     if (type != napi_uint32_array) ThrowArg(env, "txWrite: desc must be a Uint32Array");
-    uint32_t start = ArgUint(info, 2);
-    uint32_t count = ArgUint(info, 3);
-    bool with_hdr = ArgBool(info, 4);
     if (count > desc_len / 3 || start > count) ThrowArg(env, "txWrite: start/count out of range");
-
-    // Base pointers and sizes of the (few, usually one) backing buffers.
-    uint32_t nbufs = bufs.Length();
-    bases_.resize(nbufs);
-    sizes_.resize(nbufs);
-    for (uint32_t i = 0; i < nbufs; i++) {
-      napi_value v;
-      bool is_ab = false;
-      void* data = nullptr;
-      size_t len = 0;
-      if (napi_get_element(env, bufs, i, &v) != napi_ok) throw Napi::Error::New(env);
-      if (napi_is_arraybuffer(env, v, &is_ab) != napi_ok || !is_ab) ThrowArg(env, "txWrite: buffers must be ArrayBuffers");
-      if (napi_get_arraybuffer_info(env, v, &data, &len) != napi_ok) throw Napi::Error::New(env);
-      bases_[i] = static_cast<const uint8_t*>(data);
-      sizes_[i] = len;  // a detached buffer has none: its frames fail the check below
-    }
-    // Raw pointers only after the last call that could run JavaScript (a
-    // getter on the buffers array); the descriptor array itself cannot
-    // have been detached since (no JavaScript ran).
     uint32_t* desc = static_cast<uint32_t*>(desc_data);
     state_[ST_DROPPED] = 0;
     state_[ST_DROP_ERRNO] = 0;
@@ -704,8 +715,9 @@ class QueueIo : public Napi::ObjectWrap<QueueIo> {
         }
       }
       cqes_.clear();
-      int err = ring_->SubmitAndWait(k, &cqes_);
-      counters_[TX_SYSCALLS] += 1;
+      unsigned enters = 0;
+      int err = ring_->SubmitAndWait(k, &cqes_, &enters);
+      counters_[TX_SYSCALLS] += enters;  // io_uring_enter calls, usually one per chunk
       // Results by position (completion order is submission order for inline ops, but do not rely on it).
       // An op with no completion (only if io_uring_enter itself failed) counts as EAGAIN: retried in order.
       // The usual case (every op completed and wrote its frame) is one pass over the CQEs.
@@ -748,7 +760,7 @@ class QueueIo : public Napi::ObjectWrap<QueueIo> {
       counters_[TX_FRAMES] += frames;
       counters_[TX_BYTES] += bytes;
       if (err != 0) RingFailed(err);
-      if (fatal != 0) ThrowSys(env, "WRITE", "io_uring_enter", fatal);
+      if (fatal != 0) ThrowSys(env, "WRITE", prepend ? "writev" : "write", fatal);  // the write op's own result
       if (first_again < k) {
         // Keep the unwritten frames (EAGAIN'd ones of this batch, then the
         // ones not yet submitted) in order at i.., and write in order from now on.
@@ -895,6 +907,7 @@ class QueueIo : public Napi::ObjectWrap<QueueIo> {
   std::vector<struct iovec> iov_;
   std::vector<const uint8_t*> bases_;
   std::vector<size_t> sizes_;
+  std::vector<napi_value> buf_vals_;  // txWrite: the buffers array's elements, within one call only
   std::vector<TxFrame> frames_;
   std::vector<int> res_;
   std::bitset<kMaxErrno> rx_drop_;

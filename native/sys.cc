@@ -124,8 +124,10 @@ Napi::Value SchedSetAffinity(const Napi::CallbackInfo& info) {
   for (uint32_t i = 0; i < list.Length(); i++) {
     Napi::Value v = list.Get(i);
     if (!v.IsNumber()) ThrowArg(env, "schedSetAffinity: CPU indices must be numbers");
-    int64_t c = v.As<Napi::Number>().Int64Value();
-    if (c < 0 || c >= (1 << 20)) ThrowArg(env, "schedSetAffinity: CPU index out of range");
+    double d = v.As<Napi::Number>().DoubleValue();
+    // Integers only: Int64Value() would turn 1.5 into 1 and NaN into 0.
+    if (!(d >= 0 && d < (1 << 20)) || d != static_cast<double>(static_cast<int64_t>(d))) ThrowArg(env, "schedSetAffinity: a CPU index is an integer from 0 to 2^20-1");
+    int64_t c = static_cast<int64_t>(d);
     cpus.push_back(static_cast<uint32_t>(c));
     if (c > max) max = static_cast<uint32_t>(c);
   }

@@ -1,16 +1,17 @@
 /**
  * pinThread / threadAffinity (lib/sys/affinity.ts) on the real kernel: the
  * calling thread's CPUs change (as /proc/self/task/TID/status says) and no
- * other thread's do; the previous set comes back; bad CPU indices are refused
+ * other thread's do; the previous set comes back; bad CPU indices (beyond the
+ * kernel's possible CPUs, not integers: in lib/ and in the addon) are refused
  * before any syscall.  Needs at least two CPUs this process may use, to see a
  * change at all.
  */
-import { existsSync, readFileSync } from 'node:fs';
-import { cpus } from 'node:os';
+import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { Worker } from 'node:worker_threads';
 import { afterEach, describe, expect, it } from 'vitest';
-import { pinThread, threadAffinity } from '../../lib/sys/affinity';
+import { maxPossibleCpu, parseCpuList, pinThread, threadAffinity } from '../../lib/sys/affinity';
 import { MqtapError } from '../../lib/sys/errors';
 import { native } from '../../lib/sys/native';
 import { ROOT } from '../helpers/cli';
@@ -84,7 +85,10 @@ describe.skipIf(!env.ok)(`pinThread${skipNote(env)}`, () => {
   });
 
   it('bad CPU indices: ERR_INVALID_ARG with a hint, nothing changed', () => {
-    const n = cpus().length;
+    // The bound is the kernel's last possible CPU, not the count of online ones (numbers may have gaps).
+    const max = maxPossibleCpu();
+    expect(max).toBe(parseList(readFileSync('/sys/devices/system/cpu/possible', 'utf8').trim()).at(-1));
+    const n = max! + 1;
     for (const bad of [-1, 1.5, n, n + 1000, [], [0, -2], 'a', Number.NaN]) {
       const e = catchError(() => pinThread(bad as number));
       expect(e, String(bad)).toBeInstanceOf(MqtapError);
@@ -94,5 +98,31 @@ describe.skipIf(!env.ok)(`pinThread${skipNote(env)}`, () => {
     expect(e.message).toMatch(new RegExp(`CPU ${n} does not exist`));
     expect(e.hint).toMatch(/this thread may use/);
     expect(threadAffinity()).toEqual(start);
+  });
+
+  it('the addon itself refuses CPU indices that are not integers (1.5 is not CPU 1, NaN not CPU 0)', () => {
+    const cpu = start[start.length - 1]!;
+    for (const bad of [cpu + 0.5, Number.NaN, -0.5, 2 ** 21]) {
+      // The addon's argument errors are TypeErrors (lib/ validates first and throws MqtapErrors).
+      expect(() => native.schedSetAffinity([bad]), String(bad)).toThrow(/schedSetAffinity: a CPU index is an integer/);
+      expect(threadAffinity(), String(bad)).toEqual(start);
+    }
+  });
+});
+
+describe('CPU lists', () => {
+  it('parseCpuList reads the kernel\'s range lists; maxPossibleCpu takes the last CPU, gaps and all', () => {
+    expect(parseCpuList('0-3,8,10-11\n')).toEqual([0, 1, 2, 3, 8, 10, 11]);
+    expect(parseCpuList('0')).toEqual([0]);
+    expect(parseCpuList('3-1')).toBeUndefined();
+    expect(parseCpuList('x')).toBeUndefined();
+    const dir = mkdtempSync(join(tmpdir(), 'mqtap-cpus-'));
+    try {
+      writeFileSync(join(dir, 'possible'), '0-3,8-11\n');
+      expect(maxPossibleCpu(join(dir, 'possible'))).toBe(11); // CPU 11 exists though only 8 are numbered
+      expect(maxPossibleCpu(join(dir, 'missing'))).toBeUndefined();
+    } finally {
+      rmSync(dir, { recursive: true });
+    }
   });
 });

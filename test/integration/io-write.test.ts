@@ -20,27 +20,16 @@
 import { describe, expect, it } from 'vitest';
 import { native } from '../../lib/sys/native.js';
 import { openFdIO, openQueueIO, type QueueIO } from '../../lib/datapath/io.js';
-import { openTap } from '../../lib/tap/tap.js';
+import { deleteTap, openTap } from '../../lib/tap/tap.js';
 import { need, skipNote, tapEnv, tryRun, useIsolatedNetns, useTapTracker } from '../helpers/env.js';
+import { uringAvailable, uringMissingReason } from '../helpers/probes.js';
 
 const env = tapEnv();
 const IOC = native.ioConstants;
 const HDR = 12;
 const C = { TX_FRAMES: 6, TX_BYTES: 7, TX_SYSCALLS: 12 };
-
-function uringMissing(): string {
-  if (!env.ok) return env.reason;
-  const [a, b] = native.unixSocketPair(5);
-  try {
-    new native.QueueIo(a, { rx: 'poll', tx: 'uring', batch: 4, slotSize: 256, hdrLen: 0, rxDropErrnos: [], txDropErrnos: [] }, () => undefined).close();
-    return '';
-  } catch (e) {
-    return `io_uring_setup failed: ${(e as Error).message}`;
-  } finally {
-    native.close(a);
-    native.close(b);
-  }
-}
+/** '' where the io_uring engine can be set up here, else why not (need() fails on it in CI). */
+const URING_MISSING = uringAvailable() ? '' : uringMissingReason();
 
 /** Frames the kernel counted as received on `ifname` (our writes). */
 function rxPackets(ifname: string): number {
@@ -59,7 +48,7 @@ function frameWithHdr(): Buffer {
 describe.skipIf(!env.ok)(`write path${skipNote(env)}`, () => {
   useIsolatedNetns();
   const track = useTapTracker();
-  const uring = env.ok ? need('io_uring', uringMissing()) : env;
+  const uring = env.ok ? need('io_uring', URING_MISSING) : env;
 
   it.skipIf(!uring.ok)(`uring: a bad frame anywhere is refused before anything is submitted; 600 good frames take 3 enters${skipNote(uring)}`, () => {
     const tap = track(openTap({ name: 'iow0', queues: 1, up: true, vnetHdrSize: HDR }));
@@ -88,13 +77,36 @@ describe.skipIf(!env.ok)(`write path${skipNote(env)}`, () => {
       expect(io.txWrite([buf], triples(600, -1), 0, 600, true)).toBe(600);
       expect(ctr[C.TX_FRAMES]).toBe(600);
       expect(ctr[C.TX_BYTES]).toBe(600 * 60); // the header is not counted
-      expect(ctr[C.TX_SYSCALLS]).toBe(3); // 256 + 256 + 88
+      expect(ctr[C.TX_SYSCALLS]).toBe(3); // io_uring_enter calls: one per chunk of 256 + 256 + 88, no extra wait
       expect(rxPackets('iow0') - rx0).toBe(600);
 
       // From an offset into the list: frames start..count-1 only.
       expect(io.txWrite([buf], triples(300, -1), 290, 300, true)).toBe(300);
       expect(ctr[C.TX_FRAMES]).toBe(610);
       expect(rxPackets('iow0') - rx0).toBe(610);
+    } finally {
+      io.close();
+    }
+  });
+
+  it.skipIf(!uring.ok)(`uring: a write the kernel refuses is reported as the write's own syscall (write / writev), not io_uring_enter${skipNote(uring)}`, () => {
+    const tap = track(openTap({ name: 'iow2', queues: 1, up: true, vnetHdrSize: HDR }));
+    const io = new native.QueueIo(tap.queues[0]!.fd, { rx: 'poll', tx: 'uring', batch: 64, slotSize: 2048, hdrLen: HDR, rxDropErrnos: [], txDropErrnos: [] }, () => undefined);
+    try {
+      const buf = new ArrayBuffer(4096);
+      new Uint8Array(buf).set(frameWithHdr(), 0);
+      deleteTap('iow2'); // every write on its queue fd now fails with EBADFD
+      // With the header in the frame: IORING_OP_WRITE; without: a zeroed header in front (IORING_OP_WRITEV).
+      for (const [withHdr, syscall] of [[true, 'write'], [false, 'writev']] as const) {
+        const desc = new Uint32Array(withHdr ? [0, 0, HDR + 60] : [0, HDR, 60]);
+        let err: unknown;
+        try {
+          io.txWrite([buf], desc, 0, 1, withHdr);
+        } catch (e) {
+          err = e;
+        }
+        expect(err).toMatchObject({ op: 'WRITE', code: 'EBADFD', syscall });
+      }
     } finally {
       io.close();
     }
@@ -139,8 +151,39 @@ describe.skipIf(!env.ok)(`write path${skipNote(env)}`, () => {
   });
 });
 
+describe('txWrite: JavaScript run by a getter on the buffers array', () => {
+  const uring = need('io_uring', URING_MISSING);
+  for (const engine of uring.ok ? (['poll', 'uring'] as const) : (['poll'] as const)) {
+    it(`cannot leave the call with a stale descriptor or buffer pointer (${engine})`, () => {
+      const [a, b] = native.unixSocketPair(5); // SOCK_SEQPACKET
+      const io = new native.QueueIo(a, { rx: 'poll', tx: engine, batch: 4, slotSize: 256, hdrLen: 0, rxDropErrnos: [], txDropErrnos: [] }, () => undefined);
+      try {
+        const ctr = new Float64Array(io.control, 0, IOC.COUNTERS);
+        const detach = (ab: ArrayBuffer): void => void structuredClone(ab, { transfer: [ab] });
+        // The getter for element 1 detaches the descriptor array's buffer: it has no triples left.
+        const buf = new ArrayBuffer(64);
+        const desc = new Uint32Array([0, 0, 60]);
+        const bufs: ArrayBuffer[] = [buf];
+        Object.defineProperty(bufs, 1, { enumerable: true, get: () => (detach(desc.buffer as ArrayBuffer), buf) });
+        expect(() => io.txWrite(bufs, desc, 0, 1, true)).toThrow('txWrite: start/count out of range');
+        // The getter for element 1 detaches element 0, fetched before it: its frame is outside it now.
+        const buf0 = new ArrayBuffer(64);
+        const bufs2: ArrayBuffer[] = [buf0];
+        Object.defineProperty(bufs2, 1, { enumerable: true, get: () => (detach(buf0), new ArrayBuffer(8)) });
+        expect(() => io.txWrite(bufs2, new Uint32Array([0, 0, 60]), 0, 1, true)).toThrow('txWrite: frame 0 is outside its buffer');
+        expect(ctr[C.TX_FRAMES]).toBe(0);
+      } finally {
+        io.close();
+        native.close(a);
+        native.close(b);
+      }
+    });
+  }
+});
+
 describe('writeBatch: repeated views mixed with others', () => {
-  const engines = uringMissing() === '' ? (['poll', 'uring'] as const) : (['poll'] as const);
+  const uring = need('io_uring', URING_MISSING);
+  const engines = uring.ok ? (['poll', 'uring'] as const) : (['poll'] as const);
   for (const engine of engines) {
     it(`go out byte-exact and in order (${engine})`, async () => {
       const [a, b] = native.unixSocketPair(5); // SOCK_SEQPACKET
