@@ -941,6 +941,8 @@ Napi::Value IoUringProbe(const Napi::CallbackInfo& info) {
   Napi::Object o = Napi::Object::New(env);
   o.Set("setupErrno", c.setup_errno);
   o.Set("deferTaskrun", c.defer_taskrun);
+  o.Set("deferErrno", c.defer_errno);
+  o.Set("extArg", c.ext_arg);
   o.Set("probeErrno", c.probe_errno);
   o.Set("lastOp", c.last_op);
   Napi::Object ops = Napi::Object::New(env);

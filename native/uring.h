@@ -308,6 +308,8 @@ class Ring {
 struct UringCaps {
   int setup_errno = 0;
   bool defer_taskrun = false;  // SINGLE_ISSUER|DEFER_TASKRUN|TASKRUN_FLAG accepted
+  int defer_errno = -1;        // that setup's errno (0: accepted; -1: not tried)
+  bool ext_arg = false;        // IORING_FEAT_EXT_ARG (5.11+): Ring's bounded waits need it
   int probe_errno = -1;        // IORING_REGISTER_PROBE (-1: not tried)
   unsigned last_op = 0;        // opcodes below this are known to the kernel
   bool op_read = false, op_write = false, op_writev = false, op_read_multishot = false;
@@ -320,6 +322,7 @@ inline UringCaps ProbeUring() {
   memset(&p, 0, sizeof p);
   p.flags = IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN | IORING_SETUP_TASKRUN_FLAG;
   int fd = SysSetup(4, &p);
+  caps.defer_errno = fd >= 0 ? 0 : errno;
   if (fd >= 0) {
     caps.defer_taskrun = true;
   } else {
@@ -330,6 +333,7 @@ inline UringCaps ProbeUring() {
       return caps;
     }
   }
+  caps.ext_arg = (p.features & IORING_FEAT_EXT_ARG) != 0;
   constexpr unsigned kOps = 256;
   std::vector<char> buf(sizeof(io_uring_probe) + kOps * sizeof(io_uring_probe_op), 0);
   auto* probe = reinterpret_cast<io_uring_probe*>(buf.data());

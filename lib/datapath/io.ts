@@ -343,6 +343,10 @@ export interface IoCapabilities {
   ioUringDisabled: string | undefined;
   setupErrno: number;
   deferTaskrun: boolean;
+  /** errno of the SINGLE_ISSUER|DEFER_TASKRUN|TASKRUN_FLAG setup (0: accepted, -1: not tried). */
+  deferErrno: number;
+  /** IORING_FEAT_EXT_ARG (Linux 5.11+): every ring the engines set up needs it (bounded waits). */
+  extArg: boolean;
   probeErrno: number;
   ops: { read: boolean; write: boolean; writev: boolean; readMultishot: boolean };
   pbufRingErrno: number;
@@ -363,13 +367,24 @@ export function ioCapabilities(): IoCapabilities {
     ioUringDisabled: existsSync(sysctl) ? readFileSync(sysctl, 'utf8').trim() : undefined,
     setupErrno: p.setupErrno,
     deferTaskrun: p.deferTaskrun,
+    deferErrno: p.deferErrno,
+    extArg: p.extArg,
     probeErrno: p.probeErrno,
     ops: { ...p.ops },
     pbufRingErrno: p.pbufRingErrno,
   };
-  const transient = [IOC.EMFILE, IOC.ENFILE, IOC.ENOMEM];
-  if (![caps.setupErrno, caps.pbufRingErrno].some((e) => transient.includes(e))) capsCache = caps;
+  if (!transientCaps(caps)) capsCache = caps;
   return caps;
+}
+
+/**
+ * Whether any answer in `caps` may be transient (no free fd: EMFILE/ENFILE,
+ * no memory: ENOMEM), so that it must not be remembered: the setup, the
+ * DEFER_TASKRUN setup, the opcode probe or the provided-buffer ring.
+ */
+export function transientCaps(caps: Pick<IoCapabilities, 'setupErrno' | 'deferErrno' | 'probeErrno' | 'pbufRingErrno'>): boolean {
+  const transient: number[] = [IOC.EMFILE, IOC.ENFILE, IOC.ENOMEM];
+  return [caps.setupErrno, caps.deferErrno, caps.probeErrno, caps.pbufRingErrno].some((e) => transient.includes(e));
 }
 
 /** Major and minor of a kernel release string ('6.18.44-fc' -> [6, 18]); [0, 0] when unreadable. */
@@ -428,7 +443,8 @@ export function defaultEngines(
     else if (caps.setupErrno === IOC.EPERM) uring = 'io_uring_setup: EPERM (a seccomp filter or an LSM refuses io_uring)';
     else if (caps.setupErrno === IOC.ENOSYS) uring = `io_uring_setup: ENOSYS (Linux ${k} has no io_uring, or a seccomp filter hides it)`;
     else uring = `io_uring_setup: ${code}`;
-  } else if (caps.probeErrno !== 0 || !caps.ops.read || !caps.ops.write || !caps.ops.writev)
+  } else if (!caps.extArg) uring = `Linux ${k}: io_uring lacks IORING_FEAT_EXT_ARG (bounded waits, Linux 5.11+), which every engine ring needs`;
+  else if (caps.probeErrno !== 0 || !caps.ops.read || !caps.ops.write || !caps.ops.writev)
     uring = `Linux ${k}: io_uring lacks IORING_OP_READ/WRITE/WRITEV (probe${caps.probeErrno > 0 ? `: ${errnoName(caps.probeErrno)}` : ''})`;
   if (uring) {
     fallbacks.push({ level: 'io_uring', reason: uring });
@@ -440,7 +456,7 @@ export function defaultEngines(
   if (disabled.mshot) mshot = 'disabled by MQTAP_IO_DISABLE=mshot';
   else if (!caps.ops.readMultishot) mshot = `Linux ${k}: no multishot read (IORING_OP_READ_MULTISHOT needs Linux 6.7+)`;
   else if (major < 6 || (major === 6 && minor < 12)) mshot = `Linux ${k}: multishot reads are not used before 6.12 (earlier kernels had multishot-read stalls)`;
-  else if (!caps.deferTaskrun) mshot = `Linux ${k}: io_uring refuses SINGLE_ISSUER|DEFER_TASKRUN|TASKRUN_FLAG`;
+  else if (!caps.deferTaskrun) mshot = `Linux ${k}: io_uring refuses SINGLE_ISSUER|DEFER_TASKRUN|TASKRUN_FLAG${caps.deferErrno > 0 ? ` (${errnoName(caps.deferErrno)})` : ''}`;
   else if (caps.pbufRingErrno !== 0) mshot = `IORING_REGISTER_PBUF_RING: ${errnoName(caps.pbufRingErrno)}`;
   if (mshot) {
     fallbacks.push({ level: 'multishot', reason: mshot });

@@ -291,11 +291,15 @@ export interface NativeBinding {
   /**
    * What the running kernel's io_uring offers (native/uring.h ProbeUring): io_uring_setup's errno
    * (0: it works), SINGLE_ISSUER|DEFER_TASKRUN|TASKRUN_FLAG, IORING_REGISTER_PROBE's opcodes, and
-   * whether a provided-buffer ring can be registered (errno, 0, or -1: not tried).
+   * whether a provided-buffer ring can be registered (errno, 0, or -1: not tried), IORING_FEAT_EXT_ARG.
    */
   ioUringProbe(): {
     setupErrno: number;
     deferTaskrun: boolean;
+    /** errno of the SINGLE_ISSUER|DEFER_TASKRUN|TASKRUN_FLAG setup (0: accepted). */
+    deferErrno: number;
+    /** IORING_FEAT_EXT_ARG (Linux 5.11+): the engines' bounded waits need it. */
+    extArg: boolean;
     probeErrno: number;
     lastOp: number;
     ops: { read: boolean; write: boolean; writev: boolean; readMultishot: boolean };

@@ -6,6 +6,7 @@
 import { existsSync, readFileSync } from 'node:fs';
 import { release } from 'node:os';
 import { loadProgram, queueCountProgram, QUEUE_COUNT_ENTRIES, QUEUE_COUNT_VALUE_SIZE } from '../../lib/datapath/bpf.js';
+import { defaultEngines, ioCapabilities } from '../../lib/datapath/io.js';
 import { isolateNetns } from '../../lib/sys/netns.js';
 import { native } from '../../lib/sys/native.js';
 
@@ -72,15 +73,16 @@ export function uringMissingReason(): string {
 }
 
 /**
- * Why the multishot receive engine ('uring-mshot') cannot run here, or '':
- * the kernel is asked (IORING_REGISTER_PROBE for IORING_OP_READ_MULTISHOT,
- * Linux 6.7+; DEFER_TASKRUN; provided-buffer ring registration).
+ * Why the multishot receive engine ('uring-mshot') is not what 'auto' picks
+ * here, or '': the very predicate lib/datapath/io.ts defaultEngines uses, on
+ * the kernel's answers (IORING_OP_READ_MULTISHOT, Linux 6.7+, preferred only
+ * from 6.12: earlier kernels had multishot-read stalls; DEFER_TASKRUN;
+ * provided-buffer ring registration).  MQTAP_IO_DISABLE is not applied.
  */
 export function mshotMissingReason(): string {
-  const c = native.ioUringProbe();
-  if (c.setupErrno !== 0) return uringMissingReason();
-  if (!c.ops.readMultishot) return `no IORING_OP_READ_MULTISHOT on ${release()} (multishot reads need Linux 6.7+): the uring-mshot cases are skipped`;
-  if (!c.deferTaskrun) return `io_uring on ${release()} refuses SINGLE_ISSUER|DEFER_TASKRUN|TASKRUN_FLAG: the uring-mshot cases are skipped`;
-  if (c.pbufRingErrno !== 0) return `io_uring on ${release()} cannot register a provided-buffer ring (errno ${c.pbufRingErrno}): the uring-mshot cases are skipped`;
-  return '';
+  const caps = ioCapabilities();
+  const chosen = defaultEngines(native.ioConstants.INT_MAX, caps, { mshot: false, uring: false });
+  if (chosen.rx === 'uring-mshot') return '';
+  if (caps.setupErrno !== 0) return uringMissingReason();
+  return `${chosen.fallbacks.map((f) => f.reason).join('; ')}: the uring-mshot cases are skipped`;
 }

@@ -7,8 +7,9 @@
  */
 import { release } from 'node:os';
 import { describe, expect, it } from 'vitest';
-import { defaultEngines, disabledLevels, ioCapabilities, kernelVersion, type IoCapabilities } from '../../lib/datapath/io.js';
+import { defaultEngines, disabledLevels, ioCapabilities, kernelVersion, transientCaps, type IoCapabilities } from '../../lib/datapath/io.js';
 import { native } from '../../lib/sys/native.js';
+import { mshotMissingReason } from '../helpers/probes.js';
 
 const IOC = native.ioConstants;
 const UNLIMITED = IOC.INT_MAX;
@@ -21,6 +22,8 @@ function caps(over: Partial<IoCapabilities> = {}): IoCapabilities {
     ioUringDisabled: '0',
     setupErrno: 0,
     deferTaskrun: true,
+    deferErrno: 0,
+    extArg: true,
     probeErrno: 0,
     ops: { read: true, write: true, writev: true, readMultishot: true },
     pbufRingErrno: 0,
@@ -71,6 +74,28 @@ describe("'auto' engine choice by capability", () => {
     expect(poll(caps({ ops: { read: true, write: false, writev: true, readMultishot: true } }))).toMatchObject({ rx: 'poll', tx: 'poll', fallbacks: [{ level: 'io_uring' }] });
   });
 
+  it('io_uring without IORING_FEAT_EXT_ARG (5.6-5.10): poll both ways, not a uring whose every ring fails to open', () => {
+    expect(defaultEngines(UNLIMITED, caps({ kernel: '5.10.0-28-amd64', extArg: false, deferTaskrun: false, ops: { read: true, write: true, writev: true, readMultishot: false } }), NONE)).toEqual({
+      rx: 'poll',
+      tx: 'poll',
+      fallbacks: [{ level: 'io_uring', reason: 'Linux 5.10.0-28-amd64: io_uring lacks IORING_FEAT_EXT_ARG (bounded waits, Linux 5.11+), which every engine ring needs' }],
+    });
+  });
+
+  it('the DEFER_TASKRUN setup errno is part of the multishot fallback reason', () => {
+    expect(defaultEngines(UNLIMITED, caps({ deferTaskrun: false, deferErrno: IOC.EINVAL }), NONE).fallbacks).toEqual([
+      { level: 'multishot', reason: 'Linux 6.12.0: io_uring refuses SINGLE_ISSUER|DEFER_TASKRUN|TASKRUN_FLAG (EINVAL)' },
+    ]);
+  });
+
+  it('capabilities with a transient errno anywhere (EMFILE, ENFILE, ENOMEM) are not remembered', () => {
+    const ok = { setupErrno: 0, deferErrno: 0, probeErrno: 0, pbufRingErrno: 0 };
+    expect(transientCaps(ok)).toBe(false);
+    expect(transientCaps({ ...ok, deferErrno: IOC.EINVAL, probeErrno: -1, pbufRingErrno: IOC.EPERM })).toBe(false);
+    for (const key of ['setupErrno', 'deferErrno', 'probeErrno', 'pbufRingErrno'] as const)
+      for (const e of [IOC.EMFILE, IOC.ENFILE, IOC.ENOMEM]) expect(transientCaps({ ...ok, [key]: e }), `${key}=${e}`).toBe(true);
+  });
+
   it('levels forced off (MQTAP_IO_DISABLE) are skipped with that reason', () => {
     expect(disabledLevels({ MQTAP_IO_DISABLE: 'mshot' })).toEqual({ mshot: true, uring: false });
     expect(disabledLevels({ MQTAP_IO_DISABLE: ' uring , mshot' })).toEqual({ mshot: true, uring: true });
@@ -98,7 +123,12 @@ describe("'auto' engine choice by capability", () => {
     const c = ioCapabilities();
     expect(c.kernel).toBe(release());
     expect(c.setupErrno).toBe(native.ioUringProbe().setupErrno);
-    const transient = [IOC.EMFILE, IOC.ENFILE, IOC.ENOMEM];
-    if (![c.setupErrno, c.pbufRingErrno].some((e) => transient.includes(e))) expect(ioCapabilities()).toBe(c);
+    expect(c.extArg).toBe(native.ioUringProbe().extArg);
+    if (!transientCaps(c)) expect(ioCapabilities()).toBe(c);
+  });
+
+  it("the tests' multishot probe (probes.ts) skips exactly where 'auto' would not pick multishot reads (e.g. 6.7-6.11)", () => {
+    const picked = defaultEngines(UNLIMITED, ioCapabilities(), NONE).rx === 'uring-mshot';
+    expect(mshotMissingReason() === '').toBe(picked);
   });
 });
