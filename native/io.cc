@@ -191,13 +191,15 @@ class QueueIo : public Napi::ObjectWrap<QueueIo> {
       unsigned entries = 256;
       while (entries < batch_) entries <<= 1;
       ring_ = std::make_unique<Ring>();
-      int err = ring_->Setup(entries, fd_);
-      if (err != 0) ThrowSys(env, "IO_URING_SETUP", "io_uring_setup", err);
+      TagRing(rx_uring_ && tx_uring_ ? "rx,tx" : rx_uring_ ? "rx" : "tx", [&] {
+        int err = ring_->Setup(entries, fd_);
+        if (err != 0) ThrowSys(env, "IO_URING_SETUP", "io_uring_setup", err);
+      });
       cqes_.reserve(ring_->entries() + 1);
       iov_.resize(2 * ring_->entries());
     }
     rx_want_ = rx_uring_ ? std::min<unsigned>(8, batch_) : batch_;
-    if (rx_mshot_) MshotSetup(env);
+    if (rx_mshot_) TagRing("rx", [&] { MshotSetup(env); });
 
     poll_.Init(env, this, fd_, info[2].As<Napi::Function>(), "mqtap.QueueIo");
   }
@@ -205,6 +207,19 @@ class QueueIo : public Napi::ObjectWrap<QueueIo> {
   ~QueueIo() override { Teardown(); }
 
  private:
+  // Runs `fn`; an error it throws says whose ring failed to set up (its
+  // `ring` property: "rx", "tx" or "rx,tx"), so that lib/ steps down only
+  // that direction.
+  template <typename F>
+  static void TagRing(const char* ring, F&& fn) {
+    try {
+      fn();
+    } catch (Napi::Error& e) {
+      e.Value().Set("ring", ring);
+      throw;
+    }
+  }
+
   static void ErrnoSet(Napi::Env env, Napi::Value v, const char* what, std::bitset<kMaxErrno>* out) {
     if (!v.IsArray()) ThrowArg(env, std::string("QueueIo: ") + what + " must be an array of errno numbers");
     Napi::Array a = v.As<Napi::Array>();

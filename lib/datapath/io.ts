@@ -570,7 +570,7 @@ export class QueueIO implements AsyncIterable<FrameBatch> {
     this.#log = plan.logger;
     const auto = plan.rx === 'auto' || plan.tx === 'auto' ? defaultEngines(init.sndbuf) : undefined;
     const want = { rx: plan.rx === 'auto' ? auto!.rx : plan.rx, tx: plan.tx === 'auto' ? auto!.tx : plan.tx };
-    for (const f of auto?.fallbacks ?? []) if (f.level === 'io_uring' || plan.rx === 'auto') this.#fellBack(f.level, f.reason, want);
+    for (const f of auto?.fallbacks ?? []) if (f.level === 'io_uring' || plan.rx === 'auto') this.#fellBack(f.level, f.reason, want, want);
     // O_NONBLOCK before a ring registers the fd: tun's files have no
     // FMODE_NOWAIT, and io_uring takes a registered file's non-blocking-ness
     // when it is registered (otherwise it polls before every read).
@@ -598,49 +598,61 @@ export class QueueIO implements AsyncIterable<FrameBatch> {
   }
 
   /**
-   * The native engine, trying the next level of the 'auto' chain when
-   * setting io_uring up fails at run time (no free fd, no memory): for an
-   * 'auto' direction multishot -> one-shot io_uring -> poll; an explicit
-   * engine that cannot be set up fails (IO_URING_SETUP / IO_URING_REGISTER).
+   * The native engine, stepping an 'auto' direction down its chain when
+   * setting its io_uring ring up fails at run time (no free fd, no memory):
+   * reads multishot -> one-shot io_uring -> poll, writes io_uring -> poll.
+   * Only the direction whose ring failed steps down (the addon says which:
+   * the error's `ring`, 'rx', 'tx' or 'rx,tx' for the ring both share); an
+   * explicit engine whose ring cannot be set up fails (IO_URING_SETUP /
+   * IO_URING_REGISTER) without touching the other direction.  The fallbacks
+   * are logged once the engine exists, with the engines really used.
    */
   #make(want: { rx: IoEngine; tx: TxEngine }, plan: IoPlan): InstanceType<typeof native.QueueIo> {
-    const chain = [want];
-    if (plan.rx === 'auto' && want.rx === 'uring-mshot') chain.push({ rx: 'uring', tx: want.tx });
-    const last = { rx: plan.rx === 'auto' ? ('poll' as const) : plan.rx, tx: plan.tx === 'auto' ? ('poll' as const) : plan.tx };
-    const prev = chain[chain.length - 1]!;
-    if (last.rx !== prev.rx || last.tx !== prev.tx) chain.push(last);
-    for (let i = 0; ; i++) {
-      const e = chain[i]!;
+    let cur = { ...want };
+    const stepped: Array<{ level: 'io_uring' | 'multishot'; reason: string; err: { code: string; errno: number | undefined } }> = [];
+    for (;;) {
+      let n: InstanceType<typeof native.QueueIo>;
       try {
-        return new native.QueueIo(
+        n = new native.QueueIo(
           this.#fd,
-          { ...e, batch: this.batchSize, slotSize: this.slotSize, hdrLen: this.hdrLen, rxDropErrnos: [...RX_DROP_ERRNOS], txDropErrnos: [...TX_DROP_ERRNOS] },
+          { ...cur, batch: this.batchSize, slotSize: this.slotSize, hdrLen: this.hdrLen, rxDropErrnos: [...RX_DROP_ERRNOS], txDropErrnos: [...TX_DROP_ERRNOS] },
           (status, events) => this.#onPoll(status, events),
         );
       } catch (err) {
-        const next = chain[i + 1];
-        if (!next || !(err instanceof MqtapError) || (err.op !== 'IO_URING_SETUP' && err.op !== 'IO_URING_REGISTER')) throw err;
+        if (!(err instanceof MqtapError) || (err.op !== 'IO_URING_SETUP' && err.op !== 'IO_URING_REGISTER')) throw err;
+        const ring = ((err as MqtapError & { ring?: unknown }).ring ?? '') as string;
+        const rx = ring.split(',').includes('rx');
+        const tx = ring.split(',').includes('tx');
+        if ((!rx && !tx) || (rx && (plan.rx !== 'auto' || cur.rx === 'poll')) || (tx && (plan.tx !== 'auto' || cur.tx === 'poll'))) throw err;
         const reason = `${err.syscall ?? 'io_uring_setup'}: ${err.code}`;
-        const level = e.rx === 'uring-mshot' && next.rx === 'uring' ? 'multishot' : 'io_uring';
-        this.#fellBack(level, reason, want, { code: err.code, errno: err.errno });
+        const info = { code: err.code, errno: err.errno };
+        const next = { ...cur };
+        if (rx) next.rx = cur.rx === 'uring-mshot' ? 'uring' : 'poll';
+        if (tx) next.tx = 'poll';
+        stepped.push({ level: cur.rx === 'uring-mshot' && next.rx === 'uring' && !tx ? 'multishot' : 'io_uring', reason, err: info });
+        cur = next;
+        continue;
       }
+      for (const f of stepped) this.#fellBack(f.level, f.reason, want, n.engine, f.err);
+      return n;
     }
   }
 
-  /** Notes (engineNote) and logs, once per logger and reason, that a level of the 'auto' chain was skipped. */
-  #fellBack(level: 'io_uring' | 'multishot', reason: string, wanted: { rx: IoEngine; tx: TxEngine }, err?: { code: string; errno: number | undefined }): void {
+  /** Notes (engineNote) and logs, once per logger and reason, that a level of the 'auto' chain was skipped; `engine`: what is used instead. */
+  #fellBack(level: 'io_uring' | 'multishot', reason: string, wanted: { rx: IoEngine; tx: TxEngine }, engine: { rx: IoEngine; tx: TxEngine }, err?: { code: string; errno: number | undefined }): void {
     const where = this.#where();
     if (level === 'io_uring') {
-      this.#engineNote = `io_uring is unavailable (${reason}): poll engine`;
+      const dirs = engine.rx === 'poll' && engine.tx === 'poll' ? '' : engine.rx === 'poll' ? ' for reads' : ' for writes';
+      this.#engineNote = `io_uring is unavailable (${reason}): poll engine${dirs}`;
       const note = this.#engineNote;
-      logOnce(this.#log, `io_uring:${reason}`, () =>
-        this.#log.warn({ ...where, ...(err ? { err } : {}), wanted, engine: { rx: 'poll', tx: 'poll' }, reason: note }, 'io_uring unavailable; using the poll engine'),
+      logOnce(this.#log, `io_uring:${reason}:${dirs}`, () =>
+        this.#log.warn({ ...where, ...(err ? { err } : {}), wanted, engine, reason: note }, `io_uring unavailable; using the poll engine${dirs}`),
       );
     } else {
       this.#engineNote = `multishot reads are unavailable (${reason}): one-shot io_uring reads`;
       const note = this.#engineNote;
       logOnce(this.#log, `multishot:${reason}`, () =>
-        this.#log.info({ ...where, ...(err ? { err } : {}), wanted, engine: { rx: 'uring' }, reason: note }, 'multishot reads unavailable; one-shot io_uring reads'),
+        this.#log.info({ ...where, ...(err ? { err } : {}), wanted, engine, reason: note }, 'multishot reads unavailable; one-shot io_uring reads'),
       );
     }
   }

@@ -105,6 +105,55 @@ describe.skipIf(!env.ok)(`data path policy in lib/datapath/io.ts${skipNote(env)}
     io.close();
   });
 
+  it.skipIf(!!why)(`a ring failing to set up steps down only its own direction, logs the engines really used; an explicit engine's failure does not cost the other direction its ring${why ? ` (skipped: ${why})` : ''}`, () => {
+    const top = defaultEngines(IOC.INT_MAX, ioCapabilities(), { mshot: false, uring: false });
+    if (top.rx !== 'uring-mshot' || top.tx !== 'uring') {
+      console.warn(`one-free-fd step-down case not run: 'auto' here is ${top.rx}/${top.tx}, not uring-mshot/uring`);
+      return;
+    }
+    const tap = track(openTap({ name: 'ioe4', queues: 1, up: true }));
+    const q = tap.queues[0]!;
+    const before = fdCount();
+    // Exactly one fd free: the write ring (set up first) gets it, the multishot read ring then fails with EMFILE.
+    const restore = limitFreeFds(16);
+    const fillers: number[] = [];
+    for (;;) {
+      try {
+        fillers.push(native.eventfdOpen());
+      } catch (e) {
+        if ((e as MqtapError).code === 'EMFILE') break;
+        throw e;
+      }
+    }
+    native.close(fillers.pop()!);
+    const auto = recorder();
+    const explicit = recorder();
+    let io;
+    let err: unknown;
+    try {
+      io = openQueueIO(q, { logger: auto.logger }); // auto: uring-mshot reads, uring writes
+      io.close();
+      try {
+        openQueueIO(q, { engine: { rx: 'uring-mshot', tx: 'auto' }, logger: explicit.logger }).close();
+      } catch (e) {
+        err = e;
+      }
+    } finally {
+      fillers.forEach((fd) => native.close(fd));
+      restore();
+    }
+    // 'auto': only the reads stepped down (to one-shot reads on the write ring), and the log says so.
+    expect(io.engine).toEqual({ rx: 'uring', tx: 'uring' });
+    expect(io.engineNote).toBe('multishot reads are unavailable (io_uring_setup: EMFILE): one-shot io_uring reads');
+    expect(auto.lines.map((l) => l.msg)).toEqual(['multishot reads unavailable; one-shot io_uring reads']);
+    expect(auto.lines[0]!.obj).toMatchObject({ wanted: { rx: 'uring-mshot', tx: 'uring' }, engine: { rx: 'uring', tx: 'uring' }, err: { code: 'EMFILE' } });
+    // Explicit multishot reads whose ring fails: the error, with the write ring not dropped to make room and nothing logged.
+    expect(err).toBeInstanceOf(MqtapError);
+    expect(err).toMatchObject({ op: 'IO_URING_SETUP', code: 'EMFILE' });
+    expect(explicit.lines).toEqual([]);
+    expect(fdCount()).toBe(before);
+  });
+
   it("the 'auto' chain forced level by level: each fallback noted, logged once with its reason; explicit engines as asked", () => {
     const tap = track(openTap({ name: 'ioe3', queues: 2, up: true }));
     const saved = process.env.MQTAP_IO_DISABLE;
