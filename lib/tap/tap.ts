@@ -15,6 +15,7 @@
  * numbers are not: detaching a queue moves the kernel's last queue into the
  * freed slot, so nothing here relies on kernel slot order.
  */
+import { readFileSync } from 'node:fs';
 import { ErrorCodes, MqtapError, invalidArg, withContext } from '../sys/errors';
 import { getLink, isTapLink, type LinkInfo, type TapLinkInfo } from './links';
 import { silentLogger, type Logger } from '../sys/log';
@@ -608,7 +609,7 @@ export class Tap {
     try {
       withNetns(this.netns, () => native.rtnlSetTxQueueLen(native.ifNameToIndex(this.name), n));
     } catch (err) {
-      throw withContext(err, { ifname: this.name });
+      throw withContext(txQueueLenError(err, n), { ifname: this.name });
     }
   }
 
@@ -792,7 +793,17 @@ function applySettings(tap: Tap, fd0: number, p: Plan, created: boolean, undo: S
   if (p.mtu !== undefined) step('mtu', () => native.ifSetMtu(tap.name, p.mtu!), () => native.ifSetMtu(tap.name, was!.mtu));
   if (p.txQueueLen !== undefined) {
     const setLen = (len: number): void => native.rtnlSetTxQueueLen(native.ifNameToIndex(tap.name), len);
-    step('txQueueLen', () => setLen(p.txQueueLen!), () => setLen(was!.txQueueLen));
+    step(
+      'txQueueLen',
+      () => {
+        try {
+          setLen(p.txQueueLen!);
+        } catch (err) {
+          throw txQueueLenError(err, p.txQueueLen!);
+        }
+      },
+      () => setLen(was!.txQueueLen),
+    );
   }
   if (p.mac !== undefined) {
     const old = was?.address ? parseMac(was.address) : undefined;
@@ -903,4 +914,38 @@ export function deleteTap(name: string, opts: { netns?: string; logger?: Logger 
     }
   });
   (opts.logger ?? silentLogger).info({ ifname: name }, 'tap deleted');
+}
+
+const CAP_NET_ADMIN = 12;
+
+/** Whether the calling thread's effective capabilities include CAP_NET_ADMIN (CapEff in /proc/thread-self/status). */
+function hasNetAdmin(): boolean {
+  try {
+    const m = /^CapEff:\s*([0-9a-f]+)$/m.exec(readFileSync('/proc/thread-self/status', 'utf8'));
+    return m !== null && (BigInt(`0x${m[1]}`) >> BigInt(CAP_NET_ADMIN)) % 2n === 1n;
+  } catch {
+    return false;
+  }
+}
+
+/**
+ * IFLA_TXQLEN's EPERM with CAP_NET_ADMIN held is not a permission problem:
+ * the tun driver's NETDEV_CHANGE_TX_QUEUE_LEN notifier could not resize its
+ * queues' rings (ptr_ring: one pointer per frame, at most KMALLOC_MAX_SIZE
+ * bytes, 524288 frames on x86-64 with 4 KiB pages; more elsewhere) and the
+ * notifier chain turns that into EPERM.  The length is the problem: a usage
+ * error (ERR_INVALID_ARG, the kernel's errno kept), with the hint.  Other
+ * errors are returned as they are.
+ */
+function txQueueLenError(err: unknown, len: number): unknown {
+  if (!(err instanceof MqtapError) || err.op !== 'IFLA_TXQLEN' || err.code !== 'EPERM' || !hasNetAdmin()) return err;
+  return new MqtapError({
+    op: 'IFLA_TXQLEN',
+    code: ErrorCodes.INVALID_ARG,
+    errno: err.errno,
+    ...(err.syscall !== undefined ? { syscall: err.syscall } : {}),
+    message: `txQueueLen ${len}: the tun driver could not make each queue's ring that long (IFLA_TXQLEN failed with EPERM from its ring resize, not for want of privilege)`,
+    hint: "each queue's ring is an array of one pointer per frame, limited by the kernel's largest allocation (524288 frames on x86-64 with 4 KiB pages): use a smaller txQueueLen",
+    cause: err,
+  });
 }
