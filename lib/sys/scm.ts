@@ -166,23 +166,56 @@ function closedError(what: string): MqtapError {
  * The receive buffer of every socket in the process.  A read copies its bytes
  * out before anything else can run, so one buffer serves all sockets; each
  * reads through a view of its own maxMessageBytes (the kernel truncates, and
- * reports MSG_TRUNC, at that length).  With a buffer per socket, a daemon
- * allocated 64 KiB per connection that only a garbage collection gave back:
- * RSS climbed by tens of MiB over a thousand short sessions.  Grows to the
- * largest maxMessageBytes read with; a reader holding an older, smaller one
- * still reads into valid memory.
+ * reports MSG_TRUNC, at that length), one cached view per length.  With a
+ * buffer per socket, a daemon allocated 64 KiB per connection that only a
+ * garbage collection gave back: RSS climbed by tens of MiB over a thousand
+ * short sessions.  Grows to the largest maxMessageBytes read with; when the
+ * sockets that needed more than the default (64 KiB) are all closed, it is
+ * dropped (and allocated again, at what the open sockets need, on the next
+ * read), so one 16 MiB socket does not keep 16 MiB for the process's life.
+ * A reader holding an older buffer still reads into valid memory.
  */
+const DEFAULT_MAX_BYTES = 64 * 1024;
 let recvScratch: Buffer = Buffer.alloc(0);
+/** Views of recvScratch by length (cleared with it). */
+const recvViews = new Map<number, Buffer>();
+/** maxMessageBytes of the open sockets: length -> how many. */
+const openLengths = new Map<number, number>();
 
 function recvBuffer(size: number): Buffer {
-  if (recvScratch.length < size) recvScratch = Buffer.allocUnsafeSlow(size);
-  return recvScratch.length === size ? recvScratch : recvScratch.subarray(0, size);
+  let view = recvViews.get(size);
+  if (view) return view;
+  if (recvScratch.length < size) {
+    recvScratch = Buffer.allocUnsafeSlow(size);
+    recvViews.clear();
+  }
+  view = recvScratch.length === size ? recvScratch : recvScratch.subarray(0, size);
+  recvViews.set(size, view);
+  return view;
 }
+
+function holdRecvBuffer(size: number): void {
+  openLengths.set(size, (openLengths.get(size) ?? 0) + 1);
+}
+
+function releaseRecvBuffer(size: number): void {
+  const n = (openLengths.get(size) ?? 1) - 1;
+  if (n > 0) openLengths.set(size, n);
+  else openLengths.delete(size);
+  const need = Math.max(DEFAULT_MAX_BYTES, ...openLengths.keys());
+  if (recvScratch.length > need) {
+    recvScratch = Buffer.alloc(0);
+    recvViews.clear();
+  }
+}
+
+/** @internal For tests: the shared receive buffer's length, and the view a socket of `size` reads into. */
+export const _recvScratch = { bytes: (): number => recvScratch.length, view: recvBuffer };
 
 /** Validates a socket's type and limits (before any fd exists where possible: listen/connect/pair call it first). */
 function socketLimits(type: SocketType, opts: UnixSocketOptions): { maxBytes: number; maxFds: number } {
   sockType(type);
-  const maxBytes = opts.maxMessageBytes ?? 64 * 1024;
+  const maxBytes = opts.maxMessageBytes ?? DEFAULT_MAX_BYTES;
   if (!Number.isInteger(maxBytes) || maxBytes < 1 || maxBytes > 16 * 1024 * 1024) throw invalidArg('maxMessageBytes must be 1..16 MiB');
   const maxFds = opts.maxFds ?? DEFAULT_MAX_FDS;
   if (!Number.isInteger(maxFds) || maxFds < 0 || maxFds > SCM_MAX_FD) throw invalidArg(`maxFds must be 0..${SCM_MAX_FD}`);
@@ -239,6 +272,7 @@ export class UnixSocket extends EventEmitter {
       native.close(fd);
       throw err;
     }
+    holdRecvBuffer(maxBytes);
     // Start reading on the next tick, so a caller can attach listeners first.
     queueMicrotask(() => this.#updatePoll());
   }
@@ -355,6 +389,7 @@ export class UnixSocket extends EventEmitter {
     } catch {
       /* EBADF cannot happen: the fd was ours */
     }
+    releaseRecvBuffer(this.#maxBytes);
     const pending = this.#sendQueue.splice(0);
     for (const p of pending) p.reject(err ?? closedError('send'));
     this.emit('close', err);

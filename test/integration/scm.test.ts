@@ -16,7 +16,7 @@ import { runInNewContext } from 'node:vm';
 import { afterEach, describe, expect, it } from 'vitest';
 import { ErrorCodes, MqtapError } from '../../lib/sys/errors.js';
 import { K, native } from '../../lib/sys/native.js';
-import { ReceivedFds, SCM_MAX_FD, UnixServer, UnixSocket } from '../../lib/sys/scm.js';
+import { _recvScratch, ReceivedFds, SCM_MAX_FD, UnixServer, UnixSocket } from '../../lib/sys/scm.js';
 
 setFlagsFromString('--expose-gc');
 const gc = runInNewContext('gc') as () => void;
@@ -251,6 +251,28 @@ describe('SCM_RIGHTS over SOCK_SEQPACKET', () => {
     expect(e.code).toBe('EPIPE');
     expect(e.op).toBe('SENDMSG');
     expect(a.closed).toBe(true);
+  });
+});
+
+describe('the receive buffer shared by all sockets', () => {
+  it('one view per length; what a 16 MiB socket grew it to is dropped when the socket closes', async () => {
+    expect(_recvScratch.view(1000)).toBe(_recvScratch.view(1000)); // no allocation per read
+    const MiB16 = 16 * 1024 * 1024;
+    const [small, peer] = pair('seqpacket'); // the default 64 KiB
+    const [a, b] = pair('seqpacket', { maxMessageBytes: MiB16 });
+    const got = nextMessages(b, 1);
+    await a.send('x');
+    expect((await got)[0]!.data.toString()).toBe('x');
+    expect(_recvScratch.bytes()).toBe(MiB16);
+    a.close();
+    expect(_recvScratch.bytes(), 'b still reads with 16 MiB').toBe(MiB16);
+    b.close();
+    expect(_recvScratch.bytes()).toBeLessThanOrEqual(64 * 1024);
+    // the sockets left read as before
+    const again = nextMessages(peer, 1);
+    await small.send('y');
+    expect((await again)[0]!.data.toString()).toBe('y');
+    expect(_recvScratch.bytes()).toBe(64 * 1024);
   });
 });
 
