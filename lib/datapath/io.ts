@@ -69,6 +69,8 @@ const C = {
   TX_SYSCALLS: 12,
   TX_REORDERED: 13,
   RX_REARMS: 14,
+  RX_DRAINS: 15,
+  RX_TRUNCATED: 16,
 } as const;
 /** State words (enum StateWord). */
 const S = { NEXT: 0, COUNT: 1, DROPPED: 2, DROP_ERRNO: 3, DROP_INDEX: 4, RX_DROP_ERRNO: 5, RING_ERRNO: 6 } as const;
@@ -140,8 +142,23 @@ export interface QueueIOStats {
   queue: number;
   engine: { rx: IoEngine; tx: TxEngine };
   rx: DirectionStats & {
-    /** uring-mshot: times the multishot read ended (all slots held: ENOBUFS, or another reason) and was armed again. */
+    /**
+     * uring-mshot: times the multishot read was armed again after it ended: after a drain caught
+     * up (below), or for another reason (a completion without IORING_CQE_F_MORE).
+     */
     rearms: number;
+    /**
+     * uring-mshot: times the reader fell behind (the multishot ended with ENOBUFS: every slot used,
+     * frames still queued) and read the backlog with batches of RWF_NOWAIT reads instead of
+     * re-arming at once; each drain ends, once a read finds the tap empty, with one re-arm.
+     */
+    drains: number;
+    /**
+     * Frames dropped because they filled their slot (maybe cut short: reason EMSGSIZE), also
+     * counted in `drops`.  The slot is smaller than a frame the tap handed out: the MTU or the
+     * offloads were raised after the QueueIO opened; reopen it, or pass `slotSize`.
+     */
+    truncated: number;
   };
   tx: DirectionStats & {
     /** Times a write returned EAGAIN (the tap's send buffer was full). */
@@ -1112,6 +1129,8 @@ export class QueueIO implements AsyncIterable<FrameBatch> {
         waits: c[C.RX_WAITS]!,
         syscalls: c[C.RX_SYSCALLS]!,
         rearms: c[C.RX_REARMS]!,
+        drains: c[C.RX_DRAINS]!,
+        truncated: c[C.RX_TRUNCATED]!,
       },
       tx: {
         frames: c[C.TX_FRAMES]!,
@@ -1236,7 +1255,7 @@ export function openFdIO(fd: number, opts: QueueIOOptions & { hdrLen?: number; i
 /** Sums the counters of several queues (e.g. openTapIO's). */
 export function totalStats(all: readonly QueueIOStats[]): Omit<QueueIOStats, 'queue' | 'engine'> {
   const zero = (): DirectionStats => ({ frames: 0, bytes: 0, batches: 0, drops: 0, waits: 0, syscalls: 0 });
-  const rx = { ...zero(), rearms: 0 };
+  const rx = { ...zero(), rearms: 0, drains: 0, truncated: 0 };
   const tx = { ...zero(), eagain: 0, reordered: 0 };
   for (const s of all) {
     for (const k of Object.keys(rx) as Array<keyof typeof rx>) rx[k] += s.rx[k];
