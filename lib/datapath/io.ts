@@ -45,6 +45,7 @@ import { setImmediate as immediate } from 'node:timers/promises';
 import { ErrorCodes, MqtapError, errnoName, invalidArg, withContext } from '../sys/errors';
 import { silentLogger, type Logger } from '../sys/log';
 import { K, native } from '../sys/native';
+import { getLink } from '../tap/links';
 import { TapQueue, offloadFlags, type Tap } from '../tap/tap';
 import { decodeVnetHdr, type VnetHdr, type VnetHdrSize } from './vnethdr';
 
@@ -108,11 +109,13 @@ export interface QueueIOOptions {
   /** Most frames per receive batch (slots in the slab), 1..1024.  Default 64. */
   batch?: number;
   /**
-   * Bytes per slot, header included.  Default: the header plus 65,550 bytes,
-   * enough for any frame a tap hands out (64 KB GSO frames included).  The
-   * slab is anonymous memory, so untouched slot tails cost no RAM.  A frame
-   * that fills its slot (slotSize bytes or more, header included) is counted
-   * as an rx drop: it may have been cut short.
+   * Bytes per slot, header included.  Default ({@link defaultSlotSize}): the
+   * header + 18 + the tap's MTU (+1), or the header plus 65,550 bytes (any
+   * frame a tap hands out, 64 KB GSO frames included) when the tap's
+   * offloads let the kernel hand over GSO frames or are unknown (openFdIO).
+   * The slab is anonymous memory, so untouched slot tails cost no RAM.  A
+   * frame that fills its slot (slotSize bytes or more, header included) is
+   * counted as an rx drop and in rx.truncated: it may have been cut short.
    */
   slotSize?: number;
   /** Batches read back to back before yielding to the event loop.  Default 16. */
@@ -538,6 +541,8 @@ export class QueueIO implements AsyncIterable<FrameBatch> {
   readonly #fd: number;
   readonly #restoreNonBlock: boolean;
   #closed = false;
+  /** RX_TRUNCATED when last looked at (see #truncated). */
+  #truncatedSeen = 0;
   readonly #log: Logger;
   #engineNote: string | undefined;
   #rxBusy = false;
@@ -555,14 +560,14 @@ export class QueueIO implements AsyncIterable<FrameBatch> {
   #scratchHolder: TxJob | undefined;
 
   /** @internal use openQueueIO() / openFdIO(). */
-  constructor(init: { fd: number; queue: TapQueue | undefined; ifname: string | undefined; hdrLen: number; plan: IoPlan; sndbuf: number }) {
+  constructor(init: { fd: number; queue: TapQueue | undefined; ifname: string | undefined; hdrLen: number; plan: IoPlan; sndbuf: number; defaultSlot?: number }) {
     const { fd, plan } = init;
     this.#fd = fd;
     this.queue = init.queue;
     this.#ifname = init.ifname;
     this.hdrLen = init.hdrLen;
     this.batchSize = plan.batch;
-    this.slotSize = plan.slotSize ?? Math.ceil((init.hdrLen + 65550) / 64) * 64;
+    this.slotSize = plan.slotSize ?? init.defaultSlot ?? gsoSlotSize(init.hdrLen);
     if (this.slotSize <= this.hdrLen + 14) throw invalidArg(`slotSize ${this.slotSize} cannot hold a frame after a ${this.hdrLen}-byte header`);
     this.#yieldEvery = plan.yieldEvery;
     // Non-blocking for as long as this QueueIO lives (the flag is per open
@@ -675,6 +680,27 @@ export class QueueIO implements AsyncIterable<FrameBatch> {
     return true;
   }
 
+  /**
+   * Frames longer than the slot were dropped (the truncation guard, native/io.cc
+   * RxResult): logged, with what to do, at the 1st, 10th, 100th, ... one.
+   */
+  #truncated(): void {
+    const before = this.#truncatedSeen;
+    const now = this.#counters[C.RX_TRUNCATED]!;
+    this.#truncatedSeen = now;
+    if (before !== 0 && Math.floor(Math.log10(now)) === Math.floor(Math.log10(before))) return;
+    this.#log.warn(
+      {
+        ...this.#where(),
+        slotSize: this.slotSize,
+        truncated: now,
+        reason: 'EMSGSIZE',
+        hint: 'a frame filled its slot (the MTU or the offloads were raised after this QueueIO opened?): reopen the QueueIO, or pass slotSize',
+      },
+      'frames longer than the slot were dropped (truncated, EMSGSIZE)',
+    );
+  }
+
   get closed(): boolean {
     return this.#closed;
   }
@@ -783,6 +809,7 @@ export class QueueIO implements AsyncIterable<FrameBatch> {
       throw this.#ctx(err);
     }
     this.#checkRing();
+    if (this.#counters[C.RX_TRUNCATED]! !== this.#truncatedSeen) this.#truncated();
     if (n < 0) return null;
     return n > 0 ? new FrameBatch(this, this._gen, this.#slab, this.#rxDesc, n, this.hdrLen) : undefined;
   }
@@ -1186,6 +1213,38 @@ export class QueueIO implements AsyncIterable<FrameBatch> {
   }
 }
 
+/** TUNSETOFFLOAD bits that let the kernel hand the reader GSO frames (up to 64 KiB) unsegmented. */
+const GSO_OFFLOADS = (): number => K.TUN_F_TSO4 | K.TUN_F_TSO6 | K.TUN_F_UFO | TUN_F.USO4 | TUN_F.USO6;
+
+/** A slot for any frame a tap hands out, 64 KiB GSO frames included: header + 65,535 + 14 + 1, in 64-byte units. */
+function gsoSlotSize(hdrLen: number): number {
+  return Math.ceil((hdrLen + 65550) / 64) * 64;
+}
+
+/**
+ * The default slot of a queue of `tap`: room for the longest frame the tap
+ * can hand its reader, plus the one byte that tells a whole frame from a cut
+ * one (the truncation guard: a frame that fills its slot is dropped).  That
+ * is header + 18 (Ethernet header and one VLAN tag) + MTU, unless the
+ * offloads the tap's reader accepts (Tap.offloads: TSO4/TSO6/USO/UFO) let
+ * the kernel hand over GSO frames, or they are unknown (a device this
+ * process did not create), or the MTU cannot be read: then 64 KiB + header.
+ * The MTU is read now (rtnetlink); raising it or the offloads later makes
+ * longer frames count as truncated drops (docs/datapath.md).
+ */
+export function defaultSlotSize(tap: Tap, hdrLen: number): number {
+  const offloads = tap.offloads;
+  if (offloads === undefined || (offloads & GSO_OFFLOADS()) !== 0) return gsoSlotSize(hdrLen);
+  let mtu: number | undefined;
+  try {
+    mtu = getLink(tap.name, tap.netns !== undefined ? { netns: tap.netns } : {})?.mtu;
+  } catch {
+    mtu = undefined;
+  }
+  if (mtu === undefined || !(mtu > 0)) return gsoSlotSize(hdrLen);
+  return Math.max(128, Math.ceil((hdrLen + 18 + mtu + 1) / 64) * 64);
+}
+
 /**
  * Opens batched I/O on a queue.  One QueueIO per queue; the queue's fd is
  * made non-blocking while it lives.  Closing the queue (or the tap) closes
@@ -1207,7 +1266,8 @@ export function openQueueIO(queue: TapQueue, opts: QueueIOOptions = {}): QueueIO
   } catch (err) {
     throw withContext(err, { ifname: queue.tap.name, queue: queue.index });
   }
-  const io = new QueueIO({ fd: queue.fd, queue, ifname: queue.tap.name, hdrLen, plan, sndbuf });
+  const defaultSlot = plan.slotSize === undefined ? defaultSlotSize(queue.tap, hdrLen) : undefined;
+  const io = new QueueIO({ fd: queue.fd, queue, ifname: queue.tap.name, hdrLen, plan, sndbuf, ...(defaultSlot !== undefined ? { defaultSlot } : {}) });
   byQueue.set(queue, io);
   return io;
 }
@@ -1348,6 +1408,7 @@ export function applyOffloads(tap: Tap, req: OffloadRequest): OffloadResult {
   if (uso !== false) {
     try {
       native.tunSetOffload(q.fd, base | TUN_F.USO4 | TUN_F.USO6);
+      tap._offloadsSet(base | TUN_F.USO4 | TUN_F.USO6);
       return result(base | TUN_F.USO4 | TUN_F.USO6, 'on');
     } catch (err) {
       if (!(err instanceof MqtapError) || err.code !== 'EINVAL' || uso === true)
@@ -1359,5 +1420,6 @@ export function applyOffloads(tap: Tap, req: OffloadRequest): OffloadResult {
   } catch (err) {
     throw withContext(err, { ifname: tap.name });
   }
+  tap._offloadsSet(base);
   return result(base, uso === false ? 'off' : 'unsupported');
 }
