@@ -77,7 +77,6 @@ namespace mqtap {
 namespace {
 
 // Shared control block layout; mirrored in lib/datapath/io.ts (CTL_* constants).
-constexpr int kCounters = 16;  // Float64 counters
 enum Counter {
   RX_FRAMES = 0,
   RX_BYTES,
@@ -94,7 +93,10 @@ enum Counter {
   TX_SYSCALLS,
   TX_REORDERED,
   RX_REARMS,  // uring-mshot: times the multishot read ended (ENOBUFS, ...) and was armed again
+  RX_DRAINS,  // uring-mshot: times a backlog (ENOBUFS) was drained with RWF_NOWAIT reads instead of re-arming
+  RX_TRUNCATED,  // frames that filled their slot (maybe cut short), counted in RX_DROPS too (EMSGSIZE)
 };
+constexpr int kCounters = 24;  // Float64 counters (room to grow)
 constexpr int kStates = 8;  // Int32 state words
 enum StateWord {
   ST_NEXT = 0,      // txWrite: index of the first frame not written (== count when done)
@@ -133,7 +135,7 @@ struct TxFrame {
 //              refused) this one frame": counted as a drop, the call goes on.
 //              Any other errno stops the call and is thrown.  lib/ decides.
 //   .slab      ArrayBuffer: batch slots of slotSize bytes (mmap, committed lazily)
-//   .control   ArrayBuffer: Float64 counters[16] | Int32 state[8] | Uint32 rxDesc[2*batch]
+//   .control   ArrayBuffer: Float64 counters[24] | Int32 state[8] | Uint32 rxDesc[2*batch]
 //   .engine    { rx, tx }: the engines in use
 //   .rxRead()  -> frames read into the slab (0: nothing waiting)
 //   .txWrite(buffers, desc, start, count, withHdr) -> see TxWrite
@@ -283,6 +285,7 @@ class QueueIo : public Napi::ObjectWrap<QueueIo> {
     // full length).  Slots are one byte longer than the longest frame taken.
     if (n >= static_cast<ssize_t>(slot_size_)) {
       counters_[RX_DROPS] += 1;
+      counters_[RX_TRUNCATED] += 1;
       state_[ST_RX_DROP_ERRNO] = EMSGSIZE;
       return false;
     }
@@ -382,6 +385,7 @@ class QueueIo : public Napi::ObjectWrap<QueueIo> {
 
   static constexpr uint64_t kMshotTag = 1;   // user_data of the multishot read
   static constexpr uint64_t kCancelTag = 2;  // user_data of its cancellation
+  static constexpr uint64_t kDrainTag = 3;   // user_data of the RWF_NOWAIT reads that drain a backlog
   static constexpr unsigned kBufGroup = 0;
 
   // The ring and the buffer ring over the slab's slots.  Any
@@ -428,10 +432,13 @@ class QueueIo : public Napi::ObjectWrap<QueueIo> {
 
   // Completions already posted, up to `batch` frames: frames into rxDesc
   // (their slots held until the next call), truncated ones counted and
-  // their slots returned at once, and whether the multishot is still armed.
+  // their slots returned at once, whether the multishot is still armed, and
+  // the drain's switch points: the multishot ending with -ENOBUFS starts a
+  // drain (the reader is behind), a drain read meeting -EAGAIN ends it.
   void MshotConsume(unsigned* got) {
     while (const io_uring_cqe* c = rx_ring_->Peek()) {
-      if (c->user_data != kMshotTag) {  // the cancellation's own completion
+      const bool mshot = c->user_data == kMshotTag;
+      if (!mshot && c->user_data != kDrainTag) {  // the cancellation's own completion
         rx_ring_->Advance();
         continue;
       }
@@ -449,6 +456,8 @@ class QueueIo : public Napi::ObjectWrap<QueueIo> {
       }
       if (res == 0) {
         rx_eof_ = true;
+      } else if (res == -EAGAIN && !mshot) {
+        draining_ = false;  // a drain read found the tap's ring empty: caught up
       } else if (res < 0 && res != -ENOBUFS && res != -ECANCELED && res != -EAGAIN) {
         if (RxDrops(-res)) {
           counters_[RX_DROPS] += 1;
@@ -457,13 +466,40 @@ class QueueIo : public Napi::ObjectWrap<QueueIo> {
           rx_pending_errno_ = -res;
         }
       }
-      // ENOBUFS: every slot is held, the frame is still queued in the tap.
-      // Without F_MORE the multishot is over, whatever the reason: re-armed
-      // on the next round or call.
-      if (!(flags & IORING_CQE_F_MORE)) armed_ = false;
+      // ENOBUFS: every slot is used, the frame is still queued in the tap.
+      // Without F_MORE the multishot is over, whatever the reason.  After
+      // ENOBUFS the backlog is read with RWF_NOWAIT batches (no poll armed
+      // on the tap meanwhile); otherwise it is re-armed on the next round
+      // or call.
+      if (mshot && !(flags & IORING_CQE_F_MORE)) {
+        armed_ = false;
+        if (res == -ENOBUFS && !draining_) {
+          draining_ = true;
+          counters_[RX_DRAINS] += 1;
+        }
+      }
       rx_ring_->Advance();
     }
     BufCommit();
+  }
+
+  // Up to n one-shot reads of the backlog: IORING_OP_READ with RWF_NOWAIT
+  // and IOSQE_BUFFER_SELECT from the same buffer ring as the multishot.  On
+  // the O_NONBLOCK registered file each completes inside the io_uring_enter
+  // that submits it (a frame, or -EAGAIN when the tap's ring is empty; never
+  // a poll, never io-wq), so nothing stays in flight.
+  void PrepDrain(unsigned n) {
+    for (unsigned i = 0; i < n; i++) {
+      io_uring_sqe* s = rx_ring_->Sqe(i);
+      s->opcode = IORING_OP_READ;
+      s->flags = IOSQE_FIXED_FILE | IOSQE_BUFFER_SELECT;
+      s->fd = 0;
+      s->len = slot_size_;
+      s->rw_flags = RWF_NOWAIT;
+      s->buf_group = kBufGroup;
+      s->user_data = kDrainTag;
+    }
+    rx_ring_->Publish(n);
   }
 
   unsigned RxMshot() {
@@ -481,13 +517,20 @@ class QueueIo : public Napi::ObjectWrap<QueueIo> {
     for (int round = 0;; round++) {
       MshotConsume(&got);
       if (got >= batch_ || rx_eof_ || rx_pending_errno_ != 0) break;
-      bool arm = !armed_ && buf_avail_ > 0;
+      bool last = round + 1 >= kRounds;
+      // Behind: a batch of drain reads for the slots this call has left
+      // (the multishot is not armed meanwhile).
+      unsigned drain = draining_ && !armed_ ? std::min(buf_avail_, batch_ - got) : 0;
+      if (drain > 0 && last) break;  // the drain goes on in the next call (the tap stays readable)
+      bool arm = drain == 0 && !draining_ && !armed_ && buf_avail_ > 0;
       // Nothing to submit and no task work queued: done, except that before
       // saying "nothing waiting" the kernel is entered once in any case, so
       // that no queued work is left behind a wait.
-      if (!arm && !rx_ring_->TaskWorkPending() && (got > 0 || entered)) break;
-      bool last = round + 1 >= kRounds;
-      if (arm) {
+      if (drain == 0 && !arm && !rx_ring_->TaskWorkPending() && (got > 0 || entered)) break;
+      unsigned submit = drain > 0 ? drain : arm ? 1 : 0;
+      if (drain > 0) {
+        PrepDrain(drain);
+      } else if (arm) {
         io_uring_sqe* s = rx_ring_->Sqe(0);
         s->opcode = static_cast<uint8_t>(kOpReadMultishot);
         s->flags = IOSQE_FIXED_FILE | IOSQE_BUFFER_SELECT;
@@ -497,22 +540,23 @@ class QueueIo : public Napi::ObjectWrap<QueueIo> {
         rx_ring_->Publish(1);
       }
       if (last && !arm) break;
-      // Submits the re-arm (if any) and runs the deferred task work: the
-      // reads themselves, whose completions are then in the CQ.  On the last
-      // round only the re-arm is submitted.
-      int r = rx_ring_->Enter(arm ? 1 : 0, 0, last ? 0 : IORING_ENTER_GETEVENTS);
+      // Submits the drain reads or the re-arm (if any) and runs the deferred
+      // task work: the multishot's reads, whose completions are then in the
+      // CQ (the drain reads complete inline).  On the last round only the
+      // re-arm is submitted.
+      int r = rx_ring_->Enter(submit, 0, last ? 0 : IORING_ENTER_GETEVENTS);
       counters_[RX_SYSCALLS] += 1;
       entered = true;
       if (r < 0 && r != -EAGAIN && r != -EBUSY) {
-        if (arm) rx_ring_->Publish(static_cast<unsigned>(-1));  // take the unsubmitted SQE back
+        if (submit > 0) rx_ring_->Publish(static_cast<unsigned>(-static_cast<int>(submit)));  // take the unsubmitted SQEs back
         RingFailed(-r);
         break;
       }
-      if (arm && r >= 1) {
+      unsigned taken = r > 0 ? static_cast<unsigned>(r) : 0;
+      if (taken < submit) rx_ring_->Publish(static_cast<unsigned>(-static_cast<int>(submit - taken)));  // not consumed: not submitted
+      if (arm && taken >= 1) {
         armed_ = true;
         if (rearm_count_++ > 0) counters_[RX_REARMS] += 1;
-      } else if (arm) {
-        rx_ring_->Publish(static_cast<unsigned>(-1));
       }
       if (last) break;
     }
@@ -546,6 +590,7 @@ class QueueIo : public Napi::ObjectWrap<QueueIo> {
     buf_ring_.reset(nullptr, 0);
     held_.clear();
     armed_ = false;
+    draining_ = false;
   }
 
   // ---- transmit
@@ -889,6 +934,7 @@ class QueueIo : public Napi::ObjectWrap<QueueIo> {
   bool rx_uring_ = false;
   bool rx_mshot_ = false;
   bool armed_ = false;
+  bool draining_ = false;  // uring-mshot: behind (ENOBUFS); reading with RWF_NOWAIT batches, the multishot not armed
   bool buf_registered_ = false;
   int events_ = 0;
   unsigned rearm_count_ = 0;

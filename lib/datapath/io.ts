@@ -45,6 +45,7 @@ import { setImmediate as immediate } from 'node:timers/promises';
 import { ErrorCodes, MqtapError, errnoName, invalidArg, withContext } from '../sys/errors';
 import { silentLogger, type Logger } from '../sys/log';
 import { K, native } from '../sys/native';
+import { getLink } from '../tap/links';
 import { TapQueue, offloadFlags, type Tap } from '../tap/tap';
 import { decodeVnetHdr, type VnetHdr, type VnetHdrSize } from './vnethdr';
 
@@ -69,6 +70,8 @@ const C = {
   TX_SYSCALLS: 12,
   TX_REORDERED: 13,
   RX_REARMS: 14,
+  RX_DRAINS: 15,
+  RX_TRUNCATED: 16,
 } as const;
 /** State words (enum StateWord). */
 const S = { NEXT: 0, COUNT: 1, DROPPED: 2, DROP_ERRNO: 3, DROP_INDEX: 4, RX_DROP_ERRNO: 5, RING_ERRNO: 6 } as const;
@@ -106,11 +109,13 @@ export interface QueueIOOptions {
   /** Most frames per receive batch (slots in the slab), 1..1024.  Default 64. */
   batch?: number;
   /**
-   * Bytes per slot, header included.  Default: the header plus 65,550 bytes,
-   * enough for any frame a tap hands out (64 KB GSO frames included).  The
-   * slab is anonymous memory, so untouched slot tails cost no RAM.  A frame
-   * that fills its slot (slotSize bytes or more, header included) is counted
-   * as an rx drop: it may have been cut short.
+   * Bytes per slot, header included.  Default ({@link defaultSlotSize}): the
+   * header + 18 + the tap's MTU (+1), or the header plus 65,550 bytes (any
+   * frame a tap hands out, 64 KB GSO frames included) when the tap's
+   * offloads let the kernel hand over GSO frames or are unknown (openFdIO).
+   * The slab is anonymous memory, so untouched slot tails cost no RAM.  A
+   * frame that fills its slot (slotSize bytes or more, header included) is
+   * counted as an rx drop and in rx.truncated: it may have been cut short.
    */
   slotSize?: number;
   /** Batches read back to back before yielding to the event loop.  Default 16. */
@@ -140,8 +145,23 @@ export interface QueueIOStats {
   queue: number;
   engine: { rx: IoEngine; tx: TxEngine };
   rx: DirectionStats & {
-    /** uring-mshot: times the multishot read ended (all slots held: ENOBUFS, or another reason) and was armed again. */
+    /**
+     * uring-mshot: times the multishot read was armed again after it ended: after a drain caught
+     * up (below), or for another reason (a completion without IORING_CQE_F_MORE).
+     */
     rearms: number;
+    /**
+     * uring-mshot: times the reader fell behind (the multishot ended with ENOBUFS: every slot used,
+     * frames still queued) and read the backlog with batches of RWF_NOWAIT reads instead of
+     * re-arming at once; each drain ends, once a read finds the tap empty, with one re-arm.
+     */
+    drains: number;
+    /**
+     * Frames dropped because they filled their slot (maybe cut short: reason EMSGSIZE), also
+     * counted in `drops`.  The slot is smaller than a frame the tap handed out: the MTU or the
+     * offloads were raised after the QueueIO opened; reopen it, or pass `slotSize`.
+     */
+    truncated: number;
   };
   tx: DirectionStats & {
     /** Times a write returned EAGAIN (the tap's send buffer was full). */
@@ -537,6 +557,8 @@ export class QueueIO implements AsyncIterable<FrameBatch> {
   readonly #fd: number;
   readonly #restoreNonBlock: boolean;
   #closed = false;
+  /** RX_TRUNCATED when last looked at (see #truncated). */
+  #truncatedSeen = 0;
   readonly #log: Logger;
   #engineNote: string | undefined;
   #rxBusy = false;
@@ -554,14 +576,14 @@ export class QueueIO implements AsyncIterable<FrameBatch> {
   #scratchHolder: TxJob | undefined;
 
   /** @internal use openQueueIO() / openFdIO(). */
-  constructor(init: { fd: number; queue: TapQueue | undefined; ifname: string | undefined; hdrLen: number; plan: IoPlan; sndbuf: number }) {
+  constructor(init: { fd: number; queue: TapQueue | undefined; ifname: string | undefined; hdrLen: number; plan: IoPlan; sndbuf: number; defaultSlot?: number }) {
     const { fd, plan } = init;
     this.#fd = fd;
     this.queue = init.queue;
     this.#ifname = init.ifname;
     this.hdrLen = init.hdrLen;
     this.batchSize = plan.batch;
-    this.slotSize = plan.slotSize ?? Math.ceil((init.hdrLen + 65550) / 64) * 64;
+    this.slotSize = plan.slotSize ?? init.defaultSlot ?? gsoSlotSize(init.hdrLen);
     if (this.slotSize <= this.hdrLen + 14) throw invalidArg(`slotSize ${this.slotSize} cannot hold a frame after a ${this.hdrLen}-byte header`);
     this.#yieldEvery = plan.yieldEvery;
     // Non-blocking for as long as this QueueIO lives (the flag is per open
@@ -686,6 +708,27 @@ export class QueueIO implements AsyncIterable<FrameBatch> {
     return true;
   }
 
+  /**
+   * Frames longer than the slot were dropped (the truncation guard, native/io.cc
+   * RxResult): logged, with what to do, at the 1st, 10th, 100th, ... one.
+   */
+  #truncated(): void {
+    const before = this.#truncatedSeen;
+    const now = this.#counters[C.RX_TRUNCATED]!;
+    this.#truncatedSeen = now;
+    if (before !== 0 && Math.floor(Math.log10(now)) === Math.floor(Math.log10(before))) return;
+    this.#log.warn(
+      {
+        ...this.#where(),
+        slotSize: this.slotSize,
+        truncated: now,
+        reason: 'EMSGSIZE',
+        hint: 'a frame filled its slot (the MTU or the offloads were raised after this QueueIO opened?): reopen the QueueIO, or pass slotSize',
+      },
+      'frames longer than the slot were dropped (truncated, EMSGSIZE)',
+    );
+  }
+
   get closed(): boolean {
     return this.#closed;
   }
@@ -794,6 +837,7 @@ export class QueueIO implements AsyncIterable<FrameBatch> {
       throw this.#ctx(err);
     }
     this.#checkRing();
+    if (this.#counters[C.RX_TRUNCATED]! !== this.#truncatedSeen) this.#truncated();
     if (n < 0) return null;
     return n > 0 ? new FrameBatch(this, this._gen, this.#slab, this.#rxDesc, n, this.hdrLen) : undefined;
   }
@@ -1140,6 +1184,8 @@ export class QueueIO implements AsyncIterable<FrameBatch> {
         waits: c[C.RX_WAITS]!,
         syscalls: c[C.RX_SYSCALLS]!,
         rearms: c[C.RX_REARMS]!,
+        drains: c[C.RX_DRAINS]!,
+        truncated: c[C.RX_TRUNCATED]!,
       },
       tx: {
         frames: c[C.TX_FRAMES]!,
@@ -1195,6 +1241,38 @@ export class QueueIO implements AsyncIterable<FrameBatch> {
   }
 }
 
+/** TUNSETOFFLOAD bits that let the kernel hand the reader GSO frames (up to 64 KiB) unsegmented. */
+const GSO_OFFLOADS = (): number => K.TUN_F_TSO4 | K.TUN_F_TSO6 | K.TUN_F_UFO | TUN_F.USO4 | TUN_F.USO6;
+
+/** A slot for any frame a tap hands out, 64 KiB GSO frames included: header + 65,535 + 14 + 1, in 64-byte units. */
+function gsoSlotSize(hdrLen: number): number {
+  return Math.ceil((hdrLen + 65550) / 64) * 64;
+}
+
+/**
+ * The default slot of a queue of `tap`: room for the longest frame the tap
+ * can hand its reader, plus the one byte that tells a whole frame from a cut
+ * one (the truncation guard: a frame that fills its slot is dropped).  That
+ * is header + 18 (Ethernet header and one VLAN tag) + MTU, unless the
+ * offloads the tap's reader accepts (Tap.offloads: TSO4/TSO6/USO/UFO) let
+ * the kernel hand over GSO frames, or they are unknown (a device this
+ * process did not create), or the MTU cannot be read: then 64 KiB + header.
+ * The MTU is read now (rtnetlink); raising it or the offloads later makes
+ * longer frames count as truncated drops (docs/datapath.md).
+ */
+export function defaultSlotSize(tap: Tap, hdrLen: number): number {
+  const offloads = tap.offloads;
+  if (offloads === undefined || (offloads & GSO_OFFLOADS()) !== 0) return gsoSlotSize(hdrLen);
+  let mtu: number | undefined;
+  try {
+    mtu = getLink(tap.name, tap.netns !== undefined ? { netns: tap.netns } : {})?.mtu;
+  } catch {
+    mtu = undefined;
+  }
+  if (mtu === undefined || !(mtu > 0)) return gsoSlotSize(hdrLen);
+  return Math.max(128, Math.ceil((hdrLen + 18 + mtu + 1) / 64) * 64);
+}
+
 /**
  * Opens batched I/O on a queue.  One QueueIO per queue; the queue's fd is
  * made non-blocking while it lives.  Closing the queue (or the tap) closes
@@ -1216,7 +1294,8 @@ export function openQueueIO(queue: TapQueue, opts: QueueIOOptions = {}): QueueIO
   } catch (err) {
     throw withContext(err, { ifname: queue.tap.name, queue: queue.index });
   }
-  const io = new QueueIO({ fd: queue.fd, queue, ifname: queue.tap.name, hdrLen, plan, sndbuf });
+  const defaultSlot = plan.slotSize === undefined ? defaultSlotSize(queue.tap, hdrLen) : undefined;
+  const io = new QueueIO({ fd: queue.fd, queue, ifname: queue.tap.name, hdrLen, plan, sndbuf, ...(defaultSlot !== undefined ? { defaultSlot } : {}) });
   byQueue.set(queue, io);
   return io;
 }
@@ -1264,7 +1343,7 @@ export function openFdIO(fd: number, opts: QueueIOOptions & { hdrLen?: number; i
 /** Sums the counters of several queues (e.g. openTapIO's). */
 export function totalStats(all: readonly QueueIOStats[]): Omit<QueueIOStats, 'queue' | 'engine'> {
   const zero = (): DirectionStats => ({ frames: 0, bytes: 0, batches: 0, drops: 0, waits: 0, syscalls: 0 });
-  const rx = { ...zero(), rearms: 0 };
+  const rx = { ...zero(), rearms: 0, drains: 0, truncated: 0 };
   const tx = { ...zero(), eagain: 0, reordered: 0 };
   for (const s of all) {
     for (const k of Object.keys(rx) as Array<keyof typeof rx>) rx[k] += s.rx[k];
@@ -1357,6 +1436,7 @@ export function applyOffloads(tap: Tap, req: OffloadRequest): OffloadResult {
   if (uso !== false) {
     try {
       native.tunSetOffload(q.fd, base | TUN_F.USO4 | TUN_F.USO6);
+      tap._offloadsSet(base | TUN_F.USO4 | TUN_F.USO6);
       return result(base | TUN_F.USO4 | TUN_F.USO6, 'on');
     } catch (err) {
       if (!(err instanceof MqtapError) || err.code !== 'EINVAL' || uso === true)
@@ -1368,5 +1448,6 @@ export function applyOffloads(tap: Tap, req: OffloadRequest): OffloadResult {
   } catch (err) {
     throw withContext(err, { ifname: tap.name });
   }
+  tap._offloadsSet(base);
   return result(base, uso === false ? 'off' : 'unsupported');
 }

@@ -420,6 +420,7 @@ export class Tap {
   readonly #queues: TapQueue[] = [];
   readonly #flags: number;
   readonly #devicePath: string;
+  #offloads: number | undefined;
 
   /** @internal use openTap(). */
   constructor(init: { name: string; created: boolean; vnetHdr: boolean; flags: number; devicePath: string; netns: string | undefined; logger: Logger }) {
@@ -430,6 +431,25 @@ export class Tap {
     this.#devicePath = init.devicePath;
     this.netns = init.netns;
     this.logger = init.logger;
+    // A device this process created starts with none; on an existing one
+    // they are unknown (there is no TUNGETOFFLOAD; another program may have set them).
+    this.#offloads = init.created ? 0 : undefined;
+  }
+
+  /**
+   * The TUN_F_* offload flags last set through this Tap (openTap's `offloads`,
+   * setOffloads, applyOffloads), 0 on a device it created without any, or
+   * undefined when unknown: an existing device (the kernel has no
+   * TUNGETOFFLOAD).  Offloads set through another fd of the device (another
+   * process holding a queue) are not seen.  openQueueIO sizes its slots by it.
+   */
+  get offloads(): number | undefined {
+    return this.#offloads;
+  }
+
+  /** @internal records what a TUNSETOFFLOAD on this device took (applyOffloads). */
+  _offloadsSet(flags: number): void {
+    this.#offloads = flags;
   }
 
   /** Every queue this Tap opened, by index (closed ones included: indices are stable). */
@@ -597,6 +617,7 @@ export class Tap {
     const flags = offloadFlags(offloads);
     if (!this.vnetHdr && flags) throw invalidArg('offloads need a tap opened with vnetHdr: true');
     this.#device('TUNSETOFFLOAD', (fd) => native.tunSetOffload(fd, flags));
+    this.#offloads = flags;
   }
 
   /**
@@ -811,7 +832,10 @@ function applySettings(tap: Tap, fd0: number, p: Plan, created: boolean, undo: S
   }
   if (p.up !== undefined) step('up', () => setUp(p.up!), () => setUp(was!.up));
   // Not undoable: after every step that can be.
-  if (p.offloads !== undefined) step('offloads', () => native.tunSetOffload(fd0, p.offloads!));
+  if (p.offloads !== undefined) step('offloads', () => {
+      native.tunSetOffload(fd0, p.offloads!);
+      tap._offloadsSet(p.offloads!);
+    });
   if (p.owner !== undefined && !ownerUndoable) owner();
   if (p.group !== undefined && !groupUndoable) group();
   // Persistence last: until here, closing the fds removes a device we created.
