@@ -393,6 +393,7 @@ class QueueIo : public Napi::ObjectWrap<QueueIo> {
   static constexpr uint64_t kCancelTag = 2;  // user_data of its cancellation
   static constexpr uint64_t kDrainTag = 3;   // user_data of the RWF_NOWAIT reads that drain a backlog
   static constexpr unsigned kBufGroup = 0;
+  static constexpr unsigned kMshotFailStreak = 8;  // = kRounds: a call re-arming a failing multishot every round reports it
 
   // The ring and the buffer ring over the slab's slots.  Any
   // failure throws (op IO_URING_SETUP or IO_URING_REGISTER) and leaves
@@ -478,17 +479,25 @@ class QueueIo : public Napi::ObjectWrap<QueueIo> {
           }
         }
       }
-      if (mshot && res > 0) mshot_delivered_ = true;
+      if (res > 0) mshot_fail_streak_ = 0;  // frames flow
       if (res == 0) {
         rx_eof_ = true;
       } else if (res == -EAGAIN && !mshot) {
         draining_ = false;  // a drain read found the tap's ring empty: caught up
       } else if (res < 0 && res != -ENOBUFS && res != -ECANCELED && res != -EAGAIN) {
-        // A drop errno is a lost frame only for a drain read (one read,
-        // one frame) or a multishot that delivered a frame since it was
-        // armed; one that fails before any frame (e.g. EINVAL on arming)
-        // is reported, else it would be re-armed and "drop" every round.
-        if (RxDrops(-res) && (!mshot || mshot_delivered_)) {
+        // A drop errno is a lost frame for a drain read (one read, one
+        // frame).  A multishot's ends it (no F_MORE): tun dropped a frame it
+        // could not describe, which may well be the first one after arming,
+        // or the arming itself failed (e.g. EINVAL from the read's prep),
+        // which would then "drop" a phantom frame and re-arm every round.
+        // Told apart by persistence: the multishot failing kMshotFailStreak
+        // times in a row without delivering a frame is reported to lib/.
+        bool drop = RxDrops(-res);
+        if (drop && mshot && ++mshot_fail_streak_ >= kMshotFailStreak) {
+          mshot_fail_streak_ = 0;
+          drop = false;
+        }
+        if (drop) {
           counters_[RX_DROPS] += 1;
           state_[ST_RX_DROP_ERRNO] = -res;
         } else if (rx_pending_errno_ == 0) {
@@ -590,7 +599,6 @@ class QueueIo : public Napi::ObjectWrap<QueueIo> {
       if (taken < submit) rx_ring_->Publish(static_cast<unsigned>(-static_cast<int>(submit - taken)));  // not consumed: not submitted
       if (arm && taken >= 1) {
         armed_ = true;
-        mshot_delivered_ = false;
         if (rearm_count_++ > 0) counters_[RX_REARMS] += 1;
       }
     }
@@ -999,7 +1007,7 @@ class QueueIo : public Napi::ObjectWrap<QueueIo> {
   bool rx_uring_ = false;
   bool rx_mshot_ = false;
   bool armed_ = false;
-  bool mshot_delivered_ = false;  // uring-mshot: the armed multishot delivered a frame since it was armed
+  unsigned mshot_fail_streak_ = 0;  // uring-mshot: multishots in a row that ended with a drop errno before any frame
   size_t rx_call_bytes_ = 0;      // uring-mshot: bytes of the frames this rxRead returns
   bool draining_ = false;  // uring-mshot: behind (ENOBUFS); reading with RWF_NOWAIT batches, the multishot not armed
   bool buf_registered_ = false;
