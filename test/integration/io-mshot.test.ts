@@ -11,6 +11,10 @@
  *     drains and re-arms alternate);
  *   - truncation guard: frames longer than a slot are counted as drops (not
  *     delivered cut short) and their slots go back at once;
+ *   - a batch stops at the 512 KiB receive byte budget like the other
+ *     engines, the rest following in the next batches;
+ *   - the addon refuses the engine on a blocking fd (O_NONBLOCK is what keeps
+ *     the kernel's writes to the slab inside rxRead), leaving no ring;
  *   - closing with the multishot armed leaves no fd behind and the tap's
  *     queue can be detached and closed at once (the kernel's queue count
  *     drops: no reference to the file is left in io_uring).
