@@ -261,6 +261,12 @@ class QueueIo : public Napi::ObjectWrap<QueueIo> {
       ThrowSys(env, "READ", RxErrSyscall(), err);
     }
     if (rx_eof_) return Napi::Number::New(env, -1);
+    // The ring failed (ST_RING_ERRNO, e.g. set by a txWrite that threw) and
+    // lib/ has not called stopUring yet: the multishot may still be armed
+    // with every free slot in the buffer ring, so read(2) into the slab is
+    // not safe until it is torn down.  If it cannot be (still armed after
+    // the bounded wait) nothing is read until stopUring.
+    if (rx_mshot_ && !RingOk() && rx_ring_ && !MshotTeardown()) return Napi::Number::New(env, 0);
     unsigned got = rx_mshot_ && RingOk() ? RxMshot() : rx_uring_ && RingOk() ? RxUring() : RxPoll();
     if (got > 0) counters_[RX_BATCHES] += 1;
     if (got == 0 && rx_eof_) return Napi::Number::New(env, -1);
@@ -387,11 +393,19 @@ class QueueIo : public Napi::ObjectWrap<QueueIo> {
   static constexpr uint64_t kCancelTag = 2;  // user_data of its cancellation
   static constexpr uint64_t kDrainTag = 3;   // user_data of the RWF_NOWAIT reads that drain a backlog
   static constexpr unsigned kBufGroup = 0;
+  static constexpr unsigned kMshotFailStreak = 8;  // = kRounds: a call re-arming a failing multishot every round reports it
 
   // The ring and the buffer ring over the slab's slots.  Any
   // failure throws (op IO_URING_SETUP or IO_URING_REGISTER) and leaves
   // nothing behind (the members release what was made).
   void MshotSetup(Napi::Env env) {
+    // Safety precondition: on a blocking file a drain read (RWF_NOWAIT is
+    // honoured, but the multishot's retries are not bounded by it) could be
+    // left in flight, writing a slot after rxRead returned.  The slab is
+    // written only inside rxRead when the file is O_NONBLOCK (lib/ sets it).
+    int fl = fcntl(fd_, F_GETFL);
+    if (fl < 0) ThrowSys(env, "IO_URING_SETUP", "fcntl", errno, "F_GETFL on the queue fd");
+    if (!(fl & O_NONBLOCK)) ThrowSys(env, "IO_URING_SETUP", "fcntl", EINVAL, "the multishot receive engine needs an O_NONBLOCK fd: set O_NONBLOCK (fcntl F_SETFL) before opening the queue I/O");
     unsigned entries = 16;
     while (entries < batch_) entries <<= 1;  // CQ: 2 x entries >= every slot's completion + the final one
     rx_ring_ = std::make_unique<Ring>();
@@ -444,22 +458,46 @@ class QueueIo : public Napi::ObjectWrap<QueueIo> {
       }
       int res = c->res;
       unsigned flags = c->flags;
-      if (res > 0 && *got >= batch_) break;  // the batch is full: this one waits for the next call
+      // The batch is full, or holds kRxByteBudget bytes (as the other
+      // engines): this one waits for the next call.
+      if (res > 0 && (*got >= batch_ || rx_call_bytes_ >= kRxByteBudget)) break;
       if (flags & IORING_CQE_F_BUFFER) {
         uint16_t bid = static_cast<uint16_t>(flags >> IORING_CQE_BUFFER_SHIFT);
-        buf_avail_--;
-        if (res > 0 && bid < batch_ && RxResult(bid, res, got)) {
-          held_.push_back(bid);
+        if (bid >= batch_) {
+          // Never one of ours (only slots 0..batch-1 are added): not a slot
+          // of the slab, so never given back to the kernel; the frame in it
+          // is lost.
+          counters_[RX_DROPS] += 1;
+          state_[ST_RX_DROP_ERRNO] = EFAULT;
         } else {
-          BufAdd(bid);  // truncated (counted by RxResult), or no frame in it
+          buf_avail_--;
+          if (res > 0 && RxResult(bid, res, got)) {
+            held_.push_back(bid);
+            rx_call_bytes_ += static_cast<size_t>(res);
+          } else {
+            BufAdd(bid);  // truncated (counted by RxResult), or no frame in it
+          }
         }
       }
+      if (res > 0) mshot_fail_streak_ = 0;  // frames flow
       if (res == 0) {
         rx_eof_ = true;
       } else if (res == -EAGAIN && !mshot) {
         draining_ = false;  // a drain read found the tap's ring empty: caught up
       } else if (res < 0 && res != -ENOBUFS && res != -ECANCELED && res != -EAGAIN) {
-        if (RxDrops(-res)) {
+        // A drop errno is a lost frame for a drain read (one read, one
+        // frame).  A multishot's ends it (no F_MORE): tun dropped a frame it
+        // could not describe, which may well be the first one after arming,
+        // or the arming itself failed (e.g. EINVAL from the read's prep),
+        // which would then "drop" a phantom frame and re-arm every round.
+        // Told apart by persistence: the multishot failing kMshotFailStreak
+        // times in a row without delivering a frame is reported to lib/.
+        bool drop = RxDrops(-res);
+        if (drop && mshot && ++mshot_fail_streak_ >= kMshotFailStreak) {
+          mshot_fail_streak_ = 0;
+          drop = false;
+        }
+        if (drop) {
           counters_[RX_DROPS] += 1;
           state_[ST_RX_DROP_ERRNO] = -res;
         } else if (rx_pending_errno_ == 0) {
@@ -511,18 +549,24 @@ class QueueIo : public Napi::ObjectWrap<QueueIo> {
     unsigned got = 0;
     bool entered = false;
     // Bounded work per call (a flood of over-long frames keeps ending the
-    // multishot with ENOBUFS after every slot is recycled): after kRounds
-    // the multishot is left armed (submitted without running its reads).
+    // multishot with ENOBUFS after every slot is recycled): kRounds rounds,
+    // the last one submitting nothing (see `arm` below).
     constexpr int kRounds = 8;
+    rx_call_bytes_ = 0;
     for (int round = 0;; round++) {
       MshotConsume(&got);
-      if (got >= batch_ || rx_eof_ || rx_pending_errno_ != 0) break;
+      if (got >= batch_ || rx_call_bytes_ >= kRxByteBudget || rx_eof_ || rx_pending_errno_ != 0) break;
       bool last = round + 1 >= kRounds;
       // Behind: a batch of drain reads for the slots this call has left
       // (the multishot is not armed meanwhile).
       unsigned drain = draining_ && !armed_ ? std::min(buf_avail_, batch_ - got) : 0;
       if (drain > 0 && last) break;  // the drain goes on in the next call (the tap stays readable)
-      bool arm = drain == 0 && !draining_ && !armed_ && buf_avail_ > 0;
+      // Never armed on the last round: a re-arm submitted without GETEVENTS
+      // could read a frame at once and leave its completion unconsumed,
+      // and with the tap then empty nothing would wake lib/ for it.  Left
+      // unarmed, the frames still in the tap keep its POLLIN up and the next
+      // call arms it.
+      bool arm = drain == 0 && !draining_ && !armed_ && buf_avail_ > 0 && !last;
       // Nothing to submit and no task work queued: done, except that before
       // saying "nothing waiting" the kernel is entered once in any case, so
       // that no queued work is left behind a wait.
@@ -539,12 +583,11 @@ class QueueIo : public Napi::ObjectWrap<QueueIo> {
         s->user_data = kMshotTag;
         rx_ring_->Publish(1);
       }
-      if (last && !arm) break;
+      if (last) break;
       // Submits the drain reads or the re-arm (if any) and runs the deferred
       // task work: the multishot's reads, whose completions are then in the
-      // CQ (the drain reads complete inline).  On the last round only the
-      // re-arm is submitted.
-      int r = rx_ring_->Enter(submit, 0, last ? 0 : IORING_ENTER_GETEVENTS);
+      // CQ (the drain reads complete inline), consumed by the next round.
+      int r = rx_ring_->Enter(submit, 0, IORING_ENTER_GETEVENTS);
       counters_[RX_SYSCALLS] += 1;
       entered = true;
       if (r < 0 && r != -EAGAIN && r != -EBUSY) {
@@ -558,39 +601,64 @@ class QueueIo : public Napi::ObjectWrap<QueueIo> {
         armed_ = true;
         if (rearm_count_++ > 0) counters_[RX_REARMS] += 1;
       }
-      if (last) break;
     }
     return got;
   }
 
   // Cancels the multishot read and reaps until its last completion is seen
-  // (bounded), so the kernel holds no reference to the slab, the buffer ring
-  // or the file afterwards; then releases the ring.
-  void MshotTeardown() {
-    if (!rx_ring_) return;
+  // (the cancel's submission retried, then up to 100 waits of 10 ms), so the
+  // kernel holds no reference to the slab, the buffer ring or the file
+  // afterwards; then releases the ring.  Frames in completions reaped here
+  // are counted as RX_DROPS (nobody will read them).  If the multishot is
+  // still armed after that (never seen), the buffer ring is neither
+  // unregistered nor unmapped: its mapping is leaked on purpose (one page or
+  // a few) so the kernel never reads freed memory; closing the ring then
+  // cancels the request.  Returns false in that case.
+  bool MshotTeardown() {
+    if (!rx_ring_) return true;
+    bool quiet = true;
     if (armed_) {
-      io_uring_sqe* s = rx_ring_->Sqe(0);
-      s->opcode = IORING_OP_ASYNC_CANCEL;
-      s->fd = -1;
-      s->addr = kMshotTag;
-      s->user_data = kCancelTag;
-      rx_ring_->Publish(1);
-      rx_ring_->Enter(1, 0, IORING_ENTER_GETEVENTS);
-      for (int i = 0; armed_ && i < 5; i++) {
-        while (const io_uring_cqe* c = rx_ring_->Peek()) {
-          if (c->user_data == kMshotTag && !(c->flags & IORING_CQE_F_MORE)) armed_ = false;
-          rx_ring_->Advance();
-        }
-        if (armed_) rx_ring_->WaitOne(1);
+      int sent = 0;
+      for (int i = 0; i < 100 && armed_ && sent < 1; i++) {
+        io_uring_sqe* s = rx_ring_->Sqe(0);
+        s->opcode = IORING_OP_ASYNC_CANCEL;
+        s->fd = -1;
+        s->addr = kMshotTag;
+        s->user_data = kCancelTag;
+        rx_ring_->Publish(1);
+        int r = rx_ring_->Enter(1, 0, IORING_ENTER_GETEVENTS);
+        sent = r > 0 ? r : 0;
+        if (sent < 1) rx_ring_->Publish(static_cast<unsigned>(-1));  // not consumed: take it back
+        MshotReap();
+        if (armed_ && sent < 1) rx_ring_->WaitOneMs(10);  // e.g. EBUSY: completions to reap first
       }
+      for (int i = 0; armed_ && i < 100; i++) {
+        rx_ring_->WaitOneMs(10);
+        MshotReap();
+      }
+      quiet = !armed_;
     }
-    if (buf_registered_) rx_ring_->UnregisterBufRing(kBufGroup);
+    if (quiet) {
+      if (buf_registered_) rx_ring_->UnregisterBufRing(kBufGroup);
+    } else {
+      buf_ring_.release();  // leaked on purpose (see above)
+    }
     buf_registered_ = false;
     rx_ring_.reset();  // unregisters the tap file, closes the ring
     buf_ring_.reset(nullptr, 0);
     held_.clear();
     armed_ = false;
     draining_ = false;
+    return quiet;
+  }
+
+  // Teardown's reaping: what is in the CQ, frames counted as drops.
+  void MshotReap() {
+    while (const io_uring_cqe* c = rx_ring_->Peek()) {
+      if ((c->user_data == kMshotTag || c->user_data == kDrainTag) && c->res > 0) counters_[RX_DROPS] += 1;
+      if (c->user_data == kMshotTag && !(c->flags & IORING_CQE_F_MORE)) armed_ = false;
+      rx_ring_->Advance();
+    }
   }
 
   // ---- transmit
@@ -928,12 +996,19 @@ class QueueIo : public Napi::ObjectWrap<QueueIo> {
       p = np;
       len = nl;
     }
+    // Forgets the mapping without unmapping it.
+    void release() {
+      p = nullptr;
+      len = 0;
+    }
   };
 
   int fd_ = -1;
   bool rx_uring_ = false;
   bool rx_mshot_ = false;
   bool armed_ = false;
+  unsigned mshot_fail_streak_ = 0;  // uring-mshot: multishots in a row that ended with a drop errno before any frame
+  size_t rx_call_bytes_ = 0;      // uring-mshot: bytes of the frames this rxRead returns
   bool draining_ = false;  // uring-mshot: behind (ENOBUFS); reading with RWF_NOWAIT batches, the multishot not armed
   bool buf_registered_ = false;
   int events_ = 0;

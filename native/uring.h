@@ -196,10 +196,10 @@ class Ring {
     return r < 0 ? -errno : r;
   }
 
-  // Waits up to `seconds` for at least one CQE (running deferred task work).
+  // Waits up to `ms` milliseconds for at least one CQE (running deferred task work).
   // 0, or -errno (-ETIME when none came).
-  int WaitOne(long seconds) {
-    __kernel_timespec ts = {seconds, 0};
+  int WaitOneMs(long ms) {
+    __kernel_timespec ts = {ms / 1000, (ms % 1000) * 1000000L};
     io_uring_getevents_arg arg;
     memset(&arg, 0, sizeof arg);
     arg.ts = reinterpret_cast<uint64_t>(&ts);

@@ -1122,6 +1122,9 @@ export class QueueIO implements AsyncIterable<FrameBatch> {
       try {
         job.next = this.#native.txWrite(job.bufs, job.desc, job.next, job.count, job.withHdr);
       } catch (err) {
+        // A txWrite that failed the ring (ST_RING_ERRNO) and threw: step down now, before
+        // the next rxRead (the addon reads nothing while a failed ring's multishot is armed).
+        this.#checkRing();
         this.#tx.shift();
         this.#releaseDesc(job);
         job.written += ctr[C.TX_FRAMES]! - f0;

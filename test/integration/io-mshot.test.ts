@@ -11,6 +11,10 @@
  *     drains and re-arms alternate);
  *   - truncation guard: frames longer than a slot are counted as drops (not
  *     delivered cut short) and their slots go back at once;
+ *   - a batch stops at the 512 KiB receive byte budget like the other
+ *     engines, the rest following in the next batches;
+ *   - the addon refuses the engine on a blocking fd (O_NONBLOCK is what keeps
+ *     the kernel's writes to the slab inside rxRead), leaving no ring;
  *   - closing with the multishot armed leaves no fd behind and the tap's
  *     queue can be detached and closed at once (the kernel's queue count
  *     drops: no reference to the file is left in io_uring).
@@ -22,7 +26,10 @@ import dgram from 'node:dgram';
 import { readlinkSync } from 'node:fs';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { afterEach, beforeAll, describe, expect, it } from 'vitest';
+import { constants as osConstants } from 'node:os';
 import { parseUdp4Frame } from '../../lib/datapath/frames.js';
+import { MqtapError } from '../../lib/sys/errors.js';
+import { native } from '../../lib/sys/native.js';
 import { openQueueIO, type QueueIO } from '../../lib/datapath/io.js';
 import { getLink, getTap } from '../../lib/tap/links.js';
 import { openTap, type Tap } from '../../lib/tap/tap.js';
@@ -33,14 +40,10 @@ import { mshotMissingReason } from '../helpers/probes.js';
 const env = tapEnv();
 const mshot = env.ok ? need('io_uring-mshot', mshotMissingReason()) : env;
 
+const EINVAL = osConstants.errno.EINVAL;
 const LOCAL = '169.254.83.1';
 const PEER = '169.254.83.2';
 const PEER_MAC = '02:00:00:00:53:02';
-
-/** Polls `done` for up to ~10 s (a bound for broken builds; no timing is asserted). */
-async function until(done: () => boolean): Promise<void> {
-  for (let i = 0; i < 500 && !done(); i++) await sleep(20);
-}
 
 function readlinkOr(fd: number): string {
   try {
@@ -110,7 +113,13 @@ describe.skipIf(!mshot.ok)(`multishot receive engine${skipNote(env)}${mshot.ok ?
       }
     })();
     for (let i = 0; i < N; i++) await sendUdp(s, Buffer.alloc(1 + (i % 1400), i & 0xff), 20000 + i, PEER);
-    await Promise.race([reading, until(() => false)]);
+    // a bound for broken builds, cleared as soon as reading settles (its rejection is awaited below)
+    let timer: NodeJS.Timeout | undefined;
+    const bound = new Promise<void>((resolve) => (timer = setTimeout(resolve, 10_000)));
+    await Promise.race([reading.catch(() => undefined), bound]);
+    clearTimeout(timer);
+    expect(got.length, 'every frame read within 10 s').toBeGreaterThanOrEqual(N);
+    await reading;
     const after = getLink('ms0')!.stats!;
     expect(got).toEqual(Array.from({ length: N }, (_, i) => 20000 + i));
     expect(frames, 'every frame the kernel handed over, once').toBe(after.txPackets - before.txPackets);
@@ -269,13 +278,67 @@ describe.skipIf(!mshot.ok)(`multishot receive engine${skipNote(env)}${mshot.ok ?
     expect(maxLen).toBeLessThan(256);
   });
 
+  it('a batch stops at the receive byte budget (512 KiB) like the other engines; the rest comes in the next batches, each frame once, in order', async () => {
+    const tap = upTap('ms0', 1);
+    const io = openQueueIO(tap.queues[0]!, { engine: { rx: 'uring-mshot' }, batch: 1024 });
+    ios.push(io);
+    expect(io.tryRead(), 'arms the multishot').toBeUndefined();
+    const s = await sender();
+    const before = getLink('ms0')!.stats!;
+    const N = 450; // < txqueuelen (500); 450 x ~1442 bytes is ~630 KiB, over the budget
+    for (let i = 0; i < N; i++) await sendUdp(s, Buffer.alloc(1400, i & 0xff), 23000 + i, PEER);
+    await sleep(20);
+    const got: number[] = [];
+    const sizes: number[] = [];
+    for (;;) {
+      const b = io.tryRead();
+      if (!b) break;
+      let bytes = 0;
+      for (let i = 0; i < b.count; i++) bytes += b.rawLength(i);
+      sizes.push(bytes);
+      got.push(...ports(b));
+    }
+    const after = getLink('ms0')!.stats!;
+    expect(after.txPackets - before.txPackets).toBe(N);
+    expect(got).toEqual(Array.from({ length: N }, (_, i) => 23000 + i));
+    expect(sizes.length, `batches of ${sizes.join(', ')} bytes`).toBeGreaterThanOrEqual(2);
+    // a batch stops at the first frame that reaches the budget
+    for (const b of sizes) expect(b).toBeLessThan(512 * 1024 + 1600);
+    expect(io.stats().rx.drops).toBe(0);
+  });
+
+  it('the native engine refuses a blocking fd (the slab is written only inside rxRead on an O_NONBLOCK file), leaving no ring behind', () => {
+    const [a, b] = native.unixSocketPair(5) as [number, number]; // SOCK_SEQPACKET, O_NONBLOCK
+    const opts = { rx: 'uring-mshot' as const, tx: 'poll' as const, batch: 4, slotSize: 256, hdrLen: 0, rxDropErrnos: [], txDropErrnos: [] };
+    try {
+      const ioBefore = ioFds();
+      // non-blocking: accepted (the refusal below is about the flag, not the socket)
+      new native.QueueIo(a, opts, () => undefined).close();
+      native.setNonBlocking(a, false);
+      let err: unknown;
+      try {
+        new native.QueueIo(a, opts, () => undefined).close();
+      } catch (e) {
+        err = e;
+      }
+      expect(err).toBeInstanceOf(MqtapError);
+      expect(err).toMatchObject({ op: 'IO_URING_SETUP', syscall: 'fcntl', errno: EINVAL, ring: 'rx' });
+      expect(String((err as MqtapError).hint ?? (err as Error).message)).toMatch(/O_NONBLOCK/);
+      expect(ioFds(), 'no ring left open').toEqual(ioBefore);
+    } finally {
+      native.close(a);
+      native.close(b);
+    }
+  });
+
   it('close with the multishot armed leaves no fd and the queue detachable and closable at once', async () => {
     const tap = upTap('ms1', 3);
     const tapFds = [tap.queues[1]!.fd, tap.queues[2]!.fd];
     const namesBefore = openFds().map((fd) => `${fd}:${readlinkOr(fd)}`).filter((x) => !x.endsWith(':'));
     const ioBefore = ioFds();
-    const io1 = openQueueIO(tap.queues[1]!, { engine: { rx: 'uring-mshot' } });
-    const io2 = openQueueIO(tap.queues[2]!, { engine: { rx: 'uring-mshot' } });
+    const io1 = openQueueIO(tap.queues[1]!, { engine: { rx: 'uring-mshot', tx: 'uring' } });
+    const io2 = openQueueIO(tap.queues[2]!, { engine: { rx: 'uring-mshot', tx: 'uring' } });
+    expect(io1.engine).toMatchObject({ rx: 'uring-mshot', tx: 'uring' });
     expect(ioFds().length, 'two rx rings and two tx rings').toBe(ioBefore.length + 4);
     expect(io1.tryRead(), 'arms the multishot').toBeUndefined();
     expect(io2.tryRead()).toBeUndefined();
