@@ -978,6 +978,19 @@ static void prep_read_mshot(struct uring *u)
 	sqe->buf_group = MSHOT_BGID;
 }
 
+/* n one-shot RWF_NOWAIT reads from the provided-buffer ring, tagged `data`:
+ * each completes inside the io_uring_enter that submits it, or fails -EAGAIN. */
+static void prep_nowait_reads(struct uring *u, unsigned n, uint64_t data)
+{
+	for (unsigned i = 0; i < n; i++) {
+		struct io_uring_sqe *sqe = uring_sqe(u);
+		prep_rw(sqe, IORING_OP_READ, NULL, RX_BUF_SZ, data);
+		sqe->flags |= IOSQE_BUFFER_SELECT;
+		sqe->buf_group = MSHOT_BGID;
+		sqe->rw_flags = RWF_NOWAIT;
+	}
+}
+
 /*
  * The best read loop there is for a tap queue (Linux 6.7+): one
  * IORING_OP_READ_MULTISHOT on the registered fd, opened O_NONBLOCK before
@@ -1032,13 +1045,7 @@ static struct result run_uring_mshot(const struct opts *o, int fd)
 	while (total < o->frames && !timed_out) {
 		unsigned want = 1;
 		if (draining) {
-			for (unsigned i = 0; i < dbatch; i++) {
-				struct io_uring_sqe *sqe = uring_sqe(&u);
-				prep_rw(sqe, IORING_OP_READ, NULL, RX_BUF_SZ, 3);
-				sqe->flags |= IOSQE_BUFFER_SELECT;
-				sqe->buf_group = MSHOT_BGID;
-				sqe->rw_flags = RWF_NOWAIT;
-			}
+			prep_nowait_reads(&u, dbatch, 3);
 			want = dbatch;
 		}
 		ret = uring_enter(&u, want);
@@ -1151,13 +1158,7 @@ static struct result run_uring_batch(const struct opts *o, int fd)
 	while (total < o->frames && !timed_out) {
 		unsigned want = 1;
 		if (!polling) {
-			for (unsigned i = 0; i < batch; i++) {
-				struct io_uring_sqe *sqe = uring_sqe(&u);
-				prep_rw(sqe, IORING_OP_READ, NULL, RX_BUF_SZ, 1);
-				sqe->flags |= IOSQE_BUFFER_SELECT;
-				sqe->buf_group = MSHOT_BGID;
-				sqe->rw_flags = RWF_NOWAIT;
-			}
+			prep_nowait_reads(&u, batch, 1);
 			want = batch;
 		}
 		ret = uring_enter(&u, want);
