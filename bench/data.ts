@@ -412,7 +412,8 @@ interface WorkerJob {
   size: Size;
   frames: number;
   engine: IoEngine | 'auto';
-  batch: number;
+  /** Reads: the QueueIO's receive batch (undefined: the library's default). */
+  batch?: number;
   /** Writes: frames per writeBatch call (libraryWriteBatch). */
   writeBatch: number;
   slotSize?: number;
@@ -456,7 +457,7 @@ async function workerMain(job: WorkerJob): Promise<void> {
   let io: QueueIO | undefined;
   let res: WorkerResult;
   try {
-    io = openQueueIO(tap.queues[0]!, { engine: job.engine, batch: job.batch, ...(job.slotSize ? { slotSize: job.slotSize } : {}) });
+    io = openQueueIO(tap.queues[0]!, { engine: job.engine, ...(job.batch ? { batch: job.batch } : {}), ...(job.slotSize ? { slotSize: job.slotSize } : {}) });
     res = await measure(job, io, port);
   } finally {
     io?.close();
@@ -489,13 +490,13 @@ async function measure(job: WorkerJob, io: QueueIO, port: NonNullable<typeof par
     const distinct: Buffer[] = Array.from({ length: job.writeBatch }, () => Buffer.from(frame));
     const packed = Buffer.concat(batch);
     const lengths = new Uint32Array(job.writeBatch).fill(frame.length);
-    // JIT warm-up, as the C program (compiled) never needs.
-    for (let i = 0; i < 200; i++) {
-      await io.writePacked(packed, lengths, { withHeader: true });
-      await io.writeBatch(distinct, { withHeader: true });
-      await io.writeBatch(batch, { withHeader: true });
-    }
+    // JIT warm-up, as the C program (compiled) never needs: ~256 k frames of
+    // the measured call alone, so its type feedback is what an application
+    // writing one kind of batch gives V8 (interleaving the three kinds made the
+    // first measurement run on code still being re-optimized: +3-5% CPU/frame).
+    for (let i = 0; i < 1000; i++) await io.writeBatch(batch, { withHeader: true });
     const side = async (write: () => Promise<unknown>): Promise<{ pps: number; cpuUsPerFrame: number }> => {
+      for (let i = 0; i < 200; i++) await write();
       const a = io.stats().tx;
       const c = threadCpu();
       const t = performance.now();
@@ -551,7 +552,7 @@ async function runLibrary(dir: Dir, size: Size, queues: number, frames: number, 
     const done: Array<Promise<WorkerResult>> = [];
     for (let q = 0; q < queues; q++) {
       const cpu = workerCpu(pin, q);
-      const w = new Worker(__filename, { workerData: { dir, size, frames, engine, batch: tune.batch ?? 64, writeBatch: libraryWriteBatch(tune), flow: q, ...(tune.slotSize ? { slotSize: tune.slotSize } : {}), ...(cpu !== undefined ? { cpu } : {}) } satisfies WorkerJob });
+      const w = new Worker(__filename, { workerData: { dir, size, frames, engine, ...(tune.batch ? { batch: tune.batch } : {}), writeBatch: libraryWriteBatch(tune), flow: q, ...(tune.slotSize ? { slotSize: tune.slotSize } : {}), ...(cpu !== undefined ? { cpu } : {}) } satisfies WorkerJob });
       workers.push(w);
       ready.push(
         new Promise((resolve, reject) => {

@@ -116,7 +116,7 @@ async function data(): Promise<void> {
     engines,
     frames,
     tune: {
-      batch: Number(arg('batch', '64')),
+      ...(arg('batch', '') ? { batch: Number(arg('batch', '')) } : {}),
       ...(arg('write-batch', '') ? { writeBatch: Number(arg('write-batch', '')) } : {}),
       ...(arg('slot-size', '') ? { slotSize: Number(arg('slot-size', '')) } : {}),
     },

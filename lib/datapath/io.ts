@@ -106,7 +106,11 @@ export interface QueueIOOptions {
    * chooses per direction.
    */
   engine?: IoEngine | 'auto' | { rx?: IoEngine | 'auto'; tx?: TxEngine | 'auto' };
-  /** Most frames per receive batch (slots in the slab), 1..1024.  Default 64. */
+  /**
+   * Most frames per receive batch (slots in the slab), 1..1024.  Default
+   * ({@link defaultBatch}): 256 when a slot fits in a page (MTU-sized
+   * frames), else 64 (64 KB slots for GSO frames: a 4 MB slab at most).
+   */
   batch?: number;
   /**
    * Bytes per slot, header included.  Default ({@link defaultSlotSize}): the
@@ -118,7 +122,10 @@ export interface QueueIOOptions {
    * counted as an rx drop and in rx.truncated: it may have been cut short.
    */
   slotSize?: number;
-  /** Batches read back to back before yielding to the event loop.  Default 16. */
+  /**
+   * Batches read back to back before yielding to the event loop.  Default:
+   * as many as make 1024 frames (4 batches of 256, 16 of 64).
+   */
   yieldEvery?: number;
   /** Where engine decisions are logged (each fallback once per logger, with its reason; io_uring failing).  Default: silent. */
   logger?: Logger;
@@ -500,9 +507,9 @@ function logOnce(logger: Logger, key: string, log: () => void): void {
 interface IoPlan {
   rx: IoEngine | 'auto';
   tx: TxEngine | 'auto';
-  batch: number;
+  batch: number | undefined;
   slotSize: number | undefined;
-  yieldEvery: number;
+  yieldEvery: number | undefined;
   logger: Logger;
 }
 
@@ -525,9 +532,9 @@ function planIo(opts: QueueIOOptions): IoPlan {
   return {
     rx,
     tx,
-    batch: opts.batch === undefined ? 64 : int(opts.batch, 'batch', 1, IOC.MAX_BATCH),
+    batch: opts.batch === undefined ? undefined : int(opts.batch, 'batch', 1, IOC.MAX_BATCH),
     slotSize: opts.slotSize === undefined ? undefined : int(opts.slotSize, 'slotSize', 128, 1 << 20),
-    yieldEvery: opts.yieldEvery === undefined ? 16 : int(opts.yieldEvery, 'yieldEvery', 1, 1 << 20),
+    yieldEvery: opts.yieldEvery === undefined ? undefined : int(opts.yieldEvery, 'yieldEvery', 1, 1 << 20),
     logger: opts.logger ?? silentLogger,
   };
 }
@@ -582,10 +589,10 @@ export class QueueIO implements AsyncIterable<FrameBatch> {
     this.queue = init.queue;
     this.#ifname = init.ifname;
     this.hdrLen = init.hdrLen;
-    this.batchSize = plan.batch;
     this.slotSize = plan.slotSize ?? init.defaultSlot ?? gsoSlotSize(init.hdrLen);
     if (this.slotSize <= this.hdrLen + 14) throw invalidArg(`slotSize ${this.slotSize} cannot hold a frame after a ${this.hdrLen}-byte header`);
-    this.#yieldEvery = plan.yieldEvery;
+    this.batchSize = plan.batch ?? defaultBatch(this.slotSize);
+    this.#yieldEvery = plan.yieldEvery ?? Math.max(1, Math.ceil(1024 / this.batchSize));
     // Non-blocking for as long as this QueueIO lives (the flag is per open
     // file).  Read before uv_poll_init, which sets it.
     this.#restoreNonBlock = (native.getFlFlags(fd) & native.constants.O_NONBLOCK) === 0;
@@ -1250,6 +1257,19 @@ const GSO_OFFLOADS = (): number => K.TUN_F_TSO4 | K.TUN_F_TSO6 | K.TUN_F_UFO | T
 /** A slot for any frame a tap hands out, 64 KiB GSO frames included: header + 65,535 + 14 + 1, in 64-byte units. */
 function gsoSlotSize(hdrLen: number): number {
   return Math.ceil((hdrLen + 65550) / 64) * 64;
+}
+
+/**
+ * Frames per receive batch when `batch` is not given: 256 when a slot fits in
+ * a page (4096 bytes: MTU-sized frames), else 64.  Per batch, JavaScript pays
+ * a promise, a FrameBatch and a call into the addon (~3-4 us on a 2-vCPU
+ * EPYC); at 64 frames of 60 bytes that was ~0.05 us of a ~0.7 us frame
+ * (0.90x of the best C loop), at 256 it is lost in the noise (issue 12,
+ * docs/performance.md).  Slots bigger than a page (64 KB for GSO frames)
+ * keep 64: the slab stays at 4 MB, and such frames cost microseconds each.
+ */
+export function defaultBatch(slotSize: number): number {
+  return slotSize <= 4096 ? 256 : 64;
 }
 
 /**

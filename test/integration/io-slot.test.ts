@@ -7,6 +7,9 @@
  *   - with TSO (openTap's offloads, applyOffloads) or offloads unknown (a
  *     device this process did not create): 64 KiB + header;
  *   - an explicit slotSize wins;
+ *   - the default receive batch follows the slot (defaultBatch): 256 for
+ *     page-sized slots (a 200-frame backlog arrives in one batch), 64 for
+ *     64 KiB ones; an explicit batch wins;
  *   - the MTU raised after the QueueIO opened: a frame longer than the slot
  *     is a truncated drop (rx.truncated and rx.drops, logged with reason
  *     EMSGSIZE), the frames around it are delivered; with every engine the
@@ -112,6 +115,38 @@ describe.skipIf(!env.ok)(`default receive slot size${skipNote(env)}`, () => {
     expect(again.offloads).toBeUndefined();
     expect(open(again).slotSize).toBe(GSO_SLOT_12);
   });
+
+  for (const engine of engines) {
+    it(`default batch (${engine}): 256 frames for page-sized slots (a 200-frame backlog is one batch), 64 for 64 KiB slots; an explicit batch wins`, async () => {
+      const eng = engine === 'uring-mshot' ? { rx: 'uring-mshot' as const } : engine;
+      const tap = upTap('sl4');
+      const io = open(tap, { engine: eng });
+      expect(io.slotSize).toBe(1536);
+      expect(io.batchSize).toBe(256);
+      const s = await bindUdp(LOCAL);
+      sockets.push(s);
+      for (let i = 0; i < 200; i++) await sendUdp(s, Buffer.from([i]), 31000 + i, PEER);
+      await sleep(20);
+      const counts: number[] = [];
+      let got = 0;
+      for (let i = 0; i < 100 && got < 200; i++) {
+        const b = io.tryRead();
+        if (!b) {
+          await sleep(10);
+          continue;
+        }
+        let mine = 0;
+        for (let j = 0; j < b.count; j++) if (parseUdp4Frame(b.frame(j))?.dstIp === PEER) mine++;
+        counts.push(b.count);
+        got += mine;
+      }
+      expect(got).toBe(200);
+      expect(Math.max(...counts), `batches ${counts.join(',')}`).toBeGreaterThan(64);
+      expect(open(upTap('sl5', { tso: true }), { engine: eng }).batchSize, '64 KiB slots').toBe(64);
+      io.close();
+      expect(open(tap, { engine: eng, batch: 32 }).batchSize).toBe(32);
+    });
+  }
 
   for (const engine of engines) {
     it(`MTU raised after the QueueIO opened (${engine}): a frame longer than the slot is a truncated drop, named EMSGSIZE; the others are delivered`, async () => {
