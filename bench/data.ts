@@ -647,12 +647,17 @@ export async function runDataBench(o: DataBenchOptions): Promise<{ results: Data
   const all = new Map<string, DataRun[]>();
   try {
     for (const dir of o.dirs) {
+      // The library runs right next to the best C loop in every repeat (this
+      // order, then reversed): the ratio that matters most is paired across
+      // seconds, not across the slow plain loop.  This shared VM changes speed
+      // by up to 2x every few seconds; runs further apart land in different
+      // speeds more often.
       const impls: Array<{ impl: Impl; engine?: IoEngine | 'auto' }> = [
-        ...o.engines.map((engine) => ({ impl: 'library' as const, engine })),
         { impl: 'c-plain' },
         ...(p.uring ? [{ impl: 'c-uring' as const }] : []),
-        ...(p.best[dir] ? [{ impl: 'c-best' as const }] : []),
         ...(p.best[dir] && dir === 'read' ? [{ impl: 'c-batch' as const }] : []),
+        ...(p.best[dir] ? [{ impl: 'c-best' as const }] : []),
+        ...o.engines.map((engine) => ({ impl: 'library' as const, engine })),
       ];
       for (const size of o.sizes) {
         for (const queues of o.queues) {
