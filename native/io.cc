@@ -258,7 +258,7 @@ class QueueIo : public Napi::ObjectWrap<QueueIo> {
     if (rx_pending_errno_ != 0) {
       int err = rx_pending_errno_;
       rx_pending_errno_ = 0;
-      ThrowSys(env, "READ", RxErrSyscall(), err);
+      ThrowSys(env, "READ", kRxErrSyscall, err);
     }
     if (rx_eof_) return Napi::Number::New(env, -1);
     // The ring failed (ST_RING_ERRNO, e.g. set by a txWrite that threw) and
@@ -273,16 +273,16 @@ class QueueIo : public Napi::ObjectWrap<QueueIo> {
     if (got == 0 && rx_pending_errno_ != 0) {
       int err = rx_pending_errno_;
       rx_pending_errno_ = 0;
-      ThrowSys(env, "READ", RxErrSyscall(), err);
+      ThrowSys(env, "READ", kRxErrSyscall, err);
     }
     return Napi::Number::New(env, got);
   }
 
   // The syscall named in a read's error: rx_pending_errno_ is the result of
-  // the read itself (read(2), or a READ op's completion), never of
-  // io_uring_enter (that one is ST_RING_ERRNO, lib/ decides).  The multishot
-  // path keeps its old name until its rework lands.
-  const char* RxErrSyscall() const { return rx_mshot_ ? "io_uring_enter" : "read"; }
+  // the read itself (read(2), or the completion of a READ or
+  // READ_MULTISHOT op), never of io_uring_enter (that one is ST_RING_ERRNO,
+  // lib/ decides), so every engine names it "read".
+  static constexpr const char* kRxErrSyscall = "read";
 
   // One read result for slot `slot`: true when it produced a frame.
   bool RxResult(unsigned slot, ssize_t n, unsigned* got) {

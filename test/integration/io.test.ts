@@ -334,8 +334,8 @@ describe.skipIf(!env.ok)(`queue I/O on taps${skipNote(env)}`, () => {
       expect(err).toBeInstanceOf(MqtapError);
       expect(err.code).toBe('EBADFD');
       expect(err.ifname).toBe('io0');
-      // The read's own failure (read(2) or a READ op's completion), not io_uring_enter.
-      if (engine !== 'uring-mshot') expect(err.syscall).toBe('read');
+      // The read's own failure (read(2), a READ or READ_MULTISHOT op's completion), not io_uring_enter.
+      expect(err.syscall).toBe('read');
     });
 
     it('a frame longer than a slot is counted as a drop, not delivered cut short', async () => {
