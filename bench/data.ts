@@ -457,7 +457,7 @@ async function workerMain(job: WorkerJob): Promise<void> {
   let io: QueueIO | undefined;
   let res: WorkerResult;
   try {
-    io = openQueueIO(tap.queues[0]!, { engine: job.engine, ...(job.batch ? { batch: job.batch } : {}), ...(job.slotSize ? { slotSize: job.slotSize } : {}) });
+    io = openQueueIO(tap.queues[0]!, { engine: job.engine, ...(job.batch !== undefined ? { batch: job.batch } : {}), ...(job.slotSize ? { slotSize: job.slotSize } : {}) });
     res = await measure(job, io, port);
   } finally {
     io?.close();
@@ -490,13 +490,15 @@ async function measure(job: WorkerJob, io: QueueIO, port: NonNullable<typeof par
     const distinct: Buffer[] = Array.from({ length: job.writeBatch }, () => Buffer.from(frame));
     const packed = Buffer.concat(batch);
     const lengths = new Uint32Array(job.writeBatch).fill(frame.length);
-    // JIT warm-up, as the C program (compiled) never needs: ~256 k frames of
-    // the measured call alone, so its type feedback is what an application
-    // writing one kind of batch gives V8 (interleaving the three kinds made the
-    // first measurement run on code still being re-optimized: +3-5% CPU/frame).
-    for (let i = 0; i < 1000; i++) await io.writeBatch(batch, { withHeader: true });
+    // JIT warm-up, as the C program (compiled) never needs: up to 1000 calls
+    // (no more frames than are measured) of the measured call alone, so its
+    // type feedback is what an application writing one kind of batch gives V8
+    // (interleaving the three kinds made the first measurement run on code
+    // still being re-optimized: +3-5% CPU/frame).
+    const calls = (most: number, frames: number): number => Math.min(most, Math.ceil(frames / job.writeBatch));
+    for (let i = 0; i < calls(1000, job.frames); i++) await io.writeBatch(batch, { withHeader: true });
     const side = async (write: () => Promise<unknown>): Promise<{ pps: number; cpuUsPerFrame: number }> => {
-      for (let i = 0; i < 200; i++) await write();
+      for (let i = 0; i < calls(200, job.frames / 2); i++) await write();
       const a = io.stats().tx;
       const c = threadCpu();
       const t = performance.now();
@@ -539,7 +541,9 @@ async function measure(job: WorkerJob, io: QueueIO, port: NonNullable<typeof par
     seconds = (performance.now() - t0) / 1000;
     cpu = threadCpu() - c0;
   }
-  const engine = `${io.engine.rx}/${io.engine.tx}`;
+  // The engines, and the receive batch and slot the library chose (a tap this worker did not
+  // create has unknown offloads: 64 KiB slots; the bench's tap has TSO on anyway).
+  const engine = `${io.engine.rx}/${io.engine.tx}${job.dir === 'read' ? ` batch ${io.batchSize} x ${io.slotSize} B` : ''}`;
   return { pps: frames / seconds, gbps: gbps(bytes, seconds), cpuUsPerFrame: (cpu * 1e6) / Math.max(1, frames), frames, engine, ...(packedRes ? { packed: packedRes } : {}), ...(distinctRes ? { distinct: distinctRes } : {}) };
 }
 
@@ -552,7 +556,7 @@ async function runLibrary(dir: Dir, size: Size, queues: number, frames: number, 
     const done: Array<Promise<WorkerResult>> = [];
     for (let q = 0; q < queues; q++) {
       const cpu = workerCpu(pin, q);
-      const w = new Worker(__filename, { workerData: { dir, size, frames, engine, ...(tune.batch ? { batch: tune.batch } : {}), writeBatch: libraryWriteBatch(tune), flow: q, ...(tune.slotSize ? { slotSize: tune.slotSize } : {}), ...(cpu !== undefined ? { cpu } : {}) } satisfies WorkerJob });
+      const w = new Worker(__filename, { workerData: { dir, size, frames, engine, ...(tune.batch !== undefined ? { batch: tune.batch } : {}), writeBatch: libraryWriteBatch(tune), flow: q, ...(tune.slotSize ? { slotSize: tune.slotSize } : {}), ...(cpu !== undefined ? { cpu } : {}) } satisfies WorkerJob });
       workers.push(w);
       ready.push(
         new Promise((resolve, reject) => {
@@ -647,9 +651,10 @@ export async function runDataBench(o: DataBenchOptions): Promise<{ results: Data
   const all = new Map<string, DataRun[]>();
   try {
     for (const dir of o.dirs) {
-      // The library runs right next to the best C loop in every repeat (this
-      // order, then reversed): the ratio that matters most is paired across
-      // seconds, not across the slow plain loop.  This shared VM changes speed
+      // The (first) library engine runs right next to the best C loop in every
+      // repeat (this order, then reversed): the ratio that matters most is
+      // paired across seconds, not across the slow plain loop (with --quiet,
+      // the wait for a quiet machine comes in between).  This shared VM changes speed
       // by up to 2x every few seconds; runs further apart land in different
       // speeds more often.
       const impls: Array<{ impl: Impl; engine?: IoEngine | 'auto' }> = [

@@ -116,7 +116,7 @@ async function data(): Promise<void> {
     engines,
     frames,
     tune: {
-      ...(arg('batch', '') ? { batch: Number(arg('batch', '')) } : {}),
+      ...(arg('batch', '') !== '' ? { batch: Number(arg('batch', '')) } : {}), // openQueueIO refuses what is not 1..1024
       ...(arg('write-batch', '') ? { writeBatch: Number(arg('write-batch', '')) } : {}),
       ...(arg('slot-size', '') ? { slotSize: Number(arg('slot-size', '')) } : {}),
     },

@@ -107,9 +107,8 @@ export interface QueueIOOptions {
    */
   engine?: IoEngine | 'auto' | { rx?: IoEngine | 'auto'; tx?: TxEngine | 'auto' };
   /**
-   * Most frames per receive batch (slots in the slab), 1..1024.  Default
-   * ({@link defaultBatch}): 256 when a slot fits in a page (MTU-sized
-   * frames), else 64 (64 KB slots for GSO frames: a 4 MB slab at most).
+   * Most frames per receive batch (slots in the slab), 1..1024.  Default:
+   * 256 (64 for slots over 128 KiB).
    */
   batch?: number;
   /**
@@ -124,7 +123,7 @@ export interface QueueIOOptions {
   slotSize?: number;
   /**
    * Batches read back to back before yielding to the event loop.  Default:
-   * as many as make 1024 frames (4 batches of 256, 16 of 64).
+   * 16 batches or 1024 frames, whichever comes first (4 full batches of 256).
    */
   yieldEvery?: number;
   /** Where engine decisions are logged (each fallback once per logger, with its reason; io_uring failing).  Default: silent. */
@@ -574,6 +573,9 @@ export class QueueIO implements AsyncIterable<FrameBatch> {
   #rxArmed = false;
   #pollRefd = true;
   #syncRuns = 0;
+  /** Frames returned since the last turn of the event loop (the default yield also stops at YIELD_FRAMES). */
+  #syncFrames = 0;
+  readonly #yieldFrames: number;
   #pollEvents = 0;
   readonly #tx: TxJob[] = [];
   #txWaiting = false;
@@ -592,7 +594,8 @@ export class QueueIO implements AsyncIterable<FrameBatch> {
     this.slotSize = plan.slotSize ?? init.defaultSlot ?? gsoSlotSize(init.hdrLen);
     if (this.slotSize <= this.hdrLen + 14) throw invalidArg(`slotSize ${this.slotSize} cannot hold a frame after a ${this.hdrLen}-byte header`);
     this.batchSize = plan.batch ?? defaultBatch(this.slotSize);
-    this.#yieldEvery = plan.yieldEvery ?? Math.max(1, Math.ceil(1024 / this.batchSize));
+    this.#yieldEvery = plan.yieldEvery ?? 16;
+    this.#yieldFrames = plan.yieldEvery === undefined ? YIELD_FRAMES : Infinity;
     // Non-blocking for as long as this QueueIO lives (the flag is per open
     // file).  Read before uv_poll_init, which sets it.
     this.#restoreNonBlock = (native.getFlFlags(fd) & native.constants.O_NONBLOCK) === 0;
@@ -856,8 +859,9 @@ export class QueueIO implements AsyncIterable<FrameBatch> {
     try {
       for (;;) {
         if (this.#closed || it.ended) return DONE;
-        if (this.#syncRuns >= this.#yieldEvery) {
+        if (this.#syncRuns >= this.#yieldEvery || this.#syncFrames >= this.#yieldFrames) {
           this.#syncRuns = 0;
+          this.#syncFrames = 0;
           await immediate();
           continue;
         }
@@ -876,9 +880,11 @@ export class QueueIO implements AsyncIterable<FrameBatch> {
         }
         if (b) {
           this.#syncRuns++;
+          this.#syncFrames += b.count;
           return { done: false, value: b };
         }
         this.#syncRuns = 0;
+        this.#syncFrames = 0;
         this.#counters[C.RX_WAITS]! += 1;
         await new Promise<void>((resolve) => {
           this.#rxWaiter = resolve;
@@ -1259,17 +1265,21 @@ function gsoSlotSize(hdrLen: number): number {
   return Math.ceil((hdrLen + 65550) / 64) * 64;
 }
 
+/** Frames read back to back before the event loop gets a turn, when yieldEvery is not given. */
+const YIELD_FRAMES = 1024;
+
 /**
- * Frames per receive batch when `batch` is not given: 256 when a slot fits in
- * a page (4096 bytes: MTU-sized frames), else 64.  Per batch, JavaScript pays
- * a promise, a FrameBatch and a call into the addon (~3-4 us on a 2-vCPU
- * EPYC); at 64 frames of 60 bytes that was ~0.05 us of a ~0.7 us frame
- * (0.90x of the best C loop), at 256 it is lost in the noise (issue 12,
- * docs/performance.md).  Slots bigger than a page (64 KB for GSO frames)
- * keep 64: the slab stays at 4 MB, and such frames cost microseconds each.
+ * Frames per receive batch when `batch` is not given: 256 for any slot up to
+ * 128 KiB (every default slot, the 64 KiB GSO one included), else 64.  Per
+ * batch, JavaScript pays a promise, a FrameBatch and a call into the addon
+ * with its io_uring_enter (~2.5 us on a 2-vCPU EPYC); at 64 frames that
+ * was ~0.04 us of a 0.45-0.8 us 60-byte frame, at 256 it is a quarter of
+ * that (issue 12, docs/datapath.md "The default batch").  The slab is
+ * committed lazily: 256 slots of 64 KiB are 16 MiB of address space, and
+ * resident only where frames were written (a page per small frame).
  */
 export function defaultBatch(slotSize: number): number {
-  return slotSize <= 4096 ? 256 : 64;
+  return slotSize <= 128 * 1024 ? 256 : 64;
 }
 
 /**

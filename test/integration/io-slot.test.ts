@@ -7,9 +7,9 @@
  *   - with TSO (openTap's offloads, applyOffloads) or offloads unknown (a
  *     device this process did not create): 64 KiB + header;
  *   - an explicit slotSize wins;
- *   - the default receive batch follows the slot (defaultBatch): 256 for
- *     page-sized slots (a 200-frame backlog arrives in one batch), 64 for
- *     64 KiB ones; an explicit batch wins;
+ *   - the default receive batch (defaultBatch): 256 for every default slot,
+ *     64 KiB ones included (a 400-frame backlog comes in batches of more
+ *     than 64), 64 for slots over 128 KiB; an explicit batch wins;
  *   - the MTU raised after the QueueIO opened: a frame longer than the slot
  *     is a truncated drop (rx.truncated and rx.drops, logged with reason
  *     EMSGSIZE), the frames around it are delivered; with every engine the
@@ -55,8 +55,8 @@ describe.skipIf(!env.ok)(`default receive slot size${skipNote(env)}`, () => {
     for (const s of sockets.splice(0)) s.close();
   });
 
-  function upTap(name: string, opts: { tso?: boolean } = {}): Tap {
-    const tap = track(openTap({ name, vnetHdrSize: 12, ...(opts.tso ? { offloads: { csum: true, tso4: true, tso6: true } } : {}) }));
+  function upTap(name: string, opts: { tso?: boolean; txQueueLen?: number } = {}): Tap {
+    const tap = track(openTap({ name, vnetHdrSize: 12, ...(opts.tso ? { offloads: { csum: true, tso4: true, tso6: true } } : {}), ...(opts.txQueueLen ? { txQueueLen: opts.txQueueLen } : {}) }));
     run('ip', ['addr', 'add', `${LOCAL}/24`, 'dev', name]);
     run('ip', ['link', 'set', 'dev', name, 'up']);
     run('ip', ['neigh', 'replace', PEER, 'lladdr', PEER_MAC, 'dev', name, 'nud', 'permanent']);
@@ -117,19 +117,20 @@ describe.skipIf(!env.ok)(`default receive slot size${skipNote(env)}`, () => {
   });
 
   for (const engine of engines) {
-    it(`default batch (${engine}): 256 frames for page-sized slots (a 200-frame backlog is one batch), 64 for 64 KiB slots; an explicit batch wins`, async () => {
+    it(`default batch (${engine}): 256 frames for every default slot (a 400-frame backlog comes in batches over 64), 64 for slots over 128 KiB; an explicit batch wins`, async () => {
       const eng = engine === 'uring-mshot' ? { rx: 'uring-mshot' as const } : engine;
-      const tap = upTap('sl4');
+      const tap = upTap('sl4', { txQueueLen: 1000 }); // holds the whole backlog whatever the kernel's default
       const io = open(tap, { engine: eng });
       expect(io.slotSize).toBe(1536);
       expect(io.batchSize).toBe(256);
       const s = await bindUdp(LOCAL);
       sockets.push(s);
-      for (let i = 0; i < 200; i++) await sendUdp(s, Buffer.from([i]), 31000 + i, PEER);
+      // 400: the uring engine's reads ramp up (8, 16, 32, ...), so its batches pass 64 only after ~120 frames.
+      for (let i = 0; i < 400; i++) await sendUdp(s, Buffer.from([i & 0xff]), 31000 + i, PEER);
       await sleep(20);
       const counts: number[] = [];
       let got = 0;
-      for (let i = 0; i < 100 && got < 200; i++) {
+      for (let i = 0; i < 100 && got < 400; i++) {
         const b = io.tryRead();
         if (!b) {
           await sleep(10);
@@ -140,10 +141,14 @@ describe.skipIf(!env.ok)(`default receive slot size${skipNote(env)}`, () => {
         counts.push(b.count);
         got += mine;
       }
-      expect(got).toBe(200);
+      expect(got).toBe(400);
       expect(Math.max(...counts), `batches ${counts.join(',')}`).toBeGreaterThan(64);
-      expect(open(upTap('sl5', { tso: true }), { engine: eng }).batchSize, '64 KiB slots').toBe(64);
+      const gso = open(upTap('sl5', { tso: true }), { engine: eng });
+      expect(gso.slotSize).toBe(GSO_SLOT_12);
+      expect(gso.batchSize, '64 KiB slots').toBe(256);
       io.close();
+      expect(open(tap, { engine: eng, slotSize: 256 * 1024 }).batchSize, 'slots over 128 KiB').toBe(64);
+      ios.pop()!.close();
       expect(open(tap, { engine: eng, batch: 32 }).batchSize).toBe(32);
     });
   }
