@@ -21,7 +21,8 @@
  * accessor throws ERR_BATCH_RELEASED.  Copy what you keep (`batch.copy()`).
  * When nothing is waiting the queue waits for POLLIN on the event loop; while
  * frames keep coming it reads without going through epoll, yielding to the
- * event loop every `yieldEvery` batches so timers and other I/O still run.
+ * event loop every `yieldEvery` batches (by default 16 batches or 1024
+ * frames, whichever comes first) so timers and other I/O still run.
  * When the consumer is slower than the kernel, the kernel's ring for the
  * queue (txqueuelen frames) fills and the kernel drops and counts
  * (`tx_dropped` of the device); the library never drops a frame it read.
