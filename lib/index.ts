@@ -104,7 +104,7 @@ export {
   type LaunchedQemu,
   type QemuNetdevOptions,
 } from './qemu/qemu';
-export { openQueueIO, openTapIO, openFdIO, QueueIO, FrameBatch, totalStats, setSendBuffer, getSendBuffer, applyOffloads, defaultEngines, ioCapabilities, TUN_F, ERR_BATCH_RELEASED, type IoEngine, type TxEngine, type IoCapabilities, type EngineFallback, type QueueIOOptions, type QueueIOStats, type DirectionStats, type WriteResult, type WriteOptions, type OffloadRequest, type OffloadResult } from './datapath/io';
+export { openQueueIO, openTapIO, openFdIO, QueueIO, FrameBatch, totalStats, setSendBuffer, getSendBuffer, applyOffloads, defaultEngines, ioCapabilities, defaultSlotSize, defaultBatch, TUN_F, ERR_BATCH_RELEASED, type IoEngine, type TxEngine, type IoCapabilities, type EngineFallback, type QueueIOOptions, type QueueIOStats, type DirectionStats, type WriteResult, type WriteOptions, type OffloadRequest, type OffloadResult } from './datapath/io';
 export { rssProgram, constantProgram, randomProgram, cpuProgram, queueCountProgram, QUEUE_COUNT_ENTRIES, QUEUE_COUNT_VALUE_SIZE, steeringQueue, rssInput, loadProgram, testRunProgram, attachSteering, detachSteering, Steering, encodeInsns, BPF, type BpfProgram, type BpfInsn, type RssConfig, type LoadedProgram, type VerifierError } from './datapath/bpf';
 export {
   openQueueStats,

@@ -132,3 +132,14 @@ describe("'auto' engine choice by capability", () => {
     expect(mshotMissingReason() === '').toBe(picked);
   });
 });
+
+describe('defaultBatch (the receive batch when openQueueIO is not given one)', () => {
+  it('256 for every default slot (MTU-sized, 64 KiB GSO) up to 128 KiB, 64 above; exported from the package root', async () => {
+    const { defaultBatch } = await import('../../lib/index.js');
+    expect(defaultBatch(1536)).toBe(256);
+    expect(defaultBatch(65_600)).toBe(256);
+    expect(defaultBatch(128 * 1024)).toBe(256);
+    expect(defaultBatch(128 * 1024 + 1)).toBe(64);
+    expect(defaultBatch(1 << 20)).toBe(64);
+  });
+});
