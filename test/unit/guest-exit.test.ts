@@ -3,10 +3,13 @@
  * resultsDir/exitcode, or, when that file is missing, empty or garbled, from
  * the `mqtap-guest: exit=N` line vm/init.sh prints on the console right
  * after writing it.  test/vm/guest.test.ts does the same with a real guest
- * whose exitcode cannot be written.
+ * whose exitcode cannot be written.  silentGuestReset (test/vm/harness.ts):
+ * which failed outer guests runNestedKvmGuest runs once more.
  */
 import { describe, expect, it } from 'vitest';
 import { guestExitStatus } from '../../lib/qemu/guest';
+import type { RunInGuestResult } from '../../lib/qemu/guest';
+import { silentGuestReset } from '../vm/harness';
 
 const CONSOLE = '[    1.234] virtio_net virtio0 eth0: renamed\nmqtap-guest: exit=0\n[    2.000] reboot: Power down\n';
 
@@ -30,5 +33,25 @@ describe('guestExitStatus', () => {
   it('is null with what the file held when neither says anything', () => {
     expect(guestExitStatus(undefined, '')).toEqual({ code: null, from: null, file: 'missing' });
     expect(guestExitStatus('oops\n', 'Kernel panic\n')).toEqual({ code: null, from: null, file: '"oops"' });
+  });
+});
+
+describe('silentGuestReset (runNestedKvmGuest retries only this)', () => {
+  const result = (over: Partial<RunInGuestResult> = {}): RunInGuestResult => ({ exitCode: null, exitCodeFrom: null, stdout: '', stderr: '', console: '[   25.6] kvm [291]: vcpu0, guest rIP: 0xffffffff8107e744 Unhandled WRMSR(0xc0010007) = 0xffff\n', durationMs: 43_000, timedOut: false, qemuStderr: '', ...over });
+  const err = (msg: string, r: RunInGuestResult | undefined): Error => Object.assign(new Error(msg), r ? { result: r } : {});
+  const NO_EXIT = 'runInGuest(["node"]): the guest reported no exit code (exitcode file: missing; no "mqtap-guest: exit=N" on the console; QEMU exit status 0)';
+
+  it('QEMU exited 0 with no exit code and no panic/oops on the console: a reset, retried', () => {
+    expect(silentGuestReset(err(NO_EXIT, result()))).toBe(true);
+  });
+  it('not retried: a panic or oops on the console, a timeout, a QEMU error status or signal, init failing, an exit code, no result', () => {
+    expect(silentGuestReset(err(NO_EXIT, result({ console: 'Kernel panic - not syncing: Fatal exception\n' })))).toBe(false);
+    expect(silentGuestReset(err(NO_EXIT, result({ console: 'BUG: kernel NULL pointer dereference\n' })))).toBe(false);
+    expect(silentGuestReset(err(NO_EXIT, result({ timedOut: true })))).toBe(false);
+    expect(silentGuestReset(err(NO_EXIT.replace('exit status 0', 'exit status 1'), result()))).toBe(false);
+    expect(silentGuestReset(err(NO_EXIT.replace('exit status 0', 'signal SIGKILL'), result()))).toBe(false);
+    expect(silentGuestReset(err('runInGuest(["node"]): guest init failed: no /mnt/results', result()))).toBe(false);
+    expect(silentGuestReset(err(NO_EXIT, result({ exitCode: 1 })))).toBe(false);
+    expect(silentGuestReset(err(NO_EXIT, undefined))).toBe(false);
   });
 });

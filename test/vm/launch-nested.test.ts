@@ -24,7 +24,7 @@
  * MQTAP_E2E_NESTED=1 (`npm run test:e2e:nested`; CI runs it once).
  */
 import { beforeAll, describe, expect, it } from 'vitest';
-import { ensureGuestImage, runInGuest, vmAvailable, type GuestImage, type RunInGuestResult } from './harness.js';
+import { ensureGuestImage, runNestedKvmGuest, vmAvailable, type GuestImage, type RunInGuestResult } from './harness.js';
 
 const enabled = process.env.MQTAP_E2E_NESTED === '1';
 const vm = enabled ? vmAvailable() : { ok: false as const, reason: 'set MQTAP_E2E_NESTED=1 to run it (npm run test:e2e:nested; ~2 minutes)' };
@@ -42,7 +42,7 @@ describe.skipIf(!vm.ok)(`mqtap launch --vhost on, nested in the vhost-capable gu
 
   beforeAll(async () => {
     const image: GuestImage = await ensureGuestImage();
-    run = await runInGuest({
+    run = await runNestedKvmGuest({
       cmd: ['node', 'test/vm/scripts/launch-nested.js'],
       env: { MQTAP_VM_CACHE: image.cacheDir },
       // kvm_amd: QEMU's TCG emulates AMD SVM (-cpu max), so the inner QEMU can use KVM and its guest

@@ -42,7 +42,7 @@ import { getTap, listTaps } from '../../lib/tap/links';
 import { deleteTap } from '../../lib/tap/tap';
 import { CLI, runCli } from '../helpers/cli';
 import { tapEnv } from '../helpers/env';
-import { REPO_ROOT, bootMqGuest, ensureGuestImage, hostPing, qemuBinary, runInGuest, vmAvailable, type MqGuestBoot, type PingResult } from './harness.js';
+import { REPO_ROOT, bootMqGuest, ensureGuestImage, hostPing, qemuBinary, runNestedKvmGuest, vmAvailable, type MqGuestBoot, type PingResult } from './harness.js';
 
 /* eslint-disable @typescript-eslint/no-explicit-any */
 type Json = any;
@@ -464,7 +464,7 @@ describe.skipIf(!!kvmReason)(`KVM variant: vectors=2N+2 with irqfds${kvmReason ?
       diag = `exit ${h.code}\nstderr:\n${h.stderr.slice(-3000)}`;
     } else {
       const image = await ensureGuestImage();
-      const run = await runInGuest({
+      const run = await runNestedKvmGuest({
         cmd: ['node', 'test/vm/scripts/vhost-user-guest.js'],
         env: { MQTAP_VM_CACHE: image.cacheDir },
         modules: ['kvm_amd'],
