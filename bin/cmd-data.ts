@@ -264,6 +264,7 @@ async function cmdStats(name: string, o: StatsOpts, g: GlobalOpts): Promise<numb
   process.once('SIGTERM', stop);
   let tap: Tap | undefined;
   let ios: QueueIO[] = [];
+  let baseQ: QueueIOStats[] = [];
   let drained: Promise<void> | undefined;
   let readError: unknown;
   let kstats: QueueStats | undefined;
@@ -271,7 +272,16 @@ async function cmdStats(name: string, o: StatsOpts, g: GlobalOpts): Promise<numb
     if (inUse === 0) {
       if (!link.tun.multiQueue && o.queues > 1) throw new MqtapError({ op: 'VALIDATE', code: ErrorCodes.INVALID_ARG, message: `${name} is not a multi-queue tap: use --queues 1` });
       tap = openTap({ name, queues: o.queues, existing: 'require', vnetHdr: link.tun.vnetHdr, ...netnsOpt(g), logger: logger(g) });
-      ios = openTapIO(tap);
+      // Counting only, on a device whose offloads this process cannot know
+      // (64 KiB slots): 64 slots per queue keep each slab at 4 MiB.
+      // Counting only, on a device whose offloads this process cannot know
+      // (64 KiB slots): 64 slots per queue keep each slab at 4 MiB.
+      ios = openTapIO(tap, { batch: 64 });
+      // The first sample's baseline, before any read: drainAll's first read
+      // runs synchronously and takes whatever the queues already hold (frames
+      // sent while the queues were being set up), which a baseline taken
+      // after it would never count.
+      baseQ = ios.map((io) => io.stats());
       // A read error (the tap deleted under us) stops the sampling and is
       // reported below, never left as an unhandled rejection.
       drained = drainAll(ios).catch((err: unknown) => {
@@ -286,7 +296,7 @@ async function cmdStats(name: string, o: StatsOpts, g: GlobalOpts): Promise<numb
     let samples = 0;
     const max = o.watch ? (o.count ?? Infinity) : 1;
     let prevDev = kstats ? undefined : lookup(name, g).stats;
-    let prevQ = ios.map((io) => io.stats());
+    let prevQ = baseQ;
     let prevK = kstats?.snapshot();
     let t0 = performance.now();
     while (!signal.stopped && samples < max) {

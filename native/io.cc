@@ -112,7 +112,7 @@ constexpr size_t kCtlHeader = kCounters * sizeof(double) + kStates * sizeof(int3
 constexpr unsigned kMaxBatch = 1024;
 // A receive batch stops after about this many bytes: 64 KB GSO frames then
 // come 8 to a batch and keep reusing the first slots (cache-warm), instead
-// of streaming through a 4 MB slab.
+// of streaming through the whole slab (16 MiB with 256 slots of 64 KiB).
 constexpr size_t kRxByteBudget = 512 * 1024;
 
 // errnos up to this bound can be named in the drop lists.
