@@ -47,7 +47,9 @@ describe('silentGuestReset (runNestedKvmGuest retries only this)', () => {
   it('not retried: a panic or oops on the console, a timeout, a QEMU error status or signal, init failing, an exit code, no result', () => {
     expect(silentGuestReset(err(NO_EXIT, result({ console: 'Kernel panic - not syncing: Fatal exception\n' })))).toBe(false);
     expect(silentGuestReset(err(NO_EXIT, result({ console: 'BUG: kernel NULL pointer dereference\n' })))).toBe(false);
-    expect(silentGuestReset(err(NO_EXIT, result({ timedOut: true })))).toBe(false);
+    expect(silentGuestReset(err(NO_EXIT, result({ console: 'MQTAP-INIT-ERROR: cannot mount the results share\n' })))).toBe(false);
+    // QEMU's status is read from the message's first line only: the same words in the console tail after it do not count.
+    expect(silentGuestReset(err(`${NO_EXIT.replace('exit status 0', 'exit status 1')}\nconsole (tail):\nQEMU exit status 0)`, result()))).toBe(false);
     expect(silentGuestReset(err(NO_EXIT.replace('exit status 0', 'exit status 1'), result()))).toBe(false);
     expect(silentGuestReset(err(NO_EXIT.replace('exit status 0', 'signal SIGKILL'), result()))).toBe(false);
     expect(silentGuestReset(err('runInGuest(["node"]): guest init failed: no /mnt/results', result()))).toBe(false);
