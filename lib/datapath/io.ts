@@ -108,8 +108,8 @@ export interface QueueIOOptions {
    */
   engine?: IoEngine | 'auto' | { rx?: IoEngine | 'auto'; tx?: TxEngine | 'auto' };
   /**
-   * Most frames per receive batch (slots in the slab), 1..1024.  Default:
-   * 256 (64 for slots over 128 KiB).
+   * Most frames per receive batch (slots in the slab), 1..1024.  Default
+   * ({@link defaultBatch}): 256 (64 for slots over 128 KiB).
    */
   batch?: number;
   /**
@@ -124,7 +124,8 @@ export interface QueueIOOptions {
   slotSize?: number;
   /**
    * Batches read back to back before yielding to the event loop.  Default:
-   * 16 batches or 1024 frames, whichever comes first (4 full batches of 256).
+   * 16 batches or 1024 frames, whichever comes first (4 full batches of 256);
+   * when given, batches alone count.
    */
   yieldEvery?: number;
   /** Where engine decisions are logged (each fallback once per logger, with its reason; io_uring failing).  Default: silent. */
@@ -1273,9 +1274,9 @@ const YIELD_FRAMES = 1024;
  * Frames per receive batch when `batch` is not given: 256 for any slot up to
  * 128 KiB (every default slot, the 64 KiB GSO one included), else 64.  Per
  * batch, JavaScript pays a promise, a FrameBatch and a call into the addon
- * with its io_uring_enter (~2.5 us on a 2-vCPU EPYC); at 64 frames that
- * was ~0.04 us of a 0.45-0.8 us 60-byte frame, at 256 it is a quarter of
- * that (issue 12, docs/datapath.md "The default batch").  The slab is
+ * with its io_uring_enter (2.5-12 us on a 2-vCPU EPYC); at 64 frames that
+ * was 0.04-0.19 us of a 0.45-0.8 us 60-byte frame, at 256 it is a quarter
+ * of that (issue 12, docs/datapath.md "The default batch").  The slab is
  * committed lazily: 256 slots of 64 KiB are 16 MiB of address space, and
  * resident only where frames were written (a page per small frame).
  */
