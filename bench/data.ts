@@ -20,7 +20,7 @@
  *   read   frames the kernel transmits on the tap, from a generator process
  *          (AF_PACKET + PACKET_QDISC_BYPASS + sendmmsg, like tapio's; built
  *          from GEN_C below) sending 64 flows flat out; the kernel spreads the
- *          flows over the queues.  Timing starts at each reader's first frame (the library's after a JIT warm-up of a quarter of the frames).
+ *          flows over the queues.  Timing starts at each reader's first frame.
  *
  * The library side runs in worker threads (one per queue) so that Q queues
  * are Q threads, as the C side is Q processes; each worker (pinThread, from
@@ -457,7 +457,7 @@ async function workerMain(job: WorkerJob): Promise<void> {
   let io: QueueIO | undefined;
   let res: WorkerResult;
   try {
-    io = openQueueIO(tap.queues[0]!, { engine: job.engine, ...(job.batch !== undefined ? { batch: job.batch } : {}), ...(job.slotSize ? { slotSize: job.slotSize } : {}) });
+    io = openQueueIO(tap.queues[0]!, { engine: job.engine, ...(job.batch !== undefined ? { batch: job.batch } : {}), ...(job.slotSize !== undefined ? { slotSize: job.slotSize } : {}) });
     res = await measure(job, io, port);
   } finally {
     io?.close();
@@ -521,22 +521,15 @@ async function measure(job: WorkerJob, io: QueueIO, port: NonNullable<typeof par
     packedRes = await side(() => io.writePacked(packed, lengths, { withHeader: true }));
     distinctRes = await side(() => io.writeBatch(distinct, { withHeader: true }));
   } else {
-    // JIT warm-up, as the C program never needs: a quarter of the frames go
-    // through the same loop before the clock starts (tapio starts it at its
-    // first frame).  Without it the reader measured V8 compiling its loop:
-    // the background compile shares the reader's CPU (the generator has the
-    // other one), ~2-4% of the run's wall time at 1 M frames.
-    let warm = Math.ceil(job.frames / 4);
+    let first = true;
     const timeout = setTimeout(() => io.close(), 60_000);
     for await (const b of io) {
-      if (warm > 0) {
-        for (let i = 0; i < b.count; i++) bytes += b.length(i);
-        warm -= b.count;
-        if (warm <= 0) {
-          bytes = 0;
-          c0 = threadCpu();
-          t0 = performance.now();
-        }
+      if (first) {
+        // the first batch only starts the clock, as tapio's first frame does
+        // (no JIT warm-up here: tapio has no equivalent skip of a run's start)
+        first = false;
+        c0 = threadCpu();
+        t0 = performance.now();
         continue;
       }
       for (let i = 0; i < b.count; i++) bytes += b.length(i);
@@ -564,7 +557,7 @@ async function runLibrary(dir: Dir, size: Size, queues: number, frames: number, 
     const done: Array<Promise<WorkerResult>> = [];
     for (let q = 0; q < queues; q++) {
       const cpu = workerCpu(pin, q);
-      const w = new Worker(__filename, { workerData: { dir, size, frames, engine, ...(tune.batch !== undefined ? { batch: tune.batch } : {}), writeBatch: libraryWriteBatch(tune), flow: q, ...(tune.slotSize ? { slotSize: tune.slotSize } : {}), ...(cpu !== undefined ? { cpu } : {}) } satisfies WorkerJob });
+      const w = new Worker(__filename, { workerData: { dir, size, frames, engine, ...(tune.batch !== undefined ? { batch: tune.batch } : {}), writeBatch: libraryWriteBatch(tune), flow: q, ...(tune.slotSize !== undefined ? { slotSize: tune.slotSize } : {}), ...(cpu !== undefined ? { cpu } : {}) } satisfies WorkerJob });
       workers.push(w);
       ready.push(
         new Promise((resolve, reject) => {

@@ -118,7 +118,7 @@ async function data(): Promise<void> {
     tune: {
       ...(arg('batch', '') !== '' ? { batch: Number(arg('batch', '')) } : {}), // openQueueIO refuses what is not 1..1024
       ...(arg('write-batch', '') ? { writeBatch: Number(arg('write-batch', '')) } : {}),
-      ...(arg('slot-size', '') ? { slotSize: Number(arg('slot-size', '')) } : {}),
+      ...(arg('slot-size', '') !== '' ? { slotSize: Number(arg('slot-size', '')) } : {}),
     },
     pins,
     quiet: Number(arg('quiet', '0')),
