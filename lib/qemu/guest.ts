@@ -114,6 +114,8 @@ export interface RunInGuestOptions {
   extraFds?: number[];
   /** Aborting kills QEMU and rejects. */
   signal?: AbortSignal;
+  /** Called with each chunk of the serial console as it arrives (\r not removed), e.g. to watch a guest's progress. */
+  onConsole?: (chunk: string) => void;
 }
 
 export interface RunInGuestResult {
@@ -411,7 +413,10 @@ export async function runInGuest(opts: RunInGuestOptions): Promise<RunInGuestRes
 
     const consoleBufs: Buffer[] = [];
     const errBufs: Buffer[] = [];
-    proc.stdout!.on('data', (b: Buffer) => consoleBufs.push(b));
+    proc.stdout!.on('data', (b: Buffer) => {
+      consoleBufs.push(b);
+      opts.onConsole?.(b.toString('utf8'));
+    });
     proc.stderr!.on('data', (b: Buffer) => errBufs.push(b));
 
     let timedOut = false;

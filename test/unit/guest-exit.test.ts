@@ -9,7 +9,7 @@
 import { describe, expect, it } from 'vitest';
 import { guestExitStatus } from '../../lib/qemu/guest';
 import type { RunInGuestResult } from '../../lib/qemu/guest';
-import { silentGuestReset } from '../vm/harness';
+import { initSpoke, silentGuestReset } from '../vm/harness';
 
 const CONSOLE = '[    1.234] virtio_net virtio0 eth0: renamed\nmqtap-guest: exit=0\n[    2.000] reboot: Power down\n';
 
@@ -55,5 +55,16 @@ describe('silentGuestReset (runNestedKvmGuest retries only this)', () => {
     expect(silentGuestReset(err('runInGuest(["node"]): guest init failed: no /mnt/results', result()))).toBe(false);
     expect(silentGuestReset(err(NO_EXIT, result({ exitCode: 1 })))).toBe(false);
     expect(silentGuestReset(err(NO_EXIT, undefined))).toBe(false);
+  });
+});
+
+describe('initSpoke (runNestedKvmGuest kills an outer guest whose init said nothing by the deadline)', () => {
+  it("a line of vm/init.sh's, debug step, exit or error, counts; kernel lines and a line cut between chunks' ends do not", () => {
+    expect(initSpoke('[    0.9] kvm: ...\nmqtap-init: [1.52] kernel 6.1.0, loading modules\n')).toBe(true);
+    expect(initSpoke('mqtap-guest: exit=0\n')).toBe(true);
+    expect(initSpoke('MQTAP-INIT-ERROR: modprobe failed\n')).toBe(true);
+    expect(initSpoke('[   25.6] kvm [291]: vcpu0, guest rIP: 0xffffffff8107e744 Unhandled WRMSR(0xc0010007) = 0xffff\n')).toBe(false);
+    expect(initSpoke('')).toBe(false);
+    expect(initSpoke('mqtap-in')).toBe(false);
   });
 });
