@@ -41,6 +41,30 @@ function recorder(): { logger: Logger; lines: Array<{ level: string; obj: Record
   return { logger, lines };
 }
 
+
+/**
+ * Takes every fd this process may open but `free` (eventfds under a lowered
+ * RLIMIT_NOFILE, via prlimit); the returned function closes them and puts the
+ * limit back.  Closing the fillers first frees what prlimit (a child) needs.
+ */
+function exhaustFds(free: number): () => void {
+  const restore = limitFreeFds(16);
+  const fillers: number[] = [];
+  for (;;) {
+    try {
+      fillers.push(native.eventfdOpen());
+    } catch (e) {
+      if ((e as MqtapError).code === 'EMFILE') break;
+      throw e;
+    }
+  }
+  for (let i = 0; i < free && fillers.length > 0; i++) native.close(fillers.pop()!);
+  return () => {
+    fillers.forEach((fd) => native.close(fd));
+    restore();
+  };
+}
+
 describe.skipIf(!env.ok)(`data path policy in lib/datapath/io.ts${skipNote(env)}`, () => {
   useIsolatedNetns();
   const track = useTapTracker();
@@ -60,16 +84,7 @@ describe.skipIf(!env.ok)(`data path policy in lib/datapath/io.ts${skipNote(env)}
     const before = fdCount();
     // A few fds free, then all taken: io_uring_setup gets EMFILE, and
     // closing the fillers frees what restoring the limit (prlimit, a child) needs.
-    const restore = limitFreeFds(16);
-    const fillers: number[] = [];
-    for (;;) {
-      try {
-        fillers.push(native.eventfdOpen());
-      } catch (e) {
-        if ((e as MqtapError).code === 'EMFILE') break;
-        throw e;
-      }
-    }
+    const release = exhaustFds(0);
     let auto;
     let explicit: unknown;
     try {
@@ -81,8 +96,7 @@ describe.skipIf(!env.ok)(`data path policy in lib/datapath/io.ts${skipNote(env)}
         explicit = e;
       }
     } finally {
-      fillers.forEach((fd) => native.close(fd));
-      restore();
+      release();
     }
     expect(auto.engine).toEqual({ rx: 'poll', tx: 'poll' });
     expect(auto.engineNote).toBe('io_uring is unavailable (io_uring_setup: EMFILE): poll engine');
@@ -115,17 +129,7 @@ describe.skipIf(!env.ok)(`data path policy in lib/datapath/io.ts${skipNote(env)}
     const q = tap.queues[0]!;
     const before = fdCount();
     // Exactly one fd free: the write ring (set up first) gets it, the multishot read ring then fails with EMFILE.
-    const restore = limitFreeFds(16);
-    const fillers: number[] = [];
-    for (;;) {
-      try {
-        fillers.push(native.eventfdOpen());
-      } catch (e) {
-        if ((e as MqtapError).code === 'EMFILE') break;
-        throw e;
-      }
-    }
-    native.close(fillers.pop()!);
+    const release = exhaustFds(1);
     const auto = recorder();
     const explicit = recorder();
     let io;
@@ -139,8 +143,7 @@ describe.skipIf(!env.ok)(`data path policy in lib/datapath/io.ts${skipNote(env)}
         err = e;
       }
     } finally {
-      fillers.forEach((fd) => native.close(fd));
-      restore();
+      release();
     }
     // 'auto': only the reads stepped down (to one-shot reads on the write ring), and the log says so.
     expect(io.engine).toEqual({ rx: 'uring', tx: 'uring' });

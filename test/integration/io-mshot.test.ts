@@ -30,7 +30,7 @@ import { constants as osConstants } from 'node:os';
 import { parseUdp4Frame } from '../../lib/datapath/frames.js';
 import { MqtapError } from '../../lib/sys/errors.js';
 import { native } from '../../lib/sys/native.js';
-import { openQueueIO, type QueueIO } from '../../lib/datapath/io.js';
+import { openQueueIO, type FrameBatch, type QueueIO } from '../../lib/datapath/io.js';
 import { getLink, getTap } from '../../lib/tap/links.js';
 import { openTap, type Tap } from '../../lib/tap/tap.js';
 import { need, netnsSysctls, openFds, run, skipNote, tapEnv, useIsolatedNetns, useTapTracker } from '../helpers/env.js';
@@ -57,6 +57,29 @@ function ioFds(): string[] {
   return openFds()
     .map(readlinkOr)
     .filter((l) => l === 'anon_inode:[io_uring]' || l === 'anon_inode:[eventfd]');
+}
+
+
+/**
+ * Reads batches into `onBatch` until it returns true or a second passes
+ * without a batch (then the stream is ended with return()).
+ */
+async function readUntilIdle(io: QueueIO, onBatch: (b: FrameBatch) => boolean | void): Promise<void> {
+  const it = io[Symbol.asyncIterator]();
+  let idle = 0;
+  const watchdog = setInterval(() => {
+    if (++idle > 10) void it.return!();
+  }, 100);
+  try {
+    for (;;) {
+      const r = await it.next();
+      if (r.done) break;
+      idle = 0;
+      if (onBatch(r.value) === true) break;
+    }
+  } finally {
+    clearInterval(watchdog);
+  }
 }
 
 describe.skipIf(!mshot.ok)(`multishot receive engine${skipNote(env)}${mshot.ok ? '' : ` (skipped: ${mshot.reason})`}`, () => {
@@ -145,22 +168,7 @@ describe.skipIf(!mshot.ok)(`multishot receive engine${skipNote(env)}${mshot.ok ?
     };
     pump();
     let frames = 0;
-    const it = io[Symbol.asyncIterator]();
-    let idle = 0;
-    const watchdog = setInterval(() => {
-      if (++idle > 10) void it.return!(); // 1 s without a batch: end the stream
-    }, 100);
-    try {
-      for (;;) {
-        const r = await it.next();
-        if (r.done) break;
-        idle = 0;
-        frames += r.value.count;
-        if (frames >= N) break;
-      }
-    } finally {
-      clearInterval(watchdog);
-    }
+    await readUntilIdle(io, (b) => (frames += b.count) >= N);
     const after = getLink('ms0')!.stats!;
     expect(after.txDropped - before.txDropped, 'frames the kernel dropped because the reader slept').toBe(0);
     expect(frames).toBe(N);
@@ -221,21 +229,7 @@ describe.skipIf(!mshot.ok)(`multishot receive engine${skipNote(env)}${mshot.ok ?
     };
     pump();
     const got: number[] = [];
-    const it = io[Symbol.asyncIterator]();
-    let idle = 0;
-    const watchdog = setInterval(() => {
-      if (++idle > 10) void it.return!(); // 1 s without a batch: the sender is done and the tap empty
-    }, 100);
-    try {
-      for (;;) {
-        const r = await it.next();
-        if (r.done) break;
-        idle = 0;
-        got.push(...ports(r.value));
-      }
-    } finally {
-      clearInterval(watchdog);
-    }
+    await readUntilIdle(io, (b) => void got.push(...ports(b))); // until the sender is done and the tap empty
     const after = getLink('ms0')!.stats!;
     const handed = after.txPackets - before.txPackets;
     const dropped = after.txDropped - before.txDropped;
