@@ -116,6 +116,11 @@ describe.skipIf(!!reason)(`daemon serve-vhost-user${reason ? ` (skipped: ${reaso
     } finally {
       s.close();
     }
+    // The backend counts a TX batch once all of it is written, after the kernel counted it on the tap.
+    await waitFor('the backend to count the frames', async () => {
+      const v = (await c.show('dvu0')).vhostUser!;
+      return v.rxFrames >= 64 && v.txFrames >= 64;
+    }, 10_000).catch(() => undefined);
     const vu = (await c.show('dvu0')).vhostUser!;
     expect(vu.connected).toBe(true);
     expect(vu.rxFrames).toBeGreaterThanOrEqual(64);

@@ -104,7 +104,10 @@ describe.skipIf(!env.ok)(`vhost-user with DPDK virtio-user as the front-end${ski
       throw new Error(`the backend did not put the frames into testpmd's RX rings: ${JSON.stringify(be.counters(), (_k, v) => (typeof v === 'bigint' ? String(v) : v))}`);
     });
     t.child.kill('SIGCONT');
-    await until(() => stats().rx - before.rx >= BigInt(N), 15_000).catch(async () => {
+    // The backend counts a batch of TX frames once the whole batch is written, after the kernel has counted
+    // them on the tap: wait for both.
+    const txSum = (): bigint => be.counters().reduce((a, pc) => a + pc.txFrames, 0n);
+    await until(() => stats().rx - before.rx >= BigInt(N) && txSum() >= BigInt(N), 15_000).catch(async () => {
       const counters = JSON.stringify(be.counters(), (_k, v) => (typeof v === 'bigint' ? String(v) : v));
       t.child.kill('SIGINT'); // its forward statistics: what its forwarding engine saw of the frames its port received
       await Promise.race([t.exited, new Promise((r) => setTimeout(r, 5000))]);
