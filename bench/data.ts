@@ -340,9 +340,9 @@ interface TapioResult {
   framesPerEnter?: number;
 }
 
-function runTapio(p: Programs, mode: string, dir: Dir, size: Size, frames: number, q: number, cpu: number | undefined): Promise<TapioResult> {
+function runTapio(p: Programs, mode: string, dir: Dir, size: Size, frames: number, q: number, cpu: number | undefined, warmupMs = 0): Promise<TapioResult> {
   const args = ['--dev', TAP, '--mode', mode, '--size', String(size), '--frames', String(frames), '--queues', '1', '--queue', '0', ...(cpu !== undefined ? ['--cpu', String(cpu)] : []), '--timeout', '60'];
-  if (dir === 'read') args.push('--no-gen');
+  if (dir === 'read') args.push('--no-gen', '--warmup-ms', String(warmupMs));
   else args.push('--flow', String(q)); // queue q writes flow q
   return new Promise((resolve, reject) => {
     const c = spawn(p.tapio, args, { stdio: ['ignore', 'pipe', 'inherit'] });
@@ -382,13 +382,13 @@ export function tapioMode(impl: Exclude<Impl, 'library'>, dir: Dir): string {
   return (impl === 'c-uring' ? 'uring-' : '') + dir;
 }
 
-async function runC(p: Programs, impl: Exclude<Impl, 'library'>, dir: Dir, size: Size, queues: number, frames: number, pin: PinMode): Promise<DataRun> {
+async function runC(p: Programs, impl: Exclude<Impl, 'library'>, dir: Dir, size: Size, queues: number, frames: number, pin: PinMode, warmupMs: number): Promise<DataRun> {
   const mode = tapioMode(impl, dir);
   let gen: ChildProcess | undefined;
   const before = deviceStats();
   try {
     const runs: Array<Promise<TapioResult>> = [];
-    for (let q = 0; q < queues; q++) runs.push(runTapio(p, mode, dir, size, frames, q, workerCpu(pin, q)));
+    for (let q = 0; q < queues; q++) runs.push(runTapio(p, mode, dir, size, frames, q, workerCpu(pin, q), warmupMs));
     if (dir === 'read') {
       waitQueues(queues);
       gen = await startGenerator(p.gen, size, generatorCpu(pin, queues));
@@ -421,6 +421,8 @@ interface WorkerJob {
   flow: number;
   /** The CPU this worker pins itself to (pinThread), or none. */
   cpu?: number;
+  /** Reads: what arrives in the first warmupMs ms after the first batch is not measured (tapio --warmup-ms). */
+  warmupMs: number;
 }
 
 interface WorkerResult extends TapioResult {
@@ -444,6 +446,32 @@ function threadCpu(): number {
     const rest = f.slice(f.lastIndexOf(')') + 2).split(' ');
     return (Number(rest[11]) + Number(rest[12])) / 100;
   }
+}
+
+/**
+ * A reader's clock, as tapio's read_clock: tick(now) for every batch read
+ * says 'skip' (before the clock starts), 'start' (this batch starts it and is
+ * not counted) or 'count'.  The first batch only starts the clock, or with a
+ * warm-up, the first batch read warmupMs ms or more after the first one does
+ * (V8 has compiled the loop by then): what came before is not measured.
+ */
+export function readClock(warmupMs: number): { readonly measuring: boolean; tick(now: number): 'skip' | 'start' | 'count' } {
+  let first = -1;
+  let measuring = false;
+  return {
+    get measuring() {
+      return measuring;
+    },
+    tick(now: number) {
+      if (measuring) return 'count';
+      if (first < 0) {
+        first = now;
+        if (warmupMs > 0) return 'skip';
+      } else if (now - first < warmupMs) return 'skip';
+      measuring = true;
+      return 'start';
+    },
+  };
 }
 
 async function workerMain(job: WorkerJob): Promise<void> {
@@ -521,15 +549,15 @@ async function measure(job: WorkerJob, io: QueueIO, port: NonNullable<typeof par
     packedRes = await side(() => io.writePacked(packed, lengths, { withHeader: true }));
     distinctRes = await side(() => io.writeBatch(distinct, { withHeader: true }));
   } else {
-    let first = true;
+    const clock = readClock(job.warmupMs);
     const timeout = setTimeout(() => io.close(), 60_000);
     for await (const b of io) {
-      if (first) {
-        // the first batch only starts the clock, as tapio's first frame does
-        // (no JIT warm-up here: tapio has no equivalent skip of a run's start)
-        first = false;
-        c0 = threadCpu();
-        t0 = performance.now();
+      if (!clock.measuring) {
+        const now = performance.now();
+        if (clock.tick(now) === 'start') {
+          c0 = threadCpu();
+          t0 = now;
+        }
         continue;
       }
       for (let i = 0; i < b.count; i++) bytes += b.length(i);
@@ -548,7 +576,7 @@ async function measure(job: WorkerJob, io: QueueIO, port: NonNullable<typeof par
   return { pps: frames / seconds, gbps: gbps(bytes, seconds), cpuUsPerFrame: (cpu * 1e6) / Math.max(1, frames), frames, engine, ...(packedRes ? { packed: packedRes } : {}), ...(distinctRes ? { distinct: distinctRes } : {}) };
 }
 
-async function runLibrary(dir: Dir, size: Size, queues: number, frames: number, engine: IoEngine | 'auto', gen: string, tune: { batch?: number; writeBatch?: number; slotSize?: number } = {}, pin: PinMode = 'split'): Promise<DataRun> {
+async function runLibrary(dir: Dir, size: Size, queues: number, frames: number, engine: IoEngine | 'auto', gen: string, tune: { batch?: number; writeBatch?: number; slotSize?: number } = {}, pin: PinMode = 'split', warmupMs = 0): Promise<DataRun> {
   const workers: Worker[] = [];
   let g: ChildProcess | undefined;
   const before = deviceStats();
@@ -557,7 +585,7 @@ async function runLibrary(dir: Dir, size: Size, queues: number, frames: number, 
     const done: Array<Promise<WorkerResult>> = [];
     for (let q = 0; q < queues; q++) {
       const cpu = workerCpu(pin, q);
-      const w = new Worker(__filename, { workerData: { dir, size, frames, engine, ...(tune.batch !== undefined ? { batch: tune.batch } : {}), writeBatch: libraryWriteBatch(tune), flow: q, ...(tune.slotSize !== undefined ? { slotSize: tune.slotSize } : {}), ...(cpu !== undefined ? { cpu } : {}) } satisfies WorkerJob });
+      const w = new Worker(__filename, { workerData: { dir, size, frames, engine, ...(tune.batch !== undefined ? { batch: tune.batch } : {}), writeBatch: libraryWriteBatch(tune), flow: q, ...(tune.slotSize !== undefined ? { slotSize: tune.slotSize } : {}), ...(cpu !== undefined ? { cpu } : {}), warmupMs } satisfies WorkerJob });
       workers.push(w);
       ready.push(
         new Promise((resolve, reject) => {
@@ -616,6 +644,12 @@ export interface DataBenchOptions {
   tune?: { batch?: number; writeBatch?: number; slotSize?: number };
   /** CPU placements to measure, each a full set of runs (default ['split']). */
   pins?: PinMode[];
+  /**
+   * Reads: each reader (tapio and the library alike) measures from the first
+   * frame or batch it reads this many ms after its first one (default 0: from
+   * its first frame).  --frames counts measured frames.
+   */
+  readWarmupMs?: number;
   log?: (line: string) => void;
 }
 
@@ -674,7 +708,8 @@ export async function runDataBench(o: DataBenchOptions): Promise<{ results: Data
               for (const { impl, engine } of order) {
                 const key = `${dir}|${size}|${queues}|${pin}|${impl}|${engine ?? ''}`;
                 const busyBefore = o.quiet ? await waitQuiet(o.quiet, o.quietMaxMs ?? 300_000) : undefined;
-                const run = impl === 'library' ? await runLibrary(dir, size, queues, frames, engine!, p.gen, o.tune, pin) : await runC(p, impl, dir, size, queues, frames, pin);
+                const warm = dir === 'read' ? (o.readWarmupMs ?? 0) : 0;
+                const run = impl === 'library' ? await runLibrary(dir, size, queues, frames, engine!, p.gen, o.tune, pin, warm) : await runC(p, impl, dir, size, queues, frames, pin, warm);
                 if (busyBefore !== undefined) run.busyBefore = busyBefore;
                 if (!all.has(key)) all.set(key, []);
                 all.get(key)!.push(run);

@@ -41,6 +41,18 @@ function arg(name: string, fallback: string): string {
   return i >= 0 && process.argv[i + 1] ? process.argv[i + 1]! : fallback;
 }
 
+/**
+ * --read-warmup-ms: each reader, tapio and the library alike, measures from
+ * the first frame it reads this long after its first one (steady state: V8
+ * has compiled the library's loop by then).  0: from the first frame.
+ */
+function readWarmupMs(): number {
+  const v = Number(arg('read-warmup-ms', String(DEFAULT_READ_WARMUP_MS)));
+  if (!Number.isInteger(v) || v < 0 || v > 60_000) throw new Error(`--read-warmup-ms: ${arg('read-warmup-ms', '')} is not a whole number of ms 0..60000`);
+  return v;
+}
+const DEFAULT_READ_WARMUP_MS = 0;
+
 function fmt(us: number): string {
   return us >= 1000 ? `${(us / 1000).toFixed(2)} ms` : `${us.toFixed(1)} µs`;
 }
@@ -101,7 +113,8 @@ async function data(): Promise<void> {
       `(median of ${repeats} alternating repeats; lib/C = library / plain C loop, lib/x32 = library / naive C io_uring (32 per submit, blocking fd),\n` +
       ` lib/best = library / best C loop (tapio uring-mshot-drain: multishot read into a provided-buffer ring, backlogs drained with RWF_NOWAIT batches; uring-write256: 256 writes per submit),\n` +
       ` each the median over the repeats of library run r / C run r (run back to back);\n` +
-      ` µs/f = CPU µs per frame of each reader/writer thread or process, median over the repeats)\n` +
+      ` µs/f = CPU µs per frame of each reader/writer thread or process, median over the repeats;\n` +
+      ` reads measured ${readWarmupMs() > 0 ? `after a ${readWarmupMs()} ms warm-up from each reader's first frame` : "from each reader's first frame"})\n` +
       `CPU: ${cpus()[0]?.model ?? 'unknown'}, ${cpus().length} CPUs, Linux ${release()}\n`,
   );
   const pins = arg('pin', 'split').split(',') as PinMode[];
@@ -121,6 +134,7 @@ async function data(): Promise<void> {
       ...(arg('slot-size', '') !== '' ? { slotSize: Number(arg('slot-size', '')) } : {}),
     },
     pins,
+    readWarmupMs: readWarmupMs(),
     quiet: Number(arg('quiet', '0')),
     quietMaxMs: Number(arg('quiet-max-s', '300')) * 1000,
     log: (l) => process.stderr.write(`${l}\n`),
@@ -133,7 +147,7 @@ async function data(): Promise<void> {
   else if (!programs.best.read) process.stdout.write('(C best read loop: skipped, this kernel lacks IORING_OP_READ_MULTISHOT (Linux 6.7+), DEFER_TASKRUN or provided-buffer rings)\n');
   const load1 = loadavg()[0]!;
   process.stdout.write(`load average (1 min) before/after: ${load0.toFixed(2)} / ${load1.toFixed(2)} on ${cpus().length} CPUs\n`);
-  writeFileSync(join(OUT, 'data.json'), JSON.stringify({ date: new Date().toISOString(), cpu: cpus()[0]?.model, kernel: release(), uring: programs.probe, repeats, frames, pins, load: [load0, load1], results }, null, 2));
+  writeFileSync(join(OUT, 'data.json'), JSON.stringify({ date: new Date().toISOString(), cpu: cpus()[0]?.model, kernel: release(), uring: programs.probe, repeats, frames, readWarmupMs: readWarmupMs(), pins, load: [load0, load1], results }, null, 2));
 }
 
 async function vhostUser(): Promise<void> {

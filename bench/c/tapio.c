@@ -80,7 +80,10 @@
  * "iou-wrk-*": they are not bound by --cpu and may run on the generator's CPU
  * in parallel), "workerCpus" (bit mask of the CPUs they last ran on),
  * "mainVoluntaryCsw" (the loop's sleeps), "enters"/"framesPerEnter"
- * (io_uring_enter calls of the read loops).  Exit status: 0 ok, 1 error, 2 timeout before any
+ * (io_uring_enter calls of the read loops).  Reads are measured from their
+ * first frame (which only starts the clock), or with --warmup-ms T from the
+ * first frame read T ms later (steady state, see read_clock); their CPU time
+ * from the same point, ring and buffer set-up excluded.  Exit status: 0 ok, 1 error, 2 timeout before any
  * frame, 3 io_uring unavailable (ENOSYS, EPERM, disabled by
  * kernel.io_uring_disabled, or lacking what the mode needs).
  */
@@ -155,6 +158,7 @@ struct opts {
 	int flow;           /* written frames: UDP/TCP source port 40000 + flow */
 	unsigned bufs;      /* uring-mshot: provided buffers (power of two) */
 	bool drain;         /* uring-mshot: drain a backlog with RWF_NOWAIT batches instead of re-arming after -ENOBUFS */
+	long long warmup_ms; /* reads: frames read in the first warmup_ms ms after the first one are not measured */
 };
 
 /* ----------------------------------------------------------------------- */
@@ -501,7 +505,42 @@ struct result {
 	long long polls;   /* uring-batch: waits for the tap to become readable (a batch found its ring empty) */
 	long long enters;  /* io_uring modes: io_uring_enter calls in the loop (waits included) */
 	struct threadstats t0, t1;
+	/* Reads: the measurement's clock (read_clock) and the process's CPU time at its start and end. */
+	int clock_state; /* 0: no frame yet, 1: warming up, 2: measuring */
+	double first_frame, cpu_start, cpu_end;
 };
+
+/*
+ * The read loops' clock.  Called with the time a frame (run_read,
+ * run_uring_read) or a batch of frames (the multishot and batch loops) was
+ * read; returns whether to count it.  The first one only starts the clock
+ * (its wait for the generator is not the loop's speed); with --warmup-ms T,
+ * so does the first one read T ms or more after it, and nothing before it
+ * counts: the measurement is the loop's steady state, the same span the
+ * library's reader skips in bench/data.ts.  The process's CPU time and the
+ * thread statistics are taken where the clock starts, so setting up the
+ * ring and its buffers is not in cpuSeconds.
+ */
+static bool read_clock(const struct opts *o, struct result *r, double now, double *t0)
+{
+	if (r->clock_state == 2)
+		return true;
+	if (r->clock_state == 0) {
+		r->first_frame = now;
+		r->clock_state = 1;
+		if (o->warmup_ms > 0)
+			return false;
+	} else if ((now - r->first_frame) * 1e3 < (double)o->warmup_ms) {
+		return false;
+	}
+	r->clock_state = 2;
+	*t0 = now;
+	r->cpu_start = cpu_s();
+	thread_stats(&r->t0);
+	/* The loop's own counts restart with the clock, as its frames do. */
+	r->batches = r->rearms = r->enobufs = r->drains = r->polls = r->enters = 0;
+	return false;
+}
 
 static void print_result(const struct opts *o, const struct result *r, const struct devstats *before,
 			 const struct devstats *after)
@@ -576,7 +615,6 @@ static struct result run_read(const struct opts *o, int fd)
 	struct result r = { 0 };
 	uint8_t *buf = malloc(RX_BUF_SZ);
 	double t0 = 0, t1 = 0;
-	unsigned long long first_bytes = 0;
 	if (!buf)
 		die("malloc");
 	while (r.frames < o->frames && !timed_out) {
@@ -587,17 +625,13 @@ static struct result run_read(const struct opts *o, int fd)
 			die("read");
 		}
 		t1 = now_s();
-		if (r.frames == 0) {
-			t0 = t1;
-			first_bytes = (unsigned long long)(n - VNET_HDR_SZ);
-		}
+		if (!read_clock(o, &r, t1, &t0))
+			continue; /* the clock starts here: count what arrives after it */
 		r.frames++;
 		r.bytes += (unsigned long long)(n - VNET_HDR_SZ);
 	}
-	/* The first frame only starts the clock: count what arrived after it. */
-	r.seconds = r.frames > 1 ? t1 - t0 : 0;
-	r.bytes = r.frames > 1 ? r.bytes - first_bytes : 0;
-	r.frames = r.frames > 1 ? r.frames - 1 : 0;
+	r.cpu_end = cpu_s();
+	r.seconds = r.frames > 0 ? t1 - t0 : 0;
 	free(buf);
 	return r;
 }
@@ -878,7 +912,6 @@ static struct result run_uring_read(const struct opts *o, int fd)
 	struct uring u;
 	uint8_t *bufs = malloc((size_t)URING_BATCH * RX_BUF_SZ);
 	double t0 = 0, t1 = 0;
-	unsigned long long first_bytes = 0;
 	if (!bufs)
 		die("malloc");
 	uring_setup(&u, URING_BATCH * 2, IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_COOP_TASKRUN, true);
@@ -902,23 +935,20 @@ static struct result run_uring_read(const struct opts *o, int fd)
 				if (cqe->res < 0)
 					die_errno("uring read", -cqe->res);
 				t1 = now_s();
-				if (total == 0) {
-					t0 = t1;
-					first_bytes = (unsigned long long)(cqe->res - VNET_HDR_SZ);
+				if (read_clock(o, &r, t1, &t0)) { /* else the clock starts here, or has not yet */
+					total++;
+					r.bytes += (unsigned long long)(cqe->res - VNET_HDR_SZ);
 				}
-				total++;
-				r.bytes += (unsigned long long)(cqe->res - VNET_HDR_SZ);
 				prep_rw(uring_sqe(&u), IORING_OP_READ, bufs + (size_t)idx * RX_BUF_SZ, RX_BUF_SZ, idx);
 				inflight++;
 			}
 		});
 	}
 	thread_stats(&r.t1); /* before the teardown: io-wq workers exit with the ring */
+	r.cpu_end = cpu_s();
 	uring_quiesce(&u, inflight, false);
-	/* As in run_read: the first completion only starts the clock. */
-	r.frames = total > 1 ? total - 1 : 0;
-	r.bytes = total > 1 ? r.bytes - first_bytes : 0;
-	r.seconds = total > 1 ? t1 - t0 : 0;
+	r.frames = total;
+	r.seconds = total > 0 ? t1 - t0 : 0;
 	uring_close(&u);
 	free(bufs);
 	return r;
@@ -1041,7 +1071,6 @@ static struct result run_uring_mshot(const struct opts *o, int fd)
 	bool draining = false; /* --drain: RWF_NOWAIT batches instead of the multishot */
 	unsigned dbatch = nbufs < 64 ? nbufs : 64;
 	long long total = 0;
-	bool started = false;
 	while (total < o->frames && !timed_out) {
 		unsigned want = 1;
 		if (draining) {
@@ -1070,7 +1099,7 @@ static struct result run_uring_mshot(const struct opts *o, int fd)
 			} else if (cqe->res == -EAGAIN && cqe->user_data == 3) {
 				caught_up = true; /* a drain read found the tap's ring empty */
 			} else if (cqe->res < 0 && cqe->res != -EAGAIN && cqe->res != -EINTR) {
-				if (cqe->res == -EINVAL && total == 0 && !started)
+				if (cqe->res == -EINVAL && r.clock_state == 0)
 					uring_unavailable("IORING_OP_READ_MULTISHOT (Linux 6.7+)", EINVAL);
 				die_errno("uring multishot read", -cqe->res);
 			}
@@ -1099,18 +1128,16 @@ static struct result run_uring_mshot(const struct opts *o, int fd)
 		if (!got)
 			continue;
 		t1 = now_s();
-		if (!started) { /* the first batch only starts the clock */
-			started = true;
-			t0 = t1;
-			continue;
-		}
+		if (!read_clock(o, &r, t1, &t0))
+			continue; /* the clock starts with this batch, or has not yet */
 		r.batches++;
 		total += got;
 		r.bytes += bytes;
 	}
 	r.frames = total;
-	r.seconds = started ? t1 - t0 : 0;
+	r.seconds = total > 0 ? t1 - t0 : 0;
 	thread_stats(&r.t1);
+	r.cpu_end = cpu_s();
 	uring_quiesce(&u, (armed ? 1 : 0) + (draining ? u.to_submit : 0), true);
 	uring_close(&u);
 	munmap(pr.mem, (size_t)nbufs * RX_BUF_SZ);
@@ -1154,7 +1181,7 @@ static struct result run_uring_batch(const struct opts *o, int fd)
 		pbuf_add(&pr, i);
 	pbuf_publish(&pr);
 	long long total = 0;
-	bool started = false, polling = false;
+	bool polling = false;
 	while (total < o->frames && !timed_out) {
 		unsigned want = 1;
 		if (!polling) {
@@ -1199,18 +1226,16 @@ static struct result run_uring_batch(const struct opts *o, int fd)
 		if (!got)
 			continue;
 		t1 = now_s();
-		if (!started) { /* the first batch only starts the clock */
-			started = true;
-			t0 = t1;
-			continue;
-		}
+		if (!read_clock(o, &r, t1, &t0))
+			continue; /* the clock starts with this batch, or has not yet */
 		r.batches++;
 		total += got;
 		r.bytes += bytes;
 	}
 	r.frames = total;
-	r.seconds = started ? t1 - t0 : 0;
+	r.seconds = total > 0 ? t1 - t0 : 0;
 	thread_stats(&r.t1);
+	r.cpu_end = cpu_s();
 	/* A poll prepared but not submitted yet (timeout) is submitted by the cancel's enter and cancelled with it. */
 	uring_quiesce(&u, polling ? 1 : 0, false);
 	uring_close(&u);
@@ -1354,7 +1379,9 @@ static void usage(void)
 		"  --flow K        write: source port 40000+K (one flow per queue, as a guest's queues carry their own flows)\n"
 		"  --bufs N        uring-mshot, uring-batch: provided buffers, a power of two (default %d)\n"
 		"  --drain         uring-mshot: after -ENOBUFS (the reader is behind) read batches of 64\n"
-		"                  RWF_NOWAIT reads from the buffer ring until one meets -EAGAIN, then re-arm\n",
+		"                  RWF_NOWAIT reads from the buffer ring until one meets -EAGAIN, then re-arm\n"
+		"  --warmup-ms T   reads: measure from the first frame read T ms after the first one\n"
+		"                  (default 0: from the first frame; --frames counts measured frames)\n",
 		MAX_QUEUES, MSHOT_BUFS);
 	exit(1);
 }
@@ -1381,9 +1408,10 @@ static struct opts parse_opts(int argc, char **argv)
 		{ "gen-cpu", required_argument, NULL, 'g' }, { "no-gen", no_argument, NULL, 'G' },
 		{ "gen-rate", required_argument, NULL, 'r' }, { "flow", required_argument, NULL, 'f' },
 		{ "bufs", required_argument, NULL, 'b' },    { "drain", no_argument, NULL, 'D' },
-		{ "help", no_argument, NULL, 'h' },          { NULL, 0, NULL, 0 },
+		{ "warmup-ms", required_argument, NULL, 'w' }, { "help", no_argument, NULL, 'h' },
+		{ NULL, 0, NULL, 0 },
 	};
-	struct opts o = { NULL, MODE_WRITE, NULL, 1, 0, 1000000, 60, 30.0, -1, -1, true, 0, 0, MSHOT_BUFS, false };
+	struct opts o = { NULL, MODE_WRITE, NULL, 1, 0, 1000000, 60, 30.0, -1, -1, true, 0, 0, MSHOT_BUFS, false, 0 };
 	int c;
 	while ((c = getopt_long(argc, argv, "", longopts, NULL)) != -1) {
 		switch (c) {
@@ -1416,6 +1444,9 @@ static struct opts parse_opts(int argc, char **argv)
 			break;
 		case 'D':
 			o.drain = true;
+			break;
+		case 'w':
+			o.warmup_ms = parse_num(optarg, 0, 600000);
 			break;
 		case 'G':
 			o.gen = false;
@@ -1525,7 +1556,10 @@ int main(int argc, char **argv)
 		break;
 	}
 	r.cpu_seconds = cpu_s() - cpu0;
-	r.t0 = ts0;
+	if (r.clock_state == 2) /* a read loop: its CPU time from where its clock started */
+		r.cpu_seconds = r.cpu_end - r.cpu_start;
+	else
+		r.t0 = ts0;
 	if (r.t1.main_cpu == 0) /* the io_uring read modes took it before their teardown */
 		thread_stats(&r.t1);
 	struct devstats after = read_stats(o.dev);

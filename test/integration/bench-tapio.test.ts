@@ -44,6 +44,7 @@ interface TapioOut {
   mode: string;
   frames: number;
   bytes: number;
+  seconds: number;
   batches?: number;
   framesPerBatch?: number;
   rearms?: number;
@@ -160,6 +161,23 @@ describe.skipIf(!uring.ok)(`bench/c/tapio io_uring modes${skipNote(uring)}`, () 
     expect(paced.frames).toBeGreaterThanOrEqual(3000);
     expect(paced.frames).toBeLessThanOrEqual(paced.kernelTxPackets!);
     expect(paced.enters).toBeLessThan(paced.frames); // it waited on the multishot, it did not spin on -EAGAIN
+  });
+
+  it('--warmup-ms: every read loop measures only what it reads after the warm-up (frames, time and CPU), --frames of them', () => {
+    // Paced at 20,000 frames/s: 300 ms of warm-up are ~6,000 frames read and not counted, then 3,000 frames in ~0.15 s.
+    const modes = ['read', 'uring-read', ...(mshot.ok ? ['uring-mshot-drain', 'uring-batch'] : [])];
+    for (const mode of modes) {
+      const r = tapio(['--mode', mode, '--size', '60', '--frames', '3000', '--gen-rate', '20000', '--warmup-ms', '300']);
+      const what = `${mode}: ${JSON.stringify(r)}`;
+      expect(r.timedOut, what).toBe(false);
+      expect(r.frames, what).toBeGreaterThanOrEqual(3000);
+      expect(r.frames, what).toBeLessThan(3000 + 256);
+      expect(r.bytes, what).toBe(r.frames * 60);
+      expect(r.kernelTxPackets! - r.frames, `${what}: the warm-up's frames were read, not counted`).toBeGreaterThan(3000);
+      expect(r.seconds, `${what}: the clock started after the warm-up`).toBeLessThan(0.4);
+      expect(r.seconds, what).toBeGreaterThan(0.05);
+      expect(r.cpuSeconds, `${what}: CPU from the clock's start`).toBeLessThanOrEqual(r.seconds * 1.1 + 0.01);
+    }
   });
 
   it('the naive io_uring loops (32 per submit) still run: uring-write and uring-read', () => {

@@ -6,7 +6,7 @@
 import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
-import { benchFrame, C_BEST_WRITE_BATCH, dataTable, libraryWriteBatch, pairedRatio, tapioMode, type DataResult, type Impl, type PinMode } from '../../bench/data';
+import { benchFrame, C_BEST_WRITE_BATCH, dataTable, libraryWriteBatch, pairedRatio, readClock, tapioMode, type DataResult, type Impl, type PinMode } from '../../bench/data';
 import { median, textTable } from '../../bench/stats';
 import { IPPROTO, ipv4Checksum, ipv4PseudoHeaderSum } from '../../lib/datapath/frames';
 
@@ -66,6 +66,16 @@ describe('data table: the C baselines side by side', () => {
       cpuUsPerFrame: 0.5,
       cpuAll: pps.map(() => 0.5),
     }) as DataResult;
+
+  it("the library reader's clock (as tapio's read_clock): the first batch only starts it; with a warm-up, the first batch that long after the first one does", () => {
+    const cold = readClock(0);
+    expect([cold.tick(5), cold.tick(5.1), cold.tick(9)]).toEqual(['start', 'count', 'count']);
+    expect(cold.measuring).toBe(true);
+    const warm = readClock(300);
+    expect([warm.tick(1000), warm.tick(1100), warm.tick(1299.9)]).toEqual(['skip', 'skip', 'skip']);
+    expect(warm.measuring).toBe(false);
+    expect([warm.tick(1300), warm.tick(1300), warm.tick(5000)]).toEqual(['start', 'count', 'count']);
+  });
 
   it('tapio modes: best = uring-mshot-drain (reads) / uring-write256 (writes); naive io_uring and plain loops kept', () => {
     expect(tapioMode('c-best', 'read')).toBe('uring-mshot-drain');
