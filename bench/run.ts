@@ -17,6 +17,8 @@
  *                                        split (default: reader q on CPU q, generator on the other CPU),
  *                                        same (generator on the reader's CPU), none (nothing pinned);
  *                                        several: each a full set of runs, a 'pin' column in the table
+ *   npm run bench -- --read-warmup-ms 0  data path reads: timed from each reader's first frame
+ *                                        (default 300: from the first frame read 300 ms later, C and library alike)
  *   npm run bench -- --quiet 0.15        before each data run, wait (<= --quiet-max-s, default 300)
  *                                        until other load is below 15% of the CPUs
  *
@@ -45,9 +47,10 @@ function arg(name: string, fallback: string): string {
  * --read-warmup-ms: each reader, tapio and the library alike, measures from
  * the first frame it reads this long after its first one (steady state: V8
  * has compiled the library's loop by then).  0: from the first frame.  The
- * default, 300 ms, is what it takes here: the runs are short (0.3-0.7 s of
- * measured frames), and V8's compiler threads, busy for the first 50-100 ms
- * of a run, share the 2 CPUs with the reader and the generator.  Writes need
+ * default, 300 ms, leaves out V8 compiling the reader's loop (its compiler
+ * threads share the 2 CPUs with the reader and the generator) and tapio's
+ * ring set-up, with room to spare: the runs are short (0.7-0.9 s of
+ * measured frames here).  Writes need
  * none: the library's writer warms up before its clock starts (see measure).
  */
 function readWarmupMs(): number {
@@ -110,8 +113,8 @@ async function data(): Promise<void> {
   const queues = arg('data-queues', '1,2').split(',').map(Number);
   const dirs = arg('dirs', 'write,read').split(',') as Dir[];
   const scale = Number(arg('frames-scale', '1'));
-  // About a second of measured frames per run at this VM's speeds (GSO: 50,000 before 2026-12-06 09:00,
-  // 0.3 s, too short to average over this VM's swings of speed).
+  // About a second of measured frames per run at this VM's speeds (since 2026-12-06 08:50; before,
+  // 1514 B 500,000 and GSO 50,000: 0.3 s, too short to average over this VM's swings of speed).
   const frames = { '60': Math.round(1_000_000 * scale), '1514': Math.round(1_000_000 * scale), gso: Math.round(150_000 * scale) };
   const load0 = loadavg()[0]!;
   process.stdout.write(

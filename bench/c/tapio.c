@@ -85,7 +85,8 @@
  * first frame read T ms later (steady state, see read_clock); their CPU time
  * from the same point, ring and buffer set-up excluded.  Exit status: 0 ok, 1 error, 2 timeout before any
  * frame, 3 io_uring unavailable (ENOSYS, EPERM, disabled by
- * kernel.io_uring_disabled, or lacking what the mode needs).
+ * kernel.io_uring_disabled, or lacking what the mode needs).  With --warmup-ms,
+ * "before any frame" means before any measured frame.
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -926,12 +927,10 @@ static struct result run_uring_read(const struct opts *o, int fd)
 	unsigned inflight = URING_BATCH;
 	while (total < o->frames && !timed_out) {
 		int ret = uring_enter(&u, 1);
-		r.enters++;
 		if (ret == -EINTR)
 			break;
 		if (ret < 0)
 			die_errno("io_uring_enter", -ret);
-		r.batches++;
 		URING_FOR_EACH_CQE(&u, cqe, {
 			unsigned idx = (unsigned)cqe->user_data;
 			inflight--;
@@ -947,6 +946,10 @@ static struct result run_uring_read(const struct opts *o, int fd)
 				inflight++;
 			}
 		});
+		/* Counted after the batch: the one that starts the clock (read_clock zeroes
+		 * these) counts with the frames it read after that. */
+		r.enters++;
+		r.batches++;
 	}
 	thread_stats(&r.t1); /* before the teardown: io-wq workers exit with the ring */
 	r.cpu_end = cpu_s();

@@ -178,6 +178,14 @@ describe.skipIf(!uring.ok)(`bench/c/tapio io_uring modes${skipNote(uring)}`, () 
       expect(r.seconds, what).toBeGreaterThan(0.05);
       expect(r.cpuSeconds, `${what}: CPU from the clock's start`).toBeLessThanOrEqual(r.seconds * 1.1 + 0.01);
     }
+    // Unpaced, the reader is busy all the time: 300 ms of warm-up would be >= 0.2 s of CPU if it
+    // were counted; 20,000 measured frames are a few tens of ms even on a slow machine.
+    for (const mode of ['read', ...(mshot.ok ? ['uring-mshot-drain'] : [])]) {
+      const r = tapio(['--mode', mode, '--size', '60', '--frames', '20000', '--warmup-ms', '300']);
+      expect(r.frames, mode).toBeGreaterThanOrEqual(20000);
+      expect(r.kernelTxPackets! - r.frames, `${mode}: frames of the warm-up not counted`).toBeGreaterThan(20000);
+      expect(r.cpuSeconds, `${mode}: the warm-up's CPU is not counted: ${JSON.stringify(r)}`).toBeLessThan(0.15);
+    }
   });
 
   it('the naive io_uring loops (32 per submit) still run: uring-write and uring-read', () => {
