@@ -274,8 +274,6 @@ async function cmdStats(name: string, o: StatsOpts, g: GlobalOpts): Promise<numb
       tap = openTap({ name, queues: o.queues, existing: 'require', vnetHdr: link.tun.vnetHdr, ...netnsOpt(g), logger: logger(g) });
       // Counting only, on a device whose offloads this process cannot know
       // (64 KiB slots): 64 slots per queue keep each slab at 4 MiB.
-      // Counting only, on a device whose offloads this process cannot know
-      // (64 KiB slots): 64 slots per queue keep each slab at 4 MiB.
       ios = openTapIO(tap, { batch: 64 });
       // The first sample's baseline, before any read: drainAll's first read
       // runs synchronously and takes whatever the queues already hold (frames
